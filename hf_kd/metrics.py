@@ -1,0 +1,468 @@
+"""Calibration and uncertainty metrics, and a `compute_metrics` factory for [`~transformers.Trainer`].
+
+Every function takes numpy arrays or torch tensors and returns numpy values (Python floats for scalars), computed in
+float64. Unless an argument is named `logits`, it holds **probabilities** of shape `(N, K)`: `N` examples, `K`
+classes, rows summing to 1. Labels are integer class indices of shape `(N,)` in `[0, K)`.
+
+Binned metrics are built from per-bin counts and sums ([`reliability_bins`]), so results from several shards can be
+merged exactly by adding counts and count-weighted means before dividing.
+"""
+
+import numpy as np
+import torch
+from scipy.special import rel_entr
+
+
+__all__ = [
+    "brier_score",
+    "confidence_preservation",
+    "expected_calibration_error",
+    "human_distribution_divergence",
+    "make_compute_metrics",
+    "maximum_calibration_error",
+    "negative_log_likelihood",
+    "predictive_entropy",
+    "reliability_bins",
+    "softmax",
+]
+
+# Rows of float32 (or float16) softmax outputs sum to 1 only up to rounding; 1e-3 still rejects logits or unnormalised
+# scores passed by mistake.
+_ROW_SUM_ATOL = 1e-3
+
+# ChaosNLI (easonnie/ChaosNLI, src/evaluation/tools.py) floors model probabilities at this value before renormalising.
+_CHAOSNLI_PROB_FLOOR = 1e-15
+
+
+def _as_float_array(x, name: str) -> np.ndarray:
+    if isinstance(x, torch.Tensor):
+        # bf16 has no numpy counterpart: convert on the torch side.
+        x = x.detach().to("cpu", torch.float64).numpy()
+    x = np.asarray(x, dtype=np.float64)
+    if not np.all(np.isfinite(x)):
+        raise ValueError(f"{name} must be finite, got {int(np.sum(~np.isfinite(x)))} non-finite value(s)")
+    return x
+
+
+def _check_probs(probs, name: str = "probs") -> np.ndarray:
+    probs = _as_float_array(probs, name)
+    if probs.ndim != 2 or probs.shape[0] == 0 or probs.shape[1] == 0:
+        raise ValueError(f"{name} must have shape (N, K) with N >= 1 and K >= 1, got {probs.shape}")
+    negative = np.flatnonzero((probs < 0).any(axis=1))
+    if negative.size:
+        raise ValueError(f"{name} must be non-negative probabilities; row {negative[0]} has a negative entry")
+    off = np.flatnonzero(np.abs(probs.sum(axis=1) - 1.0) > _ROW_SUM_ATOL)
+    if off.size:
+        i = off[0]
+        raise ValueError(
+            f"{name} rows must sum to 1 (within {_ROW_SUM_ATOL}); row {i} sums to {probs[i].sum():.6g}. "
+            "Pass probabilities, e.g. softmax(logits), not logits."
+        )
+    return probs
+
+
+def _check_labels(labels, num_examples: int, num_classes: int) -> np.ndarray:
+    if isinstance(labels, torch.Tensor):
+        labels = labels.detach().cpu().numpy()
+    labels = np.asarray(labels)
+    if labels.shape != (num_examples,):
+        raise ValueError(f"labels must have shape ({num_examples},) to match the probabilities, got {labels.shape}")
+    if not np.issubdtype(labels.dtype, np.integer):
+        if not (np.issubdtype(labels.dtype, np.floating) and np.all(labels == np.round(labels))):
+            raise ValueError(f"labels must be integer class indices, got dtype {labels.dtype}")
+        labels = labels.astype(np.int64)
+    bad = np.flatnonzero((labels < 0) | (labels >= num_classes))
+    if bad.size:
+        raise ValueError(
+            f"labels must be in [0, {num_classes}) (the number of classes); got {labels[bad[0]]} at index {bad[0]}"
+        )
+    return labels
+
+
+def _check_n_bins(n_bins) -> None:
+    if isinstance(n_bins, bool) or not isinstance(n_bins, (int, np.integer)) or n_bins < 1:
+        raise ValueError(f"n_bins must be an int >= 1, got {n_bins!r}")
+
+
+def softmax(logits, temperature: float = 1.0) -> np.ndarray:
+    """
+    Numerically stable softmax over the last axis, in float64.
+
+    Args:
+        logits (`np.ndarray` or `torch.Tensor` of shape `(..., K)`):
+            Unnormalised scores.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            The logits are divided by it before the softmax. Must be > 0.
+
+    Returns:
+        `np.ndarray` of shape `(..., K)` and dtype float64: probabilities summing to 1 over the last axis.
+    """
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    z = _as_float_array(logits, "logits")
+    if z.ndim == 0 or z.shape[-1] == 0:
+        raise ValueError(f"logits must have shape (..., K) with K >= 1, got {z.shape}")
+    z = z / temperature
+    # Subtracting the row maximum keeps exp() from overflowing; the result is unchanged mathematically.
+    z = z - z.max(axis=-1, keepdims=True)
+    e = np.exp(z)
+    return e / e.sum(axis=-1, keepdims=True)
+
+
+def reliability_bins(probs, labels, n_bins: int = 15) -> dict[str, np.ndarray]:
+    """
+    Per-bin statistics of top-label confidence, the data behind reliability diagrams, ECE and MCE.
+
+    Confidence is the maximum probability of each row, and a prediction is correct when the argmax (the first one on
+    ties, as `np.argmax`) equals the label. Bins are equal-width on `[0, 1]`: with `n = n_bins` and edges
+    `np.linspace(0, 1, n + 1)`, bin `b` holds the confidences in `(b/n, (b+1)/n]`, right-closed, and the first bin
+    also holds confidence 0. A confidence of exactly 1 falls in the last bin.
+
+    Args:
+        probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Predicted probabilities.
+        labels (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Gold class indices in `[0, K)`.
+        n_bins (`int`, *optional*, defaults to `15`):
+            Number of equal-width bins, at least 1.
+
+    Returns:
+        `dict[str, np.ndarray]`, each of shape `(n_bins,)`:
+        - `bin_lower`, `bin_upper`: the bin edges;
+        - `count`: number of examples in the bin (int64);
+        - `accuracy`: fraction of correct predictions in the bin, NaN for an empty bin;
+        - `confidence`: mean confidence in the bin, NaN for an empty bin.
+
+        To merge shards, add the counts and the count-weighted `accuracy`/`confidence` (taking empty bins as 0).
+    """
+    _check_n_bins(n_bins)
+    probs = _check_probs(probs)
+    labels = _check_labels(labels, *probs.shape)
+    confidence = probs.max(axis=1)
+    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+
+    edges = np.linspace(0.0, 1.0, n_bins + 1)
+    # searchsorted(side="left") returns i with edges[i-1] < c <= edges[i]: right-closed bins, decided against the very
+    # edges that are reported. Confidence 0 gives i = 0 and is clipped into the first bin.
+    bin_index = np.clip(np.searchsorted(edges, confidence, side="left") - 1, 0, n_bins - 1)
+    count = np.bincount(bin_index, minlength=n_bins)
+    sum_correct = np.bincount(bin_index, weights=correct, minlength=n_bins)
+    sum_confidence = np.bincount(bin_index, weights=confidence, minlength=n_bins)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        accuracy = np.where(count > 0, sum_correct / count, np.nan)
+        mean_confidence = np.where(count > 0, sum_confidence / count, np.nan)
+    return {
+        "bin_lower": edges[:-1],
+        "bin_upper": edges[1:],
+        "count": count,
+        "accuracy": accuracy,
+        "confidence": mean_confidence,
+    }
+
+
+def _calibration_gaps(bins: dict[str, np.ndarray]) -> tuple[np.ndarray, np.ndarray]:
+    """Weights `|B_b| / N` and gaps `|acc_b - conf_b|` of the non-empty bins."""
+    nonempty = bins["count"] > 0
+    weights = bins["count"][nonempty] / bins["count"].sum()
+    gaps = np.abs(bins["accuracy"][nonempty] - bins["confidence"][nonempty])
+    return weights, gaps
+
+
+def expected_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    """
+    Top-label expected calibration error ([Guo et al., 2017](https://huggingface.co/papers/1706.04599)).
+
+    `ECE = sum_b |B_b| / N * |acc_b - conf_b|`, over the equal-width confidence bins of [`reliability_bins`]:
+    confidence = max probability, correct = (argmax == label), bin `b` = `(b/n_bins, (b+1)/n_bins]` (the first bin
+    includes 0). Empty bins contribute nothing. Always state `n_bins` when reporting an ECE.
+
+    Args:
+        probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Predicted probabilities.
+        labels (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Gold class indices in `[0, K)`.
+        n_bins (`int`, *optional*, defaults to `15`):
+            Number of equal-width bins, at least 1.
+
+    Returns:
+        `float` in `[0, 1]`.
+    """
+    weights, gaps = _calibration_gaps(reliability_bins(probs, labels, n_bins))
+    return float(np.sum(weights * gaps))
+
+
+def maximum_calibration_error(probs, labels, n_bins: int = 15) -> float:
+    """
+    Maximum calibration error ([Naeini et al., 2015](https://ojs.aaai.org/index.php/AAAI/article/view/9602)):
+    `max_b |acc_b - conf_b|` over the **non-empty** bins of [`reliability_bins`] (same binning as
+    [`expected_calibration_error`]).
+
+    Args:
+        probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Predicted probabilities.
+        labels (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Gold class indices in `[0, K)`.
+        n_bins (`int`, *optional*, defaults to `15`):
+            Number of equal-width bins, at least 1.
+
+    Returns:
+        `float` in `[0, 1]`.
+    """
+    _, gaps = _calibration_gaps(reliability_bins(probs, labels, n_bins))
+    return float(gaps.max())
+
+
+def negative_log_likelihood(probs, labels, eps: float = 1e-12) -> float:
+    """
+    Mean negative log-likelihood of the gold labels, `mean_i -log(p_i[y_i])`, natural log.
+
+    The gold probability is clipped to `[eps, 1]` before the log, so a zero probability gives a large finite value
+    (`-log(1e-12) ~ 27.6`) instead of `inf`; clipping never changes probabilities above `eps`.
+
+    Args:
+        probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Predicted probabilities.
+        labels (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Gold class indices in `[0, K)`.
+        eps (`float`, *optional*, defaults to `1e-12`):
+            Lower clipping bound of the gold probability, > 0.
+
+    Returns:
+        `float` >= 0.
+    """
+    if not eps > 0:
+        raise ValueError(f"eps must be > 0, got {eps}")
+    probs = _check_probs(probs)
+    labels = _check_labels(labels, *probs.shape)
+    gold = probs[np.arange(len(labels)), labels]
+    return float(-np.mean(np.log(np.clip(gold, eps, 1.0))))
+
+
+def brier_score(probs, labels) -> float:
+    """
+    Multi-class Brier score ([Brier, 1950](https://doi.org/10.1175/1520-0493(1950)078<0001:VOFEIT>2.0.CO;2)):
+    `mean_i sum_k (p_ik - onehot(y_i)_k)^2`, in `[0, 2]`.
+
+    For two classes this is twice the binary Brier score `mean_i (p_i1 - y_i)^2` that
+    `sklearn.metrics.brier_score_loss(y, p[:, 1])` returns, because both classes' squared errors are equal and summed.
+
+    Args:
+        probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Predicted probabilities.
+        labels (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Gold class indices in `[0, K)`.
+
+    Returns:
+        `float` in `[0, 2]`.
+    """
+    probs = _check_probs(probs)
+    labels = _check_labels(labels, *probs.shape)
+    one_hot = np.zeros_like(probs)
+    one_hot[np.arange(len(labels)), labels] = 1.0
+    return float(np.mean(np.sum((probs - one_hot) ** 2, axis=1)))
+
+
+def predictive_entropy(probs, reduction: str = "mean"):
+    """
+    Predictive (Shannon) entropy `H(p) = -sum_k p_k log p_k` in nats, with `0 log 0 = 0`.
+
+    The measure of [Sultan, 2023](https://huggingface.co/papers/2301.12609) (mean over the evaluation set). Note that
+    ChaosNLI's stored `entropy` field uses log base 2; divide by `log(2)` to compare.
+
+    Args:
+        probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Predicted probabilities.
+        reduction (`str`, *optional*, defaults to `"mean"`):
+            `"mean"` returns the mean over examples as a `float`; `"none"` returns the per-example entropies.
+
+    Returns:
+        `float`, or `np.ndarray` of shape `(N,)` for `reduction="none"`.
+    """
+    if reduction not in ("mean", "none"):
+        raise ValueError(f"reduction must be 'mean' or 'none', got {reduction!r}")
+    probs = _check_probs(probs)
+    # where(p > 0): 0 * log(0) is NaN in floating point, but its limit, the convention for entropy, is 0.
+    per_example = -np.sum(np.where(probs > 0, probs * np.log(np.where(probs > 0, probs, 1.0)), 0.0), axis=1)
+    return per_example if reduction == "none" else float(per_example.mean())
+
+
+def confidence_preservation(teacher_probs, student_probs, labels, class_index: int | None = 0) -> float:
+    """
+    Confidence-preservation statistic sigma of
+    [Vengertsev & Sherman, 2024](https://huggingface.co/papers/2401.11365).
+
+    For each example, `delta(x) = p_T(c | x) - p_S(c | x)`; sigma is the population standard deviation
+    (`np.std(delta, ddof=0)`) of delta over the examples where **both** the teacher's and the student's argmax equal
+    the gold label. With the default `class_index=0`, `c` is class 0, exactly the reference code
+    (`TinyBERT/metrics.py::pairwise_conf_delta`). The confidence-preservation property holds when sigma on the
+    training set is at most a threshold kappa (0.05 in the reference experiments).
+
+    With `class_index=None`, `c` is the gold label of each example, which on the both-correct subset is each model's
+    top-label confidence. This is a different statistic, even for two classes: delta then changes sign with the
+    gold class (`p_T(1) - p_S(1) = -(p_T(0) - p_S(0))`), which changes the standard deviation whenever the mean
+    delta is not zero. For two classes `class_index=0` and `class_index=1` give the same sigma; for more classes
+    a fixed class index only measures that one class, and `None` is the natural generalisation.
+
+    Args:
+        teacher_probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Teacher probabilities.
+        student_probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Student probabilities.
+        labels (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Gold class indices in `[0, K)`.
+        class_index (`int` or `None`, *optional*, defaults to `0`):
+            The class whose probability is compared, in `[0, K)`, or `None` for the gold class.
+
+    Returns:
+        `float` >= 0, or NaN when no example is predicted correctly by both models (sigma is undefined there; NaN
+        keeps it from passing a `sigma <= kappa` check).
+    """
+    teacher_probs = _check_probs(teacher_probs, "teacher_probs")
+    student_probs = _check_probs(student_probs, "student_probs")
+    if teacher_probs.shape != student_probs.shape:
+        raise ValueError(
+            f"teacher_probs and student_probs must have the same shape, got {teacher_probs.shape} and "
+            f"{student_probs.shape}"
+        )
+    num_examples, num_classes = teacher_probs.shape
+    labels = _check_labels(labels, num_examples, num_classes)
+    if class_index is not None and not 0 <= class_index < num_classes:
+        raise ValueError(f"class_index must be None or in [0, {num_classes}), got {class_index}")
+
+    both_correct = (teacher_probs.argmax(axis=1) == labels) & (student_probs.argmax(axis=1) == labels)
+    if not both_correct.any():
+        return float("nan")
+    column = labels if class_index is None else np.full(num_examples, class_index)
+    rows = np.arange(num_examples)
+    delta = teacher_probs[rows, column] - student_probs[rows, column]
+    return float(np.std(delta[both_correct], ddof=0))
+
+
+def human_distribution_divergence(human_probs, model_probs) -> dict[str, float]:
+    """
+    Divergence between human label distributions and model predictions, with exactly the conventions of ChaosNLI
+    ([Nie et al., 2020](https://huggingface.co/papers/2010.03532), `easonnie/ChaosNLI` `src/evaluation/tools.py`).
+
+    - Model probabilities are floored at `1e-15`, then each row is renormalised (so the KL stays finite).
+    - `kl`: mean over examples of `KL(human || model)` = `scipy.stats.entropy(p_human, p_model)`, natural log.
+    - `js_distance`: mean over examples of the Jensen-Shannon **distance**
+      `scipy.spatial.distance.jensenshannon(p_human, p_model)`: the square root of the JS divergence, natural log.
+
+    Like scipy, each human row is also divided by its sum. Computed vectorised; it matches the per-row scipy calls
+    to about 1e-12 relative.
+
+    Args:
+        human_probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Human label distributions (e.g. ChaosNLI's 100-annotation `label_dist`); zeros are allowed.
+        model_probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`):
+            Model probabilities, e.g. [`softmax`] of the logits.
+
+    Returns:
+        `dict[str, float]` with keys `kl` and `js_distance`.
+
+    Raises:
+        `ValueError`: on a shape mismatch, or a row that is negative or does not sum to 1 (the error names the row).
+    """
+    human = _check_probs(human_probs, "human_probs")
+    model = _check_probs(model_probs, "model_probs")
+    if human.shape != model.shape:
+        raise ValueError(
+            f"human_probs and model_probs must have the same shape, got {human.shape} and {model.shape}"
+        )
+    human = human / human.sum(axis=1, keepdims=True)
+    model = np.maximum(model, _CHAOSNLI_PROB_FLOOR)
+    model = model / model.sum(axis=1, keepdims=True)
+
+    # rel_entr(p, q) = p log(p / q), and 0 where p = 0: the terms scipy.stats.entropy sums.
+    kl = rel_entr(human, model).sum(axis=1)
+    mixture = (human + model) / 2.0
+    js_divergence = (rel_entr(human, mixture).sum(axis=1) + rel_entr(model, mixture).sum(axis=1)) / 2.0
+    return {"kl": float(kl.mean()), "js_distance": float(np.sqrt(js_divergence).mean())}
+
+
+def make_compute_metrics(n_bins: int = 15, class_index: int | None = 0):
+    """
+    Build a `compute_metrics` function for [`~transformers.Trainer`].
+
+    The returned function takes a [`~transformers.EvalPrediction`] (only its `predictions` and `label_ids` are
+    read). `predictions` is either the student logits `(N, K)`, or a tuple `(student_logits,)` or
+    `(student_logits, teacher_logits)` with both arrays of shape `(N, K)`. Rows whose label is `-100` are dropped.
+    Probabilities are `softmax(logits)` at temperature 1.
+
+    It returns a flat `dict[str, float]` (the `Trainer` adds the `eval_` prefix):
+
+    - `accuracy`, `ece`, `mce`, `nll`, `brier`, `entropy`: student metrics, see [`expected_calibration_error`],
+      [`maximum_calibration_error`], [`negative_log_likelihood`], [`brier_score`] and [`predictive_entropy`];
+    - `ece_bins`: the number of equal-width ECE/MCE bins (`n_bins`, as a float), so reports can state it;
+    - with teacher logits, also `sigma` ([`confidence_preservation`], NaN when no example is correct for both),
+      `teacher_accuracy`, `teacher_entropy` and `teacher_ece`.
+
+    Args:
+        n_bins (`int`, *optional*, defaults to `15`):
+            Number of equal-width bins for ECE and MCE.
+        class_index (`int` or `None`, *optional*, defaults to `0`):
+            Passed to [`confidence_preservation`]: `0` reproduces Vengertsev & Sherman's reference code.
+
+    Returns:
+        `Callable[[EvalPrediction], dict[str, float]]`.
+
+    Example:
+
+    ```python
+    >>> from hf_kd.metrics import make_compute_metrics
+    >>> trainer = Trainer(model=model, args=args, eval_dataset=ds, compute_metrics=make_compute_metrics(n_bins=15))
+    ```
+    """
+    _check_n_bins(n_bins)
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        predictions = eval_pred.predictions
+        if isinstance(predictions, (tuple, list)):
+            if not 1 <= len(predictions) <= 2:
+                raise ValueError(
+                    "predictions must be logits or a tuple (student_logits,) or (student_logits, teacher_logits), "
+                    f"got a tuple of length {len(predictions)}"
+                )
+            student_logits = predictions[0]
+            teacher_logits = predictions[1] if len(predictions) == 2 else None
+        else:
+            student_logits, teacher_logits = predictions, None
+
+        student_logits = _as_float_array(student_logits, "student_logits")
+        if student_logits.ndim != 2:
+            raise ValueError(f"student logits must have shape (N, K), got {student_logits.shape}")
+        if teacher_logits is not None:
+            teacher_logits = _as_float_array(teacher_logits, "teacher_logits")
+            if teacher_logits.shape != student_logits.shape:
+                raise ValueError(
+                    f"teacher logits must have the student logits' shape {student_logits.shape}, "
+                    f"got {teacher_logits.shape}"
+                )
+
+        labels = np.asarray(eval_pred.label_ids)
+        if labels.shape != student_logits.shape[:1]:
+            raise ValueError(f"label_ids must have shape ({student_logits.shape[0]},), got {labels.shape}")
+        keep = labels != -100
+        if not keep.any():
+            raise ValueError(f"all {len(labels)} label_ids are -100 (ignored): there is nothing to evaluate")
+        labels = labels[keep]
+        probs = softmax(student_logits[keep])
+
+        results = {
+            "accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
+            "ece": expected_calibration_error(probs, labels, n_bins),
+            "mce": maximum_calibration_error(probs, labels, n_bins),
+            "nll": negative_log_likelihood(probs, labels),
+            "brier": brier_score(probs, labels),
+            "entropy": predictive_entropy(probs),
+            "ece_bins": float(n_bins),
+        }
+        if teacher_logits is not None:
+            teacher_probs = softmax(teacher_logits[keep])
+            results["sigma"] = confidence_preservation(teacher_probs, probs, labels, class_index=class_index)
+            results["teacher_accuracy"] = float(np.mean(teacher_probs.argmax(axis=1) == labels))
+            results["teacher_entropy"] = predictive_entropy(teacher_probs)
+            results["teacher_ece"] = expected_calibration_error(teacher_probs, labels, n_bins)
+        return results
+
+    return compute_metrics

@@ -1,0 +1,389 @@
+"""Teacher handling shared by every hf_kd trainer that distils from a teacher.
+
+Four jobs, each a small function so `DistillTrainer` and `EarlyExitTrainer` use the same code:
+
+- load a teacher given as a model or as a Hub id / local path ([`load_teacher`]);
+- check that teacher and student can be compared: same label space ([`check_label_spaces`]) and the same
+  vocabulary, or an explicit id mapping between the two ([`check_vocabularies`], [`build_token_id_map`]);
+- run the frozen teacher on a student batch ([`teacher_logits_for_batch`]);
+- cache the teacher's logits for a whole dataset, keyed by teacher weights and data, so that later epochs and later
+  runs never load the teacher ([`TeacherLogitsCache`]). Users of every peer ask for this first (PEERS.md: TRL #1975,
+  #2255, DistillKit #18).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+import torch
+from torch import nn
+
+if TYPE_CHECKING:
+    import datasets
+    from transformers import PretrainedConfig, PreTrainedTokenizerBase
+
+logger = logging.getLogger(__name__)
+
+TEACHER_LOGITS_COLUMN = "teacher_logits"
+# The inputs a sequence-classification teacher consumes; everything else in a batch (labels, cached logits, ...) is
+# dropped before the teacher runs.
+TEACHER_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+
+
+def load_teacher(
+    teacher: str | os.PathLike | nn.Module,
+    init_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Return the teacher as a frozen module in eval mode.
+
+    Args:
+        teacher (`str`, `os.PathLike` or `nn.Module`):
+            A Hub id or local folder loaded with `AutoModelForSequenceClassification.from_pretrained(teacher,
+            **init_kwargs)`, or an already built model (used as is).
+        init_kwargs (`dict`, *optional*):
+            Keyword arguments for `from_pretrained`. Passing them together with a built model is an error, because
+            they would be silently ignored.
+
+    Returns:
+        `nn.Module`: the teacher, in `eval()` mode with `requires_grad=False` on every parameter.
+    """
+    if isinstance(teacher, nn.Module):
+        if init_kwargs:
+            raise ValueError(
+                f"teacher_model_init_kwargs={init_kwargs!r} were given together with an already built teacher "
+                f"({type(teacher).__name__}); they only apply when the teacher is a Hub id or path. Pass one or the other."
+            )
+        model = teacher
+    elif isinstance(teacher, (str, os.PathLike)):
+        from transformers import AutoModelForSequenceClassification
+
+        model = AutoModelForSequenceClassification.from_pretrained(str(teacher), **(init_kwargs or {}))
+    else:
+        raise TypeError(
+            f"teacher must be a Hub id, a local path or a torch.nn.Module, got {type(teacher).__name__}: {teacher!r}"
+        )
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def _is_default_label2id(config: PretrainedConfig) -> bool:
+    return dict(config.label2id) == {f"LABEL_{i}": i for i in range(config.num_labels)}
+
+
+def check_label_spaces(student_config: PretrainedConfig, teacher_config: PretrainedConfig) -> None:
+    """Raise a `ValueError` when student and teacher predict different label spaces.
+
+    The number of labels must match. Label names must match too when both models name their labels (a model fresh
+    from a base checkpoint has the default `LABEL_i` names and is accepted against any naming).
+    """
+    if student_config.num_labels != teacher_config.num_labels:
+        raise ValueError(
+            f"The student predicts {student_config.num_labels} labels but the teacher predicts "
+            f"{teacher_config.num_labels}: distillation needs the same label space. Load the student with "
+            f"num_labels={teacher_config.num_labels} (and the teacher's id2label)."
+        )
+    if _is_default_label2id(student_config) or _is_default_label2id(teacher_config):
+        return
+    if dict(student_config.label2id) != dict(teacher_config.label2id):
+        raise ValueError(
+            f"Student and teacher order their labels differently: student label2id={dict(student_config.label2id)}, "
+            f"teacher label2id={dict(teacher_config.label2id)}. Load the student with the teacher's id2label/label2id."
+        )
+
+
+def build_token_id_map(
+    student_tokenizer: PreTrainedTokenizerBase, teacher_tokenizer: PreTrainedTokenizerBase
+) -> torch.LongTensor:
+    """Map every student token id to the teacher id of the same token.
+
+    Ordinary tokens are matched by their string; special tokens by their role (`cls`/`bos`, `sep`/`eos`, `pad`,
+    `unk`, `mask`), because vocabularies name them differently (`[CLS]` vs `<s>`). This is exact when the teacher
+    vocabulary is a re-indexed copy of the student's, as for an MPNet teacher and a BERT/MiniLM student: MPNet's vocab
+    is bert-base-uncased's shifted by 4, and its WordPiece segmentation is the same (ENVIRONMENT.md).
+
+    Returns:
+        `torch.LongTensor` of shape `(len(student_tokenizer),)`: `map[student_id] = teacher_id`.
+
+    Raises:
+        `ValueError` naming (up to 10 of) the student tokens missing from the teacher vocabulary.
+    """
+    student_vocab = student_tokenizer.get_vocab()
+    teacher_vocab = teacher_tokenizer.get_vocab()
+
+    def special(tokenizer, *roles):
+        for role in roles:
+            token_id = getattr(tokenizer, f"{role}_token_id", None)
+            if token_id is not None:
+                return token_id
+        return None
+
+    role_map = {}
+    for student_roles, teacher_roles in [
+        (("cls", "bos"), ("cls", "bos")),
+        (("sep", "eos"), ("sep", "eos")),
+        (("pad",), ("pad",)),
+        (("unk",), ("unk",)),
+        (("mask",), ("mask",)),
+    ]:
+        s_id, t_id = special(student_tokenizer, *student_roles), special(teacher_tokenizer, *teacher_roles)
+        if s_id is not None and t_id is not None:
+            role_map[s_id] = t_id
+
+    id_map = torch.full((max(student_vocab.values()) + 1,), -1, dtype=torch.long)
+    missing = []
+    for token, s_id in student_vocab.items():
+        if s_id in role_map:
+            id_map[s_id] = role_map[s_id]
+        elif token in teacher_vocab:
+            id_map[s_id] = teacher_vocab[token]
+        else:
+            missing.append(token)
+    if missing:
+        raise ValueError(
+            f"{len(missing)} of {len(student_vocab)} student tokens are not in the teacher vocabulary "
+            f"(for example {missing[:10]}), so student token ids cannot be mapped to teacher ids. Use a teacher with "
+            "the student's tokenizer, or distil from cached teacher logits computed with the teacher's own tokenizer "
+            "(a `teacher_logits` column)."
+        )
+    return id_map
+
+
+def check_vocabularies(
+    student_config: PretrainedConfig,
+    teacher_config: PretrainedConfig,
+    student_tokenizer: PreTrainedTokenizerBase | None,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
+    map_token_ids: bool,
+) -> torch.LongTensor | None:
+    """Check that the teacher reads student token ids correctly; return an id map when one is asked for.
+
+    Equal vocabularies pass (compared token by token when both tokenizers are known, by `vocab_size` otherwise). A
+    different vocabulary is an error unless `map_token_ids=True`, which builds the map with [`build_token_id_map`].
+    Feeding student ids to a teacher with another vocabulary would silently produce garbage (PEERS.md: TRL #4562,
+    DistillKit #7).
+
+    Returns:
+        `None` when no mapping is needed, else the `(student_vocab,)` id map.
+    """
+    same_vocab = student_config.vocab_size == teacher_config.vocab_size
+    if same_vocab and student_tokenizer is not None and teacher_tokenizer is not None:
+        same_vocab = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+    if same_vocab and not map_token_ids:
+        return None
+    if not map_token_ids:
+        raise ValueError(
+            f"Student and teacher vocabularies differ (student vocab_size={student_config.vocab_size}, teacher "
+            f"vocab_size={teacher_config.vocab_size}): the teacher would read student token ids as other tokens. "
+            "If the teacher vocabulary holds the same tokens under other ids (e.g. MPNet teacher, BERT/MiniLM "
+            "student), set `map_teacher_token_ids=True`; otherwise cache teacher logits computed with the "
+            "teacher's own tokenizer in a `teacher_logits` column."
+        )
+    if student_tokenizer is None or teacher_tokenizer is None:
+        raise ValueError(
+            "map_teacher_token_ids=True needs both tokenizers: pass the student tokenizer as `processing_class` and, "
+            "when the teacher is a built model, its tokenizer as `teacher_processing_class`."
+        )
+    return build_token_id_map(student_tokenizer, teacher_tokenizer)
+
+
+def teacher_inputs(
+    inputs: dict[str, Any], teacher: nn.Module, token_id_map: torch.LongTensor | None = None
+) -> dict[str, torch.Tensor]:
+    """Select (and re-index) the part of a student batch the teacher consumes.
+
+    Keeps `input_ids`, `attention_mask` and `token_type_ids` when the teacher's `forward` accepts them (MPNet has no
+    token types), and maps `input_ids` through `token_id_map` when given.
+    """
+    accepted = _forward_parameters(teacher)
+    batch = {k: inputs[k] for k in TEACHER_INPUT_NAMES if k in inputs and k in accepted}
+    if token_id_map is not None:
+        token_id_map = token_id_map.to(batch["input_ids"].device)
+        batch["input_ids"] = token_id_map[batch["input_ids"]]
+    return batch
+
+
+def _forward_parameters(model: nn.Module) -> set[str]:
+    import inspect
+
+    model = getattr(model, "module", model)  # DDP / DeepSpeed wrappers
+    return set(inspect.signature(model.forward).parameters)
+
+
+@torch.no_grad()
+def teacher_logits_for_batch(
+    teacher: nn.Module, inputs: dict[str, Any], token_id_map: torch.LongTensor | None = None
+) -> torch.Tensor:
+    """Logits of the frozen teacher for one student batch, shape `(batch, num_labels)`, without gradients."""
+    return teacher(**teacher_inputs(inputs, teacher, token_id_map)).logits
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Teacher logits cache
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def default_cache_dir() -> Path:
+    """`$HF_HOME/hf_kd/teacher_logits` (HF_HOME defaults to `~/.cache/huggingface`)."""
+    from huggingface_hub import constants
+
+    return Path(constants.HF_HOME) / "hf_kd" / "teacher_logits"
+
+
+def _sha256_file(path: Path, hasher) -> None:
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 22), b""):
+            hasher.update(chunk)
+
+
+def teacher_fingerprint(teacher: str | os.PathLike | nn.Module, init_kwargs: dict[str, Any] | None = None) -> str:
+    """A hash of what determines the teacher's logits: its config and its weights.
+
+    For a built model, the config and every parameter and buffer are hashed (about 0.1 s for 22M parameters). For a
+    Hub id or path, the config and weight files are resolved (downloaded if needed, but never instantiated) and their
+    bytes hashed, so changing the weights under the same name invalidates the cache.
+    """
+    hasher = hashlib.sha256()
+    if isinstance(teacher, nn.Module):
+        model = getattr(teacher, "module", teacher)
+        config = getattr(model, "config", None)
+        hasher.update(type(model).__name__.encode())
+        if config is not None:
+            hasher.update(config.to_json_string(use_diff=False).encode())
+        for name, tensor in sorted(model.state_dict().items()):
+            hasher.update(name.encode())
+            hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+        return hasher.hexdigest()
+
+    for path in _teacher_files(str(teacher), init_kwargs or {}):
+        hasher.update(path.name.encode())
+        _sha256_file(path, hasher)
+    hasher.update(json.dumps(init_kwargs or {}, sort_keys=True, default=str).encode())
+    return hasher.hexdigest()
+
+
+def _teacher_files(teacher: str, init_kwargs: dict[str, Any]) -> list[Path]:
+    """config.json and the weight files of a Hub id or local folder, without loading the model."""
+    from transformers.utils import cached_file
+
+    hub_kwargs = {k: init_kwargs[k] for k in ("revision", "cache_dir", "token", "local_files_only") if k in init_kwargs}
+    files = [Path(cached_file(teacher, "config.json", **hub_kwargs))]
+    for name in ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"):
+        path = cached_file(teacher, name, _raise_exceptions_for_missing_entries=False, **hub_kwargs)
+        if path is None:
+            continue
+        files.append(Path(path))
+        if name.endswith(".index.json"):
+            shards = sorted(set(json.loads(Path(path).read_text())["weight_map"].values()))
+            files += [Path(cached_file(teacher, shard, **hub_kwargs)) for shard in shards]
+        break
+    if len(files) == 1:
+        raise FileNotFoundError(f"No weight file (model.safetensors or pytorch_model.bin) found for teacher {teacher!r}")
+    return files
+
+
+def dataset_fingerprint(dataset: datasets.Dataset, columns: list[str]) -> str:
+    """A hash of the teacher input columns of `dataset`, row by row in the current order."""
+    hasher = hashlib.sha256()
+    hasher.update(json.dumps(columns).encode())
+    for batch in dataset.select_columns(columns).iter(batch_size=2048):
+        hasher.update(json.dumps(batch, sort_keys=True).encode())
+    return hasher.hexdigest()
+
+
+class TeacherLogitsCache:
+    """Teacher logits of whole datasets, computed once and stored on disk.
+
+    One file per (teacher, data, id map) key under `cache_dir`: `<key>.safetensors` holds a float32 tensor
+    `(num_rows, num_labels)` and its metadata (teacher and data fingerprints, row count). The logits are added to the
+    dataset as a `teacher_logits` column, so they follow the rows through shuffling and across epochs, and a run that
+    finds every file never loads the teacher weights.
+
+    Args:
+        cache_dir (`str` or `Path`, *optional*, defaults to [`default_cache_dir`]):
+            Where the files live.
+        teacher_key (`str`):
+            [`teacher_fingerprint`] of the teacher.
+    """
+
+    def __init__(self, cache_dir: str | os.PathLike | None, teacher_key: str):
+        self.cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+        self.teacher_key = teacher_key
+
+    def path_for(self, data_key: str, token_id_map: torch.Tensor | None) -> Path:
+        hasher = hashlib.sha256(f"{self.teacher_key}:{data_key}".encode())
+        if token_id_map is not None:
+            hasher.update(token_id_map.numpy().tobytes())
+        return self.cache_dir / f"{hasher.hexdigest()[:32]}.safetensors"
+
+    def load(self, path: Path, num_rows: int) -> torch.Tensor | None:
+        """The cached logits, `None` if absent; a clear error if the file is unreadable or does not fit the data."""
+        if not path.exists():
+            return None
+        from safetensors import SafetensorError
+        from safetensors.torch import load_file
+
+        try:
+            logits = load_file(path)["logits"]
+        except (SafetensorError, KeyError, OSError) as err:
+            raise ValueError(
+                f"The teacher logits cache file {path} is unreadable ({err}). It was never used; delete it to "
+                "recompute the teacher logits."
+            ) from err
+        if logits.shape[0] != num_rows:
+            raise ValueError(
+                f"The teacher logits cache file {path} holds {logits.shape[0]} rows but the dataset has {num_rows}. "
+                "It was never used; delete it to recompute the teacher logits."
+            )
+        return logits
+
+    def save(self, path: Path, logits: torch.Tensor, data_key: str) -> None:
+        from safetensors.torch import save_file
+
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(f".tmp{os.getpid()}")
+        # Written to a temporary name and renamed, so an interrupted run never leaves a truncated file behind.
+        save_file(
+            {"logits": logits.float().contiguous()},
+            tmp,
+            metadata={"teacher": self.teacher_key, "data": data_key, "rows": str(logits.shape[0])},
+        )
+        os.replace(tmp, path)
+
+
+@torch.no_grad()
+def compute_teacher_logits(
+    teacher: nn.Module,
+    dataset: datasets.Dataset,
+    collator,
+    batch_size: int,
+    device: torch.device,
+    token_id_map: torch.LongTensor | None = None,
+    desc: str = "Teacher logits",
+) -> torch.Tensor:
+    """One batched, gradient-free pass of the teacher over `dataset`; returns `(num_rows, num_labels)` float32 logits.
+
+    Rows are processed in order of length so that dynamic padding wastes little compute, then put back in dataset
+    order.
+    """
+    from tqdm.auto import tqdm
+
+    columns = [c for c in TEACHER_INPUT_NAMES if c in dataset.column_names]
+    rows = dataset.select_columns(columns)
+    lengths = torch.tensor([len(ids) for ids in rows["input_ids"]])
+    order = torch.argsort(lengths, descending=True, stable=True)
+    out = None
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        index = order[start : start + batch_size]
+        batch = collator([rows[int(i)] for i in index])
+        batch = {k: v.to(device) for k, v in batch.items() if k in columns}
+        logits = teacher_logits_for_batch(teacher, batch, token_id_map).float().cpu()
+        if out is None:
+            out = torch.empty(len(rows), logits.shape[-1])
+        out[index] = logits
+    return out

@@ -1,0 +1,118 @@
+from dataclasses import dataclass, field
+from typing import Any
+
+from transformers import TrainingArguments
+
+
+@dataclass
+class DistillConfig(TrainingArguments):
+    r"""
+    Configuration of [`DistillTrainer`]: teacher-to-student knowledge distillation (Hinton et al., 2015,
+    https://huggingface.co/papers/1503.02531) on top of [`~transformers.TrainingArguments`].
+
+    The student minimises `alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s)`
+    ([`hf_kd.losses.kd_loss`]). The same trainer runs every training mode of Sultan (2023,
+    https://huggingface.co/papers/2301.12609): KD (big teacher, small student), self-KD (same architecture) and reverse
+    KD (small teacher, big student); only the teacher/student pair changes.
+
+    > Parameters that control the teacher
+
+    Args:
+        teacher_model_name_or_path (`str`, *optional*):
+            Hub id or local folder of the teacher, loaded with `AutoModelForSequenceClassification`. Ignored when a
+            teacher model is passed to the trainer.
+        teacher_model_init_kwargs (`dict`, *optional*):
+            Keyword arguments for the teacher's `from_pretrained` (e.g. `{"torch_dtype": "bfloat16"}`).
+        map_teacher_token_ids (`bool`, *optional*, defaults to `False`):
+            Map student token ids to teacher token ids by token string, for a teacher whose vocabulary holds the
+            student's tokens under other ids (an MPNet teacher for a BERT/MiniLM student). Without it a vocabulary
+            mismatch is an error before training.
+
+    > Parameters that control the loss
+
+    Args:
+        temperature (`float`, *optional*, defaults to `2.0`):
+            Softmax temperature `T` of the soft targets; the soft term is scaled by `T^2`.
+        alpha (`float`, *optional*, defaults to `0.5`):
+            Weight of the soft (teacher) term in `[0, 1]`; `1 - alpha` weighs the cross-entropy with the labels.
+
+    > Parameters that control the teacher logits cache
+
+    Args:
+        cache_teacher_logits (`bool`, *optional*, defaults to `False`):
+            Run the teacher once over each dataset, store its logits on disk (keyed by teacher weights and data) and
+            train from them: later epochs and later runs never load the teacher. A dataset that already has a
+            `teacher_logits` column is used as is, cache or not.
+        teacher_logits_cache_dir (`str`, *optional*):
+            Where cached logits live. Defaults to `$HF_HOME/hf_kd/teacher_logits`.
+
+    Example:
+
+    ```python
+    >>> from hf_kd import DistillConfig
+    >>> args = DistillConfig(output_dir="student", teacher_model_name_or_path="my-org/minilm-l6-rt", temperature=2.0)
+    ```
+    """
+
+    # Parameters whose default differs from TrainingArguments.
+    learning_rate: float = field(
+        default=5e-5, metadata={"help": "Initial AdamW learning rate of the student."}
+    )
+    report_to: Any = field(
+        default="none", metadata={"help": "Integrations to report to ('none' keeps runs offline by default)."}
+    )
+
+    # Parameters that control the teacher
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local path of the teacher (an AutoModelForSequenceClassification checkpoint)."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for the teacher's from_pretrained, as a dict or a JSON string."},
+    )
+    map_teacher_token_ids: bool = field(
+        default=False,
+        metadata={
+            "help": "Map student token ids to the teacher's vocabulary by token string (e.g. MPNet teacher, "
+            "MiniLM student). Without it a vocabulary mismatch is an error."
+        },
+    )
+
+    # Parameters that control the loss
+    temperature: float = field(
+        default=2.0, metadata={"help": "Softmax temperature T of the soft targets (> 0); soft term scaled by T^2."}
+    )
+    alpha: float = field(
+        default=0.5,
+        metadata={"help": "Weight in [0, 1] of the soft teacher term; 1 - alpha weighs cross-entropy with the labels."},
+    )
+
+    # Parameters that control the teacher logits cache
+    cache_teacher_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute teacher logits once per dataset, cache them on disk keyed by teacher and data, and "
+            "train from the cache (a cached run never loads the teacher)."
+        },
+    )
+    teacher_logits_cache_dir: str | None = field(
+        default=None, metadata={"help": "Directory of the teacher logits cache (default $HF_HOME/hf_kd/teacher_logits)."}
+    )
+
+    def __post_init__(self):
+        super().__post_init__()
+        if isinstance(self.teacher_model_init_kwargs, str):
+            import json
+
+            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}")
+        if not 0.0 <= self.alpha <= 1.0:
+            raise ValueError(f"alpha must be in [0.0, 1.0], got {self.alpha}")
+        if self.label_smoothing_factor != 0:
+            raise ValueError(
+                f"label_smoothing_factor={self.label_smoothing_factor} is not used by DistillTrainer: the teacher's "
+                "soft targets take its place. For the label smoothing baseline train with transformers.Trainer and "
+                "TrainingArguments(label_smoothing_factor=...) (recipe: trainers/distill.py --method ls)."
+            )

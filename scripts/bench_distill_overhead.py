@@ -1,0 +1,169 @@
+"""Training-time overhead of DistillTrainer over a plain Trainer, and peak memory, measured in one run.
+
+Four ways of training the same student (paraphrase-MiniLM-L3-v2) on the same Rotten Tomatoes rows, same batches:
+
+  plain           transformers.Trainer, cross-entropy                        (the floor)
+  handwritten     a Trainer subclass whose compute_loss runs the teacher and a KD loss inline: what users write
+                  today, i.e. student step + teacher forward, with nothing else
+  hf_kd_cached    DistillTrainer, teacher logits cached beforehand (target: <= 1.05x plain)
+  hf_kd_online    DistillTrainer, teacher (all-MiniLM-L6-v2, fine-tuned head irrelevant for timing) run every step
+                  (target: <= 1.05x handwritten)
+
+Each configuration runs in its own subprocess (clean peak-RSS measurement), the four are interleaved and repeated
+(`--repeats`), and the ratio uses the median seconds per step, the first `--warmup` steps excluded. Writes JSON and a
+Markdown table to docs/benchmarks/.
+
+    HF_HUB_OFFLINE=1 python scripts/bench_distill_overhead.py --steps 40 --repeats 3
+"""
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIGS = ("plain", "handwritten", "hf_kd_cached", "hf_kd_online")
+STUDENT = "sentence-transformers/paraphrase-MiniLM-L3-v2"
+TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
+
+
+def worker(config: str, steps: int, warmup: int, batch_size: int, threads: int, cache_dir: str) -> dict:
+    import psutil
+    import torch
+    from transformers import (
+        AutoModelForSequenceClassification,
+        AutoTokenizer,
+        DataCollatorWithPadding,
+        Trainer,
+        TrainerCallback,
+        TrainingArguments,
+    )
+
+    from hf_kd import DistillConfig, DistillTrainer, data, kd_loss
+
+    torch.set_num_threads(threads)
+    process = psutil.Process()
+    peak = {"rss": process.memory_info().rss}
+    stop = threading.Event()
+
+    def sample_rss():
+        while not stop.is_set():
+            peak["rss"] = max(peak["rss"], process.memory_info().rss)
+            time.sleep(0.01)
+
+    tokenizer = AutoTokenizer.from_pretrained(STUDENT)
+    train = data.load_rotten_tomatoes()["train"].select(range(steps * batch_size))
+    train = train.map(lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True)
+    student = AutoModelForSequenceClassification.from_pretrained(STUDENT, num_labels=2)
+    # Only the hand-written baseline builds the teacher here; DistillTrainer gets the Hub id, so a cached run
+    # never loads it and its peak memory shows that.
+    teacher = AutoModelForSequenceClassification.from_pretrained(TEACHER, num_labels=2).eval() if config == "handwritten" else None
+
+    class StepTimer(TrainerCallback):
+        def __init__(self):
+            self.times = []
+
+        def on_step_begin(self, args, state, control, **kwargs):
+            self.t0 = time.perf_counter()
+
+        def on_step_end(self, args, state, control, **kwargs):
+            self.times.append(time.perf_counter() - self.t0)
+
+    class HandwrittenKD(Trainer):
+        """The KD compute_loss override of the transformers docs' KD guide: teacher forward + loss, nothing else."""
+
+        def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+            labels = inputs.pop("labels")
+            student_logits = model(**inputs).logits
+            with torch.no_grad():
+                teacher_logits = teacher(**inputs).logits
+            loss = kd_loss(student_logits, teacher_logits, labels, temperature=2.0, alpha=0.5)
+            return (loss, student_logits) if return_outputs else loss
+
+    common = dict(
+        output_dir=str(Path(cache_dir) / f"run_{config}"), per_device_train_batch_size=batch_size, max_steps=steps,
+        logging_steps=steps, save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, seed=0,
+        dataloader_num_workers=0, disable_tqdm=True,
+    )
+    timer = StepTimer()
+    kwargs = dict(model=student, train_dataset=train, processing_class=tokenizer,
+                  data_collator=DataCollatorWithPadding(tokenizer), callbacks=[timer])
+    if config == "plain":
+        trainer = Trainer(args=TrainingArguments(**common), **kwargs)
+    elif config == "handwritten":
+        trainer = HandwrittenKD(args=TrainingArguments(**common), **kwargs)
+    else:
+        cached = config == "hf_kd_cached"
+        args = DistillConfig(**common, cache_teacher_logits=cached, teacher_logits_cache_dir=cache_dir)
+        # The cache is filled by an earlier process (see main); a cached run never loads the teacher.
+        trainer = DistillTrainer(args=args, teacher_model=TEACHER, **kwargs)
+    threading.Thread(target=sample_rss, daemon=True).start()
+    trainer.train()
+    stop.set()
+    times = timer.times[warmup:]
+    return {"config": config, "seconds_per_step": statistics.median(times), "mean_seconds_per_step":
+            statistics.fmean(times), "peak_rss_mb": peak["rss"] / 2**20, "steps_timed": len(times)}
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--steps", type=int, default=40)
+    parser.add_argument("--warmup", type=int, default=5)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
+    parser.add_argument("--cache_dir", default="/tmp/hf_kd_bench_cache", help=argparse.SUPPRESS)
+    opts = parser.parse_args()
+
+    if opts.worker:
+        print(json.dumps(worker(opts.worker, opts.steps, opts.warmup, opts.batch_size, opts.threads, opts.cache_dir)))
+        return
+
+    def launch(config):
+        cmd = [sys.executable, __file__, "--worker", config, "--steps", str(opts.steps), "--warmup", str(opts.warmup),
+               "--batch_size", str(opts.batch_size), "--threads", str(opts.threads), "--cache_dir", opts.cache_dir]
+        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+        return json.loads(out.stdout.strip().splitlines()[-1])
+
+    launch("hf_kd_cached")  # fills the teacher-logits cache; not timed
+    runs = {c: [] for c in CONFIGS}
+    for repeat in range(opts.repeats):
+        for config in CONFIGS:
+            result = launch(config)
+            runs[config].append(result)
+            print(f"repeat {repeat} {config:<13} {result['seconds_per_step']:.4f} s/step  "
+                  f"peak {result['peak_rss_mb']:.0f} MB", flush=True)
+
+    summary = {c: {"seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs[c]),
+                   "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[c])} for c in CONFIGS}
+    ratios = {
+        "hf_kd_cached / plain": summary["hf_kd_cached"]["seconds_per_step"] / summary["plain"]["seconds_per_step"],
+        "hf_kd_online / handwritten": summary["hf_kd_online"]["seconds_per_step"]
+        / summary["handwritten"]["seconds_per_step"],
+        "handwritten / plain": summary["handwritten"]["seconds_per_step"] / summary["plain"]["seconds_per_step"],
+    }
+    import torch
+
+    result = {"settings": vars(opts) | {"torch": torch.__version__, "cpu_count": os.cpu_count()},
+              "summary": summary, "ratios": ratios, "runs": runs}
+    out = Path(opts.out)
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "distill_overhead.json").write_text(json.dumps(result, indent=2))
+    lines = ["| configuration | median s/step | peak RSS (MB) |", "|---|---|---|"]
+    lines += [f"| {c} | {summary[c]['seconds_per_step']:.4f} | {summary[c]['peak_rss_mb']:.0f} |" for c in CONFIGS]
+    lines += ["", "| ratio | value | target |", "|---|---|---|"]
+    targets = {"hf_kd_cached / plain": "<= 1.05", "hf_kd_online / handwritten": "<= 1.05", "handwritten / plain": "-"}
+    lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
+    (out / "distill_overhead.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+if __name__ == "__main__":
+    main()

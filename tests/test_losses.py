@@ -1,0 +1,301 @@
+import re
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from hf_kd.losses import kd_loss, label_smoothing_targets, soft_cross_entropy
+
+
+N, C = 6, 5
+
+
+def _data(seed=0, n=N, c=C, dtype=torch.float32):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(n, c, generator=g, dtype=dtype) * 2
+    teacher = torch.randn(n, c, generator=g, dtype=dtype) * 2
+    labels = torch.randint(0, c, (n,), generator=g)
+    return student, teacher, labels
+
+
+def _manual_kd(student, teacher, labels, temperature, alpha):
+    """Per-item Hinton loss written from the definition, with softmax/log (no log_target trick)."""
+    p_t = torch.softmax(teacher / temperature, dim=-1)
+    p_s = torch.softmax(student / temperature, dim=-1)
+    soft = temperature**2 * (p_t * (p_t.log() - p_s.log())).sum(-1)
+    hard = -torch.log_softmax(student, dim=-1).gather(-1, labels[:, None]).squeeze(-1)
+    return alpha * soft + (1 - alpha) * hard
+
+
+# ----- kd_loss: identities -----
+
+
+def test_identical_logits_without_labels_is_zero():
+    student, _, _ = _data()
+    for temperature in (0.5, 1.0, 4.0):
+        assert kd_loss(student, student.clone(), temperature=temperature).item() == pytest.approx(0.0, abs=1e-7)
+
+
+def test_alpha_zero_is_cross_entropy():
+    student, teacher, labels = _data()
+    loss = kd_loss(student, teacher, labels, temperature=3.0, alpha=0.0)
+    torch.testing.assert_close(loss, F.cross_entropy(student, labels))
+
+
+def test_alpha_one_is_scaled_batchmean_kl():
+    student, teacher, labels = _data()
+    temperature = 3.0
+    expected = temperature**2 * F.kl_div(
+        F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1), reduction="batchmean"
+    )
+    torch.testing.assert_close(kd_loss(student, teacher, labels, temperature=temperature, alpha=1.0), expected)
+
+
+def test_no_labels_ignores_alpha():
+    student, teacher, _ = _data()
+    a = kd_loss(student, teacher, temperature=2.0, alpha=0.1)
+    b = kd_loss(student, teacher, temperature=2.0, alpha=1.0)
+    torch.testing.assert_close(a, b)
+
+
+def test_temperature_squared_factor():
+    student, teacher, labels = _data()
+    for temperature in (1.0, 2.0, 5.0):
+        kl = F.kl_div(
+            F.log_softmax(student / temperature, -1), F.softmax(teacher / temperature, -1), reduction="batchmean"
+        )
+        loss = kd_loss(student, teacher, labels, temperature=temperature, alpha=1.0)
+        torch.testing.assert_close(loss / kl, torch.tensor(temperature**2))
+
+
+def test_matches_manual_mixture():
+    student, teacher, labels = _data()
+    expected = _manual_kd(student, teacher, labels, 2.5, 0.3)
+    torch.testing.assert_close(kd_loss(student, teacher, labels, 2.5, 0.3, reduction="none"), expected)
+    torch.testing.assert_close(kd_loss(student, teacher, labels, 2.5, 0.3, reduction="sum"), expected.sum())
+    torch.testing.assert_close(kd_loss(student, teacher, labels, 2.5, 0.3), expected.mean())
+
+
+# ----- kd_loss: masking and gradient accumulation -----
+
+
+def test_masked_items_ignored_in_both_terms():
+    student, teacher, labels = _data()
+    masked = labels.clone()
+    masked[[1, 4]] = -100
+    keep = masked != -100
+    expected = _manual_kd(student[keep], teacher[keep], labels[keep], 2.0, 0.5)
+
+    torch.testing.assert_close(kd_loss(student, teacher, masked), expected.mean())
+    torch.testing.assert_close(kd_loss(student, teacher, masked, reduction="sum"), expected.sum())
+    per_item = kd_loss(student, teacher, masked, reduction="none")
+    assert per_item.shape == (N,)
+    assert torch.all(per_item[~keep] == 0)
+    torch.testing.assert_close(per_item[keep], expected)
+
+
+def test_masked_items_with_inf_logits_do_not_leak():
+    student, teacher, labels = _data()
+    labels[0] = -100
+    student[0, 0] = float("inf")
+    teacher[0, 1] = float("-inf")
+    assert torch.isfinite(kd_loss(student, teacher, labels))
+
+
+def test_all_masked_gives_zero():
+    student, teacher, _ = _data()
+    labels = torch.full((N,), -100)
+    assert kd_loss(student, teacher, labels).item() == 0.0
+
+
+def test_num_items_in_batch_makes_micro_batches_sum_to_full_mean():
+    student, teacher, labels = _data(n=8)
+    labels[[0, 5, 6]] = -100  # the two halves hold different numbers of valid items
+    total = int((labels != -100).sum())
+    full = kd_loss(student, teacher, labels, temperature=2.0, alpha=0.7)
+    for num_items in (total, torch.tensor(total), torch.tensor([float(total)])):
+        accumulated = sum(
+            kd_loss(student[s], teacher[s], labels[s], temperature=2.0, alpha=0.7, num_items_in_batch=num_items)
+            for s in (slice(0, 3), slice(3, 8))
+        )
+        torch.testing.assert_close(accumulated, full)
+
+
+def test_num_items_in_batch_without_labels():
+    student, teacher, _ = _data()
+    torch.testing.assert_close(
+        kd_loss(student, teacher, num_items_in_batch=3), kd_loss(student, teacher, reduction="sum") / 3
+    )
+
+
+# ----- kd_loss: gradient, shapes, dtypes -----
+
+
+def test_gradient_matches_closed_form():
+    student, teacher, labels = _data(dtype=torch.float64)
+    student.requires_grad_(True)
+    temperature, alpha = 3.0, 0.4
+    kd_loss(student, teacher, labels, temperature=temperature, alpha=alpha).backward()
+
+    s = student.detach()
+    onehot = F.one_hot(labels, C).double()
+    p_s, p_t = torch.softmax(s / temperature, -1), torch.softmax(teacher / temperature, -1)
+    expected = alpha * temperature * (p_s - p_t) / N + (1 - alpha) * (torch.softmax(s, -1) - onehot) / N
+    torch.testing.assert_close(student.grad, expected)
+
+
+def test_3d_input_equals_flattened():
+    g = torch.Generator().manual_seed(1)
+    student, teacher = torch.randn(2, 3, C, generator=g), torch.randn(2, 3, C, generator=g)
+    labels = torch.randint(0, C, (2, 3), generator=g)
+    labels[1, 2] = -100
+    flat = (student.reshape(-1, C), teacher.reshape(-1, C), labels.reshape(-1))
+    torch.testing.assert_close(kd_loss(student, teacher, labels), kd_loss(*flat))
+    per_item = kd_loss(student, teacher, labels, reduction="none")
+    assert per_item.shape == (2, 3)
+    torch.testing.assert_close(per_item.reshape(-1), kd_loss(*flat, reduction="none"))
+
+
+def test_bfloat16_inputs_are_upcast():
+    student, teacher, labels = _data()
+    loss = kd_loss(student.bfloat16(), teacher.bfloat16(), labels)
+    assert loss.dtype == torch.float32
+    expected = kd_loss(student.bfloat16().float(), teacher.bfloat16().float(), labels)
+    torch.testing.assert_close(loss, expected)
+
+
+def test_extreme_logits_stay_finite():
+    student = torch.tensor([[1e4, -1e4, 0.0], [-1e4, 1e4, 0.0]], requires_grad=True)
+    teacher = torch.tensor([[-1e4, 1e4, 0.0], [-1e4, 1e4, 0.0]])
+    labels = torch.tensor([1, 0])
+    for dtype in (torch.float32, torch.bfloat16, torch.float16):
+        s = student.detach().to(dtype).requires_grad_(True)
+        loss = kd_loss(s, teacher.to(dtype), labels, temperature=1.0)
+        loss.backward()
+        assert torch.isfinite(loss) and torch.isfinite(s.grad).all()
+        assert loss.item() > 1e3  # confidently wrong: a huge but finite loss
+
+
+@pytest.mark.parametrize(
+    "kwargs, bad",
+    [
+        ({"temperature": 0.0}, "0.0"),
+        ({"temperature": -1.5}, "-1.5"),
+        ({"alpha": 1.5}, "1.5"),
+        ({"alpha": -0.25}, "-0.25"),
+        ({"reduction": "batchmean"}, "batchmean"),
+        ({"num_items_in_batch": 0}, "0"),
+        ({"num_items_in_batch": torch.tensor([1, 2])}, "(2,)"),
+        ({"num_items_in_batch": 4, "reduction": "sum"}, "sum"),
+    ],
+)
+def test_bad_arguments_raise(kwargs, bad):
+    student, teacher, labels = _data()
+    with pytest.raises(ValueError, match=re.escape(bad)):
+        kd_loss(student, teacher, labels, **kwargs)
+
+
+def test_bad_shapes_raise():
+    student, teacher, labels = _data()
+    with pytest.raises(ValueError, match=r"\(6, 4\)"):
+        kd_loss(student, teacher[:, :4], labels)
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        kd_loss(student, teacher, labels[:5])
+    with pytest.raises(ValueError, match=r"\(5,\)"):
+        kd_loss(student[0], teacher[0])
+
+
+def test_float_labels_raise():
+    student, teacher, labels = _data()
+    with pytest.raises(ValueError, match="float32"):
+        kd_loss(student, teacher, labels.float())
+
+
+def test_nan_teacher_raises():
+    student, teacher, labels = _data()
+    teacher[2, 3] = float("nan")
+    with pytest.raises(ValueError, match="teacher_logits contain NaN"):
+        kd_loss(student, teacher, labels)
+
+
+# ----- label smoothing and soft cross-entropy -----
+
+
+def test_label_smoothing_targets_values():
+    targets = label_smoothing_targets(torch.tensor([2, 0]), num_classes=4, epsilon=0.2)
+    expected = torch.tensor([[0.05, 0.05, 0.85, 0.05], [0.85, 0.05, 0.05, 0.05]])
+    torch.testing.assert_close(targets, expected)
+    torch.testing.assert_close(targets.sum(-1), torch.ones(2))
+
+
+def test_label_smoothing_edge_epsilons():
+    labels = torch.tensor([1, 3])
+    torch.testing.assert_close(label_smoothing_targets(labels, 4, 0.0), F.one_hot(labels, 4).float())
+    torch.testing.assert_close(label_smoothing_targets(labels, 4, 1.0), torch.full((2, 4), 0.25))
+
+
+@pytest.mark.parametrize("epsilon", [0.0, 0.1, 0.3])
+def test_soft_cross_entropy_with_smoothed_targets_matches_torch(epsilon):
+    student, _, labels = _data()
+    labels[3] = -100
+    targets = label_smoothing_targets(labels, C, epsilon)
+    assert torch.all(targets[3] == 0)
+    expected = F.cross_entropy(student, labels, label_smoothing=epsilon, ignore_index=-100)
+    torch.testing.assert_close(soft_cross_entropy(student, targets), expected)
+    expected_none = F.cross_entropy(student, labels, label_smoothing=epsilon, ignore_index=-100, reduction="none")
+    torch.testing.assert_close(soft_cross_entropy(student, targets, reduction="none"), expected_none)
+
+
+def test_soft_cross_entropy_matches_torch_probability_targets_and_kd():
+    student, teacher, _ = _data()
+    targets = torch.softmax(teacher, -1)
+    torch.testing.assert_close(soft_cross_entropy(student, targets), F.cross_entropy(student, targets))
+    # CE(q, p) = KL(q || p) + H(q): against teacher probabilities it differs from kd_loss(T=1) by the teacher entropy.
+    entropy = -(targets * targets.log()).sum(-1).mean()
+    expected = kd_loss(student, teacher, temperature=1.0) + entropy
+    torch.testing.assert_close(soft_cross_entropy(student, targets), expected)
+
+
+def test_soft_cross_entropy_zero_target_class_with_inf_logit():
+    logits = torch.tensor([[0.0, float("-inf"), 1.0]])
+    targets = torch.tensor([[0.5, 0.0, 0.5]])
+    loss = soft_cross_entropy(logits, targets)
+    expected = -(0.5 * torch.log_softmax(torch.tensor([0.0, 1.0]), -1)).sum()
+    torch.testing.assert_close(loss, expected)
+
+
+def test_soft_cross_entropy_3d_and_num_items_in_batch():
+    g = torch.Generator().manual_seed(2)
+    logits = torch.randn(2, 4, C, generator=g)
+    labels = torch.randint(0, C, (2, 4), generator=g)
+    labels[0, :2] = -100
+    targets = label_smoothing_targets(labels, C, 0.1)
+    full = soft_cross_entropy(logits, targets)
+    torch.testing.assert_close(full, F.cross_entropy(logits.reshape(-1, C), labels.reshape(-1), label_smoothing=0.1))
+    total = int((labels != -100).sum())
+    halves = soft_cross_entropy(logits[:1], targets[:1], num_items_in_batch=total) + soft_cross_entropy(
+        logits[1:], targets[1:], num_items_in_batch=total
+    )
+    torch.testing.assert_close(halves, full)
+    assert soft_cross_entropy(logits, targets, reduction="none").shape == (2, 4)
+
+
+def test_soft_cross_entropy_bfloat16_upcast():
+    student, teacher, _ = _data()
+    loss = soft_cross_entropy(student.bfloat16(), torch.softmax(teacher, -1).bfloat16())
+    assert loss.dtype == torch.float32 and torch.isfinite(loss)
+
+
+def test_label_smoothing_and_soft_ce_validation():
+    with pytest.raises(ValueError, match="1.5"):
+        label_smoothing_targets(torch.tensor([0]), 3, 1.5)
+    with pytest.raises(ValueError, match="got 3"):
+        label_smoothing_targets(torch.tensor([0, 3]), 3, 0.1)
+    with pytest.raises(ValueError, match="got -1"):
+        label_smoothing_targets(torch.tensor([-1]), 3, 0.1)
+    with pytest.raises(ValueError, match="float32"):
+        label_smoothing_targets(torch.tensor([0.0]), 3, 0.1)
+    with pytest.raises(ValueError, match=r"\(6, 4\)"):
+        soft_cross_entropy(torch.zeros(6, 5), torch.zeros(6, 4))
+    with pytest.raises(ValueError, match="avg"):
+        soft_cross_entropy(torch.zeros(6, 5), torch.zeros(6, 5), reduction="avg")

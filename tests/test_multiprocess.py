@@ -1,0 +1,38 @@
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).with_name("distributed_distill.py")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.mark.multiprocess
+@pytest.mark.parametrize("mode", ["online", "cache"])
+def test_two_process_ddp_on_cpu(tmp_path, mode):
+    """2 real ranks (torchrun, gloo): training ends on every rank with identical students and an untouched teacher."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(SCRIPT), str(tmp_path), mode,
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    assert ranks[0]["student_sha"] == ranks[1]["student_sha"], "DDP replicas diverged"
+    assert all(r["teacher_unchanged"] for r in ranks)
+    # 32 examples, 2 ranks x 4 per device -> 4 steps per epoch, 2 epochs.
+    assert ranks[0]["global_step"] == 8
+    assert "eval_sigma" in ranks[0]["eval"] and ranks[0]["eval"]["eval_loss"] > 0
+    if mode == "cache":
+        assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2

@@ -1,0 +1,137 @@
+"""Train a text classifier with one of the modes of Sultan (2023, https://huggingface.co/papers/2301.12609).
+
+    --method erm   fine-tune with cross-entropy (also how a teacher is made)
+    --method ls    cross-entropy with label smoothing (`--label_smoothing`, epsilon spread over all classes)
+    --method kd    distil `--teacher_model_name_or_path` into `--model_name_or_path` with hf_kd.DistillTrainer.
+                   KD, self-KD and reverse KD differ only in the pair: big teacher -> small student, same
+                   architecture, small teacher -> big student (see trainers/configs/).
+
+Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is accepted. Examples:
+
+    python trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml
+    accelerate launch --multi_gpu --num_processes 2 trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml
+    python trainers/distill.py --method erm --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 \
+        --output_dir outputs/teacher-l6 --num_train_epochs 2
+
+Test-split metrics (accuracy, ECE with 15 bins, NLL, Brier, mean entropy, and sigma for KD) are written to
+`<output_dir>/test_results.json` next to the saved model.
+"""
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field, fields
+
+from transformers import (
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    HfArgumentParser,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics
+
+DATASETS = {
+    "rotten_tomatoes": data.load_rotten_tomatoes,
+    "crowdflower_tweets": data.load_crowdflower_tweets,
+    "bbc_news": data.load_bbc_news,
+}
+METHODS = ("erm", "ls", "kd")
+
+
+@dataclass
+class ScriptArguments:
+    dataset_name: str = field(default="rotten_tomatoes", metadata={"help": f"One of {sorted(DATASETS)}."})
+    model_name_or_path: str = field(
+        default="sentence-transformers/paraphrase-MiniLM-L3-v2", metadata={"help": "Student (or ERM/LS model)."}
+    )
+    method: str = field(default="kd", metadata={"help": f"One of {METHODS}."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Epsilon of --method ls."})
+    max_length: int = field(default=64, metadata={"help": "Truncation length in tokens."})
+    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
+    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation/test rows."})
+    split_seed: int = field(default=42, metadata={"help": "Seed of the train/validation/test split."})
+
+    def __post_init__(self):
+        if self.dataset_name not in DATASETS:
+            raise ValueError(f"dataset_name must be one of {sorted(DATASETS)}, got {self.dataset_name!r}")
+        if self.method not in METHODS:
+            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+
+
+def load_splits(script_args: ScriptArguments, tokenizer):
+    splits = DATASETS[script_args.dataset_name](seed=script_args.split_seed)
+    limits = {"train": script_args.max_train_samples}
+    limits["validation"] = limits["test"] = script_args.max_eval_samples
+    for name, limit in limits.items():
+        if limit is not None:
+            # Rows are grouped by source (e.g. by movie): shuffle before cutting so a slice is representative.
+            shuffled = splits[name].shuffle(seed=script_args.split_seed)
+            splits[name] = shuffled.select(range(min(limit, len(shuffled)))).flatten_indices()
+    return splits.map(
+        lambda batch: tokenizer(batch["text"], truncation=True, max_length=script_args.max_length),
+        batched=True,
+        desc="Tokenizing",
+    )
+
+
+def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tokenizer):
+    label_names = splits["train"].features["label"].names
+    model = AutoModelForSequenceClassification.from_pretrained(
+        script_args.model_name_or_path,
+        num_labels=len(label_names),
+        id2label=dict(enumerate(label_names)),
+        label2id={name: i for i, name in enumerate(label_names)},
+    )
+    common = dict(
+        model=model,
+        train_dataset=splits["train"],
+        eval_dataset=splits["validation"],
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+    )
+    if script_args.method == "kd":
+        return DistillTrainer(args=args, **common)
+    # The baselines use the stock Trainer: hf_kd adds nothing to plain cross-entropy but its metrics.
+    plain = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
+    plain["label_smoothing_factor"] = script_args.label_smoothing if script_args.method == "ls" else 0.0
+    return Trainer(args=TrainingArguments(**plain), compute_metrics=make_compute_metrics(), **common)
+
+
+def run(script_args: ScriptArguments, args: DistillConfig) -> dict:
+    """Train, evaluate on the test split, save model + tokenizer + `test_results.json`; return the test metrics."""
+    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    splits = load_splits(script_args, tokenizer)
+    trainer = build_trainer(script_args, args, splits, tokenizer)
+    trainer.train()
+    metrics = trainer.evaluate(splits["test"], metric_key_prefix="test")
+    trainer.save_model(args.output_dir)
+    if trainer.is_world_process_zero():
+        with open(os.path.join(args.output_dir, "test_results.json"), "w") as f:
+            json.dump({"method": script_args.method, "model": script_args.model_name_or_path, **metrics}, f, indent=2)
+    return metrics
+
+
+def parse(argv=None):
+    parser = HfArgumentParser((ScriptArguments, DistillConfig))
+    argv = sys.argv[1:] if argv is None else argv
+    if len(argv) >= 1 and argv[0].endswith((".yaml", ".yml")):
+        # YAML recipe first, command-line flags override it.
+        import yaml
+
+        with open(argv[0]) as f:
+            config = yaml.safe_load(f)
+        flags = []
+        for key, value in config.items():
+            if isinstance(value, list):
+                flags += [f"--{key}", *map(str, value)]
+            else:
+                flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
+        argv = flags + list(argv[1:])
+    return parser.parse_args_into_dataclasses(args=argv)
+
+
+if __name__ == "__main__":
+    run(*parse())
