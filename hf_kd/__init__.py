@@ -3,8 +3,28 @@
 __version__ = "0.1.0.dev0"
 
 from . import data, losses, metrics
+from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
+from .evaluation import UncertaintyReport, evaluate_uncertainty
+from .hub import generate_model_card, push_to_hub, update_model_card
 from .losses import kd_loss
 from .metrics import make_compute_metrics
 from .trainer import DistillConfig, DistillTrainer
 
-__all__ = ["DistillConfig", "DistillTrainer", "data", "kd_loss", "losses", "make_compute_metrics", "metrics"]
+__all__ = [
+    "CalibrationResult",
+    "DistillConfig",
+    "DistillTrainer",
+    "UncertaintyReport",
+    "calibrate_temperature",
+    "data",
+    "evaluate_uncertainty",
+    "fit_temperature",
+    "fold_temperature",
+    "generate_model_card",
+    "kd_loss",
+    "losses",
+    "make_compute_metrics",
+    "metrics",
+    "push_to_hub",
+    "update_model_card",
+]

@@ -72,6 +72,21 @@ def load_teacher(
     return model
 
 
+def load_teacher_tokenizer(teacher: str, hub_kwargs: dict[str, Any] | None = None) -> PreTrainedTokenizerBase | None:
+    """The tokenizer saved with a teacher Hub id or folder, or `None` when none was saved.
+
+    transformers 5 builds an empty-vocabulary tokenizer from a bare model folder instead of failing, which would make
+    every vocabulary comparison fail: the folder is checked for a tokenizer config first.
+    """
+    from transformers import AutoTokenizer
+    from transformers.utils import cached_file
+
+    hub_kwargs = hub_kwargs or {}
+    if cached_file(teacher, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs) is None:
+        return None
+    return AutoTokenizer.from_pretrained(teacher, **hub_kwargs)
+
+
 def _is_default_label2id(config: PretrainedConfig) -> bool:
     return dict(config.label2id) == {f"LABEL_{i}": i for i in range(config.num_labels)}
 

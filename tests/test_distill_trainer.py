@@ -187,6 +187,11 @@ class TestDistillTrainer:
         trainer.train()
         assert trainer.teacher_model is not None and not trainer.teacher_model.training
 
+    def test_teacher_folder_without_tokenizer(self, tmp_path):
+        tiny_bert(seed=7).save_pretrained(tmp_path / "teacher")
+        trainer = make_trainer(tmp_path, str(tmp_path / "teacher"))
+        assert trainer.teacher_model is not None  # online teacher, loaded at init
+
     def test_init_kwargs_with_built_teacher_is_an_error(self, tmp_path):
         args = make_args(tmp_path, teacher_model_init_kwargs={"revision": "main"})
         with pytest.raises(ValueError, match="already built teacher"):

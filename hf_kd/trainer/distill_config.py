@@ -54,14 +54,6 @@ class DistillConfig(TrainingArguments):
     ```
     """
 
-    # Parameters whose default differs from TrainingArguments.
-    learning_rate: float = field(
-        default=5e-5, metadata={"help": "Initial AdamW learning rate of the student."}
-    )
-    report_to: Any = field(
-        default="none", metadata={"help": "Integrations to report to ('none' keeps runs offline by default)."}
-    )
-
     # Parameters that control the teacher
     teacher_model_name_or_path: str | None = field(
         default=None,

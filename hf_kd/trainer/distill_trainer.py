@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer, Trainer
+from transformers import AutoConfig, AutoTokenizer
 
 from ..losses import kd_loss
 from ..metrics import make_compute_metrics
@@ -18,13 +18,15 @@ from ..teacher import (
     compute_teacher_logits,
     dataset_fingerprint,
     load_teacher,
+    load_teacher_tokenizer,
     teacher_fingerprint,
     teacher_logits_for_batch,
 )
+from .base_trainer import _BaseTrainer
 from .distill_config import DistillConfig
 
 
-class DistillTrainer(Trainer):
+class DistillTrainer(_BaseTrainer):
     r"""
     [`~transformers.Trainer`] that distils a frozen teacher into the student `model` (Hinton et al., 2015,
     https://huggingface.co/papers/1503.02531).
@@ -141,6 +143,16 @@ class DistillTrainer(Trainer):
         elif teacher is not None and not self._has_teacher_logits(self.train_dataset):
             self._load_teacher()  # online teacher: load it now so a bad id fails before training starts
 
+    def _model_card_info(self) -> dict[str, Any]:
+        """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
+        teacher = self._teacher_source
+        if isinstance(teacher, nn.Module):
+            teacher = teacher.config._name_or_path if hasattr(teacher, "config") else None
+        return {
+            "teacher_model": str(teacher) if teacher else None,
+            "hyperparameters": {"temperature": self.args.temperature, "alpha": self.args.alpha},
+        }
+
     # ---- teacher ---------------------------------------------------------------------------------------------------
 
     @staticmethod
@@ -161,7 +173,7 @@ class DistillTrainer(Trainer):
             teacher_config = AutoConfig.from_pretrained(str(teacher), **hub_kwargs)
         check_label_spaces(student_config, teacher_config)
         if teacher_processing_class is None and not isinstance(teacher, nn.Module):
-            teacher_processing_class = AutoTokenizer.from_pretrained(str(teacher), **hub_kwargs)
+            teacher_processing_class = load_teacher_tokenizer(str(teacher), hub_kwargs)
         student_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         return check_vocabularies(
             student_config,

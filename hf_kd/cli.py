@@ -1,0 +1,285 @@
+# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
+"""`hf-kd`: evaluate, calibrate and push sequence classifiers from the command line.
+
+    hf-kd evaluate  MODEL --dataset rotten_tomatoes --split test [--teacher T] [--update_card]
+    hf-kd calibrate MODEL --dataset rotten_tomatoes [--split validation] [--eval_split test] [--output_dir OUT]
+    hf-kd push      FOLDER --repo_id my-org/my-student [--private]
+
+`MODEL` is a local folder or a Hub id. Data comes from one of hf_kd's offline loaders (`--dataset`, split with
+`--split_seed`) or from JSON/CSV files (`--data_files validation=val.jsonl test=test.jsonl`) with a text column and an
+integer label column. `calibrate` fits a temperature on `--split`, folds it into the classifier, evaluates
+`--eval_split` before and after, and saves the calibrated model with its reports, plots, `calibration.json` and model
+card. `push` takes the token from `HF_TOKEN` or `hf auth login`, never from the command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+BUILTIN_DATASETS = ("rotten_tomatoes", "crowdflower_tweets", "bbc_news")
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Argument parsing
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _data_arguments(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("data")
+    source = group.add_mutually_exclusive_group(required=True)
+    source.add_argument("--dataset", choices=BUILTIN_DATASETS, help="One of hf_kd's offline data sets.")
+    source.add_argument(
+        "--data_files",
+        nargs="+",
+        metavar="SPLIT=PATH",
+        help="JSON/JSON-lines/CSV files per split, e.g. validation=val.jsonl test=test.jsonl.",
+    )
+    group.add_argument("--text_column", default="text", help="Text column (default: text).")
+    group.add_argument("--text_pair_column", default=None, help="Second text of a pair (NLI hypothesis).")
+    group.add_argument("--label_column", default="label", help="Integer class index column (default: label).")
+    group.add_argument("--max_length", type=int, default=128, help="Truncation length in tokens (default: 128).")
+    group.add_argument("--max_samples", type=int, default=None, help="Use the first N rows of each split.")
+    group.add_argument("--split_seed", type=int, default=42, help="Seed of the built-in loaders' split.")
+    group.add_argument("--batch_size", type=int, default=64, help="Rows per forward pass (default: 64).")
+    group.add_argument("--n_bins", type=int, default=15, help="Equal-width ECE/MCE bins (default: 15).")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="hf-kd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    commands = parser.add_subparsers(dest="command", required=True, metavar="{evaluate,calibrate,push}")
+
+    evaluate = commands.add_parser("evaluate", help="Uncertainty report (JSON + reliability diagram) of a model.")
+    evaluate.add_argument("model", help="Local folder or Hub id of a sequence classifier.")
+    evaluate.add_argument("--split", default="test", help="Split to evaluate (default: test).")
+    evaluate.add_argument("--teacher", default=None, help="Teacher folder or Hub id (same tokenizer) for sigma.")
+    evaluate.add_argument(
+        "--output_dir", default=None, help="Where to write the report (default: MODEL/uncertainty/SPLIT)."
+    )
+    evaluate.add_argument("--update_card", action="store_true", help="Re-render MODEL/README.md with the report.")
+    _data_arguments(evaluate)
+
+    calibrate = commands.add_parser("calibrate", help="Fit, fold and report a calibration temperature.")
+    calibrate.add_argument("model", help="Local folder or Hub id of a sequence classifier.")
+    calibrate.add_argument("--split", default="validation", help="Held-out split to fit T on (default: validation).")
+    calibrate.add_argument(
+        "--eval_split", default="test", help="Split evaluated before and after (default: test; 'none' to skip)."
+    )
+    calibrate.add_argument("--objective", choices=("nll", "kl"), default="nll", help="Fit to labels or human dists.")
+    calibrate.add_argument("--teacher", default=None, help="Teacher folder or Hub id (same tokenizer) for sigma.")
+    calibrate.add_argument(
+        "--output_dir", default=None, help="Where to save the calibrated model (default: MODEL itself, in place)."
+    )
+    calibrate.add_argument(
+        "--allow_refold", action="store_true", help="Calibrate a model whose config already records a temperature."
+    )
+    _data_arguments(calibrate)
+
+    push = commands.add_parser("push", help="Upload a model folder (model, tokenizer, card, plots) to the Hub.")
+    push.add_argument("folder", help="The model folder, e.g. the output of hf-kd calibrate.")
+    push.add_argument("--repo_id", required=True, help="namespace/name on the Hub.")
+    push.add_argument("--private", action="store_true", help="Create the repo private.")
+    push.add_argument("--commit_message", default="Upload calibrated student with hf_kd")
+    return parser
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Data and models
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _load_split(opts, split: str, tokenizer, num_labels: int):
+    """One tokenized split, checked against the model's number of labels."""
+    from .data import tokenize_dataset
+
+    if opts.dataset is not None:
+        from . import data
+
+        loader = {
+            "rotten_tomatoes": data.load_rotten_tomatoes,
+            "crowdflower_tweets": data.load_crowdflower_tweets,
+            "bbc_news": data.load_bbc_news,
+        }[opts.dataset]
+        splits = loader(seed=opts.split_seed)
+        if split not in splits:
+            raise ValueError(f"--dataset {opts.dataset} has splits {list(splits)}, not {split!r}")
+        dataset = splits[split]
+    else:
+        files = {}
+        for item in opts.data_files:
+            name, sep, path = item.partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"--data_files entries must look like SPLIT=PATH, got {item!r}")
+            files[name] = path
+        if split not in files:
+            raise ValueError(f"--data_files has splits {sorted(files)}, not {split!r}: add {split}=PATH")
+        path = Path(files[split])
+        if not path.is_file():
+            raise FileNotFoundError(f"data file for split {split!r} not found: {path}")
+        kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
+        if kind is None:
+            raise ValueError(f"data files must be .json, .jsonl or .csv, got {path}")
+        import datasets
+
+        dataset = datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
+    if opts.max_samples is not None:
+        if opts.max_samples < 1:
+            raise ValueError(f"--max_samples must be >= 1, got {opts.max_samples}")
+        # Rows of the built-in loaders are grouped by source (movie, topic): shuffle before cutting.
+        dataset = dataset.shuffle(seed=opts.split_seed).select(range(min(opts.max_samples, len(dataset))))
+    if opts.label_column in dataset.column_names:
+        names = getattr(dataset.features[opts.label_column], "names", None)
+        if names is not None and len(names) != num_labels:
+            raise ValueError(
+                f"the data has {len(names)} classes {names} but the model predicts {num_labels}: wrong model or data"
+            )
+    return tokenize_dataset(dataset, tokenizer, opts.text_column, opts.text_pair_column, opts.max_length)
+
+
+def _load_model(name: str):
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    return AutoModelForSequenceClassification.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+
+
+def _print_table(columns: dict[str, dict], n_bins: int) -> None:
+    from .hub import before_after_table
+
+    print(before_after_table(columns, n_bins))
+
+
+def _describe(opts, split: str) -> str:
+    return f"{opts.dataset or 'data_files'}/{split}"
+
+
+def _save_model(model, tokenizer, output_dir: Path) -> None:
+    """Save next to the old files and swap each in with os.replace: an interruption never leaves a torn file."""
+    output_dir.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=".hf_kd-save-", dir=output_dir))
+    try:
+        model.save_pretrained(staging)
+        tokenizer.save_pretrained(staging)
+        for path in staging.iterdir():
+            os.replace(path, output_dir / path.name)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Commands
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _evaluate(opts) -> None:
+    from .evaluation import evaluate_uncertainty
+    from .hub import REPORTS_DIR, update_model_card
+
+    local = Path(opts.model).is_dir()
+    if opts.output_dir is None and not local:
+        raise ValueError(f"{opts.model!r} is not a local folder: pass --output_dir for the report")
+    if opts.update_card and not local:
+        raise ValueError("--update_card needs MODEL to be a local folder")
+    model, tokenizer = _load_model(opts.model)
+    dataset = _load_split(opts, opts.split, tokenizer, model.config.num_labels)
+    report = evaluate_uncertainty(
+        model, dataset, teacher=opts.teacher, n_bins=opts.n_bins, batch_size=opts.batch_size,
+        label_column=opts.label_column, split=opts.split,
+    )
+    output_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.model) / REPORTS_DIR / opts.split
+    paths = report.save(output_dir)
+    columns = {"model": report.metrics}
+    if report.teacher_metrics:
+        columns["teacher"] = report.teacher_metrics
+    _print_table(columns, report.n_bins)
+    print(f"\nReport and plots: {', '.join(str(p) for p in paths.values())}")
+    if opts.update_card:
+        print(f"Model card: {update_model_card(opts.model)}")
+
+
+def _calibrate(opts) -> None:
+    from .calibration import calibrate_temperature, fold_temperature
+    from .evaluation import evaluate_uncertainty
+    from .hub import CALIBRATION_FILENAME, REPORTS_DIR, update_model_card
+
+    local = Path(opts.model).is_dir()
+    if opts.output_dir is None and not local:
+        raise ValueError(f"{opts.model!r} is not a local folder: pass --output_dir for the calibrated model")
+    output_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.model)
+    eval_split = None if opts.eval_split.lower() == "none" else opts.eval_split
+    if eval_split == opts.split:
+        raise ValueError(f"--eval_split must differ from --split ({opts.split!r}): report on data T was not fitted on")
+
+    model, tokenizer = _load_model(opts.model)
+    existing = (getattr(model.config, "hf_kd", None) or {}).get("temperature")
+    if existing is not None and not opts.allow_refold:
+        raise ValueError(
+            f"{opts.model} is already calibrated (config.hf_kd temperature {existing}); pass --allow_refold to fold "
+            "another temperature on top"
+        )
+    num_labels = model.config.num_labels
+    # Load everything first: bad data fails before anything is computed or written.
+    calibration_data = _load_split(opts, opts.split, tokenizer, num_labels)
+    eval_data = _load_split(opts, eval_split, tokenizer, num_labels) if eval_split else None
+
+    result = calibrate_temperature(
+        model, calibration_data, objective=opts.objective, n_bins=opts.n_bins, batch_size=opts.batch_size,
+        label_column=opts.label_column, calibrated_on=_describe(opts, opts.split),
+    )
+    common = dict(teacher=opts.teacher, n_bins=opts.n_bins, batch_size=opts.batch_size,
+                  label_column=opts.label_column, split=eval_split)
+    before = evaluate_uncertainty(model, eval_data, **common) if eval_data is not None else None
+    fold_temperature(model, result.temperature, calibrated_on=result.calibrated_on, allow_refold=opts.allow_refold)
+    after = evaluate_uncertainty(model, eval_data, **common) if eval_data is not None else None
+
+    if output_dir.resolve() != Path(opts.model).resolve() and local and (Path(opts.model) / "README.md").is_file():
+        if not (output_dir / "README.md").is_file():
+            output_dir.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(Path(opts.model) / "README.md", output_dir / "README.md")  # keeps the card's metadata
+    _save_model(model, tokenizer, output_dir)
+    (output_dir / CALIBRATION_FILENAME).write_text(json.dumps(result.to_dict(), indent=2), encoding="utf-8")
+    if before is not None:
+        before.save(output_dir / REPORTS_DIR / f"{eval_split}-uncalibrated")
+        after.save(output_dir / REPORTS_DIR / eval_split)
+    card = update_model_card(output_dir)
+
+    print(f"Temperature T = {result.temperature:.4f} ({result.objective}, fitted on {result.calibrated_on}, "
+          f"{result.num_examples} rows)\n\nOn {opts.split}:")
+    _print_table({"uncalibrated": result.before, "calibrated": result.after}, opts.n_bins)
+    if before is not None:
+        print(f"\nOn {eval_split}:")
+        _print_table({"uncalibrated": before.metrics, "calibrated": after.metrics}, opts.n_bins)
+    print(f"\nCalibrated model, reports and card: {output_dir} ({card.name})")
+
+
+def _push(opts) -> None:
+    from .hub import push_to_hub
+
+    info = push_to_hub(opts.folder, opts.repo_id, private=opts.private or None, commit_message=opts.commit_message)
+    print(f"Pushed {opts.folder} to {opts.repo_id}: {info.commit_url}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of the `hf-kd` console script. Returns the exit status (0 on success, 1 on a handled error)."""
+    parser = build_parser()
+    opts = parser.parse_args(argv)
+    for name in ("batch_size", "n_bins", "max_length"):
+        if getattr(opts, name, 1) < 1:
+            parser.error(f"--{name} must be >= 1, got {getattr(opts, name)}")
+    command = {"evaluate": _evaluate, "calibrate": _calibrate, "push": _push}[opts.command]
+    try:
+        command(opts)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError, OSError) as error:
+        print(f"hf-kd {opts.command}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

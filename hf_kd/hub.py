@@ -1,0 +1,888 @@
+# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
+"""Model cards with calibration metrics, and pushing calibrated students to the Hugging Face Hub.
+
+- [`build_eval_results`] is the one place where `huggingface_hub.EvalResult`s are built. Every field but the value is a
+  function of (split, metric, bins), so re-rendering a card, or `huggingface_hub.metadata_update`, replaces numbers
+  instead of appending duplicates.
+- [`generate_model_card`] renders a Jinja template shipped in `hf_kd.model_cards` with
+  `huggingface_hub.ModelCard.from_template`: `model-index` with every metric of every evaluated split, the method,
+  teacher, hyperparameters and calibration temperature under an `hf_kd` metadata key, a readable metrics table, the
+  reliability diagram and the citations. `base_model`, `datasets` and the teacher are Hub ids, never local paths.
+- [`update_model_card`] re-renders `folder/README.md` from what the folder holds: the existing card's metadata,
+  `config.json` (`hf_kd.temperature`), `calibration.json` and the reports under `uncertainty/<name>/report.json`.
+- [`push_to_hub`] uploads a folder (student, tokenizer, card, plots) in one commit. The local folder is only read,
+  so a failed push can simply be retried; the token never reaches a file, a card, a log or an error message.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import importlib.resources
+import json
+import logging
+import math
+import os
+import tempfile
+import warnings
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+from huggingface_hub import EvalResult, ModelCard, ModelCardData
+from huggingface_hub.errors import HFValidationError
+from huggingface_hub.utils import validate_repo_id
+
+from .evaluation import REPORT_FILENAME, RELIABILITY_DIAGRAM_FILENAME, UncertaintyReport
+
+logger = logging.getLogger(__name__)
+
+__all__ = [
+    "CALIBRATION_FILENAME",
+    "REPORTS_DIR",
+    "before_after_table",
+    "build_eval_results",
+    "generate_model_card",
+    "load_reports",
+    "metrics_table",
+    "push_to_hub",
+    "resolve_hub_id",
+    "save_model_card",
+    "update_model_card",
+]
+
+TEMPLATES_PACKAGE = "hf_kd.model_cards"
+DEFAULT_TEMPLATE = "distill_model_card.md"
+REPORTS_DIR = "uncertainty"
+"""Reports live in `<model folder>/uncertainty/<name>/` (`report.json` and the two PNGs)."""
+CALIBRATION_FILENAME = "calibration.json"
+"""[`hf_kd.CalibrationResult`] of the temperature folded into the model, next to `config.json`."""
+
+TASK_TYPE = "text-classification"
+TASK_NAME = "Text Classification"
+
+# metric_type in model-index -> readable name. The order is the order of tables and of model-index entries.
+METRIC_NAMES = {
+    "accuracy": "Accuracy",
+    "ece": "ECE",
+    "mce": "MCE",
+    "nll": "NLL",
+    "brier": "Brier score",
+    "entropy": "Mean predictive entropy",
+    "kl": "KL(human || model)",
+    "js_distance": "JS distance to human labels",
+    "sigma": "Confidence preservation sigma",
+}
+_BINNED = ("ece", "mce")
+
+# Papers cited by every card that reports the corresponding metrics.
+GUO_2017 = {
+    "title": "On Calibration of Modern Neural Networks",
+    "id": "1706.04599",
+    "citation": (
+        "@inproceedings{guo2017calibration,\n  title={On Calibration of Modern Neural Networks},\n"
+        "  author={Guo, Chuan and Pleiss, Geoff and Sun, Yu and Weinberger, Kilian Q.},\n"
+        "  booktitle={Proceedings of the 34th International Conference on Machine Learning},\n"
+        "  pages={1321--1330},\n  year={2017}\n}"
+    ),
+}
+VENGERTSEV_2024 = {
+    "title": "Confidence Preservation Property in Knowledge Distillation Abstractions",
+    "id": "2401.11365",
+    "citation": (
+        "@article{vengertsev2024confidence,\n"
+        "  title={Confidence Preservation Property in Knowledge Distillation Abstractions},\n"
+        "  author={Vengertsev, Dmitry and Sherman, Elena},\n  journal={arXiv:2401.11365},\n  year={2024}\n}"
+    ),
+}
+NIE_2020 = {
+    "title": "What Can We Learn from Collective Human Opinions on Natural Language Inference Data?",
+    "id": "2010.03532",
+    "citation": (
+        "@inproceedings{nie2020chaosnli,\n"
+        "  title={What Can We Learn from Collective Human Opinions on Natural Language Inference Data?},\n"
+        "  author={Nie, Yixin and Zhou, Xiang and Bansal, Mohit},\n  booktitle={Proceedings of EMNLP},\n"
+        "  year={2020}\n}"
+    ),
+}
+
+# Never uploaded by push_to_hub: training state (optimizer, RNG, checkpoints) is not part of a model repo,
+# training_args.bin pickles TrainingArguments, which can hold `hub_token`, and *.tmp / .hf_kd-save-* are what an
+# interrupted atomic write leaves behind.
+PUSH_IGNORE_PATTERNS = (
+    "checkpoint-*",
+    "training_args.bin",
+    "optimizer.pt",
+    "scheduler.pt",
+    "scaler.pt",
+    "rng_state*.pth",
+    "trainer_state.json",
+    "runs/*",
+    ".git/*",
+    ".cache/*",
+    "_*",
+    "*.tmp",
+    "*.lock",
+    ".hf_kd-save-*",
+)
+# Files above this size are weights; the token leak scan reads everything smaller.
+_SCAN_LIMIT_BYTES = 50 * 2**20
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Hub ids
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _is_hub_id(value: str) -> bool:
+    try:
+        validate_repo_id(value)
+    except HFValidationError:
+        return False
+    return True
+
+
+def _local_path(value: str) -> Path | None:
+    """`value` as a local path when it names one (an existing path, or anything that looks like a path)."""
+    path = Path(value).expanduser()
+    if path.exists() or value.startswith((".", "/", "~")) or "\\" in value or value.count("/") > 1:
+        return path
+    return None
+
+
+def resolve_hub_id(value: str | os.PathLike | None) -> str | None:
+    """
+    The Hub id of a model given as a Hub id or a local folder, or `None` when there is none.
+
+    A Hub id that is not a local path is returned as is. A folder inside a Hugging Face cache
+    (`.../models--org--name/snapshots/<sha>`) maps back to `org/name`. Any other local path gives `None`: a path
+    means nothing on the Hub, which rejects it in `base_model` and `datasets`.
+    """
+    if value is None:
+        return None
+    value = str(value)
+    path = _local_path(value)
+    if path is None:
+        return value if _is_hub_id(value) else None
+    for part in path.resolve().parts:
+        if part.startswith("models--"):
+            candidate = part[len("models--") :].replace("--", "/")
+            if _is_hub_id(candidate):
+                return candidate
+    return None
+
+
+def _base_model_of_folder(value: str | os.PathLike | None) -> str | None:
+    """For a local folder with a model card, the Hub id its card names as `base_model`."""
+    if value is None or _local_path(str(value)) is None:
+        return None
+    readme = Path(value) / "README.md"
+    if not readme.is_file():
+        return None
+    base = ModelCard.load(readme, ignore_metadata_errors=True).data.get("base_model")
+    base = base[0] if isinstance(base, list) and base else base
+    return resolve_hub_id(base) if isinstance(base, str) else None
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# EvalResults
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _as_metrics(split: str, metrics: Mapping[str, Any] | UncertaintyReport) -> dict[str, float]:
+    if isinstance(metrics, UncertaintyReport):
+        return metrics.flat_metrics()
+    if not isinstance(metrics, Mapping):
+        raise TypeError(
+            f"metrics of split {split!r} must be a dict of floats or an UncertaintyReport, "
+            f"got {type(metrics).__name__}"
+        )
+    return dict(metrics)
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _n_bins(split: str, metrics: Mapping[str, Any]) -> int:
+    bins = metrics.get("ece_bins")
+    if not _is_number(bins) or bins < 1 or bins != int(bins):
+        raise ValueError(
+            f"split {split!r} reports ECE/MCE without its number of bins: add 'ece_bins' (an int >= 1) to its metrics "
+            f"(got {bins!r}). An ECE is meaningless without its binning."
+        )
+    return int(bins)
+
+
+def build_eval_results(
+    metrics_by_split: Mapping[str, Mapping[str, float] | UncertaintyReport],
+    dataset_type: str,
+    dataset_name: str,
+    dataset_config: str | None = None,
+    task_type: str = TASK_TYPE,
+) -> list[EvalResult]:
+    r"""
+    Build the `EvalResult`s of a model card's `model-index`: one per metric per split. This is the only place hf_kd
+    builds them.
+
+    Metrics are taken in the order of `METRIC_NAMES` (accuracy, ECE, MCE, NLL, Brier, entropy, KL, JS distance,
+    sigma) when present and finite (an undefined sigma is left out). ECE and MCE carry their number of bins both in
+    their name (`"ECE (15 bins)"`) and in `args: {n_bins: 15}`. Values are rounded to 4 decimals. Teacher metrics
+    (`teacher_*` keys) describe another model and are left out. Since every field but the value is a function of
+    (split, metric, bins, dataset), a card rebuilt with new numbers, or a `huggingface_hub.metadata_update` with these
+    results, overwrites the old values instead of adding entries.
+
+    Args:
+        metrics_by_split (`Mapping[str, Mapping[str, float] | UncertaintyReport]`):
+            `{split: metrics}`, metrics as flat dicts in the vocabulary of [`hf_kd.metrics.make_compute_metrics`]
+            (`accuracy`, `ece`, `ece_bins`, `nll`, ...) or as [`~hf_kd.UncertaintyReport`]s.
+        dataset_type (`str`):
+            Dataset identifier (a Hub id where there is one).
+        dataset_name (`str`):
+            Readable dataset name.
+        dataset_config (`str`, *optional*):
+            Dataset configuration name (the Hub requires a string).
+        task_type (`str`, *optional*, defaults to `"text-classification"`):
+            Hub task id.
+
+    Returns:
+        `list[huggingface_hub.EvalResult]`.
+
+    Raises:
+        `ValueError`: an empty dataset type/name, a non-string config, or an ECE without `ece_bins`.
+    """
+    for name, value in (("dataset_type", dataset_type), ("dataset_name", dataset_name), ("task_type", task_type)):
+        if not isinstance(value, str) or not value.strip():
+            raise ValueError(f"{name} must be a non-empty string, got {value!r}")
+    if dataset_config is not None and not isinstance(dataset_config, str):
+        raise ValueError(f"dataset_config must be a string or None (the Hub rejects others), got {dataset_config!r}")
+    if not isinstance(metrics_by_split, Mapping):
+        raise TypeError(
+            f"metrics_by_split must be a mapping {{split: metrics}}, got {type(metrics_by_split).__name__}"
+        )
+    results = []
+    for split, metrics in metrics_by_split.items():
+        metrics = _as_metrics(split, metrics)
+        for metric, readable in METRIC_NAMES.items():
+            value = metrics.get(metric)
+            if not _is_number(value):
+                continue
+            args = None
+            if metric in _BINNED:
+                n_bins = _n_bins(split, metrics)
+                readable, args = f"{readable} ({n_bins} bins)", {"n_bins": n_bins}
+            results.append(
+                EvalResult(
+                    task_type=task_type,
+                    task_name=TASK_NAME if task_type == TASK_TYPE else None,
+                    dataset_type=dataset_type,
+                    dataset_name=dataset_name,
+                    dataset_config=dataset_config,
+                    dataset_split=str(split),
+                    metric_type=metric,
+                    metric_value=round(float(value), 4),
+                    metric_name=readable,
+                    metric_args=args,
+                )
+            )
+    return results
+
+
+def _metrics_from_eval_results(eval_results: list[EvalResult] | None) -> dict[str, dict[str, float]]:
+    """Inverse of [`build_eval_results`] (for a card re-rendered without new reports)."""
+    by_split: dict[str, dict[str, float]] = {}
+    for result in eval_results or []:
+        metrics = by_split.setdefault(result.dataset_split or "eval", {})
+        metrics[result.metric_type] = result.metric_value
+        if result.metric_args and "n_bins" in result.metric_args:
+            metrics["ece_bins"] = float(result.metric_args["n_bins"])
+    return by_split
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Tables
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _cell(value) -> str:
+    return f"{value:.4f}" if _is_number(value) else "–"
+
+
+def _row_name(metric: str, n_bins: int | None) -> str:
+    return f"{METRIC_NAMES[metric]} ({n_bins} bins)" if metric in _BINNED and n_bins else METRIC_NAMES[metric]
+
+
+def _markdown_table(header: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def metrics_table(metrics_by_split: Mapping[str, Mapping[str, float] | UncertaintyReport]) -> str:
+    """
+    A markdown table, one row per metric and one column per split, plus a teacher column per split that has teacher
+    metrics (`teacher_*` keys), so the student and its teacher read side by side.
+    """
+    columns: list[tuple[str, dict[str, float]]] = []
+    n_bins = None
+    for split, metrics in metrics_by_split.items():
+        metrics = _as_metrics(split, metrics)
+        n_bins = n_bins or (int(metrics["ece_bins"]) if _is_number(metrics.get("ece_bins")) else None)
+        columns.append((f"model ({split})", metrics))
+        teacher = {key[len("teacher_") :]: value for key, value in metrics.items() if key.startswith("teacher_")}
+        if teacher:
+            columns.append((f"teacher ({split})", teacher))
+    rows = [
+        [_row_name(metric, n_bins)] + [_cell(values.get(metric)) for _, values in columns]
+        for metric in METRIC_NAMES
+        if any(_is_number(values.get(metric)) for _, values in columns)
+    ]
+    return _markdown_table(["metric"] + [name for name, _ in columns], rows)
+
+
+def before_after_table(columns: Mapping[str, Mapping[str, float]], n_bins: int | None) -> str:
+    """A markdown table comparing metric dicts, e.g. `{"uncalibrated": ..., "calibrated": ...}` (no `sigma` needed)."""
+    rows = [
+        [_row_name(metric, n_bins)] + [_cell(values.get(metric)) for values in columns.values()]
+        for metric in METRIC_NAMES
+        if any(_is_number(values.get(metric)) for values in columns.values())
+    ]
+    return _markdown_table(["metric"] + list(columns), rows)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Cards
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _template_text(template: str) -> str:
+    if not isinstance(template, str) or not template.endswith(".md") or "/" in template or "\\" in template:
+        raise ValueError(f"template must be the file name of a card template in hf_kd.model_cards, got {template!r}")
+    folder = importlib.resources.files(TEMPLATES_PACKAGE)
+    resource = folder / template
+    if not resource.is_file():
+        available = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".md"))
+        raise FileNotFoundError(
+            f"Model card template {template!r} not found in the {TEMPLATES_PACKAGE} package (available: {available}). "
+            "If the list is empty the package data was not installed: reinstall hf_kd."
+        )
+    return resource.read_text(encoding="utf-8")
+
+
+def _hub_ids(values, what: str) -> list[str] | None:
+    if values is None:
+        return None
+    values = [values] if isinstance(values, (str, os.PathLike)) else list(values)
+    kept = []
+    for value in values:
+        hub_id = resolve_hub_id(value)
+        if hub_id is None:
+            warnings.warn(f"{what} entry {str(value)!r} is not a Hub id (the Hub rejects local paths): left out.")
+        elif hub_id not in kept:
+            kept.append(hub_id)
+    return kept or None
+
+
+def generate_model_card(
+    model_name: str,
+    *,
+    base_model: str | os.PathLike | None = None,
+    teacher_model: str | os.PathLike | None = None,
+    teacher_base_model: str | None = None,
+    method_name: str | None = None,
+    trainer_name: str | None = None,
+    paper: Mapping[str, str] | None = None,
+    hyperparameters: Mapping[str, Any] | None = None,
+    metrics_by_split: Mapping[str, Mapping[str, float] | UncertaintyReport] | None = None,
+    dataset_type: str = "custom",
+    dataset_name: str = "Custom dataset",
+    dataset_config: str | None = None,
+    datasets: str | list[str] | None = None,
+    calibration: Mapping[str, Any] | None = None,
+    uncalibrated_metrics: Mapping[str, Mapping[str, float] | UncertaintyReport] | None = None,
+    reliability_diagram: str | None = None,
+    hub_model_id: str | None = None,
+    tags: list[str] | None = None,
+    license: str | None = None,
+    language: str | list[str] | None = None,
+    template: str = DEFAULT_TEMPLATE,
+) -> ModelCard:
+    r"""
+    Render an hf_kd model card from a template in `hf_kd.model_cards` with `huggingface_hub.ModelCard.from_template`.
+
+    Metadata: `base_model` and `datasets` (Hub ids only: local paths are mapped back to a Hub id when they are a Hub
+    cache folder, and left out otherwise, with a warning), `library_name: transformers`, `pipeline_tag:
+    text-classification`, `tags` (`hf_kd`, the method's tags, `calibrated` and `temperature-scaling` when calibrated),
+    a `model-index` from [`build_eval_results`], and an `hf_kd` key with the trainer, method, teacher, hyperparameters
+    and calibration. Body: a summary, a quick start, the hyperparameters, the calibration before/after, a metrics
+    table (model and teacher side by side), the reliability diagram, and BibTeX for the method, temperature scaling
+    and ECE (Guo et al., 2017, https://huggingface.co/papers/1706.04599), sigma and KL/JS when reported.
+
+    Args:
+        model_name (`str`):
+            Name of the model (title, and `model-index` name).
+        base_model (`str` or `os.PathLike`, *optional*):
+            The model the student was initialised from.
+        teacher_model (`str` or `os.PathLike`, *optional*):
+            The teacher; a local path is described as "a local checkpoint" and kept out of the metadata.
+        teacher_base_model (`str`, *optional*):
+            Hub id the teacher was fine-tuned from (when `teacher_model` is a local checkpoint); looked up in the
+            teacher folder's own card when not given.
+        method_name (`str`, *optional*):
+            E.g. `"Knowledge distillation"` (a trainer's `_name`).
+        trainer_name (`str`, *optional*):
+            The hf_kd trainer class name, e.g. `"DistillTrainer"`.
+        paper (`Mapping[str, str]`, *optional*):
+            The method's paper: `{"title", "id", "citation"}` (a trainer's `_paper`).
+        hyperparameters (`Mapping[str, Any]`, *optional*):
+            Shown in a table and stored under `hf_kd.hyperparameters`, e.g. `{"temperature": 2.0, "alpha": 0.5}`.
+        metrics_by_split (`Mapping[str, Mapping | UncertaintyReport]`, *optional*):
+            Metrics of this model per split (see [`build_eval_results`]).
+        dataset_type (`str`, *optional*, defaults to `"custom"`):
+            Dataset identifier of the `model-index`.
+        dataset_name (`str`, *optional*, defaults to `"Custom dataset"`):
+            Readable dataset name.
+        dataset_config (`str`, *optional*):
+            Dataset configuration of the `model-index`.
+        datasets (`str` or `list[str]`, *optional*):
+            Hub ids of training datasets for the `datasets` metadata.
+        calibration (`Mapping[str, Any]`, *optional*):
+            The folded temperature: `{"temperature", "calibrated_on", "objective"}`, and optionally `"before"` /
+            `"after"` metric dicts on the calibration data (a [`hf_kd.CalibrationResult`]`.to_dict()` works).
+        uncalibrated_metrics (`Mapping[str, Mapping | UncertaintyReport]`, *optional*):
+            Metrics of the model before calibration per split, for the before/after table.
+        reliability_diagram (`str`, *optional*):
+            Path of the reliability diagram relative to the card (e.g. `"uncertainty/test/reliability_diagram.png"`).
+        hub_model_id (`str`, *optional*):
+            Repo id used in the quick-start snippet (defaults to `model_name`).
+        tags (`list[str]`, *optional*):
+            Extra tags.
+        license (`str`, *optional*):
+            License id.
+        language (`str` or `list[str]`, *optional*):
+            Language code(s).
+        template (`str`, *optional*, defaults to `"distill_model_card.md"`):
+            File name of the template in `hf_kd.model_cards`.
+
+    Returns:
+        `huggingface_hub.ModelCard`.
+
+    Raises:
+        `FileNotFoundError`: the template does not exist (the message lists the available ones).
+        `ValueError`: a bad calibration temperature, or metrics that [`build_eval_results`] rejects.
+
+    Example:
+
+    ```python
+    >>> from hf_kd.hub import generate_model_card, save_model_card
+    >>> card = generate_model_card(
+    ...     "minilm-l3-rt", base_model="sentence-transformers/paraphrase-MiniLM-L3-v2",
+    ...     metrics_by_split={"test": report}, dataset_type="rotten_tomatoes", dataset_name="Rotten Tomatoes",
+    ...     calibration=result.to_dict(), reliability_diagram="uncertainty/test/reliability_diagram.png",
+    ... )
+    >>> save_model_card(card, "student")
+    ```
+    """
+    if not isinstance(model_name, str) or not model_name.strip():
+        raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
+    template_text = _template_text(template)
+    metrics_by_split = {str(k): _as_metrics(str(k), v) for k, v in (metrics_by_split or {}).items()}
+    eval_results = build_eval_results(metrics_by_split, dataset_type, dataset_name, dataset_config)
+
+    calibration = dict(calibration) if calibration else None
+    if calibration is not None:
+        from .calibration import check_temperature
+
+        calibration["temperature"] = check_temperature(calibration.get("temperature"), "calibration temperature")
+
+    base_model_id = resolve_hub_id(base_model)
+    if base_model is not None and base_model_id is None:
+        base_model_id = _base_model_of_folder(base_model)
+        warnings.warn(
+            f"base_model {str(base_model)!r} is a local path, not a Hub id: "
+            + (f"using {base_model_id!r}, the base model named in its card." if base_model_id else "left out.")
+        )
+    teacher_id = resolve_hub_id(teacher_model)
+    if teacher_model is not None and teacher_id is None and teacher_base_model is None:
+        teacher_base_model = _base_model_of_folder(teacher_model)
+    teacher_base_model = resolve_hub_id(teacher_base_model)
+
+    hf_kd_meta: dict[str, Any] = {}
+    for key, value in (("trainer", trainer_name), ("method", method_name), ("paper", (paper or {}).get("id"))):
+        if value:
+            hf_kd_meta[key] = value
+    if teacher_id:
+        hf_kd_meta["teacher_model"] = teacher_id
+    elif teacher_model is not None:
+        hf_kd_meta["teacher_model"] = "local checkpoint"
+        if teacher_base_model:
+            hf_kd_meta["teacher_base_model"] = teacher_base_model
+    if hyperparameters:
+        hf_kd_meta["hyperparameters"] = dict(hyperparameters)
+    if calibration is not None:
+        hf_kd_meta["calibration"] = {
+            key: calibration[key] for key in ("temperature", "calibrated_on", "objective") if calibration.get(key)
+        }
+        hf_kd_meta["calibration"]["method"] = "temperature_scaling"
+
+    all_tags = ["hf_kd"]
+    for tag in list(tags or []) + (["calibrated", "temperature-scaling"] if calibration is not None else []):
+        if tag not in all_tags:
+            all_tags.append(tag)
+    card_data = ModelCardData(
+        model_name=model_name,
+        base_model=base_model_id,
+        datasets=_hub_ids(datasets, "datasets"),
+        library_name="transformers",
+        pipeline_tag="text-classification",
+        license=license,
+        language=language,
+        tags=all_tags,
+        eval_results=eval_results or None,
+        hf_kd=hf_kd_meta or None,
+    )
+
+    papers = [dict(paper)] if paper else []
+    papers.append(GUO_2017)
+    if any(_is_number(m.get("sigma")) for m in metrics_by_split.values()):
+        papers.append(VENGERTSEV_2024)
+    if any(_is_number(m.get("kl")) for m in metrics_by_split.values()):
+        papers.append(NIE_2020)
+
+    n_bins = next((int(m["ece_bins"]) for m in metrics_by_split.values() if _is_number(m.get("ece_bins"))), None)
+    calibration_tables = []
+    if calibration is not None:
+        if calibration.get("before") and calibration.get("after"):
+            where = calibration.get("calibrated_on") or "calibration data"
+            calibration_tables.append(
+                (f"On the calibration data ({where}, where T was fitted)",
+                 before_after_table({"uncalibrated": calibration["before"], "calibrated": calibration["after"]},
+                                    calibration.get("n_bins") or n_bins))
+            )
+        for split, before in (uncalibrated_metrics or {}).items():
+            if split in metrics_by_split:
+                calibration_tables.append(
+                    (f"On the {split} split",
+                     before_after_table({"uncalibrated": _as_metrics(split, before),
+                                         "calibrated": metrics_by_split[split]}, n_bins))
+                )
+
+    import huggingface_hub
+    import torch
+    import transformers
+
+    from . import __version__
+
+    return ModelCard.from_template(
+        card_data,
+        template_str=template_text,
+        model_name=model_name,
+        hub_model_id=hub_model_id or model_name,
+        base_model_id=base_model_id,
+        teacher_id=teacher_id,
+        teacher_is_local=teacher_model is not None and teacher_id is None,
+        teacher_base_model=teacher_base_model,
+        method_name=method_name,
+        trainer_name=trainer_name,
+        paper=paper,
+        hyperparameters=dict(hyperparameters or {}),
+        calibration=calibration,
+        calibration_tables=calibration_tables,
+        metrics_table=metrics_table(metrics_by_split) if metrics_by_split else None,
+        dataset_name=dataset_name,
+        n_bins=n_bins,
+        reliability_diagram=reliability_diagram,
+        papers=papers,
+        versions={
+            "hf_kd": __version__,
+            "transformers": transformers.__version__,
+            "torch": torch.__version__,
+            "huggingface_hub": huggingface_hub.__version__,
+        },
+    )
+
+
+def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
+    """Write `card` to `folder/README.md` atomically: an interrupted write never leaves half a card."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / "README.md"
+    with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8", newline="") as f:
+        f.write(str(card))
+    os.replace(f.name, path)
+    return path
+
+
+def load_reports(folder: str | os.PathLike) -> dict[str, UncertaintyReport]:
+    """All reports under `folder/uncertainty/<name>/report.json`, keyed by `<name>`, sorted by name."""
+    root = Path(folder) / REPORTS_DIR
+    if not root.is_dir():
+        return {}
+    paths = sorted(root.glob(f"*/{REPORT_FILENAME}"))
+    return {path.parent.name: UncertaintyReport.load(path.parent) for path in paths}
+
+
+def _trainer_card_info(trainer_name: str | None) -> dict[str, Any]:
+    """Method name, paper, tags and template of an hf_kd trainer class, by class name (unknown names give {})."""
+    if not trainer_name:
+        return {}
+    from . import trainer as trainer_module
+    from .trainer.base_trainer import _BaseTrainer
+
+    cls = vars(trainer_module).get(trainer_name)
+    if not (isinstance(cls, type) and issubclass(cls, _BaseTrainer)):
+        return {}
+    return {"method_name": cls._name, "paper": cls._paper, "tags": list(cls._tag_names),
+            "template": cls._model_card_template}
+
+
+def update_model_card(
+    folder: str | os.PathLike,
+    *,
+    model_name: str | None = None,
+    base_model: str | None = None,
+    teacher_model: str | None = None,
+    teacher_base_model: str | None = None,
+    dataset_type: str | None = None,
+    dataset_name: str | None = None,
+    hub_model_id: str | None = None,
+    template: str | None = None,
+) -> Path:
+    """
+    Re-render `folder/README.md` from the folder's state, keeping what the existing card says unless overridden.
+
+    Reads, in this order: the existing card's metadata (`base_model`, `hf_kd` trainer, teacher and hyperparameters,
+    tags, license, language, the `model-index` dataset), `config.json` (`hf_kd.temperature`: the temperature folded
+    into the weights, the source of truth), `calibration.json` (the fit's before/after on the calibration data, used
+    when its temperature matches), and every report under `uncertainty/<name>/report.json`. Reports of the model as it
+    is (same folded temperature) give the `model-index` and the metrics table; reports of the uncalibrated model
+    (no temperature) feed the before/after table. Without any current report the existing `model-index` is kept.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            A saved model folder (with `config.json`).
+        model_name, base_model, teacher_model, teacher_base_model, dataset_type, dataset_name, hub_model_id, template:
+            Override what the existing card says; see [`generate_model_card`].
+
+    Returns:
+        `pathlib.Path` of the card. Nothing is written when rendering fails (e.g. a missing template).
+    """
+    folder = Path(folder)
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise FileNotFoundError(f"{folder} is not a saved model folder: it has no config.json")
+    config = json.loads(config_path.read_text(encoding="utf-8"))
+    folded = (config.get("hf_kd") or {}).get("temperature")
+
+    old = ModelCard.load(folder / "README.md", ignore_metadata_errors=True).data if (folder / "README.md").is_file() \
+        else ModelCardData()
+    old_meta = old.get("hf_kd") or {}
+    info = _trainer_card_info(old_meta.get("trainer"))
+    old_results = old.eval_results or []
+
+    reports = load_reports(folder)
+    current = {
+        r.split or name: r for name, r in reports.items() if _same_temperature(r.calibration_temperature, folded)
+    }
+    before = {r.split or name: r for name, r in reports.items() if folded and r.calibration_temperature is None}
+    metrics_by_split = current or _metrics_from_eval_results(old_results)
+
+    calibration = None
+    if folded is not None:
+        calibration = {"temperature": folded, "calibrated_on": (config.get("hf_kd") or {}).get("calibrated_on")}
+        calibration_path = folder / CALIBRATION_FILENAME
+        if calibration_path.is_file():
+            saved = json.loads(calibration_path.read_text(encoding="utf-8"))
+            if _same_temperature(saved.get("temperature"), folded):
+                calibration.update({k: saved[k] for k in ("objective", "before", "after", "n_bins") if k in saved})
+
+    diagram = None
+    for name, report in reports.items():
+        exists = (folder / REPORTS_DIR / name / RELIABILITY_DIAGRAM_FILENAME).is_file()
+        if exists and _same_temperature(report.calibration_temperature, folded):
+            diagram = f"{REPORTS_DIR}/{name}/{RELIABILITY_DIAGRAM_FILENAME}"
+            if report.split == "test":
+                break
+
+    # "local checkpoint" (what a card records for a teacher given as a path) is not a Hub id, so it renders as such.
+    teacher = teacher_model if teacher_model is not None else old_meta.get("teacher_model")
+    card = generate_model_card(
+        model_name or (hub_model_id.split("/")[-1] if hub_model_id else None) or old.model_name or folder.name,
+        base_model=base_model or _first(old.base_model),
+        teacher_model=teacher,
+        teacher_base_model=teacher_base_model or old_meta.get("teacher_base_model"),
+        method_name=info.get("method_name") or old_meta.get("method"),
+        trainer_name=old_meta.get("trainer"),
+        paper=info.get("paper"),
+        hyperparameters=old_meta.get("hyperparameters"),
+        metrics_by_split=metrics_by_split,
+        dataset_type=dataset_type or (old_results[0].dataset_type if old_results else "custom"),
+        dataset_name=dataset_name or (old_results[0].dataset_name if old_results else "Custom dataset"),
+        dataset_config=old_results[0].dataset_config if old_results else None,
+        datasets=old.datasets,
+        calibration=calibration,
+        uncalibrated_metrics=before,
+        reliability_diagram=diagram,
+        hub_model_id=hub_model_id,
+        tags=[t for t in (old.tags or info.get("tags") or []) if t not in ("calibrated", "temperature-scaling")],
+        license=old.license,
+        language=old.language,
+        template=template or info.get("template") or DEFAULT_TEMPLATE,
+    )
+    return save_model_card(card, folder)
+
+
+def _first(value):
+    return value[0] if isinstance(value, list) and value else value
+
+
+def _same_temperature(a, b) -> bool:
+    if a is None or b is None:
+        return a is None and b is None
+    return math.isclose(float(a), float(b), rel_tol=1e-6)
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Push
+# --------------------------------------------------------------------------------------------------------------------
+
+
+def _scrub(message: str, token: str | None) -> str:
+    return message.replace(token, "<token>") if token else message
+
+
+def _files_to_push(folder: Path) -> list[Path]:
+    files = []
+    for path in sorted(folder.rglob("*")):
+        if not path.is_file():
+            continue
+        relative = path.relative_to(folder).as_posix()
+        parts = relative.split("/")
+        if any(fnmatch.fnmatch(relative, pattern) or fnmatch.fnmatch(parts[0], pattern) for pattern in
+               PUSH_IGNORE_PATTERNS):
+            continue
+        files.append(path)
+    return files
+
+
+def _card_for_upload(readme: Path) -> bytes:
+    """The card as it will be uploaded: local-path `base_model`/`datasets` entries mapped to Hub ids or dropped."""
+    card = ModelCard.load(readme)
+    changed = False
+    for key in ("base_model", "datasets"):
+        value = card.data.get(key)
+        if value is None:
+            continue
+        values = value if isinstance(value, list) else [value]
+        kept = [hub_id for hub_id in (resolve_hub_id(v) if isinstance(v, str) else None for v in values) if hub_id]
+        if kept != values:
+            warnings.warn(
+                f"README.md {key} {values} holds local paths (the Hub rejects them): uploading {kept or 'none'}."
+            )
+            card.data[key] = (kept if isinstance(value, list) else kept[0]) if kept else None
+            changed = True
+    return str(card).encode("utf-8") if changed else readme.read_bytes()
+
+
+def push_to_hub(
+    folder: str | os.PathLike,
+    repo_id: str,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload calibrated student with hf_kd",
+    revision: str | None = None,
+):
+    r"""
+    Upload a saved model folder (model, tokenizer, `README.md` card, reports and plots) to the Hub in one commit.
+
+    The repo is created if needed. Training state is never uploaded (`checkpoint-*`, `training_args.bin`, optimizer,
+    scheduler and RNG states, `trainer_state.json`, `runs/`, `_*`). The folder is only read: a card whose `base_model`
+    or `datasets` hold local paths is fixed in the uploaded copy, not on disk. A commit is atomic on the Hub, so a
+    failed or interrupted push leaves both sides as they were, and pushing again retries it (unchanged files are
+    skipped).
+
+    The token comes from `token` or, when `None`, from the usual places (`HF_TOKEN`, the token saved by
+    `hf auth login`). It is sent in the `Authorization` header only: it is never written to a file, the card or a
+    log, the files are checked for it before anything is sent, and it is masked in error messages.
+
+    Args:
+        folder (`str` or `os.PathLike`):
+            The model folder, e.g. the output of the main job's student or of `hf-kd calibrate`.
+        repo_id (`str`):
+            `"namespace/name"` (or `"name"` for the token's user).
+        token (`str`, *optional*):
+            A Hub token with write access; defaults to the usual places.
+        private (`bool`, *optional*):
+            Create the repo private (no effect on an existing repo).
+        commit_message (`str`, *optional*, defaults to `"Upload calibrated student with hf_kd"`):
+            The commit message.
+        revision (`str`, *optional*):
+            Branch to push to (defaults to `main`).
+
+    Returns:
+        `huggingface_hub.CommitInfo`.
+
+    Raises:
+        `ValueError`: a malformed repo id, a folder without `config.json`, weights or `README.md`, or a file that
+        contains the token.
+        `RuntimeError`: the Hub refused the push (the message names the step and masks the token).
+
+    Example:
+
+    ```python
+    >>> from hf_kd import push_to_hub
+    >>> push_to_hub("outputs/main_job/student", "my-org/minilm-l3-rt-calibrated")
+    ```
+    """
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as error:
+        raise ValueError(
+            f"repo_id {repo_id!r} is not a valid Hub repo id ({error}). Expected 'namespace/name' (or 'name'): "
+            "letters, digits, '-', '_' and '.', without '--' or '..', at most 96 characters."
+        ) from None
+    folder = Path(folder)
+    if not folder.is_dir():
+        raise ValueError(f"folder {str(folder)!r} does not exist or is not a directory")
+    names = {path.name for path in folder.iterdir()}
+    if "config.json" not in names:
+        raise ValueError(f"{folder} has no config.json: push_to_hub uploads a model saved with save_pretrained")
+    if not names & {"model.safetensors", "model.safetensors.index.json", "pytorch_model.bin"}:
+        raise ValueError(f"{folder} has no model weights (model.safetensors or pytorch_model.bin)")
+    if "README.md" not in names:
+        raise ValueError(
+            f"{folder} has no README.md model card. Write one with hf_kd.hub.update_model_card({str(folder)!r}) "
+            "(hf-kd evaluate / hf-kd calibrate do it)."
+        )
+
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    resolved_token = token if token is not None else get_token()
+    files = _files_to_push(folder)
+    if resolved_token:
+        needle = resolved_token.encode("utf-8")
+        for path in files:
+            if path.stat().st_size <= _SCAN_LIMIT_BYTES and needle in path.read_bytes():
+                raise ValueError(
+                    f"{path.relative_to(folder)} contains your Hub token: remove it before pushing (nothing was sent)."
+                )
+    operations = []
+    for path in files:
+        relative = path.relative_to(folder).as_posix()
+        content = _card_for_upload(path) if relative == "README.md" else str(path)
+        operations.append(CommitOperationAdd(path_in_repo=relative, path_or_fileobj=content))
+
+    api = HfApi(token=resolved_token)
+    step = "creating the repo"
+    try:
+        api.create_repo(repo_id, private=private, exist_ok=True)
+        step = "committing the files"
+        info = api.create_commit(repo_id, operations, commit_message=commit_message, revision=revision)
+    except Exception as error:
+        # Library errors do not include the token, but a server could echo it: never let it reach a traceback.
+        raise RuntimeError(
+            f"Pushing {folder} to {repo_id} failed while {step}: "
+            f"{_scrub(f'{type(error).__name__}: {error}', resolved_token)}. Nothing local was changed; fix the cause "
+            "and push again."
+        ) from None
+    logger.info("Pushed %d file(s) from %s to %s", len(operations), folder, repo_id)
+    return info

@@ -1,0 +1,165 @@
+# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
+"""`_BaseTrainer`: what every hf_kd trainer adds to [`~transformers.Trainer`] besides its loss, the model card.
+
+As in TRL, the base class only writes model cards. Whenever a model is saved (`save_model`, each checkpoint, and
+`push_to_hub`), the main process renders hf_kd's card (see [`hf_kd.hub.generate_model_card`]) into the saved folder
+and into `output_dir`, with a `model-index` built from the latest evaluation metrics in `state.log_history`:
+calibration metrics included, which the stock `Trainer.create_model_card` drops. `trainer.push_to_hub()` calls
+[`_BaseTrainer.create_model_card`], so it pushes this card rather than overwriting it with the stock one.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+from typing import Any
+
+import torch
+from transformers import Trainer
+
+from ..evaluation import STUDENT_METRICS
+from ..hub import DEFAULT_TEMPLATE, generate_model_card, save_model_card
+
+# The metrics a card can report, as make_compute_metrics names them; teacher metrics carry a `teacher_` prefix.
+_CARD_METRICS = tuple(STUDENT_METRICS) + ("ece_bins",) + tuple(f"teacher_{m}" for m in STUDENT_METRICS if m != "sigma")
+# Longest first, so that `eval_teacher_ece` is read as (eval, teacher_ece), not (eval_teacher, ece).
+_SUFFIXES = sorted(_CARD_METRICS, key=len, reverse=True)
+
+
+def split_metric_key(key: str) -> tuple[str, str] | None:
+    """`"eval_ece"` -> `("eval", "ece")`, `"test_teacher_accuracy"` -> `("test", "teacher_accuracy")`; `None` for
+    keys that are not card metrics (losses, runtimes, learning rate)."""
+    for metric in _SUFFIXES:
+        if key.endswith("_" + metric):
+            prefix = key[: -len(metric) - 1]
+            if prefix and prefix != "train":
+                return prefix, metric
+    return None
+
+
+class _BaseTrainer(Trainer):
+    """
+    Base class of hf_kd trainers: [`~transformers.Trainer`] plus hf_kd model cards.
+
+    Subclasses set `_tag_names` (card tags), `_name` (method name), `_paper` (`{"title", "id", "citation"}`) and,
+    when they report method-specific settings, override [`~_BaseTrainer._model_card_info`].
+    """
+
+    _tag_names: list[str] = []
+    _name: str = "Fine-tuning"
+    _paper: dict = {}
+    _model_card_template: str = DEFAULT_TEMPLATE
+
+    def _model_card_info(self) -> dict[str, Any]:
+        """Method-specific card fields: `teacher_model` (id or path) and `hyperparameters` (a dict)."""
+        return {}
+
+    def latest_eval_metrics(self) -> dict[str, dict[str, float]]:
+        """
+        The latest value of every card metric per evaluation prefix in `state.log_history`: `{"eval": {...},
+        "test": {...}}` (`eval` is the `eval_dataset`, other prefixes come from `metric_key_prefix`).
+        """
+        by_split: dict[str, dict[str, float]] = {}
+        for entry in reversed(self.state.log_history):
+            found: dict[str, dict[str, float]] = {}
+            for key, value in entry.items():
+                parsed = split_metric_key(key)
+                if parsed is not None and parsed[0] not in by_split:
+                    found.setdefault(parsed[0], {})[parsed[1]] = value
+            for split, metrics in found.items():
+                by_split.setdefault(split, metrics)
+        # log_history was read newest first: list the splits in the order they were first evaluated.
+        return dict(reversed(list(by_split.items())))
+
+    def create_model_card(
+        self,
+        model_name: str | None = None,
+        dataset_name: str | None = None,
+        tags: str | list[str] | None = None,
+        language: str | list[str] | None = None,
+        license: str | None = None,
+        finetuned_from: str | None = None,
+        dataset: str | None = None,
+        output_dir: str | os.PathLike | None = None,
+    ) -> None:
+        """
+        Write hf_kd's model card to `output_dir/README.md` (default `args.output_dir`) on the main process.
+
+        Args:
+            model_name (`str`, *optional*):
+                Defaults to the last part of `args.hub_model_id`, else the name of `args.output_dir`.
+            dataset_name (`str`, *optional*):
+                Dataset of the `model-index` (a Hub id where there is one; it then also goes to `datasets`).
+                Defaults to the training set's `info.dataset_name`, else `"custom"`.
+            tags (`str` or `list[str]`, *optional*):
+                Extra tags, added to `hf_kd` and the trainer's `_tag_names`.
+            language (`str` or `list[str]`, *optional*):
+                Language code(s).
+            license (`str`, *optional*):
+                License id.
+            finetuned_from (`str`, *optional*):
+                `base_model`; defaults to the model's `config._name_or_path` (local paths are never written).
+            dataset (`str`, *optional*):
+                Alias of `dataset_name`, the name [`~transformers.Trainer.create_model_card`] uses.
+            output_dir (`str` or `os.PathLike`, *optional*):
+                Folder to write the card into.
+        """
+        if not self.args.should_save:
+            return
+        if model_name is None:
+            model_name = (
+                self.args.hub_model_id.split("/")[-1]
+                if self.args.hub_model_id
+                else Path(self.args.output_dir).absolute().name
+            )
+        dataset_name = dataset_name or dataset
+        if dataset_name is None:
+            info = getattr(self.train_dataset, "info", None)
+            dataset_name = getattr(info, "dataset_name", None)
+        tags = [tags] if isinstance(tags, str) else list(tags or [])
+        config = self.accelerator.unwrap_model(self.model).config
+        calibration = None
+        hf_kd_config = getattr(config, "hf_kd", None) or {}
+        if hf_kd_config.get("temperature") is not None:
+            calibration = {k: hf_kd_config.get(k) for k in ("temperature", "calibrated_on", "objective")}
+        info = self._model_card_info()
+        card = generate_model_card(
+            model_name,
+            base_model=finetuned_from or getattr(config, "_name_or_path", None) or None,
+            teacher_model=info.get("teacher_model"),
+            method_name=self._name,
+            trainer_name=type(self).__name__,
+            paper=self._paper or None,
+            hyperparameters=info.get("hyperparameters"),
+            metrics_by_split=self.latest_eval_metrics(),
+            dataset_type=dataset_name or "custom",
+            dataset_name=dataset_name or "Custom dataset",
+            datasets=dataset_name,
+            calibration=calibration,
+            hub_model_id=self.args.hub_model_id,
+            tags=list(self._tag_names) + tags,
+            license=license,
+            language=language,
+            template=self._model_card_template,
+        )
+        save_model_card(card, output_dir if output_dir is not None else self.args.output_dir)
+
+    def _save(self, output_dir: str | None = None, state_dict=None) -> None:
+        super()._save(output_dir, state_dict)
+        if not self.args.should_save:
+            return
+        output_dir = output_dir if output_dir is not None else self.args.output_dir
+        if self.args.hub_token is not None:
+            # Trainer pickles TrainingArguments, hub_token included, into training_args.bin, which push_to_hub
+            # uploads: save it again without the token.
+            args = copy.copy(self.args)
+            args.hub_token = None
+            torch.save(args, os.path.join(output_dir, "training_args.bin"))
+        self.create_model_card(output_dir=output_dir)
+
+    def _save_checkpoint(self, model, trial) -> None:
+        # Refresh output_dir/README.md before the checkpoint is saved (and possibly pushed from output_dir); the
+        # checkpoint folder gets its own card through _save.
+        self.create_model_card()
+        super()._save_checkpoint(model, trial)
