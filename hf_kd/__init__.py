@@ -8,12 +8,16 @@ from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
 from .losses import kd_loss
 from .metrics import make_compute_metrics
+from .modeling import ExitPolicy, MultiExitConfig, MultiExitForSequenceClassification
 from .trainer import DistillConfig, DistillTrainer
 
 __all__ = [
     "CalibrationResult",
     "DistillConfig",
     "DistillTrainer",
+    "ExitPolicy",
+    "MultiExitConfig",
+    "MultiExitForSequenceClassification",
     "UncertaintyReport",
     "calibrate_temperature",
     "data",

@@ -1,4 +1,3 @@
-# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
 """Temperature scaling (Guo et al., 2017, https://huggingface.co/papers/1706.04599), fitted on held-out data and
 folded into the classifier so that plain `transformers` gives calibrated probabilities.
 
@@ -25,8 +24,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .evaluation import _check_batch_size, _check_dataset, _check_n_bins, _metrics_of, _read_distributions, read_labels
-from .evaluation import compute_logits
+from .evaluation import (
+    _check_batch_size,
+    _check_dataset,
+    _check_n_bins,
+    _metrics_of,
+    _read_distributions,
+    compute_logits,
+    read_labels,
+)
 from .metrics import softmax
 
 if TYPE_CHECKING:
@@ -105,7 +111,8 @@ def _fit(objective: Callable[[torch.Tensor], torch.Tensor], max_iter: int, init_
         warnings.warn(
             f"The fitted temperature hit the bound {temperature:.3g} (allowed [{MIN_TEMPERATURE}, "
             f"{MAX_TEMPERATURE}]): "
-            "the calibration data is probably too small or perfectly separated. Use more held-out data."
+            "the calibration data is probably too small or perfectly separated. Use more held-out data.",
+            stacklevel=2,
         )
     return temperature
 

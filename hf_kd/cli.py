@@ -1,4 +1,3 @@
-# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
 """`hf-kd`: evaluate, calibrate and push sequence classifiers from the command line.
 
     hf-kd evaluate  MODEL --dataset rotten_tomatoes --split test [--teacher T] [--update_card]

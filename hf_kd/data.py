@@ -1,4 +1,3 @@
-# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
 """Loaders for real labelled text data that works offline, with `ClassLabel` labels and human label distributions.
 
 Two kinds of source:
@@ -24,7 +23,6 @@ import pandas as pd
 from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
 
 from .offline_models import locate_package_file
-
 
 __all__ = [
     "NLI_LABELS",

@@ -1,4 +1,3 @@
-# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
 """Uncertainty reports for sequence classifiers: one batched forward pass, then every calibration metric.
 
 [`evaluate_uncertainty`] runs a model (and optionally a teacher) over a tokenized dataset and returns an
@@ -25,13 +24,9 @@ import torch
 from torch import nn
 
 from .metrics import (
-    brier_score,
+    classification_metrics,
     confidence_preservation,
-    expected_calibration_error,
     human_distribution_divergence,
-    maximum_calibration_error,
-    negative_log_likelihood,
-    predictive_entropy,
     reliability_bins,
     softmax,
 )
@@ -212,14 +207,7 @@ def compute_logits(
 
 
 def _metrics_of(probs: np.ndarray, labels: np.ndarray, n_bins: int, human: np.ndarray | None) -> dict[str, float]:
-    metrics = {
-        "accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
-        "ece": expected_calibration_error(probs, labels, n_bins),
-        "mce": maximum_calibration_error(probs, labels, n_bins),
-        "nll": negative_log_likelihood(probs, labels),
-        "brier": brier_score(probs, labels),
-        "entropy": predictive_entropy(probs),
-    }
+    metrics = classification_metrics(probs, labels, n_bins)
     if human is not None:
         metrics.update(human_distribution_divergence(human, probs))
     return metrics

@@ -1,4 +1,3 @@
-# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
 """Model cards with calibration metrics, and pushing calibrated students to the Hugging Face Hub.
 
 - [`build_eval_results`] is the one place where `huggingface_hub.EvalResult`s are built. Every field but the value is a
@@ -32,7 +31,7 @@ from huggingface_hub import EvalResult, ModelCard, ModelCardData
 from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
-from .evaluation import REPORT_FILENAME, RELIABILITY_DIAGRAM_FILENAME, UncertaintyReport
+from .evaluation import RELIABILITY_DIAGRAM_FILENAME, REPORT_FILENAME, UncertaintyReport
 
 logger = logging.getLogger(__name__)
 
@@ -376,7 +375,7 @@ def _hub_ids(values, what: str) -> list[str] | None:
     for value in values:
         hub_id = resolve_hub_id(value)
         if hub_id is None:
-            warnings.warn(f"{what} entry {str(value)!r} is not a Hub id (the Hub rejects local paths): left out.")
+            warnings.warn(f"{what} entry {str(value)!r} is not a Hub id (the Hub rejects local paths): left out.", stacklevel=2)
         elif hub_id not in kept:
             kept.append(hub_id)
     return kept or None
@@ -499,7 +498,8 @@ def generate_model_card(
         base_model_id = _base_model_of_folder(base_model)
         warnings.warn(
             f"base_model {str(base_model)!r} is a local path, not a Hub id: "
-            + (f"using {base_model_id!r}, the base model named in its card." if base_model_id else "left out.")
+            + (f"using {base_model_id!r}, the base model named in its card." if base_model_id else "left out."),
+            stacklevel=2,
         )
     teacher_id = resolve_hub_id(teacher_model)
     if teacher_model is not None and teacher_id is None and teacher_base_model is None:
@@ -776,7 +776,8 @@ def _card_for_upload(readme: Path) -> bytes:
         kept = [hub_id for hub_id in (resolve_hub_id(v) if isinstance(v, str) else None for v in values) if hub_id]
         if kept != values:
             warnings.warn(
-                f"README.md {key} {values} holds local paths (the Hub rejects them): uploading {kept or 'none'}."
+                f"README.md {key} {values} holds local paths (the Hub rejects them): uploading {kept or 'none'}.",
+                stacklevel=2,
             )
             card.data[key] = (kept if isinstance(value, list) else kept[0]) if kept else None
             changed = True

@@ -13,7 +13,6 @@ of them take the same two arguments that control how per-item losses are reduced
 import torch
 import torch.nn.functional as F
 
-
 __all__ = ["kd_loss", "label_smoothing_targets", "soft_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")

@@ -12,9 +12,9 @@ import numpy as np
 import torch
 from scipy.special import rel_entr
 
-
 __all__ = [
     "brier_score",
+    "classification_metrics",
     "confidence_preservation",
     "expected_calibration_error",
     "human_distribution_divergence",
@@ -380,6 +380,28 @@ def human_distribution_divergence(human_probs, model_probs) -> dict[str, float]:
     return {"kl": float(kl.mean()), "js_distance": float(np.sqrt(js_divergence).mean())}
 
 
+def classification_metrics(probs, labels, n_bins: int = 15) -> dict[str, float]:
+    """
+    The metrics every hf_kd evaluation reports for one model: `accuracy`, `ece` and `mce` (`n_bins` equal-width
+    bins), `nll`, `brier` and `entropy` (mean, nats).
+
+    Args:
+        probs (`np.ndarray` or `torch.Tensor` of shape `(N, K)`): predicted probabilities.
+        labels (`np.ndarray` or `torch.Tensor` of shape `(N,)`): class indices in `[0, K)`.
+        n_bins (`int`, *optional*, defaults to `15`): bins of ECE and MCE.
+    """
+    probs = _check_probs(probs)
+    labels = _check_labels(labels, probs.shape[0], probs.shape[1])
+    return {
+        "accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
+        "ece": expected_calibration_error(probs, labels, n_bins),
+        "mce": maximum_calibration_error(probs, labels, n_bins),
+        "nll": negative_log_likelihood(probs, labels),
+        "brier": brier_score(probs, labels),
+        "entropy": predictive_entropy(probs),
+    }
+
+
 def make_compute_metrics(n_bins: int = 15, class_index: int | None = 0):
     """
     Build a `compute_metrics` function for [`~transformers.Trainer`].
@@ -448,15 +470,7 @@ def make_compute_metrics(n_bins: int = 15, class_index: int | None = 0):
         labels = labels[keep]
         probs = softmax(student_logits[keep])
 
-        results = {
-            "accuracy": float(np.mean(probs.argmax(axis=1) == labels)),
-            "ece": expected_calibration_error(probs, labels, n_bins),
-            "mce": maximum_calibration_error(probs, labels, n_bins),
-            "nll": negative_log_likelihood(probs, labels),
-            "brier": brier_score(probs, labels),
-            "entropy": predictive_entropy(probs),
-            "ece_bins": float(n_bins),
-        }
+        results = {**classification_metrics(probs, labels, n_bins), "ece_bins": float(n_bins)}
         if teacher_logits is not None:
             teacher_probs = softmax(teacher_logits[keep])
             results["sigma"] = confidence_preservation(teacher_probs, probs, labels, class_index=class_index)

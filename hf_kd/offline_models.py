@@ -1,4 +1,3 @@
-# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
 """Make real Hub model ids resolve offline from copies of the weights that pip packages ship.
 
 hf_kd keeps real Hub ids in its recipes (`sentence-transformers/all-MiniLM-L6-v2`, ...) and real Hub loading code. On
@@ -41,7 +40,6 @@ from pathlib import Path, PurePosixPath
 
 from huggingface_hub import constants
 from huggingface_hub.file_download import repo_folder_name
-
 
 __all__ = [
     "OFFLINE_MODELS",

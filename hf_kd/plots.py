@@ -1,4 +1,3 @@
-# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
 """Reliability diagrams and confidence histograms (Guo et al., 2017, https://huggingface.co/papers/1706.04599, fig. 1).
 
 Both plots are drawn from the per-bin statistics of [`hf_kd.metrics.reliability_bins`] (counts, accuracy and mean
@@ -17,7 +16,6 @@ import numpy as np
 
 from .import_utils import is_matplotlib_available
 from .metrics import _calibration_gaps
-
 
 __all__ = ["plot_confidence_histogram", "plot_reliability_diagram"]
 

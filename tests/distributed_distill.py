@@ -35,7 +35,7 @@ def main(out_dir: str, cache: str) -> None:
     train_output = trainer.train()
     metrics = trainer.evaluate()
     digest = hashlib.sha256()
-    for name, param in sorted(student.state_dict().items()):
+    for _name, param in sorted(student.state_dict().items()):
         digest.update(param.detach().numpy().tobytes())
     rank = dist.get_rank()
     result = {

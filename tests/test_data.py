@@ -190,7 +190,7 @@ def test_chaosnli_labels_and_distributions(chaosnli):
     assert majority["snli"] == {"neutral": 813, "entailment": 421, "contradiction": 280}
     assert majority["mnli"] == {"entailment": 741, "neutral": 583, "contradiction": 275}
     assert majority["alphanli"] == {"1": 758, "2": 774}
-    for subset, dataset in chaosnli.items():
+    for _subset, dataset in chaosnli.items():
         _assert_distributions(dataset, len(dataset.features["label"].names))
         dist = np.asarray(dataset["human_label_dist"])
         # Every item has exactly 100 labels, and the label is a most frequent one (ties: the release's pick).

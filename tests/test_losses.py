@@ -6,7 +6,6 @@ import torch.nn.functional as F
 
 from hf_kd.losses import kd_loss, label_smoothing_targets, soft_cross_entropy
 
-
 N, C = 6, 5
 
 

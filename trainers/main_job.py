@@ -22,7 +22,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # trainers/ is a folder of scripts, not a package
 from distill import ScriptArguments, load_splits, run  # noqa: E402
-
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
 
 from hf_kd import (  # noqa: E402
@@ -144,7 +143,7 @@ def main(argv=None) -> dict:
     timings = {}
 
     start = time.perf_counter()
-    print(f"[1/2] Fine-tuning the teacher {TEACHER} on Rotten Tomatoes ({opts.train_samples} rows)")
+    print(f"[1/3] Fine-tuning the teacher {TEACHER} on Rotten Tomatoes ({opts.train_samples} rows)")
     teacher_metrics = run(
         ScriptArguments(model_name_or_path=TEACHER, method="erm", **common),
         training_args(str(out / "teacher"), opts, opts.epochs),
@@ -153,7 +152,7 @@ def main(argv=None) -> dict:
 
     start = time.perf_counter()
     student = STUDENTS[opts.student]
-    print(f"[2/2] Distilling it into a 3-layer student, {student} (T={opts.temperature}, alpha={opts.alpha}, "
+    print(f"[2/3] Distilling it into a 3-layer student, {student} (T={opts.temperature}, alpha={opts.alpha}, "
           "cached teacher logits)")
     if opts.student == "teacher_layers":
         init = out / "student_init"

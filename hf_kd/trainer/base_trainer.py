@@ -1,4 +1,3 @@
-# Copyright 2025 The hf_kd Authors. Licensed under the Apache License, Version 2.0.
 """`_BaseTrainer`: what every hf_kd trainer adds to [`~transformers.Trainer`] besides its loss, the model card.
 
 As in TRL, the base class only writes model cards. Whenever a model is saved (`save_model`, each checkpoint, and

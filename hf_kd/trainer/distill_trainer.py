@@ -5,7 +5,7 @@ from typing import Any, Callable
 
 import torch
 from torch import nn
-from transformers import AutoConfig, AutoTokenizer
+from transformers import AutoConfig
 
 from ..losses import kd_loss
 from ..metrics import make_compute_metrics

@@ -1,0 +1,168 @@
+"""Configuration of the multi-exit (early-exit) encoder classifier.
+
+A multi-exit model puts a small classifier ("exit" or "off-ramp") after some transformer layers of an encoder
+backbone, as in DeeBERT (Xin et al., 2020, https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020,
+https://huggingface.co/papers/2006.04152). At inference an example leaves at the first exit that is confident
+enough, so easy examples run fewer layers.
+"""
+
+from __future__ import annotations
+
+import transformers
+from transformers import AutoConfig
+
+# transformers v5 renamed `PretrainedConfig` to `PreTrainedConfig`; v4 only has the former.
+PreTrainedConfig = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
+try:  # transformers v5: fine-grained sub-config specs
+    from transformers.configuration_utils import SubConfigSpec
+except ImportError:  # pragma: no cover - transformers v4
+    SubConfigSpec = None
+
+EXIT_HEAD_TYPES = ("linear", "pooler")
+
+
+class MultiExitConfig(PreTrainedConfig):
+    r"""
+    Configuration of a [`MultiExitForSequenceClassification`]: an encoder backbone with one classification head
+    ("exit") after each layer listed in `exit_layers`.
+
+    Args:
+        backbone_config (`dict` or `PreTrainedConfig`, *optional*):
+            The configuration of the encoder backbone (any transformers encoder whose config has
+            `num_hidden_layers` and `hidden_size`; the step-by-step early-exit inference supports BERT-like models,
+            e.g. BERT and MiniLM, and MPNet). A `dict` must hold a `model_type` and is turned into the matching config
+            class with `AutoConfig.for_model`. Required: there is no default backbone.
+        exit_layers (`list[int]`, *optional*, defaults to every layer `[1, ..., num_hidden_layers]`):
+            1-based indices of the layers after which an exit head sits, i.e. exit `j` reads the output of layer
+            `exit_layers[j]`. They are sorted and deduplicated; the last layer is always added, so the final exit is
+            the full-depth classifier.
+        num_labels (`int`, *optional*, defaults to 2):
+            Number of classes K of every exit.
+        classifier_dropout (`float`, *optional*):
+            Dropout before each exit's linear layer. Defaults to the backbone's `classifier_dropout` if it has one
+            that is not `None`, else its `hidden_dropout_prob`, else 0.1.
+        exit_head_type (`str`, *optional*, defaults to `"linear"`):
+            The exit head, read on the first-token ([CLS]) hidden state `h[:, 0]` of its layer:
+            - `"linear"`: `Linear(hidden, K)(dropout(h[:, 0]))`, the cheapest head (the default, so early exits cost
+              almost nothing on top of their layer).
+            - `"pooler"`: a BERT-pooler-like `Linear(hidden, K)(dropout(tanh(Linear(hidden, hidden)(h[:, 0]))))`, one
+              pooler per exit, as DeeBERT's off-ramps.
+        exit_loss_weights (`list[float]`, *optional*, defaults to uniform):
+            Non-negative weight of each exit's cross-entropy in the training loss, one per exit (after the final layer
+            has been added to `exit_layers`). They are normalised to sum to 1, so the loss is on the scale of a
+            single cross-entropy whatever the number of exits.
+        initializer_range (`float`, *optional*):
+            Standard deviation of the normal initialisation of the exit heads. Defaults to the backbone's
+            `initializer_range`, else 0.02.
+        kwargs:
+            Passed to [`PreTrainedConfig`] (`id2label`, `label2id`, `problem_type`, ...).
+
+    Examples:
+
+    ```python
+    >>> from transformers import BertConfig
+    >>> from hf_kd.modeling import MultiExitConfig, MultiExitForSequenceClassification
+
+    >>> backbone = BertConfig(hidden_size=32, num_hidden_layers=3, num_attention_heads=4, intermediate_size=37)
+    >>> config = MultiExitConfig(backbone_config=backbone, exit_layers=[1, 2], num_labels=3)
+    >>> config.exit_layers  # the final layer is always an exit
+    [1, 2, 3]
+    >>> model = MultiExitForSequenceClassification(config)
+    ```
+    """
+
+    model_type = "hf_kd_multi_exit"
+    # Declaring the backbone as a sub-config makes `attn_implementation=...` (from_pretrained) reach the backbone.
+    if SubConfigSpec is not None:
+        sub_configs_defaults = {
+            "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True)
+        }
+    else:  # pragma: no cover - transformers v4
+        sub_configs = {"backbone_config": AutoConfig}
+
+    def __init__(
+        self,
+        backbone_config=None,
+        exit_layers=None,
+        num_labels=None,
+        classifier_dropout=None,
+        exit_head_type="linear",
+        exit_loss_weights=None,
+        initializer_range=None,
+        **kwargs,
+    ):
+        if isinstance(backbone_config, dict):
+            backbone_config = dict(backbone_config)
+            if "model_type" not in backbone_config:
+                raise ValueError("backbone_config as a dict must contain a 'model_type' (e.g. 'bert', 'mpnet').")
+            backbone_config.pop("transformers_version", None)
+            backbone_config = AutoConfig.for_model(**backbone_config)
+        if backbone_config is not None and not isinstance(backbone_config, PreTrainedConfig):
+            raise TypeError(f"backbone_config must be a dict or a PreTrainedConfig, got {type(backbone_config)}.")
+        self.backbone_config = backbone_config
+
+        depth = getattr(backbone_config, "num_hidden_layers", None) if backbone_config is not None else None
+        if backbone_config is not None and (depth is None or getattr(backbone_config, "hidden_size", None) is None):
+            raise ValueError(
+                f"backbone_config ({type(backbone_config).__name__}) has no `num_hidden_layers`/`hidden_size`: "
+                "a multi-exit model needs a transformer encoder with a stack of layers."
+            )
+        if exit_layers is not None:
+            bad = [i for i in exit_layers if isinstance(i, bool) or not isinstance(i, int)]
+            if bad:
+                raise ValueError(f"exit_layers must be 1-based integer layer indices, got {bad[0]!r}.")
+            if depth is not None:
+                for i in exit_layers:
+                    if not 1 <= i <= depth:
+                        raise ValueError(
+                            f"exit layer {i} is out of range: exit_layers are 1-based and the backbone has "
+                            f"{depth} layers (valid: 1..{depth})."
+                        )
+            exit_layers = sorted(set(exit_layers) | ({depth} if depth is not None else set()))
+        elif depth is not None:
+            exit_layers = list(range(1, depth + 1))
+        self.exit_layers = exit_layers
+
+        if exit_head_type not in EXIT_HEAD_TYPES:
+            raise ValueError(f"exit_head_type must be one of {EXIT_HEAD_TYPES}, got {exit_head_type!r}.")
+        self.exit_head_type = exit_head_type
+
+        if classifier_dropout is None and backbone_config is not None:
+            classifier_dropout = getattr(backbone_config, "classifier_dropout", None)
+            if classifier_dropout is None:
+                classifier_dropout = getattr(backbone_config, "hidden_dropout_prob", 0.1)
+        self.classifier_dropout = 0.1 if classifier_dropout is None else classifier_dropout
+
+        if exit_loss_weights is not None:
+            exit_loss_weights = [float(w) for w in exit_loss_weights]
+            if exit_layers is not None and len(exit_loss_weights) != len(exit_layers):
+                raise ValueError(
+                    f"exit_loss_weights has {len(exit_loss_weights)} weights but there are {len(exit_layers)} exits "
+                    f"(exit_layers={exit_layers})."
+                )
+            if any(w < 0 for w in exit_loss_weights) or sum(exit_loss_weights) <= 0:
+                raise ValueError(f"exit_loss_weights must be >= 0 with a positive sum, got {exit_loss_weights}.")
+        self.exit_loss_weights = exit_loss_weights
+
+        if initializer_range is None:
+            initializer_range = getattr(backbone_config, "initializer_range", None) or 0.02
+        self.initializer_range = initializer_range
+        if num_labels is not None:
+            kwargs["num_labels"] = num_labels
+        super().__init__(**kwargs)
+
+    @property
+    def num_exits(self) -> int:
+        """Number of exits (including the final one)."""
+        return len(self.exit_layers or [])
+
+    @property
+    def normalized_exit_loss_weights(self) -> list[float]:
+        """The per-exit loss weights normalised to sum to 1 (uniform `1 / num_exits` when unset)."""
+        if self.exit_loss_weights is None:
+            return [1.0 / self.num_exits] * self.num_exits
+        total = sum(self.exit_loss_weights)
+        return [w / total for w in self.exit_loss_weights]
+
+
+__all__ = ["MultiExitConfig"]

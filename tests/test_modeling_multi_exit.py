@@ -1,0 +1,300 @@
+"""Multi-exit sequence classifier: config, forward/loss, save/load + Auto classes, and real early-exit inference."""
+
+import json
+
+import pytest
+import torch
+from torch.nn import functional as F
+from transformers import (
+    AutoConfig,
+    AutoModelForSequenceClassification,
+    BertConfig,
+    BertModel,
+    MPNetConfig,
+    ResNetConfig,
+    RobertaConfig,
+)
+
+from hf_kd import ExitPolicy, MultiExitConfig, MultiExitForSequenceClassification
+
+NUM_LABELS = 3
+BATCH, SEQ = 13, 7
+
+
+def tiny_backbone_config(kind="bert", layers=3):
+    common = dict(
+        vocab_size=99,
+        hidden_size=32,
+        num_hidden_layers=layers,
+        num_attention_heads=4,
+        intermediate_size=37,
+        max_position_embeddings=64,
+        hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return {"bert": BertConfig, "mpnet": MPNetConfig, "roberta": RobertaConfig}[kind](**common)
+
+
+def tiny_multi_exit(kind="bert", exit_layers=None, seed=0, sharpen=1.0, **kwargs):
+    """A tiny multi-exit model in eval mode; `sharpen` scales the exit weights so confidences spread out."""
+    torch.manual_seed(seed)
+    config = MultiExitConfig(
+        backbone_config=tiny_backbone_config(kind), exit_layers=exit_layers, num_labels=NUM_LABELS, **kwargs
+    )
+    model = MultiExitForSequenceClassification(config)
+    with torch.no_grad():
+        for head in model.exits:
+            head.classifier.weight.mul_(sharpen)
+    return model.eval()
+
+
+def padded_batch(seed=0, pad_id=0):
+    g = torch.Generator().manual_seed(seed)
+    input_ids = torch.randint(5, 99, (BATCH, SEQ), generator=g)
+    attention_mask = torch.ones_like(input_ids)
+    lengths = torch.randint(3, SEQ + 1, (BATCH,), generator=g)
+    lengths[0] = SEQ
+    for row, length in enumerate(lengths.tolist()):
+        attention_mask[row, length:] = 0
+        input_ids[row, length:] = pad_id
+    return input_ids, attention_mask
+
+
+def inputs_for(kind):
+    return padded_batch(pad_id=1 if kind == "mpnet" else 0)
+
+
+# --------------------------------------------------------------------------------------------------- config
+
+
+def test_config_defaults_and_final_exit():
+    config = MultiExitConfig(backbone_config=tiny_backbone_config(), num_labels=NUM_LABELS)
+    assert config.exit_layers == [1, 2, 3]
+    assert config.exit_head_type == "linear"
+    assert config.normalized_exit_loss_weights == pytest.approx([1 / 3] * 3)
+    config = MultiExitConfig(backbone_config=tiny_backbone_config().to_dict(), exit_layers=[2, 1, 2])
+    assert config.exit_layers == [1, 2, 3]  # sorted, deduplicated, final layer added
+    assert isinstance(config.backbone_config, BertConfig)
+    config = MultiExitConfig(backbone_config=tiny_backbone_config(), exit_layers=[1], exit_loss_weights=[1, 3])
+    assert config.normalized_exit_loss_weights == pytest.approx([0.25, 0.75])
+
+
+@pytest.mark.parametrize("bad", [0, 4, -1])
+def test_config_bad_exit_layer_names_value_and_depth(bad):
+    with pytest.raises(ValueError, match=rf"exit layer {bad} .*3 layers"):
+        MultiExitConfig(backbone_config=tiny_backbone_config(), exit_layers=[1, bad])
+
+
+def test_config_other_errors():
+    with pytest.raises(ValueError, match="num_hidden_layers"):
+        MultiExitConfig(backbone_config=ResNetConfig())
+    with pytest.raises(ValueError, match="exit_head_type"):
+        MultiExitConfig(backbone_config=tiny_backbone_config(), exit_head_type="mlp")
+    with pytest.raises(ValueError, match="2 weights but there are 3 exits"):
+        MultiExitConfig(backbone_config=tiny_backbone_config(), exit_loss_weights=[1.0, 1.0])
+    with pytest.raises(ValueError, match="model_type"):
+        MultiExitConfig(backbone_config={"hidden_size": 32})
+
+
+# --------------------------------------------------------------------------------------------------- forward
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_forward_shapes_and_loss_only_with_labels(kind):
+    model = tiny_multi_exit(kind, exit_layers=[1], exit_loss_weights=[1.0, 3.0])
+    input_ids, attention_mask = inputs_for(kind)
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    assert out.loss is None and out.hidden_states is None
+    assert out.logits.shape == (BATCH, NUM_LABELS)
+    assert len(out.exit_logits) == 2 and all(z.shape == (BATCH, NUM_LABELS) for z in out.exit_logits)
+    assert torch.equal(out.logits, out.exit_logits[-1])
+
+    labels = torch.randint(0, NUM_LABELS, (BATCH,))
+    out = model(input_ids=input_ids, attention_mask=attention_mask, labels=labels, output_hidden_states=True)
+    expected = 0.25 * F.cross_entropy(out.exit_logits[0], labels) + 0.75 * F.cross_entropy(out.exit_logits[1], labels)
+    torch.testing.assert_close(out.loss, expected)
+    assert len(out.hidden_states) == 4
+    out.loss.backward()
+    assert model.exits[0].classifier.weight.grad is not None
+
+    loss, logits, exit_logits = model(
+        input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=False
+    )
+    torch.testing.assert_close(logits, exit_logits[-1])
+
+
+def test_pooler_head():
+    model = tiny_multi_exit(exit_head_type="pooler")
+    assert model.exits[0].dense is not None
+    input_ids, attention_mask = padded_batch()
+    out = model(input_ids=input_ids, attention_mask=attention_mask)
+    pred = model.predict_with_exits(input_ids, attention_mask, threshold=1.0)
+    torch.testing.assert_close(pred.logits, out.logits, atol=1e-5, rtol=0)
+
+
+# --------------------------------------------------------------------------------------------------- save / load / Auto
+
+
+def test_save_load_round_trip_and_auto_class(tmp_path):
+    model = tiny_multi_exit(exit_layers=[2], id2label={0: "a", 1: "b", 2: "c"})
+    input_ids, attention_mask = padded_batch()
+    before = model(input_ids=input_ids, attention_mask=attention_mask)
+    model.save_pretrained(tmp_path)
+
+    config_json = json.loads((tmp_path / "config.json").read_text())
+    assert config_json["model_type"] == "hf_kd_multi_exit"
+    assert config_json["auto_map"]["AutoModelForSequenceClassification"].endswith("MultiExitForSequenceClassification")
+    assert config_json["auto_map"]["AutoConfig"].endswith("MultiExitConfig")
+    assert config_json["backbone_config"]["model_type"] == "bert"
+
+    config = AutoConfig.from_pretrained(tmp_path)
+    assert isinstance(config, MultiExitConfig) and config.exit_layers == [2, 3] and config.num_labels == NUM_LABELS
+    loaded = AutoModelForSequenceClassification.from_pretrained(tmp_path).eval()
+    assert type(loaded) is MultiExitForSequenceClassification
+    after = loaded(input_ids=input_ids, attention_mask=attention_mask)
+    for a, b in zip(before.exit_logits, after.exit_logits):
+        assert torch.equal(a, b)
+    assert loaded.config.id2label == {0: "a", 1: "b", 2: "c"}
+
+
+def test_from_backbone_model_and_path(tmp_path):
+    torch.manual_seed(0)
+    backbone = BertModel(tiny_backbone_config()).eval()
+    backbone.save_pretrained(tmp_path)
+    input_ids, attention_mask = padded_batch()
+    reference = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
+
+    for source in (backbone, str(tmp_path)):
+        model = MultiExitForSequenceClassification.from_backbone(source, exit_layers=[1], num_labels=4).eval()
+        assert model.config.exit_layers == [1, 3] and model.config.num_labels == 4
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        torch.testing.assert_close(out.hidden_states[-1], reference)
+        assert out.logits.shape == (BATCH, 4)
+    with pytest.raises(TypeError):
+        MultiExitForSequenceClassification.from_backbone(42)
+
+
+# --------------------------------------------------------------------------------------------------- early exits
+
+
+def expected_exits(exit_logits, policy, threshold=None, patience=None):
+    """Per-row exit index implied by the full forward's exit logits (reference implementation of the policies)."""
+    n_exits = len(exit_logits)
+    result = []
+    for row in range(exit_logits[0].shape[0]):
+        counter, previous, chosen = 0, None, n_exits - 1
+        for j in range(n_exits - 1):
+            p = exit_logits[j][row].softmax(-1)
+            if policy == "max_prob":
+                fire = p.max().item() >= threshold
+            elif policy == "entropy":
+                fire = -(p * p.log()).sum().item() < threshold
+            else:
+                prediction = p.argmax().item()
+                counter = counter + 1 if previous is not None and prediction == previous else 0
+                previous = prediction
+                fire = counter >= patience
+            if fire:
+                chosen = j
+                break
+        result.append(chosen)
+    return torch.tensor(result)
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_never_exit_equals_final_logits(kind):
+    model = tiny_multi_exit(kind)
+    input_ids, attention_mask = inputs_for(kind)
+    full = model(input_ids=input_ids, attention_mask=attention_mask)
+    pred = model.predict_with_exits(input_ids, attention_mask, policy="max_prob", threshold=1.0)
+    torch.testing.assert_close(pred.logits, full.logits, atol=1e-5, rtol=0)
+    assert pred.exit_layer.tolist() == [3] * BATCH and pred.exit_index.tolist() == [2] * BATCH
+    assert pred.layers_run == 3 * BATCH
+    pred = model.predict_with_exits(input_ids, attention_mask, policy=ExitPolicy.ENTROPY, threshold=0.0)
+    torch.testing.assert_close(pred.logits, full.logits, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_always_exit_first(kind):
+    model = tiny_multi_exit(kind, exit_layers=[2])
+    input_ids, attention_mask = inputs_for(kind)
+    full = model(input_ids=input_ids, attention_mask=attention_mask)
+    for policy, threshold in (("max_prob", 0.0), ("entropy", 10.0)):
+        pred = model.predict_with_exits(input_ids, attention_mask, policy=policy, threshold=threshold)
+        torch.testing.assert_close(pred.logits, full.exit_logits[0], atol=1e-5, rtol=0)
+        assert pred.exit_layer.tolist() == [2] * BATCH and pred.exit_index.tolist() == [0] * BATCH
+        assert pred.layers_run == 2 * BATCH
+        assert pred.flops < pred.full_flops
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+@pytest.mark.parametrize("policy", ["max_prob", "entropy"])
+def test_mixed_batch_matches_full_forward(kind, policy):
+    model = tiny_multi_exit(kind, sharpen=40.0)
+    input_ids, attention_mask = inputs_for(kind)
+    full = model(input_ids=input_ids, attention_mask=attention_mask)
+    probs = full.exit_logits[0].softmax(-1)
+    if policy == "max_prob":
+        threshold = probs.max(-1).values.median().item()
+    else:
+        threshold = (-(probs * probs.log()).sum(-1)).median().item() + 1e-6
+    expected = expected_exits(full.exit_logits, policy, threshold=threshold)
+    assert len(set(expected.tolist())) > 1, "the test batch should mix exits"
+
+    pred = model.predict_with_exits(input_ids, attention_mask, policy=policy, threshold=threshold)
+    assert torch.equal(pred.exit_index, expected)
+    assert torch.equal(pred.exit_layer, torch.tensor(model.config.exit_layers)[expected])
+    stacked = torch.stack(full.exit_logits)  # (num_exits, B, K)
+    torch.testing.assert_close(pred.logits, stacked[expected, torch.arange(BATCH)], atol=1e-5, rtol=0)
+    assert pred.layers_run == int(pred.exit_layer.sum())
+    h, inter = 32, 37
+    per_row_layer = SEQ * (8 * h * h + 4 * h * inter + 4 * SEQ * h)
+    heads = sum(int((pred.exit_index >= j).sum()) for j in range(3)) * 2 * h * NUM_LABELS
+    assert pred.flops == pytest.approx(pred.layers_run * per_row_layer + heads)
+
+
+@pytest.mark.parametrize("patience", [1, 2])
+def test_patience_follows_pabee(patience):
+    model = tiny_multi_exit(sharpen=40.0)
+    input_ids, attention_mask = padded_batch(seed=3)
+    full = model(input_ids=input_ids, attention_mask=attention_mask)
+    pred = model.predict_with_exits(input_ids, attention_mask, policy="patience", patience=patience)
+    expected = expected_exits(full.exit_logits, "patience", patience=patience)
+    assert torch.equal(pred.exit_index, expected)
+    stacked = torch.stack(full.exit_logits)
+    torch.testing.assert_close(pred.logits, stacked[expected, torch.arange(BATCH)], atol=1e-5, rtol=0)
+    if patience == 2:  # 3 exits: the counter can reach 2 only at the final exit
+        assert pred.exit_index.tolist() == [2] * BATCH
+    agree = full.exit_logits[0].argmax(-1) == full.exit_logits[1].argmax(-1)
+    if patience == 1:
+        assert torch.equal(pred.exit_index == 1, agree)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"policy": "max_prob", "threshold": 1.5}, r"\[0, 1\]"),
+        ({"policy": "max_prob", "threshold": -0.1}, r"\[0, 1\]"),
+        ({"policy": "max_prob"}, "threshold"),
+        ({"policy": "entropy", "threshold": -1.0}, ">= 0"),
+        ({"policy": "entropy", "threshold": float("nan")}, "finite"),
+        ({"policy": "patience", "patience": 0}, ">= 1"),
+        ({"policy": "patience", "patience": 1.5}, ">= 1"),
+        ({"policy": "patience"}, ">= 1"),
+    ],
+)
+def test_bad_policy_arguments(kwargs, match):
+    model = tiny_multi_exit()
+    input_ids, attention_mask = padded_batch()
+    with pytest.raises(ValueError, match=match):
+        model.predict_with_exits(input_ids, attention_mask, **kwargs)
+    with pytest.raises(ValueError):
+        model.predict_with_exits(input_ids, attention_mask, policy="confidence", threshold=0.5)
+
+
+def test_unsupported_architecture_for_stepwise_inference():
+    model = tiny_multi_exit("roberta")
+    input_ids, attention_mask = padded_batch(pad_id=1)
+    assert model(input_ids=input_ids, attention_mask=attention_mask).logits.shape == (BATCH, NUM_LABELS)
+    with pytest.raises(NotImplementedError, match="BERT-like"):
+        model.predict_with_exits(input_ids, attention_mask, threshold=0.5)
