@@ -125,7 +125,8 @@ def write_table(done: dict, opts) -> None:
             verdicts.append(f"- {dataset}: reverse KD changes entropy by {rev:.2f}x its ERM baseline (L6), LS by "
                             f"{ls:.2f}x.")
     settings = (f"Settings: {opts.train_samples} training rows, {opts.epochs} epochs, lr 1e-4, batch 32, T=2, "
-                f"alpha=0.5, LS epsilon 0.1; mean ± population std over seeds {opts.seeds}; full test splits.")
+                f"alpha=0.5, LS epsilon 0.1; mean ± population std over seeds {opts.seeds}; "
+                f"{'full test splits' if opts.eval_samples is None else f'first {opts.eval_samples} rows of each shuffled test split'}.")
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / "kd_ls_entropy.md").write_text("\n".join(lines + ["", settings, ""] + verdicts) + "\n")

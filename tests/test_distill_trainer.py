@@ -239,3 +239,30 @@ class TestTeacherCompatibility:
         teacher_tok = tiny_tokenizer(tmp_path, words=[f"x{i}" for i in range(94)])
         with pytest.raises(ValueError, match="not in the teacher vocabulary"):
             build_token_id_map(tiny_tokenizer(tmp_path), teacher_tok)
+
+
+@pytest.mark.slow
+def test_real_mpnet_teacher_reads_minilm_ids():
+    """The real pair of ENVIRONMENT.md: MiniLM (BERT WordPiece) student ids mapped to MPNet teacher ids give exactly
+    MPNet's own tokenization and therefore the same teacher logits."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_kd import data
+    from hf_kd.teacher import teacher_logits_for_batch
+
+    student_tok = AutoTokenizer.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+    teacher_tok = AutoTokenizer.from_pretrained("sentence-transformers/all-mpnet-base-v2")
+    id_map = build_token_id_map(student_tok, teacher_tok)
+    texts = data.load_rotten_tomatoes()["test"]["text"][:200]
+    for text in texts:
+        mapped = id_map[torch.tensor(student_tok(text)["input_ids"])].tolist()
+        assert mapped == teacher_tok(text)["input_ids"], text
+
+    torch.manual_seed(0)
+    teacher = AutoModelForSequenceClassification.from_pretrained("sentence-transformers/all-mpnet-base-v2", num_labels=2)
+    teacher.eval()
+    batch = student_tok(texts[:4], padding=True, return_tensors="pt")
+    own = teacher_tok(texts[:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        expected = teacher(**own).logits
+    torch.testing.assert_close(teacher_logits_for_batch(teacher, dict(batch), id_map), expected, atol=1e-5, rtol=1e-5)
