@@ -7,14 +7,16 @@ from .calibration import CalibrationResult, calibrate_temperature, fit_temperatu
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
 from .losses import kd_loss
-from .metrics import make_compute_metrics
+from .metrics import make_compute_metrics, make_exit_compute_metrics
 from .modeling import ExitPolicy, MultiExitConfig, MultiExitForSequenceClassification
-from .trainer import DistillConfig, DistillTrainer
+from .trainer import DistillConfig, DistillTrainer, EarlyExitConfig, EarlyExitTrainer
 
 __all__ = [
     "CalibrationResult",
     "DistillConfig",
     "DistillTrainer",
+    "EarlyExitConfig",
+    "EarlyExitTrainer",
     "ExitPolicy",
     "MultiExitConfig",
     "MultiExitForSequenceClassification",
@@ -28,6 +30,7 @@ __all__ = [
     "kd_loss",
     "losses",
     "make_compute_metrics",
+    "make_exit_compute_metrics",
     "metrics",
     "push_to_hub",
     "update_model_card",

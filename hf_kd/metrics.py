@@ -19,6 +19,7 @@ __all__ = [
     "expected_calibration_error",
     "human_distribution_divergence",
     "make_compute_metrics",
+    "make_exit_compute_metrics",
     "maximum_calibration_error",
     "negative_log_likelihood",
     "predictive_entropy",
@@ -477,6 +478,75 @@ def make_compute_metrics(n_bins: int = 15, class_index: int | None = 0):
             results["teacher_accuracy"] = float(np.mean(teacher_probs.argmax(axis=1) == labels))
             results["teacher_entropy"] = predictive_entropy(teacher_probs)
             results["teacher_ece"] = expected_calibration_error(teacher_probs, labels, n_bins)
+        return results
+
+    return compute_metrics
+
+
+def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
+    """
+    Build a `compute_metrics` function for [`EarlyExitTrainer`]: the metrics of every exit of a multi-exit model.
+
+    The returned function takes a [`~transformers.EvalPrediction`] whose `predictions` is the tuple
+    `(final_logits, exit_0_logits, ..., exit_{L-1}_logits)` and, when `with_teacher=True`,
+    `(final_logits, exit_0_logits, ..., exit_{L-1}_logits, teacher_logits)`, every array of shape `(N, K)`
+    (`exit_{L-1}_logits` are the final logits again: that is what [`EarlyExitTrainer.compute_loss`] returns). Rows
+    whose label is `-100` are dropped.
+
+    It returns a flat `dict[str, float]` (the `Trainer` adds the `eval_` prefix):
+
+    - the final exit's metrics, exactly those of [`make_compute_metrics`] (`accuracy`, `ece`, `mce`, `nll`, `brier`,
+      `entropy`, `ece_bins`, and with a teacher `sigma`, `teacher_accuracy`, `teacher_entropy`, `teacher_ece`);
+    - for every exit `i`: `exit_{i}_accuracy`, `exit_{i}_ece` (`n_bins` equal-width bins) and `exit_{i}_entropy`
+      (mean predictive entropy, nats), the per-exit view of DeeBERT (Xin et al., 2020,
+      https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020, https://huggingface.co/papers/2006.04152).
+
+    Args:
+        n_bins (`int`, *optional*, defaults to `15`):
+            Number of equal-width bins for ECE and MCE.
+        with_teacher (`bool`, *optional*, defaults to `False`):
+            Whether the last element of `predictions` is the teacher's logits.
+
+    Returns:
+        `Callable[[EvalPrediction], dict[str, float]]`.
+
+    Example:
+
+    ```python
+    >>> from hf_kd.metrics import make_exit_compute_metrics
+    >>> compute_metrics = make_exit_compute_metrics(n_bins=15)
+    ```
+    """
+    _check_n_bins(n_bins)
+    final_metrics = make_compute_metrics(n_bins)
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        predictions = eval_pred.predictions
+        min_length = 3 if with_teacher else 2
+        if not isinstance(predictions, (tuple, list)) or len(predictions) < min_length:
+            raise ValueError(
+                "predictions must be a tuple (final_logits, exit_0_logits, ..., exit_{L-1}_logits"
+                + (", teacher_logits)" if with_teacher else ")")
+                + f" with at least {min_length} arrays, got "
+                + (f"a tuple of length {len(predictions)}" if isinstance(predictions, (tuple, list)) else "one array")
+            )
+        teacher_logits = predictions[-1] if with_teacher else None
+        exit_logits = predictions[1:-1] if with_teacher else predictions[1:]
+        final = (predictions[0], teacher_logits) if with_teacher else (predictions[0],)
+        results = final_metrics(type(eval_pred)(predictions=final, label_ids=eval_pred.label_ids))
+
+        labels = np.asarray(eval_pred.label_ids)
+        keep = labels != -100  # final_metrics has checked the labels' shape and that some are kept
+        for i, logits in enumerate(exit_logits):
+            logits = _as_float_array(logits, f"exit_{i}_logits")
+            if logits.shape != np.shape(predictions[0]):
+                raise ValueError(
+                    f"exit_{i}_logits must have the final logits' shape {np.shape(predictions[0])}, got {logits.shape}"
+                )
+            probs = softmax(logits[keep])
+            results[f"exit_{i}_accuracy"] = float(np.mean(probs.argmax(axis=1) == labels[keep]))
+            results[f"exit_{i}_ece"] = expected_calibration_error(probs, labels[keep], n_bins)
+            results[f"exit_{i}_entropy"] = predictive_entropy(probs)
         return results
 
     return compute_metrics

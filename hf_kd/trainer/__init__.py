@@ -2,5 +2,7 @@
 
 from .distill_config import DistillConfig
 from .distill_trainer import DistillTrainer
+from .early_exit_config import EarlyExitConfig
+from .early_exit_trainer import EarlyExitTrainer
 
-__all__ = ["DistillConfig", "DistillTrainer"]
+__all__ = ["DistillConfig", "DistillTrainer", "EarlyExitConfig", "EarlyExitTrainer"]

@@ -1,11 +1,12 @@
 from dataclasses import dataclass, field
-from typing import Any
 
 from transformers import TrainingArguments
 
+from .teacher_config import _TeacherArguments
+
 
 @dataclass
-class DistillConfig(TrainingArguments):
+class DistillConfig(TrainingArguments, _TeacherArguments):
     r"""
     Configuration of [`DistillTrainer`]: teacher-to-student knowledge distillation (Hinton et al., 2015,
     https://huggingface.co/papers/1503.02531) on top of [`~transformers.TrainingArguments`].
@@ -54,22 +55,7 @@ class DistillConfig(TrainingArguments):
     ```
     """
 
-    # Parameters that control the teacher
-    teacher_model_name_or_path: str | None = field(
-        default=None,
-        metadata={"help": "Hub id or local path of the teacher (an AutoModelForSequenceClassification checkpoint)."},
-    )
-    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
-        default=None,
-        metadata={"help": "Keyword arguments for the teacher's from_pretrained, as a dict or a JSON string."},
-    )
-    map_teacher_token_ids: bool = field(
-        default=False,
-        metadata={
-            "help": "Map student token ids to the teacher's vocabulary by token string (e.g. MPNet teacher, "
-            "MiniLM student). Without it a vocabulary mismatch is an error."
-        },
-    )
+    # The teacher and teacher logits cache fields come from _TeacherArguments.
 
     # Parameters that control the loss
     temperature: float = field(
@@ -80,24 +66,9 @@ class DistillConfig(TrainingArguments):
         metadata={"help": "Weight in [0, 1] of the soft teacher term; 1 - alpha weighs cross-entropy with the labels."},
     )
 
-    # Parameters that control the teacher logits cache
-    cache_teacher_logits: bool = field(
-        default=False,
-        metadata={
-            "help": "Compute teacher logits once per dataset, cache them on disk keyed by teacher and data, and "
-            "train from the cache (a cached run never loads the teacher)."
-        },
-    )
-    teacher_logits_cache_dir: str | None = field(
-        default=None, metadata={"help": "Directory of the teacher logits cache (default $HF_HOME/hf_kd/teacher_logits)."}
-    )
-
     def __post_init__(self):
         super().__post_init__()
-        if isinstance(self.teacher_model_init_kwargs, str):
-            import json
-
-            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+        self._teacher_post_init()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:

@@ -1,0 +1,49 @@
+"""`_TeacherArguments`: the teacher and teacher-logits-cache fields shared by [`DistillConfig`] and
+[`EarlyExitConfig`].
+
+A plain dataclass, not a [`~transformers.TrainingArguments`]: configs list it after `TrainingArguments`
+(`class DistillConfig(TrainingArguments, _TeacherArguments)`), so `TrainingArguments` stays their direct parent and
+[`~transformers.HfArgumentParser`] still sees every field. `TrainingArguments.__post_init__` does not call `super()`,
+so configs call [`~_TeacherArguments._teacher_post_init`] themselves.
+"""
+
+import json
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass
+class _TeacherArguments:
+    # Parameters that control the teacher
+    teacher_model_name_or_path: str | None = field(
+        default=None,
+        metadata={"help": "Hub id or local path of the teacher (an AutoModelForSequenceClassification checkpoint)."},
+    )
+    teacher_model_init_kwargs: dict[str, Any] | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments for the teacher's from_pretrained, as a dict or a JSON string."},
+    )
+    map_teacher_token_ids: bool = field(
+        default=False,
+        metadata={
+            "help": "Map student token ids to the teacher's vocabulary by token string (e.g. MPNet teacher, "
+            "MiniLM student). Without it a vocabulary mismatch is an error."
+        },
+    )
+
+    # Parameters that control the teacher logits cache
+    cache_teacher_logits: bool = field(
+        default=False,
+        metadata={
+            "help": "Compute teacher logits once per dataset, cache them on disk keyed by teacher and data, and "
+            "train from the cache (a cached run never loads the teacher)."
+        },
+    )
+    teacher_logits_cache_dir: str | None = field(
+        default=None, metadata={"help": "Directory of the teacher logits cache (default $HF_HOME/hf_kd/teacher_logits)."}
+    )
+
+    def _teacher_post_init(self) -> None:
+        # HfArgumentParser hands dict fields over as JSON strings.
+        if isinstance(self.teacher_model_init_kwargs, str):
+            self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)

@@ -1,0 +1,197 @@
+"""`_TeacherMixin`: the frozen-teacher machinery shared by [`DistillTrainer`] and [`EarlyExitTrainer`].
+
+One copy of: teacher/student compatibility checks (label spaces, vocabularies), loading and Accelerate placement of
+the frozen teacher, the on-disk teacher logits cache and its `teacher_logits` dataset column, and the
+`evaluate`/`predict` overrides that add that column to datasets passed at evaluation time.
+"""
+
+from __future__ import annotations
+
+from torch import nn
+from transformers import AutoConfig
+
+from ..teacher import (
+    TEACHER_INPUT_NAMES,
+    TEACHER_LOGITS_COLUMN,
+    TeacherLogitsCache,
+    check_label_spaces,
+    check_vocabularies,
+    compute_teacher_logits,
+    dataset_fingerprint,
+    load_teacher,
+    load_teacher_tokenizer,
+    teacher_fingerprint,
+    teacher_logits_for_batch,
+)
+
+
+class _TeacherMixin:
+    """
+    Frozen teacher for a [`~transformers.Trainer`] subclass whose `args` inherit [`_TeacherArguments`].
+
+    The trainer calls [`~_TeacherMixin._init_teacher`] at the end of its `__init__` (after `Trainer.__init__`, which
+    builds the accelerator and the datasets), then gets each batch's teacher logits from
+    [`~_TeacherMixin._batch_teacher_logits`]. The teacher is frozen, in eval mode, run without gradients and placed by
+    Accelerate with `evaluation_mode=True` (never wrapped in DDP: it has nothing to synchronise). Its logits come, in
+    this order of preference, from a `teacher_logits` column of the dataset, from the on-disk cache
+    (`args.cache_teacher_logits`), or from a teacher forward at every step.
+    """
+
+    # A trainer that never calls _init_teacher (EarlyExitTrainer without a teacher) has no teacher and no cache.
+    _teacher_source = None
+    _teacher = None
+    _token_id_map = None
+    _logits_cache = None
+
+    def _init_teacher(self, teacher, processing_class, teacher_processing_class) -> None:
+        """Check the teacher against the student, add cached logits to the datasets, or load an online teacher.
+
+        Args:
+            teacher (`nn.Module`, `str` or `None`):
+                The teacher, its Hub id / path, or `None` when every dataset carries a `teacher_logits` column.
+            processing_class (`PreTrainedTokenizerBase`, *optional*):
+                The student's tokenizer (or processor).
+            teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
+                The teacher's tokenizer; loaded from the teacher's id when that is a string.
+        """
+        self._teacher_source = teacher
+        self._teacher = None
+        self._token_id_map = None
+        if teacher is not None:
+            self._token_id_map = self._check_teacher_compatibility(teacher, processing_class, teacher_processing_class)
+        self._logits_cache = None
+        if self.args.cache_teacher_logits:
+            if teacher is None:
+                raise ValueError(
+                    "cache_teacher_logits=True needs a teacher: pass teacher_model or set teacher_model_name_or_path."
+                )
+            self._logits_cache = TeacherLogitsCache(
+                self.args.teacher_logits_cache_dir, teacher_fingerprint(teacher, self.args.teacher_model_init_kwargs)
+            )
+            self.train_dataset = self.with_teacher_logits(self.train_dataset, "train")
+            if isinstance(self.eval_dataset, dict):
+                self.eval_dataset = {k: self.with_teacher_logits(v, k) for k, v in self.eval_dataset.items()}
+            else:
+                self.eval_dataset = self.with_teacher_logits(self.eval_dataset, "eval")
+        elif teacher is None and not self._has_teacher_logits(self.train_dataset):
+            raise ValueError(
+                f"{type(self).__name__} needs a teacher: pass teacher_model, set teacher_model_name_or_path, or give "
+                f"a train_dataset with a '{TEACHER_LOGITS_COLUMN}' column."
+            )
+        elif teacher is not None and not self._has_teacher_logits(self.train_dataset):
+            self._load_teacher()  # online teacher: load it now so a bad id fails before training starts
+
+    def _teacher_name(self) -> str | None:
+        """The teacher's id or path for the model card, `None` when unknown."""
+        teacher = self._teacher_source
+        if isinstance(teacher, nn.Module):
+            teacher = teacher.config._name_or_path if hasattr(teacher, "config") else None
+        return str(teacher) if teacher else None
+
+    @staticmethod
+    def _has_teacher_logits(dataset) -> bool:
+        return dataset is not None and TEACHER_LOGITS_COLUMN in getattr(dataset, "column_names", ())
+
+    def _check_teacher_compatibility(self, teacher, processing_class, teacher_processing_class):
+        """Label space and vocabulary checks, from configs and tokenizers only (teacher weights are not loaded)."""
+        student_config = self.accelerator.unwrap_model(self.model).config
+        hub_kwargs = {
+            k: v
+            for k, v in (self.args.teacher_model_init_kwargs or {}).items()
+            if k in ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code")
+        }
+        if isinstance(teacher, nn.Module):
+            teacher_config = teacher.config
+        else:
+            teacher_config = AutoConfig.from_pretrained(str(teacher), **hub_kwargs)
+        check_label_spaces(student_config, teacher_config)
+        if teacher_processing_class is None and not isinstance(teacher, nn.Module):
+            teacher_processing_class = load_teacher_tokenizer(str(teacher), hub_kwargs)
+        student_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        # A MultiExitConfig keeps vocab_size in its backbone's config.
+        return check_vocabularies(
+            getattr(student_config, "backbone_config", None) or student_config,
+            getattr(teacher_config, "backbone_config", None) or teacher_config,
+            student_tokenizer,
+            teacher_processing_class,
+            self.args.map_teacher_token_ids,
+        )
+
+    def _load_teacher(self) -> nn.Module:
+        """Load (once) and place the frozen teacher. Cached runs never get here."""
+        if self._teacher is None:
+            teacher = load_teacher(self._teacher_source, self.args.teacher_model_init_kwargs)
+            self._teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+        return self._teacher
+
+    @property
+    def teacher_model(self) -> nn.Module | None:
+        """The frozen teacher, or `None` while it has not been loaded (a fully cached run never loads it)."""
+        return self._teacher
+
+    def _batch_teacher_logits(self, inputs: dict, teacher_logits):
+        """The batch's teacher logits `(batch, num_labels)`: the popped `teacher_logits` column when the batch had
+        one, else a forward of the (frozen, no-grad) teacher on `inputs`."""
+        if teacher_logits is None:
+            if self._teacher_source is None:
+                raise ValueError(
+                    f"This batch has no '{TEACHER_LOGITS_COLUMN}' and the trainer has no teacher: add the column to "
+                    "every dataset (train and eval) or pass a teacher."
+                )
+            teacher_logits = teacher_logits_for_batch(self._load_teacher(), inputs, self._token_id_map)
+        return teacher_logits
+
+    def with_teacher_logits(self, dataset, split: str = "dataset"):
+        """Return `dataset` with a `teacher_logits` column `(num_rows, num_labels)`, from the cache when possible.
+
+        On a cache miss the teacher is loaded and run once over the dataset on the main process; the other processes
+        wait and read the file it wrote.
+        """
+        if dataset is None or self._has_teacher_logits(dataset):
+            return dataset
+        import datasets
+
+        if not isinstance(dataset, datasets.Dataset):
+            raise TypeError(
+                f"cache_teacher_logits needs a datasets.Dataset for the {split} split, got {type(dataset).__name__}. "
+                f"Add a '{TEACHER_LOGITS_COLUMN}' column yourself or train with an online teacher."
+            )
+        if "input_ids" not in dataset.column_names:
+            raise ValueError(
+                f"The {split} dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it before "
+                "building the trainer so teacher logits can be cached."
+            )
+        columns = [c for c in TEACHER_INPUT_NAMES if c in dataset.column_names]
+        data_key = dataset_fingerprint(dataset, columns)
+        path = self._logits_cache.path_for(data_key, self._token_id_map)
+        with self.args.main_process_first(desc=f"teacher logits for the {split} split"):
+            logits = self._logits_cache.load(path, len(dataset))
+            if logits is None:
+                logits = compute_teacher_logits(
+                    self._load_teacher(),
+                    dataset,
+                    self.data_collator,
+                    self.args.per_device_eval_batch_size,
+                    self.args.device,
+                    self._token_id_map,
+                    desc=f"Teacher logits ({split})",
+                )
+                if self.args.should_save:
+                    self._logits_cache.save(path, logits, data_key)
+        return dataset.add_column(TEACHER_LOGITS_COLUMN, logits.tolist())
+
+    def _set_signature_columns_if_needed(self):
+        # Keep the teacher logits column through Trainer's removal of columns the model's forward does not take.
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns.append(TEACHER_LOGITS_COLUMN)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if self._logits_cache is not None and eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self.with_teacher_logits(eval_dataset, metric_key_prefix)
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        if self._logits_cache is not None:
+            test_dataset = self.with_teacher_logits(test_dataset, metric_key_prefix)
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
