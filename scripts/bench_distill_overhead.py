@@ -19,12 +19,9 @@ Markdown table to docs/benchmarks/.
 import argparse
 import json
 import os
-import statistics
-import subprocess
-import sys
-import threading
-import time
 from pathlib import Path
+
+from bench_utils import PeakRSS, StepTimer, interleaved, launch_worker, median_summary, step_summary
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("plain", "handwritten", "hf_kd_cached", "hf_kd_online")
@@ -33,29 +30,18 @@ TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 
 
 def worker(config: str, steps: int, warmup: int, batch_size: int, threads: int, cache_dir: str) -> dict:
-    import psutil
     import torch
     from transformers import (
         AutoModelForSequenceClassification,
         AutoTokenizer,
         DataCollatorWithPadding,
         Trainer,
-        TrainerCallback,
         TrainingArguments,
     )
 
     from hf_kd import DistillConfig, DistillTrainer, data, kd_loss
 
     torch.set_num_threads(threads)
-    process = psutil.Process()
-    peak = {"rss": process.memory_info().rss}
-    stop = threading.Event()
-
-    def sample_rss():
-        while not stop.is_set():
-            peak["rss"] = max(peak["rss"], process.memory_info().rss)
-            time.sleep(0.01)
-
     tokenizer = AutoTokenizer.from_pretrained(STUDENT)
     train = data.load_rotten_tomatoes()["train"].select(range(steps * batch_size))
     train = train.map(lambda b: tokenizer(b["text"], truncation=True, max_length=64), batched=True)
@@ -63,16 +49,6 @@ def worker(config: str, steps: int, warmup: int, batch_size: int, threads: int, 
     # Only the hand-written baseline builds the teacher here; DistillTrainer gets the Hub id, so a cached run
     # never loads it and its peak memory shows that.
     teacher = AutoModelForSequenceClassification.from_pretrained(TEACHER, num_labels=2).eval() if config == "handwritten" else None
-
-    class StepTimer(TrainerCallback):
-        def __init__(self):
-            self.times = []
-
-        def on_step_begin(self, args, state, control, **kwargs):
-            self.t0 = time.perf_counter()
-
-        def on_step_end(self, args, state, control, **kwargs):
-            self.times.append(time.perf_counter() - self.t0)
 
     class HandwrittenKD(Trainer):
         """The KD compute_loss override of the transformers docs' KD guide: teacher forward + loss, nothing else."""
@@ -102,12 +78,9 @@ def worker(config: str, steps: int, warmup: int, batch_size: int, threads: int, 
         args = DistillConfig(**common, cache_teacher_logits=cached, teacher_logits_cache_dir=cache_dir)
         # The cache is filled by an earlier process (see main); a cached run never loads the teacher.
         trainer = DistillTrainer(args=args, teacher_model=TEACHER, **kwargs)
-    threading.Thread(target=sample_rss, daemon=True).start()
-    trainer.train()
-    stop.set()
-    times = timer.times[warmup:]
-    return {"config": config, "seconds_per_step": statistics.median(times), "mean_seconds_per_step":
-            statistics.fmean(times), "peak_rss_mb": peak["rss"] / 2**20, "steps_timed": len(times)}
+    with PeakRSS() as memory:
+        trainer.train()
+    return {"config": config, **step_summary(timer.times, warmup), "peak_rss_mb": memory.peak_mb}
 
 
 def main():
@@ -126,23 +99,16 @@ def main():
         print(json.dumps(worker(opts.worker, opts.steps, opts.warmup, opts.batch_size, opts.threads, opts.cache_dir)))
         return
 
+    worker_args = ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch_size", str(opts.batch_size),
+                   "--threads", str(opts.threads), "--cache_dir", opts.cache_dir]
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+
     def launch(config):
-        cmd = [sys.executable, __file__, "--worker", config, "--steps", str(opts.steps), "--warmup", str(opts.warmup),
-               "--batch_size", str(opts.batch_size), "--threads", str(opts.threads), "--cache_dir", opts.cache_dir]
-        out = subprocess.run(cmd, capture_output=True, text=True, check=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
-        return json.loads(out.stdout.strip().splitlines()[-1])
+        return launch_worker(__file__, config, worker_args, env)
 
     launch("hf_kd_cached")  # fills the teacher-logits cache; not timed
-    runs = {c: [] for c in CONFIGS}
-    for repeat in range(opts.repeats):
-        for config in CONFIGS:
-            result = launch(config)
-            runs[config].append(result)
-            print(f"repeat {repeat} {config:<13} {result['seconds_per_step']:.4f} s/step  "
-                  f"peak {result['peak_rss_mb']:.0f} MB", flush=True)
-
-    summary = {c: {"seconds_per_step": statistics.median(r["seconds_per_step"] for r in runs[c]),
-                   "peak_rss_mb": max(r["peak_rss_mb"] for r in runs[c])} for c in CONFIGS}
+    runs = interleaved(CONFIGS, opts.repeats, launch)
+    summary = median_summary(runs)
     ratios = {
         "hf_kd_cached / plain": summary["hf_kd_cached"]["seconds_per_step"] / summary["plain"]["seconds_per_step"],
         "hf_kd_online / handwritten": summary["hf_kd_online"]["seconds_per_step"]
