@@ -8,7 +8,14 @@ from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
 from .losses import kd_loss
 from .metrics import make_compute_metrics
-from .modeling import EarlyExitPrediction, ExitPolicy, MultiExitConfig, MultiExitForSequenceClassification
+from .modeling import (
+    EarlyExitPrediction,
+    ExitPolicy,
+    MultiExitConfig,
+    MultiExitForImageClassification,
+    MultiExitForSequenceClassification,
+    MultiExitImageConfig,
+)
 from .trainer import DistillConfig, DistillTrainer
 
 __all__ = [
@@ -18,7 +25,9 @@ __all__ = [
     "EarlyExitPrediction",
     "ExitPolicy",
     "MultiExitConfig",
+    "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
+    "MultiExitImageConfig",
     "UncertaintyReport",
     "calibrate_temperature",
     "data",
