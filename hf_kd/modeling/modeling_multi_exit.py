@@ -1,12 +1,17 @@
-"""Multi-exit (early-exit) sequence classifier on top of any transformers encoder.
+"""Multi-exit (early-exit) sequence classifier on top of any transformers encoder, and the exit policies.
 
 One classification head ("exit") sits after each layer listed in `config.exit_layers`. Training (`forward` with
 labels) minimises a weighted sum of the per-exit cross-entropies, as in DeeBERT (Xin et al., 2020,
 https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020, https://huggingface.co/papers/2006.04152).
 [`MultiExitForSequenceClassification.predict_with_exits`] really exits: it runs the layers one at a time and drops the
-rows that have exited, so later layers run on fewer rows. Confidence-based exits are overconfident out of the box;
-Meronen et al. (2024, https://huggingface.co/papers/2302.06359) calibrate each exit (last-layer Laplace, model-internal
-ensembling) before thresholding.
+rows that have exited, so later layers run on fewer rows (and, with right padding, on shorter sequences).
+Confidence-based exits are overconfident out of the box; Meronen et al. (2024,
+https://huggingface.co/papers/2302.06359) calibrate each exit and ensemble the exits run so far (model-internal
+ensembling, `mie=True`) before thresholding, and evaluate with per-exit budget thresholds (`policy="budget"`, fitted
+by `hf_kd.early_exit`).
+
+This file also holds the exit policies, their per-exit decision and the MIE kernel, which the image model
+(`modeling_multi_exit_cnn.py`) and `hf_kd.early_exit` reuse.
 """
 
 from __future__ import annotations
@@ -36,21 +41,27 @@ _STEPWISE_MPNET = ("mpnet",)
 
 
 class ExitPolicy(str, Enum):
-    """When an example leaves at an exit during [`MultiExitForSequenceClassification.predict_with_exits`].
+    """When an example leaves at an exit during `predict_with_exits` (sequence and image models) and
+    [`hf_kd.early_exit.simulate_exits`].
 
-    Whatever the policy, every example still in the batch leaves at the final exit.
+    Every policy reads the exit's predictive probabilities `p`: the softmax of the exit's logits or, with `mie=True`,
+    the model-internal ensemble of the exits run so far (Meronen et al., 2024). Whatever the policy, every example
+    still in the batch leaves at the final exit.
     """
 
     MAX_PROB = "max_prob"
-    """Exit when the exit's largest softmax probability is `>= threshold` (`threshold` in [0, 1]); the confidence
-    criterion of the budgeted MSDNet evaluation used by Meronen et al. (2024)."""
+    """Exit when `max(p) >= threshold` (`threshold` in [0, 1]); one threshold for every exit."""
     ENTROPY = "entropy"
-    """Exit when the entropy (nats) of the exit's softmax is `< threshold` (`threshold >= 0`), as DeeBERT
-    (Xin et al., 2020)."""
+    """Exit when the entropy (nats) of `p` is `< threshold` (`threshold >= 0`), as DeeBERT (Xin et al., 2020)."""
     PATIENCE = "patience"
     """PABEE (Zhou et al., 2020): a counter starts at 0 at the first exit; at each later exit it is incremented if
     the argmax equals the previous exit's argmax and reset to 0 otherwise; exit when it reaches `patience` (an int
     >= 1), i.e. after `patience` consecutive unchanged predictions (`patience + 1` agreeing exits)."""
+    BUDGET = "budget"
+    """The budgeted protocol of MSDNet (Huang et al., 2018, https://huggingface.co/papers/1703.09844) used by Meronen
+    et al. (2024): exit at the first non-final exit `k` (0-based) with `max(p) >= thresholds[k]`. `thresholds` holds
+    one value per non-final exit, fitted on validation data by [`hf_kd.early_exit.fit_budget_thresholds`] so that a
+    target fraction of the examples leaves at each exit; a threshold above 1 means that no example leaves there."""
 
 
 @dataclass
@@ -76,35 +87,260 @@ class MultiExitSequenceClassifierOutput(ModelOutput):
 
 @dataclass
 class EarlyExitPrediction(ModelOutput):
-    """Output of [`MultiExitForSequenceClassification.predict_with_exits`].
+    """Output of `predict_with_exits` of [`MultiExitForSequenceClassification`] and
+    [`MultiExitForImageClassification`].
 
     Args:
         logits (`torch.FloatTensor` of shape `(batch_size, num_labels)`):
-            Each example's logits at the exit where it left.
+            Each example's logits at the exit where it left. With `mie=True`, the log of the ensembled probabilities,
+            `log(probs)`: valid logits of the ensemble (`softmax(logits) == probs`); the exit's own logits are in
+            `forward(...).exit_logits`.
+        probs (`torch.FloatTensor` of shape `(batch_size, num_labels)`, float32, or float64 for a float64 model):
+            Each example's predictive probabilities at that exit, the ones the policy read: `softmax(logits)`, or the
+            model-internal ensemble of the exits it ran with `mie=True`.
         exit_layer (`torch.LongTensor` of shape `(batch_size,)`):
-            1-based index of the layer after which each example left.
+            1-based index of the layer (sequence model) or stage (image model) after which each example left.
         exit_index (`torch.LongTensor` of shape `(batch_size,)`):
             0-based index of that exit in `config.exit_layers`.
         layers_run (`int`):
-            Layer-rows computed: the sum over examples of the number of layers each ran (`batch_size * num_layers`
-            without early exits).
+            Layer-rows (stage-rows for the image model) computed: the sum over examples of the number of layers each
+            ran (`batch_size * num_layers` without early exits).
         flops (`float`):
-            Estimated forward FLOPs (multiply-adds count 2) of the layers and exit heads actually run. Per layer and
-            per token: `8 h^2 + 4 h I + 4 L h` (Q, K, V, output projections; the two feed-forward matmuls with
-            intermediate size `I`; the `QK^T` and attention-times-V products over the padded length `L`), i.e.
-            `24 h^2 + 4 L h` for BERT-like layers with `I = 4 h`. Each evaluated exit head adds `2 h K` per row
-            (`2 h^2 + 2 h K` for the `"pooler"` head). Embeddings, layer norms, softmax and activations are ignored.
+            Estimated forward FLOPs (multiply-adds count 2) of the blocks and exit heads actually run; each model's
+            `predict_with_exits` gives its formula.
         full_flops (`float`):
-            The same estimate for running every layer on every row with the final head only (the static model), so
+            The same estimate for running every block on every row with the final head only (the static model), so
             `flops / full_flops` is the relative cost.
     """
 
     logits: torch.FloatTensor | None = None
+    probs: torch.FloatTensor | None = None
     exit_layer: torch.LongTensor | None = None
     exit_index: torch.LongTensor | None = None
     layers_run: int | None = None
     flops: float | None = None
     full_flops: float | None = None
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Exit policies and model-internal ensembling, shared by both multi-exit models and by hf_kd.early_exit. They live in
+# this modeling file (not in hf_kd.early_exit) because `save_pretrained` copies only a model's sibling modules next to
+# its weights: a saved multi-exit model must load with `trust_remote_code=True` where hf_kd is not installed.
+# ------------------------------------------------------------------------------------------------------------------
+
+
+def _check_exit_policy(
+    policy, threshold, patience, thresholds, num_exits: int
+) -> tuple[ExitPolicy, list[float] | None]:
+    """Validate the arguments of an exit policy for a model with `num_exits` exits.
+
+    Returns the policy as an [`ExitPolicy`] and, for `"budget"`, the thresholds as a list of `num_exits - 1` floats
+    (`None` for the other policies). Arguments of another policy (`thresholds` without `"budget"`, `threshold` with
+    `"budget"`) are rejected rather than ignored.
+    """
+    try:
+        policy = ExitPolicy(policy)
+    except ValueError:
+        raise ValueError(f"policy must be one of {[p.value for p in ExitPolicy]}, got {policy!r}.") from None
+    if thresholds is not None and policy is not ExitPolicy.BUDGET:
+        raise ValueError(
+            f"thresholds (one per non-final exit) is only used by policy='budget', got policy={policy.value!r}; "
+            "pass threshold=... for a single threshold."
+        )
+    if policy is ExitPolicy.PATIENCE:
+        if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
+            raise ValueError(f"policy='patience' needs an integer patience >= 1, got {patience!r}.")
+        return policy, None
+    if policy is ExitPolicy.BUDGET:
+        expected = num_exits - 1
+        if threshold is not None:
+            raise ValueError(
+                f"policy='budget' takes one threshold per non-final exit as thresholds=[...] ({expected} values), "
+                f"got threshold={threshold!r}."
+            )
+        if thresholds is None:
+            raise ValueError(
+                f"policy='budget' needs thresholds=[T_1, ..., T_{expected}], one per non-final exit of the "
+                f"{num_exits} exits (e.g. from hf_kd.early_exit.fit_budget_thresholds), got None."
+            )
+        try:
+            values = torch.as_tensor(thresholds, dtype=torch.float64).cpu()
+        except (TypeError, ValueError, RuntimeError):
+            raise ValueError(f"thresholds must be a list of numbers, got {thresholds!r}.") from None
+        if values.ndim != 1 or values.numel() != expected:
+            got = f"{values.numel()} values" if values.ndim == 1 else f"shape {tuple(values.shape)}"
+            raise ValueError(
+                f"policy='budget' needs {expected} thresholds, one per non-final exit of the {num_exits} exits, got "
+                f"{got}: {thresholds!r}."
+            )
+        values = values.tolist()
+        for k, value in enumerate(values):
+            if not math.isfinite(value):
+                raise ValueError(
+                    f"thresholds must be finite, got {value} at index {k} ({thresholds!r}); a threshold above 1 "
+                    "(e.g. 2.0) means that no example exits there."
+                )
+            if value < 0:
+                raise ValueError(
+                    f"thresholds must be >= 0 (confidences are probabilities; above 1 means that no example exits "
+                    f"there), got {value} at index {k}."
+                )
+        return policy, values
+    if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
+        raise ValueError(f"policy={policy.value!r} needs a numeric threshold, got {threshold!r}.")
+    if not math.isfinite(threshold):
+        raise ValueError(f"threshold must be finite, got {threshold}.")
+    if policy is ExitPolicy.MAX_PROB and not 0.0 <= threshold <= 1.0:
+        raise ValueError(f"policy='max_prob' needs a threshold in [0, 1], got {threshold}.")
+    if policy is ExitPolicy.ENTROPY and threshold < 0:
+        raise ValueError(f"policy='entropy' needs a threshold >= 0 (nats), got {threshold}.")
+    return policy, None
+
+
+def _exit_decision(
+    policy: ExitPolicy,
+    probs: torch.Tensor,
+    exit_index: int,
+    threshold: float | None,
+    patience: int | None,
+    thresholds: list[float] | None,
+    previous: torch.Tensor | None,
+    counter: torch.Tensor,
+) -> tuple[torch.Tensor, torch.Tensor | None, torch.Tensor]:
+    """Which rows leave at the non-final exit `exit_index`, from their predictive probabilities there.
+
+    Args:
+        probs (`torch.Tensor` of shape `(n, num_labels)`): the predictive the policy reads (see [`ExitPolicy`]).
+        previous (`torch.LongTensor` of shape `(n,)` or `None`): PABEE state, the argmax at the previous exit
+            (`None` at the first exit).
+        counter (`torch.LongTensor` of shape `(n,)`): PABEE state, the patience counter.
+
+    Returns:
+        `(done, previous, counter)`: `done` `(n,)` bool, and the PABEE state after this exit (passed through by the
+        other policies).
+    """
+    if policy is ExitPolicy.MAX_PROB:
+        done = probs.max(-1).values >= threshold
+    elif policy is ExitPolicy.BUDGET:
+        done = probs.max(-1).values >= thresholds[exit_index]
+    elif policy is ExitPolicy.ENTROPY:
+        done = torch.special.entr(probs).sum(-1) < threshold  # entr(p) = -p log p, and 0 at p = 0
+    else:
+        prediction = probs.argmax(-1)
+        if previous is not None:
+            counter = torch.where(prediction == previous, counter + 1, torch.zeros_like(counter))
+        previous = prediction
+        done = counter >= patience
+    return done, previous, counter
+
+
+def _mie_weights(exit_flops) -> torch.Tensor:
+    """MIE weights `w_i = FLOPs_i / FLOPs_K` (float64, `(K,)`) from the per-exit cumulative FLOPs."""
+    flops = torch.as_tensor(exit_flops, dtype=torch.float64).cpu()
+    return flops / flops[-1]
+
+
+def _model_internal_ensemble(exit_probs: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Model-internal ensembling (MIE, Meronen et al., 2024) over the leading (exit) axis, unchecked.
+
+    `p̄_k = sum_{i<=k} w_i p_i / sum_{i<=k} w_i` for `exit_probs` `(k, n, C)` and weights `(k,)` (the first `k` of
+    [`_mie_weights`]); returns `(k, n, C)`. The checked public version is [`hf_kd.early_exit.model_internal_ensemble`].
+    """
+    w = weights.to(device=exit_probs.device, dtype=exit_probs.dtype).view(-1, 1, 1)  # (k, 1, 1)
+    return (w * exit_probs).cumsum(0) / w.cumsum(0)
+
+
+class _EarlyExitRun:
+    """The bookkeeping of one `predict_with_exits` call, shared by the sequence and the image model.
+
+    The model runs its blocks on the rows still in the batch; after a block with an exit it calls [`step`] with that
+    exit's logits, which records the rows that leave (their logits, probabilities, exit) and returns the mask of the
+    rows that go on; the model then drops the other rows from its own tensors. Both models thus apply the policies,
+    MIE and row removal identically.
+
+    Args:
+        policy, threshold, patience, thresholds: the exit policy (validated by [`_check_exit_policy`]).
+        mie (`bool`): read the model-internal ensemble of the exits run so far instead of each exit's softmax.
+        exit_flops (`list[float]`): per-exit cumulative FLOPs of one example, for the MIE weights.
+        exit_layers (`list[int]`): `config.exit_layers`, recorded as `exit_layer`.
+        batch_size, num_labels, device, dtype: shape and placement of the outputs (`dtype` of `logits`).
+    """
+
+    def __init__(
+        self,
+        policy,
+        threshold,
+        patience,
+        thresholds,
+        mie,
+        exit_flops,
+        exit_layers,
+        batch_size,
+        num_labels,
+        device,
+        dtype,
+    ):
+        self.policy, self.thresholds = _check_exit_policy(policy, threshold, patience, thresholds, len(exit_layers))
+        if not isinstance(mie, bool):
+            raise ValueError(f"mie must be True or False, got {mie!r}.")
+        self.threshold, self.patience = threshold, patience
+        self.weights = _mie_weights(exit_flops) if mie else None
+        self.exit_layers = exit_layers
+        self.logits = torch.zeros(batch_size, num_labels, dtype=dtype, device=device)
+        # Probabilities in float32 at least, so bf16/fp16 models threshold and ensemble stable values.
+        self.probs_dtype = torch.promote_types(dtype, torch.float32)
+        self.probs = torch.zeros(batch_size, num_labels, dtype=self.probs_dtype, device=device)
+        self.exit_layer = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.exit_index = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.rows = torch.arange(batch_size, device=device)  # original indices of the rows still running
+        self.previous = None  # PABEE: argmax at the previous exit, (n,)
+        self.counter = torch.zeros(batch_size, dtype=torch.long, device=device)
+        self.history = []  # MIE: per-exit probabilities of the rows still running, each (n, K)
+
+    def step(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
+        """Record the rows that leave at exit `exit_index` given its logits `(n, num_labels)`; return the `(n,)`
+        bool mask of the rows that go on (all `False` at the final exit)."""
+        probs = logits.to(self.probs_dtype).softmax(-1)  # (n, K)
+        if self.weights is not None:
+            self.history.append(probs)
+            probs = _model_internal_ensemble(torch.stack(self.history), self.weights[: exit_index + 1])[-1]
+            logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()  # softmax(log p̄) = p̄
+        if exit_index == len(self.exit_layers) - 1:
+            done = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
+        else:
+            done, self.previous, self.counter = _exit_decision(
+                self.policy,
+                probs,
+                exit_index,
+                self.threshold,
+                self.patience,
+                self.thresholds,
+                self.previous,
+                self.counter,
+            )
+        finished = self.rows[done]
+        self.logits[finished] = logits[done].to(self.logits.dtype)
+        self.probs[finished] = probs[done]
+        self.exit_layer[finished] = self.exit_layers[exit_index]
+        self.exit_index[finished] = exit_index
+        keep = ~done
+        self.rows, self.counter = self.rows[keep], self.counter[keep]
+        if self.previous is not None:
+            self.previous = self.previous[keep]
+        self.history = [p[keep] for p in self.history]
+        return keep
+
+    def prediction(self, layers_run: int, flops: float, full_flops: float) -> EarlyExitPrediction:
+        """The [`EarlyExitPrediction`] of the call, once every row has left."""
+        return EarlyExitPrediction(
+            logits=self.logits,
+            probs=self.probs,
+            exit_layer=self.exit_layer,
+            exit_index=self.exit_index,
+            layers_run=layers_run,
+            flops=flops,
+            full_flops=full_flops,
+        )
 
 
 class MultiExitHead(nn.Module):
@@ -348,6 +584,28 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         h = self.config.backbone_config.hidden_size
         return 2.0 * h * self.num_labels + (2.0 * h * h if self.config.exit_head_type == "pooler" else 0.0)
 
+    def exit_flops(self, seq_len: int) -> list[float]:
+        r"""Estimated forward FLOPs of one example of padded length `seq_len` up to and including each exit.
+
+        Exit `j` (after layer `l_j = config.exit_layers[j]`) costs `l_j * seq_len * (8 h^2 + 4 h I + 4 seq_len h)`
+        for the layers plus `(j + 1)` exit heads (`2 h K` each, `2 h^2 + 2 h K` for `"pooler"` heads), the formula of
+        [`~MultiExitForSequenceClassification.predict_with_exits`]: an example that leaves at exit `j` has evaluated
+        every head up to `j`. These are the `exit_flops` of [`hf_kd.early_exit.budgeted_evaluation`] and the FLOPs
+        behind the MIE weights `w_j = exit_flops[j] / exit_flops[-1]` (Meronen et al., 2024).
+
+        Args:
+            seq_len (`int`): padded sequence length, >= 1.
+
+        Returns:
+            `list[float]`, one cumulative FLOPs count per exit (non-decreasing).
+        """
+        if isinstance(seq_len, bool) or not isinstance(seq_len, int) or seq_len < 1:
+            raise ValueError(f"seq_len must be an integer >= 1, got {seq_len!r}.")
+        per_row_layer = seq_len * self._flops_per_token_layer(seq_len)
+        return [
+            layer * per_row_layer + (j + 1) * self._flops_head() for j, layer in enumerate(self.config.exit_layers)
+        ]
+
     def _exit_mask(self, mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
         if create_bidirectional_mask is None:  # pragma: no cover - transformers < 4.53
             return self.backbone.get_extended_attention_mask(mask, hidden.shape[:2])
@@ -362,14 +620,21 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         policy: ExitPolicy | str = ExitPolicy.MAX_PROB,
         threshold: float | None = None,
         patience: int | None = None,
+        thresholds: list[float] | None = None,
+        mie: bool = False,
     ) -> EarlyExitPrediction:
         r"""Adaptive inference: run the layers one at a time and let each example leave at its first confident exit.
 
         The backbone's embeddings run first, then layer 1, 2, ... on the rows still in the batch; after an exit layer
         its head is evaluated, the rows that satisfy `policy` are recorded and removed, so later layers run on fewer
-        rows. Rows left at the final exit all leave there. Up to floating-point noise, each row's logits equal
-        `forward(...).exit_logits[j]` at the exit `j` where it left. Runs without gradients; call `model.eval()`
-        first (dropout is not switched off here). Supports BERT-like (BERT, MiniLM) and MPNet backbones.
+        rows. Rows left at the final exit all leave there. Without `mie`, up to floating-point noise, each row's
+        logits equal `forward(...).exit_logits[j]` at the exit `j` where it left. Runs without gradients; call
+        `model.eval()` first (dropout is not switched off here). Supports BERT-like (BERT, MiniLM) and MPNet backbones.
+
+        When the padding is on the right (every `attention_mask` row is ones then zeros), the sequence is also cut to
+        the longest row still in the batch each time rows leave, so short examples left behind no longer pay for the
+        padding of the long ones that exited: a real wall-clock speed-up. Padded keys are masked out of attention, so
+        the results do not change (up to floating-point noise); left padding is never cut.
 
         Args:
             input_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`): token ids.
@@ -378,29 +643,29 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             token_type_ids (`torch.LongTensor` of shape `(batch_size, seq_len)`, *optional*):
                 Segment ids (BERT-like only; ignored by MPNet).
             policy ([`ExitPolicy`] or `str`, *optional*, defaults to `"max_prob"`):
-                `"max_prob"` (exit when max softmax prob `>= threshold`, the MSDNet-style confidence of Meronen et al.),
-                `"entropy"` (exit when entropy `< threshold`, DeeBERT) or `"patience"` (PABEE).
+                `"max_prob"` (exit when max prob `>= threshold`), `"entropy"` (exit when entropy `< threshold`,
+                DeeBERT), `"patience"` (PABEE) or `"budget"` (exit `k` has its own threshold `thresholds[k]`, the
+                budgeted MSDNet protocol of Meronen et al.).
             threshold (`float`): required for `"max_prob"` (in [0, 1]) and `"entropy"` (>= 0, in nats).
             patience (`int`): required for `"patience"`, >= 1.
+            thresholds (`list[float]`): required for `"budget"`: `num_exits - 1` finite values >= 0, one per
+                non-final exit, e.g. from [`hf_kd.early_exit.fit_budget_thresholds`]; above 1 means that nobody exits
+                there.
+            mie (`bool`, *optional*, defaults to `False`):
+                Model-internal ensembling (Meronen et al., 2024, https://huggingface.co/papers/2302.06359): at exit
+                `j` the policy reads `p̄_j = sum_{i<=j} w_i p_i / sum_{i<=j} w_i` (the softmaxes `p_i` of the exits
+                run so far, `w_i = exit_flops(seq_len)[i] / exit_flops(seq_len)[-1]` at this batch's padded length),
+                and the output is the ensemble (`probs = p̄`, `logits = log p̄`).
 
         Returns:
-            [`EarlyExitPrediction`] with `logits` `(batch_size, num_labels)`, `exit_layer` and `exit_index`
-            `(batch_size,)`, `layers_run`, `flops` and `full_flops` (see [`EarlyExitPrediction`] for the FLOPs formula).
+            [`EarlyExitPrediction`] with `logits` and `probs` `(batch_size, num_labels)`, `exit_layer` and
+            `exit_index` `(batch_size,)`, `layers_run`, `flops` and `full_flops`. FLOPs count multiply-adds as 2. Per
+            layer and per token: `8 h^2 + 4 h I + 4 L h` (Q, K, V, output projections; the two feed-forward matmuls
+            with intermediate size `I`; the `QK^T` and attention-times-V products over the current padded length
+            `L`, which shrinks when the sequence is cut), i.e. `24 h^2 + 4 L h` for BERT-like layers with `I = 4 h`.
+            Each evaluated exit head adds `2 h K` per row (`2 h^2 + 2 h K` for the `"pooler"` head). Embeddings,
+            layer norms, softmax and activations are ignored. `full_flops` uses the input's padded length.
         """
-        policy = ExitPolicy(policy)
-        if policy is ExitPolicy.PATIENCE:
-            if isinstance(patience, bool) or not isinstance(patience, int) or patience < 1:
-                raise ValueError(f"policy='patience' needs an integer patience >= 1, got {patience!r}.")
-        else:
-            if threshold is None or isinstance(threshold, bool) or not isinstance(threshold, (int, float)):
-                raise ValueError(f"policy={policy.value!r} needs a numeric threshold, got {threshold!r}.")
-            if not math.isfinite(threshold):
-                raise ValueError(f"threshold must be finite, got {threshold}.")
-            if policy is ExitPolicy.MAX_PROB and not 0.0 <= threshold <= 1.0:
-                raise ValueError(f"policy='max_prob' needs a threshold in [0, 1], got {threshold}.")
-            if policy is ExitPolicy.ENTROPY and threshold < 0:
-                raise ValueError(f"policy='entropy' needs a threshold >= 0 (nats), got {threshold}.")
-
         layout = self._stepwise_layout()
         backbone = self.backbone
         batch_size, seq_len = input_ids.shape
@@ -413,71 +678,62 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         else:
             hidden = backbone.embeddings(input_ids=input_ids)  # (bs, L, h)
             position_bias = backbone.encoder.compute_position_bias(hidden)  # (bs, heads, L, L)
+        run = _EarlyExitRun(
+            policy,
+            threshold,
+            patience,
+            thresholds,
+            mie,
+            self.exit_flops(seq_len),
+            self.config.exit_layers,
+            batch_size,
+            self.num_labels,
+            device,
+            hidden.dtype,
+        )
+
+        # Right padding: every row is a prefix of ones, so a row's tokens are its first `lengths[row]` positions.
+        lengths = (attention_mask != 0).sum(-1)  # (bs,)
+        positions = torch.arange(seq_len, device=device)
+        right_padded = bool(torch.equal(attention_mask != 0, positions < lengths[:, None]))
 
         exit_of_layer = {layer: j for j, layer in enumerate(self.config.exit_layers)}
-        last_exit = len(self.config.exit_layers) - 1
-        logits_out = hidden.new_zeros(batch_size, self.num_labels)
-        exit_layer = torch.zeros(batch_size, dtype=torch.long, device=device)
-        exit_index = torch.zeros(batch_size, dtype=torch.long, device=device)
-        rows = torch.arange(batch_size, device=device)  # original indices of the rows still running
         mask = attention_mask
-        previous = None  # PABEE: argmax at the previous exit, (n,)
-        counter = torch.zeros(batch_size, dtype=torch.long, device=device)
+        extended_mask = self._exit_mask(mask, hidden)
         layers_run, flops = 0, 0.0
-        per_row_layer = seq_len * self._flops_per_token_layer(seq_len)
-
         for i, layer_module in enumerate(backbone.encoder.layer):
-            extended_mask = self._exit_mask(mask, hidden)
             if layout == "bert":
                 out = layer_module(hidden, extended_mask)
             else:
                 out = layer_module(hidden, extended_mask, position_bias)
             hidden = out[0] if isinstance(out, tuple) else out
-            n = hidden.shape[0]
+            n, length = hidden.shape[:2]
             layers_run += n
-            flops += n * per_row_layer
+            flops += n * length * self._flops_per_token_layer(length)
             j = exit_of_layer.get(i + 1)
             if j is None:
                 continue
-            logits = self.exits[j](hidden)  # (n, K)
             flops += n * self._flops_head()
-            if j == last_exit:
-                done = torch.ones(n, dtype=torch.bool, device=device)
-            elif policy is ExitPolicy.MAX_PROB:
-                done = logits.softmax(-1).max(-1).values >= threshold
-            elif policy is ExitPolicy.ENTROPY:
-                log_p = logits.log_softmax(-1)
-                done = -(log_p.exp() * log_p).sum(-1) < threshold
-            else:
-                prediction = logits.argmax(-1)
-                if previous is not None:
-                    counter = torch.where(prediction == previous, counter + 1, torch.zeros_like(counter))
-                previous = prediction
-                done = counter >= patience
-            finished = rows[done]
-            logits_out[finished] = logits[done].to(logits_out.dtype)
-            exit_layer[finished] = i + 1
-            exit_index[finished] = j
-            keep = ~done
+            keep = run.step(j, self.exits[j](hidden))
             if not keep.any():
                 break
-            rows, hidden, mask = rows[keep], hidden[keep], mask[keep]
-            counter = counter[keep]
-            if previous is not None:
-                previous = previous[keep]
+            if keep.all():
+                continue
+            hidden, mask, lengths = hidden[keep], mask[keep], lengths[keep]
             if position_bias is not None:
                 position_bias = position_bias[keep]
+            if right_padded:
+                # At least 1 column: the first token (the exits read h[:, 0]) even for all-padding rows.
+                length = max(int(lengths.max()), 1)
+                if length < hidden.shape[1]:
+                    hidden, mask = hidden[:, :length], mask[:, :length]
+                    if position_bias is not None:  # relative positions of the kept tokens are unchanged
+                        position_bias = position_bias[:, :, :length, :length]
+            extended_mask = self._exit_mask(mask, hidden)
 
         depth = len(backbone.encoder.layer)
-        full_flops = batch_size * (depth * per_row_layer + self._flops_head())
-        return EarlyExitPrediction(
-            logits=logits_out,
-            exit_layer=exit_layer,
-            exit_index=exit_index,
-            layers_run=layers_run,
-            flops=flops,
-            full_flops=full_flops,
-        )
+        full_flops = batch_size * (depth * seq_len * self._flops_per_token_layer(seq_len) + self._flops_head())
+        return run.prediction(layers_run, flops, full_flops)
 
 
 __all__ = [
