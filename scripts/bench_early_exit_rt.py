@@ -156,7 +156,7 @@ def run_full(model, prepared):
     """The static model: every layer on every row, then the final exit (what a plain classifier computes)."""
     for batch in prepared:
         hidden = model.backbone(**batch).last_hidden_state
-        model.exits[-1](hidden)
+        model.exits[-1](hidden, batch["attention_mask"])
 
 
 @torch.inference_mode()

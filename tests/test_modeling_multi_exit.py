@@ -97,6 +97,8 @@ def test_config_other_errors():
         MultiExitConfig(backbone_config=ResNetConfig())
     with pytest.raises(ValueError, match="exit_head_type"):
         MultiExitConfig(backbone_config=tiny_backbone_config(), exit_head_type="mlp")
+    with pytest.raises(ValueError, match=r"exit_pooling must be one of \('mean', 'cls'\), got 'max'"):
+        MultiExitConfig(backbone_config=tiny_backbone_config(), exit_pooling="max")
     with pytest.raises(ValueError, match="2 weights but there are 3 exits"):
         MultiExitConfig(backbone_config=tiny_backbone_config(), exit_loss_weights=[1.0, 1.0])
     with pytest.raises(ValueError, match="model_type"):
@@ -128,6 +130,28 @@ def test_forward_shapes_and_loss_only_with_labels(kind):
         input_ids=input_ids, attention_mask=attention_mask, labels=labels, return_dict=False
     )
     torch.testing.assert_close(logits, exit_logits[-1])
+
+
+def test_exit_pooling_reads_masked_mean_or_first_token():
+    input_ids, attention_mask = padded_batch()
+    for pooling in ("mean", "cls"):
+        model = tiny_multi_exit(exit_pooling=pooling)
+        out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
+        h = out.hidden_states[model.config.exit_layers[0]]  # (B, L, hidden)
+        if pooling == "cls":
+            pooled = h[:, 0]
+        else:
+            m = attention_mask.unsqueeze(-1).float()
+            pooled = (h * m).sum(1) / m.sum(1)
+        torch.testing.assert_close(out.exit_logits[0], model.exits[0].classifier(pooled))
+    # Padding does not change a row's mean-pooled exits: the same row alone, unpadded, gives the same logits.
+    model = tiny_multi_exit(exit_pooling="mean")
+    row = int((attention_mask.sum(-1) < attention_mask.shape[1]).nonzero()[0])
+    length = int(attention_mask[row].sum())
+    alone = model(input_ids=input_ids[row : row + 1, :length])
+    batched = model(input_ids=input_ids, attention_mask=attention_mask)
+    for a, b in zip(alone.exit_logits, batched.exit_logits):
+        torch.testing.assert_close(a[0], b[row], atol=1e-5, rtol=0)
 
 
 def test_pooler_head():
@@ -236,8 +260,9 @@ def test_always_exit_first(kind):
 
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
 @pytest.mark.parametrize("policy", ["max_prob", "entropy"])
-def test_mixed_batch_matches_full_forward(kind, policy):
-    model = tiny_multi_exit(kind, sharpen=40.0)
+@pytest.mark.parametrize("pooling", ["mean", "cls"])
+def test_mixed_batch_matches_full_forward(kind, policy, pooling):
+    model = tiny_multi_exit(kind, sharpen=40.0, exit_pooling=pooling)
     input_ids, attention_mask = inputs_for(kind)
     full = model(input_ids=input_ids, attention_mask=attention_mask)
     probs = full.exit_logits[0].softmax(-1)
@@ -254,10 +279,16 @@ def test_mixed_batch_matches_full_forward(kind, policy):
     stacked = torch.stack(full.exit_logits)  # (num_exits, B, K)
     torch.testing.assert_close(pred.logits, stacked[expected, torch.arange(BATCH)], atol=1e-5, rtol=0)
     assert pred.layers_run == int(pred.exit_layer.sum())
+    # Each layer runs on the rows still in the batch, trimmed to the longest of them (right padding).
     h, inter = 32, 37
-    per_row_layer = SEQ * (8 * h * h + 4 * h * inter + 4 * SEQ * h)
+    lengths = attention_mask.sum(-1)
+    layers = 0.0
+    for layer in range(1, model.config.backbone_config.num_hidden_layers + 1):
+        running = pred.exit_layer >= layer
+        length = int(lengths[running].max()) if running.any() else 0
+        layers += int(running.sum()) * length * (8 * h * h + 4 * h * inter + 4 * length * h)
     heads = sum(int((pred.exit_index >= j).sum()) for j in range(3)) * 2 * h * NUM_LABELS
-    assert pred.flops == pytest.approx(pred.layers_run * per_row_layer + heads)
+    assert pred.flops == pytest.approx(layers + heads)
 
 
 @pytest.mark.parametrize("patience", [1, 2])

@@ -344,9 +344,8 @@ class _EarlyExitRun:
 
 
 class MultiExitHead(nn.Module):
-    """One exit: reads the first-token ([CLS]) hidden state of its layer.
-
-    `"linear"`: `classifier(dropout(h[:, 0]))`; `"pooler"`: `classifier(dropout(tanh(dense(h[:, 0]))))`.
+    """One exit: pools its layer's hidden states (`config.exit_pooling`: masked mean or [CLS]) into `u`, then
+    `"linear"`: `classifier(dropout(u))`; `"pooler"`: `classifier(dropout(tanh(dense(u))))`.
     """
 
     def __init__(self, config: MultiExitConfig):
@@ -355,9 +354,17 @@ class MultiExitHead(nn.Module):
         self.dense = nn.Linear(hidden_size, hidden_size) if config.exit_head_type == "pooler" else None
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(hidden_size, config.num_labels)
+        self.pooling = config.exit_pooling
 
-    def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        pooled = hidden_states[:, 0]  # (bs, hidden)
+    def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """`hidden_states` `(bs, seq_len, hidden)`, `attention_mask` `(bs, seq_len)` (1 = token) -> `(bs, K)`."""
+        if self.pooling == "cls":
+            pooled = hidden_states[:, 0]  # (bs, hidden)
+        elif attention_mask is None:
+            pooled = hidden_states.mean(1)
+        else:
+            weights = attention_mask.to(hidden_states.dtype).unsqueeze(-1)  # (bs, seq_len, 1)
+            pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         if self.dense is not None:
             pooled = torch.tanh(self.dense(pooled))
         return self.classifier(self.dropout(pooled))  # (bs, num_labels)
@@ -527,7 +534,7 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             input_ids, attention_mask, token_type_ids, position_ids, inputs_embeds
         )
         exit_logits = tuple(
-            head(hidden_states[layer]) for head, layer in zip(self.exits, self.config.exit_layers)
+            head(hidden_states[layer], attention_mask) for head, layer in zip(self.exits, self.config.exit_layers)
         )  # num_exits x (bs, num_labels)
         logits = exit_logits[-1]
 
@@ -714,7 +721,7 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             if j is None:
                 continue
             flops += n * self._flops_head()
-            keep = run.step(j, self.exits[j](hidden))
+            keep = run.step(j, self.exits[j](hidden, mask))
             if not keep.any():
                 break
             if keep.all():
@@ -723,7 +730,7 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             if position_bias is not None:
                 position_bias = position_bias[keep]
             if right_padded:
-                # At least 1 column: the first token (the exits read h[:, 0]) even for all-padding rows.
+                # At least 1 column: the first token (the "cls" exits read h[:, 0]) even for all-padding rows.
                 length = max(int(lengths.max()), 1)
                 if length < hidden.shape[1]:
                     hidden, mask = hidden[:, :length], mask[:, :length]
