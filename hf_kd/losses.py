@@ -10,10 +10,12 @@ of them take the same two arguments that control how per-item losses are reduced
   summing the micro-batch losses gives the mean over the whole effective batch.
 """
 
+import math
+
 import torch
 import torch.nn.functional as F
 
-__all__ = ["kd_loss", "label_smoothing_targets", "soft_cross_entropy"]
+__all__ = ["dedier_weights", "kd_loss", "label_smoothing_targets", "soft_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
 
@@ -70,6 +72,7 @@ def kd_loss(
     alpha: float = 0.5,
     num_items_in_batch: torch.Tensor | int | None = None,
     reduction: str = "mean",
+    sample_weights: torch.Tensor | None = None,
 ) -> torch.Tensor:
     r"""
     Knowledge-distillation loss of [Hinton et al., 2015](https://huggingface.co/papers/1503.02531):
@@ -107,13 +110,19 @@ def kd_loss(
         reduction (`str`, *optional*, defaults to `"mean"`):
             `"mean"` (mean over valid items; 0 when there is none), `"sum"`, or `"none"` (per-item losses of shape
             `student_logits.shape[:-1]`, 0 at ignored items).
+        sample_weights (`torch.Tensor` of shape `student_logits.shape[:-1]`, *optional*, defaults to `None`):
+            Per-item weights `w` (e.g. DEDIER's, see [`dedier_weights`]) multiplying each item's loss before the
+            reduction. The `"mean"` reduction stays a plain mean of `w * loss` over the valid items (or
+            `sum / num_items_in_batch`): it is **not** normalised by `sum(w)`, as in DEDIER's code, so up-weighting
+            some items raises the loss scale rather than down-weighting the others.
 
     Returns:
         `torch.Tensor`: a scalar, or per-item losses for `reduction="none"`, in float32 (float64 for float64 inputs).
 
     Raises:
         `ValueError`: if `temperature <= 0`, `alpha` is outside `[0, 1]`, the logits' shapes differ or have no class
-        dimension, `labels` does not have shape `student_logits.shape[:-1]`, or `teacher_logits` contain NaN.
+        dimension, `labels` or `sample_weights` does not have shape `student_logits.shape[:-1]`, or `teacher_logits`
+        contain NaN.
 
     Example:
 
@@ -144,6 +153,11 @@ def kd_loss(
             f"labels must have shape {tuple(student_logits.shape[:-1])} (the logits' leading dimensions), "
             f"got {tuple(labels.shape)}"
         )
+    if sample_weights is not None and sample_weights.shape != student_logits.shape[:-1]:
+        raise ValueError(
+            f"sample_weights must have shape {tuple(student_logits.shape[:-1])} (the logits' leading dimensions), "
+            f"got {tuple(sample_weights.shape)}"
+        )
     if torch.isnan(teacher_logits).any():
         # A NaN teacher would silently poison every student gradient; fail loudly instead.
         raise ValueError("teacher_logits contain NaN: check the teacher's dtype (fp16 overflow) and inputs")
@@ -168,6 +182,9 @@ def kd_loss(
         valid = flat_labels != -100
         hard = F.cross_entropy(student, flat_labels, ignore_index=-100, reduction="none")
         per_item = alpha * soft + (1 - alpha) * hard
+    if sample_weights is not None:
+        per_item = per_item * sample_weights.reshape(-1).to(per_item)
+    if labels is not None:
         # where, not multiplication by the mask: inf/NaN at padded positions must not leak into the loss.
         per_item = torch.where(valid, per_item, torch.zeros_like(per_item))
 
@@ -273,3 +290,79 @@ def soft_cross_entropy(
 
     loss = _reduce(per_item, valid, reduction, num_items_in_batch)
     return loss.reshape(item_shape) if reduction == "none" else loss
+
+
+def dedier_weights(
+    readout_logits: torch.Tensor,
+    labels: torch.Tensor,
+    weights: torch.Tensor,
+    alpha: float = 0.2,
+    beta: float = 3.0,
+) -> torch.Tensor:
+    r"""
+    One DEDIER re-weighting step ([Tiwari et al., WACV 2024](https://huggingface.co/papers/2310.18590), "Using Early
+    Readouts to Mediate Featural Bias in Distillation"): samples that an early readout gets wrong are up-weighted
+    by how confident it was.
+
+    ```
+    q         = softmax(readout_logits)
+    margin    = q_(1) - q_(2)                     # top-1 minus top-2 probability, in [0, 1]
+    misread   = argmax(q) != labels
+    new_w     = exp(beta * margin^alpha)  where misread
+              = weights                   elsewhere (unchanged: initialised to 1 and never reset)
+    ```
+
+    For two classes `margin = |q_0 - q_1|`, the paper code's "confidence". For `K > 2` classes the top-1 minus
+    top-2 gap is the natural generalisation (it equals `|q_0 - q_1|` when `K = 2`, is 0 on a tie, 1 on a one-hot
+    readout). Note the formula is `exp(beta * margin^alpha)`, not `exp(beta * margin * alpha)`: with a small `alpha`,
+    `margin^alpha ~ 1` and every misread sample gets about `e^beta` (a JTT-like constant up-weight, softly gated by the
+    readout's confidence). A misread sample's weight is **replaced**, not multiplied, so weights stay in
+    `[1, e^beta]` when they start at 1.
+
+    Args:
+        readout_logits (`torch.Tensor` of shape `(N, K)`, `K >= 2`):
+            The early readout's logits on the training samples.
+        labels (`torch.Tensor` of shape `(N,)`):
+            Gold class indices; `-100` rows are never misread (their weight is unchanged).
+        weights (`torch.Tensor` of shape `(N,)`):
+            The current weights (all 1 before the first step).
+        alpha (`float`, *optional*, defaults to `0.2`):
+            Exponent of the margin, `>= 0` (PAPERS.md: 0.2 for MultiNLI, 0.05 Waterbirds, 0.1 CelebA, 0.05 Jigsaw).
+            `alpha = 0` gives every misread sample `e^beta` (`0^0 = 1`).
+        beta (`float`, *optional*, defaults to `3.0`):
+            Scale in the exponent, `>= 0` (3 for MultiNLI and Jigsaw, 4 Waterbirds, 3.5 CelebA). `beta = 0` keeps
+            every weight at 1.
+
+    Returns:
+        `torch.Tensor` of shape `(N,)`, dtype and device of `weights`: the new weights (a new tensor; `weights` is
+        not modified).
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_kd.losses import dedier_weights
+    >>> logits = torch.tensor([[2.0, 0.0], [2.0, 0.0]])  # both read as class 0, q = (0.881, 0.119)
+    >>> dedier_weights(logits, torch.tensor([0, 1]), torch.ones(2), alpha=1.0, beta=1.0)  # row 1 is misread
+    tensor([1.0000, 2.1417])
+    ```
+    """
+    if not (alpha >= 0 and math.isfinite(alpha)):
+        raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
+    if not (beta >= 0 and math.isfinite(beta)):
+        raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    if readout_logits.dim() != 2 or readout_logits.shape[1] < 2:
+        raise ValueError(f"readout_logits must have shape (N, K) with K >= 2, got {tuple(readout_logits.shape)}")
+    num_samples = readout_logits.shape[0]
+    if labels.shape != (num_samples,) or weights.shape != (num_samples,):
+        raise ValueError(
+            f"labels and weights must have shape ({num_samples},), got {tuple(labels.shape)} and "
+            f"{tuple(weights.shape)}"
+        )
+    probs = F.softmax(_upcast(readout_logits), dim=-1)
+    top2 = probs.topk(2, dim=-1)
+    margin = top2.values[:, 0] - top2.values[:, 1]  # (N,), in [0, 1]
+    labels = labels.to(probs.device).long()
+    misread = (labels != -100) & (top2.indices[:, 0] != labels)
+    upweight = torch.exp(beta * margin.pow(alpha))
+    return torch.where(misread.to(weights.device), upweight.to(weights), weights)

@@ -17,6 +17,7 @@ __all__ = [
     "classification_metrics",
     "confidence_preservation",
     "expected_calibration_error",
+    "group_accuracies",
     "human_distribution_divergence",
     "make_compute_metrics",
     "make_exit_compute_metrics",
@@ -381,6 +382,62 @@ def human_distribution_divergence(human_probs, model_probs) -> dict[str, float]:
     return {"kl": float(kl.mean()), "js_distance": float(np.sqrt(js_divergence).mean())}
 
 
+def group_accuracies(predictions, labels, groups) -> dict[str, float]:
+    """
+    Accuracy per group and its worst case and mean, the group-robustness metrics of DEDIER
+    ([Tiwari et al., WACV 2024](https://huggingface.co/papers/2310.18590)) and of the group-DRO literature
+    (Sagawa et al., 2020, https://huggingface.co/papers/1911.08731).
+
+    A group is typically a (class, spurious attribute) pair, e.g. (waterbird, land background). Only groups that
+    have examples are reported; an empty group has no accuracy and does not enter the worst case or the mean.
+
+    Args:
+        predictions (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Predicted class indices (e.g. `logits.argmax(-1)`).
+        labels (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Gold class indices. Drop ignored (`-100`) rows before calling.
+        groups (`np.ndarray` or `torch.Tensor` of shape `(N,)`):
+            Integer group id of each example (any integers).
+
+    Returns:
+        `dict[str, float]`:
+        - `worst_group_accuracy`: the minimum over groups of the group accuracy (WGA);
+        - `mean_group_accuracy`: the unweighted mean of the group accuracies, DEDIER's "unbiased" accuracy and its
+          model-selection criterion;
+        - `group_{g}_accuracy` for every group id `g`, in increasing order of `g`.
+
+    Example:
+
+    ```python
+    >>> from hf_kd.metrics import group_accuracies
+    >>> group_accuracies([0, 1, 1, 0], [0, 1, 0, 0], groups=[0, 0, 1, 1])
+    {'worst_group_accuracy': 0.5, 'mean_group_accuracy': 0.75, 'group_0_accuracy': 1.0, 'group_1_accuracy': 0.5}
+    ```
+    """
+    arrays = []
+    for name, values in (("predictions", predictions), ("labels", labels), ("groups", groups)):
+        if isinstance(values, torch.Tensor):
+            values = values.detach().cpu().numpy()
+        values = np.asarray(values)
+        if values.ndim != 1 or values.size == 0:
+            raise ValueError(f"{name} must have shape (N,) with N >= 1, got {values.shape}")
+        if not np.issubdtype(values.dtype, np.integer):
+            raise ValueError(f"{name} must hold integers, got dtype {values.dtype}")
+        arrays.append(values)
+    predictions, labels, groups = arrays
+    if not predictions.shape == labels.shape == groups.shape:
+        raise ValueError(
+            f"predictions, labels and groups must have the same shape, got {predictions.shape}, {labels.shape} and "
+            f"{groups.shape}"
+        )
+    correct = predictions == labels
+    per_group = {int(g): float(correct[groups == g].mean()) for g in np.unique(groups)}
+    values = list(per_group.values())
+    results = {"worst_group_accuracy": min(values), "mean_group_accuracy": float(np.mean(values))}
+    results.update({f"group_{g}_accuracy": accuracy for g, accuracy in per_group.items()})
+    return results
+
+
 def classification_metrics(probs, labels, n_bins: int = 15) -> dict[str, float]:
     """
     The metrics every hf_kd evaluation reports for one model: `accuracy`, `ece` and `mce` (`n_bins` equal-width
@@ -500,6 +557,9 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
     - for every exit `i`: `exit_{i}_accuracy`, `exit_{i}_ece` (`n_bins` equal-width bins) and `exit_{i}_entropy`
       (mean predictive entropy, nats), the per-exit view of DeeBERT (Xin et al., 2020,
       https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020, https://huggingface.co/papers/2006.04152).
+    - when `predictions` ends with a 1-D integer array of shape `(N,)` (the evaluation set's `group` column, which
+      [`EarlyExitTrainer`] appends when the dataset has one; logits are always 2-D, so the two cannot be confused):
+      the final exit's [`group_accuracies`], `worst_group_accuracy`, `mean_group_accuracy` and `group_{g}_accuracy`.
 
     Args:
         n_bins (`int`, *optional*, defaults to `15`):
@@ -522,6 +582,9 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         predictions = eval_pred.predictions
+        groups = None
+        if isinstance(predictions, (tuple, list)) and np.ndim(predictions[-1]) == 1:
+            groups, predictions = np.asarray(predictions[-1]), tuple(predictions[:-1])
         min_length = 3 if with_teacher else 2
         if not isinstance(predictions, (tuple, list)) or len(predictions) < min_length:
             raise ValueError(
@@ -547,6 +610,11 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
             results[f"exit_{i}_accuracy"] = float(np.mean(probs.argmax(axis=1) == labels[keep]))
             results[f"exit_{i}_ece"] = expected_calibration_error(probs, labels[keep], n_bins)
             results[f"exit_{i}_entropy"] = predictive_entropy(probs)
+        if groups is not None:
+            if groups.shape != labels.shape:
+                raise ValueError(f"the group ids must have the labels' shape {labels.shape}, got {groups.shape}")
+            final_predictions = np.asarray(predictions[0])[keep].argmax(axis=1)
+            results.update(group_accuracies(final_predictions, labels[keep], groups[keep]))
         return results
 
     return compute_metrics

@@ -36,3 +36,23 @@ def test_two_process_ddp_on_cpu(tmp_path, mode):
     assert "eval_sigma" in ranks[0]["eval"] and ranks[0]["eval"]["eval_loss"] > 0
     if mode == "cache":
         assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+
+
+@pytest.mark.multiprocess
+def test_two_process_dedier_weights_identical_on_every_rank(tmp_path):
+    """2 real ranks: both re-weigh the whole train set, end with the same DEDIER weights and the same model."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
+    cmd = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
+        str(SCRIPT.with_name("distributed_dedier.py")), str(tmp_path),
+    ]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-5000:]
+    ranks = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    assert all(r["world_size"] == 2 for r in ranks)
+    # 32 examples, 2 ranks x 4 per device -> 4 steps per epoch, 3 epochs, re-weighting after epochs 1 and 2.
+    assert ranks[0]["global_step"] == 12 and all(r["num_reweighs"] == 2 for r in ranks)
+    assert ranks[0]["weights_sha"] == ranks[1]["weights_sha"], "ranks hold different DEDIER weights"
+    assert ranks[0]["model_sha"] == ranks[1]["model_sha"], "DDP replicas diverged"
+    assert ranks[0]["upweighted"] > 0
+    assert ranks[0]["reweigh_logs"] == ranks[1]["reweigh_logs"]

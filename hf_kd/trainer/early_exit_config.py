@@ -1,4 +1,5 @@
-from dataclasses import dataclass, field
+import math
+from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
@@ -6,6 +7,7 @@ from .teacher_config import _TeacherArguments
 
 EXIT_LOSS_WEIGHTINGS = ("uniform", "linear")
 DISTILL_SOURCES = ("none", "final_exit", "teacher")
+DEDIER_READOUT_OPTIMIZERS = ("adamw", "sgd")
 
 
 @dataclass
@@ -42,6 +44,38 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             Softmax temperature `T` of the soft targets; the soft term is scaled by `T^2`. Unused with `"none"`.
         alpha (`float`, *optional*, defaults to `0.5`):
             Weight of the soft term in `[0, 1]`; `1 - alpha` weighs the cross-entropy. Unused with `"none"`.
+
+    > Parameters that control DEDIER re-weighting (Tiwari et al., WACV 2024, https://huggingface.co/papers/2310.18590)
+
+    Args:
+        dedier (`bool`, *optional*, defaults to `False`):
+            "Using Early Readouts to Mediate Featural Bias in Distillation". After every epoch but the last, a fresh
+            early readout is trained on the frozen model's hidden state at `dedier_layer` over the whole training set;
+            every sample it gets wrong gets the weight `exp(dedier_beta * margin^dedier_alpha)`
+            ([`hf_kd.losses.dedier_weights`]; `margin` = top-1 minus top-2 readout probability), the others keep
+            theirs. The weights start at 1, persist across epochs and in checkpoints, and multiply each sample's loss
+            at every exit; the batch loss stays the plain mean of `w * loss`. Needs `distill_from="teacher"` (the
+            weighted term is the teacher KD, `alpha` and `temperature` as above; the paper uses `alpha=1`, `T=3`).
+            The paper selects the epoch with the best validation mean-group accuracy: give the evaluation set an
+            integer `group` column and set `metric_for_best_model="mean_group_accuracy"`.
+        dedier_layer (`int`, *optional*, defaults to `1`):
+            1-based layer (sequence models) or stage (image models) whose output feeds the readout: index
+            `dedier_layer` of the model's `hidden_states` (embeddings or stem first). The paper reads after the first
+            ResNet stage (1) for images and uses 2 for MultiNLI.
+        dedier_alpha (`float`, *optional*, defaults to `0.2`):
+            Exponent `alpha >= 0` of the readout margin. 0.2 is the paper's MultiNLI (text) setting; it uses 0.05
+            for Waterbirds and Jigsaw and 0.1 for CelebA.
+        dedier_beta (`float`, *optional*, defaults to `3.0`):
+            Scale `beta >= 0`: a misread sample weighs up to `e^beta` (about 20 for 3). The paper's MultiNLI and
+            Jigsaw setting; 4 for Waterbirds, 3.5 for CelebA.
+        dedier_readout_epochs (`int`, *optional*, defaults to `1`):
+            Epochs of readout training at each re-weighting (the paper: 1).
+        dedier_readout_lr (`float`, *optional*):
+            Learning rate of the readout; defaults to `learning_rate` (the paper uses the student's). Its weight
+            decay is `weight_decay`, its batch size `per_device_train_batch_size`.
+        dedier_readout_optimizer (`str`, *optional*, defaults to `"adamw"`):
+            `"adamw"` (the paper's optimiser for BERT students) or `"sgd"` (SGD with momentum 0.9, the paper's
+            optimiser for ResNet students and their readouts).
 
     > Parameters that control the teacher (`distill_from="teacher"` only)
 
@@ -95,6 +129,37 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         metadata={"help": "Weight in [0, 1] of the soft term; 1 - alpha weighs cross-entropy with the labels."},
     )
 
+    # Parameters that control DEDIER re-weighting
+    dedier: bool = field(
+        default=False,
+        metadata={
+            "help": "DEDIER (Tiwari et al., WACV 2024): after every epoch, up-weight in the distillation loss the "
+            "samples that an early readout gets confidently wrong. Needs distill_from='teacher'.",
+        },
+    )
+    dedier_layer: int = field(
+        default=1, metadata={"help": "1-based layer (or image stage) whose hidden state feeds the DEDIER readout."}
+    )
+    dedier_alpha: float = field(
+        default=0.2, metadata={"help": "DEDIER margin exponent alpha >= 0: w = exp(beta * margin^alpha)."}
+    )
+    dedier_beta: float = field(
+        default=3.0, metadata={"help": "DEDIER scale beta >= 0: a misread sample weighs up to exp(beta)."}
+    )
+    dedier_readout_epochs: int = field(
+        default=1, metadata={"help": "Epochs of DEDIER readout training at each re-weighting (>= 1)."}
+    )
+    dedier_readout_lr: float | None = field(
+        default=None, metadata={"help": "Learning rate of the DEDIER readout (> 0). Default: learning_rate."}
+    )
+    dedier_readout_optimizer: str = field(
+        default="adamw",
+        metadata={
+            "help": "Optimiser of the DEDIER readout: 'adamw' or 'sgd' (momentum 0.9).",
+            "choices": list(DEDIER_READOUT_OPTIMIZERS),
+        },
+    )
+
     # The teacher and teacher logits cache fields come from _TeacherArguments.
 
     def __post_init__(self):
@@ -127,8 +192,46 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
                 f"cache_teacher_logits={self.cache_teacher_logits} are only used with distill_from='teacher', got "
                 f"distill_from={self.distill_from!r}"
             )
+        self._dedier_post_init()
         if self.label_smoothing_factor != 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not used by EarlyExitTrainer, which computes "
                 "its own per-exit losses."
+            )
+
+    def _dedier_post_init(self) -> None:
+        if not self.dedier:
+            changed = [
+                f"{f.name}={getattr(self, f.name)!r}"
+                for f in fields(self)
+                if f.name.startswith("dedier_") and getattr(self, f.name) != f.default
+            ]
+            if changed:
+                raise ValueError(f"{', '.join(changed)} only apply with dedier=True, got dedier=False")
+            return
+        if self.distill_from != "teacher":
+            # DEDIER re-weights the transfer of a frozen (ideally group-robust) teacher's knowledge. With
+            # "final_exit" the source would be the final exit, itself trained by re-weighted cross-entropy: that is
+            # JTT-style re-weighted ERM with soft targets from a model being re-weighted at the same time, a method
+            # the paper neither defines nor evaluates. With "none" there is no distillation at all.
+            raise ValueError(
+                f"dedier=True re-weights distillation from a teacher and needs distill_from='teacher', got "
+                f"distill_from={self.distill_from!r}"
+            )
+        layer = self.dedier_layer
+        if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
+            raise ValueError(f"dedier_layer must be a 1-based layer index (an int >= 1), got {layer!r}")
+        for name in ("dedier_alpha", "dedier_beta"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        epochs = self.dedier_readout_epochs
+        if isinstance(epochs, bool) or not isinstance(epochs, int) or epochs < 1:
+            raise ValueError(f"dedier_readout_epochs must be an int >= 1, got {epochs!r}")
+        if self.dedier_readout_lr is not None and not self.dedier_readout_lr > 0:
+            raise ValueError(f"dedier_readout_lr must be > 0 or None (learning_rate), got {self.dedier_readout_lr}")
+        if self.dedier_readout_optimizer not in DEDIER_READOUT_OPTIMIZERS:
+            raise ValueError(
+                f"dedier_readout_optimizer must be one of {DEDIER_READOUT_OPTIMIZERS}, got "
+                f"{self.dedier_readout_optimizer!r}"
             )

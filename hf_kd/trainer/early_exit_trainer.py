@@ -9,18 +9,23 @@ from torch import nn
 
 from ..losses import kd_loss
 from ..metrics import make_exit_compute_metrics
-from ..modeling import MultiExitConfig, MultiExitForSequenceClassification
+from ..modeling import MultiExitForSequenceClassification
 from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
 from .base_trainer import _BaseTrainer
+from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
 from .early_exit_config import EarlyExitConfig
 from .teacher_mixin import _TeacherMixin
 
 
 class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
     r"""
-    [`~transformers.Trainer`] that trains every exit of a [`MultiExitForSequenceClassification`] jointly, as DeeBERT
-    (Xin et al., 2020, https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020,
-    https://huggingface.co/papers/2006.04152) do, optionally distilling into the exits.
+    [`~transformers.Trainer`] that trains every exit of a multi-exit model jointly, as DeeBERT (Xin et al., 2020,
+    https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020, https://huggingface.co/papers/2006.04152)
+    do, optionally distilling into the exits.
+
+    Any model whose config has `exit_layers` and whose output has `exit_logits` (one `(batch, num_labels)` tensor per
+    exit, the final one last) can be trained: [`MultiExitForSequenceClassification`], or an image model with the
+    same outputs.
 
     The loss is `sum_i w_i * loss_i` ([`EarlyExitTrainer.early_exit_loss`]), with `w` the normalised
     `args.exit_loss_weights` and, for exit `i` with logits `z_i`:
@@ -36,10 +41,24 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
     gradient accumulation and data parallelism. Per-exit cross-entropies are logged as `exit_{i}_ce_loss`. At every
     evaluation the default `compute_metrics` ([`hf_kd.metrics.make_exit_compute_metrics`]) logs the final exit's
     accuracy, ECE, NLL, Brier and entropy, and `exit_{i}_accuracy`, `exit_{i}_ece`, `exit_{i}_entropy` for every exit.
+    When the evaluation set has an integer `group` column (e.g. class x spurious attribute), it also logs the final
+    exit's `worst_group_accuracy`, `mean_group_accuracy` and `group_{g}_accuracy` ([`hf_kd.metrics.group_accuracies`]).
+
+    With `args.dedier=True` (DEDIER, Tiwari et al., WACV 2024, https://huggingface.co/papers/2310.18590), every
+    training sample has a weight `w` that multiplies its loss at every exit, `sum_i w_i * mean_b(w_b * loss_{i,b})`
+    (a plain mean, not normalised by the sum of `w`). After every epoch but the last, a [`~dedier.DedierCallback`]
+    trains a fresh early readout on the model's hidden state at `args.dedier_layer` and sets the weight of each
+    sample it misreads to `exp(dedier_beta * margin^dedier_alpha)`. It logs `dedier_mean_weight`,
+    `dedier_upweighted_fraction` and `dedier_readout_accuracy`. The trainer adds a `sample_index` column to the train
+    set to look the weights up; they are saved in every checkpoint and restored exactly by `resume_from_checkpoint`.
+    Evaluation losses are not weighted.
 
     Args:
-        model ([`MultiExitForSequenceClassification`]):
-            The multi-exit model; its forward returns `exit_logits`, one `(batch, num_labels)` tensor per exit.
+        model ([`MultiExitForSequenceClassification`] or another multi-exit model):
+            The multi-exit model: its config has `exit_layers` (and `normalized_exit_loss_weights` when
+            `args.exit_loss_weights` is `None`), its forward returns `exit_logits`, one `(batch, num_labels)` tensor
+            per exit, and with `args.dedier=True`, `hidden_states` (embeddings or stem first) when called with
+            `output_hidden_states=True`.
         args ([`EarlyExitConfig`]):
             Training, exit-weighting and distillation arguments.
         teacher_model (`PreTrainedModel`, `nn.Module` or `str`, *optional*):
@@ -117,15 +136,27 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         self.model_accepts_loss_kwargs = True
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
-        config = self.accelerator.unwrap_model(self.model).config
-        if not isinstance(config, MultiExitConfig):
+        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        # Duck-typed, so that any multi-exit model with these outputs trains (sequence and image classifiers).
+        if not getattr(config, "exit_layers", None):
             raise TypeError(
-                f"EarlyExitTrainer trains a MultiExitForSequenceClassification, got a model with a "
-                f"{type(config).__name__}."
+                "EarlyExitTrainer trains a multi-exit model (e.g. MultiExitForSequenceClassification) whose config has "
+                f"`exit_layers` and whose output has `exit_logits`, got a model with a {type(config).__name__}."
             )
         self.exit_loss_weights = self._resolve_exit_loss_weights(args.exit_loss_weights, config)
         if args.distill_from == "teacher":
             self._init_teacher(teacher, processing_class, teacher_processing_class)
+        self._dedier = None
+        if args.dedier:
+            depth = max(config.exit_layers)  # the final exit sits after the last layer
+            if args.dedier_layer > depth:
+                raise ValueError(
+                    f"dedier_layer={args.dedier_layer} is beyond the model's last layer {depth} "
+                    f"(exit_layers={list(config.exit_layers)}); valid: 1..{depth}"
+                )
+            self.train_dataset = with_sample_index(self.train_dataset)
+            self._dedier = DedierCallback(self, num_samples=len(self.train_dataset), seed=args.seed)
+            self.add_callback(self._dedier)
 
     @staticmethod
     def _resolve_exit_loss_weights(weights: str | list[float] | None, config) -> list[float]:
@@ -151,16 +182,53 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         hyperparameters["distill_from"] = self.args.distill_from
         if self.args.distill_from != "none":
             hyperparameters.update(temperature=self.args.temperature, alpha=self.args.alpha)
+        if self.args.dedier:
+            hyperparameters.update(
+                dedier_layer=self.args.dedier_layer,
+                dedier_alpha=self.args.dedier_alpha,
+                dedier_beta=self.args.dedier_beta,
+            )
         return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
 
     def latest_eval_metrics(self) -> dict[str, dict[str, float]]:
-        # `eval_exit_0_accuracy` reads as the metric `accuracy` of a split `eval_exit_0`: the card reports the final
-        # exit only (its metrics carry no exit prefix).
+        # `eval_exit_0_accuracy` reads as the metric `accuracy` of a split `eval_exit_0` (likewise the group metrics
+        # and DEDIER's `dedier_readout_accuracy`): the card reports the final exit's overall metrics only.
         return {
             split: metrics
             for split, metrics in super().latest_eval_metrics().items()
-            if not re.search(r"(^|_)exit_\d+$", split)
+            if not re.search(r"(^|_)(exit_\d+|group_\d+|worst_group|mean_group)$", split)
+            and not split.startswith("dedier")
         }
+
+    @property
+    def dedier_weights(self) -> torch.Tensor | None:
+        """DEDIER's current per-sample weights `(N,)`, indexed by the train set's `sample_index`; `None` without
+        `args.dedier`."""
+        return None if self._dedier is None else self._dedier.weights
+
+    def _set_signature_columns_if_needed(self):
+        # Keep the sample index (DEDIER's weights) and the group ids (group metrics) through Trainer's removal of
+        # the columns the model's forward does not take; compute_loss pops them.
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns += [SAMPLE_INDEX_COLUMN, GROUP_COLUMN]
+
+    def _load_callback_state(self) -> None:
+        if self._dedier is None:
+            return super()._load_callback_state()
+        # Trainer restores callback states only with restore_callback_states_from_checkpoint=True (default False),
+        # and then into a new instance built from JSON arguments, which cannot hold the trainer. DEDIER's weights are
+        # training state, like the optimizer's: always restore them, into this trainer's own callback.
+        name = type(self._dedier).__name__
+        stored = self.state.stateful_callbacks.pop(name, None)
+        super()._load_callback_state()
+        if stored is None:
+            raise ValueError(
+                f"The checkpoint has no {name} state in its trainer_state.json: it was not saved by a dedier=True run, "
+                "so its DEDIER weights cannot be restored. Start a new run from its model weights instead."
+            )
+        self.state.stateful_callbacks[name] = stored  # _save_checkpoint updates this entry
+        self._dedier.load_state(stored)
 
     # ---- loss ------------------------------------------------------------------------------------------------------
 
@@ -173,11 +241,13 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         temperature: float = 2.0,
         alpha: float = 0.5,
         num_items_in_batch: torch.Tensor | int | None = None,
+        sample_weights: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         r"""
         Weighted multi-exit loss `sum_i weights[i] * loss_i`, where `loss_i` is
         [`hf_kd.losses.kd_loss`]`(exit_logits[i], soft_targets[i], labels, temperature, alpha)` when exit `i` has soft
-        targets, and the cross-entropy `CE(labels, exit_logits[i])` when `soft_targets[i]` is `None`.
+        targets, and the cross-entropy `CE(labels, exit_logits[i])` when `soft_targets[i]` is `None`. With
+        `sample_weights`, each is the plain mean of the per-sample losses times the sample weights.
 
         Args:
             exit_logits (sequence of `torch.Tensor` of shape `(batch, num_labels)`):
@@ -192,9 +262,11 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
                 As in [`hf_kd.losses.kd_loss`].
             num_items_in_batch (`int` or `torch.Tensor`, *optional*):
                 Number of labelled rows of the accumulated batch; the loss is then `sum / num_items_in_batch`.
+            sample_weights (`torch.Tensor` of shape `(batch,)`, *optional*):
+                Per-sample weights (DEDIER's) multiplying every exit's per-sample loss; not normalised by their sum.
 
         Returns:
-            `(loss, exit_losses)`: the scalar weighted loss and the unweighted per-exit losses.
+            `(loss, exit_losses)`: the scalar weighted loss and the per-exit losses (not weighted by `weights`).
         """
         if not len(exit_logits) == len(weights) == len(soft_targets):
             raise ValueError(
@@ -211,7 +283,15 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
             else:
                 exit_alpha = alpha
             exit_losses.append(
-                kd_loss(logits, source, labels, temperature, exit_alpha, num_items_in_batch=num_items_in_batch)
+                kd_loss(
+                    logits,
+                    source,
+                    labels,
+                    temperature,
+                    exit_alpha,
+                    num_items_in_batch=num_items_in_batch,
+                    sample_weights=sample_weights,
+                )
             )
         loss = sum(w * exit_loss for w, exit_loss in zip(weights, exit_losses))
         return loss, exit_losses
@@ -219,9 +299,21 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels", None)
         teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
+        sample_index = inputs.pop(SAMPLE_INDEX_COLUMN, None)
+        groups = inputs.pop(GROUP_COLUMN, None)
         outputs = model(**inputs)
+        if getattr(outputs, "exit_logits", None) is None:
+            raise TypeError(
+                f"EarlyExitTrainer needs the model's output to have `exit_logits`, got a {type(outputs).__name__}."
+            )
         exit_logits = tuple(outputs.exit_logits)  # num_exits x (batch, num_labels), exit_logits[-1] = outputs.logits
         num_exits = len(exit_logits)
+
+        sample_weights = None
+        if self._dedier is not None and model.training:  # evaluation losses stay unweighted
+            if sample_index is None:
+                raise ValueError(f"dedier=True: this training batch has no '{SAMPLE_INDEX_COLUMN}'.")
+            sample_weights = self._dedier.weights[sample_index.to(self._dedier.weights.device)]  # (batch,)
 
         distill_from = self.args.distill_from
         if distill_from == "teacher":
@@ -237,7 +329,7 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
 
         T, alpha = self.args.temperature, self.args.alpha
         loss, _ = self.early_exit_loss(
-            exit_logits, labels, self.exit_loss_weights, soft_targets, T, alpha, num_items_in_batch
+            exit_logits, labels, self.exit_loss_weights, soft_targets, T, alpha, num_items_in_batch, sample_weights
         )
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
@@ -251,12 +343,15 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
                         kd_loss(logits, logits, labels, T, alpha=0.0).detach()
                     )
         if return_outputs:
-            # predictions = (final, exit_0, ..., exit_{L-1}[, teacher]) in this order: make_exit_compute_metrics reads
-            # them by position (Trainer keeps the dict's order).
+            # predictions = (final, exit_0, ..., exit_{L-1}[, teacher][, group]) in this order:
+            # make_exit_compute_metrics reads them by position (Trainer keeps the dict's order). The group ids travel
+            # as a prediction so that Trainer gathers them across processes exactly like the logits.
             predictions = {"logits": exit_logits[-1]}
             predictions.update({f"exit_{i}_logits": logits for i, logits in enumerate(exit_logits)})
             if distill_from == "teacher":
                 predictions[TEACHER_LOGITS_COLUMN] = teacher_logits
+            if groups is not None:
+                predictions[GROUP_COLUMN] = groups
             return loss, predictions
         return loss
 
