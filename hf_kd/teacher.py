@@ -32,7 +32,7 @@ logger = logging.getLogger(__name__)
 TEACHER_LOGITS_COLUMN = "teacher_logits"
 # The inputs a sequence-classification teacher consumes; everything else in a batch (labels, cached logits, ...) is
 # dropped before the teacher runs.
-TEACHER_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids")
+TEACHER_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
 
 
 def load_teacher(
@@ -212,8 +212,8 @@ def teacher_inputs(
 ) -> dict[str, torch.Tensor]:
     """Select (and re-index) the part of a student batch the teacher consumes.
 
-    Keeps `input_ids`, `attention_mask` and `token_type_ids` when the teacher's `forward` accepts them (MPNet has no
-    token types), and maps `input_ids` through `token_id_map` when given.
+    Keeps `input_ids`, `attention_mask`, `token_type_ids` and `pixel_values` when the teacher's `forward` accepts them
+    (MPNet has no token types), and maps `input_ids` through `token_id_map` when given.
     """
     accepted = _forward_parameters(teacher)
     batch = {k: inputs[k] for k in TEACHER_INPUT_NAMES if k in inputs and k in accepted}
@@ -383,15 +383,18 @@ def compute_teacher_logits(
 ) -> torch.Tensor:
     """One batched, gradient-free pass of the teacher over `dataset`; returns `(num_rows, num_labels)` float32 logits.
 
-    Rows are processed in order of length so that dynamic padding wastes little compute, then put back in dataset
-    order.
+    Text rows are processed in order of length so that dynamic padding wastes little compute, then put back in
+    dataset order; other inputs (`pixel_values`) in dataset order.
     """
     from tqdm.auto import tqdm
 
     columns = [c for c in TEACHER_INPUT_NAMES if c in dataset.column_names]
     rows = dataset.select_columns(columns)
-    lengths = torch.tensor([len(ids) for ids in rows["input_ids"]])
-    order = torch.argsort(lengths, descending=True, stable=True)
+    if "input_ids" in columns:
+        lengths = torch.tensor([len(ids) for ids in rows["input_ids"]])
+        order = torch.argsort(lengths, descending=True, stable=True)
+    else:
+        order = torch.arange(len(rows))
     out = None
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
         index = order[start : start + batch_size]

@@ -77,7 +77,7 @@ def train(out: Path, opts) -> dict:
 
 
 def image_batches(dataset, batch_size: int) -> list[dict]:
-    pixels = dataset["pixel_values"]
+    pixels = dataset[:]["pixel_values"]  # (N, 1, 28, 28) tensor
     return [{"pixel_values": pixels[i : i + batch_size]} for i in range(0, len(pixels), batch_size)]
 
 
@@ -92,7 +92,7 @@ def exit_probabilities(out: Path, opts):
     model = MultiExitForImageClassification.from_pretrained(out / "model").eval()
     splits = load_splits(opts)
     probs = {split: all_exit_probs(model, splits[split]) for split in ("validation", "test")}
-    labels = {split: splits[split]["labels"].numpy() for split in ("validation", "test")}
+    labels = {split: splits[split][:]["labels"].numpy() for split in ("validation", "test")}
     return model, probs, labels
 
 

@@ -9,6 +9,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 import time
 from functools import partial
@@ -18,12 +19,21 @@ import numpy as np
 
 from hf_kd.early_exit import simulate_exits
 
-# Threshold grids swept offline.
+# Threshold grids swept offline. Entropy thresholds are fractions of the largest entropy, log(num_classes).
 GRIDS = {
-    "max_prob": [0.5 + 0.01 * i for i in range(50)] + [0.995, 0.999, 1.0],
-    "entropy": [0.0, 0.001, 0.005] + [0.01 * i for i in range(1, 70)],
+    "max_prob": [0.1 + 0.01 * i for i in range(90)] + [0.995, 0.999, 1.0],
+    "entropy": [0.0, 0.001, 0.005] + [0.01 * i for i in range(1, 100)],
     "patience": [1, 2, 3, 4, 5],
 }
+
+
+def grid(policy: str, num_classes: int) -> list[float]:
+    """The threshold values swept for `policy` (max_prob values below 1/num_classes are dropped: all would exit)."""
+    if policy == "entropy":
+        return [round(f * math.log(num_classes), 6) for f in GRIDS["entropy"]]
+    if policy == "max_prob":
+        return [v for v in GRIDS["max_prob"] if v >= 1 / num_classes]
+    return GRIDS[policy]
 
 
 def policy_kwargs(policy: str, value) -> dict:
@@ -34,7 +44,7 @@ def sweep(policy: str, probs: np.ndarray, labels: np.ndarray, exit_layers: list[
     """Accuracy and mean layers run (and the FLOPs fraction of the full model, given each exit's cumulative FLOPs)
     for every value of the policy's grid; `probs` `(K, N, C)`, `labels` `(N,)`."""
     rows = []
-    for value in GRIDS[policy]:
+    for value in grid(policy, probs.shape[-1]):
         chosen, chosen_probs = simulate_exits(probs, policy=policy, **policy_kwargs(policy, value))
         row = {
             "value": value,

@@ -36,11 +36,17 @@ def dedier_trainer(tmp_path, model=None, **kwargs):
 
 
 def train_features(trainer, model, layer=1):
-    """First-token hidden states at `layer` of every train row, in sample-index order, computed independently."""
+    """Hidden states at `layer` of every train row, pooled as the model's exits pool them (masked mean or first
+    token), in sample-index order, computed independently."""
     rows = trainer.train_dataset
     batch = trainer.data_collator([{k: rows[i][k] for k in ("input_ids", "attention_mask")} for i in range(len(rows))])
     with torch.no_grad():
-        hidden = model.eval()(**batch, output_hidden_states=True).hidden_states[layer][:, 0]
+        hidden = model.eval()(**batch, output_hidden_states=True).hidden_states[layer]
+    if model.config.exit_pooling == "mean":
+        mask = batch["attention_mask"].unsqueeze(-1).float()
+        hidden = (hidden * mask).sum(1) / mask.sum(1)
+    else:
+        hidden = hidden[:, 0]
     order = torch.tensor(rows[SAMPLE_INDEX_COLUMN]).argsort()
     return hidden[order], torch.tensor(rows["label"])[order]
 

@@ -83,7 +83,8 @@ class DedierReadout(nn.Module):
     r"""
     DEDIER's early readout: a small classifier trained on the frozen model's features at one layer.
 
-    - Token features of shape `(batch, hidden)`, the first-token hidden state of a sequence model:
+    - Token features of shape `(batch, hidden)`, a sequence model's hidden states pooled as its exits pool them (masked
+      mean or first token):
       `Linear(hidden, hidden) -> tanh -> Linear(hidden, num_labels)`, the shape of BERT's pooler and classifier. (The
       paper's release implements no text readout; one hidden non-linear layer mirrors the capacity of its image
       readout.)
@@ -136,8 +137,9 @@ class DedierCallback(TrainerCallback, ExportableState):
     At each re-weighting, on every process:
 
     1. the unwrapped model, in eval mode and without gradients, runs over the **whole** train set (not this
-       process's shard) with `output_hidden_states=True`; its features are `hidden_states[args.dedier_layer]`, the
-       first token for a sequence model `(N, hidden)` and the feature map for an image model `(N, C, H, W)`;
+       process's shard) with `output_hidden_states=True`; its features are `hidden_states[args.dedier_layer]`, pooled
+       as the model's exits pool them for a sequence model `(N, hidden)` (masked mean or first token, per
+       `config.exit_pooling`), and the feature map for an image model `(N, C, H, W)`;
     2. a new [`DedierReadout`] (re-initialised every time from the seed `args.seed + number of re-weightings so
        far`) is trained on them with cross-entropy for `args.dedier_readout_epochs` epochs, in a random order drawn
        from the same seed;
@@ -336,7 +338,13 @@ class DedierCallback(TrainerCallback, ExportableState):
         hidden = hidden_states[layer]
         # float(): the readout trains in float32 whatever the model's dtype.
         if hidden.dim() == 3:
-            return hidden[:, 0].float()  # sequence model: the first ([CLS]) token, (bs, hidden)
+            # Sequence model, (bs, hidden): pooled as the model's own exits pool (MultiExitConfig.exit_pooling), so
+            # the readout sees what an exit at that layer would see; the first ([CLS]) token otherwise.
+            mask = batch.get("attention_mask")
+            if getattr(model.config, "exit_pooling", "cls") == "mean":
+                weights = torch.ones_like(hidden[..., :1]) if mask is None else mask.to(hidden.dtype).unsqueeze(-1)
+                return ((hidden * weights).sum(1) / weights.sum(1).clamp(min=1.0)).float()
+            return hidden[:, 0].float()
         if hidden.dim() == 4:
             return hidden.float()  # image model: (bs, C, H, W)
         raise ValueError(

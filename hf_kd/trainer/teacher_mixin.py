@@ -156,10 +156,10 @@ class _TeacherMixin:
                 f"cache_teacher_logits needs a datasets.Dataset for the {split} split, got {type(dataset).__name__}. "
                 f"Add a '{TEACHER_LOGITS_COLUMN}' column yourself or train with an online teacher."
             )
-        if "input_ids" not in dataset.column_names:
+        if "input_ids" not in dataset.column_names and "pixel_values" not in dataset.column_names:
             raise ValueError(
-                f"The {split} dataset has no 'input_ids' column (columns: {dataset.column_names}); tokenize it before "
-                "building the trainer so teacher logits can be cached."
+                f"The {split} dataset has no 'input_ids' or 'pixel_values' column (columns: {dataset.column_names}); "
+                "tokenize it before building the trainer so teacher logits can be cached."
             )
         columns = [c for c in TEACHER_INPUT_NAMES if c in dataset.column_names]
         data_key = dataset_fingerprint(dataset, columns)
