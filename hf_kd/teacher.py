@@ -183,18 +183,25 @@ def check_vocabularies(
     Feeding student ids to a teacher with another vocabulary would silently produce garbage (PEERS.md: TRL #4562,
     DistillKit #7).
 
+    Models without a vocabulary on both sides (image classifiers: no `vocab_size`) pass: there are no token ids to
+    misread.
+
     Returns:
         `None` when no mapping is needed, else the `(student_vocab,)` id map.
     """
-    same_vocab = student_config.vocab_size == teacher_config.vocab_size
+    student_vocab_size = getattr(student_config, "vocab_size", None)
+    teacher_vocab_size = getattr(teacher_config, "vocab_size", None)
+    if student_vocab_size is None and teacher_vocab_size is None and not map_token_ids:
+        return None
+    same_vocab = student_vocab_size == teacher_vocab_size
     if same_vocab and student_tokenizer is not None and teacher_tokenizer is not None:
         same_vocab = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
     if same_vocab and not map_token_ids:
         return None
     if not map_token_ids:
         raise ValueError(
-            f"Student and teacher vocabularies differ (student vocab_size={student_config.vocab_size}, teacher "
-            f"vocab_size={teacher_config.vocab_size}): the teacher would read student token ids as other tokens. "
+            f"Student and teacher vocabularies differ (student vocab_size={student_vocab_size}, teacher "
+            f"vocab_size={teacher_vocab_size}): the teacher would read student token ids as other tokens. "
             "If the teacher vocabulary holds the same tokens under other ids (e.g. MPNet teacher, BERT/MiniLM "
             "student), set `map_teacher_token_ids=True`; otherwise cache teacher logits computed with the "
             "teacher's own tokenizer in a `teacher_logits` column."
@@ -272,7 +279,8 @@ def teacher_fingerprint(teacher: str | os.PathLike | nn.Module, init_kwargs: dic
             hasher.update(config.to_json_string(use_diff=False).encode())
         for name, tensor in sorted(model.state_dict().items()):
             hasher.update(name.encode())
-            hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): 0-d buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes.
+            hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return hasher.hexdigest()
 
     for path in _teacher_files(str(teacher), init_kwargs or {}):

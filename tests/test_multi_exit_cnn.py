@@ -271,3 +271,35 @@ def test_save_load_round_trip_auto_class_and_remote_code(tmp_path):
     torch.testing.assert_close(
         pred.probs, model.predict_with_exits(x, policy="budget", thresholds=[0.5], mie=True).probs
     )
+
+
+# --------------------------------------------------------------------------------------------------- image teacher
+
+
+@pytest.mark.parametrize("cache", [False, True])
+def test_image_teacher_distils_into_the_exits(tmp_path, cache):
+    """An image classifier teaches through EarlyExitTrainer online and from the logits cache (no vocabulary to
+    check), and the cached logits are the teacher's own."""
+    import datasets
+    from transformers import DefaultDataCollator
+
+    from hf_kd import EarlyExitConfig, EarlyExitTrainer
+
+    teacher = tiny_cnn(seed=1, stage_channels=[8, 8, 16])
+    pixels = images(seed=3, batch=16)
+    train = datasets.Dataset.from_dict({"pixel_values": pixels.tolist(), "labels": list(range(10)) + [0] * 6})
+    args = EarlyExitConfig(
+        output_dir=str(tmp_path), max_steps=2, per_device_train_batch_size=8, report_to="none", use_cpu=True,
+        distill_from="teacher", alpha=1.0, cache_teacher_logits=cache, teacher_logits_cache_dir=str(tmp_path / "c"),
+    )
+    student = tiny_cnn(seed=2).train()
+    trainer = EarlyExitTrainer(
+        model=student, args=args, teacher_model=teacher, train_dataset=train, data_collator=DefaultDataCollator()
+    )
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] > 0
+    if cache:
+        with torch.no_grad():
+            expected = teacher(pixel_values=pixels).logits
+        cached = torch.tensor(trainer.train_dataset["teacher_logits"])
+        torch.testing.assert_close(cached, expected, rtol=1e-4, atol=1e-5)
