@@ -314,7 +314,8 @@ def dataset_fingerprint(dataset: datasets.Dataset, columns: list[str]) -> str:
     """A hash of the teacher input columns of `dataset`, row by row in the current order."""
     hasher = hashlib.sha256()
     hasher.update(json.dumps(columns).encode())
-    for batch in dataset.select_columns(columns).iter(batch_size=2048):
+    # with_format(None): plain Python values whatever the dataset's format (torch tensors are not JSON).
+    for batch in dataset.select_columns(columns).with_format(None).iter(batch_size=2048):
         hasher.update(json.dumps(batch, sort_keys=True).encode())
     return hasher.hexdigest()
 
