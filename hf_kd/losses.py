@@ -363,6 +363,7 @@ def dedier_weights(
     top2 = probs.topk(2, dim=-1)
     margin = top2.values[:, 0] - top2.values[:, 1]  # (N,), in [0, 1]
     labels = labels.to(probs.device).long()
-    misread = (labels != -100) & (top2.indices[:, 0] != labels)
+    # argmax, not topk's index: on ties topk may return any of the tied classes, argmax the first, as the metrics.
+    misread = (labels != -100) & (probs.argmax(dim=-1) != labels)
     upweight = torch.exp(beta * margin.pow(alpha))
     return torch.where(misread.to(weights.device), upweight.to(weights), weights)
