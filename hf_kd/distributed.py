@@ -223,6 +223,8 @@ def prepare_deepspeed_teacher(
                 teacher = load_teacher(teacher, init_kwargs)
         teacher = load_teacher(teacher)  # frozen, eval mode
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
+    except OSError:
+        raise  # a teacher that cannot be found or read: transformers' own message says it best
     except Exception as err:
         raise RuntimeError(
             f"DeepSpeed could not initialise the teacher {str(name)!r} for ZeRO-{stage} inference "

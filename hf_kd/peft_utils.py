@@ -50,8 +50,12 @@ def is_peft_model(model: nn.Module) -> bool:
     return isinstance(model, (PeftModel, PeftMixedModel))
 
 
-def _is_leaf(module: nn.Module) -> bool:
-    """Owns parameters or buffers itself, or is a PEFT wrapper around a leaf (a `ModulesToSaveWrapper`, a LoRA layer)."""
+def _is_leaf(module: nn.Module, name: str) -> bool:
+    """Named `classifier` / `score` (PEFT wraps those whole for `task_type="SEQ_CLS"`, by name suffix: a part of one
+    listed too would be wrapped twice), owns parameters or buffers itself, or is a PEFT wrapper around a leaf (a
+    `ModulesToSaveWrapper`, a LoRA layer)."""
+    if name.rsplit(".", 1)[-1] in CLASSIFIER_HEAD_NAMES:
+        return True
     if next(module.parameters(recurse=False), None) is not None or next(module.buffers(recurse=False), None) is not None:
         return True
     if is_peft_available():
@@ -64,7 +68,7 @@ def _is_leaf(module: nn.Module) -> bool:
 
 def _leaves(module: nn.Module, prefix: str) -> list[str]:
     """The leaf submodules ([`_is_leaf`]) of `module`, named from `prefix`, outermost first."""
-    if _is_leaf(module):
+    if _is_leaf(module, prefix):
         return [prefix]
     names = []
     for child_name, child in module.named_children():
@@ -81,7 +85,8 @@ def head_module_names(model: nn.Module) -> list[str]:
     direct children. Each head is expanded leaf by leaf into the submodules that own parameters or buffers, e.g.
     `exits.0.classifier`, `exits.0.dense`, `exits.1.classifier`: PEFT rejects a `ModuleList` in `modules_to_save`,
     and it matches names by suffix, so a whole `exits.0` would also catch PEFT's own `classifier` entry of
-    `task_type="SEQ_CLS"` one level down and wrap the same head twice.
+    `task_type="SEQ_CLS"` one level down and wrap the same head twice. For the same reason a module named
+    `classifier` or `score` is kept whole (RoBERTa's `classifier` has a `dense` and an `out_proj`).
 
     Args:
         model (`nn.Module`):

@@ -291,7 +291,8 @@ def tensors_fingerprint(model: nn.Module, named_tensors) -> str:
     for name, tensor in named_tensors:
         hasher.update(name.encode())
         with _gathered(tensor):
-            hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): 0-d buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes.
+            hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
     return hasher.hexdigest()
 
 

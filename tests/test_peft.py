@@ -70,6 +70,25 @@ class TestHeadModuleNames:
 
         assert head_module_names(WithKDLayers()) == ["kd_layers.a", "kd_layers.b.1"]
 
+    def test_composite_classifier_kept_whole(self):
+        """RoBERTa-style `classifier` (dense + out_proj) and a declared head holding one: PEFT's SEQ_CLS entry wraps a
+        `classifier` whole, so listing its parts too would wrap them twice."""
+
+        class Head(nn.Module):
+            def __init__(self):
+                super().__init__()
+                self.dense, self.out_proj = nn.Linear(4, 4), nn.Linear(4, 2)
+
+        class Model(nn.Module):
+            _hf_kd_heads = ("exits",)
+
+            def __init__(self):
+                super().__init__()
+                self.classifier = Head()
+                self.exits = nn.ModuleList([nn.ModuleDict({"classifier": Head(), "norm": nn.LayerNorm(4)})])
+
+        assert head_module_names(Model()) == ["exits.0.classifier", "exits.0.norm", "classifier"]
+
 
 class TestPreparePeftModel:
     def test_every_exit_head_trains_and_lora_goes_on_the_backbone(self):
