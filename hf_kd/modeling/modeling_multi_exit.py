@@ -347,7 +347,9 @@ class _EarlyExitRun:
 @contextlib.contextmanager
 def _without_zero3_init():
     """Build models whole even in a DeepSpeed ZeRO-3 run (transformers otherwise builds them into shards with
-    `zero.Init`, and a shard cannot be copied into another model). DeepSpeed shards the result when training starts."""
+    `zero.Init`, and a shard cannot be copied into another model). DeepSpeed shards the result when training starts.
+    `hf_kd.distributed.zero3_init(None)` does the same; it is not imported here because a modeling file must load with
+    `trust_remote_code` without hf_kd."""
     import transformers.integrations.deepspeed as hf_deepspeed
 
     previous = hf_deepspeed._hf_deepspeed_config_weak_ref

@@ -5,7 +5,7 @@ PEFT: `peft_config=` wraps the student with [`hf_kd.peft_utils.prepare_peft_mode
 does), so that hf_kd's heads train and are saved with the adapter; an already wrapped `PeftModel` is checked for
 frozen heads. A saved adapter points at its base model's Hub id whenever the base came from the Hub.
 
-Model cards: Whenever a model is saved (`save_model`, each checkpoint, and
+Model cards: whenever a model is saved (`save_model`, each checkpoint, and
 `push_to_hub`), the main process renders hf_kd's card (see [`hf_kd.hub.generate_model_card`]) into the saved folder
 and into `output_dir`, with a `model-index` built from the latest evaluation metrics in `state.log_history`:
 calibration metrics included, which the stock `Trainer.create_model_card` drops. `trainer.push_to_hub()` calls
