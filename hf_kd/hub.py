@@ -404,6 +404,7 @@ def generate_model_card(
     license: str | None = None,
     language: str | list[str] | None = None,
     template: str = DEFAULT_TEMPLATE,
+    library_name: str = "transformers",
 ) -> ModelCard:
     r"""
     Render an hf_kd model card from a template in `hf_kd.model_cards` with `huggingface_hub.ModelCard.from_template`.
@@ -461,6 +462,10 @@ def generate_model_card(
             Language code(s).
         template (`str`, *optional*, defaults to `"distill_model_card.md"`):
             File name of the template in `hf_kd.model_cards`.
+        library_name (`str`, *optional*, defaults to `"transformers"`):
+            `"peft"` for a PEFT adapter: the Hub then lists it as an adapter of `base_model`. The quick start
+            stays valid: with peft installed, transformers' `from_pretrained` (and so `pipeline`) loads an adapter
+            folder or repo onto its base model, `modules_to_save` heads included.
 
     Returns:
         `huggingface_hub.ModelCard`.
@@ -532,7 +537,7 @@ def generate_model_card(
         model_name=model_name,
         base_model=base_model_id,
         datasets=_hub_ids(datasets, "datasets"),
-        library_name="transformers",
+        library_name=library_name,
         pipeline_tag="text-classification",
         license=license,
         language=language,

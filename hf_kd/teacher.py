@@ -13,6 +13,7 @@ Four jobs, each a small function so `DistillTrainer` and `EarlyExitTrainer` use 
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -273,21 +274,42 @@ def teacher_fingerprint(teacher: str | os.PathLike | nn.Module, init_kwargs: dic
     hasher = hashlib.sha256()
     if isinstance(teacher, nn.Module):
         model = getattr(teacher, "module", teacher)
-        config = getattr(model, "config", None)
-        hasher.update(type(model).__name__.encode())
-        if config is not None:
-            hasher.update(config.to_json_string(use_diff=False).encode())
-        for name, tensor in sorted(model.state_dict().items()):
-            hasher.update(name.encode())
-            # reshape(-1): 0-d buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes.
-            hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-        return hasher.hexdigest()
+        # keep_vars: the parameters themselves, so that ZeRO-3 shards can be gathered (their .data is empty).
+        return tensors_fingerprint(model, sorted(model.state_dict(keep_vars=True).items()))
 
     for path in _teacher_files(str(teacher), init_kwargs or {}):
         hasher.update(path.name.encode())
         _sha256_file(path, hasher)
     hasher.update(json.dumps(init_kwargs or {}, sort_keys=True, default=str).encode())
     return hasher.hexdigest()
+
+
+def tensors_fingerprint(model: nn.Module, named_tensors) -> str:
+    """A hash of `model`'s class and config and of `named_tensors` (`(name, tensor)` pairs, in the order given).
+
+    A parameter partitioned by DeepSpeed ZeRO-3 is gathered, one at a time, while it is hashed: a collective, so every
+    process must hash the same tensors.
+    """
+    hasher = hashlib.sha256()
+    config = getattr(model, "config", None)
+    hasher.update(type(model).__name__.encode())
+    if config is not None:
+        hasher.update(config.to_json_string(use_diff=False).encode())
+    for name, tensor in named_tensors:
+        hasher.update(name.encode())
+        with _gathered(tensor):
+            # reshape(-1): 0-d buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes.
+            hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
+def _gathered(tensor: torch.Tensor):
+    """Context in which a ZeRO-3 partitioned parameter holds its full value (a no-op for any other tensor)."""
+    if hasattr(tensor, "ds_id"):
+        import deepspeed
+
+        return deepspeed.zero.GatheredParameters([tensor])
+    return contextlib.nullcontext()
 
 
 def _teacher_files(teacher: str, init_kwargs: dict[str, Any]) -> list[Path]:
@@ -389,11 +411,19 @@ def compute_teacher_logits(
     device: torch.device,
     token_id_map: torch.LongTensor | None = None,
     desc: str = "Teacher logits",
+    process_index: int = 0,
+    num_processes: int = 1,
 ) -> torch.Tensor:
     """One batched, gradient-free pass of the teacher over `dataset`; returns `(num_rows, num_labels)` float32 logits.
 
     Text rows are processed in order of length so that dynamic padding wastes little compute, then put back in
     dataset order; other inputs (`pixel_values`) in dataset order.
+
+    With `num_processes > 1` the batches are dealt out round-robin and this process computes only its own: the rows
+    of the other processes' batches are left at zero, so that summing the results of all processes (an all-reduce)
+    gives every row exactly once. Every process runs the same number of forwards (the last one repeats a batch and
+    drops its result when the batches do not divide evenly), which a ZeRO-3 teacher, whose forward is a collective,
+    needs.
     """
     from tqdm.auto import tqdm
 
@@ -404,13 +434,19 @@ def compute_teacher_logits(
         order = torch.argsort(lengths, descending=True, stable=True)
     else:
         order = torch.arange(len(rows))
+    num_batches = -(-len(rows) // batch_size)
+    steps = -(-num_batches // num_processes)
     out = None
-    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+    for step in tqdm(range(steps), desc=desc, unit="batch", leave=False, disable=process_index != 0):
+        batch_index = step * num_processes + process_index
+        own = batch_index < num_batches
+        start = (batch_index if own else num_batches - 1) * batch_size
         index = order[start : start + batch_size]
         batch = collator([rows[int(i)] for i in index])
         batch = {k: v.to(device) for k, v in batch.items() if k in columns}
         logits = teacher_logits_for_batch(teacher, batch, token_id_map).float().cpu()
         if out is None:
-            out = torch.empty(len(rows), logits.shape[-1])
-        out[index] = logits
+            out = torch.zeros(len(rows), logits.shape[-1])
+        if own:
+            out[index] = logits
     return out

@@ -5,13 +5,13 @@ Each rank writes `rank<k>.json` with hashes of its final model and of its DEDIER
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
 import torch.distributed as dist
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from hf_kd.distributed import end_distributed  # noqa: E402
 from tests.test_dedier import dedier_args  # noqa: E402
 from tests.test_early_exit_trainer import make_trainer, tiny_multi_exit  # noqa: E402
 from tests.testing_utils import tiny_bert  # noqa: E402
@@ -40,11 +40,7 @@ def main(out_dir: str) -> None:
         "global_step": trainer.state.global_step,
     }
     (out / f"rank{dist.get_rank()}.json").write_text(json.dumps(result))
-    dist.barrier()
-    # Leave without tearing the gloo group down (see distributed_distill.py).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed()
 
 
 if __name__ == "__main__":

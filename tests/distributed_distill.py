@@ -5,7 +5,6 @@ Each rank writes `rank<k>.json` with a hash of its final student weights, its te
 
 import hashlib
 import json
-import os
 import sys
 from pathlib import Path
 
@@ -15,6 +14,7 @@ from transformers import DataCollatorWithPadding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from hf_kd import DistillConfig, DistillTrainer  # noqa: E402
+from hf_kd.distributed import end_distributed  # noqa: E402
 from tests.testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer  # noqa: E402
 
 
@@ -35,26 +35,38 @@ def main(out_dir: str, cache: str) -> None:
     )
     train_output = trainer.train()
     metrics = trainer.evaluate()
-    digest = hashlib.sha256()
-    for _name, param in sorted(student.state_dict().items()):
-        digest.update(param.detach().numpy().tobytes())
     rank = dist.get_rank()
     result = {
         "world_size": dist.get_world_size(),
-        "student_sha": digest.hexdigest(),
+        "student_sha": sha(student),
         "teacher_unchanged": all(torch.equal(p, teacher_before[n]) for n, p in teacher.named_parameters()),
         "train_loss": train_output.training_loss,
         "eval": metrics,
         "global_step": trainer.state.global_step,
     }
+    if cache == "online":
+        # Resume under DDP: a new trainer from the epoch-1 checkpoint ends with the uninterrupted run's weights.
+        resumed = tiny_bert(seed=3)  # other initial weights: the checkpoint must overwrite them all
+        trainer = DistillTrainer(
+            model=resumed, args=args, teacher_model=teacher, train_dataset=tiny_dataset(32),
+            eval_dataset=tiny_dataset(16, seed=1), processing_class=tokenizer,
+            data_collator=DataCollatorWithPadding(tokenizer),
+        )
+        trainer.train(resume_from_checkpoint=str(out / "run" / "checkpoint-4"))
+        result["resumed_sha"] = sha(resumed)
+        result["resumed_max_abs_diff"] = max(
+            (a - b).abs().max().item() for a, b in zip(student.state_dict().values(), resumed.state_dict().values())
+        )
+        result["resumed_global_step"] = trainer.state.global_step
     (out / f"rank{rank}.json").write_text(json.dumps(result))
-    dist.barrier()
-    # Every rank has written its results. Leave without tearing the gloo group down: letting the interpreter destroy
-    # it aborts ~1 exit in 5 (ENVIRONMENT.md), and `destroy_process_group()` itself deadlocked here in ~1 run in 8
-    # (torch 2.13: ~ProcessGroupGloo waits on a mutex held by its run-loop thread, which waits for the GIL).
-    sys.stdout.flush()
-    sys.stderr.flush()
-    os._exit(0)
+    end_distributed()
+
+
+def sha(model) -> str:
+    digest = hashlib.sha256()
+    for _name, param in sorted(model.state_dict().items()):
+        digest.update(param.detach().numpy().tobytes())
+    return digest.hexdigest()
 
 
 if __name__ == "__main__":

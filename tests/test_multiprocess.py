@@ -19,7 +19,8 @@ def free_port() -> int:
 @pytest.mark.multiprocess
 @pytest.mark.parametrize("mode", ["online", "cache"])
 def test_two_process_ddp_on_cpu(tmp_path, mode):
-    """2 real ranks (torchrun, gloo): training ends on every rank with identical students and an untouched teacher."""
+    """2 real ranks (torchrun, gloo): training ends on every rank with identical students and an untouched teacher;
+    online, a run resumed from the epoch-1 checkpoint ends with exactly the uninterrupted run's weights."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
     cmd = [
         sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
@@ -36,6 +37,10 @@ def test_two_process_ddp_on_cpu(tmp_path, mode):
     assert "eval_sigma" in ranks[0]["eval"] and ranks[0]["eval"]["eval_loss"] > 0
     if mode == "cache":
         assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    else:
+        for rank in ranks:
+            assert rank["resumed_global_step"] == 8 and rank["resumed_max_abs_diff"] == 0.0
+            assert rank["resumed_sha"] == rank["student_sha"]
 
 
 @pytest.mark.multiprocess

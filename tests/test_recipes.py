@@ -12,8 +12,9 @@ import pytest
 from .testing_utils import tiny_bert, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
+# PYTHONPATH: the scripts import hf_kd from this checkout, not from wherever it was pip-installed (worktrees, clones).
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-       "CUDA_VISIBLE_DEVICES": ""}
+       "CUDA_VISIBLE_DEVICES": "", "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
 
 
 def run(cmd, timeout=600):

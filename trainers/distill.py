@@ -13,8 +13,16 @@ Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is acce
     python trainers/distill.py --method erm --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 \
         --output_dir outputs/teacher-l6 --num_train_epochs 2
 
+Scaling out (README "Scaling out"; accelerate and DeepSpeed configs in trainers/accelerate/ and trainers/deepspeed/):
+
+    accelerate launch --config_file trainers/accelerate/multi_process.yaml trainers/distill.py <yaml>   # DDP
+    accelerate launch --config_file trainers/accelerate/deepspeed_zero3.yaml trainers/distill.py <yaml>  # ZeRO-3
+    deepspeed --num_gpus 2 trainers/distill.py <yaml> --deepspeed trainers/deepspeed/zero2.json          # ZeRO-2
+    python trainers/distill.py <yaml> --use_peft --lora_r 8 [--teacher_from_base_model]                 # LoRA student
+
 Test-split metrics (accuracy, ECE with 15 bins, NLL, Brier, mean entropy, and sigma for KD) are written to
-`<output_dir>/test_results.json` next to the saved model.
+`<output_dir>/test_results.json` next to the saved model (an adapter with --use_peft), with the number of processes
+and, for KD, where the teacher's weights lived (`teacher_placement`).
 """
 
 import json
@@ -29,9 +37,12 @@ from transformers import (
     HfArgumentParser,
     Trainer,
     TrainingArguments,
+    set_seed,
 )
 
 from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics
+from hf_kd.distributed import end_distributed
+from hf_kd.peft_utils import LoraArguments, get_peft_config
 
 DATASETS = {
     "rotten_tomatoes": data.load_rotten_tomatoes,
@@ -42,13 +53,10 @@ METHODS = ("erm", "ls", "kd")
 
 
 @dataclass
-class ScriptArguments:
+class DataArguments:
+    """The data flags every recipe shares (trainers/early_exit.py too)."""
+
     dataset_name: str = field(default="rotten_tomatoes", metadata={"help": f"One of {sorted(DATASETS)}."})
-    model_name_or_path: str = field(
-        default="sentence-transformers/paraphrase-MiniLM-L3-v2", metadata={"help": "Student (or ERM/LS model)."}
-    )
-    method: str = field(default="kd", metadata={"help": f"One of {METHODS}."})
-    label_smoothing: float = field(default=0.1, metadata={"help": "Epsilon of --method ls."})
     max_length: int = field(default=64, metadata={"help": "Truncation length in tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation/test rows."})
@@ -57,11 +65,23 @@ class ScriptArguments:
     def __post_init__(self):
         if self.dataset_name not in DATASETS:
             raise ValueError(f"dataset_name must be one of {sorted(DATASETS)}, got {self.dataset_name!r}")
+
+
+@dataclass
+class ScriptArguments(DataArguments):
+    model_name_or_path: str = field(
+        default="sentence-transformers/paraphrase-MiniLM-L3-v2", metadata={"help": "Student (or ERM/LS model)."}
+    )
+    method: str = field(default="kd", metadata={"help": f"One of {METHODS}."})
+    label_smoothing: float = field(default=0.1, metadata={"help": "Epsilon of --method ls."})
+
+    def __post_init__(self):
+        super().__post_init__()
         if self.method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
 
 
-def load_splits(script_args: ScriptArguments, tokenizer):
+def load_splits(script_args: DataArguments, tokenizer):
     splits = DATASETS[script_args.dataset_name](seed=script_args.split_seed)
     limits = {"train": script_args.max_train_samples}
     limits["validation"] = limits["test"] = script_args.max_eval_samples
@@ -77,14 +97,15 @@ def load_splits(script_args: ScriptArguments, tokenizer):
     )
 
 
-def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tokenizer):
-    label_names = splits["train"].features["label"].names
-    model = AutoModelForSequenceClassification.from_pretrained(
-        script_args.model_name_or_path,
-        num_labels=len(label_names),
-        id2label=dict(enumerate(label_names)),
-        label2id={name: i for i, name in enumerate(label_names)},
-    )
+def label_kwargs(splits) -> dict:
+    """`num_labels`, `id2label` and `label2id` of the train split's `label` feature."""
+    names = splits["train"].features["label"].names
+    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
+
+
+def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tokenizer, peft_config=None):
+    set_seed(args.seed)  # a fresh classifier: the same initialisation on every process count and launcher
+    model = AutoModelForSequenceClassification.from_pretrained(script_args.model_name_or_path, **label_kwargs(splits))
     common = dict(
         model=model,
         train_dataset=splits["train"],
@@ -93,30 +114,46 @@ def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tok
         data_collator=DataCollatorWithPadding(tokenizer),
     )
     if script_args.method == "kd":
-        return DistillTrainer(args=args, **common)
+        return DistillTrainer(args=args, peft_config=peft_config, **common)
+    if peft_config is not None:
+        raise ValueError(f"--use_peft is for --method kd (hf_kd's trainers), got --method {script_args.method}")
     # The baselines use the stock Trainer: hf_kd adds nothing to plain cross-entropy but its metrics.
     plain = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
     plain["label_smoothing_factor"] = script_args.label_smoothing if script_args.method == "ls" else 0.0
     return Trainer(args=TrainingArguments(**plain), compute_metrics=make_compute_metrics(), **common)
 
 
-def run(script_args: ScriptArguments, args: DistillConfig) -> dict:
-    """Train, evaluate on the test split, save model + tokenizer + `test_results.json`; return the test metrics."""
-    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
-    splits = load_splits(script_args, tokenizer)
-    trainer = build_trainer(script_args, args, splits, tokenizer)
-    trainer.train()
-    metrics = trainer.evaluate(splits["test"], metric_key_prefix="test")
+def finish(trainer, args, test, summary: dict) -> dict:
+    """Evaluate on the test split, save the model (an adapter for PEFT students) and `test_results.json` (`summary`,
+    the number of processes, the teacher's placement, the test metrics); return the test metrics."""
+    metrics = trainer.evaluate(test, metric_key_prefix="test")
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
+        summary = {**summary, "num_processes": trainer.accelerator.num_processes}
+        if hasattr(trainer, "teacher_placement"):
+            summary["teacher_placement"] = trainer.teacher_placement
         with open(os.path.join(args.output_dir, "test_results.json"), "w") as f:
-            json.dump({"method": script_args.method, "model": script_args.model_name_or_path, **metrics}, f, indent=2)
+            json.dump({**summary, **metrics}, f, indent=2)
     return metrics
 
 
-def parse(argv=None):
-    parser = HfArgumentParser((ScriptArguments, DistillConfig))
-    argv = sys.argv[1:] if argv is None else argv
+def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArguments | None = None) -> dict:
+    """Train, evaluate on the test split, save model + tokenizer + `test_results.json`; return the test metrics."""
+    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    splits = load_splits(script_args, tokenizer)
+    peft_config = get_peft_config(lora_args) if lora_args is not None else None
+    trainer = build_trainer(script_args, args, splits, tokenizer, peft_config)
+    trainer.train()
+    return finish(trainer, args, splits["test"], {"method": script_args.method, "model": script_args.model_name_or_path})
+
+
+def parse(argv=None, dataclass_types=(ScriptArguments, DistillConfig, LoraArguments)):
+    """Parse `[recipe.yaml] [--flag value ...]`: the YAML recipe's keys as flags, overridden by the flags after it."""
+    parser = HfArgumentParser(dataclass_types)
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # The `deepspeed` launcher puts --local_rank=N before the script's own arguments.
+    launcher = [a for a in argv if a.startswith("--local_rank=")]
+    argv = [a for a in argv if not a.startswith("--local_rank=")] + launcher
     if len(argv) >= 1 and argv[0].endswith((".yaml", ".yml")):
         # YAML recipe first, command-line flags override it.
         import yaml
@@ -135,3 +172,4 @@ def parse(argv=None):
 
 if __name__ == "__main__":
     run(*parse())
+    end_distributed()

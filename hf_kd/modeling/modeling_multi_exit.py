@@ -16,6 +16,7 @@ This file also holds the exit policies, their per-exit decision and the MIE kern
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass
@@ -343,6 +344,22 @@ class _EarlyExitRun:
         )
 
 
+@contextlib.contextmanager
+def _without_zero3_init():
+    """Build models whole even in a DeepSpeed ZeRO-3 run (transformers otherwise builds them into shards with
+    `zero.Init`, and a shard cannot be copied into another model). DeepSpeed shards the result when training starts.
+    `hf_kd.distributed.zero3_init(None)` does the same; it is not imported here because a modeling file must load with
+    `trust_remote_code` without hf_kd."""
+    import transformers.integrations.deepspeed as hf_deepspeed
+
+    previous = hf_deepspeed._hf_deepspeed_config_weak_ref
+    hf_deepspeed.unset_hf_deepspeed_config()
+    try:
+        yield
+    finally:
+        hf_deepspeed._hf_deepspeed_config_weak_ref = previous
+
+
 class MultiExitHead(nn.Module):
     """One exit: pools its layer's hidden states (`config.exit_pooling`: masked mean or [CLS]) into `u`, then
     `"linear"`: `classifier(dropout(u))`; `"pooler"`: `classifier(dropout(tanh(dense(u))))`.
@@ -375,6 +392,9 @@ class MultiExitPreTrainedModel(PreTrainedModel):
 
     config_class = MultiExitConfig
     base_model_prefix = "backbone"
+    # Heads trained in full (and saved with the adapter) when a PEFT adapter goes on the backbone: hf_kd's trainers
+    # add them to PEFT's `modules_to_save`, leaf by leaf (hf_kd.peft_utils.head_module_names).
+    _hf_kd_heads = ("exits",)
     supports_gradient_checkpointing = True
     _supports_sdpa = True
 
@@ -446,11 +466,19 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
                 `id2label`, ...).
 
         Returns:
-            [`MultiExitForSequenceClassification`] in training mode, with the backbone's weights and dtype.
+            [`MultiExitForSequenceClassification`] in training mode, with the backbone's weights and dtype. In a
+            DeepSpeed ZeRO-3 run it is built whole (not into `zero.Init` shards), so that it is the same model as in
+            a single-process run; DeepSpeed shards it when training starts.
         """
         if isinstance(name_or_path_or_model, (str, os.PathLike)):
-            backbone = AutoModel.from_pretrained(name_or_path_or_model, **(backbone_kwargs or {}))
+            with _without_zero3_init():
+                backbone = AutoModel.from_pretrained(name_or_path_or_model, **(backbone_kwargs or {}))
         elif isinstance(name_or_path_or_model, PreTrainedModel):
+            if any(hasattr(p, "ds_id") for p in name_or_path_or_model.parameters()):
+                raise ValueError(
+                    "from_backbone got a model partitioned by DeepSpeed ZeRO-3, whose weights cannot be copied: pass "
+                    "its Hub id or path instead (from_backbone builds the model whole; DeepSpeed shards it in training)."
+                )
             backbone = name_or_path_or_model.base_model
         else:
             raise TypeError(
@@ -465,9 +493,9 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         config = MultiExitConfig(
             backbone_config=backbone_config.to_dict(), exit_layers=exit_layers, num_labels=num_labels, **kwargs
         )
-        model = cls(config)
-        state = backbone.state_dict()
-        missing, unexpected = model.backbone.load_state_dict(state, strict=False)
+        with _without_zero3_init():
+            model = cls(config)
+        missing, unexpected = model.backbone.load_state_dict(backbone.state_dict(), strict=False)
         unexpected = [k for k in unexpected if not k.startswith("pooler.")]
         if missing or unexpected:
             raise ValueError(

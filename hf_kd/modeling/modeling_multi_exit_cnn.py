@@ -85,6 +85,8 @@ class MultiExitImagePreTrainedModel(PreTrainedModel):
 
     config_class = MultiExitImageConfig
     main_input_name = "pixel_values"
+    # Heads trained in full when a PEFT adapter is put on the stages (see modeling_multi_exit._hf_kd_heads).
+    _hf_kd_heads = ("exits",)
 
     def _init_weights(self, module):
         """Kaiming-normal (fan-out, ReLU) convolutions as ResNet; BatchNorm at identity; linear layers

@@ -1,6 +1,11 @@
-"""`_BaseTrainer`: what every hf_kd trainer adds to [`~transformers.Trainer`] besides its loss, the model card.
+"""`_BaseTrainer`: what every hf_kd trainer adds to [`~transformers.Trainer`] besides its loss: PEFT students and the
+model card.
 
-As in TRL, the base class only writes model cards. Whenever a model is saved (`save_model`, each checkpoint, and
+PEFT: `peft_config=` wraps the student with [`hf_kd.peft_utils.prepare_peft_model`] before `Trainer.__init__` (as TRL
+does), so that hf_kd's heads train and are saved with the adapter; an already wrapped `PeftModel` is checked for
+frozen heads. A saved adapter points at its base model's Hub id whenever the base came from the Hub.
+
+Model cards: whenever a model is saved (`save_model`, each checkpoint, and
 `push_to_hub`), the main process renders hf_kd's card (see [`hf_kd.hub.generate_model_card`]) into the saved folder
 and into `output_dir`, with a `model-index` built from the latest evaluation metrics in `state.log_history`:
 calibration metrics included, which the stock `Trainer.create_model_card` drops. `trainer.push_to_hub()` calls
@@ -17,8 +22,10 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..distributed import fill_auto_bucket_sizes
 from ..evaluation import STUDENT_METRICS
 from ..hub import DEFAULT_TEMPLATE, generate_model_card, save_model_card
+from ..peft_utils import is_peft_model, point_adapter_at_hub_base, prepare_peft_model
 
 # The metrics a card can report, as make_compute_metrics names them; teacher metrics carry a `teacher_` prefix.
 _CARD_METRICS = tuple(STUDENT_METRICS) + ("ece_bins",) + tuple(f"teacher_{m}" for m in STUDENT_METRICS if m != "sigma")
@@ -39,16 +46,41 @@ def split_metric_key(key: str) -> tuple[str, str] | None:
 
 class _BaseTrainer(Trainer):
     """
-    Base class of hf_kd trainers: [`~transformers.Trainer`] plus hf_kd model cards.
+    Base class of hf_kd trainers: [`~transformers.Trainer`] plus PEFT students and hf_kd model cards.
 
     Subclasses set `_tag_names` (card tags), `_name` (method name), `_paper` (`{"title", "id", "citation"}`) and,
-    when they report method-specific settings, override [`~_BaseTrainer._model_card_info`].
+    when they report method-specific settings, override [`~_BaseTrainer._model_card_info`]. They pass `peft_config`
+    through to this `__init__` (keyword), which every hf_kd trainer accepts.
+
+    Args:
+        model (`nn.Module`):
+            The student; a `peft.PeftModel` is accepted as is (without `peft_config`).
+        args ([`~transformers.TrainingArguments`]):
+            The run's arguments.
+        peft_config (`peft.PeftConfig`, *optional*):
+            Train a PEFT adapter (e.g. `peft.LoraConfig(r=8)`) on the student instead of all its weights; the
+            student's heads are trained in full and saved with the adapter ([`hf_kd.peft_utils.prepare_peft_model`]).
+            Needs `pip install hf_kd[peft]`.
+
+        The other arguments are those of [`~transformers.Trainer`].
     """
 
     _tag_names: list[str] = []
     _name: str = "Fine-tuning"
     _paper: dict = {}
     _model_card_template: str = DEFAULT_TEMPLATE
+
+    def __init__(self, model=None, args=None, *positional, peft_config=None, **kwargs):
+        if model is None and peft_config is not None:
+            raise ValueError("peft_config needs the student `model` (model_init cannot be combined with peft_config).")
+        if model is not None:
+            model = prepare_peft_model(model, peft_config, seed=getattr(args, "seed", None))
+        super().__init__(model, args, *positional, **kwargs)
+        if self.is_deepspeed_enabled and self.model is not None:
+            fill_auto_bucket_sizes(
+                self.accelerator.state.deepspeed_plugin.hf_ds_config,
+                getattr(self.accelerator.unwrap_model(self.model), "config", None),
+            )
 
     def _model_card_info(self) -> dict[str, Any]:
         """Method-specific card fields: `teacher_model` (id or path) and `hyperparameters` (a dict)."""
@@ -117,7 +149,8 @@ class _BaseTrainer(Trainer):
             info = getattr(self.train_dataset, "info", None)
             dataset_name = getattr(info, "dataset_name", None)
         tags = [tags] if isinstance(tags, str) else list(tags or [])
-        config = self.accelerator.unwrap_model(self.model).config
+        unwrapped = self.accelerator.unwrap_model(self.model)
+        config = unwrapped.config
         calibration = None
         hf_kd_config = getattr(config, "hf_kd", None) or {}
         if hf_kd_config.get("temperature") is not None:
@@ -141,6 +174,7 @@ class _BaseTrainer(Trainer):
             license=license,
             language=language,
             template=self._model_card_template,
+            library_name="peft" if is_peft_model(unwrapped) else "transformers",
         )
         save_model_card(card, output_dir if output_dir is not None else self.args.output_dir)
 
@@ -155,7 +189,8 @@ class _BaseTrainer(Trainer):
             args = copy.copy(self.args)
             args.hub_token = None
             torch.save(args, os.path.join(output_dir, "training_args.bin"))
-        self.create_model_card(output_dir=output_dir)
+        point_adapter_at_hub_base(output_dir)  # PEFT writes the base model's local path, if it was loaded from one
+        self.create_model_card(output_dir=output_dir)  # replaces PEFT's own card
 
     def _save_checkpoint(self, model, trial) -> None:
         # Refresh output_dir/README.md before the checkpoint is saved (and possibly pushed from output_dir); the

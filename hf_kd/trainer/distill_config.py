@@ -28,6 +28,14 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             Map student token ids to teacher token ids by token string, for a teacher whose vocabulary holds the
             student's tokens under other ids (an MPNet teacher for a BERT/MiniLM student). Without it a vocabulary
             mismatch is an error before training.
+        teacher_from_base_model (`bool`, *optional*, defaults to `False`):
+            Self-distillation of a PEFT student: the teacher is the student's own base model, i.e. the student with
+            its adapters (and its `modules_to_save` copies) disabled. No second copy of the weights and nothing to
+            load. Needs a PEFT student (`peft_config=` or a `PeftModel`) and no other teacher.
+        teacher_zero_stage (`int`, *optional*, defaults to `3`):
+            ZeRO stage of the teacher in a DeepSpeed run, whatever the student's stage: `3` shards its weights over
+            the processes (initialised for inference by DeepSpeed), `0` keeps a full copy on each process (no
+            all-gather per forward: faster for a small teacher). Ignored without DeepSpeed.
 
     > Parameters that control the loss
 

@@ -22,9 +22,10 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     The loss is [`hf_kd.losses.kd_loss`] with `args.temperature` and `args.alpha`, normalised by the number of labelled
     examples in the whole accumulated batch so that it is exact under gradient accumulation and data parallelism. The
     teacher is frozen, in eval mode, run without gradients and placed by Accelerate with `evaluation_mode=True` (never
-    wrapped in DDP: it has nothing to synchronise). Its logits come, in this order of preference, from a
-    `teacher_logits` column of the dataset, from the on-disk cache (`args.cache_teacher_logits`), or from a teacher
-    forward at every step.
+    wrapped in DDP: it has nothing to synchronise); in a DeepSpeed run it is initialised for inference by DeepSpeed and
+    sharded with ZeRO-3 over the processes (`args.teacher_zero_stage`, see [`hf_kd.distributed`]). Its logits come, in
+    this order of preference, from a `teacher_logits` column of the dataset, from the on-disk cache
+    (`args.cache_teacher_logits`), or from a teacher forward at every step.
 
     At every evaluation, besides the loss, the default `compute_metrics` logs accuracy, ECE (15 bins), NLL, Brier,
     mean predictive entropy and, since the teacher's logits are known, the confidence-preservation sigma of Vengertsev
@@ -42,6 +43,12 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             The teacher's tokenizer, used to compare vocabularies. Loaded from the teacher's id when that is a string.
         compute_metrics (`Callable`, *optional*):
             Defaults to [`hf_kd.metrics.make_compute_metrics`]`()`.
+        peft_config (`peft.PeftConfig`, *optional*):
+            Train a PEFT adapter (e.g. `peft.LoraConfig(r=8, task_type="SEQ_CLS")`) on the student's backbone instead
+            of all its weights. The student's heads (`classifier` / `score`) are added to `modules_to_save`, so they train in full and
+            are saved with the adapter. A `peft.PeftModel` student is accepted without `peft_config` (its frozen heads
+            are warned about). With `args.teacher_from_base_model=True` the teacher is the student's base model
+            (adapters disabled). Needs `pip install hf_kd[peft]`.
 
         The other arguments are those of [`~transformers.Trainer`].
 
@@ -79,6 +86,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         processing_class=None,
         teacher_processing_class=None,
         compute_metrics: Callable | None = None,
+        peft_config=None,
         **kwargs: Any,
     ):
         if not isinstance(args, DistillConfig):
@@ -97,6 +105,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             compute_metrics=compute_metrics,
+            peft_config=peft_config,
             **kwargs,
         )
         # compute_loss normalises by `num_items_in_batch` itself: declaring loss kwargs makes Trainer count the items

@@ -88,6 +88,14 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         map_teacher_token_ids (`bool`, *optional*, defaults to `False`):
             Map student token ids to teacher token ids by token string. Without it a vocabulary mismatch is an error
             before training.
+        teacher_from_base_model (`bool`, *optional*, defaults to `False`):
+            Self-distillation of a PEFT student: the teacher is the student's own base model, i.e. the student with
+            its adapters (and its `modules_to_save` copies) disabled. No second copy of the weights and nothing to
+            load. Needs a PEFT student (`peft_config=` or a `PeftModel`) and no other teacher.
+        teacher_zero_stage (`int`, *optional*, defaults to `3`):
+            ZeRO stage of the teacher in a DeepSpeed run, whatever the student's stage: `3` shards its weights over
+            the processes (initialised for inference by DeepSpeed), `0` keeps a full copy on each process (no
+            all-gather per forward: faster for a small teacher). Ignored without DeepSpeed.
         cache_teacher_logits (`bool`, *optional*, defaults to `False`):
             Run the teacher once over each dataset, store its logits on disk (keyed by teacher weights and data) and
             train from them: later epochs and later runs never load the teacher.
@@ -186,11 +194,14 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0.0, 1.0], got {self.alpha}")
-        if self.distill_from != "teacher" and (self.teacher_model_name_or_path or self.cache_teacher_logits):
+        if self.distill_from != "teacher" and (
+            self.teacher_model_name_or_path or self.cache_teacher_logits or self.teacher_from_base_model
+        ):
             raise ValueError(
-                f"teacher_model_name_or_path={self.teacher_model_name_or_path!r} and "
-                f"cache_teacher_logits={self.cache_teacher_logits} are only used with distill_from='teacher', got "
-                f"distill_from={self.distill_from!r}"
+                f"teacher_model_name_or_path={self.teacher_model_name_or_path!r}, "
+                f"cache_teacher_logits={self.cache_teacher_logits} and "
+                f"teacher_from_base_model={self.teacher_from_base_model} are only used with distill_from='teacher', "
+                f"got distill_from={self.distill_from!r}"
             )
         self._dedier_post_init()
         if self.label_smoothing_factor != 0:

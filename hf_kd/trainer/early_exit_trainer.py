@@ -35,7 +35,8 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
       for the earlier exits, with the final exit's logits detached; the final exit gets `CE(y, z_final)`;
     - `"teacher"`: the same with an external frozen teacher as the source of every exit. The teacher is handled as
       by [`DistillTrainer`] (model or Hub id, frozen, eval mode, no gradients, Accelerate `evaluation_mode`
-      placement, `teacher_logits` column, on-disk logits cache, label-space and vocabulary checks).
+      placement or ZeRO-3 shards under DeepSpeed, `teacher_logits` column, on-disk logits cache, label-space and
+      vocabulary checks; or, with `args.teacher_from_base_model`, a PEFT student's own base model).
 
     The loss is normalised by the number of labelled examples in the whole accumulated batch, so it is exact under
     gradient accumulation and data parallelism. Per-exit cross-entropies are logged as `exit_{i}_ce_loss`. At every
@@ -69,6 +70,12 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
             The teacher's tokenizer, used to compare vocabularies. Loaded from the teacher's id when that is a string.
         compute_metrics (`Callable`, *optional*):
             Defaults to [`hf_kd.metrics.make_exit_compute_metrics`]`(with_teacher=args.distill_from == "teacher")`.
+        peft_config (`peft.PeftConfig`, *optional*):
+            Train a PEFT adapter (e.g. `peft.LoraConfig(r=8, task_type="SEQ_CLS")`) on the student's backbone instead
+            of all its weights. The student's heads (every exit head) are added to `modules_to_save`, so they train in full and
+            are saved with the adapter. A `peft.PeftModel` student is accepted without `peft_config` (its frozen heads
+            are warned about). With `args.teacher_from_base_model=True` the teacher is the student's base model
+            (adapters disabled). Needs `pip install hf_kd[peft]`.
 
         The other arguments are those of [`~transformers.Trainer`].
 
@@ -109,6 +116,7 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         processing_class=None,
         teacher_processing_class=None,
         compute_metrics: Callable | None = None,
+        peft_config=None,
         **kwargs: Any,
     ):
         if not isinstance(args, EarlyExitConfig):
@@ -129,6 +137,7 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
             eval_dataset=eval_dataset,
             processing_class=processing_class,
             compute_metrics=compute_metrics,
+            peft_config=peft_config,
             **kwargs,
         )
         # compute_loss normalises by `num_items_in_batch` itself: declaring loss kwargs makes Trainer count the items

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass, field
 from typing import Any
 
+from ..distributed import TEACHER_ZERO_STAGES
+
 
 @dataclass
 class _TeacherArguments:
@@ -22,6 +24,22 @@ class _TeacherArguments:
     teacher_model_init_kwargs: dict[str, Any] | str | None = field(
         default=None,
         metadata={"help": "Keyword arguments for the teacher's from_pretrained, as a dict or a JSON string."},
+    )
+    teacher_from_base_model: bool = field(
+        default=False,
+        metadata={
+            "help": "Self-distillation of a PEFT student: the teacher is the student's own base model, i.e. the "
+            "student with its adapters disabled (no second copy in memory, nothing to load). Needs a PEFT student "
+            "(peft_config or a PeftModel) and no other teacher."
+        },
+    )
+    teacher_zero_stage: int = field(
+        default=3,
+        metadata={
+            "help": "ZeRO stage of the teacher in a DeepSpeed run, whatever the student's: 3 shards its weights over "
+            "the processes, 0 keeps a full copy on each (no all-gather per forward: faster for a small teacher). "
+            "Ignored without DeepSpeed."
+        },
     )
     map_teacher_token_ids: bool = field(
         default=False,
@@ -47,3 +65,14 @@ class _TeacherArguments:
         # HfArgumentParser hands dict fields over as JSON strings.
         if isinstance(self.teacher_model_init_kwargs, str):
             self.teacher_model_init_kwargs = json.loads(self.teacher_model_init_kwargs)
+        if self.teacher_zero_stage not in TEACHER_ZERO_STAGES:
+            raise ValueError(
+                f"teacher_zero_stage must be one of {TEACHER_ZERO_STAGES} (3: sharded, 0: a full copy on each "
+                f"process; stages 1 and 2 partition optimizer states and gradients, which a teacher has none of), "
+                f"got {self.teacher_zero_stage}"
+            )
+        if self.teacher_from_base_model and self.teacher_model_name_or_path is not None:
+            raise ValueError(
+                f"teacher_from_base_model=True uses the PEFT student's base model as the teacher, but "
+                f"teacher_model_name_or_path={self.teacher_model_name_or_path!r} was set too: choose one."
+            )

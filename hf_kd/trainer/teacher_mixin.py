@@ -1,15 +1,23 @@
 """`_TeacherMixin`: the frozen-teacher machinery shared by [`DistillTrainer`] and [`EarlyExitTrainer`].
 
-One copy of: teacher/student compatibility checks (label spaces, vocabularies), loading and Accelerate placement of
-the frozen teacher, the on-disk teacher logits cache and its `teacher_logits` dataset column, and the
-`evaluate`/`predict` overrides that add that column to datasets passed at evaluation time.
+One copy of: teacher/student compatibility checks (label spaces, vocabularies), loading and placement of the frozen
+teacher (Accelerate, or DeepSpeed with the teacher sharded by ZeRO-3: [`hf_kd.distributed`]), the PEFT student's base
+model as its own teacher, the on-disk teacher logits cache and its `teacher_logits` dataset column (computed by all
+processes together in a multi-process run), and the `evaluate`/`predict` overrides that add that column to datasets
+passed at evaluation time.
 """
 
 from __future__ import annotations
 
+import contextlib
+import logging
+
+import torch
 from torch import nn
 from transformers import AutoConfig
 
+from ..distributed import is_zero3_partitioned, prepare_deepspeed_teacher, teacher_placement
+from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model
 from ..teacher import (
     TEACHER_INPUT_NAMES,
     TEACHER_LOGITS_COLUMN,
@@ -22,7 +30,10 @@ from ..teacher import (
     load_teacher_tokenizer,
     teacher_fingerprint,
     teacher_logits_for_batch,
+    tensors_fingerprint,
 )
+
+logger = logging.getLogger(__name__)
 
 
 class _TeacherMixin:
@@ -31,9 +42,11 @@ class _TeacherMixin:
 
     The trainer calls [`~_TeacherMixin._init_teacher`] at the end of its `__init__` (after `Trainer.__init__`, which
     builds the accelerator and the datasets), then gets each batch's teacher logits from
-    [`~_TeacherMixin._batch_teacher_logits`]. The teacher is frozen, in eval mode, run without gradients and placed by
-    Accelerate with `evaluation_mode=True` (never wrapped in DDP: it has nothing to synchronise). Its logits come, in
-    this order of preference, from a `teacher_logits` column of the dataset, from the on-disk cache
+    [`~_TeacherMixin._batch_teacher_logits`]. The teacher is frozen, in eval mode and run without gradients. It is
+    placed by Accelerate with `evaluation_mode=True` (never wrapped in DDP: it has nothing to synchronise), or, in a
+    DeepSpeed run, initialised for inference by DeepSpeed and sharded with ZeRO-3 (`args.teacher_zero_stage`). With
+    `args.teacher_from_base_model` the teacher is the PEFT student itself with its adapters disabled. Its logits come,
+    in this order of preference, from a `teacher_logits` column of the dataset, from the on-disk cache
     (`args.cache_teacher_logits`), or from a teacher forward at every step.
     """
 
@@ -42,6 +55,7 @@ class _TeacherMixin:
     _teacher = None
     _token_id_map = None
     _logits_cache = None
+    _teacher_placement = None
 
     def _init_teacher(self, teacher, processing_class, teacher_processing_class) -> None:
         """Check the teacher against the student, add cached logits to the datasets, or load an online teacher.
@@ -54,10 +68,12 @@ class _TeacherMixin:
             teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
                 The teacher's tokenizer; loaded from the teacher's id when that is a string.
         """
+        if self.args.teacher_from_base_model:
+            teacher = self._base_model_teacher(teacher)
         self._teacher_source = teacher
         self._teacher = None
         self._token_id_map = None
-        if teacher is not None:
+        if teacher is not None and not isinstance(teacher, BaseModelTeacher):
             self._token_id_map = self._check_teacher_compatibility(teacher, processing_class, teacher_processing_class)
         self._logits_cache = None
         if self.args.cache_teacher_logits:
@@ -65,9 +81,7 @@ class _TeacherMixin:
                 raise ValueError(
                     "cache_teacher_logits=True needs a teacher: pass teacher_model or set teacher_model_name_or_path."
                 )
-            self._logits_cache = TeacherLogitsCache(
-                self.args.teacher_logits_cache_dir, teacher_fingerprint(teacher, self.args.teacher_model_init_kwargs)
-            )
+            self._logits_cache = TeacherLogitsCache(self.args.teacher_logits_cache_dir, self._teacher_fingerprint())
             self.train_dataset = self.with_teacher_logits(self.train_dataset, "train")
             if isinstance(self.eval_dataset, dict):
                 self.eval_dataset = {k: self.with_teacher_logits(v, k) for k, v in self.eval_dataset.items()}
@@ -75,16 +89,42 @@ class _TeacherMixin:
                 self.eval_dataset = self.with_teacher_logits(self.eval_dataset, "eval")
         elif teacher is None and not self._has_teacher_logits(self.train_dataset):
             raise ValueError(
-                f"{type(self).__name__} needs a teacher: pass teacher_model, set teacher_model_name_or_path, or give "
-                f"a train_dataset with a '{TEACHER_LOGITS_COLUMN}' column."
+                f"{type(self).__name__} needs a teacher: pass teacher_model, set teacher_model_name_or_path, set "
+                f"teacher_from_base_model=True (PEFT students), or give a train_dataset with a "
+                f"'{TEACHER_LOGITS_COLUMN}' column."
             )
         elif teacher is not None and not self._has_teacher_logits(self.train_dataset):
             self._load_teacher()  # online teacher: load it now so a bad id fails before training starts
 
+    def _base_model_teacher(self, teacher) -> BaseModelTeacher:
+        """The teacher of `args.teacher_from_base_model=True`: the PEFT student with its adapters disabled."""
+        student = self.accelerator.unwrap_model(self.model)
+        if teacher is not None:
+            raise ValueError(
+                "teacher_from_base_model=True uses the PEFT student's base model as the teacher, but a teacher was "
+                f"given too ({type(teacher).__name__ if isinstance(teacher, nn.Module) else repr(teacher)}): "
+                "choose one."
+            )
+        if not is_peft_model(student):
+            raise ValueError(
+                f"teacher_from_base_model=True needs a PEFT student (pass peft_config=... or a peft.PeftModel), got a "
+                f"{type(student).__name__}: without adapters the student's base model is the student itself."
+            )
+        return BaseModelTeacher(student)
+
+    def _teacher_fingerprint(self) -> str:
+        """The cache key of the teacher: its weights (gathered under ZeRO-3) or, given by name, its files."""
+        teacher = self._teacher_source
+        if isinstance(teacher, BaseModelTeacher):
+            # The outputs with adapters disabled depend on the frozen weights only (not on the adapter's init).
+            base = teacher.peft_model.get_base_model()
+            return tensors_fingerprint(base, sorted(frozen_tensors(teacher.peft_model).items()))
+        return teacher_fingerprint(teacher, self.args.teacher_model_init_kwargs)
+
     def _teacher_name(self) -> str | None:
         """The teacher's id or path for the model card, `None` when unknown."""
         teacher = self._teacher_source
-        if isinstance(teacher, nn.Module):
+        if isinstance(teacher, (nn.Module, BaseModelTeacher)):
             teacher = teacher.config._name_or_path if hasattr(teacher, "config") else None
         return str(teacher) if teacher else None
 
@@ -118,16 +158,48 @@ class _TeacherMixin:
         )
 
     def _load_teacher(self) -> nn.Module:
-        """Load (once) and place the frozen teacher. Cached runs never get here."""
+        """Load (once) and place the frozen teacher; on every process (placing a sharded teacher is a collective).
+        Cached runs never get here."""
         if self._teacher is None:
-            teacher = load_teacher(self._teacher_source, self.args.teacher_model_init_kwargs)
-            self._teacher = self.accelerator.prepare_model(teacher, evaluation_mode=True)
+            source = self._teacher_source
+            if isinstance(source, BaseModelTeacher):
+                self._teacher, kind = source, "student_base_model"
+            elif self.is_deepspeed_enabled:
+                stage = self.args.teacher_zero_stage
+                self._teacher = prepare_deepspeed_teacher(
+                    source, self.accelerator, self.args, stage, self.args.teacher_model_init_kwargs
+                )
+                kind = "zero3_sharded" if stage == 3 else "replicated"
+            else:
+                if isinstance(source, nn.Module) and is_zero3_partitioned(source):
+                    raise ValueError(
+                        "The teacher is partitioned by DeepSpeed ZeRO-3 but this run does not use DeepSpeed: build "
+                        "it outside the ZeRO-3 run, or pass its Hub id or path."
+                    )
+                teacher = load_teacher(source, self.args.teacher_model_init_kwargs)
+                self._teacher, kind = self.accelerator.prepare_model(teacher, evaluation_mode=True), "replicated"
+            self._teacher_placement = teacher_placement(self._teacher, self.accelerator, kind)
+            if self.args.should_log:
+                logger.info(f"Teacher placement: {self._teacher_placement}")
         return self._teacher
 
     @property
     def teacher_model(self) -> nn.Module | None:
-        """The frozen teacher, or `None` while it has not been loaded (a fully cached run never loads it)."""
+        """The frozen teacher (a DeepSpeed engine in a DeepSpeed run; its `.module` is the model), or `None` while it
+        has not been loaded (a fully cached run never loads it)."""
         return self._teacher
+
+    @property
+    def teacher_placement(self) -> dict:
+        """
+        Where the teacher's weights live: `kind` (`"zero3_sharded"`, `"replicated"`, `"student_base_model"`, or
+        `"none"` when no teacher was loaded, e.g. a fully cached run), `num_processes`, and for a loaded model
+        `parameters` (the whole teacher) and `parameters_per_process` (what each process holds: about
+        `parameters / num_processes` when sharded). The same on every process.
+        """
+        if self._teacher_placement is None:
+            return {"kind": "none", "num_processes": self.accelerator.num_processes}
+        return dict(self._teacher_placement)
 
     def _batch_teacher_logits(self, inputs: dict, teacher_logits):
         """The batch's teacher logits `(batch, num_labels)`: the popped `teacher_logits` column when the batch had
@@ -144,8 +216,8 @@ class _TeacherMixin:
     def with_teacher_logits(self, dataset, split: str = "dataset"):
         """Return `dataset` with a `teacher_logits` column `(num_rows, num_labels)`, from the cache when possible.
 
-        On a cache miss the teacher is loaded and run once over the dataset on the main process; the other processes
-        wait and read the file it wrote.
+        On a cache miss the teacher is loaded and run once over the dataset, each process computing its share of the
+        batches; the main process writes the file.
         """
         if dataset is None or self._has_teacher_logits(dataset):
             return dataset
@@ -164,9 +236,17 @@ class _TeacherMixin:
         columns = [c for c in TEACHER_INPUT_NAMES if c in dataset.column_names]
         data_key = dataset_fingerprint(dataset, columns)
         path = self._logits_cache.path_for(data_key, self._token_id_map)
-        with self.args.main_process_first(desc=f"teacher logits for the {split} split"):
-            logits = self._logits_cache.load(path, len(dataset))
-            if logits is None:
+        logits = self._logits_cache.load(path, len(dataset))
+        num_processes = self.accelerator.num_processes
+        if num_processes > 1:
+            # Every process computes the logits of its share of the batches and an all-reduce assembles them: N
+            # times faster than one process computing them all, and the only way with a ZeRO-3 teacher, whose
+            # forward is a collective. All processes compute, or none: one missing file makes them all compute.
+            missing = torch.tensor([float(logits is None)], device=self.args.device)
+            if self.accelerator.reduce(missing, reduction="sum").item() > 0:
+                logits = None
+        if logits is None:
+            with self._student_gathered_for_base_teacher():
                 logits = compute_teacher_logits(
                     self._load_teacher(),
                     dataset,
@@ -175,10 +255,25 @@ class _TeacherMixin:
                     self.args.device,
                     self._token_id_map,
                     desc=f"Teacher logits ({split})",
+                    process_index=self.accelerator.process_index,
+                    num_processes=num_processes,
                 )
-                if self.args.should_save:
-                    self._logits_cache.save(path, logits, data_key)
+            if num_processes > 1:
+                logits = self.accelerator.reduce(logits.to(self.args.device), reduction="sum").cpu()
+            if self.args.should_save:
+                self._logits_cache.save(path, logits, data_key)
         return dataset.add_column(TEACHER_LOGITS_COLUMN, logits.tolist())
+
+    def _student_gathered_for_base_teacher(self):
+        """Context for a cache pass of the base-model teacher. A student partitioned by ZeRO-3 at load time
+        (`zero.Init`) has no gathering hooks until DeepSpeed wraps it at `train()` / `evaluate()`: a pass before that
+        runs with its weights gathered (the whole base model on each process, once). Otherwise a no-op."""
+        source = self._teacher_source
+        if isinstance(source, BaseModelTeacher) and self.deepspeed is None and is_zero3_partitioned(source.peft_model):
+            import deepspeed
+
+            return deepspeed.zero.GatheredParameters(list(source.peft_model.parameters()))
+        return contextlib.nullcontext()
 
     def _set_signature_columns_if_needed(self):
         # Keep the teacher logits column through Trainer's removal of columns the model's forward does not take.
