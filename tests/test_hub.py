@@ -500,3 +500,80 @@ class TestHubRoundTrip:
                     assert TOKEN.encode() not in stored_file.content, path
         for path in folder.rglob("*"):
             assert not path.is_file() or TOKEN.encode() not in path.read_bytes(), path
+
+
+REMOTE_PULL = """
+import json, sys, torch
+
+class _NoHfKd:  # the user who loads the pushed model has transformers, not hf_kd
+    def find_spec(self, name, path=None, target=None):
+        if name == "hf_kd" or name.startswith("hf_kd."):
+            raise ModuleNotFoundError(f"No module named {name!r}")
+
+sys.meta_path.insert(0, _NoHfKd())
+from transformers import AutoModelForImageClassification, AutoModelForSequenceClassification
+
+torch.set_num_threads(1)
+text_repo, image_repo, ids, mask, pixels, thresholds = sys.argv[1], sys.argv[2], *map(json.loads, sys.argv[3:7])
+out = {}
+for key, auto, inputs in (
+    ("text", AutoModelForSequenceClassification, {"input_ids": torch.tensor(ids), "attention_mask": torch.tensor(mask)}),
+    ("image", AutoModelForImageClassification, {"pixel_values": torch.tensor(pixels)}),
+):
+    model = auto.from_pretrained(text_repo if key == "text" else image_repo, trust_remote_code=True).eval()
+    with torch.no_grad():
+        exit_logits = [z.tolist() for z in model(**inputs).exit_logits]
+    exits = model.predict_with_exits(**inputs, policy="max_prob", threshold=thresholds[key])
+    out[key] = {"class": type(model).__module__, "exit_logits": exit_logits, "exit_index": exits.exit_index.tolist(),
+                "probs": exits.probs.tolist()}
+out["hf_kd_imported"] = any(name.split(".")[0] == "hf_kd" for name in sys.modules)
+print(json.dumps(out))
+"""
+
+
+class TestRemoteCode:
+    def test_pushed_multi_exit_models_load_with_trust_remote_code_without_hf_kd(self, hub, tmp_path):
+        """Both multi-exit models, pushed with hf_kd.push_to_hub, load from the Hub with trust_remote_code=True in a
+        process where hf_kd cannot be imported, and predict (exits included) exactly as the originals."""
+        from hf_kd import MultiExitForImageClassification, MultiExitImageConfig
+
+        from .test_modeling_multi_exit import padded_batch, tiny_multi_exit
+
+        text = tiny_multi_exit(exit_layers=[1], sharpen=4.0)
+        torch.manual_seed(0)
+        image = MultiExitForImageClassification(
+            MultiExitImageConfig(stem_channels=4, stage_channels=[4, 8], num_labels=3)
+        ).eval()
+        ids, mask = padded_batch()
+        pixels = torch.randn(5, 1, 28, 28)
+        for name, model in (("text", text), ("image", image)):
+            model.save_pretrained(tmp_path / name)
+            update_model_card(tmp_path / name, base_model=STUDENT_ID, dataset_type="tiny", dataset_name="Tiny data")
+        inputs = {"text": {"input_ids": ids, "attention_mask": mask}, "image": {"pixel_values": pixels}}
+        thresholds = {}  # the median first-exit confidence: half the rows leave early, half run to the end
+        for key, model in (("text", text), ("image", image)):
+            with torch.no_grad():
+                thresholds[key] = model(**inputs[key]).exit_logits[0].softmax(-1).max(-1).values.median().item()
+        env = hub_env(hub, tmp_path, TOKEN)
+        push = run_python(
+            "import sys\nfrom hf_kd import push_to_hub\n"
+            "for name in ('text', 'image'):\n    push_to_hub(f'{sys.argv[1]}/{name}', f'hfkd-test/multi-exit-{name}')",
+            env, str(tmp_path),
+        )
+        assert push.returncode == 0, push.stderr
+        pull = run_python(REMOTE_PULL, env, "hfkd-test/multi-exit-text", "hfkd-test/multi-exit-image",
+                          json.dumps(ids.tolist()), json.dumps(mask.tolist()), json.dumps(pixels.tolist()),
+                          json.dumps(thresholds))
+        assert pull.returncode == 0, pull.stderr
+        pulled = json.loads(pull.stdout.strip().splitlines()[-1])
+        assert not pulled["hf_kd_imported"]
+        for key, model in (("text", text), ("image", image)):
+            assert pulled[key]["class"].startswith("transformers_modules.")  # the Hub copy, not hf_kd's class
+            with torch.no_grad():
+                expected = model(**inputs[key]).exit_logits
+            for got, want in zip(pulled[key]["exit_logits"], expected):
+                torch.testing.assert_close(torch.tensor(got), want, rtol=0, atol=1e-6)
+            exits = model.predict_with_exits(**inputs[key], policy="max_prob", threshold=thresholds[key])
+            assert 0 < exits.exit_index.sum() < len(exits.exit_index)  # some rows left early, some did not
+            assert pulled[key]["exit_index"] == exits.exit_index.tolist()
+            torch.testing.assert_close(torch.tensor(pulled[key]["probs"]), exits.probs, rtol=0, atol=1e-6)
