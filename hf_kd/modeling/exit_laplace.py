@@ -58,6 +58,7 @@ from torch import nn
 
 __all__ = [
     "EXIT_LAPLACE_FILENAME",
+    "EXIT_LAPLACE_PROBS",
     "PRIOR_VARIANCE_GRID",
     "TEMPERATURE_GRID",
     "ExitLaplaceMixin",
@@ -68,6 +69,10 @@ __all__ = [
     "MultiExitLaplace",
     "select_exit_temperatures",
 ]
+
+EXIT_LAPLACE_PROBS = "exit_laplace_probs"
+"""Name of the `(batch, num_exits, num_labels)` calibrated per-exit probabilities that `EarlyExitTrainer` adds to its
+evaluation predictions when the model has a fitted [`MultiExitLaplace`]."""
 
 EXIT_LAPLACE_FILENAME = "exit_laplace.safetensors"
 """File written next to `model.safetensors` by `save_pretrained` when the model has a fitted [`MultiExitLaplace`]."""
@@ -758,6 +763,18 @@ class MultiExitLaplace:
             "temperatures": self.temperatures,
             "prior_variances": self.prior_variances,
             "selection": self.selection,
+        }
+
+    def card_summary(self) -> dict:
+        """The settings a model card reports: predictive, prior structure, Monte-Carlo samples, per-exit temperature
+        and prior variance, and whether they were selected for MIE."""
+        return {
+            "link_approx": self.link_approx.value,
+            "prior_structure": self.prior_structure.value,
+            "num_samples": self.exits[0].num_samples,
+            "temperatures": [round(t, 4) for t in self.temperatures],
+            "prior_variances": [round(v, 4) for v in self.prior_variances],
+            "selected_for_mie": None if self.selection is None else self.selection["mie"],
         }
 
     def state_dict(self) -> dict[str, torch.Tensor]:
