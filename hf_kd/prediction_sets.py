@@ -13,7 +13,8 @@ the class is in the set).
   predictive is right; `R_l < 1` can let a label come back, so `C_t` is not nested, and the running intersection
   `C_1 ∩ ... ∩ C_t`, valid under the same argument, is nested by construction (both are returned).
 - [`fit_avcs_thresholds`]: the official greedy search of the ReLU thresholds (start at 1, raise each exit's by 0.5
-  while the coverage stays above `1 - alpha` at every exit), run on a calibration split only.
+  while the coverage stays above `1 - alpha` at every exit), run on a calibration split only; optionally with a logit
+  scale (an extension: models with small logits give Dirichlets too spread to cover, see [`avcs_prediction_sets`]).
 - [`raps_prediction_sets`]: regularised adaptive prediction sets (Angelopoulos et al., 2021,
   https://huggingface.co/papers/2009.14193), split-conformal per exit, the paper's baseline (`lam_reg = 0.01`,
   `k_reg = 5`, randomised); [`running_intersection`] gives "RAPS-intersect".
@@ -25,6 +26,7 @@ from __future__ import annotations
 
 import math
 import warnings
+from collections.abc import Sequence
 from typing import NamedTuple
 
 import numpy as np
@@ -32,6 +34,7 @@ import torch
 
 __all__ = [
     "AVCSSets",
+    "AVCSThresholds",
     "avcs_prediction_sets",
     "calibration_split",
     "fit_avcs_thresholds",
@@ -127,15 +130,31 @@ def calibration_split(num_examples: int, fraction: float = 0.2, seed: int = 0) -
     return np.sort(order[:size]), np.sort(order[size:])
 
 
-def relu_concentrations(exit_logits, thresholds) -> np.ndarray:
-    """Dirichlet concentrations `alpha_l(x)_k = z_l(x)_k if z_l(x)_k >= tau_l else 0` `(K, N, C)` (the thresholded
-    ReLU of Jazbec et al.); `thresholds` holds one `tau_l >= 0` per exit."""
-    logits = _as_array(exit_logits, "exit_logits", 3)
+def _check_scale(scale) -> float:
+    if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
+        raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
+    return float(scale)
+
+
+def relu_concentrations(exit_logits, thresholds, scale: float = 1.0) -> np.ndarray:
+    """Dirichlet concentrations `alpha_l(x)_k = s z_l(x)_k if s z_l(x)_k >= tau_l else 0` `(K, N, C)` (the
+    thresholded ReLU of Jazbec et al., on logits scaled by `s = scale`, 1 in the paper); `thresholds` holds one
+    `tau_l >= 0` per exit, in units of the scaled logits."""
+    logits = _check_scale(scale) * _as_array(exit_logits, "exit_logits", 3)
     tau = _check_thresholds(thresholds, logits.shape[0])
     return np.where(logits >= tau[:, None, None], np.maximum(logits, 0.0), 0.0)
 
 
-def avcs_prediction_sets(exit_logits, thresholds, alpha: float = 0.05, seed: int = 0) -> AVCSSets:
+class AVCSThresholds(NamedTuple):
+    """Output of [`fit_avcs_thresholds`]: the per-exit ReLU `thresholds` and the logit `scale` they go with."""
+
+    thresholds: list[float]
+    scale: float
+
+
+def avcs_prediction_sets(
+    exit_logits, thresholds, alpha: float = 0.05, seed: int = 0, scale: float = 1.0
+) -> AVCSSets:
     r"""Anytime-valid prediction sets of an early-exit classifier (Jazbec et al., 2024).
 
     With `alpha_l = `[`relu_concentrations`]`(z_l, tau_l)`, support `S_l = {k : alpha_l,k > 0}` and one plug-in
@@ -151,12 +170,16 @@ def avcs_prediction_sets(exit_logits, thresholds, alpha: float = 0.05, seed: int
             [`fit_avcs_thresholds`].
         alpha (`float`, *optional*, defaults to 0.05): miscoverage level, in (0, 1).
         seed (`int`, *optional*, defaults to 0).
+        scale (`float`, *optional*, defaults to 1.0): the logits are multiplied by `scale` before the ReLU (the
+            paper uses the logits as they are). The Dirichlet's spread shrinks as its concentrations grow, so a model
+            with small logits (a small total evidence `sum_k alpha_k`) draws plug-in samples far from their mean and
+            excludes true labels; a larger scale counters that. Chosen with the thresholds by [`fit_avcs_thresholds`].
 
     Returns:
         [`AVCSSets`]: `sets` (official, not always nested), `nested_sets` (running intersection) and `log_ratios`.
     """
     alpha = _check_alpha(alpha)
-    concentrations = relu_concentrations(exit_logits, thresholds)  # (K, N, C)
+    concentrations = relu_concentrations(exit_logits, thresholds, scale)  # (K, N, C)
     return _avcs_sets(concentrations, _dirichlet_on_support(concentrations, seed), alpha)
 
 
@@ -191,11 +214,13 @@ def fit_avcs_thresholds(
     step: float = 0.5,
     seed: int = 0,
     nested: bool = True,
-) -> list[float]:
+    scales: Sequence[float] = (1.0,),
+) -> AVCSThresholds:
     r"""Search the ReLU thresholds of [`avcs_prediction_sets`] on a calibration split (`find_relu_thresholds` of the
-    official code).
+    official code), and optionally the logit scale.
 
-    Every threshold starts at `init`; then for `l = 1..K` in order, `tau_l` is raised by `step` while the marginal
+    The scale is the first of `scales` (tried in the order given; the default `(1.0,)` is the paper's method) at which
+    the initial thresholds reach the target coverage. With it, every threshold starts at `init`; then for `l = 1..K` in order, `tau_l` is raised by `step` while the marginal
     coverage on the calibration data stays `> 1 - alpha` at **every** exit, and set back one step at the first
     violation (or once `tau_l` passes the largest calibration logit of exit `l`, where every set there is empty).
     Larger thresholds give sparser Dirichlets, hence smaller sets. With `nested=True` (default) the coverage checked is
@@ -211,9 +236,12 @@ def fit_avcs_thresholds(
         init (`float`, *optional*, defaults to 1.0), step (`float`, *optional*, defaults to 0.5): the search grid.
         seed (`int`, *optional*, defaults to 0): seed of the Dirichlet samples (the same at every step).
         nested (`bool`, *optional*, defaults to `True`): check the coverage of the nested sets.
+        scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`): logit scales to try, e.g. `(1, 2, 4, 8)`.
 
     Returns:
-        `list[float]`: one threshold per exit. A warning is raised when even the initial thresholds miss the target.
+        [`AVCSThresholds`] `(thresholds, scale)`: one threshold per exit and the scale. When no scale reaches the
+        target at the initial thresholds, a warning is raised and the initial thresholds are returned with the scale of
+        the highest worst-exit coverage.
     """
     alpha = _check_alpha(alpha)
     logits = _as_array(cal_logits, "cal_logits", 3)
@@ -223,29 +251,37 @@ def fit_avcs_thresholds(
     if not (math.isfinite(init) and init >= 0 and math.isfinite(step) and step > 0):
         raise ValueError(f"init must be >= 0 and step > 0, got init={init!r}, step={step!r}.")
 
-    def covered(thresholds) -> bool:
-        result = avcs_prediction_sets(logits, thresholds, alpha, seed)
-        sets = result.nested_sets if nested else result.sets
-        coverage = sets[:, np.arange(num_examples), labels].mean(axis=1)
-        return bool((coverage > 1 - alpha).all())
+    scales = [_check_scale(s) for s in scales]
+    if not scales:
+        raise ValueError("scales must hold at least one logit scale, got an empty sequence.")
 
-    thresholds = [float(init)] * num_exits
-    if not covered(thresholds):
+    def worst_coverage(thresholds, scale) -> float:
+        result = avcs_prediction_sets(logits, thresholds, alpha, seed, scale)
+        sets = result.nested_sets if nested else result.sets
+        return float(sets[:, np.arange(num_examples), labels].mean(axis=1).min())
+
+    start = [float(init)] * num_exits
+    at_start = [worst_coverage(start, scale) for scale in scales]
+    passing = [scale for scale, coverage in zip(scales, at_start) if coverage > 1 - alpha]
+    if not passing:
+        best = scales[int(np.argmax(at_start))]
         warnings.warn(
             f"the AVCS sets miss the coverage 1 - alpha = {1 - alpha:g} on the calibration data already at the "
-            f"initial thresholds {init}: keeping them. The exits' logits may be too small for ReLU Dirichlets; try "
-            "a smaller init.",
+            f"initial thresholds {init} with every scale in {scales} (best worst-exit coverage {max(at_start):.4f}, "
+            f"scale {best}): keeping them. Labels whose logit is <= 0 never enter the support; larger scales or a "
+            "smaller init may help.",
             stacklevel=2,
         )
-        return thresholds
+        return AVCSThresholds(start, best)
+    scale, thresholds = passing[0], start
     for exit_index in range(num_exits):
-        ceiling = float(logits[exit_index].max())
+        ceiling = scale * float(logits[exit_index].max())
         while True:
             thresholds[exit_index] += step
-            if thresholds[exit_index] > ceiling + step or not covered(thresholds):
+            if thresholds[exit_index] > ceiling + step or not worst_coverage(thresholds, scale) > 1 - alpha:
                 thresholds[exit_index] -= step
                 break
-    return thresholds
+    return AVCSThresholds(thresholds, scale)
 
 
 def raps_prediction_sets(

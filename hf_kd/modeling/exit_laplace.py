@@ -238,12 +238,15 @@ class KronLastLayerLaplace:
 
     # ------------------------------------------------------------------------------------------------ fitting
 
-    def _check_features(self, features) -> torch.Tensor:
+    def _check_features(self, features, finite: bool = False) -> torch.Tensor:
         if not isinstance(features, torch.Tensor) or features.ndim != 2 or features.shape[1] != self.num_features:
             shape = tuple(features.shape) if isinstance(features, torch.Tensor) else type(features).__name__
             raise ValueError(f"features must be a (n, {self.num_features}) tensor, got {shape}.")
-        if not features.is_floating_point() or not torch.isfinite(features).all():
-            raise ValueError("features must be finite floating-point values.")
+        if not features.is_floating_point():
+            raise ValueError(f"features must be floating point, got {features.dtype}.")
+        # Only the fit checks finiteness (a NaN would poison every factor); a prediction propagates it like softmax.
+        if finite and not torch.isfinite(features).all():
+            raise ValueError("the training features must be finite.")
         return features
 
     def reset(self) -> None:
@@ -256,7 +259,7 @@ class KronLastLayerLaplace:
     def update(self, features: torch.Tensor) -> None:
         """Add a batch of training features `(n, d)` (the inputs of the layer) to the factor sums; [`finalize`]
         after the last batch."""
-        a = _augment(self._check_features(features).detach().to("cpu", torch.float64))  # (n, d + 1)
+        a = _augment(self._check_features(features, finite=True).detach().to("cpu", torch.float64))  # (n, d + 1)
         probs = (a @ self.weight_map.T).softmax(-1)  # (n, K)
         # sum_n diag(p_n) - p_n p_n^T, and sum_n a_n a_n^T
         self._logit_hessian_sum += torch.diag(probs.sum(0)) - probs.T @ probs
@@ -586,6 +589,7 @@ class MultiExitLaplace:
         self.prior_structure = self.exits[0].prior_structure
         self.seed = seed
         self.selection: dict | None = None  # what select_hyperparameters chose and scored
+        self._checked_heads = None  # stamp of the heads that last passed check_heads
 
     @classmethod
     def from_model(cls, model: nn.Module, **kwargs) -> MultiExitLaplace:
@@ -856,6 +860,12 @@ class MultiExitLaplace:
         heads = list(heads)
         if len(heads) != self.num_exits:
             raise ValueError(f"the exit Laplace was fitted on {self.num_exits} exits, the model has {len(heads)}.")
+        # Every prediction checks the heads: skip the comparison while the parameters are the same tensors, not
+        # modified in place since the last passing check (`_version` counts in-place writes: optimiser steps,
+        # load_state_dict, copy_).
+        stamp = tuple((p.data_ptr(), p._version, tuple(p.shape)) for h in heads for p in h.parameters())
+        if stamp == self._checked_heads:
+            return
         for k, (e, head) in enumerate(zip(self.exits, heads)):
             bias = head.bias if head.bias is not None else head.weight.new_zeros(head.out_features)
             current = torch.cat([head.weight.detach(), bias.detach()[:, None]], 1).to("cpu", torch.float64)
@@ -871,6 +881,7 @@ class MultiExitLaplace:
                     f"exit {k}'s classifier changed since the exit Laplace was fitted (max abs difference "
                     f"{difference:.3g}): refit it with model.fit_exit_laplace(...)."
                 )
+        self._checked_heads = stamp
 
 
 # ------------------------------------------------------------------------------------------------------------------
