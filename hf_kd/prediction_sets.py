@@ -13,8 +13,8 @@ the class is in the set).
   predictive is right; `R_l < 1` can let a label come back, so `C_t` is not nested, and the running intersection
   `C_1 ∩ ... ∩ C_t`, valid under the same argument, is nested by construction (both are returned).
 - [`fit_avcs_thresholds`]: the official greedy search of the ReLU thresholds (start at 1, raise each exit's by 0.5
-  while the coverage stays above `1 - alpha` at every exit), run on a calibration split only; optionally with a logit
-  scale (an extension: models with small logits give Dirichlets too spread to cover, see [`avcs_prediction_sets`]).
+  while the coverage stays above `1 - alpha` at every exit), run on a calibration split only; optionally also over a
+  logit scale and offset (an extension for logits that do not suit ReLU Dirichlets, see [`avcs_prediction_sets`]).
 - [`raps_prediction_sets`]: regularised adaptive prediction sets (Angelopoulos et al., 2021,
   https://huggingface.co/papers/2009.14193), split-conformal per exit, the paper's baseline (`lam_reg = 0.01`,
   `k_reg = 5`, randomised); [`running_intersection`] gives "RAPS-intersect".
@@ -130,30 +130,35 @@ def calibration_split(num_examples: int, fraction: float = 0.2, seed: int = 0) -
     return np.sort(order[:size]), np.sort(order[size:])
 
 
-def _check_scale(scale) -> float:
+def _check_transform(scale, offset) -> tuple[float, float]:
     if isinstance(scale, bool) or not isinstance(scale, (int, float)) or not (math.isfinite(scale) and scale > 0):
         raise ValueError(f"scale must be a finite number > 0, got {scale!r}.")
-    return float(scale)
+    if isinstance(offset, bool) or not isinstance(offset, (int, float)) or not math.isfinite(offset):
+        raise ValueError(f"offset must be a finite number, got {offset!r}.")
+    return float(scale), float(offset)
 
 
-def relu_concentrations(exit_logits, thresholds, scale: float = 1.0) -> np.ndarray:
-    """Dirichlet concentrations `alpha_l(x)_k = s z_l(x)_k if s z_l(x)_k >= tau_l else 0` `(K, N, C)` (the
-    thresholded ReLU of Jazbec et al., on logits scaled by `s = scale`, 1 in the paper); `thresholds` holds one
-    `tau_l >= 0` per exit, in units of the scaled logits."""
-    logits = _check_scale(scale) * _as_array(exit_logits, "exit_logits", 3)
+def relu_concentrations(exit_logits, thresholds, scale: float = 1.0, offset: float = 0.0) -> np.ndarray:
+    """Dirichlet concentrations `alpha_l(x)_k = u_k if u_k >= tau_l else 0` with `u = scale * (z_l(x) + offset)`,
+    `(K, N, C)`: the thresholded ReLU of Jazbec et al. (who use `scale = 1`, `offset = 0`); `thresholds` holds one
+    `tau_l >= 0` per exit, in units of `u`."""
+    scale, offset = _check_transform(scale, offset)
+    logits = scale * (_as_array(exit_logits, "exit_logits", 3) + offset)
     tau = _check_thresholds(thresholds, logits.shape[0])
     return np.where(logits >= tau[:, None, None], np.maximum(logits, 0.0), 0.0)
 
 
 class AVCSThresholds(NamedTuple):
-    """Output of [`fit_avcs_thresholds`]: the per-exit ReLU `thresholds` and the logit `scale` they go with."""
+    """Output of [`fit_avcs_thresholds`]: the per-exit ReLU `thresholds` and the logit `scale` and `offset` they go
+    with (the arguments of [`avcs_prediction_sets`])."""
 
     thresholds: list[float]
     scale: float
+    offset: float
 
 
 def avcs_prediction_sets(
-    exit_logits, thresholds, alpha: float = 0.05, seed: int = 0, scale: float = 1.0
+    exit_logits, thresholds, alpha: float = 0.05, seed: int = 0, scale: float = 1.0, offset: float = 0.0
 ) -> AVCSSets:
     r"""Anytime-valid prediction sets of an early-exit classifier (Jazbec et al., 2024).
 
@@ -170,16 +175,19 @@ def avcs_prediction_sets(
             [`fit_avcs_thresholds`].
         alpha (`float`, *optional*, defaults to 0.05): miscoverage level, in (0, 1).
         seed (`int`, *optional*, defaults to 0).
-        scale (`float`, *optional*, defaults to 1.0): the logits are multiplied by `scale` before the ReLU (the
-            paper uses the logits as they are). The Dirichlet's spread shrinks as its concentrations grow, so a model
-            with small logits (a small total evidence `sum_k alpha_k`) draws plug-in samples far from their mean and
-            excludes true labels; a larger scale counters that. Chosen with the thresholds by [`fit_avcs_thresholds`].
+        scale (`float`, *optional*, defaults to 1.0), offset (`float`, *optional*, defaults to 0.0): the ReLU reads
+            `scale * (z + offset)`; the paper uses the logits as they are. Both are an extension for models whose
+            logits do not suit ReLU Dirichlets: softmax ignores a constant added to every logit, but the ReLU does
+            not, so a class with a logit `<= 0` can never be in a set (with centred logits, e.g. a binary head's
+            `(a, -a)`, every set has at most one class), which `offset > 0` counters; and the Dirichlet's spread
+            shrinks as its concentrations grow, so small logits draw plug-in samples far from their mean and exclude
+            true labels, which `scale > 1` counters. Chosen with the thresholds by [`fit_avcs_thresholds`].
 
     Returns:
         [`AVCSSets`]: `sets` (official, not always nested), `nested_sets` (running intersection) and `log_ratios`.
     """
     alpha = _check_alpha(alpha)
-    concentrations = relu_concentrations(exit_logits, thresholds, scale)  # (K, N, C)
+    concentrations = relu_concentrations(exit_logits, thresholds, scale, offset)  # (K, N, C)
     return _avcs_sets(concentrations, _dirichlet_on_support(concentrations, seed), alpha)
 
 
@@ -215,18 +223,22 @@ def fit_avcs_thresholds(
     seed: int = 0,
     nested: bool = True,
     scales: Sequence[float] = (1.0,),
+    offsets: Sequence[float] = (0.0,),
 ) -> AVCSThresholds:
     r"""Search the ReLU thresholds of [`avcs_prediction_sets`] on a calibration split (`find_relu_thresholds` of the
-    official code), and optionally the logit scale.
+    official code), and optionally the logit scale and offset.
 
-    The scale is the first of `scales` (tried in the order given; the default `(1.0,)` is the paper's method) at which
-    the initial thresholds reach the target coverage. With it, every threshold starts at `init`; then for `l = 1..K` in order, `tau_l` is raised by `step` while the marginal
-    coverage on the calibration data stays `> 1 - alpha` at **every** exit, and set back one step at the first
-    violation (or once `tau_l` passes the largest calibration logit of exit `l`, where every set there is empty).
-    Larger thresholds give sparser Dirichlets, hence smaller sets. With `nested=True` (default) the coverage checked is
-    that of the nested sets (the running intersection, which the official search does not use; it is never larger,
-    so both kinds then keep the coverage on the calibration data); `nested=False` checks the official `C_t`. Calibrate
-    on data that is not evaluated (the official notebook searched on all logits).
+    For one `(scale, offset)`: every threshold starts at `init`; then for `l = 1..K` in order, `tau_l` is raised by
+    `step` while the marginal coverage on the calibration data stays `> 1 - alpha` at **every** exit, and set back
+    one step at the first violation (or once `tau_l` passes the largest transformed calibration logit of exit `l`,
+    where every set there is empty). Larger thresholds give sparser Dirichlets, hence smaller sets. With `nested=True`
+    (default) the coverage checked is that of the nested sets (the running intersection, which the official search
+    does not use; it is never larger, so both kinds then keep the coverage on the calibration data); `nested=False`
+    checks the official `C_t`. Calibrate on data that is not evaluated (the official notebook searched on all logits).
+
+    With several `scales` and `offsets` (an extension; the defaults are the paper's method), every pair whose initial
+    thresholds reach the target is searched, and the pair with the smallest mean set size over the exits on the
+    calibration data wins (ties: the earlier pair, offsets outer, scales inner).
 
     Args:
         cal_logits (`(K, N_cal, C)`): per-exit logits of the calibration split.
@@ -236,12 +248,13 @@ def fit_avcs_thresholds(
         init (`float`, *optional*, defaults to 1.0), step (`float`, *optional*, defaults to 0.5): the search grid.
         seed (`int`, *optional*, defaults to 0): seed of the Dirichlet samples (the same at every step).
         nested (`bool`, *optional*, defaults to `True`): check the coverage of the nested sets.
-        scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`): logit scales to try, e.g. `(1, 2, 4, 8)`.
+        scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`), offsets (`Sequence[float]`, *optional*,
+            defaults to `(0.0,)`): the logit transforms to try (see [`avcs_prediction_sets`]), e.g. `(1, 4, 16)` and
+            `(0, 1, 2, 4)`.
 
     Returns:
-        [`AVCSThresholds`] `(thresholds, scale)`: one threshold per exit and the scale. When no scale reaches the
-        target at the initial thresholds, a warning is raised and the initial thresholds are returned with the scale of
-        the highest worst-exit coverage.
+        [`AVCSThresholds`] `(thresholds, scale, offset)`. When no pair reaches the target at the initial thresholds,
+        a warning is raised and the initial thresholds are returned with the pair of the highest worst-exit coverage.
     """
     alpha = _check_alpha(alpha)
     logits = _as_array(cal_logits, "cal_logits", 3)
@@ -250,38 +263,45 @@ def fit_avcs_thresholds(
     _check_calibration(num_examples, alpha)
     if not (math.isfinite(init) and init >= 0 and math.isfinite(step) and step > 0):
         raise ValueError(f"init must be >= 0 and step > 0, got init={init!r}, step={step!r}.")
+    pairs = [_check_transform(scale, offset) for offset in offsets for scale in scales]
+    if not pairs:
+        raise ValueError(f"scales and offsets must each hold at least one value, got {scales!r} and {offsets!r}.")
 
-    scales = [_check_scale(s) for s in scales]
-    if not scales:
-        raise ValueError("scales must hold at least one logit scale, got an empty sequence.")
-
-    def worst_coverage(thresholds, scale) -> float:
-        result = avcs_prediction_sets(logits, thresholds, alpha, seed, scale)
+    def evaluate(thresholds, scale, offset) -> tuple[float, float]:
+        """(worst-exit coverage, mean set size) on the calibration data."""
+        result = avcs_prediction_sets(logits, thresholds, alpha, seed, scale, offset)
         sets = result.nested_sets if nested else result.sets
-        return float(sets[:, np.arange(num_examples), labels].mean(axis=1).min())
+        return float(sets[:, np.arange(num_examples), labels].mean(axis=1).min()), float(sets.sum(-1).mean())
 
     start = [float(init)] * num_exits
-    at_start = [worst_coverage(start, scale) for scale in scales]
-    passing = [scale for scale, coverage in zip(scales, at_start) if coverage > 1 - alpha]
-    if not passing:
-        best = scales[int(np.argmax(at_start))]
+    at_start = [evaluate(start, *pair)[0] for pair in pairs]
+    best = None  # (mean size, thresholds, pair)
+    for (scale, offset), coverage in zip(pairs, at_start):
+        if coverage <= 1 - alpha:
+            continue
+        thresholds = list(start)
+        for exit_index in range(num_exits):
+            ceiling = scale * (float(logits[exit_index].max()) + offset)
+            while True:
+                thresholds[exit_index] += step
+                if thresholds[exit_index] > ceiling + step or evaluate(thresholds, scale, offset)[0] <= 1 - alpha:
+                    thresholds[exit_index] -= step
+                    break
+        size = evaluate(thresholds, scale, offset)[1]
+        if best is None or size < best[0]:
+            best = (size, thresholds, (scale, offset))
+    if best is None:
+        scale, offset = pairs[int(np.argmax(at_start))]
         warnings.warn(
             f"the AVCS sets miss the coverage 1 - alpha = {1 - alpha:g} on the calibration data already at the "
-            f"initial thresholds {init} with every scale in {scales} (best worst-exit coverage {max(at_start):.4f}, "
-            f"scale {best}): keeping them. Labels whose logit is <= 0 never enter the support; larger scales or a "
-            "smaller init may help.",
+            f"initial thresholds {init} with every (scale, offset) tried (best worst-exit coverage "
+            f"{max(at_start):.4f}, scale {scale}, offset {offset}): keeping them. A label whose transformed logit is "
+            "<= 0 never enters the support; a larger offset or scale, or a smaller init, may help.",
             stacklevel=2,
         )
-        return AVCSThresholds(start, best)
-    scale, thresholds = passing[0], start
-    for exit_index in range(num_exits):
-        ceiling = scale * float(logits[exit_index].max())
-        while True:
-            thresholds[exit_index] += step
-            if thresholds[exit_index] > ceiling + step or not worst_coverage(thresholds, scale) > 1 - alpha:
-                thresholds[exit_index] -= step
-                break
-    return AVCSThresholds(thresholds, scale)
+        return AVCSThresholds(start, scale, offset)
+    _, thresholds, (scale, offset) = best
+    return AVCSThresholds(thresholds, scale, offset)
 
 
 def raps_prediction_sets(

@@ -60,11 +60,12 @@ from hf_kd.prediction_sets import (
 
 ROOT = Path(__file__).resolve().parents[1]
 AVCS_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0)
+AVCS_OFFSETS = (0.0, 1.0, 2.0, 4.0)
 SET_METHODS = {
-    "avcs": "AVCS (paper, scale 1)",
-    "avcs_intersect": "AVCS ∩ (scale 1)",
-    "avcs_scaled": "AVCS (scale searched)",
-    "avcs_scaled_intersect": "AVCS ∩ (scale searched)",
+    "avcs": "AVCS (paper: raw logits)",
+    "avcs_intersect": "AVCS ∩ (raw logits)",
+    "avcs_transformed": "AVCS (logit scale/offset searched)",
+    "avcs_transformed_intersect": "AVCS ∩ (scale/offset searched)",
     "raps": "RAPS",
     "raps_intersect": "RAPS-intersect",
 }
@@ -210,13 +211,15 @@ def prediction_sets(test_logits: np.ndarray, test_labels: np.ndarray, alpha: flo
     cal, rest = calibration_split(test_labels.shape[0], 0.2, seed=0)
     labels = test_labels[rest]
     out = {"calibration_size": int(len(cal)), "evaluation_size": int(len(rest))}
-    for name, scales in (("avcs", (1.0,)), ("avcs_scaled", AVCS_SCALES)):
+    for name, scales, offsets in (("avcs", (1.0,), (0.0,)), ("avcs_transformed", AVCS_SCALES, AVCS_OFFSETS)):
         start = time.perf_counter()
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
-            thresholds, scale = fit_avcs_thresholds(test_logits[:, cal], test_labels[cal], alpha=alpha, scales=scales)
-        sets = avcs_prediction_sets(test_logits[:, rest], thresholds, alpha=alpha, scale=scale)
-        out[f"{name}_search"] = {"thresholds": thresholds, "scale": scale, "seconds": time.perf_counter() - start,
+            fit = fit_avcs_thresholds(test_logits[:, cal], test_labels[cal], alpha=alpha, scales=scales,
+                                      offsets=offsets)
+        sets = avcs_prediction_sets(test_logits[:, rest], fit.thresholds, alpha=alpha, scale=fit.scale,
+                                    offset=fit.offset)
+        out[f"{name}_search"] = {**fit._asdict(), "seconds": time.perf_counter() - start,
                                  "warning": str(caught[0].message) if caught else None}
         out[name] = prediction_set_metrics(sets.sets, labels)
         out[f"{name}_intersect"] = prediction_set_metrics(sets.nested_sets, labels)
@@ -440,16 +443,17 @@ def markdown(results: dict) -> str:
         ps = s["prediction_sets"]
         num_exits = len(ps["avcs"]["coverage"])
         searches = "; ".join(
-            f"seed {r['seed']}: scale 1 thresholds {r['prediction_sets']['avcs_search']['thresholds']}"
+            f"seed {r['seed']}: raw thresholds {r['prediction_sets']['avcs_search']['thresholds']}"
             + (" (the start missed the target)" if r["prediction_sets"]["avcs_search"]["warning"] else "")
-            + f", searched scale {r['prediction_sets']['avcs_scaled_search']['scale']:g} thresholds "
-            f"{r['prediction_sets']['avcs_scaled_search']['thresholds']}"
+            + f", searched: scale {r['prediction_sets']['avcs_transformed_search']['scale']:g}, offset "
+            f"{r['prediction_sets']['avcs_transformed_search']['offset']:g}, thresholds "
+            f"{r['prediction_sets']['avcs_transformed_search']['thresholds']}"
             for r in runs
         )
         lines += [f"### Prediction sets, alpha = {results['alpha']} (mean over seeds)", "",
                   f"Calibration part {runs[0]['prediction_sets']['calibration_size']} examples, evaluated on "
                   f"{runs[0]['prediction_sets']['evaluation_size']}. AVCS search: {searches}. Scales tried: "
-                  f"{list(AVCS_SCALES)}. Nestedness |C_t ∩ (C_1 ∩ … ∩ C_{{t-1}})| / |C_t| (1 for an empty set).", "",
+                  f"{list(AVCS_SCALES)}, offsets {list(AVCS_OFFSETS)} (the pair with the smallest calibration sets). Nestedness |C_t ∩ (C_1 ∩ … ∩ C_{{t-1}})| / |C_t| (1 for an empty set).", "",
                   "| method | metric | " + " | ".join(f"exit {k}" for k in range(num_exits)) + " |",
                   "|---|---" + "|---" * num_exits + "|"]
         for kind_name, label in SET_METHODS.items():

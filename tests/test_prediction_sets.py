@@ -139,36 +139,42 @@ def naive_greedy_search(logits, labels, alpha, init, step, nested):
 def test_threshold_search_is_the_official_greedy_search(nested):
     logits, labels = exit_logits(n=150, seed=4)
     logits = 3 * logits  # wide Dirichlets: room for the thresholds to rise
-    thresholds, scale = fit_avcs_thresholds(logits, labels, alpha=0.1, nested=nested)
-    assert scale == 1.0 and thresholds == naive_greedy_search(logits, labels, 0.1, 1.0, 0.5, nested)
+    thresholds, scale, offset = fit_avcs_thresholds(logits, labels, alpha=0.1, nested=nested)
+    assert (scale, offset) == (1.0, 0.0) and thresholds == naive_greedy_search(logits, labels, 0.1, 1.0, 0.5, nested)
     assert thresholds[0] > 1.0  # the search moved
     result = avcs_prediction_sets(logits, thresholds, alpha=0.1)
     coverage = prediction_set_metrics(result.nested_sets if nested else result.sets, labels)["coverage"]
     assert min(coverage) > 0.9
 
 
-def test_threshold_search_picks_the_first_scale_that_covers():
+def test_transform_search_picks_the_smallest_calibration_sets():
     logits, labels = exit_logits(n=150, seed=4)
-    logits = logits / 2  # small logits: spread-out Dirichlets miss true labels at scale 1
-    worst = {}
-    for scale in (1.0, 2.0, 8.0):
-        r = avcs_prediction_sets(logits, [1.0] * 3, alpha=0.1, scale=scale)
-        worst[scale] = min(prediction_set_metrics(r.nested_sets, labels)["coverage"])
-    assert worst[1.0] <= 0.9 < worst[8.0]
-    expected = next(s for s in (1.0, 2.0, 8.0) if worst[s] > 0.9)
-    thresholds, scale = fit_avcs_thresholds(logits, labels, alpha=0.1, scales=(1.0, 2.0, 8.0))
-    assert scale == expected
-    assert thresholds == naive_greedy_search(scale * logits, labels, 0.1, 1.0, 0.5, True)
-    # The scale multiplies the logits: scaled sets equal those of pre-scaled logits.
-    np.testing.assert_array_equal(avcs_prediction_sets(logits, thresholds, 0.1, scale=scale).sets,
-                                  avcs_prediction_sets(scale * logits, thresholds, 0.1).sets)
+    logits = logits / 2 - 1.0  # small, partly negative logits: the paper's transform misses the target
+    scales, offsets = (1.0, 4.0), (0.0, 2.0)
+    sizes = {}
+    for offset in offsets:
+        for scale in scales:
+            u = scale * (logits + offset)
+            r = avcs_prediction_sets(u, [1.0] * 3, alpha=0.1)
+            if min(prediction_set_metrics(r.nested_sets, labels)["coverage"]) > 0.9:
+                t = naive_greedy_search(u, labels, 0.1, 1.0, 0.5, True)
+                sizes[(scale, offset)] = (avcs_prediction_sets(u, t, 0.1).nested_sets.sum(-1).mean(), t)
+    assert (1.0, 0.0) not in sizes and len(sizes) >= 2
+    (scale, offset), (_, expected) = min(sizes.items(), key=lambda item: item[1][0])
+    result = fit_avcs_thresholds(logits, labels, alpha=0.1, scales=scales, offsets=offsets)
+    assert (result.scale, result.offset, result.thresholds) == (scale, offset, expected)
+    # The transform is applied to the logits: the sets equal those of pre-transformed logits.
+    np.testing.assert_array_equal(
+        avcs_prediction_sets(logits, result.thresholds, 0.1, scale=scale, offset=offset).sets,
+        avcs_prediction_sets(scale * (logits + offset), result.thresholds, 0.1).sets,
+    )
 
 
 def test_threshold_search_warns_when_the_start_misses_the_target():
     logits = np.full((2, 30, 3), -1.0)  # every logit below the ReLU: empty sets
     labels = np.zeros(30, dtype=int)
     with pytest.warns(UserWarning, match="initial thresholds"):
-        assert fit_avcs_thresholds(logits, labels, alpha=0.1, scales=(1.0, 4.0)) == ([1.0, 1.0], 1.0)
+        assert fit_avcs_thresholds(logits, labels, alpha=0.1, scales=(1.0, 4.0)) == ([1.0, 1.0], 1.0, 0.0)
 
 
 def naive_raps(cal, cal_labels, test, alpha, lam, k_reg, u_cal, u_test):
@@ -264,5 +270,7 @@ def test_other_bad_input():
         avcs_prediction_sets(np.full((1, 2, 2), np.nan), [1.0])
     with pytest.raises(ValueError, match="scale must be"):
         avcs_prediction_sets(logits, [1.0] * 3, scale=0.0)
-    with pytest.raises(ValueError, match="scales must hold"):
+    with pytest.raises(ValueError, match="offset must be"):
+        avcs_prediction_sets(logits, [1.0] * 3, offset=float("inf"))
+    with pytest.raises(ValueError, match="at least one value"):
         fit_avcs_thresholds(logits, labels, scales=())
