@@ -115,6 +115,19 @@ def test_save_load_auto_classes_and_remote_code(kind, tmp_path):
     reference = model.predict_with_exits(**inputs, policy="max_prob", threshold=0.9, link_approx="probit")
     torch.testing.assert_close(pred.probs, reference.probs)
 
+    # A fit that does not match the weights in the folder is left out with a warning; the model still loads.
+    with torch.no_grad():
+        weights = {k: v.clone() for k, v in loaded.state_dict().items()}
+        first = next(k for k in weights if k.endswith("exits.0.classifier.weight"))
+        weights[first] += 1.0
+    from safetensors.torch import save_file
+
+    save_file({k: v.contiguous() for k, v in weights.items()}, str(tmp_path / "model.safetensors"),
+              metadata={"format": "pt"})
+    with pytest.warns(UserWarning, match="was not loaded: exit 0's classifier changed"):
+        assert auto.from_pretrained(tmp_path).exit_laplace is None
+    model.save_pretrained(tmp_path)
+
     # Saving a model without a fit into the folder removes the stale file of the earlier fit.
     loaded.exit_laplace = None
     loaded.save_pretrained(tmp_path)
@@ -123,7 +136,7 @@ def test_save_load_auto_classes_and_remote_code(kind, tmp_path):
 
 
 @pytest.mark.parametrize("kind", ["bert", "cnn"])
-def test_laplace_prediction_without_or_with_stale_factors(kind):
+def test_laplace_prediction_without_or_with_stale_factors(kind, tmp_path):
     model, inputs, loader = make(kind)
     with pytest.raises(ValueError, match="has none: call model.fit_exit_laplace"):
         model.predict_exit_probs(**inputs, link_approx="mc")
@@ -137,6 +150,9 @@ def test_laplace_prediction_without_or_with_stale_factors(kind):
         model.exits[0].classifier.weight.add_(0.5)  # training after the fit: the posterior is stale
     with pytest.raises(ValueError, match="exit 0's classifier changed.*refit"):
         model.predict_with_exits(**inputs, policy="max_prob", threshold=0.5, link_approx="mc")
+    with pytest.warns(UserWarning, match="fit was not saved: exit 0's classifier changed"):
+        model.save_pretrained(tmp_path)  # the model is saved, the stale fit is not
+    assert not (tmp_path / EXIT_LAPLACE_FILENAME).exists() and (tmp_path / "config.json").is_file()
     with pytest.raises(ValueError, match="fitted MultiExitLaplace or None"):
         model.exit_laplace = MultiExitLaplace.from_model(model)  # not fitted
     with pytest.raises(ValueError, match="need `labels`"):

@@ -50,6 +50,7 @@ import inspect
 import json
 import math
 import os
+import warnings
 from collections.abc import Iterable, Sequence
 from enum import Enum
 
@@ -962,7 +963,8 @@ class ExitLaplaceMixin:
         return self._exit_laplace
 
     def _exit_predictive(self, link_approx) -> tuple[MultiExitLaplace | None, list[float]]:
-        """For `predict_with_exits`: the exit Laplace to use (`None` for the softmax) and its per-exit extra FLOPs."""
+        """The exit Laplace a prediction with `link_approx` uses (`None` for the softmax; an error when there is none
+        or it is stale) and its per-exit extra FLOPs."""
         if link_approx is None:
             return None, [0.0] * len(_exit_classifiers(self))
         link_approx = _check_choice(LinkApprox, link_approx, "link_approx")
@@ -1064,17 +1066,17 @@ class ExitLaplaceMixin:
         self.exit_laplace = laplace
         return laplace
 
-    def _exit_probs(self, exit_logits, features, link_approx, mie: bool, exit_flops) -> torch.Tensor:
-        """`(K, n, C)` per-exit probabilities: softmax of `exit_logits` (`link_approx=None`) or the exit Laplace
+    def _exit_probs(self, exit_logits, features, laplace, link_approx, mie: bool, exit_flops) -> torch.Tensor:
+        """`(K, n, C)` per-exit probabilities: softmax of `exit_logits` (`laplace=None`) or the exit Laplace
         predictive of `features`, then MIE over the exits when `mie`."""
         from .modeling_multi_exit import _mie_weights, _model_internal_ensemble
 
         if not isinstance(mie, bool):
             raise ValueError(f"mie must be True or False, got {mie!r}.")
-        if link_approx is None:
+        if laplace is None:
             probs = torch.stack(exit_logits).float().softmax(-1)
         else:
-            probs = self._require_exit_laplace().predict(features, link_approx)
+            probs = laplace.predict(features, link_approx)
         return _model_internal_ensemble(probs, _mie_weights(exit_flops)) if mie else probs
 
     def save_pretrained(self, save_directory: str | os.PathLike, *args, **kwargs):
@@ -1089,8 +1091,15 @@ class ExitLaplaceMixin:
         result = super().save_pretrained(save_directory, *args, **kwargs)
         if is_main_process:
             path = os.path.join(save_directory, EXIT_LAPLACE_FILENAME)
-            if self._exit_laplace is not None:
-                self._exit_laplace.save(save_directory)
+            laplace = self._exit_laplace
+            if laplace is not None:
+                try:
+                    laplace.check_heads(_exit_classifiers(self))
+                except ValueError as error:  # trained on after the fit: a stale posterior must not be shipped
+                    warnings.warn(f"the exit Laplace fit was not saved: {error}", stacklevel=2)
+                    laplace = None
+            if laplace is not None:
+                laplace.save(save_directory)
             elif os.path.isfile(path):
                 os.remove(path)
         if push_to_hub and is_main_process:
@@ -1121,5 +1130,8 @@ class ExitLaplaceMixin:
         )
         if path is not None:
             model = result[0] if isinstance(result, tuple) else result
-            model.exit_laplace = MultiExitLaplace.load(path)
+            try:
+                model.exit_laplace = MultiExitLaplace.load(path)
+            except ValueError as error:  # e.g. weights replaced after the fit: load the model, not the stale fit
+                warnings.warn(f"{EXIT_LAPLACE_FILENAME} was not loaded: {error}", stacklevel=2)
         return result

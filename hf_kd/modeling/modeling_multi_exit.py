@@ -28,7 +28,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_multi_exit import MultiExitConfig
-from .exit_laplace import ExitLaplaceMixin, LinkApprox, _check_choice, capture_exit_features
+from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
 
 try:  # transformers >= 4.53
     from transformers.masking_utils import create_bidirectional_mask
@@ -648,14 +648,12 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         Returns:
             `torch.FloatTensor` of shape `(num_exits, batch_size, num_labels)`, rows summing to 1.
         """
-        if link_approx is not None:
-            link_approx = _check_choice(LinkApprox, link_approx, "link_approx")
-            self._require_exit_laplace()
+        laplace, _ = self._exit_predictive(link_approx)  # checked before the forward pass
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
         inputs = {k: v for k, v in inputs.items() if v is not None}
         with capture_exit_features(self) as features:
             exit_logits = self(**inputs).exit_logits
-        return self._exit_probs(exit_logits, features, link_approx, mie, self._batch_exit_flops(inputs))
+        return self._exit_probs(exit_logits, features, laplace, link_approx, mie, self._batch_exit_flops(inputs))
 
     def _exit_mask(self, mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
         if create_bidirectional_mask is None:  # pragma: no cover - transformers < 4.53

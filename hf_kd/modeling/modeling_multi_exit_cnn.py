@@ -20,7 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_multi_exit_cnn import MultiExitImageConfig
-from .exit_laplace import ExitLaplaceMixin, LinkApprox, _check_choice, capture_exit_features
+from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
 from .modeling_multi_exit import EarlyExitPrediction, ExitPolicy, _EarlyExitRun
 
 
@@ -257,13 +257,11 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
         Returns:
             `torch.FloatTensor` of shape `(num_exits, batch_size, num_labels)`, rows summing to 1.
         """
-        if link_approx is not None:
-            link_approx = _check_choice(LinkApprox, link_approx, "link_approx")
-            self._require_exit_laplace()
+        laplace, _ = self._exit_predictive(link_approx)  # checked before the forward pass
         with capture_exit_features(self) as features:
             exit_logits = self(pixel_values).exit_logits
         exit_flops = self._batch_exit_flops({"pixel_values": pixel_values})
-        return self._exit_probs(exit_logits, features, link_approx, mie, exit_flops)
+        return self._exit_probs(exit_logits, features, laplace, link_approx, mie, exit_flops)
 
     @torch.no_grad()
     def predict_with_exits(
