@@ -96,6 +96,11 @@ def parse_args(argv=None):
                         help="Rotten Tomatoes prediction timing: test rows, batch size.")
     parser.add_argument("--no_docs", action="store_true", help="Do not write docs/benchmarks/exit_uncertainty.*")
     parser.add_argument("--limit", type=int, default=None, help="Smoke test: first N rows of every split (no docs).")
+    parser.add_argument("--report_only", action="store_true",
+                        help="Rewrite the report from --output_dir/results.json without running anything.")
+    parser.add_argument("--fit_cost_rows", type=int, default=None,
+                        help="Compare the eval pass and the fit on the first N training rows (default: all of them); "
+                        "the fit used for the results always reads every training row.")
     return parser.parse_args(argv)
 
 
@@ -140,7 +145,10 @@ def rt_task(folder: Path, limit: int | None) -> dict:
     def loader(split, batch_size=128):
         data = splits[split] if limit is None else splits[split].select(range(min(limit, len(splits[split]))))
         columns = [c for c in ("input_ids", "attention_mask", "token_type_ids", "label") if c in data.column_names]
-        data = data.select_columns(columns)
+        # Batches of similar lengths pad less (the same batches for every variant timed); features and labels keep
+        # their pairing, which is all the evaluation needs.
+        order = np.argsort([len(ids) for ids in data["input_ids"]], kind="stable")
+        data = data.select_columns(columns).select(order)
         return [collator(data[i : i + batch_size]) for i in range(0, len(data), batch_size)]
 
     lengths = [len(ids) for ids in splits["validation"]["input_ids"]]
@@ -290,14 +298,20 @@ def run_model(folder: Path, kind: str, index: int, opts) -> dict:
     model, loader = task["model"], task["loader"]
     print(f"[{kind} seed {task['seed']}] fit cost", flush=True)
     train = loader("train")
+    rows_per_batch = next(iter(train[0].values())).shape[0]
+    compared = train if opts.fit_cost_rows is None else train[: max(1, opts.fit_cost_rows // rows_per_batch)]
     # Alternate which pass runs first, so that a drift in machine load does not always favour one.
     if index % 2 == 0:
-        eval_seconds = eval_pass(model, train)
-        laplace, fit_seconds = fit_pass(model, train)
+        eval_seconds = eval_pass(model, compared)
+        laplace, fit_seconds = fit_pass(model, compared)
     else:
-        laplace, fit_seconds = fit_pass(model, train)
-        eval_seconds = eval_pass(model, train)
-    del train
+        laplace, fit_seconds = fit_pass(model, compared)
+        eval_seconds = eval_pass(model, compared)
+    fit_cost = {"rows": int(sum(next(iter(b.values())).shape[0] for b in compared)), "eval_pass_seconds": eval_seconds,
+                "fit_seconds": fit_seconds, "ratio": fit_seconds / eval_seconds}
+    if compared is not train:
+        laplace, fit_cost["full_fit_seconds"] = fit_pass(model, train)
+    del train, compared
 
     print(f"[{kind} seed {task['seed']}] features and calibration", flush=True)
     val, val_labels = model.collect_exit_features(loader("validation"))
@@ -322,7 +336,7 @@ def run_model(folder: Path, kind: str, index: int, opts) -> dict:
         "num_validation": int(val_labels.shape[0]),
         "num_test": int(test_labels.shape[0]),
         "exit_flops": exit_flops,
-        "fit_cost": {"eval_pass_seconds": eval_seconds, "fit_seconds": fit_seconds, "ratio": fit_seconds / eval_seconds},
+        "fit_cost": fit_cost,
         "chosen": chosen,
         "budget": budgets,
         "per_exit_test": per_exit,
@@ -379,6 +393,7 @@ def summarise(runs: list[dict]) -> dict:
             m: [mean_std(values) for values in zip(*[r["prediction_sets"][kind][m] for r in runs])]
             for m in ("coverage", "size", "nestedness")
         }
+        sets[kind]["worst_seed_coverage"] = [min(c) for c in zip(*[r["prediction_sets"][kind]["coverage"] for r in runs])]
         for m in ("fully_nested", "all_exit_coverage"):
             sets[kind][m] = mean_std([r["prediction_sets"][kind][m] for r in runs])
     summary["prediction_sets"] = sets
@@ -402,7 +417,7 @@ def markdown(results: dict) -> str:
         "prediction sets (evaluated on the other 80 %). NLPD in nats; ECE with 10 equal-width bins.",
         "",
         "```bash",
-        results["command"],
+        *[data["command"] for data in results["datasets"].values()],
         "```",
         "",
     ]
@@ -460,15 +475,27 @@ def markdown(results: dict) -> str:
             for metric in ("coverage", "size", "nestedness"):
                 cells = " | ".join(f"{v[0]:.3f}" for v in ps[kind_name][metric])
                 lines.append(f"| {label} | {metric} | {cells} |")
+            worst = " | ".join(f"{v:.3f}" for v in ps[kind_name]["worst_seed_coverage"])
+            lines.append(f"| {label} | coverage, worst seed | {worst} |")
         lines += ["", "| method | fully nested trajectories | label in the set at every exit |", "|---|---|---|"]
         for kind_name, label in SET_METHODS.items():
             lines.append(f"| {label} | {pm(ps[kind_name]['fully_nested'], 3)} | "
                          f"{pm(ps[kind_name]['all_exit_coverage'], 3)} |")
         lines += ["", "### Cost", ""]
-        lines += ["| seed | eval pass over train (s) | Laplace fit, all exits (s) | ratio |", "|---|---|---|---|"]
+        lines += ["Fitting every exit's Laplace (one forward pass with the exits' features captured, factor sums, "
+                  "eigendecompositions) against one evaluation pass (plain forward) over the same training rows, back "
+                  "to back, the order alternating between seeds:", "",
+                  "| seed | training rows | eval pass (s) | Laplace fit, all exits (s) | ratio | full fit (s) |",
+                  "|---|---|---|---|---|---|"]
         for r in runs:
             fc = r["fit_cost"]
-            lines.append(f"| {r['seed']} | {fc['eval_pass_seconds']:.1f} | {fc['fit_seconds']:.1f} | {fc['ratio']:.3f} |")
+            rows = fc.get("rows", r["num_train"])
+            full = fc.get("full_fit_seconds", fc["fit_seconds"])
+            lines.append(f"| {r['seed']} | {rows} | {fc['eval_pass_seconds']:.1f} | {fc['fit_seconds']:.1f} | "
+                         f"{fc['ratio']:.3f} | {full:.1f} |")
+        lines += ["", "Hyperparameter selection on validation (features cached; 100 (T, σ0²) pairs per exit, MC-50), "
+                  "seconds per seed: " + ", ".join(f"{r['chosen']['laplace_mie']['selection_seconds']:.1f}" for r in runs)
+                  + "."]
         costs = runs[0].get("prediction_cost")
         if costs:
             lines += ["", f"Prediction on {costs[0]['rows']} test rows, {costs[0]['repeats']} interleaved repeats, "
@@ -495,22 +522,34 @@ def main(argv=None) -> dict:
     torch.set_num_threads(1)
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
-    results = {"alpha": opts.alpha, "datasets": {},
-               "command": "PYTHONPATH=. python scripts/bench_exit_uncertainty.py"
-               + (" --fmnist " + " ".join(opts.fmnist) if opts.fmnist else "")
-               + (" --rt " + " ".join(opts.rt) if opts.rt else "")}
+    # Datasets run separately are merged into one results file (and one report).
+    previous = out / "results.json"
+    results = json.loads(previous.read_text()) if previous.exists() and not opts.limit else {"datasets": {}}
+    results["alpha"] = opts.alpha
     scripts = {"fmnist": "bench_early_exit_fmnist.py", "rt": "bench_early_exit_rt.py (self-distillation from the "
                "final exit)"}
     for kind, folders in (("fmnist", opts.fmnist), ("rt", opts.rt)):
+        if opts.report_only and kind in results["datasets"]:
+            results["datasets"][kind]["summary"] = summarise(results["datasets"][kind]["runs"])
+            continue
         if not folders:
             continue
         runs = [run_model(Path(f), kind, i, opts) for i, f in enumerate(folders)]
         epochs = {torch.load(Path(f) / "training_args.bin", weights_only=False).num_train_epochs for f in folders}
         recipe = f"{scripts[kind]}, {', '.join(f'{e:g}' for e in sorted(epochs))} epoch(s)"
-        results["datasets"][kind] = {"recipe": recipe, "runs": runs, "summary": summarise(runs)}
+        command = f"PYTHONPATH=. python scripts/bench_exit_uncertainty.py --{kind} {' '.join(folders)}"
+        if opts.fit_cost_rows:
+            command += f" --fit_cost_rows {opts.fit_cost_rows}"
+        if kind == "rt" and opts.rt_timing != [512, 32]:
+            command += " --rt_timing " + " ".join(map(str, opts.rt_timing))
+        if opts.repeats != 5:
+            command += f" --repeats {opts.repeats}"
+        results["datasets"][kind] = {"recipe": recipe, "command": command, "runs": runs, "summary": summarise(runs)}
         (out / "results.json").write_text(json.dumps(results, indent=2))
     if not (opts.no_docs or opts.limit):
-        (ROOT / "docs" / "benchmarks" / "exit_uncertainty.json").write_text(json.dumps(results, indent=2))
+        # Compact, rounded to 6 significant digits (the report needs no more).
+        rounded = json.loads(json.dumps(results), parse_float=lambda x: float(f"{float(x):.6g}"))
+        (ROOT / "docs" / "benchmarks" / "exit_uncertainty.json").write_text(json.dumps(rounded, separators=(",", ":")))
         (ROOT / "docs" / "benchmarks" / "exit_uncertainty.md").write_text(markdown(results))
     return results
 

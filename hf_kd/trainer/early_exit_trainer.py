@@ -60,6 +60,11 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
     set to look the weights up; they are saved in every checkpoint and restored exactly by `resume_from_checkpoint`.
     Evaluation losses are not weighted.
 
+    After training, [`EarlyExitTrainer.fit_exit_laplace`] fits a last-layer Laplace approximation per exit (Meronen
+    et al., WACV 2024, https://huggingface.co/papers/2302.06359) with a temperature and a prior chosen per exit on
+    the evaluation set; later evaluations then also log each exit's calibrated `exit_{i}_laplace_accuracy`, `_ece` and
+    `_nll`, `save_model()` saves the fit with the model, and the card shows a per-exit table (softmax and Laplace).
+
     Args:
         model ([`MultiExitForSequenceClassification`] or another multi-exit model):
             The multi-exit model: its config has `exit_layers` (and `normalized_exit_loss_weights` when
