@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0.dev0"
 
-from . import data, early_exit, losses, metrics
+from . import data, early_exit, losses, metrics, prediction_sets
 from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
@@ -15,6 +15,7 @@ from .modeling import (
     MultiExitForImageClassification,
     MultiExitForSequenceClassification,
     MultiExitImageConfig,
+    MultiExitLaplace,
 )
 from .trainer import DistillConfig, DistillTrainer, EarlyExitConfig, EarlyExitTrainer
 
@@ -30,6 +31,7 @@ __all__ = [
     "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
     "MultiExitImageConfig",
+    "MultiExitLaplace",
     "UncertaintyReport",
     "calibrate_temperature",
     "data",
@@ -43,6 +45,7 @@ __all__ = [
     "make_compute_metrics",
     "make_exit_compute_metrics",
     "metrics",
+    "prediction_sets",
     "push_to_hub",
     "update_model_card",
 ]

@@ -21,6 +21,7 @@ import json
 import logging
 import math
 import os
+import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -72,6 +73,10 @@ METRIC_NAMES = {
     "sigma": "Confidence preservation sigma",
 }
 _BINNED = ("ece", "mce")
+# Per-exit metrics of early-exit models, `exit_{i}_{metric}` and `exit_{i}_laplace_{metric}` (calibrated by the
+# per-exit last-layer Laplace approximation); only the calibrated ones go to the model-index.
+EXIT_METRICS = ("accuracy", "ece", "nll")
+_EXIT_KEY = re.compile(r"exit_(\d+)_(laplace_)?(accuracy|ece|nll)")
 
 # Papers cited by every card that reports the corresponding metrics.
 GUO_2017 = {
@@ -91,6 +96,16 @@ VENGERTSEV_2024 = {
         "@article{vengertsev2024confidence,\n"
         "  title={Confidence Preservation Property in Knowledge Distillation Abstractions},\n"
         "  author={Vengertsev, Dmitry and Sherman, Elena},\n  journal={arXiv:2401.11365},\n  year={2024}\n}"
+    ),
+}
+MERONEN_2024 = {
+    "title": "Fixing Overconfidence in Dynamic Neural Networks",
+    "id": "2302.06359",
+    "citation": (
+        "@inproceedings{meronen2024fixing,\n  title={Fixing Overconfidence in Dynamic Neural Networks},\n"
+        "  author={Meronen, Lassi and Trapp, Martin and Pilzer, Andrea and Yang, Le and Solin, Arno},\n"
+        "  booktitle={Proceedings of the IEEE/CVF Winter Conference on Applications of Computer Vision (WACV)},\n"
+        "  year={2024}\n}"
     ),
 }
 NIE_2020 = {
@@ -261,8 +276,13 @@ def build_eval_results(
     results = []
     for split, metrics in metrics_by_split.items():
         metrics = _as_metrics(split, metrics)
-        for metric, readable in METRIC_NAMES.items():
-            value = metrics.get(metric)
+        entries = [(metric, metric, readable) for metric, readable in METRIC_NAMES.items()]
+        calibrated = [m for m in map(_EXIT_KEY.fullmatch, metrics) if m and m.group(2)]  # exit_{i}_laplace_{metric}
+        for match in sorted(calibrated, key=lambda m: (int(m.group(1)), EXIT_METRICS.index(m.group(3)))):
+            exit_index, _, metric = match.groups()
+            entries.append((match.group(0), metric, f"{METRIC_NAMES[metric]}, exit {exit_index}, last-layer Laplace"))
+        for key, metric, readable in entries:
+            value = metrics.get(key)
             if not _is_number(value):
                 continue
             args = None
@@ -277,7 +297,7 @@ def build_eval_results(
                     dataset_name=dataset_name,
                     dataset_config=dataset_config,
                     dataset_split=str(split),
-                    metric_type=metric,
+                    metric_type=key,
                     metric_value=round(float(value), 4),
                     metric_name=readable,
                     metric_args=args,
@@ -336,6 +356,27 @@ def metrics_table(metrics_by_split: Mapping[str, Mapping[str, float] | Uncertain
         if any(_is_number(values.get(metric)) for _, values in columns)
     ]
     return _markdown_table(["metric"] + [name for name, _ in columns], rows)
+
+
+def exit_metrics_table(metrics: Mapping[str, float]) -> str | None:
+    """A markdown table of an early-exit model's per-exit metrics (`exit_{i}_accuracy`, `exit_{i}_ece`,
+    `exit_{i}_nll` and their `exit_{i}_laplace_*` calibrated counterparts), one row per exit; `None` without any."""
+    exits: dict[int, dict[str, float]] = {}
+    for key, value in metrics.items():
+        match = _EXIT_KEY.fullmatch(key)
+        if match and _is_number(value):
+            exits.setdefault(int(match.group(1)), {})[(match.group(2) or "") + match.group(3)] = value
+    if not exits:
+        return None
+    n_bins = int(metrics["ece_bins"]) if _is_number(metrics.get("ece_bins")) else None
+    columns = [m for m in EXIT_METRICS if any(m in v for v in exits.values())]
+    columns += [f"laplace_{m}" for m in EXIT_METRICS if any(f"laplace_{m}" in v for v in exits.values())]
+    header = ["exit"] + [
+        _row_name(c.removeprefix("laplace_"), n_bins) + (", Laplace" if c.startswith("laplace_") else "")
+        for c in columns
+    ]
+    rows = [[str(i)] + [_cell(exits[i].get(c)) for c in columns] for i in sorted(exits)]
+    return _markdown_table(header, rows)
 
 
 def before_after_table(columns: Mapping[str, Mapping[str, float]], n_bins: int | None) -> str:
@@ -552,6 +593,10 @@ def generate_model_card(
         papers.append(VENGERTSEV_2024)
     if any(_is_number(m.get("kl")) for m in metrics_by_split.values()):
         papers.append(NIE_2020)
+    exit_tables = [(split, table) for split, m in metrics_by_split.items() if (table := exit_metrics_table(m))]
+    exit_laplace = (hyperparameters or {}).get("exit_laplace")
+    if exit_laplace or any("laplace" in table for _, table in exit_tables):
+        papers.append(MERONEN_2024)
 
     n_bins = next((int(m["ece_bins"]) for m in metrics_by_split.values() if _is_number(m.get("ece_bins"))), None)
     calibration_tables = []
@@ -592,6 +637,8 @@ def generate_model_card(
         hyperparameters=dict(hyperparameters or {}),
         calibration=calibration,
         calibration_tables=calibration_tables,
+        exit_tables=exit_tables,
+        exit_laplace=exit_laplace,
         metrics_table=metrics_table(metrics_by_split) if metrics_by_split else None,
         dataset_name=dataset_name,
         n_bins=n_bins,

@@ -554,9 +554,14 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
 
     - the final exit's metrics, exactly those of [`make_compute_metrics`] (`accuracy`, `ece`, `mce`, `nll`, `brier`,
       `entropy`, `ece_bins`, and with a teacher `sigma`, `teacher_accuracy`, `teacher_entropy`, `teacher_ece`);
-    - for every exit `i`: `exit_{i}_accuracy`, `exit_{i}_ece` (`n_bins` equal-width bins) and `exit_{i}_entropy`
-      (mean predictive entropy, nats), the per-exit view of DeeBERT (Xin et al., 2020,
-      https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020, https://huggingface.co/papers/2006.04152).
+    - for every exit `i`: `exit_{i}_accuracy`, `exit_{i}_ece` (`n_bins` equal-width bins), `exit_{i}_nll` and
+      `exit_{i}_entropy` (mean predictive entropy, nats), the per-exit view of DeeBERT (Xin et al., 2020,
+      https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020,
+      https://huggingface.co/papers/2006.04152).
+    - when `predictions` ends (before the group ids) with a 3-D array `(N, L, K)`, the calibrated per-exit
+      probabilities of a model with a fitted per-exit Laplace approximation (Meronen et al., 2024,
+      https://huggingface.co/papers/2302.06359; [`EarlyExitTrainer`] appends them): `exit_{i}_laplace_accuracy`,
+      `exit_{i}_laplace_ece` and `exit_{i}_laplace_nll`.
     - when `predictions` ends with a 1-D integer array of shape `(N,)` (the evaluation set's `group` column, which
       [`EarlyExitTrainer`] appends when the dataset has one; logits are always 2-D, so the two cannot be confused):
       the final exit's [`group_accuracies`], `worst_group_accuracy`, `mean_group_accuracy` and `group_{g}_accuracy`.
@@ -582,9 +587,11 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
 
     def compute_metrics(eval_pred) -> dict[str, float]:
         predictions = eval_pred.predictions
-        groups = None
+        groups = calibrated = None
         if isinstance(predictions, (tuple, list)) and np.ndim(predictions[-1]) == 1:
             groups, predictions = np.asarray(predictions[-1]), tuple(predictions[:-1])
+        if isinstance(predictions, (tuple, list)) and np.ndim(predictions[-1]) == 3:
+            calibrated, predictions = np.asarray(predictions[-1]), tuple(predictions[:-1])
         min_length = 3 if with_teacher else 2
         if not isinstance(predictions, (tuple, list)) or len(predictions) < min_length:
             raise ValueError(
@@ -609,7 +616,19 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
             probs = softmax(logits[keep])
             results[f"exit_{i}_accuracy"] = float(np.mean(probs.argmax(axis=1) == labels[keep]))
             results[f"exit_{i}_ece"] = expected_calibration_error(probs, labels[keep], n_bins)
+            results[f"exit_{i}_nll"] = negative_log_likelihood(probs, labels[keep])
             results[f"exit_{i}_entropy"] = predictive_entropy(probs)
+        if calibrated is not None:
+            if calibrated.shape != (labels.shape[0], len(exit_logits), np.shape(predictions[0])[1]):
+                raise ValueError(
+                    f"the calibrated per-exit probabilities must have shape (N, num_exits, num_labels) = "
+                    f"{(labels.shape[0], len(exit_logits), np.shape(predictions[0])[1])}, got {calibrated.shape}"
+                )
+            for i in range(len(exit_logits)):
+                probs = _check_probs(calibrated[keep, i], f"exit_{i} calibrated probabilities")
+                results[f"exit_{i}_laplace_accuracy"] = float(np.mean(probs.argmax(axis=1) == labels[keep]))
+                results[f"exit_{i}_laplace_ece"] = expected_calibration_error(probs, labels[keep], n_bins)
+                results[f"exit_{i}_laplace_nll"] = negative_log_likelihood(probs, labels[keep])
         if groups is not None:
             if groups.shape != labels.shape:
                 raise ValueError(f"the group ids must have the labels' shape {labels.shape}, got {groups.shape}")

@@ -15,6 +15,7 @@ from transformers import AutoConfig, AutoModelForImageClassification, AutoModelF
 
 from .configuration_multi_exit import MultiExitConfig
 from .configuration_multi_exit_cnn import MultiExitImageConfig
+from .exit_laplace import KronPrior, LinkApprox, MultiExitLaplace
 from .modeling_multi_exit import (
     EarlyExitPrediction,
     ExitPolicy,
@@ -41,12 +42,15 @@ MultiExitForImageClassification.register_for_auto_class("AutoModelForImageClassi
 __all__ = [
     "EarlyExitPrediction",
     "ExitPolicy",
+    "KronPrior",
+    "LinkApprox",
     "MultiExitConfig",
     "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
     "MultiExitImageClassifierOutput",
     "MultiExitImageConfig",
     "MultiExitImagePreTrainedModel",
+    "MultiExitLaplace",
     "MultiExitPreTrainedModel",
     "MultiExitSequenceClassifierOutput",
 ]

@@ -29,6 +29,7 @@ from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
 from .configuration_multi_exit import MultiExitConfig
+from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
 
 try:  # transformers >= 4.53
     from transformers.masking_utils import create_bidirectional_mask
@@ -298,10 +299,15 @@ class _EarlyExitRun:
         self.counter = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.history = []  # MIE: per-exit probabilities of the rows still running, each (n, K)
 
-    def step(self, exit_index: int, logits: torch.Tensor) -> torch.Tensor:
-        """Record the rows that leave at exit `exit_index` given its logits `(n, num_labels)`; return the `(n,)`
-        bool mask of the rows that go on (all `False` at the final exit)."""
-        probs = logits.to(self.probs_dtype).softmax(-1)  # (n, K)
+    def step(self, exit_index: int, logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Record the rows that leave at exit `exit_index` given its logits `(n, num_labels)` and, when the exit has a
+        calibrated predictive (the exit Laplace), its probabilities `(n, num_labels)` (else the softmax of the
+        logits); return the `(n,)` bool mask of the rows that go on (all `False` at the final exit)."""
+        if probs is None:
+            probs = logits.to(self.probs_dtype).softmax(-1)  # (n, K)
+        else:
+            probs = probs.to(self.probs_dtype)
+            logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()  # softmax(log p) = p
         if self.weights is not None:
             self.history.append(probs)
             probs = _model_internal_ensemble(torch.stack(self.history), self.weights[: exit_index + 1])[-1]
@@ -375,6 +381,10 @@ class MultiExitHead(nn.Module):
 
     def forward(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """`hidden_states` `(bs, seq_len, hidden)`, `attention_mask` `(bs, seq_len)` (1 = token) -> `(bs, K)`."""
+        return self.classifier(self.features(hidden_states, attention_mask))  # (bs, num_labels)
+
+    def features(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        """The input of `classifier` `(bs, hidden)`: what the per-exit Laplace approximation is fitted on."""
         if self.pooling == "cls":
             pooled = hidden_states[:, 0]  # (bs, hidden)
         elif attention_mask is None:
@@ -384,11 +394,12 @@ class MultiExitHead(nn.Module):
             pooled = (hidden_states * weights).sum(1) / weights.sum(1).clamp(min=1.0)
         if self.dense is not None:
             pooled = torch.tanh(self.dense(pooled))
-        return self.classifier(self.dropout(pooled))  # (bs, num_labels)
+        return self.dropout(pooled)
 
 
-class MultiExitPreTrainedModel(PreTrainedModel):
-    """Base class of the multi-exit models: config class, weight init and the backbone prefix."""
+class MultiExitPreTrainedModel(ExitLaplaceMixin, PreTrainedModel):
+    """Base class of the multi-exit sequence models: config class, weight init, the backbone prefix and the per-exit
+    Laplace approximation ([`ExitLaplaceMixin`]: `fit_exit_laplace`, saved and loaded with the model)."""
 
     config_class = MultiExitConfig
     base_model_prefix = "backbone"
@@ -641,6 +652,37 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             layer * per_row_layer + (j + 1) * self._flops_head() for j, layer in enumerate(self.config.exit_layers)
         ]
 
+    def _batch_exit_flops(self, inputs: dict) -> list[float]:
+        return self.exit_flops(int(inputs["input_ids"].shape[1]))
+
+    @torch.no_grad()
+    def predict_exit_probs(
+        self,
+        input_ids: torch.LongTensor,
+        attention_mask: torch.Tensor | None = None,
+        token_type_ids: torch.LongTensor | None = None,
+        link_approx: LinkApprox | str | None = None,
+        mie: bool = False,
+    ) -> torch.Tensor:
+        r"""The predictive probabilities of every exit for every example, from one full forward pass.
+
+        Args:
+            input_ids, attention_mask, token_type_ids: as in `forward`.
+            link_approx ([`LinkApprox`] or `str`, *optional*): `None` (default) for each exit's softmax, `"mc"` or
+                `"probit"` for the calibrated per-exit Laplace predictive (`model.exit_laplace`, an error without one).
+            mie (`bool`, *optional*, defaults to `False`): model-internal ensembling of the exits' predictives, weights
+                from `exit_flops` at this batch's padded length (as `predict_with_exits`).
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_exits, batch_size, num_labels)`, rows summing to 1.
+        """
+        laplace, _ = self._exit_predictive(link_approx)  # checked before the forward pass
+        inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "token_type_ids": token_type_ids}
+        inputs = {k: v for k, v in inputs.items() if v is not None}
+        with capture_exit_features(self) as features:
+            exit_logits = self(**inputs).exit_logits
+        return self._exit_probs(exit_logits, features, laplace, link_approx, mie, self._batch_exit_flops(inputs))
+
     def _exit_mask(self, mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
         if create_bidirectional_mask is None:  # pragma: no cover - transformers < 4.53
             return self.backbone.get_extended_attention_mask(mask, hidden.shape[:2])
@@ -657,6 +699,7 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         patience: int | None = None,
         thresholds: list[float] | None = None,
         mie: bool = False,
+        link_approx: LinkApprox | str | None = None,
     ) -> EarlyExitPrediction:
         r"""Adaptive inference: run the layers one at a time and let each example leave at its first confident exit.
 
@@ -691,6 +734,12 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
                 `j` the policy reads `p̄_j = sum_{i<=j} w_i p_i / sum_{i<=j} w_i` (the softmaxes `p_i` of the exits
                 run so far, `w_i = exit_flops(seq_len)[i] / exit_flops(seq_len)[-1]` at this batch's padded length),
                 and the output is the ensemble (`probs = p̄`, `logits = log p̄`).
+            link_approx ([`LinkApprox`] or `str`, *optional*):
+                `None` (default): each exit's predictive is the softmax of its logits. `"mc"` or `"probit"`: the
+                predictive of the fitted per-exit last-layer Laplace approximation (`model.exit_laplace`, from
+                [`~ExitLaplaceMixin.fit_exit_laplace`] or loaded with the model), with each exit's selected
+                temperature and prior (Meronen et al., 2024); the policy and MIE read it and `logits = log probs`.
+                An error when the model has no fitted Laplace.
 
         Returns:
             [`EarlyExitPrediction`] with `logits` and `probs` `(batch_size, num_labels)`, `exit_layer` and
@@ -698,10 +747,12 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             layer and per token: `8 h^2 + 4 h I + 4 L h` (Q, K, V, output projections; the two feed-forward matmuls
             with intermediate size `I`; the `QK^T` and attention-times-V products over the current padded length
             `L`, which shrinks when the sequence is cut), i.e. `24 h^2 + 4 L h` for BERT-like layers with `I = 4 h`.
-            Each evaluated exit head adds `2 h K` per row (`2 h^2 + 2 h K` for the `"pooler"` head). Embeddings,
-            layer norms, softmax and activations are ignored. `full_flops` uses the input's padded length.
+            Each evaluated exit head adds `2 h K` per row (`2 h^2 + 2 h K` for the `"pooler"` head), and with
+            `link_approx` the Laplace predictive's FLOPs ([`MultiExitLaplace.predictive_flops`]). Embeddings, layer
+            norms, softmax and activations are ignored. `full_flops` uses the input's padded length.
         """
         layout = self._stepwise_layout()
+        laplace, laplace_flops = self._exit_predictive(link_approx)
         backbone = self.backbone
         batch_size, seq_len = input_ids.shape
         device = input_ids.device
@@ -748,8 +799,11 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             j = exit_of_layer.get(i + 1)
             if j is None:
                 continue
-            flops += n * self._flops_head()
-            keep = run.step(j, self.exits[j](hidden, mask))
+            flops += n * (self._flops_head() + laplace_flops[j])
+            features = self.exits[j].features(hidden, mask)  # (n, hidden)
+            logits = self.exits[j].classifier(features)
+            probs = None if laplace is None else laplace.predict_exit(j, features, link_approx)
+            keep = run.step(j, logits, probs)
             if not keep.any():
                 break
             if keep.all():

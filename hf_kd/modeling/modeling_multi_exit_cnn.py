@@ -20,6 +20,7 @@ from transformers import initialization as init
 from transformers.utils import ModelOutput
 
 from .configuration_multi_exit_cnn import MultiExitImageConfig
+from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
 from .modeling_multi_exit import EarlyExitPrediction, ExitPolicy, _EarlyExitRun
 
 
@@ -73,12 +74,16 @@ class MultiExitImageHead(nn.Module):
         self.classifier = nn.Linear(channels, num_labels)
 
     def forward(self, hidden_states: torch.Tensor) -> torch.Tensor:
-        pooled = hidden_states.mean(dim=(2, 3))  # (bs, C)
-        return self.classifier(pooled)  # (bs, num_labels)
+        return self.classifier(self.features(hidden_states))  # (bs, num_labels)
+
+    def features(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """The input of `classifier`, the pooled feature map `(bs, C)`: what the per-exit Laplace is fitted on."""
+        return hidden_states.mean(dim=(2, 3))
 
 
-class MultiExitImagePreTrainedModel(PreTrainedModel):
-    """Base class of the multi-exit image models: config class, input name and weight init.
+class MultiExitImagePreTrainedModel(ExitLaplaceMixin, PreTrainedModel):
+    """Base class of the multi-exit image models: config class, input name, weight init and the per-exit Laplace
+    approximation ([`ExitLaplaceMixin`]: `fit_exit_laplace`, saved and loaded with the model).
 
     There is no separate base model: the exits read the stages directly, so `base_model_prefix` stays empty.
     """
@@ -235,6 +240,31 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
         stem, stages, heads = self._block_flops(height, width)
         return [stem + sum(stages[:stage]) + sum(heads[: j + 1]) for j, stage in enumerate(self.config.exit_layers)]
 
+    def _batch_exit_flops(self, inputs: dict) -> list[float]:
+        return self.exit_flops(tuple(int(v) for v in inputs["pixel_values"].shape[2:]))
+
+    @torch.no_grad()
+    def predict_exit_probs(
+        self, pixel_values: torch.FloatTensor, link_approx: LinkApprox | str | None = None, mie: bool = False
+    ) -> torch.Tensor:
+        r"""The predictive probabilities of every exit for every image, from one full forward pass.
+
+        Args:
+            pixel_values (`torch.FloatTensor` of shape `(batch_size, num_channels, height, width)`): the images.
+            link_approx ([`LinkApprox`] or `str`, *optional*): `None` (default) for each exit's softmax, `"mc"` or
+                `"probit"` for the calibrated per-exit Laplace predictive (`model.exit_laplace`, an error without one).
+            mie (`bool`, *optional*, defaults to `False`): model-internal ensembling, weights from `exit_flops` at
+                this batch's image size.
+
+        Returns:
+            `torch.FloatTensor` of shape `(num_exits, batch_size, num_labels)`, rows summing to 1.
+        """
+        laplace, _ = self._exit_predictive(link_approx)  # checked before the forward pass
+        with capture_exit_features(self) as features:
+            exit_logits = self(pixel_values).exit_logits
+        exit_flops = self._batch_exit_flops({"pixel_values": pixel_values})
+        return self._exit_probs(exit_logits, features, laplace, link_approx, mie, exit_flops)
+
     @torch.no_grad()
     def predict_with_exits(
         self,
@@ -244,6 +274,7 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
         patience: int | None = None,
         thresholds: list[float] | None = None,
         mie: bool = False,
+        link_approx: LinkApprox | str | None = None,
     ) -> EarlyExitPrediction:
         r"""Adaptive inference: run the stages one at a time and let each image leave at its first confident exit.
 
@@ -268,15 +299,20 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
                 Model-internal ensembling (Meronen et al., 2024): the policy and the output read
                 `p̄_j = sum_{i<=j} w_i p_i / sum_{i<=j} w_i` with `w_i = exit_flops[i] / exit_flops[-1]` at this
                 batch's image size (`probs = p̄`, `logits = log p̄`).
+            link_approx ([`LinkApprox`] or `str`, *optional*):
+                `None` (default) for each exit's softmax; `"mc"` or `"probit"` for the fitted per-exit Laplace
+                predictive (`model.exit_laplace`), as in [`MultiExitForSequenceClassification.predict_with_exits`].
 
         Returns:
             [`EarlyExitPrediction`] with `logits` and `probs` `(batch_size, num_labels)`, `exit_layer` (the 1-based
             stage) and `exit_index` `(batch_size,)`, `layers_run` (stage-rows), `flops` and `full_flops`. FLOPs count
             multiply-adds as 2: a 3x3 convolution from `C_in` to `C_out` channels with an `H_out x W_out` output costs
-            `2 * 9 * C_in * C_out * H_out * W_out`; each evaluated exit head adds `2 C K` per row. BatchNorm, ReLU,
-            pooling and biases are ignored. The stem runs on every row.
+            `2 * 9 * C_in * C_out * H_out * W_out`; each evaluated exit head adds `2 C K` per row (plus the Laplace
+            predictive's FLOPs with `link_approx`). BatchNorm, ReLU, pooling and biases are ignored. The stem runs on
+            every row.
         """
         self._check_pixel_values(pixel_values)
+        laplace, laplace_flops = self._exit_predictive(link_approx)
         batch_size, _, height, width = pixel_values.shape
         stem_flops, stage_flops, head_flops = self._block_flops(height, width)
         hidden = self.stem(pixel_values)  # (bs, C_stem, H, W)
@@ -303,8 +339,11 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
             j = exit_of_stage.get(s + 1)
             if j is None:
                 continue
-            flops += n * head_flops[j]
-            keep = run.step(j, self.exits[j](hidden))
+            flops += n * (head_flops[j] + laplace_flops[j])
+            features = self.exits[j].features(hidden)  # (n, C_s)
+            logits = self.exits[j].classifier(features)
+            probs = None if laplace is None else laplace.predict_exit(j, features, link_approx)
+            keep = run.step(j, logits, probs)
             if not keep.any():
                 break
             hidden = hidden[keep]

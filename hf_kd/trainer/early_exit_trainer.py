@@ -1,20 +1,27 @@
 from __future__ import annotations
 
+import contextlib
 import re
 from collections import defaultdict
 from typing import Any, Callable, Sequence
 
+import datasets
 import torch
 from torch import nn
+from torch.utils.data import DataLoader
 
 from ..losses import kd_loss
 from ..metrics import make_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
+from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, capture_exit_features
 from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
 from .base_trainer import _BaseTrainer
 from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
 from .early_exit_config import EarlyExitConfig
 from .teacher_mixin import _TeacherMixin
+
+# Per-exit metrics that the card reports (its per-exit table; the Laplace-calibrated ones also in the model-index).
+_EXIT_CARD_METRICS = ("accuracy", "ece", "nll")
 
 
 class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
@@ -53,6 +60,11 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
     `dedier_upweighted_fraction` and `dedier_readout_accuracy`. The trainer adds a `sample_index` column to the train
     set to look the weights up; they are saved in every checkpoint and restored exactly by `resume_from_checkpoint`.
     Evaluation losses are not weighted.
+
+    After training, [`EarlyExitTrainer.fit_exit_laplace`] fits a last-layer Laplace approximation per exit (Meronen
+    et al., WACV 2024, https://huggingface.co/papers/2302.06359) with a temperature and a prior chosen per exit on
+    the evaluation set; later evaluations then also log each exit's calibrated `exit_{i}_laplace_accuracy`, `_ece` and
+    `_nll`, `save_model()` saves the fit with the model, and the card shows a per-exit table (softmax and Laplace).
 
     Args:
         model ([`MultiExitForSequenceClassification`] or another multi-exit model):
@@ -197,17 +209,71 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
                 dedier_alpha=self.args.dedier_alpha,
                 dedier_beta=self.args.dedier_beta,
             )
+        laplace = getattr(self.accelerator.unwrap_model(self.model), "exit_laplace", None)
+        if laplace is not None:
+            hyperparameters["exit_laplace"] = laplace.card_summary()
         return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
 
     def latest_eval_metrics(self) -> dict[str, dict[str, float]]:
         # `eval_exit_0_accuracy` reads as the metric `accuracy` of a split `eval_exit_0` (likewise the group metrics
-        # and DEDIER's `dedier_readout_accuracy`): the card reports the final exit's overall metrics only.
-        return {
-            split: metrics
-            for split, metrics in super().latest_eval_metrics().items()
-            if not re.search(r"(^|_)(exit_\d+|group_\d+|worst_group|mean_group)$", split)
-            and not split.startswith("dedier")
-        }
+        # and DEDIER's `dedier_readout_accuracy`). Per-exit metrics are folded back into their split as
+        # `exit_{i}_{metric}` / `exit_{i}_laplace_{metric}` keys (the card's per-exit table; the Laplace-calibrated
+        # ones also go to the model-index); group and DEDIER statistics stay out.
+        by_split: dict[str, dict[str, float]] = {}
+        for split, metrics in super().latest_eval_metrics().items():
+            if re.search(r"(^|_)(group_\d+|worst_group|mean_group)$", split) or split.startswith("dedier"):
+                continue
+            match = re.fullmatch(r"(.+)_(exit_\d+(?:_laplace)?)", split)
+            if match is None:
+                by_split.setdefault(split, {}).update(metrics)
+                continue
+            parent, exit_name = match.groups()
+            by_split.setdefault(parent, {}).update(
+                {f"{exit_name}_{metric}": value for metric, value in metrics.items() if metric in _EXIT_CARD_METRICS}
+            )
+        return by_split
+
+    def fit_exit_laplace(
+        self, train_dataset=None, eval_dataset=None, batch_size: int | None = None, **kwargs
+    ) -> MultiExitLaplace:
+        r"""Fit the per-exit last-layer Laplace approximation of Meronen et al. (2024,
+        https://huggingface.co/papers/2302.06359) on the trained model and attach it (`model.exit_laplace`).
+
+        One pass over `train_dataset` (default: the trainer's) gives every exit's KFAC factors, one pass over
+        `eval_dataset` (default: the trainer's) selects each exit's temperature and prior variance; see
+        [`~hf_kd.modeling.exit_laplace.ExitLaplaceMixin.fit_exit_laplace`] for `kwargs` (`mie`, `link_approx`, ...).
+        Afterwards `evaluate()` also logs each exit's calibrated `exit_{i}_laplace_accuracy`, `_ece` and `_nll`,
+        `save_model()` writes `exit_laplace.safetensors` next to the weights, and the card reports the calibrated
+        per-exit metrics. Evaluate on data not used for the selection for honest numbers. Every process runs the full
+        passes (no sharding), so all ranks hold the same fit.
+
+        Args:
+            train_dataset, eval_dataset (`datasets.Dataset`, *optional*): the data of the fit and of the selection.
+            batch_size (`int`, *optional*, defaults to `args.per_device_eval_batch_size`).
+
+        Returns:
+            The fitted [`~hf_kd.modeling.exit_laplace.MultiExitLaplace`].
+        """
+        model = self.accelerator.unwrap_model(self.model)
+        if not hasattr(model, "fit_exit_laplace"):
+            raise TypeError(f"{type(model).__name__} has no per-exit Laplace: use an hf_kd multi-exit model.")
+        train_dataset = self.train_dataset if train_dataset is None else train_dataset
+        eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if train_dataset is None or eval_dataset is None:
+            raise ValueError("fit_exit_laplace needs a train_dataset (the fit) and an eval_dataset (the selection).")
+        loaders = [self._plain_loader(d, batch_size or self.args.per_device_eval_batch_size, "exit Laplace")
+                   for d in (train_dataset, eval_dataset)]
+        return model.fit_exit_laplace(*loaders, **kwargs)
+
+    def _plain_loader(self, dataset, batch_size: int, description: str) -> DataLoader:
+        """An ordered, unsharded loader with the trainer's collator and its removal of the columns the model cannot
+        take (as the DEDIER readout's)."""
+        collator = self.data_collator
+        if isinstance(dataset, datasets.Dataset):
+            dataset = self._remove_unused_columns(dataset, description=description)
+        else:
+            collator = self._get_collator_with_removed_columns(collator, description=description)
+        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
 
     @property
     def dedier_weights(self) -> torch.Tensor | None:
@@ -310,7 +376,13 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
         sample_index = inputs.pop(SAMPLE_INDEX_COLUMN, None)
         groups = inputs.pop(GROUP_COLUMN, None)
-        outputs = model(**inputs)
+        # Evaluation of a model with a fitted per-exit Laplace also returns its calibrated per-exit probabilities,
+        # computed from the inputs of the exits' final layers recorded during this forward pass.
+        unwrapped = self.accelerator.unwrap_model(model)
+        laplace = None if model.training else getattr(unwrapped, "exit_laplace", None)
+        capture = capture_exit_features(unwrapped) if laplace is not None else contextlib.nullcontext([])
+        with capture as features:
+            outputs = model(**inputs)
         if getattr(outputs, "exit_logits", None) is None:
             raise TypeError(
                 f"EarlyExitTrainer needs the model's output to have `exit_logits`, got a {type(outputs).__name__}."
@@ -359,6 +431,9 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
             predictions.update({f"exit_{i}_logits": logits for i, logits in enumerate(exit_logits)})
             if distill_from == "teacher":
                 predictions[TEACHER_LOGITS_COLUMN] = teacher_logits
+            if laplace is not None:
+                # (batch, num_exits, num_labels): 3-D, so make_exit_compute_metrics tells it from the 2-D logits.
+                predictions[EXIT_LAPLACE_PROBS] = laplace.predict(features).transpose(0, 1)
             if groups is not None:
                 predictions[GROUP_COLUMN] = groups
             return loss, predictions
