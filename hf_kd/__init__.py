@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0.dev0"
 
-from . import data, early_exit, losses, metrics
+from . import data, early_exit, losses, metrics, self_kd
 from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
@@ -16,7 +16,14 @@ from .modeling import (
     MultiExitForSequenceClassification,
     MultiExitImageConfig,
 )
-from .trainer import DistillConfig, DistillTrainer, EarlyExitConfig, EarlyExitTrainer
+from .trainer import (
+    DistillConfig,
+    DistillTrainer,
+    EarlyExitConfig,
+    EarlyExitTrainer,
+    SelfKDConfig,
+    SelfKDTrainer,
+)
 
 __all__ = [
     "CalibrationResult",
@@ -30,6 +37,8 @@ __all__ = [
     "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
     "MultiExitImageConfig",
+    "SelfKDConfig",
+    "SelfKDTrainer",
     "UncertaintyReport",
     "calibrate_temperature",
     "data",
@@ -44,5 +53,6 @@ __all__ = [
     "make_exit_compute_metrics",
     "metrics",
     "push_to_hub",
+    "self_kd",
     "update_model_card",
 ]
