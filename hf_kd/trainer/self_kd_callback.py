@@ -13,6 +13,7 @@ import math
 import os
 from pathlib import Path
 
+import datasets
 import numpy as np
 import torch
 from accelerate.utils import broadcast
@@ -251,10 +252,15 @@ class SelfKDCallback(TrainerCallback, ExportableState):
     @torch.no_grad()
     def _exit_probabilities(self, model, dataset, description: str):
         """`(probs (num_exits, N, K) float64, labels (N,), sample_index (N,) or None)` of the model on every row of
-        `dataset`, in dataset order."""
+        `dataset`, shortest rows first (less padding; the callers need means or the sample index, not the order)."""
         args = self.trainer.args
+        order = None
+        if isinstance(dataset, datasets.Dataset) and "input_ids" in dataset.column_names:
+            lengths = [len(ids) for ids in dataset["input_ids"]]
+            order = np.argsort(lengths, kind="stable").tolist()
         probs, labels, index = [], [], []
-        for batch in full_pass_batches(self.trainer, dataset, args.per_device_eval_batch_size, description=description):
+        batches = full_pass_batches(self.trainer, dataset, args.per_device_eval_batch_size, order, description)
+        for batch in batches:
             batch_labels = batch.pop("labels", None)
             batch_index = batch.pop(SAMPLE_INDEX_COLUMN, None)
             batch.pop(HUMAN_DISTRIBUTION_COLUMN, None)
