@@ -19,6 +19,7 @@ Results are appended to a JSONL file as runs finish, so an interrupted study res
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import statistics
@@ -54,8 +55,53 @@ VARIANTS = {
 }
 
 
-def set_threads(threads: int) -> None:
-    torch.set_num_threads(threads)
+def study_parser(doc: str, name: str, max_length: int, train_rows: int) -> argparse.ArgumentParser:
+    """The flags both studies share (budget, methods, seeds, folders); `name` names the work folder."""
+    parser = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--train_rows", type=int, default=train_rows)
+    parser.add_argument("--max_length", type=int, default=max_length)
+    parser.add_argument("--epochs", type=int, default=4)
+    parser.add_argument("--warmup_max_epochs", type=int, default=2)
+    parser.add_argument("--stable_epochs", type=int, default=2)
+    parser.add_argument("--learning_rate", type=float, default=5e-5)
+    parser.add_argument("--batch_size", type=int, default=32)
+    parser.add_argument("--ls_epsilon", type=float, default=0.1)
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    parser.add_argument("--methods", nargs="+", default=list(BASE_METHODS),
+                        help=f"erm, ls, ts (needs erm) and the SelfKD variants {list(VARIANTS)}")
+    parser.add_argument("--data_seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--data_dir", default=str(SHARED_DATA))
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / name))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--summary_only", action="store_true", help="only rebuild the tables from results.jsonl")
+    return parser
+
+
+def budget_of(opts) -> dict:
+    torch.set_num_threads(opts.threads)
+    return {k: getattr(opts, k) for k in ("epochs", "learning_rate", "batch_size", "ls_epsilon", "warmup_max_epochs",
+                                          "stable_epochs")}
+
+
+def run_method(method: str, seed: int, train, validation, predict_sets: dict, human: dict, majority: dict,
+               budget: dict, work_dir: Path, with_ts: bool) -> list[dict]:
+    """Train and evaluate `method` (and, for erm with `with_ts`, derive ts from its logits): one record per method
+    with `method`, `seed`, `metrics` per split, `info`, `total_seconds`, `cpu_seconds` and `logits` per split."""
+    run = train_and_predict(method, seed, train, validation, predict_sets, budget, work_dir)
+    runs = [(method, run["logits"], run["info"], run["total_seconds"], run["cpu_seconds"])]
+    if method == "erm" and with_ts:
+        temperature = temperature_scaled(run["logits"]["validation"], human["validation"])
+        scaled = {split: logits / temperature for split, logits in run["logits"].items()}
+        runs.append(("ts", scaled, {"temperature": temperature}, 0.0, 0.0))
+    records = []
+    for name, logits, info, seconds, cpu in runs:
+        metrics = {split: distribution_metrics(values, human[split], majority[split]) for split, values in logits.items()}
+        records.append({"method": name, "seed": seed, "metrics": metrics, "info": info, "total_seconds": seconds,
+                        "cpu_seconds": cpu, "logits": logits})
+        print(json.dumps({"method": name, "seed": seed, "info": info, "total_seconds": seconds}),
+              json.dumps({k: v for k, v in metrics.items() if k != "validation"}), flush=True)
+    return records
 
 
 def tokenizer():

@@ -26,7 +26,6 @@ docs/benchmarks/self_kd_chaosnli.{md,json}.
     PYTHONPATH=. python scripts/study_self_kd_chaosnli.py --folds 2 --train_rows 1200 --epochs 4 --seeds 0 1 2
 """
 
-import argparse
 import json
 import sys
 from collections import Counter
@@ -37,21 +36,18 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from self_kd_study_utils import (  # noqa: E402
     BACKBONE,
-    BASE_METHODS,
-    ROOT,
-    SHARED_DATA,
     VARIANTS,
     acceptance,
     append_result,
+    budget_of,
     compute_line,
     distribution_metrics,
     markdown_table,
     read_results,
-    set_threads,
+    run_method,
+    study_parser,
     summary_rows,
-    temperature_scaled,
     tokenizer,
-    train_and_predict,
 )
 
 SUBSETS = ("chaos_s", "chaos_m")
@@ -144,33 +140,14 @@ def to_dataset(items, label_key, human_key, max_length):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = study_parser(__doc__, "self_kd_chaosnli", max_length=128, train_rows=800)
     parser.add_argument("--folds", type=int, default=2)
-    parser.add_argument("--train_rows", type=int, default=1200)
     parser.add_argument("--validation_rows", type=int, default=400)
-    parser.add_argument("--max_length", type=int, default=128)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--warmup_max_epochs", type=int, default=2)
-    parser.add_argument("--stable_epochs", type=int, default=2)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--ls_epsilon", type=float, default=0.1)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(BASE_METHODS),
-                        help=f"erm, ls, ts (needs erm) and the SelfKD variants {list(VARIANTS)}")
-    parser.add_argument("--data_seed", type=int, default=0)
     parser.add_argument("--max_eval_items", type=int, default=None, help="per subset and fold; smoke runs only")
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data_dir", default=str(SHARED_DATA))
-    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "self_kd_chaosnli"))
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
-    parser.add_argument("--summary_only", action="store_true", help="only rebuild the tables from results.jsonl")
     opts = parser.parse_args()
-    set_threads(opts.threads)
+    budget = budget_of(opts)
     work = Path(opts.work_dir)
     results_path = work / "results.jsonl"
-    budget = {k: getattr(opts, k) for k in ("epochs", "learning_rate", "batch_size", "ls_epsilon",
-                                            "warmup_max_epochs", "stable_epochs")}
     settings = {**budget, **{k: getattr(opts, k) for k in ("folds", "train_rows", "validation_rows", "max_length",
                                                            "data_seed", "max_eval_items")}, "backbone": BACKBONE}
 
@@ -188,24 +165,12 @@ def main():
                      **{s: np.asarray(tests[s]["human_label_dist"]) for s in SUBSETS}}
             majority = {"validation": np.asarray(validation["label"]), **{s: np.asarray(tests[s]["label"]) for s in SUBSETS}}
             for seed in opts.seeds:
-                for method in [m for m in opts.methods if m != "ts"]:
-                    if (method, seed, fold) in done:
-                        continue
-                    run = train_and_predict(method, seed, train, validation, tests, budget, work / f"fold{fold}")
-                    runs = {method: (run["logits"], run["info"], run["total_seconds"], run["cpu_seconds"])}
-                    if method == "erm" and "ts" in opts.methods and ("ts", seed, fold) not in done:
-                        temperature = temperature_scaled(run["logits"]["validation"], human["validation"])
-                        scaled = {split: logits / temperature for split, logits in run["logits"].items()}
-                        runs["ts"] = (scaled, {"temperature": temperature}, 0.0, 0.0)
-                    for name, (logits, info, seconds, cpu) in runs.items():
-                        save_logits(work, name, seed, fold, logits)
-                        metrics = {split: distribution_metrics(logits[split], human[split], majority[split])
-                                   for split in logits}
-                        record = {"method": name, "seed": seed, "fold": fold, "settings": settings,
-                                  "metrics": metrics, "info": info, "total_seconds": seconds, "cpu_seconds": cpu}
-                        append_result(results_path, record)
-                        print(json.dumps({k: record[k] for k in ("method", "seed", "fold", "info", "total_seconds")}),
-                              json.dumps({s: metrics[s] for s in SUBSETS}), flush=True)
+                for method in [m for m in opts.methods if m != "ts" and (m, seed, fold) not in done]:
+                    with_ts = "ts" in opts.methods and ("ts", seed, fold) not in done
+                    for record in run_method(method, seed, train, validation, tests, human, majority, budget,
+                                             work / f"fold{fold}", with_ts):
+                        save_logits(work, record["method"], seed, fold, record.pop("logits"))
+                        append_result(results_path, {**record, "fold": fold, "settings": settings})
     write_summary(read_results(results_path), settings, splits, stats, opts)
 
 

@@ -14,7 +14,6 @@ docs/benchmarks/self_kd_md_agreement.{md,json}.
     PYTHONPATH=. python scripts/study_self_kd_md_agreement.py --train_rows 2000 --epochs 4 --seeds 0 1 2
 """
 
-import argparse
 import json
 import sys
 from pathlib import Path
@@ -24,21 +23,17 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from self_kd_study_utils import (  # noqa: E402
     BACKBONE,
-    BASE_METHODS,
-    ROOT,
-    SHARED_DATA,
     VARIANTS,
     acceptance,
     append_result,
+    budget_of,
     compute_line,
-    distribution_metrics,
     markdown_table,
     read_results,
-    set_threads,
+    run_method,
+    study_parser,
     summary_rows,
-    temperature_scaled,
     tokenizer,
-    train_and_predict,
 )
 
 
@@ -61,30 +56,11 @@ def load(opts):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--train_rows", type=int, default=2000)
-    parser.add_argument("--max_length", type=int, default=64)
-    parser.add_argument("--epochs", type=int, default=4)
-    parser.add_argument("--warmup_max_epochs", type=int, default=2)
-    parser.add_argument("--stable_epochs", type=int, default=2)
-    parser.add_argument("--learning_rate", type=float, default=5e-5)
-    parser.add_argument("--batch_size", type=int, default=32)
-    parser.add_argument("--ls_epsilon", type=float, default=0.1)
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(BASE_METHODS),
-                        help=f"erm, ls, ts (needs erm) and the SelfKD variants {list(VARIANTS)}")
-    parser.add_argument("--data_seed", type=int, default=0)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--data_dir", default=str(SHARED_DATA))
-    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "self_kd_md_agreement"))
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
-    parser.add_argument("--summary_only", action="store_true", help="only rebuild the tables from results.jsonl")
+    parser = study_parser(__doc__, "self_kd_md_agreement", max_length=64, train_rows=1200)
     opts = parser.parse_args()
-    set_threads(opts.threads)
+    budget = budget_of(opts)
     work = Path(opts.work_dir)
     results_path = work / "results.jsonl"
-    budget = {k: getattr(opts, k) for k in ("epochs", "learning_rate", "batch_size", "ls_epsilon",
-                                            "warmup_max_epochs", "stable_epochs")}
     settings = {**budget, "train_rows": opts.train_rows, "max_length": opts.max_length, "data_seed": opts.data_seed,
                 "backbone": BACKBONE}
 
@@ -94,25 +70,12 @@ def main():
         majority = {"validation": np.asarray(dev["label"]), "test": np.asarray(test["label"])}
         done = {(r["method"], r["seed"]) for r in read_results(results_path) if r["settings"] == settings}
         for seed in opts.seeds:
-            for method in [m for m in opts.methods if m != "ts"]:
-                if (method, seed) in done:
-                    continue
-                run = train_and_predict(method, seed, train, dev, {"test": test}, budget, work)
-                metrics = {split: distribution_metrics(logits, human[split], majority[split])
-                           for split, logits in run["logits"].items()}
-                record = {"method": method, "seed": seed, "settings": settings, "metrics": metrics,
-                          "info": run["info"], "train_seconds": run["train_seconds"],
-                          "total_seconds": run["total_seconds"], "cpu_seconds": run["cpu_seconds"]}
-                append_result(results_path, record)
-                print(json.dumps({k: record[k] for k in ("method", "seed", "info", "total_seconds")}),
-                      json.dumps(metrics["test"]), flush=True)
-                if method == "erm" and "ts" in opts.methods and ("ts", seed) not in done:
-                    temperature = temperature_scaled(run["logits"]["validation"], human["validation"])
-                    scaled = {split: distribution_metrics(run["logits"][split] / temperature, human[split],
-                                                          majority[split]) for split in ("validation", "test")}
-                    append_result(results_path, {"method": "ts", "seed": seed, "settings": settings,
-                                                 "metrics": scaled, "info": {"temperature": temperature},
-                                                 "train_seconds": 0.0, "total_seconds": 0.0, "cpu_seconds": 0.0})
+            for method in [m for m in opts.methods if m != "ts" and (m, seed) not in done]:
+                with_ts = "ts" in opts.methods and ("ts", seed) not in done
+                for record in run_method(method, seed, train, dev, {"test": test}, human, majority, budget, work,
+                                         with_ts):
+                    record.pop("logits")
+                    append_result(results_path, {**record, "settings": settings})
     write_summary(read_results(results_path), settings, opts)
 
 
