@@ -542,7 +542,8 @@ def make_compute_metrics(n_bins: int = 15, class_index: int | None = 0):
 
 def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False, with_human: bool = False):
     """
-    Build a `compute_metrics` function for [`EarlyExitTrainer`]: the metrics of every exit of a multi-exit model.
+    Build a `compute_metrics` function for [`EarlyExitTrainer`] and [`SelfKDTrainer`]: the metrics of every exit of a
+    multi-exit model.
 
     The returned function takes a [`~transformers.EvalPrediction`] whose `predictions` is the tuple
     `(final_logits, exit_0_logits, ..., exit_{L-1}_logits)` and, when `with_teacher=True`,

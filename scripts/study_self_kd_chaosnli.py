@@ -23,7 +23,7 @@ union of the folds, for ChaosNLI-S and ChaosNLI-M separately (as in the ChaosNLI
 scripts/self_kd_study_utils.py. Results: outputs/self_kd_chaosnli/results.jsonl (+ logits/*.npy; resumable) and
 docs/benchmarks/self_kd_chaosnli.{md,json}.
 
-    PYTHONPATH=. python scripts/study_self_kd_chaosnli.py --folds 2 --train_rows 1200 --epochs 4 --seeds 0 1 2
+    PYTHONPATH=. python scripts/study_self_kd_chaosnli.py --folds 2 --train_rows 800 --epochs 4 --seeds 0 1 2
 """
 
 import json

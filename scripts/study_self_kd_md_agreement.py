@@ -11,7 +11,7 @@ accuracy against the majority label. Methods: see scripts/self_kd_study_utils.py
 Results: outputs/self_kd_md_agreement/results.jsonl (one line per run, resumable) and
 docs/benchmarks/self_kd_md_agreement.{md,json}.
 
-    PYTHONPATH=. python scripts/study_self_kd_md_agreement.py --train_rows 2000 --epochs 4 --seeds 0 1 2
+    PYTHONPATH=. python scripts/study_self_kd_md_agreement.py --train_rows 1000 --epochs 4 --seeds 0 1 2
 """
 
 import json
@@ -56,7 +56,7 @@ def load(opts):
 
 
 def main():
-    parser = study_parser(__doc__, "self_kd_md_agreement", max_length=64, train_rows=1200)
+    parser = study_parser(__doc__, "self_kd_md_agreement", max_length=64, train_rows=1000)
     opts = parser.parse_args()
     budget = budget_of(opts)
     work = Path(opts.work_dir)
