@@ -339,6 +339,8 @@ class TestSelfKDConfig:
             ({"ambiguity_score": "entropy"}, "ambiguity_score must be one of"),
             ({"recalibration_timing": "start"}, "recalibration_timing must be one of ('end', 'every_epoch')"),
             ({"label_smoothing_factor": 0.1}, "label_smoothing_factor=0.1 is not used by SelfKDTrainer"),
+            ({"warmup_exit_loss_weights": "1,x"}, "warmup_exit_loss_weights must be one of ('uniform', 'linear')"),
+            ({"warmup_exit_loss_weights": [1.0, -1.0]}, "warmup_exit_loss_weights must be >= 0 with a positive sum"),
         ],
     )
     def test_bad_values_are_named(self, tmp_path, kwargs, message):
@@ -349,8 +351,10 @@ class TestSelfKDConfig:
     def test_command_line(self, tmp_path):
         (args,) = HfArgumentParser(SelfKDConfig).parse_args_into_dataclasses(
             ["--output_dir", str(tmp_path), "--kd_lambda", "0.4", "--recalibration_percent", "5",
-             "--distill_divergence", "js", "--source_layer_side", "before_drop", "--warmup_max_epochs", "2"]
+             "--distill_divergence", "js", "--source_layer_side", "before_drop", "--warmup_max_epochs", "2",
+             "--warmup_exit_loss_weights", "1,1,2,4"]
         )
+        assert args.warmup_exit_loss_weights == [1.0, 1.0, 2.0, 4.0]
         assert (args.kd_lambda, args.recalibration_percent, args.distill_divergence) == (0.4, 5.0, "js")
         assert args.source_layer_side == "before_drop" and args.min_train_epochs == 4
 
@@ -427,6 +431,18 @@ class TestPhases:
         torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), recalibrated)
         model.eval()  # evaluation losses are not re-calibrated
         torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), expected)
+
+    def test_warmup_exit_weights(self, tmp_path):
+        model = tiny_self_kd_model()
+        trainer = make_trainer(tmp_path, model=model, args=make_args(tmp_path, warmup_exit_loss_weights="linear"))
+        assert trainer.warmup_exit_loss_weights == pytest.approx([0.4, 0.8, 1.2, 1.6])  # sum = 4 exits
+        batch = next(iter(trainer.get_train_dataloader()))
+        z, labels = exit_logits_of(model, batch), batch["labels"]
+        model.eval()
+        expected = sum(w * F.cross_entropy(zi, labels) for w, zi in zip([0.4, 0.8, 1.2, 1.6], z))
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), expected)
+        with pytest.raises(ValueError, match="has 2 weights but the model has 4 exits"):
+            make_trainer(tmp_path, args=make_args(tmp_path, warmup_exit_loss_weights=[1.0, 2.0]))
 
     def test_selection_follows_the_logged_curves(self, tmp_path):
         args = make_args(tmp_path, num_train_epochs=5, warmup_max_epochs=3, recalibration_percent=25)

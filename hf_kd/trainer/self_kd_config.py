@@ -4,6 +4,7 @@ from transformers import TrainingArguments
 
 from ..losses import DIVERGENCES, OTHER_EXIT_LOSSES, RECALIBRATION_LOSSES, SOURCE_CORRECTIONS
 from ..self_kd import AMBIGUITY_SCORES, ENTROPY_DROP_RULES, SOURCE_LAYER_SIDES
+from .early_exit_config import parse_exit_loss_weights
 
 RECALIBRATION_TIMINGS = ("end", "every_epoch")
 
@@ -31,6 +32,11 @@ class SelfKDConfig(TrainingArguments):
     > Phase A: warm-up and source-layer selection
 
     Args:
+        warmup_exit_loss_weights (`str` or `list[float]`, *optional*, defaults to `"uniform"`):
+            [OPEN] Weights of the exits' cross-entropies in the warm-up loss, as `EarlyExitConfig.exit_loss_weights`
+            (`"uniform"`, `"linear"` in depth, or one weight per exit; on the command line `linear` or `1,2,3`).
+            They are normalised to sum to the number of exits, so `"uniform"` is PAPERS.md's `sum_j CE(y, p_j)`,
+            on the scale of the later phases' sum of per-exit losses.
         warmup_max_epochs (`int`, *optional*, defaults to `3`):
             Cap on the warm-up epochs (PAPERS.md: the normal fine-tuning budget, 2-3 epochs). `num_train_epochs`
             must leave at least one self-distillation epoch after it (and the re-calibration epochs).
@@ -96,6 +102,12 @@ class SelfKDConfig(TrainingArguments):
     """
 
     # Phase A
+    # None first: HfArgumentParser then reads the flag as a `str` ("linear", or "1,2,3" parsed in __post_init__).
+    warmup_exit_loss_weights: None | str | list[float] = field(
+        default="uniform",
+        metadata={"help": "Warm-up weights of the exits' cross-entropies: 'uniform', 'linear' (in depth) or one per "
+                  "exit ('1,2,3'); normalised to sum to the number of exits."},
+    )
     warmup_max_epochs: int = field(
         default=3, metadata={"help": "Cap on the warm-up epochs (>= 1) during which every exit is trained."}
     )
@@ -190,6 +202,9 @@ class SelfKDConfig(TrainingArguments):
 
     def __post_init__(self):
         super().__post_init__()
+        self.warmup_exit_loss_weights = parse_exit_loss_weights(
+            self.warmup_exit_loss_weights or "uniform", "warmup_exit_loss_weights"
+        )
         for name in ("warmup_max_epochs", "selection_stable_epochs", "recalibration_epochs"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:

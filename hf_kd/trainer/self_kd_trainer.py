@@ -28,7 +28,7 @@ class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
     pass through three phases ([`SelfKDConfig`]; state machine in [`~self_kd_callback.SelfKDCallback`]):
 
     - **A, warm-up**: loss `sum_j CE(y, p_j)` over every exit ([`EarlyExitTrainer.early_exit_loss`] with unit
-      weights). After each epoch the mean predictive entropy of every exit on the validation set is logged
+      weights by default, `args.warmup_exit_loss_weights`). After each epoch the mean predictive entropy of every exit on the validation set is logged
       (`val_entropy_layer_{l}`), saved (`output_dir/self_kd/layer_entropy.json`, plotted into `layer_entropy.png` at
       the end of training), and the source
       layer is chosen where the entropy drops ([`hf_kd.self_kd.select_source_exit`]); the warm-up ends when that
@@ -157,6 +157,9 @@ class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
                 f"classifier); the model has {num_exits} (exit_layers={list(config.exit_layers)}): use "
                 "source_layer_side='before_drop' or more exits"
             )
+        # Normalised to sum to the number of exits: "uniform" is the warm-up's plain sum of cross-entropies.
+        warmup_weights = EarlyExitTrainer._resolve_exit_loss_weights(args.warmup_exit_loss_weights, config)
+        self.warmup_exit_loss_weights = [w * num_exits for w in warmup_weights]
         if self.train_dataset is None:
             raise ValueError("SelfKDTrainer needs a train_dataset.")
         num_samples = None
@@ -225,6 +228,7 @@ class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
             "source_layer_side": args.source_layer_side,
             "selection_stable_epochs": args.selection_stable_epochs,
             "warmup_max_epochs": args.warmup_max_epochs,
+            "warmup_exit_loss_weights": [round(w, 4) for w in self.warmup_exit_loss_weights],
             "source_correction": args.source_correction,
             "other_exits": args.other_exits,
             "ambiguity_score": args.ambiguity_score,
@@ -250,9 +254,9 @@ class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
         mode = "train" if model.training else "eval"
 
         if state.phase == "warmup":
-            num_exits = len(exit_logits)
+            weights = self.warmup_exit_loss_weights
             loss, _ = EarlyExitTrainer.early_exit_loss(
-                exit_logits, labels, [1.0] * num_exits, [None] * num_exits, num_items_in_batch=num_items_in_batch
+                exit_logits, labels, weights, [None] * len(weights), num_items_in_batch=num_items_in_batch
             )
         else:
             recalibrate = None
