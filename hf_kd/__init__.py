@@ -2,7 +2,7 @@
 
 __version__ = "0.1.0.dev0"
 
-from . import data, early_exit, losses, metrics, prediction_sets
+from . import data, early_exit, losses, metrics, prediction_sets, self_kd
 from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
@@ -17,7 +17,14 @@ from .modeling import (
     MultiExitImageConfig,
     MultiExitLaplace,
 )
-from .trainer import DistillConfig, DistillTrainer, EarlyExitConfig, EarlyExitTrainer
+from .trainer import (
+    DistillConfig,
+    DistillTrainer,
+    EarlyExitConfig,
+    EarlyExitTrainer,
+    SelfKDConfig,
+    SelfKDTrainer,
+)
 
 __all__ = [
     "CalibrationResult",
@@ -32,6 +39,8 @@ __all__ = [
     "MultiExitForSequenceClassification",
     "MultiExitImageConfig",
     "MultiExitLaplace",
+    "SelfKDConfig",
+    "SelfKDTrainer",
     "UncertaintyReport",
     "calibrate_temperature",
     "data",
@@ -47,5 +56,6 @@ __all__ = [
     "metrics",
     "prediction_sets",
     "push_to_hub",
+    "self_kd",
     "update_model_card",
 ]

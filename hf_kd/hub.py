@@ -42,6 +42,7 @@ __all__ = [
     "before_after_table",
     "build_eval_results",
     "generate_model_card",
+    "layer_selection_table",
     "load_reports",
     "metrics_table",
     "push_to_hub",
@@ -394,6 +395,28 @@ def before_after_table(columns: Mapping[str, Mapping[str, float]], n_bins: int |
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def layer_selection_table(layer_selection: Mapping[str, Any]) -> str:
+    """
+    A markdown table of self-distillation's source-layer selection: one row per epoch (its phase and the mean
+    validation entropy of every exit, the layer selected at that epoch in bold), one column per layer.
+    """
+    layers = list(layer_selection.get("exit_layers") or [])
+    epochs = list(layer_selection.get("epochs") or [])
+    if not layers or not epochs or any(len(e.get("entropy") or []) != len(layers) for e in epochs):
+        raise ValueError(
+            "layer_selection must hold `exit_layers` and, per epoch, one `entropy` per exit, got "
+            f"{len(layers)} layers and entropies of lengths {[len(e.get('entropy') or []) for e in epochs]}"
+        )
+    rows = []
+    for epoch in epochs:
+        cells = [
+            f"**{_cell(h)}**" if layer == epoch.get("selected_layer") else _cell(h)
+            for layer, h in zip(layers, epoch["entropy"])
+        ]
+        rows.append([str(epoch.get("epoch", "")), str(epoch.get("phase", ""))] + cells)
+    return _markdown_table(["epoch", "phase"] + [f"layer {layer}" for layer in layers], rows)
+
+
 def _template_text(template: str) -> str:
     if not isinstance(template, str) or not template.endswith(".md") or "/" in template or "\\" in template:
         raise ValueError(f"template must be the file name of a card template in hf_kd.model_cards, got {template!r}")
@@ -432,6 +455,7 @@ def generate_model_card(
     trainer_name: str | None = None,
     paper: Mapping[str, str] | None = None,
     hyperparameters: Mapping[str, Any] | None = None,
+    layer_selection: Mapping[str, Any] | None = None,
     metrics_by_split: Mapping[str, Mapping[str, float] | UncertaintyReport] | None = None,
     dataset_type: str = "custom",
     dataset_name: str = "Custom dataset",
@@ -476,6 +500,11 @@ def generate_model_card(
             The method's paper: `{"title", "id", "citation"}` (a trainer's `_paper`).
         hyperparameters (`Mapping[str, Any]`, *optional*):
             Shown in a table and stored under `hf_kd.hyperparameters`, e.g. `{"temperature": 2.0, "alpha": 0.5}`.
+        layer_selection (`Mapping[str, Any]`, *optional*):
+            Self-distillation's source-layer selection ([`SelfKDTrainer.layer_entropy`]): `exit_layers`,
+            `source_layer`, `warmup_epochs` and `epochs`, a list of `{"epoch", "phase", "entropy" (one per exit),
+            "selected_layer"}`. Shown as a table of the validation entropy per layer and epoch
+            ([`layer_selection_table`]) and stored under `hf_kd.layer_selection`.
         metrics_by_split (`Mapping[str, Mapping | UncertaintyReport]`, *optional*):
             Metrics of this model per split (see [`build_eval_results`]).
         dataset_type (`str`, *optional*, defaults to `"custom"`):
@@ -564,6 +593,8 @@ def generate_model_card(
             hf_kd_meta["teacher_base_model"] = teacher_base_model
     if hyperparameters:
         hf_kd_meta["hyperparameters"] = dict(hyperparameters)
+    if layer_selection:
+        hf_kd_meta["layer_selection"] = dict(layer_selection)
     if calibration is not None:
         hf_kd_meta["calibration"] = {
             key: calibration[key] for key in ("temperature", "calibrated_on", "objective") if calibration.get(key)
@@ -635,6 +666,8 @@ def generate_model_card(
         trainer_name=trainer_name,
         paper=paper,
         hyperparameters=dict(hyperparameters or {}),
+        layer_selection=dict(layer_selection) if layer_selection else None,
+        layer_selection_table=layer_selection_table(layer_selection) if layer_selection else None,
         calibration=calibration,
         calibration_tables=calibration_tables,
         exit_tables=exit_tables,
@@ -766,6 +799,7 @@ def update_model_card(
         trainer_name=old_meta.get("trainer"),
         paper=info.get("paper"),
         hyperparameters=old_meta.get("hyperparameters"),
+        layer_selection=old_meta.get("layer_selection"),
         metrics_by_split=metrics_by_split,
         dataset_type=dataset_type or (old_results[0].dataset_type if old_results else "custom"),
         dataset_name=dataset_name or (old_results[0].dataset_name if old_results else "Custom dataset"),

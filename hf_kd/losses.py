@@ -15,9 +15,13 @@ import math
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dedier_weights", "kd_loss", "label_smoothing_targets", "soft_cross_entropy"]
+__all__ = ["dedier_weights", "kd_loss", "label_smoothing_targets", "self_kd_loss", "soft_cross_entropy"]
 
 _REDUCTIONS = ("mean", "sum", "none")
+DIVERGENCES = ("kl", "js")
+SOURCE_CORRECTIONS = ("source_wrong_main_right", "source_wrong")
+OTHER_EXIT_LOSSES = ("ce", "none")
+RECALIBRATION_LOSSES = ("replace", "add")
 
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -73,6 +77,7 @@ def kd_loss(
     num_items_in_batch: torch.Tensor | int | None = None,
     reduction: str = "mean",
     sample_weights: torch.Tensor | None = None,
+    divergence: str = "kl",
 ) -> torch.Tensor:
     r"""
     Knowledge-distillation loss of [Hinton et al., 2015](https://huggingface.co/papers/1503.02531):
@@ -115,14 +120,20 @@ def kd_loss(
             reduction. The `"mean"` reduction stays a plain mean of `w * loss` over the valid items (or
             `sum / num_items_in_batch`): it is **not** normalised by `sum(w)`, as in DEDIER's code, so up-weighting
             some items raises the loss scale rather than down-weighting the others.
+        divergence (`str`, *optional*, defaults to `"kl"`):
+            The soft term's divergence between the teacher's and the student's tempered distributions: `"kl"`,
+            `KL(p_t || p_s)` (Hinton's), or `"js"`, the Jensen-Shannon divergence
+            `(KL(p_t || m) + KL(p_s || m)) / 2` with `m = (p_t + p_s) / 2` (natural log, symmetric, at most `log 2`;
+            an alternative of the self-distillation of Park et al., 2024, https://huggingface.co/papers/2406.09719).
+            Both are scaled by `T^2`.
 
     Returns:
         `torch.Tensor`: a scalar, or per-item losses for `reduction="none"`, in float32 (float64 for float64 inputs).
 
     Raises:
-        `ValueError`: if `temperature <= 0`, `alpha` is outside `[0, 1]`, the logits' shapes differ or have no class
-        dimension, `labels` or `sample_weights` does not have shape `student_logits.shape[:-1]`, or `teacher_logits`
-        contain NaN.
+        `ValueError`: if `temperature <= 0`, `alpha` is outside `[0, 1]`, `divergence` is unknown, the logits' shapes
+        differ or have no class dimension, `labels` or `sample_weights` does not have shape
+        `student_logits.shape[:-1]`, or `teacher_logits` contain NaN.
 
     Example:
 
@@ -138,6 +149,8 @@ def kd_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0.0, 1.0], got {alpha}")
+    if divergence not in DIVERGENCES:
+        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     _check_reduction(reduction, num_items_in_batch)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
@@ -171,8 +184,7 @@ def kd_loss(
     # p * log(p) becomes 0 * -inf = NaN, whereas log-probabilities stay finite.
     student_log_probs = F.log_softmax(student / temperature, dim=-1)
     teacher_log_probs = F.log_softmax(teacher / temperature, dim=-1)
-    soft = F.kl_div(student_log_probs, teacher_log_probs, reduction="none", log_target=True).sum(-1)
-    soft = soft * temperature**2
+    soft = _divergence(teacher_log_probs, student_log_probs, divergence) * temperature**2
 
     if labels is None:
         per_item = soft
@@ -190,6 +202,17 @@ def kd_loss(
 
     loss = _reduce(per_item, valid, reduction, num_items_in_batch)
     return loss.reshape(item_shape) if reduction == "none" else loss
+
+
+def _divergence(target_log_probs: torch.Tensor, log_probs: torch.Tensor, divergence: str) -> torch.Tensor:
+    """Per-row `KL(p_target || p)` or Jensen-Shannon divergence of two `(N, C)` log-probability tensors."""
+    if divergence == "kl":
+        return F.kl_div(log_probs, target_log_probs, reduction="none", log_target=True).sum(-1)
+    # log m = log((p_t + p_s) / 2), in log space so that one-hot rows stay finite.
+    log_mixture = torch.logaddexp(target_log_probs, log_probs) - math.log(2.0)
+    to_target = F.kl_div(log_mixture, target_log_probs, reduction="none", log_target=True).sum(-1)
+    to_model = F.kl_div(log_mixture, log_probs, reduction="none", log_target=True).sum(-1)
+    return (to_target + to_model) / 2
 
 
 def label_smoothing_targets(labels: torch.Tensor, num_classes: int, epsilon: float) -> torch.Tensor:
@@ -367,3 +390,136 @@ def dedier_weights(
     misread = (labels != -100) & (probs.argmax(dim=-1) != labels)
     upweight = torch.exp(beta * margin.pow(alpha))
     return torch.where(misread.to(weights.device), upweight.to(weights), weights)
+
+
+def self_kd_loss(
+    exit_logits,
+    labels: torch.Tensor,
+    source_exit: int,
+    lmbda: float = 0.6,
+    temperature: float = 1.0,
+    divergence: str = "kl",
+    source_correction: str = "source_wrong_main_right",
+    other_exits: str = "ce",
+    recalibrate: torch.Tensor | None = None,
+    recalibration_loss: str = "replace",
+    num_items_in_batch: torch.Tensor | int | None = None,
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    r"""
+    The self-distillation objective of Park et al., "Self-Knowledge Distillation for Learning Ambiguity" (2024,
+    https://huggingface.co/papers/2406.09719), Phases B and C, on the exits of a multi-exit model (one classifier
+    per layer). With `p_L` the main (final) classifier, `p_s` the source layer's, `sg` a stopped gradient and `D` the
+    `divergence` at temperature `T` (scaled by `T^2`, as in [`kd_loss`]):
+
+    ```
+    main:    L_main = (1 - lmbda) * CE(y, p_L) + lmbda * D(sg[p_s] || p_L)
+    source:  L_src  = CE(y, p_s) + c(x) * D(sg[p_L] || p_s)
+             c(x)   = [argmax p_s != y and argmax p_L == y]   ("source_wrong_main_right")
+                    = [argmax p_s != y]                       ("source_wrong")
+    others:  sum_j CE(y, p_j) over the other exits            (other_exits="ce"; nothing with "none")
+    Phase C, for the samples x in the re-calibration set A (`recalibrate`), towards the uniform u over K classes:
+             L_main(x) = KL(u || p_L)                          ("replace": the gold label's pull is removed)
+             L_main(x) = L_main(x) + KL(u || p_L)              ("add")
+    loss   = mean over labelled samples of L_main + L_src + others
+    ```
+
+    Only the main classifier is re-calibrated; the source and the other exits keep their losses on A. `KL(u || p_L)`
+    equals `CE(u, p_L) - log K`, so its minimum is 0 at the uniform prediction.
+
+    Args:
+        exit_logits (sequence of `torch.Tensor` of shape `(batch, num_labels)`):
+            Logits of every exit, shallowest first; the last one is the main classifier.
+        labels (`torch.Tensor` of shape `(batch,)`):
+            Gold class indices, `-100` for ignored rows (they contribute nothing and are not counted).
+        source_exit (`int`):
+            0-based index of the source layer's exit in `exit_logits`, not the last one.
+        lmbda (`float`, *optional*, defaults to `0.6`):
+            Weight `lambda` in `[0, 1]` of the distillation term of the main classifier (the paper's 0.6).
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Temperature `T > 0` of both distillation terms (not of the re-calibration term, which is at `T = 1`).
+        divergence (`str`, *optional*, defaults to `"kl"`):
+            `"kl"` (teacher first) or `"js"`; see [`kd_loss`].
+        source_correction (`str`, *optional*, defaults to `"source_wrong_main_right"`):
+            Which samples teach the source layer from the main classifier, see `c(x)` above.
+        other_exits (`str`, *optional*, defaults to `"ce"`):
+            `"ce"`: the exits that are neither the source nor the main classifier keep their cross-entropy; `"none"`:
+            they get no loss (their heads stop learning; their layers still learn through the deeper exits).
+        recalibrate (`torch.Tensor` of shape `(batch,)` and dtype `bool`, *optional*):
+            Which samples of the batch are in the re-calibration set; `None` outside Phase C.
+        recalibration_loss (`str`, *optional*, defaults to `"replace"`):
+            `"replace"` or `"add"`, see above.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+            Number of labelled rows of the accumulated batch; the loss is then `sum / num_items_in_batch` (see
+            [`kd_loss`]).
+
+    Returns:
+        `(loss, parts)`: the scalar loss (float32, or float64 for float64 logits), and `parts`, detached per-part means
+        over the labelled rows of this batch: `main_loss`, `source_loss`, `other_exits_loss` (0 without other exits),
+        `source_correction_fraction` (share of rows with `c(x) = 1`) and `recalibrated_fraction`.
+
+    Raises:
+        `ValueError`: fewer than 2 exits, a `source_exit` that is not a non-final exit, `lmbda` outside `[0, 1]`, an
+        unknown option, or a `recalibrate` mask of the wrong shape.
+    """
+    num_exits = len(exit_logits)
+    if num_exits < 2:
+        raise ValueError(f"self-distillation needs at least 2 exits (a source and the main classifier), got {num_exits}")
+    if isinstance(source_exit, bool) or not isinstance(source_exit, int) or not 0 <= source_exit < num_exits - 1:
+        raise ValueError(f"source_exit must be a non-final exit index in [0, {num_exits - 1}), got {source_exit!r}")
+    if not 0.0 <= lmbda <= 1.0:
+        raise ValueError(f"lmbda must be in [0.0, 1.0], got {lmbda}")
+    for name, value, accepted in (
+        ("source_correction", source_correction, SOURCE_CORRECTIONS),
+        ("other_exits", other_exits, OTHER_EXIT_LOSSES),
+        ("recalibration_loss", recalibration_loss, RECALIBRATION_LOSSES),
+    ):
+        if value not in accepted:
+            raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+    main, source = exit_logits[-1], exit_logits[source_exit]
+    labels = labels.reshape(-1).long()
+    if recalibrate is not None and recalibrate.shape != labels.shape:
+        raise ValueError(f"recalibrate must have shape {tuple(labels.shape)}, got {tuple(recalibrate.shape)}")
+    valid = labels != -100
+
+    def soft(student: torch.Tensor, teacher: torch.Tensor) -> torch.Tensor:
+        return kd_loss(student, teacher.detach(), None, temperature, reduction="none", divergence=divergence)
+
+    def cross_entropy(logits: torch.Tensor) -> torch.Tensor:
+        return F.cross_entropy(_upcast(logits), labels, ignore_index=-100, reduction="none")
+
+    main_item = (1 - lmbda) * cross_entropy(main) + lmbda * soft(main, source)
+    recalibrated = torch.zeros_like(valid)
+    if recalibrate is not None:
+        recalibrated = recalibrate.to(valid.device).bool() & valid
+        # Zero logits are the uniform distribution: kd_loss without labels is KL(u || p_L) at T = 1.
+        towards_uniform = kd_loss(main, torch.zeros_like(main), None, 1.0, reduction="none")
+        if recalibration_loss == "replace":
+            main_item = torch.where(recalibrated, towards_uniform, main_item)
+        else:
+            main_item = main_item + recalibrated * towards_uniform
+
+    with torch.no_grad():
+        source_wrong = source.argmax(-1) != labels
+        correct = source_wrong & valid
+        if source_correction == "source_wrong_main_right":
+            correct = correct & (main.argmax(-1) == labels)
+    source_item = cross_entropy(source) + correct * soft(source, main)
+
+    others = [z for j, z in enumerate(exit_logits[:-1]) if j != source_exit] if other_exits == "ce" else []
+    other_item = sum((cross_entropy(z) for z in others), torch.zeros_like(source_item))
+
+    per_item = main_item + source_item + other_item
+    # where, not multiplication by the mask: inf/NaN at ignored rows must not leak into the loss.
+    per_item = torch.where(valid, per_item, torch.zeros_like(per_item))
+    loss = _reduce(per_item, valid, "mean", num_items_in_batch)
+
+    count = valid.sum().clamp_min(1)
+    with torch.no_grad():
+        parts = {
+            "main_loss": torch.where(valid, main_item, 0.0).sum() / count,
+            "source_loss": torch.where(valid, source_item, 0.0).sum() / count,
+            "other_exits_loss": torch.where(valid, other_item, 0.0).sum() / count,
+            "source_correction_fraction": correct.sum() / count,
+            "recalibrated_fraction": recalibrated.sum() / count,
+        }
+    return loss, {k: v.detach() for k, v in parts.items()}

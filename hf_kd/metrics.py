@@ -540,15 +540,18 @@ def make_compute_metrics(n_bins: int = 15, class_index: int | None = 0):
     return compute_metrics
 
 
-def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
+def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False, with_human: bool = False):
     """
-    Build a `compute_metrics` function for [`EarlyExitTrainer`]: the metrics of every exit of a multi-exit model.
+    Build a `compute_metrics` function for [`EarlyExitTrainer`] and [`SelfKDTrainer`]: the metrics of every exit of a
+    multi-exit model.
 
     The returned function takes a [`~transformers.EvalPrediction`] whose `predictions` is the tuple
     `(final_logits, exit_0_logits, ..., exit_{L-1}_logits)` and, when `with_teacher=True`,
     `(final_logits, exit_0_logits, ..., exit_{L-1}_logits, teacher_logits)`, every array of shape `(N, K)`
-    (`exit_{L-1}_logits` are the final logits again: that is what [`EarlyExitTrainer.compute_loss`] returns). Rows
-    whose label is `-100` are dropped.
+    (`exit_{L-1}_logits` are the final logits again: that is what [`EarlyExitTrainer.compute_loss`] returns). With
+    `with_human=True` the logits are followed by the human label distributions `(N, K)` (what
+    [`SelfKDTrainer.compute_loss`] returns; rows of NaN for examples without them). Rows whose label is `-100` are
+    dropped.
 
     It returns a flat `dict[str, float]` (the `Trainer` adds the `eval_` prefix):
 
@@ -565,12 +568,17 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
     - when `predictions` ends with a 1-D integer array of shape `(N,)` (the evaluation set's `group` column, which
       [`EarlyExitTrainer`] appends when the dataset has one; logits are always 2-D, so the two cannot be confused):
       the final exit's [`group_accuracies`], `worst_group_accuracy`, `mean_group_accuracy` and `group_{g}_accuracy`.
+    - with `with_human=True`, on the examples that have a human distribution (none: nothing is added): the final
+      exit's `kl` and `js_distance` ([`human_distribution_divergence`], ChaosNLI's conventions), and `exit_{i}_kl`,
+      `exit_{i}_js_distance` for every exit.
 
     Args:
         n_bins (`int`, *optional*, defaults to `15`):
             Number of equal-width bins for ECE and MCE.
         with_teacher (`bool`, *optional*, defaults to `False`):
-            Whether the last element of `predictions` is the teacher's logits.
+            Whether the logits are followed by the teacher's logits.
+        with_human (`bool`, *optional*, defaults to `False`):
+            Whether the last 2-D element of `predictions` is the human label distributions.
 
     Returns:
         `Callable[[EvalPrediction], dict[str, float]]`.
@@ -590,6 +598,12 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
         groups = calibrated = None
         if isinstance(predictions, (tuple, list)) and np.ndim(predictions[-1]) == 1:
             groups, predictions = np.asarray(predictions[-1]), tuple(predictions[:-1])
+        human = None
+        if with_human:
+            if not isinstance(predictions, (tuple, list)) or len(predictions) < 3:
+                raise ValueError("with_human=True: predictions must end with the human label distributions")
+            # NaN rows mark examples without a human distribution: not _as_float_array, which rejects them.
+            human, predictions = np.asarray(predictions[-1], dtype=np.float64), tuple(predictions[:-1])
         if isinstance(predictions, (tuple, list)) and np.ndim(predictions[-1]) == 3:
             calibrated, predictions = np.asarray(predictions[-1]), tuple(predictions[:-1])
         min_length = 3 if with_teacher else 2
@@ -629,6 +643,8 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
                 results[f"exit_{i}_laplace_accuracy"] = float(np.mean(probs.argmax(axis=1) == labels[keep]))
                 results[f"exit_{i}_laplace_ece"] = expected_calibration_error(probs, labels[keep], n_bins)
                 results[f"exit_{i}_laplace_nll"] = negative_log_likelihood(probs, labels[keep])
+        if human is not None:
+            results.update(_human_metrics(human, labels, [predictions[0], *exit_logits]))
         if groups is not None:
             if groups.shape != labels.shape:
                 raise ValueError(f"the group ids must have the labels' shape {labels.shape}, got {groups.shape}")
@@ -637,3 +653,20 @@ def make_exit_compute_metrics(n_bins: int = 15, with_teacher: bool = False):
         return results
 
     return compute_metrics
+
+
+def _human_metrics(human: np.ndarray, labels: np.ndarray, logits: list) -> dict[str, float]:
+    """`kl`, `js_distance` of `logits[0]` (the final exit) and `exit_{i}_kl`, `exit_{i}_js_distance` of
+    `logits[1 + i]`, on the labelled rows that have a human distribution (no NaN)."""
+    if human.shape != np.shape(logits[0]):
+        raise ValueError(f"the human label distributions must have the logits' shape {np.shape(logits[0])}, "
+                         f"got {human.shape}")
+    keep = (labels != -100) & np.isfinite(human).all(axis=1)
+    if not keep.any():
+        return {}
+    results = {}
+    for i, exit_logits in enumerate(logits):
+        divergence = human_distribution_divergence(human[keep], softmax(_as_float_array(exit_logits, "logits")[keep]))
+        prefix = "" if i == 0 else f"exit_{i - 1}_"
+        results.update({prefix + name: value for name, value in divergence.items()})
+    return results

@@ -1,4 +1,5 @@
-"""Reliability diagrams and confidence histograms (Guo et al., 2017, https://huggingface.co/papers/1706.04599, fig. 1).
+"""Reliability diagrams and confidence histograms (Guo et al., 2017, https://huggingface.co/papers/1706.04599, fig. 1),
+and the validation entropy per layer of self-distillation's source-layer selection.
 
 Both plots are drawn from the per-bin statistics of [`hf_kd.metrics.reliability_bins`] (counts, accuracy and mean
 confidence per equal-width confidence bin), so they can be redrawn from a saved `report.json` without the model.
@@ -17,7 +18,7 @@ import numpy as np
 from .import_utils import is_matplotlib_available
 from .metrics import _calibration_gaps
 
-__all__ = ["plot_confidence_histogram", "plot_reliability_diagram"]
+__all__ = ["plot_confidence_histogram", "plot_layer_entropy", "plot_reliability_diagram"]
 
 _BIN_KEYS = ("bin_lower", "bin_upper", "count", "accuracy", "confidence")
 
@@ -161,4 +162,56 @@ def plot_confidence_histogram(
         ax.set_ylabel("Share of examples")
         ax.set_title(name, fontsize=10)
         ax.legend(loc="upper left", fontsize=8)
+    return _save(figure, path)
+
+
+def plot_layer_entropy(
+    exit_layers,
+    entropy_by_epoch,
+    path: str | os.PathLike,
+    source_layer: int | None = None,
+    phases=None,
+    title: str | None = "Validation entropy per layer",
+) -> Path:
+    """
+    Draw the mean validation entropy of every exit against its layer, one line per epoch, with the selected source
+    layer of self-distillation marked: the curve whose sharpest drop picks the source layer of Park et al. (2024,
+    https://huggingface.co/papers/2406.09719; [`hf_kd.self_kd.select_source_exit`]).
+
+    Args:
+        exit_layers (sequence of `int`):
+            The layer of every exit, shallowest first (`config.exit_layers`).
+        entropy_by_epoch (sequence of sequences of `float`):
+            Per epoch, the mean predictive entropy (nats) of every exit.
+        path (`str` or `os.PathLike`):
+            Where to write the PNG (parent folders are created).
+        source_layer (`int`, *optional*):
+            The selected source layer (a value of `exit_layers`), drawn as a vertical line.
+        phases (sequence of `str`, *optional*):
+            The training phase of every epoch (`"warmup"`, `"distill"`, `"recalibrate"`), shown in the legend.
+        title (`str`, *optional*, defaults to `"Validation entropy per layer"`):
+            Figure title; `None` for none.
+
+    Returns:
+        `pathlib.Path`: `path`.
+    """
+    layers = [int(layer) for layer in exit_layers]
+    curves = [np.asarray(curve, dtype=np.float64) for curve in entropy_by_epoch]
+    if not curves or any(curve.shape != (len(layers),) for curve in curves):
+        raise ValueError(
+            f"entropy_by_epoch must hold, for at least one epoch, one entropy per exit ({len(layers)}), got "
+            f"{[curve.shape for curve in curves]}"
+        )
+    if phases is not None and len(phases) != len(curves):
+        raise ValueError(f"phases must name one phase per epoch ({len(curves)}), got {len(phases)}")
+    figure, (ax,) = _figure(1, title)
+    for epoch, curve in enumerate(curves, start=1):
+        label = f"epoch {epoch}" + (f" ({phases[epoch - 1]})" if phases is not None else "")
+        ax.plot(layers, curve, marker="o", linewidth=1.5, label=label)
+    if source_layer is not None:
+        ax.axvline(source_layer, color="gray", linestyle="--", linewidth=1.2, label=f"source layer {source_layer}")
+    ax.set_xticks(layers)
+    ax.set_xlabel("Layer of the exit")
+    ax.set_ylabel("Mean predictive entropy (nats)")
+    ax.legend(fontsize=8)
     return _save(figure, path)

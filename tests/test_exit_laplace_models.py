@@ -186,6 +186,7 @@ def test_trainer_fit_evaluate_save_and_card(tmp_path, checkout_templates):
     from transformers import DataCollatorWithPadding
 
     from hf_kd import EarlyExitTrainer
+    from hf_kd.trainer.mixins import plain_loader
     from hf_kd.metrics import expected_calibration_error, negative_log_likelihood
 
     from .test_early_exit_trainer import make_args
@@ -205,7 +206,7 @@ def test_trainer_fit_evaluate_save_and_card(tmp_path, checkout_templates):
 
     metrics = trainer.evaluate(test, metric_key_prefix="test")
     # The logged calibrated metrics are those of the model's own per-exit Laplace probabilities.
-    loader = trainer._plain_loader(test, 8, "test")
+    loader = plain_loader(trainer, test, 8, "test")
     probs = [model.predict_exit_probs(b["input_ids"], b["attention_mask"], link_approx="mc") for b in loader]
     probs = torch.cat(probs, dim=1).numpy()
     labels = torch.tensor(test["label"]).numpy()

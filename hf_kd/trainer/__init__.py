@@ -4,5 +4,7 @@ from .distill_config import DistillConfig
 from .distill_trainer import DistillTrainer
 from .early_exit_config import EarlyExitConfig
 from .early_exit_trainer import EarlyExitTrainer
+from .self_kd_config import SelfKDConfig
+from .self_kd_trainer import SelfKDTrainer
 
-__all__ = ["DistillConfig", "DistillTrainer", "EarlyExitConfig", "EarlyExitTrainer"]
+__all__ = ["DistillConfig", "DistillTrainer", "EarlyExitConfig", "EarlyExitTrainer", "SelfKDConfig", "SelfKDTrainer"]

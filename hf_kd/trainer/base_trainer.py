@@ -83,7 +83,8 @@ class _BaseTrainer(Trainer):
             )
 
     def _model_card_info(self) -> dict[str, Any]:
-        """Method-specific card fields: `teacher_model` (id or path) and `hyperparameters` (a dict)."""
+        """Method-specific card fields: `teacher_model` (id or path), `hyperparameters` (a dict) and `layer_selection`
+        (self-distillation's source-layer selection, see [`hf_kd.hub.generate_model_card`])."""
         return {}
 
     def latest_eval_metrics(self) -> dict[str, dict[str, float]]:
@@ -164,6 +165,7 @@ class _BaseTrainer(Trainer):
             trainer_name=type(self).__name__,
             paper=self._paper or None,
             hyperparameters=info.get("hyperparameters"),
+            layer_selection=info.get("layer_selection"),
             metrics_by_split=self.latest_eval_metrics(),
             dataset_type=dataset_name or "custom",
             dataset_name=dataset_name or "Custom dataset",

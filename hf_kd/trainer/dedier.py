@@ -20,33 +20,39 @@ import torch
 from accelerate.utils import broadcast
 from torch import nn
 from torch.nn import functional as F
-from torch.utils.data import DataLoader, IterableDataset
+from torch.utils.data import IterableDataset
 from transformers import Trainer
 from transformers.trainer_callback import ExportableState, TrainerCallback
 
 from ..losses import dedier_weights
 from ..teacher import TEACHER_LOGITS_COLUMN
+from .mixins import full_pass_batches
 
 SAMPLE_INDEX_COLUMN = "sample_index"
 GROUP_COLUMN = "group"
 
 
-def with_sample_index(dataset):
+def with_sample_index(dataset, purpose: str = "dedier=True"):
     """
     Return the train set with a `sample_index` column `0..N-1` (added to a [`datasets.Dataset`] that lacks one).
 
     A [`datasets.Dataset`] that already has the column must hold a permutation of `0..N-1`. Any other map-style
     dataset must yield a `sample_index` in every example; it is checked when the readout first visits every row.
 
+    Args:
+        dataset: the train set.
+        purpose (`str`, *optional*, defaults to `"dedier=True"`): the setting that needs per-sample state, named in
+            the errors.
+
     Raises:
         `ValueError`: without a train set, or on a `sample_index` column that is not a permutation of `0..N-1`.
         `TypeError`: for an `IterableDataset`, whose rows have neither a length nor a stable position.
     """
     if dataset is None:
-        raise ValueError("dedier=True needs the train_dataset when the trainer is built: its weights are per sample.")
+        raise ValueError(f"{purpose} needs the train_dataset when the trainer is built: its state is per sample.")
     if isinstance(dataset, (IterableDataset, datasets.IterableDataset)):
         raise TypeError(
-            f"dedier=True needs a map-style train_dataset with a length and stable rows, got {type(dataset).__name__}"
+            f"{purpose} needs a map-style train_dataset with a length and stable rows, got {type(dataset).__name__}"
         )
     if not isinstance(dataset, datasets.Dataset):
         return dataset
@@ -56,7 +62,7 @@ def with_sample_index(dataset):
     if not np.array_equal(np.sort(index), np.arange(len(dataset))):
         raise ValueError(
             f"The train_dataset's '{SAMPLE_INDEX_COLUMN}' column must be a permutation of 0..{len(dataset) - 1} "
-            "(DEDIER looks each sample's weight up by it): drop it and the trainer adds one."
+            "(per-sample state is looked up by it): drop it and the trainer adds one."
         )
     return dataset
 
@@ -169,6 +175,8 @@ class DedierCallback(TrainerCallback, ExportableState):
         seed (`int`):
             Base seed of the readouts.
     """
+
+    missing_state_message = "it was not saved by a dedier=True run, so its DEDIER weights cannot be restored"
 
     def __init__(self, trainer: Trainer, num_samples: int, seed: int):
         self.trainer = trainer
@@ -304,15 +312,7 @@ class DedierCallback(TrainerCallback, ExportableState):
     def _feature_batches(self, model: nn.Module, order: list[int], batch_size: int):
         """Yield `(features, labels, sample_index)` on the training device over the train set rows in `order`."""
         trainer = self.trainer
-        dataset, collator = trainer.train_dataset, trainer.data_collator
-        # The columns the model cannot take are dropped as Trainer's own train dataloader drops them.
-        if isinstance(dataset, datasets.Dataset):
-            dataset = trainer._remove_unused_columns(dataset, description="DEDIER readout")
-        else:
-            collator = trainer._get_collator_with_removed_columns(collator, description="DEDIER readout")
-        loader = DataLoader(dataset, batch_size=batch_size, sampler=order, collate_fn=collator)
-        for batch in loader:
-            batch = trainer._prepare_inputs(batch)
+        for batch in full_pass_batches(trainer, trainer.train_dataset, batch_size, order, "DEDIER readout"):
             labels, index = batch.pop("labels", None), batch.pop(SAMPLE_INDEX_COLUMN, None)
             if labels is None or index is None:
                 raise ValueError(

@@ -1,6 +1,5 @@
 from __future__ import annotations
 
-from collections import defaultdict
 from typing import Any, Callable
 
 import torch
@@ -11,10 +10,11 @@ from ..metrics import make_compute_metrics
 from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
 from .base_trainer import _BaseTrainer
 from .distill_config import DistillConfig
+from .mixins import _LoggedLossesMixin
 from .teacher_mixin import _TeacherMixin
 
 
-class DistillTrainer(_TeacherMixin, _BaseTrainer):
+class DistillTrainer(_LoggedLossesMixin, _TeacherMixin, _BaseTrainer):
     r"""
     [`~transformers.Trainer`] that distils a frozen teacher into the student `model` (Hinton et al., 2015,
     https://huggingface.co/papers/1503.02531).
@@ -111,7 +111,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         # compute_loss normalises by `num_items_in_batch` itself: declaring loss kwargs makes Trainer count the items
         # of the accumulated batch and skip its own division by the accumulation steps.
         self.model_accepts_loss_kwargs = True
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._init_logged_losses()
 
         self._init_teacher(teacher, processing_class, teacher_processing_class)
 
@@ -149,14 +149,3 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             # Both logits reach compute_metrics as predictions=(student_logits, teacher_logits): sigma needs both.
             return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
         return loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            if values:
-                # Mean over this process's batches since the last log (no collective here: a rank with no batch
-                # would hang the others).
-                logs[prefix + key] = torch.stack(values).mean().item()
-        self._metrics[mode].clear()
-        super().log(logs, start_time)

@@ -10,6 +10,23 @@ DISTILL_SOURCES = ("none", "final_exit", "teacher")
 DEDIER_READOUT_OPTIMIZERS = ("adamw", "sgd")
 
 
+def parse_exit_loss_weights(weights, name: str):
+    """`"uniform"`, `"linear"`, `None`, or a list of non-negative floats with a positive sum (on the command line a
+    string `"1,2,3"`); `ValueError` naming `name` otherwise."""
+    if isinstance(weights, str) and weights not in EXIT_LOSS_WEIGHTINGS:
+        try:
+            weights = [float(w) for w in weights.replace(",", " ").split()]
+        except ValueError:
+            raise ValueError(
+                f"{name} must be one of {EXIT_LOSS_WEIGHTINGS}, a list of floats or None, got {weights!r}"
+            ) from None
+    if isinstance(weights, (list, tuple)):
+        weights = [float(w) for w in weights]
+        if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
+            raise ValueError(f"{name} must be >= 0 with a positive sum, got {weights}")
+    return weights
+
+
 @dataclass
 class EarlyExitConfig(TrainingArguments, _TeacherArguments):
     r"""
@@ -173,21 +190,7 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
     def __post_init__(self):
         super().__post_init__()
         self._teacher_post_init()
-        weights = self.exit_loss_weights
-        if isinstance(weights, str):
-            if weights not in EXIT_LOSS_WEIGHTINGS:
-                try:
-                    weights = [float(w) for w in weights.replace(",", " ").split()]
-                except ValueError:
-                    raise ValueError(
-                        f"exit_loss_weights must be one of {EXIT_LOSS_WEIGHTINGS}, a list of floats or None, "
-                        f"got {weights!r}"
-                    ) from None
-        if isinstance(weights, (list, tuple)):
-            weights = [float(w) for w in weights]
-            if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
-                raise ValueError(f"exit_loss_weights must be >= 0 with a positive sum, got {weights}")
-        self.exit_loss_weights = weights
+        self.exit_loss_weights = parse_exit_loss_weights(self.exit_loss_weights, "exit_loss_weights")
         if self.distill_from not in DISTILL_SOURCES:
             raise ValueError(f"distill_from must be one of {DISTILL_SOURCES}, got {self.distill_from!r}")
         if not self.temperature > 0:

@@ -1,14 +1,10 @@
 from __future__ import annotations
 
 import contextlib
-import re
-from collections import defaultdict
 from typing import Any, Callable, Sequence
 
-import datasets
 import torch
 from torch import nn
-from torch.utils.data import DataLoader
 
 from ..losses import kd_loss
 from ..metrics import make_exit_compute_metrics
@@ -18,13 +14,11 @@ from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
 from .base_trainer import _BaseTrainer
 from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
 from .early_exit_config import EarlyExitConfig
+from .mixins import _MultiExitMixin, plain_loader
 from .teacher_mixin import _TeacherMixin
 
-# Per-exit metrics that the card reports (its per-exit table; the Laplace-calibrated ones also in the model-index).
-_EXIT_CARD_METRICS = ("accuracy", "ece", "nll")
 
-
-class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
+class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
     r"""
     [`~transformers.Trainer`] that trains every exit of a multi-exit model jointly, as DeeBERT (Xin et al., 2020,
     https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020, https://huggingface.co/papers/2006.04152)
@@ -116,6 +110,8 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
             "  booktitle={Proceedings of ACL},\n  year={2020}\n}"
         ),
     }
+    # Kept through Trainer's column removal: the sample index (DEDIER's weights) and the group ids (group metrics).
+    _extra_columns = (SAMPLE_INDEX_COLUMN, GROUP_COLUMN)
 
     def __init__(
         self,
@@ -155,15 +151,9 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         # compute_loss normalises by `num_items_in_batch` itself: declaring loss kwargs makes Trainer count the items
         # of the accumulated batch and skip its own division by the accumulation steps.
         self.model_accepts_loss_kwargs = True
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._init_logged_losses()
 
-        config = getattr(self.accelerator.unwrap_model(self.model), "config", None)
-        # Duck-typed, so that any multi-exit model with these outputs trains (sequence and image classifiers).
-        if not getattr(config, "exit_layers", None):
-            raise TypeError(
-                "EarlyExitTrainer trains a multi-exit model (e.g. MultiExitForSequenceClassification) whose config has "
-                f"`exit_layers` and whose output has `exit_logits`, got a model with a {type(config).__name__}."
-            )
+        config = self._check_multi_exit_config()
         self.exit_loss_weights = self._resolve_exit_loss_weights(args.exit_loss_weights, config)
         if args.distill_from == "teacher":
             self._init_teacher(teacher, processing_class, teacher_processing_class)
@@ -178,6 +168,7 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
             self.train_dataset = with_sample_index(self.train_dataset)
             self._dedier = DedierCallback(self, num_samples=len(self.train_dataset), seed=args.seed)
             self.add_callback(self._dedier)
+            self._training_state_callbacks = (self._dedier,)
 
     @staticmethod
     def _resolve_exit_loss_weights(weights: str | list[float] | None, config) -> list[float]:
@@ -214,25 +205,6 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
             hyperparameters["exit_laplace"] = laplace.card_summary()
         return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
 
-    def latest_eval_metrics(self) -> dict[str, dict[str, float]]:
-        # `eval_exit_0_accuracy` reads as the metric `accuracy` of a split `eval_exit_0` (likewise the group metrics
-        # and DEDIER's `dedier_readout_accuracy`). Per-exit metrics are folded back into their split as
-        # `exit_{i}_{metric}` / `exit_{i}_laplace_{metric}` keys (the card's per-exit table; the Laplace-calibrated
-        # ones also go to the model-index); group and DEDIER statistics stay out.
-        by_split: dict[str, dict[str, float]] = {}
-        for split, metrics in super().latest_eval_metrics().items():
-            if re.search(r"(^|_)(group_\d+|worst_group|mean_group)$", split) or split.startswith("dedier"):
-                continue
-            match = re.fullmatch(r"(.+)_(exit_\d+(?:_laplace)?)", split)
-            if match is None:
-                by_split.setdefault(split, {}).update(metrics)
-                continue
-            parent, exit_name = match.groups()
-            by_split.setdefault(parent, {}).update(
-                {f"{exit_name}_{metric}": value for metric, value in metrics.items() if metric in _EXIT_CARD_METRICS}
-            )
-        return by_split
-
     def fit_exit_laplace(
         self, train_dataset=None, eval_dataset=None, batch_size: int | None = None, **kwargs
     ) -> MultiExitLaplace:
@@ -261,49 +233,15 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         eval_dataset = self.eval_dataset if eval_dataset is None else eval_dataset
         if train_dataset is None or eval_dataset is None:
             raise ValueError("fit_exit_laplace needs a train_dataset (the fit) and an eval_dataset (the selection).")
-        loaders = [self._plain_loader(d, batch_size or self.args.per_device_eval_batch_size, "exit Laplace")
+        loaders = [plain_loader(self, d, batch_size or self.args.per_device_eval_batch_size, "exit Laplace")
                    for d in (train_dataset, eval_dataset)]
         return model.fit_exit_laplace(*loaders, **kwargs)
-
-    def _plain_loader(self, dataset, batch_size: int, description: str) -> DataLoader:
-        """An ordered, unsharded loader with the trainer's collator and its removal of the columns the model cannot
-        take (as the DEDIER readout's)."""
-        collator = self.data_collator
-        if isinstance(dataset, datasets.Dataset):
-            dataset = self._remove_unused_columns(dataset, description=description)
-        else:
-            collator = self._get_collator_with_removed_columns(collator, description=description)
-        return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collator)
 
     @property
     def dedier_weights(self) -> torch.Tensor | None:
         """DEDIER's current per-sample weights `(N,)`, indexed by the train set's `sample_index`; `None` without
         `args.dedier`."""
         return None if self._dedier is None else self._dedier.weights
-
-    def _set_signature_columns_if_needed(self):
-        # Keep the sample index (DEDIER's weights) and the group ids (group metrics) through Trainer's removal of
-        # the columns the model's forward does not take; compute_loss pops them.
-        if self._signature_columns is None:
-            super()._set_signature_columns_if_needed()
-            self._signature_columns += [SAMPLE_INDEX_COLUMN, GROUP_COLUMN]
-
-    def _load_callback_state(self) -> None:
-        if self._dedier is None:
-            return super()._load_callback_state()
-        # Trainer restores callback states only with restore_callback_states_from_checkpoint=True (default False),
-        # and then into a new instance built from JSON arguments, which cannot hold the trainer. DEDIER's weights are
-        # training state, like the optimizer's: always restore them, into this trainer's own callback.
-        name = type(self._dedier).__name__
-        stored = self.state.stateful_callbacks.pop(name, None)
-        super()._load_callback_state()
-        if stored is None:
-            raise ValueError(
-                f"The checkpoint has no {name} state in its trainer_state.json: it was not saved by a dedier=True run, "
-                "so its DEDIER weights cannot be restored. Start a new run from its model weights instead."
-            )
-        self.state.stateful_callbacks[name] = stored  # _save_checkpoint updates this entry
-        self._dedier.load_state(stored)
 
     # ---- loss ------------------------------------------------------------------------------------------------------
 
@@ -383,11 +321,7 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         capture = capture_exit_features(unwrapped) if laplace is not None else contextlib.nullcontext([])
         with capture as features:
             outputs = model(**inputs)
-        if getattr(outputs, "exit_logits", None) is None:
-            raise TypeError(
-                f"EarlyExitTrainer needs the model's output to have `exit_logits`, got a {type(outputs).__name__}."
-            )
-        exit_logits = tuple(outputs.exit_logits)  # num_exits x (batch, num_labels), exit_logits[-1] = outputs.logits
+        exit_logits = self._exit_logits(outputs)  # num_exits x (batch, num_labels)
         num_exits = len(exit_logits)
 
         sample_weights = None
@@ -412,9 +346,7 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
         loss, _ = self.early_exit_loss(
             exit_logits, labels, self.exit_loss_weights, soft_targets, T, alpha, num_items_in_batch, sample_weights
         )
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
-            loss = loss * self.accelerator.num_processes
+        loss = self._scale_for_processes(loss, num_items_in_batch)
 
         mode = "train" if model.training else "eval"
         if labels is not None:
@@ -438,14 +370,3 @@ class EarlyExitTrainer(_TeacherMixin, _BaseTrainer):
                 predictions[GROUP_COLUMN] = groups
             return loss, predictions
         return loss
-
-    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            if values:
-                # Mean over this process's batches since the last log (no collective here: a rank with no batch
-                # would hang the others).
-                logs[prefix + key] = torch.stack(values).mean().item()
-        self._metrics[mode].clear()
-        super().log(logs, start_time)

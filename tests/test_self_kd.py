@@ -1,0 +1,664 @@
+"""SelfKDTrainer (Park et al., 2024, self-KD from lower layers for learning ambiguity): selection rules, losses,
+phases, trainer state across checkpoints, metrics, card, bad input."""
+
+import json
+import math
+
+import numpy as np
+import pytest
+import torch
+from scipy.spatial.distance import jensenshannon
+from torch.nn import functional as F
+from transformers import DataCollatorWithPadding, EvalPrediction, HfArgumentParser
+
+import hf_kd.trainer.self_kd_callback
+from hf_kd import (
+    MultiExitConfig,
+    MultiExitForSequenceClassification,
+    SelfKDConfig,
+    SelfKDTrainer,
+    kd_loss,
+    make_exit_compute_metrics,
+)
+from hf_kd.losses import self_kd_loss
+from hf_kd.metrics import human_distribution_divergence, softmax
+from hf_kd.self_kd import (
+    entropy_drops,
+    level_of_ambiguity,
+    recalibration_indices,
+    select_source_exit,
+    selection_is_stable,
+)
+from hf_kd.trainer.dedier import SAMPLE_INDEX_COLUMN
+
+from .test_early_exit_trainer import exit_logits_of, snapshot
+from .test_modeling_multi_exit import tiny_backbone_config
+from .testing_utils import SHARED_DATA, require_shared_data, tiny_dataset, tiny_tokenizer
+
+LAYERS = 4  # the tiny backbone: exits after layers 1..4
+
+
+def tiny_self_kd_model(seed=1, layers=LAYERS, dropout=0.0, **kwargs):
+    torch.manual_seed(seed)
+    config = MultiExitConfig(
+        backbone_config=tiny_backbone_config(layers=layers), num_labels=2, classifier_dropout=dropout, **kwargs
+    )
+    return MultiExitForSequenceClassification(config)
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"),
+        per_device_train_batch_size=8,
+        per_device_eval_batch_size=8,
+        num_train_epochs=4,
+        warmup_max_epochs=2,
+        learning_rate=1e-3,
+        logging_steps=1,
+        eval_strategy="no",
+        save_strategy="no",
+        report_to="none",
+        use_cpu=True,
+        seed=0,
+        disable_tqdm=True,
+    )
+    defaults.update(kwargs)
+    return SelfKDConfig(**defaults)
+
+
+def eval_with_human(n=16, seed=1):
+    rows = tiny_dataset(n, seed=seed)
+    g = np.random.default_rng(seed)
+    share = g.uniform(0.1, 0.9, size=n)
+    return rows.add_column("human_label_dist", np.stack([share, 1 - share], axis=1).astype(np.float32).tolist())
+
+
+def make_trainer(tmp_path, model=None, args=None, train=None, eval_="default", **kwargs):
+    tokenizer = tiny_tokenizer(tmp_path)
+    return SelfKDTrainer(
+        model=model if model is not None else tiny_self_kd_model(),
+        args=args if args is not None else make_args(tmp_path),
+        train_dataset=train if train is not None else tiny_dataset(32),
+        eval_dataset=eval_with_human() if isinstance(eval_, str) else eval_,
+        processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer),
+        **kwargs,
+    )
+
+
+# ---- the selection rules (hf_kd.self_kd) ---------------------------------------------------------------------------
+
+
+class TestSourceLayerSelection:
+    ENTROPIES = [1.05, 1.02, 0.60, 0.55, 0.20]  # drops 0.03, 0.42, 0.05, 0.35
+
+    def test_drops(self):
+        np.testing.assert_allclose(entropy_drops(self.ENTROPIES), [0.03, 0.42, 0.05, 0.35], atol=1e-12)
+
+    def test_largest_drop_after_and_before(self):
+        # after_drop: the drop into the final exit (0.35) is no candidate; the largest candidate enters exit 2.
+        assert select_source_exit(self.ENTROPIES) == 2
+        # before_drop: every drop is a candidate; the largest (0.42) leaves exit 1.
+        assert select_source_exit(self.ENTROPIES, side="before_drop") == 1
+        assert select_source_exit([1.0, 0.9, 0.9, 0.2], side="before_drop") == 2  # the drop into the final exit
+
+    def test_first_significant_is_the_earliest_large_drop(self):
+        entropies = [1.0, 0.7, 0.6, 0.2, 0.15]  # drops 0.3, 0.1, 0.4, 0.05
+        assert select_source_exit(entropies, "largest", side="before_drop") == 2
+        assert select_source_exit(entropies, "first_significant", 0.5, side="before_drop") == 0  # 0.3 >= 0.2
+        assert select_source_exit(entropies, "first_significant", 0.9, side="before_drop") == 2
+        assert select_source_exit(entropies, "first_significant", 0.5) == 1  # after_drop: drop 0 enters exit 1
+
+    def test_ties_and_rising_entropy(self):
+        assert select_source_exit([1.0, 0.5, 0.0, -0.5 + 0.5]) == 1  # equal drops 0.5, 0.5: the first
+        # Entropy that never falls: no drop is positive, "first_significant" falls back to the largest (least rise).
+        rising = [0.1, 0.5, 0.6, 0.9]
+        assert select_source_exit(rising, "first_significant") == select_source_exit(rising) == 2
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"exit_entropies": [0.5, 0.4]}, "side='after_drop' needs at least 3 exits"),
+            ({"exit_entropies": [0.5]}, "must be >= 2 finite values"),
+            ({"exit_entropies": [0.5, math.nan, 0.1]}, "must be >= 2 finite values"),
+            ({"exit_entropies": [0.5, 0.4, 0.1], "rule": "steepest"}, "rule must be one of"),
+            ({"exit_entropies": [0.5, 0.4, 0.1], "side": "at_drop"}, "side must be one of"),
+            ({"exit_entropies": [0.5, 0.4, 0.1], "threshold": 0.0}, "threshold must be in (0, 1], got 0.0"),
+        ],
+    )
+    def test_bad_input(self, kwargs, message):
+        with pytest.raises(ValueError) as err:
+            select_source_exit(**kwargs)
+        assert message in str(err.value)
+
+    def test_two_exits_before_drop(self):
+        assert select_source_exit([0.6, 0.2], side="before_drop") == 0
+
+    def test_stability(self):
+        assert not selection_is_stable([2], 2)
+        assert selection_is_stable([3, 2, 2], 2)
+        assert not selection_is_stable([2, 2, 3], 2)
+        assert selection_is_stable([4], 1)
+        with pytest.raises(ValueError, match="window must be an int >= 1, got 0"):
+            selection_is_stable([1], 0)
+
+
+class TestRecalibrationSet:
+    def test_level_of_ambiguity(self):
+        probs = np.array(
+            [
+                [[0.6, 0.4], [0.2, 0.8], [0.5, 0.5]],  # exit 0
+                [[0.9, 0.1], [0.3, 0.7], [0.1, 0.9]],  # exit 1 (the source)
+                [[0.99, 0.01], [0.01, 0.99], [0.2, 0.8]],  # exit 2
+            ]
+        )
+        labels = np.array([0, 0, -100])
+        np.testing.assert_allclose(level_of_ambiguity(probs, labels, 1), [0.9, 0.3, np.inf])
+        np.testing.assert_allclose(level_of_ambiguity(probs, labels, 1, "lower_mean"), [0.75, 0.25, np.inf])
+        with pytest.raises(ValueError, match="score must be one of"):
+            level_of_ambiguity(probs, labels, 1, "entropy")
+
+    def test_lowest_percent_ties_by_index_and_unlabelled_never(self):
+        scores = np.array([0.5, 0.1, np.inf, 0.1, 0.9, 0.3, 0.2, 0.8, 0.7, 0.6, 0.4])  # 10 labelled
+        assert recalibration_indices(scores, 10).tolist() == [1]  # a tie: the lower index
+        assert recalibration_indices(scores, 20).tolist() == [1, 3]
+        assert recalibration_indices(scores, 29).tolist() == [1, 3]  # floor(2.9)
+        assert recalibration_indices(scores, 30).tolist() == [1, 3, 6]  # exactly 3, despite 30 / 100 * 10 < 3
+        assert recalibration_indices(scores, 0).tolist() == []
+        # floor(9.99) = 9 of the 10 labelled rows: all but the highest score (row 4); the unlabelled row 2 never.
+        assert recalibration_indices(scores, 99.9).tolist() == [0, 1, 3, 5, 6, 7, 8, 9, 10]
+
+    @pytest.mark.parametrize("percent", [100, -1, 150.0])
+    def test_percent_out_of_range(self, percent):
+        with pytest.raises(ValueError, match=r"percent must be in \[0, 100\)"):
+            recalibration_indices(np.zeros(4), percent)
+
+
+# ---- losses --------------------------------------------------------------------------------------------------------
+
+
+def _js_reference(p, q):
+    """Jensen-Shannon divergence from scipy's distance (natural log): distance squared."""
+    return np.array([jensenshannon(a, b) ** 2 for a, b in zip(p, q)])
+
+
+class TestJensenShannonKD:
+    def test_matches_scipy_and_is_symmetric(self):
+        torch.manual_seed(0)
+        student, teacher = torch.randn(5, 4, dtype=torch.float64) * 2, torch.randn(5, 4, dtype=torch.float64) * 2
+        for temperature in (1.0, 3.0):
+            per_item = kd_loss(student, teacher, None, temperature, reduction="none", divergence="js")
+            expected = _js_reference(F.softmax(teacher / temperature, -1), F.softmax(student / temperature, -1))
+            np.testing.assert_allclose(per_item.numpy(), temperature**2 * expected, rtol=1e-10)
+            swapped = kd_loss(teacher, student, None, temperature, reduction="none", divergence="js")
+            torch.testing.assert_close(per_item, swapped)
+        assert (per_item <= 9 * math.log(2) + 1e-12).all()
+
+    def test_finite_on_one_hot_and_zero_on_equal(self):
+        student = torch.tensor([[1e4, -1e4], [0.3, 0.1]])
+        teacher = torch.tensor([[-1e4, 1e4], [0.3, 0.1]])
+        per_item = kd_loss(student, teacher, None, 1.0, reduction="none", divergence="js")
+        torch.testing.assert_close(per_item, torch.tensor([math.log(2), 0.0]))
+
+    def test_bad_divergence(self):
+        with pytest.raises(ValueError, match=r"divergence must be one of \('kl', 'js'\), got 'tv'"):
+            kd_loss(torch.zeros(2, 2), torch.zeros(2, 2), divergence="tv")
+
+
+def self_kd_reference(exit_logits, labels, source, lmbda, temperature, divergence, correction, other_exits,
+                      recalibrate, recalibration_loss):
+    """Per-sample loop over the formulas of PAPERS.md sections 2.3-2.4, in float64 with softmax/log."""
+    z = [e.double() for e in exit_logits]
+    total, count = 0.0, 0
+
+    def div(t_logits, s_logits):
+        p, q = F.softmax(t_logits / temperature, -1), F.softmax(s_logits / temperature, -1)
+        if divergence == "kl":
+            d = (p * (p.log() - q.log())).sum()
+        else:
+            m = (p + q) / 2
+            d = ((p * (p.log() - m.log())).sum() + (q * (q.log() - m.log())).sum()) / 2
+        return temperature**2 * d
+
+    for i, y in enumerate(labels.tolist()):
+        if y == -100:
+            continue
+        count += 1
+        main, src = z[-1][i], z[source][i]
+
+        def ce(logits, y=y):
+            return -F.log_softmax(logits, -1)[y]
+
+        main_loss = (1 - lmbda) * ce(main) + lmbda * div(src.detach(), main)
+        if recalibrate is not None and bool(recalibrate[i]):
+            u = torch.full_like(main, 1 / main.numel())
+            to_uniform = (u * (u.log() - F.log_softmax(main, -1))).sum()
+            main_loss = to_uniform if recalibration_loss == "replace" else main_loss + to_uniform
+        wrong = int(src.argmax()) != y
+        corrects = wrong and (correction == "source_wrong" or int(main.argmax()) == y)
+        src_loss = ce(src) + (div(main.detach(), src) if corrects else 0.0)
+        others = sum(ce(z[j][i]) for j in range(len(z) - 1) if j != source) if other_exits == "ce" else 0.0
+        total = total + main_loss + src_loss + others
+    return total / count
+
+
+class TestSelfKDLoss:
+    @pytest.mark.parametrize(
+        "options",
+        [
+            {},
+            {"divergence": "js", "temperature": 2.0},
+            {"correction": "source_wrong", "other_exits": "none", "lmbda": 1.0},
+            {"recalibrate": True},
+            {"recalibrate": True, "recalibration_loss": "add", "lmbda": 0.0},
+        ],
+    )
+    def test_matches_per_sample_reference_and_its_gradients(self, options):
+        torch.manual_seed(3)
+        exit_logits = [torch.randn(6, 3, requires_grad=True) for _ in range(4)]
+        labels = torch.tensor([0, 2, 1, -100, 1, 0])
+        settings = dict(lmbda=0.6, temperature=1.0, divergence="kl", correction="source_wrong_main_right",
+                        other_exits="ce", recalibration_loss="replace")
+        settings.update({k: v for k, v in options.items() if k != "recalibrate"})
+        recalibrate = torch.tensor([True, False, True, True, False, False]) if options.get("recalibrate") else None
+        loss, parts = self_kd_loss(
+            exit_logits, labels, 1, settings["lmbda"], settings["temperature"], settings["divergence"],
+            settings["correction"], settings["other_exits"], recalibrate, settings["recalibration_loss"],
+        )
+        expected = self_kd_reference(exit_logits, labels, 1, recalibrate=recalibrate, **{
+            "lmbda": settings["lmbda"], "temperature": settings["temperature"], "divergence": settings["divergence"],
+            "correction": settings["correction"], "other_exits": settings["other_exits"],
+            "recalibration_loss": settings["recalibration_loss"],
+        })
+        torch.testing.assert_close(loss.double(), expected, rtol=1e-5, atol=1e-6)
+        # allow_unused: with other_exits="none" exit 0 is in neither graph.
+        grads = torch.autograd.grad(loss, exit_logits, allow_unused=True, materialize_grads=True)
+        expected_grads = torch.autograd.grad(expected, exit_logits, allow_unused=True, materialize_grads=True)
+        for got, want in zip(grads, expected_grads):
+            torch.testing.assert_close(got.double(), want.double(), rtol=1e-4, atol=1e-6)
+        assert parts["recalibrated_fraction"].item() == pytest.approx(0.4 if recalibrate is not None else 0.0)
+
+    def test_source_gets_no_gradient_from_the_main_term(self):
+        torch.manual_seed(0)
+        source = torch.randn(4, 3, requires_grad=True)
+        main = torch.randn(4, 3, requires_grad=True)
+        labels = source.detach().argmax(-1)  # the source is right everywhere: no correction term
+        loss, _ = self_kd_loss([source, main], labels, 0, lmbda=1.0)
+        (grad,) = torch.autograd.grad(loss, [source])
+        (ce_grad,) = torch.autograd.grad(F.cross_entropy(source, labels), [source])
+        torch.testing.assert_close(grad, ce_grad)
+
+    def test_num_items_in_batch(self):
+        torch.manual_seed(0)
+        logits = [torch.randn(4, 2) for _ in range(3)]
+        labels = torch.tensor([0, 1, 1, -100])
+        mean, _ = self_kd_loss(logits, labels, 1)
+        summed, _ = self_kd_loss(logits, labels, 1, num_items_in_batch=6)
+        torch.testing.assert_close(summed, mean * 3 / 6)
+
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"source_exit": 2}, "source_exit must be a non-final exit index in [0, 2), got 2"),
+            ({"source_exit": -1}, "got -1"),
+            ({"lmbda": 1.5}, "lmbda must be in [0.0, 1.0], got 1.5"),
+            ({"source_correction": "all"}, "source_correction must be one of"),
+            ({"recalibrate": torch.ones(3, dtype=torch.bool)}, "recalibrate must have shape (2,)"),
+        ],
+    )
+    def test_bad_input(self, kwargs, message):
+        arguments = {"exit_logits": [torch.zeros(2, 2)] * 3, "labels": torch.tensor([0, 1]), "source_exit": 0}
+        arguments.update(kwargs)
+        with pytest.raises(ValueError) as err:
+            self_kd_loss(**arguments)
+        assert message in str(err.value)
+
+    def test_one_exit_is_an_error(self):
+        with pytest.raises(ValueError, match="needs at least 2 exits"):
+            self_kd_loss([torch.zeros(2, 2)], torch.tensor([0, 1]), 0)
+
+
+# ---- config ----------------------------------------------------------------------------------------------------------
+
+
+class TestSelfKDConfig:
+    @pytest.mark.parametrize(
+        "kwargs, message",
+        [
+            ({"recalibration_percent": 100.0}, "recalibration_percent (m) must be in [0, 100), got 100.0"),
+            ({"recalibration_percent": -5}, "must be in [0, 100), got -5"),
+            ({"kd_lambda": 1.2}, "kd_lambda must be in [0, 1], got 1.2"),
+            ({"kd_lambda": -0.1}, "kd_lambda must be in [0, 1], got -0.1"),
+            ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
+            ({"warmup_max_epochs": 0}, "warmup_max_epochs must be an int >= 1, got 0"),
+            ({"selection_stable_epochs": 3, "warmup_max_epochs": 2}, "can never be reached"),
+            ({"recalibration_epochs": 1.5}, "recalibration_epochs must be an int >= 1, got 1.5"),
+            ({"entropy_drop_rule": "steepest"}, "entropy_drop_rule must be one of ('largest', 'first_significant')"),
+            ({"entropy_drop_threshold": 1.5}, "entropy_drop_threshold must be in (0, 1], got 1.5"),
+            ({"distill_divergence": "tv"}, "distill_divergence must be one of ('kl', 'js')"),
+            ({"ambiguity_score": "entropy"}, "ambiguity_score must be one of"),
+            ({"recalibration_timing": "start"}, "recalibration_timing must be one of ('end', 'every_epoch')"),
+            ({"label_smoothing_factor": 0.1}, "label_smoothing_factor=0.1 is not used by SelfKDTrainer"),
+            ({"warmup_exit_loss_weights": "1,x"}, "warmup_exit_loss_weights must be one of ('uniform', 'linear')"),
+            ({"warmup_exit_loss_weights": [1.0, -1.0]}, "warmup_exit_loss_weights must be >= 0 with a positive sum"),
+        ],
+    )
+    def test_bad_values_are_named(self, tmp_path, kwargs, message):
+        with pytest.raises(ValueError) as err:
+            make_args(tmp_path, **kwargs)
+        assert message in str(err.value)
+
+    def test_command_line(self, tmp_path):
+        (args,) = HfArgumentParser(SelfKDConfig).parse_args_into_dataclasses(
+            ["--output_dir", str(tmp_path), "--kd_lambda", "0.4", "--recalibration_percent", "5",
+             "--distill_divergence", "js", "--source_layer_side", "before_drop", "--warmup_max_epochs", "2",
+             "--warmup_exit_loss_weights", "1,1,2,4"]
+        )
+        assert args.warmup_exit_loss_weights == [1.0, 1.0, 2.0, 4.0]
+        assert (args.kd_lambda, args.recalibration_percent, args.distill_divergence) == (0.4, 5.0, "js")
+        assert args.source_layer_side == "before_drop" and args.min_train_epochs == 4
+
+    def test_min_train_epochs(self, tmp_path):
+        assert make_args(tmp_path, warmup_max_epochs=3).min_train_epochs == 5
+        assert make_args(tmp_path, warmup_max_epochs=3, recalibration_percent=0).min_train_epochs == 4
+        assert make_args(tmp_path, warmup_max_epochs=3, recalibration_timing="every_epoch").min_train_epochs == 4
+
+
+# ---- trainer ---------------------------------------------------------------------------------------------------------
+
+
+class TestBadInput:
+    def test_no_validation_set(self, tmp_path):
+        with pytest.raises(ValueError, match="pass an eval_dataset"):
+            make_trainer(tmp_path, eval_=None)
+
+    def test_dict_of_eval_sets_needs_a_name(self, tmp_path):
+        eval_sets = {"dev": eval_with_human(), "test": eval_with_human(seed=2)}
+        with pytest.raises(ValueError, match=r"one of \['dev', 'test'\]; got None"):
+            make_trainer(tmp_path, eval_=eval_sets)
+        trainer = make_trainer(tmp_path, eval_=eval_sets, args=make_args(tmp_path, selection_dataset_name="dev"))
+        assert trainer.selection_dataset is eval_sets["dev"]
+        with pytest.raises(ValueError, match="only applies to a dict"):
+            make_trainer(tmp_path, args=make_args(tmp_path, selection_dataset_name="dev"))
+
+    def test_one_layer_backbone(self, tmp_path):
+        with pytest.raises(ValueError, match="a backbone with one layer has nothing below its classifier"):
+            make_trainer(tmp_path, model=tiny_self_kd_model(layers=1))
+
+    def test_two_exits_need_before_drop(self, tmp_path):
+        with pytest.raises(ValueError, match="source_layer_side='after_drop' needs at least 3 exits"):
+            make_trainer(tmp_path, model=tiny_self_kd_model(layers=2))
+        args = make_args(tmp_path, source_layer_side="before_drop", num_train_epochs=4)
+        trainer = make_trainer(tmp_path, model=tiny_self_kd_model(layers=2), args=args)
+        trainer.train()
+        assert trainer.source_layer == 1
+
+    def test_too_few_epochs(self, tmp_path):
+        trainer = make_trainer(tmp_path, args=make_args(tmp_path, num_train_epochs=3))
+        with pytest.raises(ValueError, match=r"trains for 3 epochs, fewer than the 4 its phases need"):
+            trainer.train()
+
+    def test_not_a_multi_exit_model_or_config(self, tmp_path):
+        from .testing_utils import tiny_bert
+
+        with pytest.raises(TypeError, match="trains a multi-exit model"):
+            make_trainer(tmp_path, model=tiny_bert())
+        with pytest.raises(TypeError, match="args must be a SelfKDConfig"):
+            SelfKDTrainer(model=tiny_self_kd_model(), args=None, eval_dataset=eval_with_human())
+
+
+class TestPhases:
+    def test_losses_of_each_phase(self, tmp_path):
+        model = tiny_self_kd_model()
+        args = make_args(tmp_path, kd_lambda=0.3, temperature=2.0)
+        trainer = make_trainer(tmp_path, model=model, args=args)
+        batch = next(iter(trainer.get_train_dataloader()))
+        z, labels = exit_logits_of(model, batch), batch["labels"]
+        model.eval()  # no dropout either way; compute_loss reads model.training only for re-calibration
+        assert trainer.phase == "warmup"
+        torch.testing.assert_close(
+            trainer.compute_loss(model, dict(batch)), sum(F.cross_entropy(zi, labels) for zi in z)
+        )
+        state = trainer._self_kd
+        state.phase, state.source_exit = "distill", 1
+        expected, _ = self_kd_loss(z, labels, 1, 0.3, 2.0)
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), expected)
+        state.phase, state.recalibration_set = "recalibrate", np.array([0, 5, 9], dtype=np.int64)
+        state._set_mask()
+        mask = torch.isin(batch[SAMPLE_INDEX_COLUMN], torch.tensor([0, 5, 9]))
+        model.train()
+        recalibrated, _ = self_kd_loss(z, labels, 1, 0.3, 2.0, recalibrate=mask)
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), recalibrated)
+        model.eval()  # evaluation losses are not re-calibrated
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), expected)
+
+    def test_warmup_exit_weights(self, tmp_path):
+        model = tiny_self_kd_model()
+        trainer = make_trainer(tmp_path, model=model, args=make_args(tmp_path, warmup_exit_loss_weights="linear"))
+        assert trainer.warmup_exit_loss_weights == pytest.approx([0.4, 0.8, 1.2, 1.6])  # sum = 4 exits
+        batch = next(iter(trainer.get_train_dataloader()))
+        z, labels = exit_logits_of(model, batch), batch["labels"]
+        model.eval()
+        expected = sum(w * F.cross_entropy(zi, labels) for w, zi in zip([0.4, 0.8, 1.2, 1.6], z))
+        torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), expected)
+        with pytest.raises(ValueError, match="has 2 weights but the model has 4 exits"):
+            make_trainer(tmp_path, args=make_args(tmp_path, warmup_exit_loss_weights=[1.0, 2.0]))
+
+    def test_selection_follows_the_logged_curves(self, tmp_path):
+        args = make_args(tmp_path, num_train_epochs=5, warmup_max_epochs=3, recalibration_percent=25)
+        trainer = make_trainer(tmp_path, args=args)
+        trainer.train()
+        record = trainer.layer_entropy
+        assert [e["phase"] for e in record["epochs"]][-1] == "recalibrate"
+        warmup = [e for e in record["epochs"] if e["phase"] == "warmup"]
+        assert len(warmup) == record["warmup_epochs"] == trainer._self_kd.warmup_epochs
+        for epoch in warmup:
+            assert epoch["selected_layer"] == 1 + select_source_exit(epoch["entropy"])
+        assert trainer.source_layer == warmup[-1]["selected_layer"] == record["source_layer"]
+        # The warm-up stopped either when stable (the last 2 selections agree) or at the cap of 3 epochs.
+        stable = len(warmup) >= 2 and warmup[-1]["selected_layer"] == warmup[-2]["selected_layer"]
+        assert stable or len(warmup) == 3
+        logged = [h for h in trainer.state.log_history if "val_entropy_layer_1" in h]
+        assert len(logged) == 5
+        for entry, epoch in zip(logged, record["epochs"]):
+            assert [entry[f"val_entropy_layer_{layer}"] for layer in range(1, LAYERS + 1)] == epoch["entropy"]
+        saved = json.loads((tmp_path / "out" / "self_kd" / "layer_entropy.json").read_text())
+        assert saved == json.loads(json.dumps(record))
+        assert (tmp_path / "out" / "self_kd" / "layer_entropy.png").stat().st_size > 1000
+
+    @pytest.mark.parametrize(
+        "selections, warmup_epochs", [([2, 2, 2], 2), ([1, 2, 2], 3), ([1, 2, 1], 3), ([3, 1, 1], 3)]
+    )
+    def test_warmup_stops_when_stable_or_capped(self, tmp_path, monkeypatch, selections, warmup_epochs):
+        picks = iter(selections)
+        monkeypatch.setattr(hf_kd.trainer.self_kd_callback, "select_source_exit", lambda *a, **k: next(picks))
+        args = make_args(tmp_path, num_train_epochs=5, warmup_max_epochs=3, recalibration_percent=0)
+        trainer = make_trainer(tmp_path, args=args)
+        trainer.train()
+        assert trainer._self_kd.warmup_epochs == warmup_epochs
+        assert trainer.source_exit == selections[warmup_epochs - 1]
+        assert trainer._self_kd.epoch_phases == ["warmup"] * warmup_epochs + ["distill"] * (5 - warmup_epochs)
+
+    def test_recalibration_set_is_the_lowest_ambiguity_of_the_model_at_selection(self, tmp_path):
+        # 5 epochs, warm-up 2 (E = 2 of cap 2), self-distillation epochs 3-4, the set selected after epoch 4.
+        args = make_args(tmp_path, num_train_epochs=5, recalibration_percent=25, save_strategy="epoch")
+        trainer = make_trainer(tmp_path, args=args)
+        trainer.train()
+        assert trainer._self_kd.epoch_phases == ["warmup", "warmup", "distill", "distill", "recalibrate"]
+        model = MultiExitForSequenceClassification.from_pretrained(tmp_path / "out" / "checkpoint-16").eval()
+        rows = trainer.train_dataset
+        batch = trainer.data_collator([{k: rows[i][k] for k in ("input_ids", "attention_mask")} for i in range(32)])
+        probs = torch.stack([F.softmax(z.double(), -1) for z in exit_logits_of(model, batch)])
+        order = torch.tensor(rows[SAMPLE_INDEX_COLUMN]).argsort()
+        gold = probs[trainer.source_exit, order, torch.tensor(rows["label"])[order]]
+        np.testing.assert_allclose(trainer.ambiguity_scores, gold.numpy(), rtol=1e-6)
+        assert trainer.recalibration_set.tolist() == sorted(gold.argsort()[:8].tolist())
+        recalibrated = [h["recalibrated_fraction"] for h in trainer.state.log_history if "recalibrated_fraction" in h]
+        assert sum(recalibrated[-4:]) == pytest.approx(8 / 8)  # 8 of 32 rows, 4 batches of 8: mean 1/4 x 4
+
+    def test_every_epoch_reselects_after_the_warmup(self, tmp_path):
+        args = make_args(tmp_path, num_train_epochs=4, recalibration_percent=50, recalibration_timing="every_epoch")
+        trainer = make_trainer(tmp_path, args=args)
+        trainer.train()
+        assert trainer._self_kd.epoch_phases == ["warmup", "warmup", "recalibrate", "recalibrate"]
+        sizes = [h["recalibration_set_size"] for h in trainer.state.log_history if "recalibration_set_size" in h]
+        assert sizes == [16.0, 16.0]  # after epochs 2 and 3; none after the last
+
+    def test_without_recalibration_there_is_no_sample_index(self, tmp_path):
+        trainer = make_trainer(tmp_path, args=make_args(tmp_path, recalibration_percent=0))
+        assert SAMPLE_INDEX_COLUMN not in trainer.train_dataset.column_names
+        trainer.train()
+        assert trainer._self_kd.epoch_phases == ["warmup", "warmup", "distill", "distill"]
+        assert trainer.ambiguity_scores is None and trainer.recalibration_set.size == 0
+
+    def test_other_exits_none_freezes_their_heads(self, tmp_path, monkeypatch):
+        monkeypatch.setattr(hf_kd.trainer.self_kd_callback, "select_source_exit", lambda *a, **k: 1)
+        model = tiny_self_kd_model()
+        args = make_args(tmp_path, other_exits="none", recalibration_percent=0, weight_decay=0.0,
+                         save_strategy="epoch")
+        trainer = make_trainer(tmp_path, model=model, args=args)
+        trainer.train()
+        after_warmup = MultiExitForSequenceClassification.from_pretrained(tmp_path / "out" / "checkpoint-8")
+        for j in (0, 2):  # neither the source (exit 1) nor the main classifier (exit 3)
+            for name, param in model.exits[j].named_parameters():
+                torch.testing.assert_close(param, after_warmup.exits[j].state_dict()[name], atol=0, rtol=0)
+        assert not torch.equal(model.exits[1].classifier.weight, after_warmup.exits[1].classifier.weight)
+
+
+class TestResume:
+    @pytest.mark.parametrize(
+        "save_strategy, restore_callbacks, checkpoints",
+        [("epoch", False, [8, 16]), ("steps", False, [8, 16]), ("epoch", True, [12])],
+    )
+    def test_interrupted_run_resumes_to_the_same_result(self, tmp_path, save_strategy, restore_callbacks, checkpoints):
+        # 32 rows / 8 = 4 steps per epoch, 5 epochs: warm-up 1-2, self-distillation 3-4, re-calibration 5. Step 8 is
+        # the end of the warm-up (the source layer is selected there), step 16 the selection of the re-calibration
+        # set. save_strategy="steps" saves those steps *before* the epoch's end, which the resumed run catches up.
+        # Dropout is on: the passes must not shift the random stream.
+        args = make_args(
+            tmp_path, num_train_epochs=5, recalibration_percent=25, save_strategy=save_strategy, save_steps=4,
+            restore_callback_states_from_checkpoint=restore_callbacks,
+        )
+        model = tiny_self_kd_model(dropout=0.1)
+        uninterrupted = make_trainer(tmp_path, model=model, args=args)
+        uninterrupted.train()
+        final, state = snapshot(model), uninterrupted._self_kd.state()
+        assert state["attributes"]["epoch_phases"][-1] == "recalibrate"
+
+        for checkpoint in checkpoints:
+            folder = tmp_path / "out" / f"checkpoint-{checkpoint}"
+            stored = json.loads((folder / "trainer_state.json").read_text())
+            stored = stored["stateful_callbacks"]["SelfKDCallback"]["attributes"]
+            assert stored["epochs_done"] == checkpoint // 4 - (save_strategy == "steps")
+
+            resumed_model = tiny_self_kd_model(seed=5, dropout=0.1)  # other weights: all must come from the checkpoint
+            resumed = make_trainer(tmp_path, model=resumed_model, args=args)
+            resumed.train(resume_from_checkpoint=str(folder))
+            assert resumed._self_kd.state() == state
+            assert [cb for cb in resumed.callback_handler.callbacks if type(cb).__name__ == "SelfKDCallback"] == [
+                resumed._self_kd
+            ]
+            for name, param in resumed_model.named_parameters():
+                torch.testing.assert_close(param, final[name], atol=0, rtol=0, msg=f"{name} from {checkpoint}")
+
+    def test_checkpoint_without_self_kd_state_is_an_error(self, tmp_path):
+        from hf_kd import EarlyExitConfig, EarlyExitTrainer
+
+        tokenizer = tiny_tokenizer(tmp_path)
+        args = EarlyExitConfig(output_dir=str(tmp_path / "out"), max_steps=1, save_strategy="steps", save_steps=1,
+                               report_to="none", use_cpu=True, per_device_train_batch_size=8)
+        EarlyExitTrainer(model=tiny_self_kd_model(), args=args, train_dataset=tiny_dataset(32),
+                         processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer)).train()
+        trainer = make_trainer(tmp_path)
+        with pytest.raises(ValueError, match="not saved by a SelfKDTrainer"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+
+    def test_other_training_data_is_an_error(self, tmp_path):
+        args = make_args(tmp_path, num_train_epochs=4, save_strategy="epoch")
+        make_trainer(tmp_path, args=args).train()
+        trainer = make_trainer(tmp_path, args=args, train=tiny_dataset(24))
+        with pytest.raises(ValueError, match="for 32 training samples, but this run has 24"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-8"))
+
+
+class TestMetricsAndCard:
+    def test_exit_metrics_with_human_distributions(self):
+        rng = np.random.default_rng(0)
+        logits = [rng.normal(size=(6, 3)) for _ in range(3)]
+        human = rng.dirichlet(np.ones(3), size=6)
+        human[1] = np.nan  # no human distribution for this row
+        labels = np.array([0, 1, 2, -100, 1, 0])
+        compute = make_exit_compute_metrics(with_human=True)
+        results = compute(EvalPrediction(predictions=(logits[-1], *logits, human), label_ids=labels))
+        keep = np.array([0, 2, 4, 5])
+        expected = human_distribution_divergence(human[keep], softmax(logits[-1][keep]))
+        assert results["kl"] == pytest.approx(expected["kl"]) and results["js_distance"] == expected["js_distance"]
+        first = human_distribution_divergence(human[keep], softmax(logits[0][keep]))
+        assert results["exit_0_kl"] == pytest.approx(first["kl"])
+        assert results["exit_2_js_distance"] == pytest.approx(expected["js_distance"])
+        assert results["accuracy"] == pytest.approx(np.mean(logits[-1][[0, 1, 2, 4, 5]].argmax(1) == labels[labels >= 0]))
+        nothing = compute(EvalPrediction(predictions=(logits[-1], *logits, np.full((6, 3), np.nan)), label_ids=labels))
+        assert "kl" not in nothing and "exit_0_kl" not in nothing and "accuracy" in nothing
+
+    def test_table_and_plot_reject_inconsistent_curves(self, tmp_path):
+        from hf_kd.hub import layer_selection_table
+        from hf_kd.plots import plot_layer_entropy
+
+        bad = {"exit_layers": [1, 2, 3], "epochs": [{"epoch": 1, "phase": "warmup", "entropy": [0.5, 0.4]}]}
+        with pytest.raises(ValueError, match="one `entropy` per exit, got 3 layers and entropies of lengths \\[2\\]"):
+            layer_selection_table(bad)
+        with pytest.raises(ValueError, match=r"one entropy per exit \(3\)"):
+            plot_layer_entropy([1, 2, 3], [[0.5, 0.4]], tmp_path / "p.png")
+        with pytest.raises(ValueError, match=r"one phase per epoch \(1\), got 2"):
+            plot_layer_entropy([1, 2], [[0.5, 0.4]], tmp_path / "p.png", phases=["warmup", "distill"])
+        good = {"exit_layers": [1, 2], "epochs": [{"epoch": 1, "phase": "warmup", "entropy": [0.5, 0.25],
+                                                  "selected_layer": 1}]}
+        assert "| 1 | warmup | **0.5000** | 0.2500 |" in layer_selection_table(good)
+
+    def test_evaluation_and_card_report_the_method(self, tmp_path):
+        args = make_args(tmp_path, eval_strategy="epoch")
+        trainer = make_trainer(tmp_path, args=args)
+        trainer.train()
+        assert list(trainer.latest_eval_metrics()) == ["eval"]
+        metrics = trainer.latest_eval_metrics()["eval"]
+        assert {"kl", "js_distance", "accuracy"} <= set(metrics)
+        assert any("eval_exit_0_kl" in h for h in trainer.state.log_history)
+        trainer.save_model()
+        card = (tmp_path / "out" / "README.md").read_text()
+        assert "## Source-layer selection" in card and f"The source layer is **layer {trainer.source_layer}**" in card
+        assert "| kd_lambda | 0.6 |" in card and "| recalibration_percent | 10.0 |" in card
+        assert "KL(human || model)" in card and "JS distance to human labels" in card
+        assert "2406.09719" in card and "self-distillation" in card
+        # Re-rendered from the folder alone (as `hf-kd` does after calibration): the selection table survives.
+        from hf_kd import update_model_card
+
+        (tmp_path / "out" / "README.md").write_text(card)
+        update_model_card(tmp_path / "out")
+        assert "## Source-layer selection" in (tmp_path / "out" / "README.md").read_text()
+        reloaded = MultiExitForSequenceClassification.from_pretrained(tmp_path / "out")
+        assert reloaded.config.exit_layers == [1, 2, 3, 4]
+
+
+@pytest.mark.slow
+@require_shared_data
+def test_real_minilm_on_lewidi_rows(tmp_path):
+    """all-MiniLM-L6-v2 (6 layers) on a slice of MD-Agreement: every phase runs and the card carries KL/JS."""
+    from transformers import AutoTokenizer
+
+    from hf_kd.data import load_lewidi, tokenize_dataset
+
+    name = "sentence-transformers/all-MiniLM-L6-v2"
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    train = tokenize_dataset(load_lewidi(SHARED_DATA, split="train").select(range(40)), tokenizer, max_length=24)
+    dev = tokenize_dataset(load_lewidi(SHARED_DATA, split="dev").select(range(16)), tokenizer, max_length=24)
+    model = MultiExitForSequenceClassification.from_backbone(name, num_labels=2)
+    args = make_args(tmp_path, num_train_epochs=4, learning_rate=5e-5, per_device_train_batch_size=20,
+                     per_device_eval_batch_size=40, eval_strategy="epoch")
+    trainer = SelfKDTrainer(model=model, args=args, train_dataset=train.remove_columns("human_label_dist"),
+                            eval_dataset=dev, processing_class=tokenizer)
+    trainer.train()
+    assert 1 <= trainer.source_layer <= 5
+    assert trainer._self_kd.epoch_phases == ["warmup", "warmup", "distill", "recalibrate"]
+    assert trainer.recalibration_set.size == 4  # 10 % of 40
+    metrics = trainer.latest_eval_metrics()["eval"]
+    assert 0 < metrics["kl"] < 2 and 0 < metrics["js_distance"] < 1
