@@ -17,7 +17,7 @@ def free_port() -> int:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", ["online", "cache"])
+@pytest.mark.parametrize("mode", ["online", "cache", "intermediate"])
 def test_two_process_ddp_on_cpu(tmp_path, mode):
     """2 real ranks (torchrun, gloo): training ends on every rank with identical students and an untouched teacher."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "CUDA_VISIBLE_DEVICES": ""}
@@ -36,6 +36,9 @@ def test_two_process_ddp_on_cpu(tmp_path, mode):
     assert "eval_sigma" in ranks[0]["eval"] and ranks[0]["eval"]["eval_loss"] > 0
     if mode == "cache":
         assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+    if mode == "intermediate":  # the projection lives outside the student's DDP: it has its own
+        assert ranks[0]["projection_sha"] == ranks[1]["projection_sha"], "projection replicas diverged"
+        assert "eval_hidden_loss" in ranks[0]["eval"]
 
 
 @pytest.mark.multiprocess
