@@ -471,3 +471,11 @@ def test_real_pairs_minilm_l6_to_l3_and_mpnet_to_minilm(tmp_path):
         _, eager = eager_internals(student, dict(batch))
     for a, b in zip(ours, eager, strict=True):
         torch.testing.assert_close(tinybert_masked(a), tinybert_masked(b), atol=1e-4, rtol=1e-4)
+
+
+def test_card_metric_keys_of_the_train_split_are_skipped():
+    from hf_kd.trainer.base_trainer import split_metric_key
+
+    assert split_metric_key("eval_teacher_ece") == ("eval", "teacher_ece")
+    assert split_metric_key("eval_train_sigma") == ("eval_train", "sigma")
+    assert split_metric_key("train_teacher_ece") is None and split_metric_key("train_ece") is None

@@ -110,3 +110,4 @@ def test_tinybert_two_stage_recipe(tmp_path):
          "--teacher_logits_cache_dir", str(tmp_path / "cache")])
     results = json.loads((stage2 / "test_results.json").read_text())
     assert "test_sigma" in results and "test_hidden_loss" not in results
+    assert {"train_sigma", "eval_sigma", "train_kd_loss", "eval_accuracy"} <= set(results)  # report_train_sigma

@@ -14,7 +14,8 @@ Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is acce
         --output_dir outputs/teacher-l6 --num_train_epochs 2
 
 Test-split metrics (accuracy, ECE with 15 bins, NLL, Brier, mean entropy, and sigma for KD) are written to
-`<output_dir>/test_results.json` next to the saved model.
+`<output_dir>/test_results.json` next to the saved model; `--report_train_sigma` adds the training and validation
+splits' (sigma on the training set is the confidence-preservation property of Vengertsev & Sherman 2024).
 """
 
 import json
@@ -53,6 +54,13 @@ class ScriptArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation/test rows."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the train/validation/test split."})
+    report_train_sigma: bool = field(
+        default=False,
+        metadata={
+            "help": "KD only: also evaluate the training and validation splits (confidence preservation sigma is "
+            "defined on the training set, Vengertsev & Sherman 2024) into test_results.json as train_* / eval_*."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name not in DATASETS:
@@ -107,6 +115,9 @@ def run(script_args: ScriptArguments, args: DistillConfig) -> dict:
     trainer = build_trainer(script_args, args, splits, tokenizer)
     trainer.train()
     metrics = trainer.evaluate(splits["test"], metric_key_prefix="test")
+    if script_args.report_train_sigma and script_args.method == "kd":
+        for split, prefix in (("train", "train"), ("validation", "eval")):
+            metrics.update(trainer.evaluate(splits[split], metric_key_prefix=prefix))
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         with open(os.path.join(args.output_dir, "test_results.json"), "w") as f:
