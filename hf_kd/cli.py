@@ -102,7 +102,9 @@ def build_parser() -> argparse.ArgumentParser:
     search.add_argument("--output_dir", required=True, help="Where confidence_search.{md,json} go.")
     search.add_argument("--train_split", default="train", help="Split the student trains on (default: train).")
     search.add_argument("--eval_split", default="validation", help="Held-out split (default: validation).")
-    search.add_argument("--train_samples", type=int, default=None, help="Use N rows of the train split.")
+    search.add_argument(
+        "--train_samples", type=int, default=None, help="Use N rows of the train split (--max_samples: eval split)."
+    )
     search.add_argument("--n_trials", type=int, default=8, help="Trials besides the baseline (default: 8).")
     search.add_argument("--kappa", type=float, default=0.05, help="sigma threshold on train (default: 0.05).")
     search.add_argument(
