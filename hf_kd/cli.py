@@ -3,12 +3,16 @@
     hf-kd evaluate  MODEL --dataset rotten_tomatoes --split test [--teacher T] [--update_card]
     hf-kd calibrate MODEL --dataset rotten_tomatoes [--split validation] [--eval_split test] [--output_dir OUT]
     hf-kd push      FOLDER --repo_id my-org/my-student [--private]
+    hf-kd confidence-search STUDENT --teacher T --dataset rotten_tomatoes [--n_trials 8] [--kappa 0.05] --output_dir OUT
 
 `MODEL` is a local folder or a Hub id. Data comes from one of hf_kd's offline loaders (`--dataset`, split with
 `--split_seed`) or from JSON/CSV files (`--data_files validation=val.jsonl test=test.jsonl`) with a text column and an
 integer label column. `calibrate` fits a temperature on `--split`, folds it into the classifier, evaluates
 `--eval_split` before and after, and saves the calibrated model with its reports, plots, `calibration.json` and model
-card. `push` takes the token from `HF_TOKEN` or `hf auth login`, never from the command line.
+card. `push` takes the token from `HF_TOKEN` or `hf auth login`, never from the command line. `confidence-search`
+distils the teacher into STUDENT once per configuration of the prediction-layer hyperparameters (optuna through
+`Trainer.hyperparameter_search`, baseline first) and writes the table of sigma (train and `--eval_split`) and accuracy,
+with its Pareto front and the configurations that preserve confidence (Vengertsev & Sherman 2024).
 """
 
 from __future__ import annotations
@@ -53,7 +57,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="hf-kd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    commands = parser.add_subparsers(dest="command", required=True, metavar="{evaluate,calibrate,push}")
+    commands = parser.add_subparsers(
+        dest="command", required=True, metavar="{evaluate,calibrate,push,confidence-search}"
+    )
 
     evaluate = commands.add_parser("evaluate", help="Uncertainty report (JSON + reliability diagram) of a model.")
     evaluate.add_argument("model", help="Local folder or Hub id of a sequence classifier.")
@@ -86,6 +92,44 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo_id", required=True, help="namespace/name on the Hub.")
     push.add_argument("--private", action="store_true", help="Create the repo private.")
     push.add_argument("--commit_message", default="Upload calibrated student with hf_kd")
+
+    search = commands.add_parser(
+        "confidence-search",
+        help="Search prediction-layer KD hyperparameters for sigma <= kappa (Vengertsev & Sherman 2024).",
+    )
+    search.add_argument("student", help="Folder or Hub id the student starts from (re-loaded for every trial).")
+    search.add_argument("--teacher", required=True, help="Fine-tuned teacher: folder or Hub id.")
+    search.add_argument("--output_dir", required=True, help="Where confidence_search.{md,json} go.")
+    search.add_argument("--train_split", default="train", help="Split the student trains on (default: train).")
+    search.add_argument("--eval_split", default="validation", help="Held-out split (default: validation).")
+    search.add_argument(
+        "--train_samples", type=int, default=None, help="Use N rows of the train split (--max_samples: eval split)."
+    )
+    search.add_argument("--n_trials", type=int, default=8, help="Trials besides the baseline (default: 8).")
+    search.add_argument("--kappa", type=float, default=0.05, help="sigma threshold on train (default: 0.05).")
+    search.add_argument(
+        "--accuracy_tolerance", type=float, default=0.01, help="Accepted accuracy drop vs baseline (default: 0.01)."
+    )
+    search.add_argument(
+        "--sigma_class", default="0", help="Class whose probability sigma compares, or gold (default: 0, the paper)."
+    )
+    search.add_argument("--temperature", type=float, default=1.0, help="KD temperature (default: 1, TinyBERT).")
+    search.add_argument("--alpha", type=float, default=1.0, help="Weight of the soft term (default: 1, no CE).")
+    search.add_argument("--map_teacher_token_ids", action="store_true", help="Teacher with a re-indexed vocabulary.")
+    search.add_argument("--no_cache", action="store_true", help="Run the teacher at every step (no logits cache).")
+    search.add_argument("--cache_dir", default=None, help="Teacher logits cache folder.")
+    search.add_argument("--seed", type=int, default=42, help="Training and sampler seed (default: 42).")
+    baseline = search.add_argument_group("baseline (trial 0)", "Defaults: TinyBERT's prediction-layer stage.")
+    baseline.add_argument("--learning_rate", type=float, default=3e-5)
+    baseline.add_argument("--num_train_epochs", type=int, default=3)
+    baseline.add_argument("--per_device_train_batch_size", type=int, default=32)
+    baseline.add_argument("--weight_decay", type=float, default=0.01)
+    space = search.add_argument_group("search space (defaults: the paper's ranges)")
+    space.add_argument("--learning_rate_range", type=float, nargs=2, default=(5e-7, 5e-3), metavar=("LOW", "HIGH"))
+    space.add_argument("--epochs_range", type=int, nargs=2, default=(2, 10), metavar=("LOW", "HIGH"))
+    space.add_argument("--batch_sizes", type=int, nargs="+", default=(16, 32, 64))
+    space.add_argument("--weight_decay_range", type=float, nargs=2, default=(1e-6, 0.1), metavar=("LOW", "HIGH"))
+    _data_arguments(search)
     return parser
 
 
@@ -264,6 +308,59 @@ def _push(opts) -> None:
     print(f"Pushed {opts.folder} to {opts.repo_id}: {info.commit_url}")
 
 
+def _confidence_search(opts) -> None:
+    import copy
+
+    from transformers import AutoConfig, AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
+
+    from .confidence_search import SearchSpace, search_confidence_preservation
+    from .metrics import make_compute_metrics
+    from .trainer import DistillConfig, DistillTrainer
+
+    if opts.sigma_class != "gold" and not opts.sigma_class.isdigit():
+        raise ValueError(f"--sigma_class must be a class index or 'gold', got {opts.sigma_class!r}")
+    space = SearchSpace(
+        tuple(opts.learning_rate_range), tuple(opts.epochs_range), tuple(opts.batch_sizes), tuple(opts.weight_decay_range)
+    )
+    teacher_config = AutoConfig.from_pretrained(opts.teacher)
+    tokenizer = AutoTokenizer.from_pretrained(opts.student)
+    num_labels = teacher_config.num_labels
+    train_opts = copy.copy(opts)
+    train_opts.max_samples = opts.train_samples
+    splits = {
+        "train": _load_split(train_opts, opts.train_split, tokenizer, num_labels),
+        "dev": _load_split(opts, opts.eval_split, tokenizer, num_labels),
+    }
+    if opts.label_column != "label":
+        splits = {k: v.rename_column(opts.label_column, "label") for k, v in splits.items()}
+
+    def model_init():
+        return AutoModelForSequenceClassification.from_pretrained(
+            opts.student, num_labels=num_labels, id2label=teacher_config.id2label, label2id=teacher_config.label2id
+        )
+
+    output_dir = Path(opts.output_dir)
+    args = DistillConfig(
+        output_dir=str(output_dir / "runs"), teacher_model_name_or_path=opts.teacher, temperature=opts.temperature,
+        alpha=opts.alpha, map_teacher_token_ids=opts.map_teacher_token_ids, cache_teacher_logits=not opts.no_cache,
+        teacher_logits_cache_dir=opts.cache_dir, learning_rate=opts.learning_rate,
+        num_train_epochs=opts.num_train_epochs, per_device_train_batch_size=opts.per_device_train_batch_size,
+        weight_decay=opts.weight_decay, per_device_eval_batch_size=opts.batch_size, eval_strategy="no",
+        save_strategy="no", report_to="none", seed=opts.seed, disable_tqdm=True,
+    )
+    class_index = None if opts.sigma_class == "gold" else int(opts.sigma_class)
+    trainer = DistillTrainer(
+        model=None, model_init=model_init, args=args, train_dataset=splits["train"], processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics(opts.n_bins, class_index),
+    )
+    result = search_confidence_preservation(
+        trainer, splits["train"], splits["dev"], n_trials=opts.n_trials, kappa=opts.kappa,
+        accuracy_tolerance=opts.accuracy_tolerance, search_space=space, seed=opts.seed,
+    )
+    paths = result.save(output_dir)
+    print(f"{result.summary()}\n\n{result.pareto_table()}\n\nWritten: {paths['markdown']}, {paths['json']}")
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hf-kd` console script. Returns the exit status (0 on success, 1 on a handled error)."""
     parser = build_parser()
@@ -271,7 +368,9 @@ def main(argv: list[str] | None = None) -> int:
     for name in ("batch_size", "n_bins", "max_length"):
         if getattr(opts, name, 1) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(opts, name)}")
-    command = {"evaluate": _evaluate, "calibrate": _calibrate, "push": _push}[opts.command]
+    command = {
+        "evaluate": _evaluate, "calibrate": _calibrate, "push": _push, "confidence-search": _confidence_search
+    }[opts.command]
     try:
         command(opts)
     except (ValueError, TypeError, FileNotFoundError, ImportError, RuntimeError, OSError) as error:

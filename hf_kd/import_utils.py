@@ -29,3 +29,8 @@ def is_deepspeed_available() -> bool:
 def is_matplotlib_available() -> bool:
     """Whether `matplotlib` is importable (extra: `pip install hf_kd[plots]`)."""
     return _is_package_available("matplotlib")
+
+
+def is_optuna_available() -> bool:
+    """Whether `optuna` is importable (extra: `pip install hf_kd[search]`)."""
+    return _is_package_available("optuna")

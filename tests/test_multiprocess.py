@@ -17,7 +17,7 @@ def free_port() -> int:
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", ["online", "cache"])
+@pytest.mark.parametrize("mode", ["online", "cache", "intermediate"])
 def test_two_process_ddp_on_cpu(tmp_path, mode):
     """2 real ranks (torchrun, gloo): training ends on every rank with identical students and an untouched teacher;
     online, a run resumed from the epoch-1 checkpoint ends with exactly the uninterrupted run's weights."""
@@ -37,10 +37,13 @@ def test_two_process_ddp_on_cpu(tmp_path, mode):
     assert "eval_sigma" in ranks[0]["eval"] and ranks[0]["eval"]["eval_loss"] > 0
     if mode == "cache":
         assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
-    else:
+    if mode == "online":
         for rank in ranks:
             assert rank["resumed_global_step"] == 8 and rank["resumed_max_abs_diff"] == 0.0
             assert rank["resumed_sha"] == rank["student_sha"]
+    if mode == "intermediate":  # the projection lives outside the student's DDP: it has its own
+        assert ranks[0]["projection_sha"] == ranks[1]["projection_sha"], "projection replicas diverged"
+        assert "eval_hidden_loss" in ranks[0]["eval"]
 
 
 @pytest.mark.multiprocess

@@ -72,3 +72,43 @@ def test_recipe_rejects_unknown_method_and_dataset():
         ScriptArguments(method="distil")
     with pytest.raises(ValueError, match="dataset_name must be one of .*got 'imdb'"):
         ScriptArguments(dataset_name="imdb")
+
+
+@pytest.mark.parametrize(
+    "recipe, intermediate, cached",
+    [("tinybert_stage1_rotten_tomatoes", True, False), ("tinybert_stage2_rotten_tomatoes", False, True),
+     ("tinybert_mpnet_stage1_rotten_tomatoes", True, False)],
+)
+def test_tinybert_recipes_parse(recipe, intermediate, cached):
+    sys.path.insert(0, str(ROOT / "trainers"))
+    from distill import parse
+
+    script_args, args, _lora_args = parse([str(ROOT / "trainers" / "configs" / f"{recipe}.yaml")])
+    assert script_args.method == "kd"
+    assert args.uses_intermediate_losses is intermediate and args.cache_teacher_logits is cached
+    assert (args.prediction_loss_weight == 0.0) is intermediate
+
+
+@pytest.mark.slow
+def test_tinybert_two_stage_recipe(tmp_path):
+    """Stage 1 (intermediate layers, wider and deeper teacher) then stage 2 (prediction layer) from the stage-1 folder,
+    through trainers/distill.py and the recipes' YAML files, on tiny models and 32 real Rotten Tomatoes rows."""
+    teacher_dir, student_dir = tmp_path / "teacher", tmp_path / "student_init"
+    tokenizer = tiny_tokenizer(tmp_path)
+    for path, model in ((teacher_dir, tiny_bert(seed=7, layers=4, hidden=48)), (student_dir, tiny_bert(seed=1))):
+        model.save_pretrained(path)
+        tokenizer.save_pretrained(path)
+    common = ["--max_train_samples", "32", "--max_eval_samples", "16", "--max_length", "32", "--num_train_epochs", "1",
+              "--use_cpu", "true", "--teacher_model_name_or_path", str(teacher_dir), "--save_strategy", "no"]
+    stage1, stage2 = tmp_path / "stage1", tmp_path / "stage2"
+    run([sys.executable, "trainers/distill.py", "trainers/configs/tinybert_stage1_rotten_tomatoes.yaml", *common,
+         "--model_name_or_path", str(student_dir), "--output_dir", str(stage1)])
+    results = json.loads((stage1 / "test_results.json").read_text())
+    assert results["test_hidden_loss"] > 0 and results["test_attention_loss"] > 0 and results["test_embedding_loss"] > 0
+    assert (stage1 / "intermediate_projection.safetensors").exists() and (stage1 / "model.safetensors").exists()
+    run([sys.executable, "trainers/distill.py", "trainers/configs/tinybert_stage2_rotten_tomatoes.yaml", *common,
+         "--model_name_or_path", str(stage1), "--output_dir", str(stage2),
+         "--teacher_logits_cache_dir", str(tmp_path / "cache")])
+    results = json.loads((stage2 / "test_results.json").read_text())
+    assert "test_sigma" in results and "test_hidden_loss" not in results
+    assert {"train_sigma", "eval_sigma", "train_kd_loss", "eval_accuracy"} <= set(results)  # report_train_sigma

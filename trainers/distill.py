@@ -22,7 +22,8 @@ Scaling out (README "Scaling out"; accelerate and DeepSpeed configs in trainers/
 
 Test-split metrics (accuracy, ECE with 15 bins, NLL, Brier, mean entropy, and sigma for KD) are written to
 `<output_dir>/test_results.json` next to the saved model (an adapter with --use_peft), with the number of processes
-and, for KD, where the teacher's weights lived (`teacher_placement`).
+and, for KD, where the teacher's weights lived (`teacher_placement`); `--report_train_sigma` adds the training and
+validation splits' (sigma on the training set is the confidence-preservation property of Vengertsev & Sherman 2024).
 """
 
 import json
@@ -61,6 +62,13 @@ class DataArguments:
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation/test rows."})
     split_seed: int = field(default=42, metadata={"help": "Seed of the train/validation/test split."})
+    report_train_sigma: bool = field(
+        default=False,
+        metadata={
+            "help": "KD only: also evaluate the training and validation splits (confidence preservation sigma is "
+            "defined on the training set, Vengertsev & Sherman 2024) into test_results.json as train_* / eval_*."
+        },
+    )
 
     def __post_init__(self):
         if self.dataset_name not in DATASETS:
@@ -123,10 +131,10 @@ def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tok
     return Trainer(args=TrainingArguments(**plain), compute_metrics=make_compute_metrics(), **common)
 
 
-def finish(trainer, args, test, summary: dict) -> dict:
+def finish(trainer, args, test, summary: dict, extra_metrics: dict | None = None) -> dict:
     """Evaluate on the test split, save the model (an adapter for PEFT students) and `test_results.json` (`summary`,
     the number of processes, the teacher's placement, the test metrics); return the test metrics."""
-    metrics = trainer.evaluate(test, metric_key_prefix="test")
+    metrics = {**trainer.evaluate(test, metric_key_prefix="test"), **(extra_metrics or {})}
     trainer.save_model(args.output_dir)
     if trainer.is_world_process_zero():
         summary = {**summary, "num_processes": trainer.accelerator.num_processes}
@@ -144,7 +152,12 @@ def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArgume
     peft_config = get_peft_config(lora_args) if lora_args is not None else None
     trainer = build_trainer(script_args, args, splits, tokenizer, peft_config)
     trainer.train()
-    return finish(trainer, args, splits["test"], {"method": script_args.method, "model": script_args.model_name_or_path})
+    extra = {}
+    if script_args.report_train_sigma and script_args.method == "kd":
+        for split, prefix in (("train", "train"), ("validation", "eval")):
+            extra.update(trainer.evaluate(splits[split], metric_key_prefix=prefix))
+    summary = {"method": script_args.method, "model": script_args.model_name_or_path}
+    return finish(trainer, args, splits["test"], summary, extra)
 
 
 def parse(argv=None, dataclass_types=(ScriptArguments, DistillConfig, LoraArguments)):

@@ -39,8 +39,8 @@ def split_metric_key(key: str) -> tuple[str, str] | None:
     for metric in _SUFFIXES:
         if key.endswith("_" + metric):
             prefix = key[: -len(metric) - 1]
-            if prefix and prefix != "train":
-                return prefix, metric
+            # The longest metric name decides: `train_teacher_ece` is the train split's, not a `train_teacher` split.
+            return (prefix, metric) if prefix and prefix != "train" else None
     return None
 
 

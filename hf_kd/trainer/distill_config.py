@@ -2,11 +2,12 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from .intermediate_config import _IntermediateArguments
 from .teacher_config import _TeacherArguments
 
 
 @dataclass
-class DistillConfig(TrainingArguments, _TeacherArguments):
+class DistillConfig(TrainingArguments, _TeacherArguments, _IntermediateArguments):
     r"""
     Configuration of [`DistillTrainer`]: teacher-to-student knowledge distillation (Hinton et al., 2015,
     https://huggingface.co/papers/1503.02531) on top of [`~transformers.TrainingArguments`].
@@ -55,11 +56,42 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         teacher_logits_cache_dir (`str`, *optional*):
             Where cached logits live. Defaults to `$HF_HOME/hf_kd/teacher_logits`.
 
+    > Parameters that control intermediate-layer (TinyBERT) distillation
+
+    TinyBERT (Jiao et al., 2020, https://huggingface.co/papers/1909.10351) adds MSE losses between the student's and
+    the teacher's embedding outputs, layer outputs (through a learned projection to the teacher's width) and
+    pre-softmax attention scores ([`hf_kd.intermediate_distillation`]). The loss is then
+    `prediction_loss_weight * kd_loss + embedding_loss_weight * L_embd + hidden_loss_weight * L_hidn +
+    attention_loss_weight * L_attn`. They need a live teacher (not `cache_teacher_logits`). TinyBERT's two stages are
+    two runs: `hidden_loss_weight=attention_loss_weight=embedding_loss_weight=1, prediction_loss_weight=0`, then the
+    defaults (recipe: `trainers/configs/tinybert_*`).
+
+    Args:
+        hidden_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the hidden-state MSE, summed over the student's layers.
+        attention_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the attention-score MSE, summed over the student's layers (student and teacher need the same
+            number of heads).
+        embedding_loss_weight (`float`, *optional*, defaults to `0.0`):
+            Weight of the embedding-output MSE.
+        prediction_loss_weight (`float`, *optional*, defaults to `1.0`):
+            Weight of the KD loss on logits (0 in TinyBERT's intermediate stage).
+        intermediate_layer_map (`list[int]`, *optional*):
+            One 1-based teacher layer per student layer; defaults to the uniform map
+            ([`hf_kd.intermediate_distillation.uniform_layer_map`]: 6 -> 3 layers gives `[2, 4, 6]`). Entries out of
+            `[1, teacher layers]` are an error when the trainer is built.
+        intermediate_projection (`str`, *optional*, defaults to `"linear"`):
+            `"linear"` (learned, shared by all layers, identity-initialised for equal widths) or `"identity"`. The
+            projection is trained by the trainer's optimizer and saved beside the student as
+            `intermediate_projection.safetensors`, not inside it.
+
     Example:
 
     ```python
     >>> from hf_kd import DistillConfig
     >>> args = DistillConfig(output_dir="student", teacher_model_name_or_path="my-org/minilm-l6-rt", temperature=2.0)
+    >>> stage1 = DistillConfig(output_dir="stage1", hidden_loss_weight=1.0, attention_loss_weight=1.0,
+    ...                        embedding_loss_weight=1.0, prediction_loss_weight=0.0)
     ```
     """
 
@@ -77,6 +109,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
     def __post_init__(self):
         super().__post_init__()
         self._teacher_post_init()
+        self._intermediate_post_init()
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:

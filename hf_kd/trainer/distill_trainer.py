@@ -10,11 +10,12 @@ from ..metrics import make_compute_metrics
 from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
 from .base_trainer import _BaseTrainer
 from .distill_config import DistillConfig
+from .intermediate_mixin import _IntermediateMixin
 from .mixins import _LoggedLossesMixin
 from .teacher_mixin import _TeacherMixin
 
 
-class DistillTrainer(_LoggedLossesMixin, _TeacherMixin, _BaseTrainer):
+class DistillTrainer(_IntermediateMixin, _LoggedLossesMixin, _TeacherMixin, _BaseTrainer):
     r"""
     [`~transformers.Trainer`] that distils a frozen teacher into the student `model` (Hinton et al., 2015,
     https://huggingface.co/papers/1503.02531).
@@ -26,6 +27,11 @@ class DistillTrainer(_LoggedLossesMixin, _TeacherMixin, _BaseTrainer):
     sharded with ZeRO-3 over the processes (`args.teacher_zero_stage`, see [`hf_kd.distributed`]). Its logits come, in
     this order of preference, from a `teacher_logits` column of the dataset, from the on-disk cache
     (`args.cache_teacher_logits`), or from a teacher forward at every step.
+
+    With `args.hidden_loss_weight`, `args.attention_loss_weight` or `args.embedding_loss_weight` > 0 it adds TinyBERT's
+    intermediate-layer losses (Jiao et al., 2020, https://huggingface.co/papers/1909.10351;
+    [`hf_kd.intermediate_distillation`]) for teachers and students of any widths and depths: the learned projection
+    is trained with the student and saved beside it (`intermediate_projection.safetensors`), and the teacher runs live.
 
     At every evaluation, besides the loss, the default `compute_metrics` logs accuracy, ECE (15 bins), NLL, Brier,
     mean predictive entropy and, since the teacher's logits are known, the confidence-preservation sigma of Vengertsev
@@ -114,30 +120,48 @@ class DistillTrainer(_LoggedLossesMixin, _TeacherMixin, _BaseTrainer):
         self._init_logged_losses()
 
         self._init_teacher(teacher, processing_class, teacher_processing_class)
+        self._init_intermediate()
 
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
-        return {
-            "teacher_model": self._teacher_name(),
-            "hyperparameters": {"temperature": self.args.temperature, "alpha": self.args.alpha},
-        }
+        hyperparameters = {"temperature": self.args.temperature, "alpha": self.args.alpha}
+        if self._intermediate is not None:
+            hyperparameters.update(
+                {f"{k}_loss_weight": v for k, v in self._intermediate.weights.items()},
+                prediction_loss_weight=self.args.prediction_loss_weight,
+                intermediate_layer_map=self._intermediate.layer_map,
+            )
+        return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
 
     # ---- loss ------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels", None)
         teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
-        student_logits = model(**inputs).logits
-        teacher_logits = self._batch_teacher_logits(inputs, teacher_logits).to(student_logits.device)
+        intermediate = {}
+        if self._intermediate is None:
+            student_logits = model(**inputs).logits
+            teacher_logits = self._batch_teacher_logits(inputs, teacher_logits)
+        else:
+            student_logits, live_logits, intermediate = self._intermediate_forward(
+                model, inputs, labels, num_items_in_batch
+            )
+            teacher_logits = live_logits if teacher_logits is None else teacher_logits
+        teacher_logits = teacher_logits.to(student_logits.device)
 
         T, alpha = self.args.temperature, self.args.alpha
         loss = kd_loss(student_logits, teacher_logits, labels, T, alpha, num_items_in_batch=num_items_in_batch)
+        loss = self.args.prediction_loss_weight * loss
+        if intermediate:
+            loss = loss + self._intermediate.weighted_sum(intermediate)
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
             loss = loss * self.accelerator.num_processes
 
         mode = "train" if model.training else "eval"
         with torch.no_grad():
+            for name, value in intermediate.items():
+                self._metrics[mode][f"{name}_loss"].append(value.detach())
             self._metrics[mode]["kd_loss"].append(
                 kd_loss(student_logits, teacher_logits, labels, T, alpha=1.0).detach()
             )

@@ -23,15 +23,26 @@ _EXIT_CARD_METRICS = ("accuracy", "ece", "nll")
 
 class _LoggedLossesMixin:
     """Loss parts appended to `self._metrics[mode][name]` (detached scalars) in `compute_loss` are logged as their
-    mean over this process's batches since the last log, `eval_`-prefixed at evaluation. The trainer calls
-    [`~_LoggedLossesMixin._init_logged_losses`] in its `__init__`."""
+    mean over this process's batches since the last log, prefixed at evaluation with its `metric_key_prefix`
+    (`eval_`, `test_`, ...). The trainer calls [`~_LoggedLossesMixin._init_logged_losses`] in its `__init__`."""
+
+    _eval_prefix: str | None = None
 
     def _init_logged_losses(self) -> None:
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        # log() must know which evaluation it is logging (a "test" or "train" split's metrics start with its prefix,
+        # not "eval_"); Trainer.evaluate of a dict of datasets calls this again per dataset, hence the restore.
+        outer, self._eval_prefix = self._eval_prefix, metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_prefix = outer
+
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
-        mode = "eval" if any(k.startswith("eval_") for k in logs) else "train"
-        prefix = "eval_" if mode == "eval" else ""
+        mode = "train" if self._eval_prefix is None else "eval"
+        prefix = "" if self._eval_prefix is None else f"{self._eval_prefix}_"
         for key, values in self._metrics[mode].items():
             if values:
                 # Mean over this process's batches since the last log (no collective here: a rank with no batch

@@ -1,0 +1,278 @@
+"""Confidence preservation of 6- and 3-layer students before and after tuning (Vengertsev & Sherman 2024,
+https://huggingface.co/papers/2401.11365, PAPERS.md section 3), on real data.
+
+For each dataset (Rotten Tomatoes, CrowdFlower tweets, SNLI):
+  1. the teacher: sentence-transformers/all-MiniLM-L6-v2 fine-tuned with cross-entropy (ERM) on `--teacher_samples`
+     training rows;
+  2. two students, each a general pre-trained model with a fresh classification head (as TinyBERT's General
+     TinyBERT students are): 6 layers = all-MiniLM-L6-v2 as pre-trained (not the fine-tuned teacher), 3 layers =
+     paraphrase-MiniLM-L3-v2. Each is distilled at the prediction layer (soft cross-entropy, T = 1, no hard labels:
+     TinyBERT's prediction stage) on the first `--train_samples` of the teacher's training rows, from cached teacher
+     logits;
+  3. hf_kd.confidence_search: the baseline configuration, then `--n_trials` optuna trials over learning rate, epochs,
+     batch size and weight decay; sigma on the student's training rows and on `--dev_samples` validation rows.
+A configuration preserves confidence when sigma(train) <= kappa (0.05); it is accepted when its dev accuracy is also
+within 1 point of the baseline's. sigma compares class-0 probabilities on the binary task (the reference code) and
+gold-class probabilities on the 3-class tasks (class 0 alone would ignore two classes).
+
+SNLI: the only NLI rows here are the 2,527 labelled rows of the two SNLI dev subsets in ../shared/data (see its
+README); they are shuffled and split into training rows and dev rows, disjoint.
+
+Each (dataset, student) result is written as soon as it is done (`<work_dir>/<dataset>/<student>/`); a re-run skips
+what exists. The summary goes to docs/benchmarks/confidence_preservation.{md,json}.
+
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/confidence_preservation_study.py
+"""
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+from transformers import (  # noqa: E402
+    AutoModelForSequenceClassification,
+    AutoTokenizer,
+    DataCollatorWithPadding,
+    Trainer,
+    TrainingArguments,
+)
+
+from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics  # noqa: E402
+from hf_kd.confidence_search import SearchSpace, search_confidence_preservation  # noqa: E402
+
+TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
+STUDENTS = {"6-layer": "sentence-transformers/all-MiniLM-L6-v2", "3-layer": "sentence-transformers/paraphrase-MiniLM-L3-v2"}
+DATASETS = ("rotten_tomatoes", "crowdflower_tweets", "snli")
+SHARED_DATA = ROOT.parent / "shared" / "data"
+
+
+def load_rows(name: str, opts):
+    """(teacher training rows, dev rows, text columns, label names); the student trains on the first rows."""
+    if name == "snli":
+        rows = data.load_snli_dev_subsets(SHARED_DATA).shuffle(seed=opts.seed)
+        dev = rows.select(range(opts.dev_samples))
+        train = rows.select(range(opts.dev_samples, opts.dev_samples + opts.teacher_samples))
+        return train, dev, ("premise", "hypothesis"), rows.features["label"].names
+    loader = {"rotten_tomatoes": data.load_rotten_tomatoes, "crowdflower_tweets": data.load_crowdflower_tweets}[name]
+    splits = loader(seed=opts.seed)
+    # Rows are grouped by source (movie, topic): shuffle before cutting.
+    train = splits["train"].shuffle(seed=opts.seed).select(range(opts.teacher_samples))
+    dev = splits["validation"].shuffle(seed=opts.seed).select(range(opts.dev_samples))
+    return train, dev, ("text", None), splits["train"].features["label"].names
+
+
+def tokenize(dataset, tokenizer, columns, max_length):
+    text, pair = columns
+    keep = ["label"]
+    return dataset.map(
+        lambda b: tokenizer(b[text], b[pair] if pair else None, truncation=True, max_length=max_length),
+        batched=True,
+        remove_columns=[c for c in dataset.column_names if c not in keep],
+    ).flatten_indices()
+
+
+def train_teacher(folder: Path, train, dev, labels, tokenizer, opts) -> dict:
+    model = AutoModelForSequenceClassification.from_pretrained(
+        TEACHER, num_labels=len(labels), id2label=dict(enumerate(labels)), label2id={n: i for i, n in enumerate(labels)}
+    )
+    args = TrainingArguments(
+        output_dir=str(folder / "run"), num_train_epochs=opts.teacher_epochs, learning_rate=1e-4, warmup_steps=0.1,
+        per_device_train_batch_size=16, per_device_eval_batch_size=64, eval_strategy="no", save_strategy="no",
+        report_to="none", seed=opts.seed, disable_tqdm=True, logging_steps=50,
+    )
+    trainer = Trainer(model=model, args=args, train_dataset=train, processing_class=tokenizer,
+                      data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics())
+    trainer.train()
+    metrics = {**trainer.evaluate(train, metric_key_prefix="train"), **trainer.evaluate(dev, metric_key_prefix="dev")}
+    trainer.save_model(str(folder))
+    tokenizer.save_pretrained(folder)
+    return metrics
+
+
+def run_search(folder: Path, teacher_dir: Path, student_id: str, train, dev, labels, tokenizer, opts, class_index):
+    def model_init():
+        return AutoModelForSequenceClassification.from_pretrained(
+            student_id, num_labels=len(labels), id2label=dict(enumerate(labels)),
+            label2id={n: i for i, n in enumerate(labels)},
+        )
+
+    args = DistillConfig(
+        output_dir=str(folder / "runs"), teacher_model_name_or_path=str(teacher_dir), temperature=1.0, alpha=1.0,
+        cache_teacher_logits=True, teacher_logits_cache_dir=str(folder.parent / "teacher_logits"),
+        learning_rate=opts.baseline_lr, num_train_epochs=opts.baseline_epochs,
+        per_device_train_batch_size=opts.baseline_batch_size, weight_decay=opts.baseline_weight_decay,
+        warmup_steps=0.1, per_device_eval_batch_size=64, eval_strategy="no", save_strategy="no", report_to="none",
+        seed=opts.seed, disable_tqdm=True, logging_steps=50,
+    )
+    trainer = DistillTrainer(
+        model=None, model_init=model_init, args=args, train_dataset=train, processing_class=tokenizer,
+        data_collator=DataCollatorWithPadding(tokenizer), compute_metrics=make_compute_metrics(class_index=class_index),
+    )
+    space = SearchSpace(tuple(opts.lr_range), tuple(opts.epochs_range), tuple(opts.batch_sizes), tuple(opts.wd_range))
+    return search_confidence_preservation(
+        trainer, train, dev, n_trials=opts.n_trials, kappa=opts.kappa, search_space=space, seed=opts.seed
+    )
+
+
+def summarise(result_json: dict, kappa: float, tolerance: float) -> dict:
+    trials = result_json["trials"]
+    baseline = next(t for t in trials if t["baseline"])
+    floor = baseline["accuracy_dev"] - tolerance
+    within = [t for t in trials if t["accuracy_dev"] >= floor - 1e-12 and t["sigma_train"] == t["sigma_train"]]
+    best = min(within, key=lambda t: t["sigma_train"]) if within else baseline  # NaN sigma everywhere: no tuning
+    return {
+        "baseline": {k: baseline[k] for k in ("params", "sigma_train", "sigma_dev", "accuracy_dev", "accuracy_train")},
+        "tuned": {k: best[k] for k in ("number", "params", "sigma_train", "sigma_dev", "accuracy_dev", "accuracy_train")},
+        "preserved_before": baseline["sigma_train"] <= kappa,
+        "preserved_after": best["sigma_train"] <= kappa,
+        "num_trials": len(trials),
+        "num_accepted": sum(t["accepted"] for t in trials),
+    }
+
+
+def write_report(work: Path, out: Path, opts) -> None:
+    rows, summary = [], {}
+    for name in opts.datasets:
+        teacher_file = work / name / "teacher_metrics.json"
+        if not teacher_file.exists():
+            continue
+        teacher = json.loads(teacher_file.read_text())
+        for student in STUDENTS:
+            result_file = work / name / student / "confidence_search.json"
+            if not result_file.exists():
+                continue
+            s = summarise(json.loads(result_file.read_text()), opts.kappa, opts.accuracy_tolerance)
+            s["teacher_accuracy_dev"] = teacher["dev_accuracy"]
+            s["teacher_accuracy_train"] = teacher["train_accuracy"]
+            s["seconds"] = json.loads((work / name / student / "timing.json").read_text())
+            summary.setdefault(name, {})[student] = s
+            b, t = s["baseline"], s["tuned"]
+            p = t["params"]
+            rows.append(
+                f"| {name} | {student} | {s['teacher_accuracy_dev']:.4f} | {b['accuracy_dev']:.4f} | "
+                f"{b['sigma_train']:.4f} | {b['sigma_dev']:.4f} | {'yes' if s['preserved_before'] else 'no'} | "
+                f"{t['number']}: lr {p['learning_rate']:.1e}, {p['num_train_epochs']} ep, bs "
+                f"{p['per_device_train_batch_size']}, wd {p['weight_decay']:.0e} | {t['accuracy_dev']:.4f} | "
+                f"{t['sigma_train']:.4f} | {t['sigma_dev']:.4f} | {'yes' if s['preserved_after'] else 'no'} | "
+                f"{s['num_accepted']}/{s['num_trials']} |"
+            )
+    counts = {
+        student: {
+            when: sum(summary[d][student][f"preserved_{when}"] for d in summary if student in summary[d])
+            for when in ("before", "after")
+        }
+        for student in STUDENTS
+    }
+    cpu = sum(s["seconds"]["cpu"] for d in summary.values() for s in d.values())
+    wall = sum(s["seconds"]["wall"] for d in summary.values() for s in d.values())
+    teacher_cpu = sum(json.loads((work / d / "teacher_metrics.json").read_text())["seconds"]["cpu"] for d in summary)
+    teacher_wall = sum(json.loads((work / d / "teacher_metrics.json").read_text())["seconds"]["wall"] for d in summary)
+    settings = (
+        f"Teacher: {TEACHER} fine-tuned (ERM, lr 1e-4, {opts.teacher_epochs:g} epochs, batch 16) on "
+        f"{opts.teacher_samples} training rows. Students distilled at the prediction layer (T = 1, alpha = 1, cached "
+        f"teacher logits) on the first {opts.train_samples} of those rows; sigma on those rows (train) and on "
+        f"{opts.dev_samples} held-out rows (dev). Baseline: lr {opts.baseline_lr:g}, {opts.baseline_epochs} epochs, "
+        f"batch {opts.baseline_batch_size}, weight decay {opts.baseline_weight_decay:g}. Search: {opts.n_trials} "
+        f"optuna trials (TPE, seed {opts.seed}; at this number of trials, random sampling) over lr "
+        f"{opts.lr_range[0]:g}-{opts.lr_range[1]:g} (log), epochs {opts.epochs_range[0]}-{opts.epochs_range[1]}, "
+        f"batch {'/'.join(map(str, opts.batch_sizes))}, weight decay {opts.wd_range[0]:g}-{opts.wd_range[1]:g} (log). "
+        f"kappa = {opts.kappa}, accuracy tolerance {100 * opts.accuracy_tolerance:g} point. sigma compares class-0 "
+        "probabilities on Rotten Tomatoes (binary, the reference code) and gold-class probabilities on the 3-class "
+        "sets. One seed. "
+        f"Compute: {cpu / 60:.0f} min CPU ({wall / 60:.0f} min wall) for the searches, {teacher_cpu / 60:.0f} min "
+        f"CPU ({teacher_wall / 60:.0f} min wall) for the teachers, one thread, on the shared 2-core machine."
+    )
+    table = (
+        "| dataset | student | teacher acc (dev) | baseline acc (dev) | baseline sigma train | baseline sigma dev "
+        "| preserved before | tuned: trial, config (lowest sigma train within 1 pt) | tuned acc (dev) "
+        "| tuned sigma train | tuned sigma dev | preserved after | accepted / trials |\n"
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|\n" + "\n".join(rows)
+    )
+    n = len(summary)
+    finding = (
+        f"sigma(train) <= {opts.kappa}: 6-layer student on {counts['6-layer']['before']}/{n} datasets before tuning, "
+        f"{counts['6-layer']['after']}/{n} after; 3-layer student {counts['3-layer']['before']}/{n} before, "
+        f"{counts['3-layer']['after']}/{n} after."
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "confidence_preservation.json").write_text(
+        json.dumps({"settings": vars(opts), "summary": summary, "counts": counts}, indent=2)
+    )
+    (out / "confidence_preservation.md").write_text(
+        "# Confidence preservation before and after prediction-layer tuning\n\n"
+        f"{settings}\n\n{table}\n\n{finding}\n\nPer-trial Pareto tables: `{work}/<dataset>/<student>/"
+        "confidence_search.md`.\n\nRe-run: `HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=. "
+        "python scripts/confidence_preservation_study.py`\n"
+    )
+    print(table + "\n\n" + finding)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--datasets", nargs="+", default=list(DATASETS), choices=DATASETS)
+    parser.add_argument("--teacher_samples", type=int, default=500)
+    parser.add_argument("--teacher_epochs", type=float, default=2.0)
+    parser.add_argument("--train_samples", type=int, default=250)
+    parser.add_argument("--dev_samples", type=int, default=250)
+    parser.add_argument("--max_length", type=int, default=64)
+    parser.add_argument("--n_trials", type=int, default=5)
+    parser.add_argument("--kappa", type=float, default=0.05)
+    parser.add_argument("--accuracy_tolerance", type=float, default=0.01)
+    parser.add_argument("--baseline_lr", type=float, default=1e-4)
+    parser.add_argument("--baseline_epochs", type=int, default=3)
+    parser.add_argument("--baseline_batch_size", type=int, default=16)
+    parser.add_argument("--baseline_weight_decay", type=float, default=0.01)
+    parser.add_argument("--lr_range", type=float, nargs=2, default=(1e-5, 5e-4))
+    parser.add_argument("--epochs_range", type=int, nargs=2, default=(1, 4))
+    parser.add_argument("--batch_sizes", type=int, nargs="+", default=(8, 16, 32))
+    parser.add_argument("--wd_range", type=float, nargs=2, default=(1e-6, 0.1))
+    parser.add_argument("--seed", type=int, default=42)
+    parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "confidence_preservation"))
+    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--report_only", action="store_true", help="Rewrite the summary from finished results.")
+    opts = parser.parse_args()
+    if opts.train_samples > opts.teacher_samples:
+        parser.error("--train_samples must be <= --teacher_samples (students train on the teacher's rows)")
+    torch.set_num_threads(1)
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    work = Path(opts.work_dir)
+
+    for name in [] if opts.report_only else opts.datasets:
+        tokenizer = AutoTokenizer.from_pretrained(TEACHER)  # the three MiniLMs share bert-base-uncased's WordPiece
+        teacher_rows, dev_rows, columns, labels = load_rows(name, opts)
+        max_length = opts.max_length * (2 if columns[1] else 1)
+        teacher_train = tokenize(teacher_rows, tokenizer, columns, max_length)
+        train = teacher_train.select(range(opts.train_samples)).flatten_indices()
+        dev = tokenize(dev_rows, tokenizer, columns, max_length)
+        teacher_dir = work / name / "teacher"
+        if not (work / name / "teacher_metrics.json").exists():
+            start, cpu = time.perf_counter(), time.process_time()
+            print(f"[{name}] teacher on {len(teacher_train)} rows", flush=True)
+            metrics = train_teacher(teacher_dir, teacher_train, dev, labels, tokenizer, opts)
+            metrics["seconds"] = {"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu}
+            (work / name / "teacher_metrics.json").write_text(json.dumps(metrics, indent=2))
+        class_index = 0 if len(labels) == 2 else None
+        for student, student_id in STUDENTS.items():
+            folder = work / name / student
+            if (folder / "confidence_search.json").exists():
+                continue
+            print(f"[{name}] {student} student ({student_id}): baseline + {opts.n_trials} trials", flush=True)
+            start, cpu = time.perf_counter(), time.process_time()
+            result = run_search(folder, teacher_dir, student_id, train, dev, labels, tokenizer, opts, class_index)
+            result.save(folder)
+            (folder / "timing.json").write_text(
+                json.dumps({"wall": time.perf_counter() - start, "cpu": time.process_time() - cpu})
+            )
+            print(result.summary(), flush=True)
+    write_report(work, Path(opts.out), opts)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,481 @@
+"""TinyBERT intermediate-layer distillation: layer maps, losses against naive references, pre-softmax attention
+scores against transformers' eager attention, and the DistillTrainer integration (projection trained, saved beside
+the student, resumed exactly; teachers of other widths, depths and architectures)."""
+
+import math
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from torch.nn import functional as F
+from transformers import (
+    BertConfig,
+    BertForSequenceClassification,
+    DataCollatorWithPadding,
+    MPNetConfig,
+    MPNetForSequenceClassification,
+)
+
+from hf_kd import DistillConfig, DistillTrainer, kd_loss
+from hf_kd.intermediate_distillation import (
+    IntermediateProjection,
+    attention_score_mse,
+    check_layer_map,
+    encoder_layers,
+    hidden_state_mse,
+    record_attention_scores,
+    self_attention_module,
+    uniform_layer_map,
+)
+from hf_kd.trainer.intermediate_mixin import PROJECTION_FILENAME
+
+from .test_distill_trainer import make_args, make_trainer, snapshot
+from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
+
+STAGE1 = dict(hidden_loss_weight=1.0, attention_loss_weight=1.0, embedding_loss_weight=1.0, prediction_loss_weight=0.0)
+
+
+def tiny_mpnet(layers=4, hidden=48, seed=7):
+    torch.manual_seed(seed)
+    config = MPNetConfig(
+        vocab_size=99, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
+        max_position_embeddings=70, num_labels=2, pad_token_id=0, hidden_dropout_prob=0.0,
+        attention_probs_dropout_prob=0.0,
+    )
+    return MPNetForSequenceClassification(config)
+
+
+def padded_batch():
+    ids = torch.tensor([[2, 5, 6, 7, 8, 3], [2, 9, 10, 3, 0, 0], [2, 11, 3, 0, 0, 0]])
+    return {"input_ids": ids, "attention_mask": (ids != 0).long()}
+
+
+class SoftmaxInputs:
+    """Records what every `torch.nn.functional.softmax` call receives: in an eager attention forward, the scores."""
+
+    def __init__(self, monkeypatch):
+        self.inputs, original = [], F.softmax
+
+        def softmax(x, *args, **kwargs):
+            self.inputs.append(x.detach().clone())
+            return original(x, *args, **kwargs)
+
+        monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
+
+
+def tinybert_masked(scores):
+    return torch.where(scores <= -100, torch.zeros_like(scores), scores)
+
+
+# ---- layer maps --------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "student, teacher, expected",
+    [(4, 12, [3, 6, 9, 12]), (6, 12, [2, 4, 6, 8, 10, 12]), (3, 6, [2, 4, 6]), (4, 6, [2, 3, 5, 6]),
+     (6, 3, [1, 1, 2, 2, 3, 3]), (1, 1, [1]), (6, 6, [1, 2, 3, 4, 5, 6])],
+)
+def test_uniform_layer_map(student, teacher, expected):
+    assert uniform_layer_map(student, teacher) == expected
+    if teacher % student == 0:  # TinyBERT's code: student layer i (0-based) <- teacher_atts[i * lpb + lpb - 1]
+        lpb = teacher // student
+        assert [i * lpb + lpb - 1 + 1 for i in range(student)] == expected
+
+
+@pytest.mark.parametrize(
+    "layer_map, message",
+    [([0, 2, 4], r"in \[1, 6\].*got \[0\]"), ([2, 4, 7], r"got \[7\]"), ([2, 4], "the student has 3 layers, the map 2"),
+     ([2, True, 4], r"got \[True\]")],
+)
+def test_bad_layer_map_is_named(layer_map, message):
+    with pytest.raises(ValueError, match=message):
+        check_layer_map(layer_map, 3, 6)
+    assert check_layer_map([1, 1, 6], 3, 6) == [1, 1, 6]
+
+
+# ---- losses ------------------------------------------------------------------------------------------------------
+
+
+class TestHiddenStateMse:
+    def test_without_padding_is_elementwise_mse(self):
+        s, t = torch.randn(3, 5, 8), torch.randn(3, 5, 8)
+        torch.testing.assert_close(hidden_state_mse(s, t), F.mse_loss(s, t))
+        torch.testing.assert_close(hidden_state_mse(s, t, torch.ones(3, 5)), F.mse_loss(s, t))
+
+    def test_padding_is_ignored(self):
+        s, t, mask = torch.randn(3, 6, 8), torch.randn(3, 6, 8), padded_batch()["attention_mask"]
+        naive = torch.stack([F.mse_loss(s[i, mask[i] == 1], t[i, mask[i] == 1]) for i in range(3)])
+        torch.testing.assert_close(hidden_state_mse(s, t, mask, reduction="none"), naive)
+        torch.testing.assert_close(hidden_state_mse(s, t, mask), naive.mean())
+        # Whatever sits at padded positions changes nothing.
+        s2 = s.clone()
+        s2[mask == 0] = 100.0
+        torch.testing.assert_close(hidden_state_mse(s2, t, mask), naive.mean())
+
+    def test_item_mask_and_num_items(self):
+        s, t = torch.randn(4, 5, 8), torch.randn(4, 5, 8)
+        per_item = hidden_state_mse(s, t, reduction="none")
+        items = torch.tensor([True, False, True, True])
+        torch.testing.assert_close(hidden_state_mse(s, t, item_mask=items), per_item[items].mean())
+        torch.testing.assert_close(hidden_state_mse(s, t, item_mask=items, num_items_in_batch=10), per_item[items].sum() / 10)
+        assert hidden_state_mse(s, t, item_mask=items, reduction="none")[1] == 0
+
+    def test_shape_mismatch_is_an_error(self):
+        with pytest.raises(ValueError, match="project the student to the teacher's width"):
+            hidden_state_mse(torch.randn(2, 5, 8), torch.randn(2, 5, 16))
+
+
+class TestAttentionScoreMse:
+    def test_without_padding_is_tinybert_formula(self):
+        s, t = torch.randn(2, 4, 5, 5) * 3, torch.randn(2, 4, 5, 5) * 3
+        s[0, 0, 0, 0], t[1, 2, 3, 4] = -150.0, -1e4  # TinyBERT zeroes every score <= -100, masked or not
+        expected = F.mse_loss(tinybert_masked(s), tinybert_masked(t))
+        torch.testing.assert_close(attention_score_mse(s, t), expected)
+
+    def test_padding_pairs_are_ignored(self):
+        mask = padded_batch()["attention_mask"]
+        s, t = torch.randn(3, 4, 6, 6), torch.randn(3, 4, 6, 6)
+        additive = (1 - mask[:, None, None, :].float()) * torch.finfo(torch.float32).min
+        naive = []
+        for i in range(3):
+            n = int(mask[i].sum())
+            naive.append(F.mse_loss(s[i, :, :n, :n], t[i, :, :n, :n]))
+        got = attention_score_mse(s + additive, t + additive, mask, reduction="none")
+        torch.testing.assert_close(got, torch.stack(naive))
+
+
+# ---- pre-softmax attention scores --------------------------------------------------------------------------------
+
+
+def hooked_scores(model, batch):
+    layers = encoder_layers(model)
+    with record_attention_scores({i + 1: self_attention_module(layer) for i, layer in enumerate(layers)}) as scores:
+        model(**batch)
+    return [scores[i + 1] for i in range(len(layers))]
+
+
+@pytest.mark.parametrize("family", ["bert", "mpnet"])
+def test_scores_equal_eager_softmax_inputs(monkeypatch, family):
+    """The hooked scores are exactly what eager attention feeds its softmax (mask included), for BERT-style and MPNet
+    (relative position bias) self-attention, with padding."""
+    model = tiny_bert(layers=3, hidden=32) if family == "bert" else tiny_mpnet(layers=3)
+    model.set_attn_implementation("eager")
+    model.eval()
+    batch = padded_batch()
+    recorder = SoftmaxInputs(monkeypatch)
+    with torch.no_grad():
+        scores = hooked_scores(model, batch)
+    assert len(recorder.inputs) == 3
+    for ours, eager in zip(scores, recorder.inputs, strict=True):
+        assert ours.shape == eager.shape == (3, 4, 6, 6)
+        torch.testing.assert_close(tinybert_masked(ours), tinybert_masked(eager), atol=1e-5, rtol=1e-5)
+        assert torch.equal(ours <= -100, eager <= -100)
+    assert (scores[0][1, :, :, 4:] <= -100).all() and (scores[0][1, :, :, :4] > -100).all()  # padded keys masked
+
+
+def test_sdpa_model_gives_eager_scores():
+    """Same weights, SDPA vs eager kernels (the SDPA mask is boolean, or None without padding): same scores."""
+    sdpa, eager = tiny_bert(layers=2), tiny_bert(layers=2)
+    eager.set_attn_implementation("eager")
+    assert sdpa.config._attn_implementation == "sdpa"
+    for batch in (padded_batch(), {"input_ids": padded_batch()["input_ids"][:1]}):
+        with torch.no_grad():
+            for a, b in zip(hooked_scores(sdpa, batch), hooked_scores(eager, batch), strict=True):
+                torch.testing.assert_close(tinybert_masked(a), tinybert_masked(b), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("compute_in_forward", [False, True])
+def test_scores_carry_gradients(compute_in_forward):
+    model = tiny_bert(layers=2)
+    model.train()
+    layers = encoder_layers(model)
+    modules = {i + 1: self_attention_module(layer) for i, layer in enumerate(layers)}
+    with record_attention_scores(modules, compute_in_forward=compute_in_forward) as scores:
+        model(**padded_batch())
+    (scores[1].sum() + scores[2].sum()).backward()
+    for layer in layers:
+        assert layer.attention.self.query.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_scores_under_gradient_checkpointing(use_reentrant):
+    """Under either kind of activation checkpointing the scores (computed after the forward from the layers' real
+    inputs) get the same gradients as without checkpointing."""
+    grads = []
+    for checkpointing in (False, True):
+        model = tiny_bert(layers=2)
+        model.train()
+        if checkpointing:
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": use_reentrant})
+        scores = hooked_scores(model, padded_batch())
+        (tinybert_masked(scores[0]).pow(2).mean() + tinybert_masked(scores[1]).pow(2).mean()).backward()
+        grads.append({n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None})
+    assert set(grads[0]) == set(grads[1]) and any("layer.0.attention.self.query" in n for n in grads[0])
+    for name in grads[0]:
+        torch.testing.assert_close(grads[1][name], grads[0][name], msg=name)
+
+
+def test_unsupported_models_are_named():
+    with pytest.raises(ValueError, match="encoder.layer"):
+        encoder_layers(torch.nn.Linear(2, 2))
+    with pytest.raises(ValueError, match="attention_loss_weight=0"):
+        self_attention_module(torch.nn.Sequential(torch.nn.Linear(2, 2)))
+
+
+def test_projection_init():
+    square = IntermediateProjection(8, 8)
+    torch.testing.assert_close(square.dense.weight, torch.eye(8))
+    wide = IntermediateProjection(8, 16, init_std=0.02)
+    assert wide.dense.weight.shape == (16, 8) and wide.dense.bias.abs().sum() == 0
+    assert 0.01 < wide.dense.weight.std() < 0.03
+    assert list(IntermediateProjection(8, 8, "identity").parameters()) == []
+    with pytest.raises(ValueError, match="needs equal widths.*8.*16"):
+        IntermediateProjection(8, 16, "identity")
+
+
+# ---- DistillConfig ----------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [({"hidden_loss_weight": 1.0, "cache_teacher_logits": True}, "cache_teacher_logits=True cannot serve"),
+     ({"intermediate_layer_map": [2, 4]}, r"intermediate_layer_map=\[2, 4\] is set but every intermediate loss"),
+     ({"attention_loss_weight": -1.0}, "attention_loss_weight must be >= 0, got -1.0"),
+     ({"prediction_loss_weight": 0.0}, "every loss is switched off"),
+     ({"hidden_loss_weight": 1.0, "intermediate_projection": "mlp"}, "intermediate_projection must be one of"),
+     ({"hidden_loss_weight": 1.0, "intermediate_layer_map": [0, 2]}, r"ints >= 1\), got \[0\]")],
+)
+def test_config_errors(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        DistillConfig(output_dir=str(tmp_path), **kwargs)
+
+
+# ---- DistillTrainer ---------------------------------------------------------------------------------------------
+
+
+def eager_internals(model, batch):
+    """Hidden states and eager softmax inputs of one forward, without hf_kd's hooks (a reference)."""
+    inputs = []
+    original = F.softmax
+
+    def softmax(x, *args, **kwargs):
+        inputs.append(x)
+        return original(x, *args, **kwargs)
+
+    model.set_attn_implementation("eager")
+    torch.nn.functional.softmax = softmax
+    try:
+        out = model(**batch, output_hidden_states=True)
+    finally:
+        torch.nn.functional.softmax = original
+        model.set_attn_implementation("sdpa")
+    return out, inputs
+
+
+class TestDistillTrainerIntermediate:
+    def test_loss_is_the_weighted_sum_of_tinybert_losses(self, tmp_path):
+        """Teacher 4 layers x 48, student 2 layers x 32: loss = w_pred * KD + w_e L_embd + w_h L_hidn + w_a L_attn,
+        against a reference built from eager softmax inputs and output_hidden_states."""
+        teacher, student = tiny_bert(layers=4, hidden=48, seed=7), tiny_bert(layers=2, hidden=32, seed=1)
+        weights = dict(hidden_loss_weight=1.5, attention_loss_weight=0.5, embedding_loss_weight=2.0, prediction_loss_weight=0.3)
+        trainer = make_trainer(tmp_path, teacher, student=student, args=make_args(tmp_path, **weights))
+        assert trainer._intermediate.layer_map == [2, 4]
+        projection = trainer.intermediate_projection
+        assert projection.dense.weight.shape == (48, 32)
+        batch = next(iter(trainer.get_train_dataloader()))
+        assert (batch["attention_mask"] == 0).any()  # padding in the batch
+        loss = trainer.compute_loss(student, dict(batch))
+
+        inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+        mask = batch["attention_mask"]
+        s_out, s_scores = eager_internals(student, inputs)
+        with torch.no_grad():
+            t_out, t_scores = eager_internals(teacher, inputs)
+        embd = hidden_state_mse(projection(s_out.hidden_states[0]), t_out.hidden_states[0], mask)
+        hidn = sum(hidden_state_mse(projection(s_out.hidden_states[m]), t_out.hidden_states[2 * m], mask) for m in (1, 2))
+        attn = sum(attention_score_mse(s_scores[m - 1], t_scores[2 * m - 1], mask) for m in (1, 2))
+        pred = kd_loss(s_out.logits, t_out.logits, batch["labels"], 2.0, 0.5)
+        expected = 0.3 * pred + 2.0 * embd + 1.5 * hidn + 0.5 * attn
+        torch.testing.assert_close(loss, expected, atol=1e-5, rtol=1e-5)
+        assert attn > 0 and hidn > 0 and embd > 0
+
+    def test_stage1_trains_projection_and_saves_a_plain_student(self, tmp_path):
+        teacher, student = tiny_bert(layers=4, hidden=48, seed=7), tiny_bert(layers=2, hidden=32, seed=1)
+        teacher_before, student_before = snapshot(teacher), snapshot(student)
+        trainer = make_trainer(tmp_path, teacher, student=student, args=make_args(tmp_path, **STAGE1))
+        projection_before = snapshot(trainer.intermediate_projection)
+        trainer.train()
+        for name, param in teacher.named_parameters():
+            assert torch.equal(param, teacher_before[name]), name
+        for name, param in trainer.intermediate_projection.named_parameters():
+            assert not torch.equal(param, projection_before[name]), f"projection {name} was not trained"
+        changed = [n for n, p in student.named_parameters() if not torch.equal(p, student_before[n])]
+        assert any(".encoder.layer.1." in n for n in changed)
+        # Stage 1 has no prediction loss: the classifier gets no gradient.
+        assert torch.equal(student.classifier.weight, student_before["classifier.weight"])
+
+        history = trainer.state.log_history
+        assert any({"hidden_loss", "attention_loss", "embedding_loss"} <= set(h) for h in history)
+        evaluation = next(h for h in history if "eval_loss" in h)
+        assert {"eval_hidden_loss", "eval_attention_loss", "eval_embedding_loss", "eval_sigma"} <= set(evaluation)
+        # Gradients outside the model are cleared after each step too (Trainer only clears the model's).
+        assert all(p.grad is None for p in trainer.intermediate_projection.parameters())
+        # Any split's evaluation gets its own losses under its own prefix.
+        metrics = trainer.evaluate(tiny_dataset(8, seed=2), metric_key_prefix="test")
+        assert {"test_hidden_loss", "test_attention_loss", "test_kd_loss", "test_sigma"} <= set(metrics)
+        assert not any(k.startswith("eval_") for k in metrics)
+
+        out = tmp_path / "saved"
+        trainer.save_model(str(out))
+        reloaded, info = BertForSequenceClassification.from_pretrained(out, output_loading_info=True)
+        assert not any(info[k] for k in ("missing_keys", "unexpected_keys", "mismatched_keys")), info
+        assert set(reloaded.state_dict()) == set(student.state_dict())
+        saved = load_file(out / PROJECTION_FILENAME)
+        torch.testing.assert_close(saved["dense.weight"], trainer.intermediate_projection.dense.weight)
+        card = (out / "README.md").read_text()
+        assert "hidden_loss_weight" in card and "intermediate_layer_map" in card
+
+    def test_mpnet_teacher_of_another_width(self, tmp_path):
+        """MPNet teacher (relative position bias in its scores), 4 layers x 48 -> BERT student 2 x 32."""
+        trainer = make_trainer(tmp_path, tiny_mpnet(), student=tiny_bert(seed=1), args=make_args(tmp_path, **STAGE1))
+        trainer.train()
+        losses = [h["attention_loss"] for h in trainer.state.log_history if "attention_loss" in h]
+        assert losses and all(math.isfinite(x) and x > 0 for x in losses)
+
+    def test_explicit_layer_map_and_identity_projection(self, tmp_path):
+        teacher, student = tiny_bert(layers=4, seed=7), tiny_bert(layers=2, seed=1)
+        args = make_args(tmp_path, intermediate_layer_map=[1, 3], intermediate_projection="identity", **STAGE1)
+        trainer = make_trainer(tmp_path, teacher, student=student, args=args)
+        assert trainer._intermediate.layer_map == [1, 3] and trainer._projection_parameters() == []
+        trainer.train()
+        trainer.save_model(str(tmp_path / "saved"))
+        assert not (tmp_path / "saved" / PROJECTION_FILENAME).exists()
+
+    @pytest.mark.parametrize(
+        "kwargs, teacher_kwargs, message",
+        [({"intermediate_layer_map": [1, 5]}, {}, r"in \[1, 4\] .*got \[5\]"),
+         ({"intermediate_layer_map": [1, 2, 3]}, {}, "the student has 2 layers, the map 3 entries"),
+         ({}, {"heads": 8}, "student has 4 heads and the teacher 8"),
+         ({"intermediate_projection": "identity"}, {"hidden": 48}, "needs equal widths")],
+    )
+    def test_bad_pairs_are_errors_at_init(self, tmp_path, kwargs, teacher_kwargs, message):
+        teacher = tiny_bert(layers=4, seed=7, hidden=teacher_kwargs.get("hidden", 32))
+        if "heads" in teacher_kwargs:  # same widths, other head count
+            teacher = BertForSequenceClassification(BertConfig(**{**teacher.config.to_dict(), "num_attention_heads": 8}))
+        with pytest.raises(ValueError, match=message):
+            make_trainer(tmp_path, teacher, args=make_args(tmp_path, **STAGE1, **kwargs))
+
+    def test_logits_column_without_teacher_is_an_error(self, tmp_path):
+        train = tiny_dataset(16).add_column("teacher_logits", [[1.0, -1.0]] * 16)
+        with pytest.raises(ValueError, match="need the teacher's hidden states"):
+            make_trainer(tmp_path, None, train=train, args=make_args(tmp_path, **STAGE1))
+
+    def test_gradient_accumulation_matches_large_batch(self, tmp_path):
+        """One SGD step on 8 examples equals 2 accumulated micro-batches of 4, student and projection alike."""
+        data = tiny_dataset(8, seed=3)
+        results = []
+        for batch_size, accumulation in [(8, 1), (4, 2)]:
+            student = tiny_bert(seed=1)
+            args = make_args(
+                tmp_path / f"bs{batch_size}", per_device_train_batch_size=batch_size, optim="sgd", learning_rate=0.5,
+                gradient_accumulation_steps=accumulation, max_steps=1, eval_strategy="no", lr_scheduler_type="constant",
+                **{**STAGE1, "prediction_loss_weight": 1.0},
+            )
+            trainer = make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=student, train=data)
+            trainer.train()
+            results.append({**snapshot(student), **snapshot(trainer.intermediate_projection)})
+        for name in results[0]:
+            torch.testing.assert_close(results[0][name], results[1][name], atol=1e-5, rtol=1e-4, msg=name)
+
+    def test_interrupted_and_resumed_equals_uninterrupted(self, tmp_path):
+        args = make_args(tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=3, eval_strategy="no", **STAGE1)
+        student = tiny_bert(seed=1)
+        uninterrupted = make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=student)
+        uninterrupted.train()
+        final = {**snapshot(student), **snapshot(uninterrupted.intermediate_projection)}
+        checkpoint = tmp_path / "out" / "checkpoint-3"
+        assert (checkpoint / PROJECTION_FILENAME).exists()
+
+        resumed_student = tiny_bert(seed=5)  # other weights: everything must come from the checkpoint
+        resumed = make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=resumed_student)
+        with torch.no_grad():
+            resumed.intermediate_projection.dense.weight.zero_()
+        resumed.train(resume_from_checkpoint=str(checkpoint))
+        assert resumed.state.global_step == uninterrupted.state.global_step == 8
+        got = {**snapshot(resumed_student), **snapshot(resumed.intermediate_projection)}
+        for name in final:
+            torch.testing.assert_close(got[name], final[name], atol=0, rtol=0, msg=name)
+
+    def test_resuming_without_projection_file_is_an_error(self, tmp_path):
+        args = make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, eval_strategy="no")
+        make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args).train()
+        args = make_args(tmp_path, max_steps=2, save_strategy="no", eval_strategy="no", **STAGE1)
+        trainer = make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args)
+        with pytest.raises(ValueError, match=f"has no {PROJECTION_FILENAME}"):
+            trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
+
+    def test_model_init_gets_a_fresh_projection(self, tmp_path):
+        args = make_args(tmp_path, max_steps=2, eval_strategy="no", **STAGE1)
+        tokenizer = tiny_tokenizer(tmp_path)
+        trainer = DistillTrainer(
+            model=None, model_init=lambda: tiny_bert(seed=1), args=args, teacher_model=tiny_bert(layers=4, hidden=48, seed=7),
+            train_dataset=tiny_dataset(32), processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+        )
+        initial = snapshot(trainer.intermediate_projection)
+        trainer.train()
+        first = snapshot(trainer.intermediate_projection)
+        trainer.train()  # model_init again: student and projection start over, same seed -> same result
+        for name, value in snapshot(trainer.intermediate_projection).items():
+            assert not torch.equal(value, initial[name])
+            torch.testing.assert_close(value, first[name], atol=0, rtol=0)
+
+
+@pytest.mark.slow
+def test_real_pairs_minilm_l6_to_l3_and_mpnet_to_minilm(tmp_path):
+    """The real pairs of the issue, a few steps each on Rotten Tomatoes: MiniLM-L6 -> MiniLM-L3 (same width, 12
+    heads) and MPNet (768, 12 layers) -> MiniLM-L6 (384) through the token id map; scores of the real SDPA models
+    equal their eager softmax inputs."""
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    from hf_kd import data
+
+    tokenizer = AutoTokenizer.from_pretrained("sentence-transformers/all-MiniLM-L6-v2")
+    rows = data.load_rotten_tomatoes()["train"].shuffle(seed=0).select(range(16))
+    rows = rows.map(lambda b: tokenizer(b["text"], truncation=True, max_length=32), batched=True)
+    pairs = [
+        ("sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/paraphrase-MiniLM-L3-v2", {}, [2, 4, 6]),
+        ("sentence-transformers/all-mpnet-base-v2", "sentence-transformers/all-MiniLM-L6-v2",
+         {"map_teacher_token_ids": True}, [2, 4, 6, 8, 10, 12]),
+    ]
+    for teacher_id, student_id, extra, expected_map in pairs:
+        torch.manual_seed(0)
+        teacher = AutoModelForSequenceClassification.from_pretrained(teacher_id, num_labels=2)
+        student = AutoModelForSequenceClassification.from_pretrained(student_id, num_labels=2)
+        args = DistillConfig(
+            output_dir=str(tmp_path / student_id.split("/")[1]), max_steps=2, per_device_train_batch_size=8,
+            learning_rate=1e-4, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, **STAGE1, **extra,
+        )
+        trainer = DistillTrainer(model=student, args=args, teacher_model=teacher, train_dataset=rows,
+                                 processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                                 teacher_processing_class=AutoTokenizer.from_pretrained(teacher_id))
+        assert trainer._intermediate.layer_map == expected_map
+        assert trainer.intermediate_projection.dense.weight.shape == (teacher.config.hidden_size, 384)
+        trainer.train()
+        logged = [h for h in trainer.state.log_history if "hidden_loss" in h]
+        assert len(logged) == 2 and all(math.isfinite(h["loss"]) and h["attention_loss"] > 0 for h in logged)
+
+    student = AutoModelForSequenceClassification.from_pretrained("sentence-transformers/all-MiniLM-L6-v2").eval()
+    batch = tokenizer(rows["text"][:4], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        ours = hooked_scores(student, dict(batch))
+        _, eager = eager_internals(student, dict(batch))
+    for a, b in zip(ours, eager, strict=True):
+        torch.testing.assert_close(tinybert_masked(a), tinybert_masked(b), atol=1e-4, rtol=1e-4)
+
+
+def test_card_metric_keys_of_the_train_split_are_skipped():
+    from hf_kd.trainer.base_trainer import split_metric_key
+
+    assert split_metric_key("eval_teacher_ece") == ("eval", "teacher_ece")
+    assert split_metric_key("eval_train_sigma") == ("eval_train", "sigma")
+    assert split_metric_key("train_teacher_ece") is None and split_metric_key("train_ece") is None
