@@ -302,13 +302,50 @@ def _teacher_files(teacher: str, init_kwargs: dict[str, Any]) -> list[Path]:
     return files
 
 
+def _is_fixed_shape_numeric(feature) -> bool:
+    """Columns whose batches come out of Arrow as one numeric numpy array (images, class labels, numbers)."""
+    from datasets import Array2D, Array3D, Array4D, Array5D, ClassLabel, Value
+
+    if isinstance(feature, (Array2D, Array3D, Array4D, Array5D, ClassLabel)):
+        return True
+    return isinstance(feature, Value) and feature.dtype.startswith(("int", "uint", "float", "bool"))
+
+
 def dataset_fingerprint(dataset: datasets.Dataset, columns: list[str]) -> str:
-    """A hash of the teacher input columns of `dataset`, row by row in the current order."""
+    """A hash of the teacher input columns of `dataset`, row by row in the current order.
+
+    Fixed-shape numeric columns (`pixel_values`, labels) are hashed as the bytes of their numpy batches (60,000
+    Fashion-MNIST images: under a second, against about a minute through JSON); the others (ragged token ids) as the
+    JSON of their batches.
+    """
     hasher = hashlib.sha256()
     hasher.update(json.dumps(columns).encode())
-    for batch in dataset.select_columns(columns).iter(batch_size=2048):
-        hasher.update(json.dumps(batch, sort_keys=True).encode())
+    rows = dataset.select_columns(columns)
+    arrays = [c for c in columns if _is_fixed_shape_numeric(rows.features[c])]
+    others = [c for c in columns if c not in arrays]
+    json_batches = rows.select_columns(others).iter(batch_size=2048) if others else None
+    array_batches = rows.select_columns(arrays).with_format("numpy").iter(batch_size=2048) if arrays else None
+    for _ in range(0, len(rows), 2048):
+        if json_batches is not None:
+            hasher.update(json.dumps(next(json_batches), sort_keys=True).encode())
+        if array_batches is not None:
+            batch = next(array_batches)
+            for column in arrays:
+                values = batch[column]
+                hasher.update(f"{column}:{values.dtype}:{values.shape}".encode())
+                hasher.update(values.tobytes())
     return hasher.hexdigest()
+
+
+def save_file_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
+    """`safetensors.torch.save_file` to a temporary name, then renamed: an interrupted run never leaves a truncated
+    file behind."""
+    from safetensors.torch import save_file
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(f".tmp{os.getpid()}")
+    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    os.replace(tmp, path)
 
 
 class TeacherLogitsCache:
@@ -358,17 +395,11 @@ class TeacherLogitsCache:
         return logits
 
     def save(self, path: Path, logits: torch.Tensor, data_key: str) -> None:
-        from safetensors.torch import save_file
-
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(f".tmp{os.getpid()}")
-        # Written to a temporary name and renamed, so an interrupted run never leaves a truncated file behind.
-        save_file(
-            {"logits": logits.float().contiguous()},
-            tmp,
+        save_file_atomically(
+            {"logits": logits.float()},
+            path,
             metadata={"teacher": self.teacher_key, "data": data_key, "rows": str(logits.shape[0])},
         )
-        os.replace(tmp, path)
 
 
 @torch.no_grad()
