@@ -183,9 +183,19 @@ def check_vocabularies(
     Feeding student ids to a teacher with another vocabulary would silently produce garbage (PEERS.md: TRL #4562,
     DistillKit #7).
 
+    Image models (neither config has a `vocab_size`) have no vocabulary to compare.
+
     Returns:
         `None` when no mapping is needed, else the `(student_vocab,)` id map.
     """
+    has_vocab = [hasattr(config, "vocab_size") for config in (student_config, teacher_config)]
+    if not any(has_vocab) and not map_token_ids:
+        return None
+    if not all(has_vocab):
+        raise ValueError(
+            f"Only the {'student' if has_vocab[0] else 'teacher'} has a vocabulary (vocab_size): a text model and an "
+            "image model cannot read the same inputs."
+        )
     same_vocab = student_config.vocab_size == teacher_config.vocab_size
     if same_vocab and student_tokenizer is not None and teacher_tokenizer is not None:
         same_vocab = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
@@ -272,7 +282,8 @@ def teacher_fingerprint(teacher: str | os.PathLike | nn.Module, init_kwargs: dic
             hasher.update(config.to_json_string(use_diff=False).encode())
         for name, tensor in sorted(model.state_dict().items()):
             hasher.update(name.encode())
-            hasher.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+            # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly.
+            hasher.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
         return hasher.hexdigest()
 
     for path in _teacher_files(str(teacher), init_kwargs or {}):

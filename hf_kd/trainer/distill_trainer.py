@@ -11,10 +11,11 @@ from ..metrics import make_compute_metrics
 from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
 from .base_trainer import _BaseTrainer
 from .distill_config import DistillConfig
+from .letkd_mixin import _LetKDMixin
 from .teacher_mixin import _TeacherMixin
 
 
-class DistillTrainer(_TeacherMixin, _BaseTrainer):
+class DistillTrainer(_LetKDMixin, _TeacherMixin, _BaseTrainer):
     r"""
     [`~transformers.Trainer`] that distils a frozen teacher into the student `model` (Hinton et al., 2015,
     https://huggingface.co/papers/1503.02531).
@@ -29,6 +30,9 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     At every evaluation, besides the loss, the default `compute_metrics` logs accuracy, ECE (15 bins), NLL, Brier,
     mean predictive entropy and, since the teacher's logits are known, the confidence-preservation sigma of Vengertsev
     & Sherman (2024, https://huggingface.co/papers/2401.11365) and the teacher's own accuracy and entropy.
+
+    With `args.letkd` (1 or 2) the student's KD layers (an hf_kd KD-layer model) are also trained on the teacher's
+    decisions, letKD (Görgün et al., 2023, https://huggingface.co/papers/2309.02843): see [`DistillConfig`].
 
     Args:
         model (`PreTrainedModel` or `nn.Module`):
@@ -105,12 +109,15 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
 
         self._init_teacher(teacher, processing_class, teacher_processing_class)
+        self._init_letkd()
 
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
         return {
             "teacher_model": self._teacher_name(),
-            "hyperparameters": {"temperature": self.args.temperature, "alpha": self.args.alpha},
+            "hyperparameters": {
+                "temperature": self.args.temperature, "alpha": self.args.alpha, **self._letkd_card_info()
+            },
         }
 
     # ---- loss ------------------------------------------------------------------------------------------------------
@@ -118,11 +125,15 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels", None)
         teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
-        student_logits = model(**inputs).logits
+        # letkd: the student also returns its KD layers' features and the KD layer losses join the loss.
+        student_logits, letkd_loss, teacher_logits = self._letkd_forward(
+            model, inputs, labels, teacher_logits, num_items_in_batch
+        )
         teacher_logits = self._batch_teacher_logits(inputs, teacher_logits).to(student_logits.device)
 
         T, alpha = self.args.temperature, self.args.alpha
         loss = kd_loss(student_logits, teacher_logits, labels, T, alpha, num_items_in_batch=num_items_in_batch)
+        loss = loss + letkd_loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
             loss = loss * self.accelerator.num_processes
