@@ -383,8 +383,11 @@ class TestLetKDTrainer:
         for location in ("penultimate", "intermediate"):
             for name, tensor in first._letkd_targets[location].tensors().items():
                 assert torch.equal(second._letkd_targets[location].tensors()[name], tensor)
-        # A letKD-1 run reuses the penultimate targets of the letKD-2 run.
+        # A letKD-1 run reuses the penultimate targets of the letKD-2 run; a student of another seed reuses both.
         letkd_trainer(tmp_path, student=student_cnn(intermediate=0), letkd=1)
+        letkd_trainer(tmp_path, student=student_cnn(seed=4), seed=4)
+        with pytest.raises(AssertionError, match="collected again"):
+            letkd_trainer(tmp_path, letkd_kmeans_seed=1)
         # Other teacher weights: a new key, so the targets are fitted again.
         with pytest.raises(AssertionError, match="collected again"):
             letkd_trainer(tmp_path, teacher=cnn(seed=8, stage_channels=(8, 8)))
@@ -507,3 +510,43 @@ class TestLetKDTransformer:
     def test_intermediate_needs_a_teacher_layer(self, tmp_path):
         with pytest.raises(ValueError, match="does not name its locations"):
             self.make(tmp_path, letkd=2)
+
+
+# ------------------------------------------------------------------------------------------------------ image teachers
+# (hf_kd.teacher, shared with the teacher logits cache)
+
+
+def test_image_teacher_fingerprint_covers_batchnorm_buffers():
+    from hf_kd.teacher import teacher_fingerprint
+
+    teacher = teacher_cnn()
+    key = teacher_fingerprint(teacher)  # 0-dim num_batches_tracked buffers included
+    with torch.no_grad():
+        teacher.stem.norm.running_mean.add_(0.1)
+    assert teacher_fingerprint(teacher) != key
+
+
+def test_dataset_fingerprint_hashes_image_bytes_and_keeps_text_keys():
+    import hashlib
+
+    from hf_kd.teacher import dataset_fingerprint
+
+    images = image_dataset(8)
+    key = dataset_fingerprint(images, ["pixel_values", "labels"])
+    assert dataset_fingerprint(image_dataset(8), ["pixel_values", "labels"]) == key
+    assert dataset_fingerprint(images.select([1, 0, *range(2, 8)]), ["pixel_values", "labels"]) != key
+    assert dataset_fingerprint(images, ["pixel_values"]) != key
+    # Ragged token columns keep the JSON formula, so existing text cache keys are unchanged.
+    text, columns = tiny_dataset(5000), ["input_ids", "attention_mask"]
+    hasher = hashlib.sha256(json.dumps(columns).encode())
+    for batch in text.select_columns(columns).iter(batch_size=2048):
+        hasher.update(json.dumps(batch, sort_keys=True).encode())
+    assert dataset_fingerprint(text, columns) == hasher.hexdigest()
+
+
+def test_image_models_have_no_vocabulary_to_check():
+    from hf_kd.teacher import check_vocabularies
+
+    assert check_vocabularies(student_cnn().config, teacher_cnn().config, None, None, False) is None
+    with pytest.raises(ValueError, match="Only the teacher has a vocabulary"):
+        check_vocabularies(student_cnn().config, tiny_bert().config, None, None, False)

@@ -66,8 +66,9 @@ class DistillConfig(TrainingArguments, _TeacherArguments, _LetKDArguments):
             or `"bilinear"` for other sizes.
         letkd_temperature (`float`, *optional*, defaults to `1.0`): `t` of `softmax(-t ||F_T - rho_k||^2)`.
         letkd_lda_components (`int`, *optional*): LDA dimensions (default `min(num_labels - 1, d_T)`).
-        letkd_kmeans_iterations (`int`, *optional*, defaults to `20`), letkd_kmeans_backend (`str`, *optional*,
-            defaults to `"auto"`: faiss when installed, else scikit-learn).
+        letkd_kmeans_iterations (`int`, *optional*, defaults to `20`), letkd_kmeans_seed (`int`, *optional*, defaults
+            to `0`; not the run's seed, so students of every seed share the targets), letkd_kmeans_backend (`str`,
+            *optional*, defaults to `"auto"`: faiss when installed, else scikit-learn).
         letkd_cache_dir (`str`, *optional*): where targets are cached (`$HF_HOME/hf_kd/kd_layer_targets`).
 
     Example:

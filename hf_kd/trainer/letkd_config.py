@@ -48,6 +48,13 @@ class _LetKDArguments:
         default=None, metadata={"help": "LDA dimensions of the intermediate targets (default min(num_labels - 1, d_T))."}
     )
     letkd_kmeans_iterations: int = field(default=20, metadata={"help": "K-means iterations (paper: 20)."})
+    letkd_kmeans_seed: int = field(
+        default=0,
+        metadata={
+            "help": "Seed of the K-means initialisation. Not the run's seed: the targets depend on teacher and data "
+            "only, so students of every seed share them (the paper ships one codebook per teacher)."
+        },
+    )
     letkd_kmeans_backend: str = field(
         default="auto", metadata={"help": "K-means backend: 'faiss', 'sklearn' or 'auto' (faiss when installed)."}
     )

@@ -87,7 +87,7 @@ class _LetKDMixin:
             settings = {
                 "location": location, "templates": templates[location], "num_classes": num_classes,
                 "lda_components": args.letkd_lda_components, "iterations": args.letkd_kmeans_iterations,
-                "seed": args.seed, "backend": backend, "teacher_layer": layer, "resize": args.letkd_teacher_resize,
+                "seed": args.letkd_kmeans_seed, "backend": backend, "teacher_layer": layer, "resize": args.letkd_teacher_resize,
                 "student_shape": student_shapes[location],
                 "token_id_map": None if self._token_id_map is None else self._token_id_map.tolist(),
             }
@@ -104,7 +104,7 @@ class _LetKDMixin:
                 )
                 fitted, _ = fit_targets(
                     features, labels, templates, num_classes, args.letkd_temperature, args.letkd_lda_components,
-                    args.letkd_kmeans_iterations, args.seed, backend,
+                    args.letkd_kmeans_iterations, args.letkd_kmeans_seed, backend,
                 )
                 del features
                 for location, value in fitted.items():
