@@ -72,7 +72,7 @@ def time_targets(opts, teacher) -> tuple[dict, dict]:
     mixin.dataset_fingerprint = timed("dataset_fingerprint")
     try:
         start = time.perf_counter()
-        train = fashion_mnist("train")
+        train = fashion_mnist("train", opts.target_samples)
         seconds["load_data"] = time.perf_counter() - start
         common = sgd_args(Path(opts.output_dir) / "cost_run", 0, 1.0)
         args = distill_config("letkd2", common, Path(opts.output_dir) / "cache")
@@ -90,7 +90,7 @@ def time_targets(opts, teacher) -> tuple[dict, dict]:
     seconds.update({f"fit_{location}": value for location, value in per_location.items()})
     features, labels = kept["collect_teacher_features"]
     info = {location: list(f.shape) for location, f in features.items()}
-    return {"seconds": seconds, "feature_shapes": info, "peak_rss_mb": memory.peak_mb,
+    return {"seconds": seconds, "feature_shapes": info, "peak_rss_mb": memory.peak_mb, "images": len(train),
             "templates": opts.templates}, (features, labels)
 
 
@@ -152,7 +152,7 @@ def markdown(result: dict) -> list[str]:
         t = result["targets"]
         s = t["seconds"]
         lines += [
-            f"### Teacher targets for the 60,000 training images (letKD-2, K={t['templates']})", "",
+            f"### Teacher targets for {t['images']:,} training images (letKD-2, K={t['templates']})", "",
             f"Teacher features: {t['feature_shapes']['penultimate'][0]:,} positions x "
             f"{t['feature_shapes']['penultimate'][1]} channels at each location. One core, faiss "
             f"K-means (20 iterations, every point, no subsampling). Peak RSS {t['peak_rss_mb']:.0f} MB.", "",
@@ -199,6 +199,7 @@ def main():
     parser.add_argument("--parts", nargs="+", choices=("targets", "backends", "steps"),
                         default=["targets", "backends", "steps"])
     parser.add_argument("--templates", type=int, default=4096)
+    parser.add_argument("--target_samples", type=int, default=None, help="Training images for the targets (all).")
     parser.add_argument("--backend_points", type=int, default=61440, help="Teacher features for the backend race.")
     parser.add_argument("--step_samples", type=int, default=3200)
     parser.add_argument("--steps", type=int, default=40)

@@ -42,8 +42,8 @@ def sgd_args(output_dir, seed: int, epochs: float, lr: float = 0.05, batch_size:
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=512, optim="sgd",
         optim_args="momentum=0.9,nesterov=True", weight_decay=5e-4, lr_scheduler_type="cosine",
         save_strategy="no", eval_strategy="no", report_to="none", use_cpu=True, logging_steps=200,
-        dataloader_num_workers=0, disable_tqdm=True, **kwargs,
-    )
+        dataloader_num_workers=0, disable_tqdm=True,
+    ) | kwargs
 
 
 def student_for(method: str, seed: int, templates: int) -> KDLayerForImageClassification:

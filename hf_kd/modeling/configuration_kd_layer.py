@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from transformers import AutoConfig
 
-from .configuration_multi_exit import PreTrainedConfig, SubConfigSpec
+from .configuration_multi_exit import PreTrainedConfig, SubConfigSpec, _as_backbone_config
 
 KD_LAYER_LOCATIONS = ("intermediate", "penultimate")
 
@@ -110,15 +110,7 @@ class KDLayerConfig(PreTrainedConfig):
         kd_layer_score_scale=3.0,
         **kwargs,
     ):
-        if isinstance(backbone_config, dict):
-            backbone_config = dict(backbone_config)
-            if "model_type" not in backbone_config:
-                raise ValueError("backbone_config as a dict must contain a 'model_type' (e.g. 'bert', 'mpnet').")
-            backbone_config.pop("transformers_version", None)
-            backbone_config = AutoConfig.for_model(**backbone_config)
-        if backbone_config is not None and not isinstance(backbone_config, PreTrainedConfig):
-            raise TypeError(f"backbone_config must be a dict or a PreTrainedConfig, got {type(backbone_config)}.")
-        self.backbone_config = backbone_config
+        self.backbone_config = backbone_config = _as_backbone_config(backbone_config)
         self.kd_layer_templates = _check_kd_layer_templates(kd_layer_templates)
         self.kd_layer_residual_weights = _check_kd_layer_residual_weights(
             kd_layer_residual_weights, self.kd_layer_templates

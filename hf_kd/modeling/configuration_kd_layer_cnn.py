@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from .configuration_kd_layer import _check_kd_layer_residual_weights, _check_kd_layer_templates
 from .configuration_multi_exit import PreTrainedConfig
-from .configuration_multi_exit_cnn import _check_positive_int
+from .configuration_multi_exit_cnn import _set_cnn_layout
 
 
 class KDLayerImageConfig(PreTrainedConfig):
@@ -66,13 +66,7 @@ class KDLayerImageConfig(PreTrainedConfig):
         num_labels=None,
         **kwargs,
     ):
-        self.num_channels = _check_positive_int("num_channels", num_channels)
-        self.image_size = _check_positive_int("image_size", image_size)
-        self.stem_channels = _check_positive_int("stem_channels", stem_channels)
-        if isinstance(stage_channels, int) or not stage_channels:
-            raise ValueError(f"stage_channels must be a non-empty list of channel counts, got {stage_channels!r}.")
-        self.stage_channels = [_check_positive_int(f"stage_channels[{i}]", c) for i, c in enumerate(stage_channels)]
-        self.convs_per_stage = _check_positive_int("convs_per_stage", convs_per_stage)
+        _set_cnn_layout(self, num_channels, image_size, stem_channels, stage_channels, convs_per_stage)
         self.kd_layer_templates = _check_kd_layer_templates(kd_layer_templates)
         if "intermediate" in self.kd_layer_templates and self.convs_per_stage < 2:
             raise ValueError(

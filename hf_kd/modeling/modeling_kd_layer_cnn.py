@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_kd_layer_cnn import KDLayerImageConfig
 from .kd_layer import CosineConv1x1, build_kd_layers
-from .modeling_multi_exit_cnn import MultiExitConvBlock
+from .modeling_multi_exit_cnn import build_conv_stages
 
 
 @dataclass
@@ -85,14 +85,7 @@ class KDLayerForImageClassification(KDLayerImagePreTrainedModel):
     def __init__(self, config: KDLayerImageConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.stem = MultiExitConvBlock(config.num_channels, config.stem_channels, stride=1)
-        stages, in_channels = [], config.stem_channels
-        for channels in config.stage_channels:
-            blocks = [MultiExitConvBlock(in_channels, channels, stride=2)]
-            blocks += [MultiExitConvBlock(channels, channels, stride=1) for _ in range(config.convs_per_stage - 1)]
-            stages.append(nn.Sequential(*blocks))
-            in_channels = channels
-        self.stages = nn.ModuleList(stages)
+        self.stem, self.stages = build_conv_stages(config)
         last = config.stage_channels[-1]
         self.kd_layers = build_kd_layers(config, {"intermediate": last, "penultimate": last})
         self.classifier = nn.Linear(last, config.num_labels)
