@@ -115,8 +115,10 @@ def kmeans(
 
 
 def _squared_distances(x: torch.Tensor, centres: torch.Tensor) -> torch.Tensor:
-    """`||x_i - c_k||^2` `(N, K)` for `x` `(N, d)` and `centres` `(K, d)`, as the official code expands it."""
-    return (x.pow(2).sum(-1, keepdim=True) + centres.pow(2).sum(-1) - 2 * x @ centres.T).clamp_min(0)
+    """`||x_i - c_k||^2` `(N, K)` for `x` `(N, d)` and `centres` `(K, d)`, expanded as the official code does
+    (`|x|^2 + |c|^2 - 2 x c^T`, one fused matmul-add), without gradients."""
+    squares = x.pow(2).sum(-1, keepdim=True) + centres.pow(2).sum(-1)  # (N, K)
+    return torch.addmm(squares, x, centres.T, alpha=-2).clamp_min_(0)
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -147,10 +149,11 @@ class TemplateTargets:
     def feature_size(self) -> int:
         return self.codebook.shape[1]
 
+    @torch.no_grad()
     def __call__(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher features `(N, d_T)` -> target distributions `(N, K)` (labels are not used)."""
+        """Teacher features `(N, d_T)` -> target distributions `(N, K)`, without gradients (labels are not used)."""
         codebook = self.codebook.to(features.device, torch.float32)
-        return F.softmax(-self.temperature * _squared_distances(features.float(), codebook), dim=-1)
+        return F.softmax(_squared_distances(features.float(), codebook).mul_(-self.temperature), dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
         return {"codebook": self.codebook}
@@ -196,8 +199,10 @@ class SubclassTargets:
         mean, scalings = self.lda_mean.to(features.device, torch.float32), self.lda_scalings.to(features.device)
         return (features.float() - mean) @ scalings.float()
 
+    @torch.no_grad()
     def __call__(self, features: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
-        """Teacher features `(N, d_T)` and each position's class `(N,)` -> target distributions `(N, C * S)`."""
+        """Teacher features `(N, d_T)` and each position's class `(N,)` -> target distributions `(N, C * S)`,
+        without gradients."""
         if labels is None:
             raise ValueError("Intermediate (sub-class) KD layer targets need the class label of every position.")
         S = self.subclasses_per_class
