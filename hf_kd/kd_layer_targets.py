@@ -26,7 +26,6 @@ import hashlib
 import json
 import logging
 import os
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -568,15 +567,14 @@ def fit_targets(
     num_iterations: int = 20,
     seed: int = 0,
     backend: str = "auto",
-) -> tuple[dict[str, TemplateTargets | SubclassTargets], dict[str, float]]:
+) -> dict[str, TemplateTargets | SubclassTargets]:
     """Fit the targets of every location from collected teacher features and labels ([`collect_teacher_features`]).
 
-    `num_templates["penultimate"]` is `K`; `num_templates["intermediate"]` is `S * num_classes` and must be a
-    multiple of `num_classes`. Returns the targets and the seconds each fit took.
+    `num_templates["penultimate"]` is `K` ([`fit_template_targets`]); `num_templates["intermediate"]` is
+    `S * num_classes` and must be a multiple of `num_classes` ([`fit_subclass_targets`]).
     """
-    targets, seconds = {}, {}
+    targets = {}
     for location, feats in features.items():
-        start = time.perf_counter()
         if location == "penultimate":
             targets[location] = fit_template_targets(
                 feats, num_templates[location], temperature, num_iterations, seed, backend
@@ -586,8 +584,7 @@ def fit_targets(
                 feats, labels[location], num_classes, subclasses_per_class(num_templates[location], num_classes),
                 lda_components, num_iterations, seed, backend,
             )
-        seconds[location] = time.perf_counter() - start
-    return targets, seconds
+    return targets
 
 
 def subclasses_per_class(num_templates: int, num_classes: int) -> int:

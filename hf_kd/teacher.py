@@ -269,9 +269,9 @@ def _sha256_file(path: Path, hasher) -> None:
 def teacher_fingerprint(teacher: str | os.PathLike | nn.Module, init_kwargs: dict[str, Any] | None = None) -> str:
     """A hash of what determines the teacher's logits: its config and its weights.
 
-    For a built model, the config and every parameter and buffer are hashed (about 0.1 s for 22M parameters). For a
-    Hub id or path, the config and weight files are resolved (downloaded if needed, but never instantiated) and their
-    bytes hashed, so changing the weights under the same name invalidates the cache.
+    For a built model, the config (but not `_name_or_path`) and every parameter and buffer are hashed (about 0.1 s
+    for 22M parameters). For a Hub id or path, the config and weight files are resolved (downloaded if needed, but
+    never instantiated) and their bytes hashed, so changing the weights under the same name invalidates the cache.
     """
     hasher = hashlib.sha256()
     if isinstance(teacher, nn.Module):
@@ -279,7 +279,10 @@ def teacher_fingerprint(teacher: str | os.PathLike | nn.Module, init_kwargs: dic
         config = getattr(model, "config", None)
         hasher.update(type(model).__name__.encode())
         if config is not None:
-            hasher.update(config.to_json_string(use_diff=False).encode())
+            # Where the weights were loaded from is not what they compute: the same teacher loaded through two paths
+            # (relative and absolute) must share its caches.
+            settings = {k: v for k, v in config.to_dict().items() if k != "_name_or_path"}
+            hasher.update(json.dumps(settings, sort_keys=True, default=str).encode())
         for name, tensor in sorted(model.state_dict().items()):
             hasher.update(name.encode())
             # reshape(-1): 0-dim buffers (BatchNorm's num_batches_tracked) cannot be viewed as bytes directly.

@@ -44,81 +44,104 @@ def load_teacher(path: str | None):
     return cnn("teacher", seed=0).eval()
 
 
-def time_targets(opts, teacher) -> tuple[dict, dict]:
-    """Phase timings of a letKD-2 trainer's target fit on the full training set, and the collected features."""
-    import hf_kd.trainer.letkd_mixin as mixin
-    from hf_kd import DistillTrainer
+class PhaseTimer:
+    """Wall and CPU seconds (`time.process_time`: one thread's work, unlike wall time hardly touched by other
+    processes on a shared machine) of wrapped functions, summed per phase name."""
 
-    seconds, kept = {"fingerprints": 0.0}, {}
-    originals = {name: getattr(mixin, name) for name in ("collect_teacher_features", "fit_targets",
-                                                           "dataset_fingerprint")}
+    def __init__(self):
+        self.wall, self.cpu, self.results = {}, {}, {}
 
-    def timed(name, keep=False):
+    def wrap(self, name: str, function, keep: bool = False):
         def wrapper(*args, **kwargs):
-            start = time.perf_counter()
-            result = originals[name](*args, **kwargs)
-            elapsed = time.perf_counter() - start
-            if name == "dataset_fingerprint":
-                seconds["fingerprints"] += elapsed
-            else:
-                seconds[name] = elapsed
+            wall, cpu = time.perf_counter(), time.process_time()
+            result = function(*args, **kwargs)
+            self.wall[name] = self.wall.get(name, 0.0) + time.perf_counter() - wall
+            self.cpu[name] = self.cpu.get(name, 0.0) + time.process_time() - cpu
             if keep:
-                kept[name] = result
+                self.results[name] = result
             return result
         return wrapper
 
-    mixin.collect_teacher_features = timed("collect_teacher_features", keep=True)
-    mixin.fit_targets = timed("fit_targets", keep=True)
-    mixin.dataset_fingerprint = timed("dataset_fingerprint")
+
+def time_targets(opts, teacher) -> tuple[dict, dict]:
+    """Phase timings of a letKD-2 trainer's target fit on the training set, and the features it collected."""
+    import hf_kd.kd_layer_targets as targets_module
+    import hf_kd.trainer.letkd_mixin as mixin
+    from hf_kd import DistillTrainer
+
+    timer = PhaseTimer()
+    patches = {(mixin, "collect_teacher_features"): "teacher pass", (mixin, "dataset_fingerprint"): "fingerprints",
+               (targets_module, "fit_template_targets"): "penultimate fit",
+               (targets_module, "fit_subclass_targets"): "intermediate fit"}
+    originals = {key: getattr(*key) for key in patches}
+    for (module, name), phase in patches.items():
+        setattr(module, name, timer.wrap(phase, originals[module, name], keep=phase == "teacher pass"))
     try:
-        start = time.perf_counter()
-        train = fashion_mnist("train", opts.target_samples)
-        seconds["load_data"] = time.perf_counter() - start
+        train = timer.wrap("load data", fashion_mnist)("train", opts.target_samples)
         common = sgd_args(Path(opts.output_dir) / "cost_run", 0, 1.0)
         args = distill_config("letkd2", common, Path(opts.output_dir) / "cache")
-        start = time.perf_counter()
+        args.letkd_cache_dir = opts.targets_cache_dir or args.letkd_cache_dir
         with PeakRSS() as memory:
-            DistillTrainer(model=student_for("letkd2", 0, opts.templates), args=args, teacher_model=teacher,
-                           train_dataset=train)
-        seconds["trainer_init_total"] = time.perf_counter() - start
+            timer.wrap("DistillTrainer init, total", DistillTrainer)(
+                model=student_for("letkd2", 0, opts.templates), args=args, teacher_model=teacher, train_dataset=train
+            )
     finally:
-        for name, original in originals.items():
-            setattr(mixin, name, original)
-    if "fit_targets" not in kept:
-        raise RuntimeError(f"The targets were already cached in {args.letkd_cache_dir}: delete them to time the fit.")
-    _, per_location = kept["fit_targets"]
-    seconds.update({f"fit_{location}": value for location, value in per_location.items()})
-    features, labels = kept["collect_teacher_features"]
+        for (module, name), original in originals.items():
+            setattr(module, name, original)
+    if "teacher pass" not in timer.results:
+        raise RuntimeError(
+            f"The targets were already cached in {args.letkd_cache_dir}: pass --targets_cache_dir to time a fit."
+        )
+    features, labels = timer.results["teacher pass"]
     info = {location: list(f.shape) for location, f in features.items()}
-    return {"seconds": seconds, "feature_shapes": info, "peak_rss_mb": memory.peak_mb, "images": len(train),
-            "templates": opts.templates}, (features, labels)
+    return {"wall_seconds": timer.wall, "cpu_seconds": timer.cpu, "feature_shapes": info,
+            "peak_rss_mb": memory.peak_mb, "images": len(train), "templates": opts.templates}, (features, labels)
 
 
 def time_backends(opts, features, labels) -> dict:
-    """faiss vs scikit-learn K-means on real teacher features, interleaved and repeated."""
+    """faiss vs scikit-learn K-means on real teacher features, interleaved and repeated (wall and CPU seconds)."""
     from threadpoolctl import threadpool_limits
 
     from hf_kd.kd_layer_targets import fit_subclass_targets, kmeans
 
     points = features["penultimate"][: opts.backend_points]
     runs = {"faiss": [], "sklearn": []}
+    intermediate = {}
     with threadpool_limits(opts.threads):
         for repeat in range(opts.backend_repeats):
             for backend in runs:
-                start = time.perf_counter()
-                kmeans(points, opts.templates, num_iterations=20, seed=0, backend=backend)
-                runs[backend].append(time.perf_counter() - start)
-                print(f"repeat {repeat} penultimate K-means {backend}: {runs[backend][-1]:.1f} s", flush=True)
-        intermediate = {}
-        for backend in ("faiss", "sklearn"):
-            start = time.perf_counter()
-            fit_subclass_targets(features["intermediate"], labels["intermediate"], 10, 8, backend=backend)
-            intermediate[backend] = time.perf_counter() - start
-            print(f"intermediate targets {backend}: {intermediate[backend]:.1f} s", flush=True)
-    medians = {backend: statistics.median(times) for backend, times in runs.items()}
+                timer = PhaseTimer()
+                timer.wrap("kmeans", kmeans)(points, opts.templates, num_iterations=20, seed=0, backend=backend)
+                runs[backend].append({"wall": timer.wall["kmeans"], "cpu": timer.cpu["kmeans"]})
+                print(f"repeat {repeat} penultimate K-means {backend}: {runs[backend][-1]}", flush=True)
+        for backend in runs:
+            timer = PhaseTimer()
+            timer.wrap("fit", fit_subclass_targets)(
+                features["intermediate"], labels["intermediate"], 10, 8, backend=backend
+            )
+            intermediate[backend] = {"wall": timer.wall["fit"], "cpu": timer.cpu["fit"]}
+            print(f"intermediate targets {backend}: {intermediate[backend]}", flush=True)
+    medians = {backend: {kind: statistics.median(r[kind] for r in times) for kind in ("wall", "cpu")}
+               for backend, times in runs.items()}
     return {"points": list(points.shape), "templates": opts.templates, "penultimate_kmeans_seconds": medians,
-            "penultimate_runs": runs, "sklearn_over_faiss": medians["sklearn"] / medians["faiss"],
-            "intermediate_fit_seconds": intermediate}
+            "penultimate_runs": runs, "intermediate_fit_seconds": intermediate,
+            "sklearn_over_faiss_cpu": medians["sklearn"]["cpu"] / medians["faiss"]["cpu"]}
+
+
+def collect_features(opts, teacher) -> tuple[dict, dict]:
+    """The teacher's features at both letKD locations for the training set, without fitting (for `backends`)."""
+    import torch
+    from transformers import default_data_collator
+
+    from hf_kd.kd_layer_targets import collect_teacher_features
+
+    train = fashion_mnist("train", opts.target_samples)
+    student = student_for("letkd2", 0, opts.templates).eval()
+    with torch.no_grad():
+        out = student(pixel_values=train[:2]["pixel_values"], output_kd_features=True)
+    shapes = {location: tuple(f.shape[1:]) for location, f in out.kd_features.items()}
+    return collect_teacher_features(teacher, train, default_data_collator, ("intermediate", "penultimate"), shapes,
+                                    batch_size=512)
 
 
 def step_worker(config: str, opts) -> dict:
@@ -150,33 +173,36 @@ def markdown(result: dict) -> list[str]:
     lines = []
     if "targets" in result:
         t = result["targets"]
-        s = t["seconds"]
+        wall, cpu = t["wall_seconds"], t["cpu_seconds"]
+        rows = [("data fingerprints (teacher inputs, + labels)", "fingerprints"),
+                ("teacher pass, features at both locations", "teacher pass"),
+                (f"penultimate: K-means, K={t['templates']}", "penultimate fit"),
+                ("intermediate: LDA + per-class K-means (8 x 10) + score matrix", "intermediate fit"),
+                ("**DistillTrainer init, total**", "DistillTrainer init, total"),
+                ("(loading the dataset, before)", "load data")]
         lines += [
             f"### Teacher targets for {t['images']:,} training images (letKD-2, K={t['templates']})", "",
             f"Teacher features: {t['feature_shapes']['penultimate'][0]:,} positions x "
-            f"{t['feature_shapes']['penultimate'][1]} channels at each location. One core, faiss "
-            f"K-means (20 iterations, every point, no subsampling). Peak RSS {t['peak_rss_mb']:.0f} MB.", "",
-            "| phase | seconds |", "|---|---|",
-            f"| data fingerprints (teacher inputs, + labels) | {s['fingerprints']:.1f} |",
-            f"| teacher pass, features at both locations | {s['collect_teacher_features']:.1f} |",
-            f"| penultimate: K-means, K={t['templates']} | {s['fit_penultimate']:.1f} |",
-            f"| intermediate: LDA + per-class K-means (8 x 10) + score matrix | {s['fit_intermediate']:.1f} |",
-            f"| **DistillTrainer init, total** | **{s['trainer_init_total']:.1f}** |",
-            f"| (loading the dataset, before) | {s['load_data']:.1f} |", "",
+            f"{t['feature_shapes']['penultimate'][1]} channels at each location. One thread, faiss K-means (20 "
+            f"iterations, every point, no subsampling). Peak RSS {t['peak_rss_mb']:.0f} MB. CPU seconds are this "
+            "process's work; wall seconds include waiting for the other processes of the shared machine.", "",
+            "| phase | CPU s | wall s |", "|---|---|---|",
         ]
+        lines += [f"| {label} | {cpu[key]:.1f} | {wall[key]:.1f} |" for label, key in rows if key in cpu]
+        lines.append("")
     if "backends" in result:
         b = result["backends"]
-        m = b["penultimate_kmeans_seconds"]
+        m, inter = b["penultimate_kmeans_seconds"], b["intermediate_fit_seconds"]
         lines += [
-            "### K-means backend: faiss vs scikit-learn (same real features, one core)", "",
+            "### K-means backend: faiss vs scikit-learn (same real features, one thread)", "",
             f"Penultimate codebook: K={b['templates']}, 20 iterations, on the first {b['points'][0]:,} teacher "
             f"features ({b['points'][1]} dims), median of {len(b['penultimate_runs']['faiss'])} interleaved repeats. "
             "Intermediate: the whole fit (LDA, 8 centres per class, score matrix) on all positions.", "",
-            "| backend | penultimate K-means (s) | intermediate fit (s) |", "|---|---|---|",
-            f"| faiss | {m['faiss']:.1f} | {b['intermediate_fit_seconds']['faiss']:.1f} |",
-            f"| scikit-learn | {m['sklearn']:.1f} | {b['intermediate_fit_seconds']['sklearn']:.1f} |", "",
-            f"scikit-learn / faiss (penultimate): {b['sklearn_over_faiss']:.2f}x.", "",
+            "| backend | penultimate K-means CPU s (wall s) | intermediate fit CPU s (wall s) |", "|---|---|---|",
         ]
+        lines += [f"| {name} | {m[key]['cpu']:.1f} ({m[key]['wall']:.1f}) | {inter[key]['cpu']:.1f} "
+                  f"({inter[key]['wall']:.1f}) |" for key, name in (("faiss", "faiss"), ("sklearn", "scikit-learn"))]
+        lines += ["", f"scikit-learn / faiss, penultimate K-means CPU time: {b['sklearn_over_faiss_cpu']:.2f}x.", ""]
     if "steps" in result:
         st = result["steps"]
         summary = st["summary"]
@@ -200,6 +226,8 @@ def main():
                         default=["targets", "backends", "steps"])
     parser.add_argument("--templates", type=int, default=4096)
     parser.add_argument("--target_samples", type=int, default=None, help="Training images for the targets (all).")
+    parser.add_argument("--targets_cache_dir", default=None,
+                        help="Where `targets` caches its fit (default: the cache bench_letkd_fmnist.py reads).")
     parser.add_argument("--backend_points", type=int, default=61440, help="Teacher features for the backend race.")
     parser.add_argument("--step_samples", type=int, default=3200)
     parser.add_argument("--steps", type=int, default=40)
@@ -225,9 +253,12 @@ def main():
         "torch": torch.__version__, "cpu_count": os.cpu_count()}
     if "targets" in opts.parts or "backends" in opts.parts:
         teacher = load_teacher(opts.teacher)
-        result["targets"], (features, labels) = time_targets(opts, teacher)
-        print(json.dumps(result["targets"]), flush=True)
-        json_path.write_text(json.dumps(result, indent=2))
+        if "targets" in opts.parts:
+            result["targets"], (features, labels) = time_targets(opts, teacher)
+            print(json.dumps(result["targets"]), flush=True)
+            json_path.write_text(json.dumps(result, indent=2))
+        else:
+            features, labels = collect_features(opts, teacher)
         if "backends" in opts.parts:
             result["backends"] = time_backends(opts, features, labels)
             json_path.write_text(json.dumps(result, indent=2))

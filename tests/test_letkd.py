@@ -550,3 +550,14 @@ def test_image_models_have_no_vocabulary_to_check():
     assert check_vocabularies(student_cnn().config, teacher_cnn().config, None, None, False) is None
     with pytest.raises(ValueError, match="Only the teacher has a vocabulary"):
         check_vocabularies(student_cnn().config, tiny_bert().config, None, None, False)
+
+
+def test_teacher_fingerprint_ignores_where_the_teacher_was_loaded_from(tmp_path, monkeypatch):
+    from hf_kd.teacher import teacher_fingerprint
+
+    teacher_cnn().save_pretrained(tmp_path / "teacher")
+    monkeypatch.chdir(tmp_path)
+    relative = KDLayerForImageClassification.from_pretrained("teacher")
+    absolute = KDLayerForImageClassification.from_pretrained(tmp_path / "teacher")
+    assert relative.config._name_or_path != absolute.config._name_or_path
+    assert teacher_fingerprint(relative) == teacher_fingerprint(absolute)

@@ -102,7 +102,7 @@ class _LetKDMixin:
                     teacher, train, self.data_collator, todo, student_shapes, self._letkd_teacher_layers,
                     args.letkd_teacher_resize, args.per_device_eval_batch_size, args.device, self._token_id_map,
                 )
-                fitted, _ = fit_targets(
+                fitted = fit_targets(
                     features, labels, templates, num_classes, args.letkd_temperature, args.letkd_lda_components,
                     args.letkd_kmeans_iterations, args.letkd_kmeans_seed, backend,
                 )
