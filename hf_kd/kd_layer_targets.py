@@ -155,6 +155,7 @@ class TemplateTargets:
         return F.softmax(_squared_distances(features.float(), codebook).mul_(-self.temperature), dim=-1)
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """What the cache stores."""
         return {"codebook": self.codebook}
 
 
@@ -211,6 +212,7 @@ class SubclassTargets:
         return self.score_matrix.to(z.device, torch.float32)[labels * S + nearest]
 
     def tensors(self) -> dict[str, torch.Tensor]:
+        """What the cache stores."""
         return {
             "lda_mean": self.lda_mean,
             "lda_scalings": self.lda_scalings,
@@ -601,12 +603,16 @@ __all__ = [
     "KDLayerTargetsCache",
     "SubclassTargets",
     "TemplateTargets",
+    "accepts_kd_features",
     "collect_teacher_features",
+    "default_targets_cache_dir",
     "fit_subclass_targets",
     "fit_targets",
     "fit_template_targets",
     "kmeans",
     "match_positions",
     "position_labels",
+    "resolve_kmeans_backend",
+    "subclasses_per_class",
     "teacher_features_for_batch",
 ]

@@ -34,6 +34,7 @@ def main():
     parser.add_argument("--teacher_epochs", type=float, default=2.0)
     parser.add_argument("--epochs", type=float, default=2.0, help="Student epochs.")
     parser.add_argument("--templates", type=int, default=4096)
+    parser.add_argument("--test_samples", type=int, default=None, help="First N test snippets (default: all).")
     parser.add_argument("--seed", type=int, default=42)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
@@ -58,7 +59,8 @@ def main():
     splits = data.load_rotten_tomatoes(seed=opts.seed)
     train = splits["train"].shuffle(seed=opts.seed).select(range(opts.train_samples)).flatten_indices()
     train = data.tokenize_dataset(train, tokenizer, max_length=64)
-    test = data.tokenize_dataset(splits["test"], tokenizer, max_length=64)
+    test = splits["test"] if opts.test_samples is None else splits["test"].select(range(opts.test_samples))
+    test = data.tokenize_dataset(test, tokenizer, max_length=64)
     collator = DataCollatorWithPadding(tokenizer)
     common = dict(learning_rate=1e-4, warmup_steps=0.1, per_device_train_batch_size=32, per_device_eval_batch_size=128,
                   eval_strategy="no", save_strategy="no", logging_steps=25, seed=opts.seed, report_to="none",
