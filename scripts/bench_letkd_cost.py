@@ -4,8 +4,8 @@ and the training time per step (PAPERS.md section 5).
 1. Targets (`targets`): a letKD-2 DistillTrainer on all 60,000 images (teacher and student of
    scripts/letkd_bench.py), timed phase by phase: data fingerprints, the teacher pass that collects its features at
    both locations (60,000 x 4 x 4 = 960,000 positions each, 128 channels), the K-means of the penultimate codebook
-   (K templates, 20 iterations, faiss) and the intermediate LDA + per-class K-means + score matrix. The targets land
-   in the cache that scripts/bench_letkd_fmnist.py reads (same teacher, data and settings).
+   (K templates, 20 iterations, faiss) and the intermediate LDA + per-class K-means + score matrix, into a cache of
+   its own (`--targets_cache_dir`), so the fit is timed even after scripts/bench_letkd_fmnist.py has cached its own.
 2. Backends (`backends`): faiss and scikit-learn K-means (20 Lloyd iterations, same random-point initialisation) on
    the first `--backend_points` of those real penultimate features, K templates, interleaved and repeated; and both on
    the intermediate per-class K-means (8 centres per class on the LDA features of all 960,000 positions).
@@ -16,7 +16,7 @@ and the training time per step (PAPERS.md section 5).
 
 Writes docs/benchmarks/letkd_cost.{json,md}.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_letkd_cost.py --teacher outputs/letkd_fmnist/teacher
+    HF_HUB_OFFLINE=1 python scripts/bench_letkd_cost.py    # after bench_letkd_fmnist.py has trained the teacher
 """
 
 import argparse
@@ -80,7 +80,7 @@ def time_targets(opts, teacher) -> tuple[dict, dict]:
         train = timer.wrap("load data", fashion_mnist)("train", opts.target_samples)
         common = sgd_args(Path(opts.output_dir) / "cost_run", 0, 1.0)
         args = distill_config("letkd2", common, Path(opts.output_dir) / "cache")
-        args.letkd_cache_dir = opts.targets_cache_dir or args.letkd_cache_dir
+        args.letkd_cache_dir = opts.targets_cache_dir or str(Path(opts.output_dir) / "cache" / "targets_timing")
         with PeakRSS() as memory:
             timer.wrap("DistillTrainer init, total", DistillTrainer)(
                 model=student_for("letkd2", 0, opts.templates), args=args, teacher_model=teacher, train_dataset=train
@@ -90,7 +90,8 @@ def time_targets(opts, teacher) -> tuple[dict, dict]:
             setattr(module, name, original)
     if "teacher pass" not in timer.results:
         raise RuntimeError(
-            f"The targets were already cached in {args.letkd_cache_dir}: pass --targets_cache_dir to time a fit."
+            f"The targets were already cached in {args.letkd_cache_dir}: delete them or pass another "
+            "--targets_cache_dir to time a fit."
         )
     features, labels = timer.results["teacher pass"]
     info = {location: list(f.shape) for location, f in features.items()}
@@ -144,6 +145,23 @@ def collect_features(opts, teacher) -> tuple[dict, dict]:
                                     batch_size=512)
 
 
+class CPUStepTimer(StepTimer):
+    """[`StepTimer`] that also records each step's CPU seconds (`time.process_time`, robust to the other processes of
+    a shared machine)."""
+
+    def __init__(self):
+        super().__init__()
+        self.cpu_times: list[float] = []
+
+    def on_step_begin(self, args, state, control, **kwargs):
+        self._cpu_start = time.process_time()
+        super().on_step_begin(args, state, control, **kwargs)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        super().on_step_end(args, state, control, **kwargs)
+        self.cpu_times.append(time.process_time() - self._cpu_start)
+
+
 def step_worker(config: str, opts) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments
@@ -157,7 +175,7 @@ def step_worker(config: str, opts) -> dict:
                       logging_steps=opts.steps)
     method = config if config != "kd_online" else "kd"
     student = student_for(method, 0, opts.templates)
-    timer = StepTimer()
+    timer = CPUStepTimer()
     if config == "ce":
         trainer = Trainer(model=student, args=TrainingArguments(**common), train_dataset=train, callbacks=[timer])
     else:
@@ -166,7 +184,9 @@ def step_worker(config: str, opts) -> dict:
                                  callbacks=[timer])
     with PeakRSS() as memory:
         trainer.train()
-    return {"config": config, **step_summary(timer.times, opts.warmup), "peak_rss_mb": memory.peak_mb}
+    cpu = statistics.median(timer.cpu_times[opts.warmup:])
+    return {"config": config, **step_summary(timer.times, opts.warmup), "cpu_seconds_per_step": cpu,
+            "peak_rss_mb": memory.peak_mb}
 
 
 def markdown(result: dict) -> list[str]:
@@ -209,12 +229,13 @@ def markdown(result: dict) -> list[str]:
         lines += [
             "### Training time per step", "",
             f"Batch 64, {st['steps']} steps ({st['warmup']} warm-up), each configuration in its own process, "
-            f"{st['repeats']} interleaved repeats, median seconds per step, one thread.", "",
-            "| configuration | median s/step | peak RSS (MB) |", "|---|---|---|",
+            f"{st['repeats']} interleaved repeats, medians, one thread. Ratios of CPU seconds per step.", "",
+            "| configuration | CPU s/step | wall s/step | peak RSS (MB) |", "|---|---|---|---|",
         ]
-        lines += [f"| {c} | {summary[c]['seconds_per_step']:.4f} | {summary[c]['peak_rss_mb']:.0f} |"
-                  for c in STEP_CONFIGS if c in summary]
-        lines += ["", "| ratio | value |", "|---|---|"] + [f"| {k} | {v:.2f} |" for k, v in st["ratios"].items()]
+        lines += [f"| {c} | {summary[c]['cpu_seconds_per_step']:.4f} | {summary[c]['seconds_per_step']:.4f} | "
+                  f"{summary[c]['peak_rss_mb']:.0f} |" for c in STEP_CONFIGS if c in summary]
+        lines += ["", "| ratio (CPU s/step) | value |", "|---|---|"]
+        lines += [f"| {k} | {v:.2f} |" for k, v in st["ratios"].items()]
     return lines
 
 
@@ -227,7 +248,8 @@ def main():
     parser.add_argument("--templates", type=int, default=4096)
     parser.add_argument("--target_samples", type=int, default=None, help="Training images for the targets (all).")
     parser.add_argument("--targets_cache_dir", default=None,
-                        help="Where `targets` caches its fit (default: the cache bench_letkd_fmnist.py reads).")
+                        help="Where `targets` caches its fit (default <output_dir>/cache/targets_timing; it must not "
+                        "hold this fit yet, or nothing is timed).")
     parser.add_argument("--backend_points", type=int, default=61440, help="Teacher features for the backend race.")
     parser.add_argument("--step_samples", type=int, default=3200)
     parser.add_argument("--steps", type=int, default=40)
@@ -275,13 +297,12 @@ def main():
             launch(config)  # fill the logits and targets caches of the step subset; not timed
         runs = interleaved(STEP_CONFIGS, opts.repeats, launch)
         summary = median_summary(runs)
-        per_step = {c: summary[c]["seconds_per_step"] for c in STEP_CONFIGS}
-        ratios = {"letkd1 / kd_online": per_step["letkd1"] / per_step["kd_online"],
-                  "letkd2 / kd_online": per_step["letkd2"] / per_step["kd_online"],
-                  "letkd1 / kd": per_step["letkd1"] / per_step["kd"],
-                  "letkd2 / kd": per_step["letkd2"] / per_step["kd"],
-                  "kd_online / ce": per_step["kd_online"] / per_step["ce"],
-                  "kd / ce": per_step["kd"] / per_step["ce"]}
+        for config in STEP_CONFIGS:
+            summary[config]["cpu_seconds_per_step"] = statistics.median(r["cpu_seconds_per_step"] for r in runs[config])
+        cpu = {c: summary[c]["cpu_seconds_per_step"] for c in STEP_CONFIGS}
+        pairs = [("letkd1", "kd_online"), ("letkd2", "kd_online"), ("letkd1", "kd"), ("letkd2", "kd"),
+                 ("kd_online", "ce"), ("kd", "ce")]
+        ratios = {f"{a} / {b}": cpu[a] / cpu[b] for a, b in pairs}
         result["steps"] = {"steps": opts.steps, "warmup": opts.warmup, "repeats": opts.repeats,
                            "summary": summary, "ratios": ratios, "runs": runs}
         json_path.write_text(json.dumps(result, indent=2))
