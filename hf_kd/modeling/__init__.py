@@ -6,6 +6,10 @@ Importing this package registers:
   with `AutoModelForSequenceClassification`;
 - `MultiExitImageConfig` (`model_type="hf_kd_multi_exit_cnn"`) with `AutoConfig` and
   `MultiExitForImageClassification` with `AutoModelForImageClassification`;
+- `KDLayerConfig` (`model_type="hf_kd_kd_layer"`) with `AutoConfig` and `KDLayerForSequenceClassification` with
+  `AutoModelForSequenceClassification` (letKD KD layers per token);
+- `KDLayerImageConfig` (`model_type="hf_kd_kd_layer_cnn"`) with `AutoConfig` and `KDLayerForImageClassification` with
+  `AutoModelForImageClassification` (a CNN with letKD KD layers);
 
 and marks all of them for `auto_map`, so a saved or pushed multi-exit model records its classes in config.json (and
 `save_pretrained` copies the modeling files next to the weights, for `trust_remote_code=True`).
@@ -13,9 +17,22 @@ and marks all of them for `auto_map`, so a saved or pushed multi-exit model reco
 
 from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
 
+from .configuration_kd_layer import KDLayerConfig
+from .configuration_kd_layer_cnn import KDLayerImageConfig
 from .configuration_multi_exit import MultiExitConfig
 from .configuration_multi_exit_cnn import MultiExitImageConfig
 from .exit_laplace import KronPrior, LinkApprox, MultiExitLaplace
+from .kd_layer import KDLayer
+from .modeling_kd_layer import (
+    KDLayerForSequenceClassification,
+    KDLayerPreTrainedModel,
+    KDLayerSequenceClassifierOutput,
+)
+from .modeling_kd_layer_cnn import (
+    KDLayerForImageClassification,
+    KDLayerImageClassifierOutput,
+    KDLayerImagePreTrainedModel,
+)
 from .modeling_multi_exit import (
     EarlyExitPrediction,
     ExitPolicy,
@@ -39,9 +56,28 @@ AutoModelForImageClassification.register(MultiExitImageConfig, MultiExitForImage
 MultiExitImageConfig.register_for_auto_class()
 MultiExitForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
+AutoConfig.register(KDLayerConfig.model_type, KDLayerConfig, exist_ok=True)
+AutoModelForSequenceClassification.register(KDLayerConfig, KDLayerForSequenceClassification, exist_ok=True)
+KDLayerConfig.register_for_auto_class()
+KDLayerForSequenceClassification.register_for_auto_class("AutoModelForSequenceClassification")
+
+AutoConfig.register(KDLayerImageConfig.model_type, KDLayerImageConfig, exist_ok=True)
+AutoModelForImageClassification.register(KDLayerImageConfig, KDLayerForImageClassification, exist_ok=True)
+KDLayerImageConfig.register_for_auto_class()
+KDLayerForImageClassification.register_for_auto_class("AutoModelForImageClassification")
+
 __all__ = [
     "EarlyExitPrediction",
     "ExitPolicy",
+    "KDLayer",
+    "KDLayerConfig",
+    "KDLayerForImageClassification",
+    "KDLayerForSequenceClassification",
+    "KDLayerImageClassifierOutput",
+    "KDLayerImageConfig",
+    "KDLayerImagePreTrainedModel",
+    "KDLayerPreTrainedModel",
+    "KDLayerSequenceClassifierOutput",
     "KronPrior",
     "LinkApprox",
     "MultiExitConfig",

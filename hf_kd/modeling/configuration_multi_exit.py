@@ -22,6 +22,21 @@ EXIT_HEAD_TYPES = ("linear", "pooler")
 EXIT_POOLINGS = ("mean", "cls")
 
 
+def _as_backbone_config(backbone_config):
+    """A backbone config given as a dict (as config.json stores it) or a config, as a `PreTrainedConfig` (or `None`).
+
+    Shared by the wrapper configs (`MultiExitConfig`, `KDLayerConfig`)."""
+    if isinstance(backbone_config, dict):
+        backbone_config = dict(backbone_config)
+        if "model_type" not in backbone_config:
+            raise ValueError("backbone_config as a dict must contain a 'model_type' (e.g. 'bert', 'mpnet').")
+        backbone_config.pop("transformers_version", None)
+        backbone_config = AutoConfig.for_model(**backbone_config)
+    if backbone_config is not None and not isinstance(backbone_config, PreTrainedConfig):
+        raise TypeError(f"backbone_config must be a dict or a PreTrainedConfig, got {type(backbone_config)}.")
+    return backbone_config
+
+
 def _check_exit_layers(exit_layers, depth: int | None, unit: str, owner: str) -> list[int] | None:
     """Validate 1-based exit positions in a stack of `depth` blocks; sort, deduplicate and add the last block.
 
@@ -157,15 +172,7 @@ class MultiExitConfig(_MultiExitConfigMixin, PreTrainedConfig):
         initializer_range=None,
         **kwargs,
     ):
-        if isinstance(backbone_config, dict):
-            backbone_config = dict(backbone_config)
-            if "model_type" not in backbone_config:
-                raise ValueError("backbone_config as a dict must contain a 'model_type' (e.g. 'bert', 'mpnet').")
-            backbone_config.pop("transformers_version", None)
-            backbone_config = AutoConfig.for_model(**backbone_config)
-        if backbone_config is not None and not isinstance(backbone_config, PreTrainedConfig):
-            raise TypeError(f"backbone_config must be a dict or a PreTrainedConfig, got {type(backbone_config)}.")
-        self.backbone_config = backbone_config
+        self.backbone_config = backbone_config = _as_backbone_config(backbone_config)
 
         depth = getattr(backbone_config, "num_hidden_layers", None) if backbone_config is not None else None
         if backbone_config is not None and (depth is None or getattr(backbone_config, "hidden_size", None) is None):

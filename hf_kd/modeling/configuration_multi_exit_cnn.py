@@ -22,6 +22,17 @@ def _check_positive_int(name: str, value) -> int:
     return value
 
 
+def _set_cnn_layout(config, num_channels, image_size, stem_channels, stage_channels, convs_per_stage) -> None:
+    """Check and set the CNN layout fields shared by the multi-exit and the KD-layer image configs."""
+    config.num_channels = _check_positive_int("num_channels", num_channels)
+    config.image_size = _check_positive_int("image_size", image_size)
+    config.stem_channels = _check_positive_int("stem_channels", stem_channels)
+    if isinstance(stage_channels, int) or not stage_channels:
+        raise ValueError(f"stage_channels must be a non-empty list of channel counts, got {stage_channels!r}.")
+    config.stage_channels = [_check_positive_int(f"stage_channels[{i}]", c) for i, c in enumerate(stage_channels)]
+    config.convs_per_stage = _check_positive_int("convs_per_stage", convs_per_stage)
+
+
 class MultiExitImageConfig(_MultiExitConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`MultiExitForImageClassification`]: a stem, `len(stage_channels)` convolutional stages and an
@@ -85,13 +96,7 @@ class MultiExitImageConfig(_MultiExitConfigMixin, PreTrainedConfig):
         initializer_range=0.02,
         **kwargs,
     ):
-        self.num_channels = _check_positive_int("num_channels", num_channels)
-        self.image_size = _check_positive_int("image_size", image_size)
-        self.stem_channels = _check_positive_int("stem_channels", stem_channels)
-        if isinstance(stage_channels, int) or not stage_channels:
-            raise ValueError(f"stage_channels must be a non-empty list of channel counts, got {stage_channels!r}.")
-        self.stage_channels = [_check_positive_int(f"stage_channels[{i}]", c) for i, c in enumerate(stage_channels)]
-        self.convs_per_stage = _check_positive_int("convs_per_stage", convs_per_stage)
+        _set_cnn_layout(self, num_channels, image_size, stem_channels, stage_channels, convs_per_stage)
         self.exit_layers = exit_layers = _check_exit_layers(
             exit_layers, len(self.stage_channels), unit="stage", owner="the network"
         )

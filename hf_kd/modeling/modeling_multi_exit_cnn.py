@@ -63,6 +63,19 @@ class MultiExitConvBlock(nn.Module):
         return self.activation(self.norm(self.conv(hidden_states)))  # (bs, C_out, H_out, W_out)
 
 
+def build_conv_stages(config) -> tuple[MultiExitConvBlock, nn.ModuleList]:
+    """The stem and the stages of `config` (`num_channels`, `stem_channels`, `stage_channels`, `convs_per_stage`):
+    each stage is a stride-2 block then `convs_per_stage - 1` stride-1 blocks (shared with the KD-layer CNN)."""
+    stem = MultiExitConvBlock(config.num_channels, config.stem_channels, stride=1)
+    stages, in_channels = [], config.stem_channels
+    for channels in config.stage_channels:
+        blocks = [MultiExitConvBlock(in_channels, channels, stride=2)]
+        blocks += [MultiExitConvBlock(channels, channels, stride=1) for _ in range(config.convs_per_stage - 1)]
+        stages.append(nn.Sequential(*blocks))
+        in_channels = channels
+    return stem, nn.ModuleList(stages)
+
+
 class MultiExitImageHead(nn.Module):
     """One exit: global average pooling over the feature map, then `Linear(channels, num_labels)`.
 
@@ -125,14 +138,7 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
     def __init__(self, config: MultiExitImageConfig):
         super().__init__(config)
         self.num_labels = config.num_labels
-        self.stem = MultiExitConvBlock(config.num_channels, config.stem_channels, stride=1)
-        stages, in_channels = [], config.stem_channels
-        for channels in config.stage_channels:
-            blocks = [MultiExitConvBlock(in_channels, channels, stride=2)]
-            blocks += [MultiExitConvBlock(channels, channels, stride=1) for _ in range(config.convs_per_stage - 1)]
-            stages.append(nn.Sequential(*blocks))
-            in_channels = channels
-        self.stages = nn.ModuleList(stages)
+        self.stem, self.stages = build_conv_stages(config)
         self.exits = nn.ModuleList(
             [MultiExitImageHead(config.stage_channels[stage - 1], config.num_labels) for stage in config.exit_layers]
         )

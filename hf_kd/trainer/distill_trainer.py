@@ -11,11 +11,12 @@ from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
 from .base_trainer import _BaseTrainer
 from .distill_config import DistillConfig
 from .intermediate_mixin import _IntermediateMixin
+from .letkd_mixin import _LetKDMixin
 from .mixins import _LoggedLossesMixin
 from .teacher_mixin import _TeacherMixin
 
 
-class DistillTrainer(_IntermediateMixin, _LoggedLossesMixin, _TeacherMixin, _BaseTrainer):
+class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _TeacherMixin, _BaseTrainer):
     r"""
     [`~transformers.Trainer`] that distils a frozen teacher into the student `model` (Hinton et al., 2015,
     https://huggingface.co/papers/1503.02531).
@@ -36,6 +37,9 @@ class DistillTrainer(_IntermediateMixin, _LoggedLossesMixin, _TeacherMixin, _Bas
     At every evaluation, besides the loss, the default `compute_metrics` logs accuracy, ECE (15 bins), NLL, Brier,
     mean predictive entropy and, since the teacher's logits are known, the confidence-preservation sigma of Vengertsev
     & Sherman (2024, https://huggingface.co/papers/2401.11365) and the teacher's own accuracy and entropy.
+
+    With `args.letkd` (1 or 2) the student's KD layers (an hf_kd KD-layer model) are also trained on the teacher's
+    decisions, letKD (Görgün et al., 2023, https://huggingface.co/papers/2309.02843): see [`DistillConfig`].
 
     Args:
         model (`PreTrainedModel` or `nn.Module`):
@@ -121,10 +125,11 @@ class DistillTrainer(_IntermediateMixin, _LoggedLossesMixin, _TeacherMixin, _Bas
 
         self._init_teacher(teacher, processing_class, teacher_processing_class)
         self._init_intermediate()
+        self._init_letkd()
 
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
-        hyperparameters = {"temperature": self.args.temperature, "alpha": self.args.alpha}
+        hyperparameters = {"temperature": self.args.temperature, "alpha": self.args.alpha, **self._letkd_card_info()}
         if self._intermediate is not None:
             hyperparameters.update(
                 {f"{k}_loss_weight": v for k, v in self._intermediate.weights.items()},
@@ -140,20 +145,21 @@ class DistillTrainer(_IntermediateMixin, _LoggedLossesMixin, _TeacherMixin, _Bas
         teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
         intermediate = {}
         if self._intermediate is None:
-            student_logits = model(**inputs).logits
-            teacher_logits = self._batch_teacher_logits(inputs, teacher_logits)
+            # letkd: the student also returns its KD layers' features and the KD layer losses join the loss.
+            student_logits, feature_loss, teacher_logits = self._letkd_forward(
+                model, inputs, labels, teacher_logits, num_items_in_batch
+            )
         else:
             student_logits, live_logits, intermediate = self._intermediate_forward(
                 model, inputs, labels, num_items_in_batch
             )
             teacher_logits = live_logits if teacher_logits is None else teacher_logits
-        teacher_logits = teacher_logits.to(student_logits.device)
+            feature_loss = self._intermediate.weighted_sum(intermediate)
+        teacher_logits = self._batch_teacher_logits(inputs, teacher_logits).to(student_logits.device)
 
         T, alpha = self.args.temperature, self.args.alpha
         loss = kd_loss(student_logits, teacher_logits, labels, T, alpha, num_items_in_batch=num_items_in_batch)
-        loss = self.args.prediction_loss_weight * loss
-        if intermediate:
-            loss = loss + self._intermediate.weighted_sum(intermediate)
+        loss = self.args.prediction_loss_weight * loss + feature_loss
         if num_items_in_batch is not None and self.args.average_tokens_across_devices:
             # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
             loss = loss * self.accelerator.num_processes
