@@ -204,8 +204,8 @@ def check_vocabularies(
         return None
     if not map_token_ids:
         raise ValueError(
-            f"Student and teacher vocabularies differ (student vocab_size={student_vocab_size}, teacher "
-            f"vocab_size={teacher_vocab_size}): the teacher would read student token ids as other tokens. "
+            f"Student and teacher vocabularies differ (student vocab_size={student_config.vocab_size}, teacher "
+            f"vocab_size={teacher_config.vocab_size}): the teacher would read student token ids as other tokens. "
             "If the teacher vocabulary holds the same tokens under other ids (e.g. MPNet teacher, BERT/MiniLM "
             "student), set `map_teacher_token_ids=True`; otherwise cache teacher logits computed with the "
             "teacher's own tokenizer in a `teacher_logits` column."
