@@ -118,9 +118,6 @@ class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _Teach
             peft_config=peft_config,
             **kwargs,
         )
-        # compute_loss normalises by `num_items_in_batch` itself: declaring loss kwargs makes Trainer count the items
-        # of the accumulated batch and skip its own division by the accumulation steps.
-        self.model_accepts_loss_kwargs = True
         self._init_logged_losses()
 
         self._init_teacher(teacher, processing_class, teacher_processing_class)

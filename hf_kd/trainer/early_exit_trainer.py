@@ -148,9 +148,6 @@ class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
             peft_config=peft_config,
             **kwargs,
         )
-        # compute_loss normalises by `num_items_in_batch` itself: declaring loss kwargs makes Trainer count the items
-        # of the accumulated batch and skip its own division by the accumulation steps.
-        self.model_accepts_loss_kwargs = True
         self._init_logged_losses()
 
         config = self._check_multi_exit_config()

@@ -24,12 +24,16 @@ _EXIT_CARD_METRICS = ("accuracy", "ece", "nll")
 class _LoggedLossesMixin:
     """Loss parts appended to `self._metrics[mode][name]` (detached scalars) in `compute_loss` are logged as their
     mean over this process's batches since the last log, prefixed at evaluation with its `metric_key_prefix`
-    (`eval_`, `test_`, ...). The trainer calls [`~_LoggedLossesMixin._init_logged_losses`] in its `__init__`."""
+    (`eval_`, `test_`, ...). The trainer calls [`~_LoggedLossesMixin._init_logged_losses`] in its `__init__`, after
+    `Trainer.__init__` (which sets `model_accepts_loss_kwargs` from the model's signature)."""
 
     _eval_prefix: str | None = None
 
     def _init_logged_losses(self) -> None:
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # hf_kd's compute_loss normalises by `num_items_in_batch` itself: declaring loss kwargs makes Trainer count
+        # the items of the accumulated batch and skip its own division by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # log() must know which evaluation it is logging (a "test" or "train" split's metrics start with its prefix,
