@@ -989,9 +989,11 @@ class ExitLaplaceMixin:
             `(features, labels)`: `K` float32 CPU tensors `(N, d_k)`, and the labels `(N,)` (`None` when the batches
             have none). Call `model.eval()` first.
         """
+        from tqdm.auto import tqdm
+
         chunks, labels = [], []
         with capture_exit_features(self) as features:
-            for batch in dataloader:
+            for batch in tqdm(dataloader, desc="Exit features", unit="batch", leave=False):
                 self(**self._model_inputs(batch))
                 chunks.append([f.float().cpu() for f in features])
                 label = batch.get("labels", batch.get("label"))
@@ -1043,8 +1045,10 @@ class ExitLaplaceMixin:
         )
 
         def train_features():
+            from tqdm.auto import tqdm
+
             with capture_exit_features(self) as features:
-                for batch in train_dataloader:
+                for batch in tqdm(train_dataloader, desc="Exit Laplace: KFAC factors", unit="batch", leave=False):
                     self(**self._model_inputs(batch))
                     yield list(features)
 

@@ -146,9 +146,14 @@ def full_pass_batches(trainer, dataset, batch_size: int, order: list[int] | None
     order), collated by the trainer's data collator and moved to the training device by `trainer._prepare_inputs`.
 
     The columns the model cannot take are dropped as Trainer's own dataloaders drop them (its extra columns, e.g.
-    `labels` and `sample_index`, are kept); the caller pops what is not a model input.
+    `labels` and `sample_index`, are kept); the caller pops what is not a model input. A progress bar named
+    `description` shows on the main process unless `args.disable_tqdm`.
     """
-    for batch in plain_loader(trainer, dataset, batch_size, description, sampler=order):
+    from tqdm.auto import tqdm
+
+    loader = plain_loader(trainer, dataset, batch_size, description, sampler=order)
+    quiet = trainer.args.disable_tqdm or not trainer.is_world_process_zero()
+    for batch in tqdm(loader, desc=description, unit="batch", leave=False, disable=quiet):
         yield trainer._prepare_inputs(batch)
 
 
