@@ -13,8 +13,13 @@ the class is in the set).
   predictive is right; `R_l < 1` can let a label come back, so `C_t` is not nested, and the running intersection
   `C_1 ∩ ... ∩ C_t`, valid under the same argument, is nested by construction (both are returned).
 - [`fit_avcs_thresholds`]: the official greedy search of the ReLU thresholds (start at 1, raise each exit's by 0.5
-  while the coverage stays above `1 - alpha` at every exit), run on a calibration split only; optionally also over a
-  logit scale and offset (an extension for logits that do not suit ReLU Dirichlets, see [`avcs_prediction_sets`]).
+  while the calibration coverage stays above a target at every exit), run on a calibration split only; optionally
+  also over a logit scale and offset (an extension for logits that do not suit ReLU Dirichlets, see
+  [`avcs_prediction_sets`]). The target is set by a [`CoverageRule`] ([`coverage_target`]): the paper's (calibration
+  coverage `> 1 - alpha`, `coverage_rule="empirical"`), the conformal level, or hf_kd's default, a binomial
+  (Clopper-Pearson) lower confidence bound `>= 1 - alpha`, which keeps the search from overfitting a small
+  calibration split (the paper's rule does: on synthetic data, `n = 200`, `alpha = 0.1`, its sets' coverage on new
+  data fell below `1 - alpha` for 41-55 % of the calibration draws, against 6-8 % with the binomial rule).
 - [`raps_prediction_sets`]: regularised adaptive prediction sets (Angelopoulos et al., 2021,
   https://huggingface.co/papers/2009.14193), split-conformal per exit, the paper's baseline (`lam_reg = 0.01`,
   `k_reg = 5`, randomised); [`running_intersection`] gives "RAPS-intersect".
@@ -25,18 +30,23 @@ the class is in the set).
 from __future__ import annotations
 
 import math
+import numbers
 import warnings
 from collections.abc import Sequence
+from enum import Enum
 from typing import NamedTuple
 
 import numpy as np
 import torch
+from scipy.stats import binom
 
 __all__ = [
     "AVCSSets",
     "AVCSThresholds",
+    "CoverageRule",
     "avcs_prediction_sets",
     "calibration_split",
+    "coverage_target",
     "fit_avcs_thresholds",
     "min_calibration_size",
     "prediction_set_metrics",
@@ -83,24 +93,132 @@ def _check_alpha(alpha) -> float:
     return float(alpha)
 
 
-def min_calibration_size(alpha: float) -> int:
-    r"""The fewest calibration examples for which a coverage of `1 - alpha` can be certified: the smallest `n` with
-    `ceil((n + 1)(1 - alpha)) <= n`, i.e. `n >= 1/alpha - 1` (19 for `alpha = 0.05`). With fewer, the conformal
-    quantile of RAPS is undefined, and an empirical coverage above `1 - alpha` means that every example is covered."""
+class CoverageRule(str, Enum):
+    """When [`fit_avcs_thresholds`] counts a configuration's calibration coverage as reaching `1 - alpha`; see
+    [`coverage_target`] for the counts and the reasons."""
+
+    EMPIRICAL = "empirical"
+    """The paper's (official code's) rule: the calibration coverage is `> 1 - alpha`."""
+    CONFORMAL = "conformal"
+    """The split-conformal level: at least `ceil((n + 1)(1 - alpha))` of the `n` calibration examples covered."""
+    BINOMIAL = "binomial"
+    """A one-sided binomial (Clopper-Pearson) lower confidence bound at level `1 - delta` on the coverage is
+    `>= 1 - alpha` (and the conformal level is reached). The default."""
+
+
+def _check_rule(coverage_rule, delta) -> tuple[CoverageRule, float]:
+    try:
+        rule = CoverageRule(coverage_rule)
+    except ValueError:
+        raise ValueError(
+            f"coverage_rule must be one of {[r.value for r in CoverageRule]}, got {coverage_rule!r}."
+        ) from None
+    if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
+        raise ValueError(f"delta (the binomial rule's error level) must be a number in (0, 1), got {delta!r}.")
+    return rule, float(delta)
+
+
+def coverage_target(
+    num_examples: int, alpha: float, coverage_rule: CoverageRule | str = CoverageRule.BINOMIAL, delta: float = 0.1
+) -> int:
+    r"""The fewest covered calibration examples, out of `num_examples` (`n`), with which [`fit_avcs_thresholds`]
+    accepts a configuration at an exit (`n + 1` when no count is enough).
+
+    - `"empirical"`: the smallest `k` with `k / n > 1 - alpha` (the official search's check, in floating point).
+    - `"conformal"`: `ceil((n + 1)(1 - alpha))`, the level of split-conformal prediction (Vovk et al., 2005;
+      Angelopoulos & Bates, https://huggingface.co/papers/2107.07511): for one threshold on a nested family of sets,
+      picked on `n` exchangeable calibration examples, it makes the test coverage `>= 1 - alpha` in expectation. The
+      AVCS search tunes `K` thresholds (and a scale and offset), so there it is only a floor.
+    - `"binomial"`: the smallest `k` with `P(Bin(n, 1 - alpha) >= k) <= delta`, i.e. the exact one-sided binomial
+      test of "true coverage `< 1 - alpha`" rejects at level `delta`, equivalently (by the duality of the
+      Clopper-Pearson interval) the `1 - delta` lower confidence bound on the coverage is `>= 1 - alpha`; never below
+      the conformal level. A configuration fixed in advance that passes has true coverage `>= 1 - alpha` with
+      probability `>= 1 - delta` over the calibration draw (a PAC, or training-conditional, guarantee: Vovk, 2012,
+      "Conditional validity of inductive conformal predictors"; Park et al., 2020,
+      https://huggingface.co/papers/2001.00106; Bates et al., 2021, https://huggingface.co/papers/2101.02703), about
+      `z_{1 - delta} sqrt(alpha (1 - alpha) / n)` above `1 - alpha` (0.963 for `n = 516`, 0.957 for `n = 2000`, at
+      `alpha = 0.05`, `delta = 0.1`). Requiring it at every exit is an intersection-union test (no correction over
+      the exits), and raising one exit's threshold until the first failure is fixed-sequence testing, which needs
+      no correction either (Learn then Test, Angelopoulos et al., 2021, https://huggingface.co/papers/2110.01052).
+      The search's other data-driven steps (later exits start where earlier ones stopped; the `(scale, offset)` pair
+      with the smallest sets wins) are not covered by that argument: there the margin is a safeguard against
+      overfitting the calibration split, not a proof, and its effect is measured (`tests/test_prediction_sets.py`,
+      `docs/benchmarks/exit_uncertainty.md`).
+
+    The three targets are ordered `empirical <= conformal <= binomial` for every `n`, `alpha` and `delta`.
+
+    Args:
+        num_examples (`int`): `n`, the calibration examples, `>= 1`.
+        alpha (`float`): miscoverage level in (0, 1).
+        coverage_rule ([`CoverageRule`] or `str`, *optional*, defaults to `"binomial"`).
+        delta (`float`, *optional*, defaults to 0.1): error level of the binomial bound, in (0, 1).
+
+    Returns:
+        `int` in `[1, n + 1]`.
+    """
     alpha = _check_alpha(alpha)
+    rule, delta = _check_rule(coverage_rule, delta)
+    if isinstance(num_examples, bool) or not isinstance(num_examples, (int, np.integer)) or num_examples < 1:
+        raise ValueError(f"num_examples must be an integer >= 1, got {num_examples!r}.")
+    n = int(num_examples)
+    # The official check compares the float mean k / n (exactly rounded) with the float 1 - alpha; the same here.
+    empirical = next(k for k in range(max(1, math.floor(n * (1 - alpha)) - 1), n + 1) if k / n > 1 - alpha)
+    if rule is CoverageRule.EMPIRICAL:
+        return empirical
+    conformal = max(empirical, min(math.ceil((n + 1) * (1 - alpha) - 1e-9), n + 1))
+    if rule is CoverageRule.CONFORMAL:
+        return conformal
+    counts = np.arange(n + 2)
+    passing = np.flatnonzero(binom.sf(counts - 1, n, 1 - alpha) <= delta)  # sf(k - 1) = P(X >= k)
+    return max(conformal, int(passing[0]) if passing.size else n + 1)
+
+
+def min_calibration_size(
+    alpha: float, coverage_rule: CoverageRule | str = CoverageRule.CONFORMAL, delta: float = 0.1
+) -> int:
+    r"""The fewest calibration examples for which a coverage of `1 - alpha` can be certified.
+
+    With the default `"conformal"` (and `"empirical"`): the smallest `n` with `ceil((n + 1)(1 - alpha)) <= n`, i.e.
+    `n >= 1/alpha - 1` (19 for `alpha = 0.05`). With fewer, the conformal quantile of RAPS is undefined, and an
+    empirical coverage above `1 - alpha` means that every example is covered. With `"binomial"` ([`coverage_target`]):
+    also `(1 - alpha)^n <= delta`, so that covering all `n` examples passes the binomial test, i.e.
+    `n >= log(delta) / log(1 - alpha)` (45 for `alpha = 0.05`, `delta = 0.1`). The default is RAPS's minimum;
+    [`fit_avcs_thresholds`] defaults to the binomial rule, whose minimum needs `coverage_rule="binomial"` here.
+
+    Args:
+        alpha (`float`): miscoverage level in (0, 1).
+        coverage_rule ([`CoverageRule`] or `str`, *optional*, defaults to `"conformal"`).
+        delta (`float`, *optional*, defaults to 0.1): error level of the binomial rule, in (0, 1).
+
+    Returns:
+        `int`, the fewest calibration examples.
+    """
+    alpha = _check_alpha(alpha)
+    rule, delta = _check_rule(coverage_rule, delta)
     n = max(1, math.ceil(1 / alpha - 1 - 1e-9))
     while math.ceil((n + 1) * (1 - alpha) - 1e-9) > n:
         n += 1
+    if rule is CoverageRule.BINOMIAL:
+        n = max(n, math.floor(math.log(delta) / math.log1p(-alpha)) - 1)
+        while coverage_target(n, alpha, rule, delta) > n:
+            n += 1
     return n
 
 
-def _check_calibration(num_examples: int, alpha: float) -> None:
-    needed = min_calibration_size(alpha)
+def _check_calibration(
+    num_examples: int, alpha: float, coverage_rule: CoverageRule = CoverageRule.CONFORMAL, delta: float = 0.1
+) -> None:
+    needed = min_calibration_size(alpha, coverage_rule, delta)
     if num_examples < needed:
+        rule = (
+            f"with coverage_rule='binomial' and delta={delta} (n >= log(delta) / log(1 - alpha))"
+            if coverage_rule is CoverageRule.BINOMIAL
+            else "(n >= 1/alpha - 1)"
+        )
         raise ValueError(
             f"the calibration split has {num_examples} examples, too few for alpha={alpha}: a coverage of "
-            f"1 - alpha = {1 - alpha:g} needs at least {needed} (n >= 1/alpha - 1). Use more calibration data or a "
-            "larger alpha."
+            f"1 - alpha = {1 - alpha:g} needs at least {needed} {rule}. Use more calibration data or a larger alpha"
+            + (" or delta." if coverage_rule is CoverageRule.BINOMIAL else ".")
         )
 
 
@@ -224,67 +342,83 @@ def fit_avcs_thresholds(
     nested: bool = True,
     scales: Sequence[float] = (1.0,),
     offsets: Sequence[float] = (0.0,),
+    coverage_rule: CoverageRule | str = CoverageRule.BINOMIAL,
+    delta: float = 0.1,
 ) -> AVCSThresholds:
     r"""Search the ReLU thresholds of [`avcs_prediction_sets`] on a calibration split (`find_relu_thresholds` of the
     official code), and optionally the logit scale and offset.
 
     For one `(scale, offset)`: every threshold starts at `init`; then for `l = 1..K` in order, `tau_l` is raised by
-    `step` while the marginal coverage on the calibration data stays `> 1 - alpha` at **every** exit, and set back
-    one step at the first violation (or once `tau_l` passes the largest transformed calibration logit of exit `l`,
-    where every set there is empty). Larger thresholds give sparser Dirichlets, hence smaller sets. With `nested=True`
+    `step` while the calibration coverage reaches the target at **every** exit, and set back one step at the first
+    miss (or once `tau_l` passes the largest transformed calibration logit of exit `l`, where every set there is
+    empty). Larger thresholds give sparser Dirichlets, hence smaller sets. The target is [`coverage_target`]`(N_cal,
+    alpha, coverage_rule, delta)` covered examples: `coverage_rule="empirical"` is the official search (coverage
+    `> 1 - alpha`), which raises the thresholds until the calibration coverage *just* stays above `1 - alpha` and so
+    overfits a small split (on synthetic data, `N_cal = 200`, `alpha = 0.1`, its coverage on new data fell below
+    `1 - alpha` for 41-55 % of the calibration draws, against 6-8 % with the binomial rule); the default
+    `"binomial"` asks for a `1 - delta` lower confidence bound on the coverage `>= 1 - alpha` instead, a margin of
+    about `z_{1 - delta} sqrt(alpha (1 - alpha) / N_cal)` (see [`coverage_target`] for what it guarantees and
+    what not); `"conformal"` only asks for the conformal level `ceil((N_cal + 1)(1 - alpha))`. A stricter target
+    accepts fewer configurations: every configuration it accepts also passes the official check. With `nested=True`
     (default) the coverage checked is that of the nested sets (the running intersection, which the official search
     does not use; it is never larger, so both kinds then keep the coverage on the calibration data); `nested=False`
     checks the official `C_t`. Calibrate on data that is not evaluated (the official notebook searched on all logits).
 
-    With several `scales` and `offsets` (an extension; the defaults are the paper's method), every pair whose initial
-    thresholds reach the target is searched, and the pair with the smallest mean set size over the exits on the
-    calibration data wins (ties: the earlier pair, offsets outer, scales inner).
+    With several `scales` and `offsets` (an extension; the defaults are the paper's transform), every pair whose
+    initial thresholds reach the target is searched, and the pair with the smallest mean set size over the exits on
+    the calibration data wins (ties: the earlier pair, offsets outer, scales inner).
 
     Args:
         cal_logits (`(K, N_cal, C)`): per-exit logits of the calibration split.
         cal_labels (`(N_cal,)`): their gold classes.
         alpha (`float`, *optional*, defaults to 0.05): miscoverage level in (0, 1); `N_cal` must be at least
-            [`min_calibration_size`]`(alpha)`.
+            [`min_calibration_size`]`(alpha, coverage_rule, delta)`: 45 for `alpha = 0.05` with the default binomial
+            rule at `delta = 0.1`, 19 with the others.
         init (`float`, *optional*, defaults to 1.0), step (`float`, *optional*, defaults to 0.5): the search grid.
         seed (`int`, *optional*, defaults to 0): seed of the Dirichlet samples (the same at every step).
         nested (`bool`, *optional*, defaults to `True`): check the coverage of the nested sets.
         scales (`Sequence[float]`, *optional*, defaults to `(1.0,)`), offsets (`Sequence[float]`, *optional*,
             defaults to `(0.0,)`): the logit transforms to try (see [`avcs_prediction_sets`]), e.g. `(1, 4, 16)` and
             `(0, 1, 2, 4)`.
+        coverage_rule ([`CoverageRule`] or `str`, *optional*, defaults to `"binomial"`): `"binomial"`,
+            `"conformal"` or `"empirical"` (the paper's).
+        delta (`float`, *optional*, defaults to 0.1): the binomial rule's error level, in (0, 1).
 
     Returns:
         [`AVCSThresholds`] `(thresholds, scale, offset)`. When no pair reaches the target at the initial thresholds,
         a warning is raised and the initial thresholds are returned with the pair of the highest worst-exit coverage.
     """
     alpha = _check_alpha(alpha)
+    rule, delta = _check_rule(coverage_rule, delta)
     logits = _as_array(cal_logits, "cal_logits", 3)
     num_exits, num_examples, num_classes = logits.shape
     labels = _check_labels(cal_labels, num_examples, num_classes)
-    _check_calibration(num_examples, alpha)
+    _check_calibration(num_examples, alpha, rule, delta)
     if not (math.isfinite(init) and init >= 0 and math.isfinite(step) and step > 0):
         raise ValueError(f"init must be >= 0 and step > 0, got init={init!r}, step={step!r}.")
     pairs = [_check_transform(scale, offset) for offset in offsets for scale in scales]
     if not pairs:
         raise ValueError(f"scales and offsets must each hold at least one value, got {scales!r} and {offsets!r}.")
+    target = coverage_target(num_examples, alpha, rule, delta)
 
-    def evaluate(thresholds, scale, offset) -> tuple[float, float]:
-        """(worst-exit coverage, mean set size) on the calibration data."""
+    def evaluate(thresholds, scale, offset) -> tuple[int, float]:
+        """(worst-exit number of covered examples, mean set size) on the calibration data."""
         result = avcs_prediction_sets(logits, thresholds, alpha, seed, scale, offset)
         sets = result.nested_sets if nested else result.sets
-        return float(sets[:, np.arange(num_examples), labels].mean(axis=1).min()), float(sets.sum(-1).mean())
+        return int(sets[:, np.arange(num_examples), labels].sum(axis=1).min()), float(sets.sum(-1).mean())
 
     start = [float(init)] * num_exits
     at_start = [evaluate(start, *pair)[0] for pair in pairs]
     best = None  # (mean size, thresholds, pair)
-    for (scale, offset), coverage in zip(pairs, at_start):
-        if coverage <= 1 - alpha:
+    for (scale, offset), covered in zip(pairs, at_start):
+        if covered < target:
             continue
         thresholds = list(start)
         for exit_index in range(num_exits):
             ceiling = scale * (float(logits[exit_index].max()) + offset)
             while True:
                 thresholds[exit_index] += step
-                if thresholds[exit_index] > ceiling + step or evaluate(thresholds, scale, offset)[0] <= 1 - alpha:
+                if thresholds[exit_index] > ceiling + step or evaluate(thresholds, scale, offset)[0] < target:
                     thresholds[exit_index] -= step
                     break
         size = evaluate(thresholds, scale, offset)[1]
@@ -293,10 +427,12 @@ def fit_avcs_thresholds(
     if best is None:
         scale, offset = pairs[int(np.argmax(at_start))]
         warnings.warn(
-            f"the AVCS sets miss the coverage 1 - alpha = {1 - alpha:g} on the calibration data already at the "
-            f"initial thresholds {init} with every (scale, offset) tried (best worst-exit coverage "
-            f"{max(at_start):.4f}, scale {scale}, offset {offset}): keeping them. A label whose transformed logit is "
-            "<= 0 never enters the support; a larger offset or scale, or a smaller init, may help.",
+            f"the AVCS sets miss the coverage target on the calibration data ({target} of {num_examples} examples "
+            f"covered at every exit, coverage_rule={rule.value!r}, alpha={alpha:g}) already at the initial "
+            f"thresholds {init} with every (scale, offset) tried (best worst-exit coverage "
+            f"{max(at_start) / num_examples:.4f}, scale {scale}, offset {offset}): keeping them. A label whose "
+            "transformed logit is <= 0 never enters the support; a larger offset or scale, or a smaller init, may "
+            "help.",
             stacklevel=2,
         )
         return AVCSThresholds(start, scale, offset)

@@ -1,17 +1,25 @@
 """hf_kd.prediction_sets: AVCS (Jazbec et al., 2024) and RAPS against naive per-example references, the metrics'
-conventions on hand examples, the threshold search, and bad input."""
+conventions on hand examples, the threshold search and its coverage rules (closed forms, and the coverage on synthetic
+data whose truth is known), and bad input."""
 
 import math
+import re
+from fractions import Fraction
 
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from scipy.stats import binom
 
 from hf_kd.prediction_sets import (
+    CoverageRule,
     _avcs_sets,
     _dirichlet_on_support,
     avcs_prediction_sets,
     calibration_split,
+    coverage_target,
     fit_avcs_thresholds,
     min_calibration_size,
     prediction_set_metrics,
@@ -139,7 +147,7 @@ def naive_greedy_search(logits, labels, alpha, init, step, nested):
 def test_threshold_search_is_the_official_greedy_search(nested):
     logits, labels = exit_logits(n=150, seed=4)
     logits = 3 * logits  # wide Dirichlets: room for the thresholds to rise
-    thresholds, scale, offset = fit_avcs_thresholds(logits, labels, alpha=0.1, nested=nested)
+    thresholds, scale, offset = fit_avcs_thresholds(logits, labels, alpha=0.1, nested=nested, coverage_rule="empirical")
     assert (scale, offset) == (1.0, 0.0) and thresholds == naive_greedy_search(logits, labels, 0.1, 1.0, 0.5, nested)
     assert thresholds[0] > 1.0  # the search moved
     result = avcs_prediction_sets(logits, thresholds, alpha=0.1)
@@ -161,7 +169,7 @@ def test_transform_search_picks_the_smallest_calibration_sets():
                 sizes[(scale, offset)] = (avcs_prediction_sets(u, t, 0.1).nested_sets.sum(-1).mean(), t)
     assert (1.0, 0.0) not in sizes and len(sizes) >= 2
     (scale, offset), (_, expected) = min(sizes.items(), key=lambda item: item[1][0])
-    result = fit_avcs_thresholds(logits, labels, alpha=0.1, scales=scales, offsets=offsets)
+    result = fit_avcs_thresholds(logits, labels, alpha=0.1, scales=scales, offsets=offsets, coverage_rule="empirical")
     assert (result.scale, result.offset, result.thresholds) == (scale, offset, expected)
     # The transform is applied to the logits: the sets equal those of pre-transformed logits.
     np.testing.assert_array_equal(
@@ -175,6 +183,113 @@ def test_threshold_search_warns_when_the_start_misses_the_target():
     labels = np.zeros(30, dtype=int)
     with pytest.warns(UserWarning, match="initial thresholds"):
         assert fit_avcs_thresholds(logits, labels, alpha=0.1, scales=(1.0, 4.0)) == ([1.0, 1.0], 1.0, 0.0)
+
+
+def exact_binomial_tail(n, alpha, k):
+    """P(Bin(n, 1 - alpha) >= k) as an exact fraction (alpha a short decimal), by summing the probabilities."""
+    p = 1 - Fraction(str(alpha))
+    return sum(math.comb(n, j) * p**j * (1 - p) ** (n - j) for j in range(k, n + 1))
+
+
+def test_coverage_targets_closed_forms():
+    # By hand, n = 45, alpha = 0.05: 43/45 = 0.956 > 0.95 >= 42/45; ceil(46 * 0.95) = ceil(43.7) = 44;
+    # P(X >= 45) = 0.95^45 = 0.0994 <= 0.1 < P(X >= 44) = 0.0994 + 45 * 0.05 * 0.95^44 = 0.335.
+    assert [coverage_target(45, 0.05, rule) for rule in CoverageRule] == [43, 44, 45]
+    # n = 20, alpha = 0.1: 19/20 > 0.9 = 18/20; ceil(21 * 0.9) = 19; 0.9^20 = 0.122 > 0.1, so no count is enough.
+    assert [coverage_target(20, 0.1, rule) for rule in CoverageRule] == [19, 19, 21]
+    # n = 516, alpha = 0.05 (a Rotten Tomatoes calibration split): 491/516 = 0.9516 > 0.95 >= 490/516;
+    # ceil(517 * 0.95) = ceil(491.15) = 492; P(X >= 497) = 0.098 <= 0.1 < P(X >= 496) = 0.141.
+    assert coverage_target(516, 0.05, "empirical") == 491
+    assert coverage_target(516, 0.05, "conformal") == 492
+    assert coverage_target(516, 0.05) == coverage_target(516, 0.05, "binomial", 0.1) == 497
+    # The binomial count against exact sums of the binomial probabilities (rational arithmetic, no scipy).
+    for n, alpha, delta in ((45, 0.05, 0.1), (100, 0.1, 0.1), (516, 0.05, 0.05), (300, 0.02, 0.2)):
+        k = coverage_target(n, alpha, "binomial", delta)
+        assert exact_binomial_tail(n, alpha, k) <= Fraction(str(delta)) < exact_binomial_tail(n, alpha, k - 1)
+    # The fewest calibration examples: (1 - alpha)^n <= delta for the binomial rule (0.95^45 = 0.0994, 0.95^44 =
+    # 0.105; 0.9^22 = 0.098, 0.9^21 = 0.109), n >= 1/alpha - 1 otherwise.
+    assert coverage_target(44, 0.05) == 45 > 44
+    assert min_calibration_size(0.05, "binomial", 0.1) == 45 and min_calibration_size(0.1, "binomial", 0.1) == 22
+    assert min_calibration_size(0.05, "empirical") == min_calibration_size(0.05) == 19
+
+
+@settings(max_examples=200, deadline=None)
+@given(
+    n=st.integers(1, 3000),
+    alpha=st.floats(0.005, 0.5),
+    delta=st.floats(0.005, 0.5),
+    smaller=st.floats(0.1, 1.0),
+)
+def test_coverage_targets_are_ordered(n, alpha, delta, smaller):
+    empirical, conformal, binomial = (coverage_target(n, alpha, rule, delta) for rule in CoverageRule)
+    assert 1 <= empirical <= conformal <= binomial <= n + 1
+    assert empirical / n > 1 - alpha and (empirical == 1 or (empirical - 1) / n <= 1 - alpha)
+    assert coverage_target(n, alpha, "binomial", delta * smaller) >= binomial  # a smaller delta asks for more
+    if n >= min_calibration_size(alpha, "binomial", delta):
+        assert binomial <= n
+    fewest = min_calibration_size(alpha, "binomial", delta)  # the smallest n at which the full count passes
+    assert coverage_target(fewest, alpha, "binomial", delta) <= fewest
+    assert fewest == 1 or coverage_target(fewest - 1, alpha, "binomial", delta) > fewest - 1
+
+
+def test_stricter_rules_accept_fewer_configurations():
+    """On the same data: what a stricter rule returns also passes the official check, its calibration coverage
+    reaches its own (higher) target, and the first exit's threshold (the same chain for every rule) is no higher."""
+    for seed in range(4):
+        logits, labels = exit_logits(n=300, seed=seed)
+        logits = 3 * logits
+        fits = {rule.value: fit_avcs_thresholds(logits, labels, alpha=0.1, step=0.25, coverage_rule=rule)
+                for rule in CoverageRule}
+        first = [fit.thresholds[0] for fit in fits.values()]  # empirical, conformal, binomial
+        assert first == sorted(first, reverse=True)
+        for rule, fit in fits.items():
+            sets = avcs_prediction_sets(logits, fit.thresholds, 0.1).nested_sets
+            covered = sets[:, np.arange(300), labels].sum(axis=1)
+            assert covered.min() >= coverage_target(300, 0.1, rule) >= coverage_target(300, 0.1, "empirical")
+        assert fits["binomial"].thresholds != fits["empirical"].thresholds  # the correction changed something
+
+
+def synthetic_exit_logits(rng, n, num_exits):
+    """A known data-generating process (4 classes, the label's logit higher at deeper exits): fresh draws give the
+    true coverage of any fixed AVCS configuration."""
+    labels = rng.integers(0, 4, n)
+    logits = rng.normal(0.0, 1.0, (num_exits, n, 4)) + 2.0
+    for k in range(num_exits):
+        logits[k, np.arange(n), labels] += 1.0 + k
+    return 3 * logits, labels
+
+
+def true_coverages(rule, num_exits, repeats, step, scales=(1.0,)):
+    """Per calibration draw (n = 200, alpha = 0.1): the worst-exit coverage of the fitted nested sets on 10,000
+    fresh examples (the truth up to a Monte-Carlo error of about 0.003)."""
+    fresh, fresh_labels = synthetic_exit_logits(np.random.default_rng(12345), 10_000, num_exits)
+    worst = []
+    for repeat in range(repeats):
+        logits, labels = synthetic_exit_logits(np.random.default_rng(repeat), 200, num_exits)
+        fit = fit_avcs_thresholds(logits, labels, alpha=0.1, step=step, scales=scales, coverage_rule=rule)
+        sets = avcs_prediction_sets(fresh, fit.thresholds, 0.1, seed=1, scale=fit.scale, offset=fit.offset)
+        worst.append(min(prediction_set_metrics(sets.nested_sets, fresh_labels)["coverage"]))
+    return np.array(worst)
+
+
+def test_binomial_rule_is_a_valid_fixed_sequence_test_on_one_exit():
+    """With one exit and one transform the search is fixed-sequence testing of binomial tests, so the fitted sets
+    miss 1 - alpha with probability <= delta over the calibration draw. 80 draws: the number of misses must not be
+    improbably high for Bin(80, 0.1) (p >= 0.001, i.e. at most 17); the paper's rule overfits and misses far more
+    often (the check has power)."""
+    misses = {rule: int((true_coverages(rule, 1, 80, 0.1) < 0.9).sum()) for rule in ("binomial", "empirical")}
+    assert binom.sf(misses["binomial"] - 1, 80, 0.1) >= 0.001, misses
+    assert binom.sf(misses["empirical"] - 1, 80, 0.1) < 0.001, misses
+
+
+def test_binomial_rule_keeps_the_marginal_coverage_of_the_full_search():
+    """Three exits and two logit scales (the search's later chains and the pair choice are data-driven): averaged
+    over 40 calibration draws, the worst-exit coverage of the binomial rule's sets is above 1 - alpha by more than 3
+    standard errors, where the paper's rule falls below it (overfitting the 200 calibration examples)."""
+    binomial = true_coverages("binomial", 3, 40, 0.25, scales=(1.0, 2.0))
+    empirical = true_coverages("empirical", 3, 40, 0.25, scales=(1.0, 2.0))
+    assert binomial.mean() - 3 * binomial.std(ddof=1) / math.sqrt(40) > 0.9, binomial.mean()
+    assert empirical.mean() < 0.9 and (binomial >= empirical).mean() > 0.9, empirical.mean()
 
 
 def naive_raps(cal, cal_labels, test, alpha, lam, k_reg, u_cal, u_test):
@@ -247,11 +362,17 @@ def test_alpha_outside_the_unit_interval(alpha):
 
 def test_calibration_split_too_small_for_alpha():
     logits, labels = exit_logits(n=18)
-    with pytest.raises(ValueError, match="18 examples, too few for alpha=0.05.*at least 19"):
-        fit_avcs_thresholds(logits, labels, alpha=0.05)
+    for rule in ("empirical", "conformal"):
+        with pytest.raises(ValueError, match="18 examples, too few for alpha=0.05.*at least 19"):
+            fit_avcs_thresholds(logits, labels, alpha=0.05, coverage_rule=rule)
     with pytest.raises(ValueError, match="too few for alpha=0.05"):
         raps_prediction_sets(logits, labels, logits, alpha=0.05)
-    fit_avcs_thresholds(logits, labels, alpha=0.1)  # 18 >= 9: fine
+    fit_avcs_thresholds(logits, labels, alpha=0.1, coverage_rule="empirical")  # 18 >= 9: fine
+    # The binomial rule needs (1 - alpha)^n <= delta: 22 examples for alpha = 0.1, delta = 0.1.
+    with pytest.raises(ValueError, match="18 examples, too few for alpha=0.1.*at least 22 with coverage_rule='binom"):
+        fit_avcs_thresholds(logits, labels, alpha=0.1)
+    logits, labels = exit_logits(n=22)
+    fit_avcs_thresholds(logits, labels, alpha=0.1)
 
 
 def test_other_bad_input():
@@ -273,4 +394,12 @@ def test_other_bad_input():
     with pytest.raises(ValueError, match="offset must be"):
         avcs_prediction_sets(logits, [1.0] * 3, offset=float("inf"))
     with pytest.raises(ValueError, match="at least one value"):
-        fit_avcs_thresholds(logits, labels, scales=())
+        fit_avcs_thresholds(logits, labels, scales=(), coverage_rule="empirical")
+    with pytest.raises(ValueError, match=r"one of \['empirical', 'conformal', 'binomial'\], got 'bonferroni'"):
+        fit_avcs_thresholds(logits, labels, coverage_rule="bonferroni")
+    for delta in (0.0, 1.0, "0.1", True):
+        with pytest.raises(ValueError, match=rf"delta .* must be a number in \(0, 1\), got {re.escape(repr(delta))}"):
+            fit_avcs_thresholds(logits, labels, delta=delta)
+    assert coverage_target(516, 0.05, "binomial", np.float32(0.1)) == 497  # numpy scalars are numbers too
+    with pytest.raises(ValueError, match="num_examples must be an integer >= 1"):
+        coverage_target(0, 0.1)
