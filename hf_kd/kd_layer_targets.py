@@ -34,7 +34,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
-from .teacher import save_file_atomically, teacher_inputs
+from .teacher import load_verified_file, save_file_atomically, teacher_inputs
 
 if TYPE_CHECKING:
     import datasets
@@ -534,23 +534,50 @@ class KDLayerTargetsCache:
         blob = json.dumps({"teacher": self.teacher_key, "data": data_key, "settings": settings}, sort_keys=True)
         return self.cache_dir / f"{hashlib.sha256(blob.encode()).hexdigest()[:32]}.safetensors"
 
-    def load(self, path: Path, temperature: float = 1.0) -> TemplateTargets | SubclassTargets | None:
-        """The cached targets, `None` if absent; a clear error if the file is unreadable."""
+    def load(
+        self, path: Path, temperature: float = 1.0, settings: dict[str, Any] | None = None
+    ) -> TemplateTargets | SubclassTargets | None:
+        """
+        The cached targets, `None` if the file is absent.
+
+        The file is checked first ([`hf_kd.teacher.load_verified_file`]): readable in full, its tensors match its
+        `sha256` checksum, it was written for this teacher and, when `settings` are given, for these settings; and
+        the tensors' shapes fit together (and `settings["templates"]`). Any failure is a `ValueError` naming the file
+        and saying to delete it: a bad file is never used.
+        """
         if not path.exists():
             return None
-        from safetensors import SafetensorError, safe_open
-
+        expected = {"teacher": self.teacher_key}
+        if settings is not None:
+            expected["settings"] = json.dumps(settings, sort_keys=True)
+        tensors, metadata = load_verified_file(path, "KD layer targets cache", expected)
         try:
-            with safe_open(str(path), framework="pt") as f:
-                metadata = f.metadata()
-                tensors = {k: f.get_tensor(k) for k in f.keys()}
-            if metadata["kind"] == TemplateTargets.kind:
-                return TemplateTargets(tensors["codebook"], temperature)
-            return SubclassTargets(**tensors, subclasses_per_class=int(metadata["subclasses_per_class"]))
-        except (SafetensorError, KeyError, TypeError, OSError) as err:
+            if metadata.get("kind") == TemplateTargets.kind:
+                targets = TemplateTargets(tensors["codebook"], temperature)
+                shapes_fit = targets.codebook.dim() == 2
+            elif metadata.get("kind") == SubclassTargets.kind:
+                targets = SubclassTargets(**tensors, subclasses_per_class=int(metadata["subclasses_per_class"]))
+                n, m = targets.centres.shape
+                shapes_fit = (
+                    targets.lda_scalings.shape == (targets.feature_size, m)
+                    and targets.score_matrix.shape == (n, n)
+                    and n % targets.subclasses_per_class == 0
+                )
+            else:
+                raise KeyError(f"kind={metadata.get('kind')!r}")
+        except (KeyError, TypeError, ValueError) as err:
             raise ValueError(
-                f"The KD layer targets cache file {path} is unreadable ({err}). Delete it to recompute the targets."
+                f"The KD layer targets cache file {path} is unreadable ({type(err).__name__}: {err}). It was not used; "
+                "delete it to recompute it."
             ) from err
+        if settings is not None and settings.get("templates") not in (None, targets.num_templates):
+            shapes_fit = False
+        if not shapes_fit or not all(torch.isfinite(t).all() for t in tensors.values()):
+            raise ValueError(
+                f"The KD layer targets cache file {path} holds tensors of inconsistent shapes or non-finite values "
+                f"({ {k: tuple(v.shape) for k, v in tensors.items()} }). It was not used; delete it to recompute it."
+            )
+        return targets
 
     def save(self, path: Path, targets: TemplateTargets | SubclassTargets, settings: dict[str, Any]) -> None:
         metadata = {"kind": targets.kind, "teacher": self.teacher_key, "settings": json.dumps(settings, sort_keys=True)}

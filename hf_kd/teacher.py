@@ -373,22 +373,71 @@ def dataset_fingerprint(dataset: datasets.Dataset, columns: list[str]) -> str:
     return hasher.hexdigest()
 
 
+def tensors_checksum(tensors: dict[str, torch.Tensor]) -> str:
+    """SHA-256 of the names, dtypes, shapes and bytes of `tensors` (sorted by name): what a cache file's `sha256`
+    metadata holds, so that a file whose values were changed after it was written is detected."""
+    hasher = hashlib.sha256()
+    for name, tensor in sorted(tensors.items()):
+        tensor = tensor.detach().cpu().contiguous()
+        hasher.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        hasher.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return hasher.hexdigest()
+
+
 def save_file_atomically(tensors: dict[str, torch.Tensor], path: Path, metadata: dict[str, str]) -> None:
     """`safetensors.torch.save_file` to a temporary name, then renamed: an interrupted run never leaves a truncated
-    file behind."""
+    file behind. The tensors' [`tensors_checksum`] is added to the metadata as `sha256` ([`load_verified_file`])."""
     from safetensors.torch import save_file
 
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp{os.getpid()}")
-    save_file({k: v.contiguous() for k, v in tensors.items()}, tmp, metadata=metadata)
+    tensors = {k: v.contiguous() for k, v in tensors.items()}
+    save_file(tensors, tmp, metadata={**metadata, "sha256": tensors_checksum(tensors)})
     os.replace(tmp, path)
+
+
+def load_verified_file(path: Path, what: str, expected: dict[str, str]) -> tuple[dict[str, torch.Tensor], dict]:
+    """
+    Tensors and metadata of a file written by [`save_file_atomically`], after checking it: readable in full, its
+    `sha256` matches its tensors (values changed after writing are caught), and each `expected` metadata entry
+    matches (a file copied or renamed from another key is caught).
+
+    hf_kd's caches never silently use, and never silently overwrite, a bad file: this raises a `ValueError` that
+    names the file and says to delete it (the next run then recomputes it).
+
+    Args:
+        path (`Path`): the file.
+        what (`str`): what the file holds, for the error (e.g. `"teacher logits cache"`).
+        expected (`dict[str, str]`): metadata entries the file must have.
+    """
+    from safetensors import SafetensorError, safe_open
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(f"The {what} file {path} {reason}. It was not used; delete it to recompute it.")
+
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            metadata = f.metadata() or {}
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError) as err:
+        raise bad(f"is unreadable ({err})") from err
+    if "sha256" not in metadata:
+        raise bad("has no sha256 checksum (it was not written by this version of hf_kd)")
+    if tensors_checksum(tensors) != metadata["sha256"]:
+        raise bad("does not match its sha256 checksum: its values were changed after it was written")
+    for key, value in expected.items():
+        if metadata.get(key) != value:
+            raise bad(f"is for {key}={metadata.get(key)!r}, not {value!r}: it was copied or renamed from another run")
+    return tensors, metadata
 
 
 class TeacherLogitsCache:
     """Teacher logits of whole datasets, computed once and stored on disk.
 
     One file per (teacher, data, id map) key under `cache_dir`: `<key>.safetensors` holds a float32 tensor
-    `(num_rows, num_labels)` and its metadata (teacher and data fingerprints, row count). The logits are added to the
+    `(num_rows, num_labels)` and its metadata (teacher and data fingerprints, row count, a `sha256` checksum of the
+    logits, all checked on load: a damaged, tampered or misplaced file is an error, see [`~TeacherLogitsCache.load`]).
+    The logits are added to the
     dataset as a `teacher_logits` column, so they follow the rows through shuffling and across epochs, and a run that
     finds every file never loads the teacher weights.
 
@@ -409,25 +458,34 @@ class TeacherLogitsCache:
             hasher.update(token_id_map.numpy().tobytes())
         return self.cache_dir / f"{hasher.hexdigest()[:32]}.safetensors"
 
-    def load(self, path: Path, num_rows: int) -> torch.Tensor | None:
-        """The cached logits, `None` if absent; a clear error if the file is unreadable or does not fit the data."""
+    def load(self, path: Path, num_rows: int, data_key: str | None = None, num_labels: int | None = None) -> torch.Tensor | None:
+        """
+        The cached logits `(num_rows, num_labels)`, `None` if the file is absent.
+
+        A file that is unreadable or truncated, whose values were changed after it was written (its `sha256`
+        checksum), that was written for another teacher or other data (its metadata), or whose shape or values do not
+        fit (rows, labels, non-finite logits) is an error naming the file and saying to delete it: a bad file is
+        never used, nor silently recomputed over (which would hide a failing disk or a tampered file).
+        """
         if not path.exists():
             return None
-        from safetensors import SafetensorError
-        from safetensors.torch import load_file
+        expected = {"teacher": self.teacher_key, "rows": str(num_rows)}
+        if data_key is not None:
+            expected["data"] = data_key
+        tensors, _ = load_verified_file(path, "teacher logits cache", expected)
 
-        try:
-            logits = load_file(path)["logits"]
-        except (SafetensorError, KeyError, OSError) as err:
-            raise ValueError(
-                f"The teacher logits cache file {path} is unreadable ({err}). It was never used; delete it to "
-                "recompute the teacher logits."
-            ) from err
+        def bad(reason: str) -> ValueError:
+            return ValueError(f"The teacher logits cache file {path} {reason}. It was not used; delete it to recompute it.")
+
+        logits = tensors.get("logits")
+        if logits is None or logits.dim() != 2:
+            raise bad(f"has no (rows, labels) 'logits' tensor (tensors: {sorted(tensors)})")
         if logits.shape[0] != num_rows:
-            raise ValueError(
-                f"The teacher logits cache file {path} holds {logits.shape[0]} rows but the dataset has {num_rows}. "
-                "It was never used; delete it to recompute the teacher logits."
-            )
+            raise bad(f"holds {logits.shape[0]} rows but the dataset has {num_rows}")
+        if num_labels is not None and logits.shape[1] != num_labels:
+            raise bad(f"holds logits over {logits.shape[1]} labels but the student predicts {num_labels}")
+        if not torch.isfinite(logits).all():
+            raise bad(f"holds {int((~torch.isfinite(logits)).sum())} non-finite logits (NaN or inf)")
         return logits
 
     def save(self, path: Path, logits: torch.Tensor, data_key: str) -> None:

@@ -24,6 +24,10 @@ Test-split metrics (accuracy, ECE with 15 bins, NLL, Brier, mean entropy, and si
 `<output_dir>/test_results.json` next to the saved model (an adapter with --use_peft), with the number of processes
 and, for KD, where the teacher's weights lived (`teacher_placement`); `--report_train_sigma` adds the training and
 validation splits' (sigma on the training set is the confidence-preservation property of Vengertsev & Sherman 2024).
+
+`--resume_from_checkpoint latest` resumes from the newest complete `checkpoint-<step>` of `--output_dir` (or starts
+afresh when there is none yet), so that one command line both starts and restarts a preemptible job; a path resumes
+from that checkpoint. Every file of the checkpoint is checked first (hf_kd.checkpoints.verify_checkpoint).
 """
 
 import json
@@ -42,6 +46,7 @@ from transformers import (
 )
 
 from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics
+from hf_kd.checkpoints import resolve_resume_checkpoint
 from hf_kd.distributed import end_distributed
 from hf_kd.peft_utils import LoraArguments, get_peft_config
 
@@ -151,7 +156,8 @@ def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArgume
     splits = load_splits(script_args, tokenizer)
     peft_config = get_peft_config(lora_args) if lora_args is not None else None
     trainer = build_trainer(script_args, args, splits, tokenizer, peft_config)
-    trainer.train()
+    # --resume_from_checkpoint latest: resume from the newest complete checkpoint of output_dir, or start afresh.
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
     extra = {}
     if script_args.report_train_sigma and script_args.method == "kd":
         for split, prefix in (("train", "train"), ("validation", "eval")):

@@ -17,7 +17,8 @@ transformers.TrainingArguments) is accepted, and a YAML recipe may come first. E
 
 Test-split metrics (final exit: accuracy, ECE with 15 bins, NLL, Brier, entropy; every exit's accuracy, ECE and
 entropy) are written to `<output_dir>/test_results.json` next to the saved model, with the number of processes and,
-with a teacher, where its weights lived (`teacher_placement`).
+with a teacher, where its weights lived (`teacher_placement`). `--resume_from_checkpoint latest` resumes from the
+newest complete checkpoint of `--output_dir`, or starts afresh (see trainers/distill.py).
 """
 
 import sys
@@ -35,6 +36,7 @@ from transformers import (  # noqa: E402
 )
 
 from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitConfig, MultiExitForSequenceClassification  # noqa: E402
+from hf_kd.checkpoints import resolve_resume_checkpoint  # noqa: E402
 from hf_kd.distributed import end_distributed  # noqa: E402
 from hf_kd.peft_utils import LoraArguments, get_peft_config  # noqa: E402
 
@@ -81,7 +83,8 @@ def run(script_args: EarlyExitScriptArguments, args: EarlyExitConfig, lora_args:
         data_collator=DataCollatorWithPadding(tokenizer),
         peft_config=peft_config,
     )
-    trainer.train()
+    # --resume_from_checkpoint latest: resume from the newest complete checkpoint of output_dir, or start afresh.
+    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
     summary = {"method": "early_exit", "distill_from": args.distill_from, "model": script_args.model_name_or_path}
     return finish(trainer, args, splits["test"], summary)
 

@@ -10,6 +10,11 @@ Model cards: whenever a model is saved (`save_model`, each checkpoint, and
 and into `output_dir`, with a `model-index` built from the latest evaluation metrics in `state.log_history`:
 calibration metrics included, which the stock `Trainer.create_model_card` drops. `trainer.push_to_hub()` calls
 [`_BaseTrainer.create_model_card`], so it pushes this card rather than overwriting it with the stock one.
+
+Faults ([`hf_kd.checkpoints`]): before anything is built, `output_dir` must be writable and, when checkpoints are
+saved, its disk must have room for one; `train(resume_from_checkpoint=...)` also takes `"latest"` (resume if there is
+a checkpoint, else start afresh) and `args.resume_from_checkpoint` when the argument is not given, skips incomplete
+checkpoints, and checks every file of the checkpoint before any is loaded.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from typing import Any
 import torch
 from transformers import Trainer
 
+from ..checkpoints import check_output_dir, checkpoint_bytes, resolve_resume_checkpoint
 from ..distributed import fill_auto_bucket_sizes
 from ..evaluation import STUDENT_METRICS
 from ..hub import DEFAULT_TEMPLATE, generate_model_card, save_model_card
@@ -69,10 +75,16 @@ class _BaseTrainer(Trainer):
     _name: str = "Fine-tuning"
     _paper: dict = {}
     _model_card_template: str = DEFAULT_TEMPLATE
+    _resumed_from: str | None = None  # the checkpoint folder of the current train(), for error messages
 
     def __init__(self, model=None, args=None, *positional, peft_config=None, **kwargs):
         if model is None and peft_config is not None:
             raise ValueError("peft_config needs the student `model` (model_init cannot be combined with peft_config).")
+        if args is not None and args.should_save:
+            # Before the datasets, the teacher and its cache are built: a run that could not save fails in a second.
+            saves_checkpoints = args.save_strategy != "no"
+            needed = checkpoint_bytes(model, with_optimizer=not args.save_only_model) if model is not None else 0
+            check_output_dir(args.output_dir, needed if saves_checkpoints else 0)
         if model is not None:
             model = prepare_peft_model(model, peft_config, seed=getattr(args, "seed", None))
         super().__init__(model, args, *positional, **kwargs)
@@ -81,6 +93,23 @@ class _BaseTrainer(Trainer):
                 self.accelerator.state.deepspeed_plugin.hf_ds_config,
                 getattr(self.accelerator.unwrap_model(self.model), "config", None),
             )
+
+    def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
+        """
+        [`~transformers.Trainer.train`], resuming safely.
+
+        Args:
+            resume_from_checkpoint (`str` or `bool`, *optional*, defaults to `args.resume_from_checkpoint`):
+                `True`: the newest complete checkpoint of `output_dir` (an error if none); `"latest"`: the same, or
+                a fresh start when there is none yet; a path: that checkpoint. Checkpoints whose save was cut off
+                (no `trainer_state.json`) are skipped, and every file of the chosen one is checked before anything
+                is loaded ([`hf_kd.checkpoints.verify_checkpoint`]): a truncated or damaged file is an error naming
+                it, never used.
+        """
+        if resume_from_checkpoint is None:
+            resume_from_checkpoint = self.args.resume_from_checkpoint
+        self._resumed_from = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
+        return super().train(self._resumed_from, trial, ignore_keys_for_eval, **kwargs)
 
     def _model_card_info(self) -> dict[str, Any]:
         """Method-specific card fields: `teacher_model` (id or path), `hyperparameters` (a dict) and `layer_selection`

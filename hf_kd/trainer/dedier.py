@@ -202,9 +202,18 @@ class DedierCallback(TrainerCallback, ExportableState):
                 f"The checkpoint's DEDIER weights are for {num_samples} training samples, but the train_dataset has "
                 f"{self.num_samples}: resume with the same training data."
             )
+        weights = torch.tensor(state["attributes"]["weights"], dtype=torch.float32, device=self.weights.device)
+        num_reweighs = state["attributes"]["num_reweighs"]
+        # exp(beta * margin^alpha) >= 1: anything else was not written by DEDIER.
+        if weights.shape != (self.num_samples,) or not bool(torch.isfinite(weights).all() and (weights >= 1).all()):
+            raise ValueError(
+                f"DEDIER weights must be {self.num_samples} finite values >= 1, got shape {tuple(weights.shape)} with "
+                f"min {weights.min().item() if weights.numel() else None}"
+            )
+        if not isinstance(num_reweighs, int) or num_reweighs < 0:
+            raise ValueError(f"num_reweighs must be an integer >= 0, got {num_reweighs!r}")
         self.seed = state["args"]["seed"]
-        self.weights = torch.tensor(state["attributes"]["weights"], dtype=torch.float32, device=self.weights.device)
-        self.num_reweighs = state["attributes"]["num_reweighs"]
+        self.weights, self.num_reweighs = weights, num_reweighs
 
     def on_train_begin(self, args, state, control, **kwargs):
         # A checkpoint saved by save_strategy="steps" at the last step of an epoch precedes that epoch's re-weighting

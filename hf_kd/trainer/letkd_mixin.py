@@ -95,7 +95,7 @@ class _LetKDMixin:
                                settings)
 
         with args.main_process_first(desc="letKD teacher targets"):
-            targets = {loc: cache.load(path, args.letkd_temperature) for loc, (path, _) in paths.items()}
+            targets = {loc: cache.load(path, args.letkd_temperature, settings) for loc, (path, settings) in paths.items()}
             todo = tuple(loc for loc in locations if targets[loc] is None)
             if todo:
                 features, labels = collect_teacher_features(

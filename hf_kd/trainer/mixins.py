@@ -137,7 +137,15 @@ class _MultiExitMixin(_LoggedLossesMixin):
         for callback in self._training_state_callbacks:
             name = type(callback).__name__
             self.state.stateful_callbacks[name] = stored[name]  # _save_checkpoint updates this entry
-            callback.load_state(stored[name])
+            try:
+                callback.load_state(stored[name])
+            except (KeyError, TypeError, ValueError, IndexError) as err:
+                # A hand-edited or damaged trainer_state.json must not half-restore the state: say which file.
+                where = f"{self._resumed_from}/trainer_state.json" if self._resumed_from else "trainer_state.json"
+                raise ValueError(
+                    f"The {name} state in {where} is damaged ({type(err).__name__}: {err}); it was not used. Resume "
+                    "from an earlier checkpoint, or start a new run from this checkpoint's model weights."
+                ) from err
 
 
 def full_pass_batches(trainer, dataset, batch_size: int, order: list[int] | None = None, description: str = "pass"):

@@ -137,7 +137,30 @@ class SelfKDCallback(TrainerCallback, ExportableState):
         )
         self.recalibration_set = np.asarray(attributes["recalibration_set"], dtype=np.int64)
         self.epochs_done = attributes["epochs_done"]
+        self._check_restored_state()
         self._set_mask()
+
+    def _check_restored_state(self) -> None:
+        """`ValueError` on a restored state that SelfKDCallback cannot have written (a damaged or edited file)."""
+        num_exits = len(self.trainer.accelerator.unwrap_model(self.trainer.model).config.exit_layers)
+        if self.phase not in PHASES:
+            raise ValueError(f"phase must be one of {PHASES}, got {self.phase!r}")
+        if not isinstance(self.epochs_done, int) or not (
+            self.epochs_done == len(self.entropy_curves) == len(self.epoch_phases)
+        ):
+            raise ValueError(
+                f"epochs_done={self.epochs_done!r} must equal the number of entropy curves ({len(self.entropy_curves)}) "
+                f"and of epoch phases ({len(self.epoch_phases)})"
+            )
+        if any(len(curve) != num_exits for curve in self.entropy_curves):
+            raise ValueError(f"every entropy curve must have one value per exit ({num_exits})")
+        if self.source_exit is not None and not (isinstance(self.source_exit, int) and 0 <= self.source_exit < num_exits):
+            raise ValueError(f"source_exit must be None or an exit index in [0, {num_exits}), got {self.source_exit!r}")
+        if self.ambiguity is not None and self.ambiguity.shape != (self.num_samples,):
+            raise ValueError(f"ambiguity must have {self.num_samples} values, got {self.ambiguity.shape[0]}")
+        index = self.recalibration_set
+        if index.size and (index.min() < 0 or index.max() >= (self.num_samples or 0)):
+            raise ValueError(f"recalibration_set indices must be in [0, {self.num_samples}), got {index.min()}..{index.max()}")
 
     # ---- events ----------------------------------------------------------------------------------------------------
 

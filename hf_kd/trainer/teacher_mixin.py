@@ -236,7 +236,8 @@ class _TeacherMixin:
         columns = [c for c in TEACHER_INPUT_NAMES if c in dataset.column_names]
         data_key = dataset_fingerprint(dataset, columns)
         path = self._logits_cache.path_for(data_key, self._token_id_map)
-        logits = self._logits_cache.load(path, len(dataset))
+        num_labels = getattr(getattr(self.accelerator.unwrap_model(self.model), "config", None), "num_labels", None)
+        logits = self._logits_cache.load(path, len(dataset), data_key, num_labels)
         num_processes = self.accelerator.num_processes
         if num_processes > 1:
             # Every process computes the logits of its share of the batches and an all-reduce assembles them: N
