@@ -127,9 +127,20 @@ def parse_args(argv=None):
 # ------------------------------------------------------------------------------------------------------- data
 
 
+def training_settings(folder: Path) -> dict:
+    """The settings (seed, epochs) of the benchmark run that trained the model in `folder`: `results.json` beside it,
+    written by bench_early_exit_{fmnist,rt}.py. Read as JSON: `training_args.bin` is a pickle, never unpickled here."""
+    path = Path(folder).parent / "results.json"
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"{path} not found: pass model folders trained by scripts/bench_early_exit_fmnist.py or "
+            "bench_early_exit_rt.py (their output_dir/model), whose results.json holds the seed and epochs."
+        )
+    return json.loads(path.read_text())["settings"]
+
+
 def training_seed(folder: Path) -> int:
-    args = torch.load(folder / "training_args.bin", weights_only=False)
-    return int(args.seed)
+    return int(training_settings(folder)["seed"])
 
 
 def fmnist_task(folder: Path, limit: int | None) -> dict:
@@ -610,7 +621,7 @@ def main(argv=None) -> dict:
         if not folders:
             continue
         runs = [run_model(Path(f), kind, i, opts) for i, f in enumerate(folders)]
-        epochs = {torch.load(Path(f) / "training_args.bin", weights_only=False).num_train_epochs for f in folders}
+        epochs = {float(training_settings(Path(f))["epochs"]) for f in folders}
         recipe = f"{scripts[kind]}, {', '.join(f'{e:g}' for e in sorted(epochs))} epoch(s)"
         command = f"PYTHONPATH=. python scripts/bench_exit_uncertainty.py --{kind} {' '.join(folders)}"
         if opts.fit_cost_rows:
