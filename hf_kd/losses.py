@@ -52,12 +52,16 @@ def _check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
         )
 
 
-def _check_finite(x: torch.Tensor, name: str, hint: str = "") -> None:
-    """`ValueError` naming the first item (row of the flattened leading dimensions) holding a NaN or an inf."""
-    bad = ~torch.isfinite(x.reshape(-1, x.shape[-1]) if x.dim() else x.reshape(1, 1))
+def _check_finite(x: torch.Tensor, name: str, hint: str = "", items: torch.Tensor | None = None) -> None:
+    """`ValueError` naming the first item (row of the flattened leading dimensions) holding a NaN or an inf; with
+    `items` (a bool mask over the flattened items), only those items are checked (ignored items cannot leak)."""
+    rows = x.reshape(-1, x.shape[-1])
+    bad = ~torch.isfinite(rows)
+    if items is not None:
+        bad &= items.reshape(-1, 1).to(bad.device)
     if bad.any():
         item = int(bad.any(dim=-1).nonzero()[0, 0])
-        value = x.reshape(-1, x.shape[-1])[item][bad[item]][0].item() if x.dim() else x.item()
+        value = rows[item][bad[item]][0].item()
         raise ValueError(f"{name} contain NaN or inf ({value} in item {item}){hint}")
 
 
@@ -207,10 +211,11 @@ def kd_loss(
             f"got {tuple(sample_weights.shape)}"
         )
     # A NaN or inf teacher logit would silently poison every student gradient (an inf one makes the KL term
-    # 0 * inf = NaN); fail loudly instead.
-    _check_finite(teacher_logits, "teacher_logits", ": check the teacher's dtype (fp16 overflow) and inputs")
+    # 0 * inf = NaN); fail loudly instead. Ignored items (-100) are left out: they never reach the loss.
     if labels is not None:
         _check_class_labels(labels, student_logits.shape[-1])
+    _check_finite(teacher_logits, "teacher_logits", ": check the teacher's dtype (fp16 overflow) and inputs",
+                  items=None if labels is None else labels != -100)
 
     item_shape = student_logits.shape[:-1]
     num_classes = student_logits.shape[-1]
