@@ -19,12 +19,13 @@ from hf_kd.cli import main
 from hf_kd.metrics import make_compute_metrics, make_exit_compute_metrics
 from hf_kd.teacher import TEACHER_LOGITS_COLUMN
 
+from .test_cli import model_dir  # noqa: F401 (the fixture: a saved 2-label tiny BERT and its tokenizer)
 from .test_distill_trainer import make_args as distill_args
 from .test_distill_trainer import make_trainer as distill_trainer
 from .test_early_exit_trainer import make_args as early_exit_args
 from .test_early_exit_trainer import make_trainer as early_exit_trainer
 from .test_self_kd import make_trainer as self_kd_trainer
-from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
+from .testing_utils import tiny_bert, tiny_dataset
 
 NAN, INF = float("nan"), float("inf")
 LOGITS = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1], [0.0, 2.0, 0.0], [-1.0, 0.0, 3.0]])
@@ -231,14 +232,6 @@ def test_evaluate_and_predict_check_their_dataset(tmp_path):
 # ---- the CLI: exit status 1 and one line naming the value, no traceback --------------------------------------------
 
 
-@pytest.fixture
-def cli_model(tmp_path):
-    folder = tmp_path / "model"
-    tiny_bert().save_pretrained(folder)
-    tiny_tokenizer(tmp_path).save_pretrained(folder)
-    return folder
-
-
 def jsonl(path, rows):
     path.write_text("".join(json.dumps(row) + "\n" for row in rows))
     return path
@@ -274,9 +267,9 @@ CLI_CASES = {
 
 
 @pytest.mark.parametrize("case", list(CLI_CASES))
-def test_cli(tmp_path, cli_model, capsys, case):
+def test_cli(tmp_path, model_dir, capsys, case):  # noqa: F811 (model_dir is the fixture imported above)
     argv, message = CLI_CASES[case]
-    assert main(argv(tmp_path, cli_model)) == 1
+    assert main(argv(tmp_path, model_dir)) == 1
     err = capsys.readouterr().err
     # Progress bars also go to stderr; the error is one line of its own, the last, and there is no traceback.
     errors = [line for line in err.splitlines() if line.startswith("hf-kd ")]
