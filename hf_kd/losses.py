@@ -38,31 +38,49 @@ def _check_tensors(**tensors) -> None:
             raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; wrap it with torch.as_tensor")
 
 
-def _check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
-    """Integer class indices in `[0, num_classes)` or `-100` (ignored): else a `ValueError` naming the first bad
-    label and its index (cross_entropy would raise `IndexError: Target 5 is out of bounds` without the range)."""
+def _bad_class_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Flat bool mask of the labels that are neither in `[0, num_classes)` nor `-100` (no device synchronisation)."""
     if labels.is_floating_point():
         raise ValueError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
     flat = labels.reshape(-1)
-    bad = (flat != -100) & ((flat < 0) | (flat >= num_classes))
-    if bad.any():
-        index = int(bad.nonzero()[0, 0])
-        raise ValueError(
-            f"labels must be in [0, {num_classes}) or -100 (ignored), got {flat[index].item()} at index {index}"
-        )
+    return (flat != -100) & ((flat < 0) | (flat >= num_classes))
 
 
-def _check_finite(x: torch.Tensor, name: str, hint: str = "", items: torch.Tensor | None = None) -> None:
-    """`ValueError` naming the first item (row of the flattened leading dimensions) holding a NaN or an inf; with
-    `items` (a bool mask over the flattened items), only those items are checked (ignored items cannot leak)."""
-    rows = x.reshape(-1, x.shape[-1])
-    bad = ~torch.isfinite(rows)
-    if items is not None:
-        bad &= items.reshape(-1, 1).to(bad.device)
+def _raise_bad_class_labels(labels: torch.Tensor, bad: torch.Tensor, num_classes: int) -> None:
+    # cross_entropy would raise `IndexError: Target 5 is out of bounds` on CPU, a device-side assert on CUDA.
+    index = int(bad.nonzero()[0, 0])
+    raise ValueError(
+        f"labels must be in [0, {num_classes}) or -100 (ignored), got {labels.reshape(-1)[index].item()} at index "
+        f"{index}"
+    )
+
+
+def _check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Integer class indices in `[0, num_classes)` or `-100` (ignored), else a `ValueError` naming the first bad
+    label and its index."""
+    bad = _bad_class_labels(labels, num_classes)
     if bad.any():
-        item = int(bad.any(dim=-1).nonzero()[0, 0])
-        value = rows[item][bad[item]][0].item()
-        raise ValueError(f"{name} contain NaN or inf ({value} in item {item}){hint}")
+        _raise_bad_class_labels(labels, bad, num_classes)
+
+
+def _nonfinite(x: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+    """`(items, C)` bool mask of the NaN/inf entries of `x` flattened to rows; with `items` (a bool mask over the
+    flattened items) only those rows (ignored items never reach the loss, so they may hold anything)."""
+    bad = ~torch.isfinite(x.reshape(-1, x.shape[-1]))
+    return bad if items is None else bad & items.reshape(-1, 1).to(bad.device)
+
+
+def _raise_nonfinite(x: torch.Tensor, bad: torch.Tensor, name: str, hint: str = "") -> None:
+    item = int(bad.any(dim=-1).nonzero()[0, 0])
+    value = x.reshape(-1, x.shape[-1])[item][bad[item]][0].item()
+    raise ValueError(f"{name} contain NaN or inf ({value} in item {item}){hint}")
+
+
+def _check_finite(x: torch.Tensor, name: str, hint: str = "") -> None:
+    """`ValueError` naming the first item (row of the flattened leading dimensions) holding a NaN or an inf."""
+    bad = _nonfinite(x)
+    if bad.any():
+        _raise_nonfinite(x, bad, name, hint)
 
 
 def _check_reduction(reduction: str, num_items_in_batch) -> None:
@@ -211,14 +229,18 @@ def kd_loss(
             f"got {tuple(sample_weights.shape)}"
         )
     # A NaN or inf teacher logit would silently poison every student gradient (an inf one makes the KL term
-    # 0 * inf = NaN); fail loudly instead. Ignored items (-100) are left out: they never reach the loss.
-    if labels is not None:
-        _check_class_labels(labels, student_logits.shape[-1])
-    _check_finite(teacher_logits, "teacher_logits", ": check the teacher's dtype (fp16 overflow) and inputs",
-                  items=None if labels is None else labels != -100)
+    # 0 * inf = NaN), and an out-of-range label is an IndexError (a device-side assert on CUDA): fail loudly, with
+    # one device synchronisation for both checks. Ignored items (-100) are left out: they never reach the loss.
+    num_classes = student_logits.shape[-1]
+    bad_teacher = _nonfinite(teacher_logits, None if labels is None else labels != -100)
+    bad_labels = _bad_class_labels(labels, num_classes) if labels is not None else None
+    if (bad_teacher.any() if bad_labels is None else bad_teacher.any() | bad_labels.any()).item():
+        if bad_labels is not None and bad_labels.any():
+            _raise_bad_class_labels(labels, bad_labels, num_classes)
+        _raise_nonfinite(teacher_logits, bad_teacher, "teacher_logits", ": check the teacher's dtype (fp16 overflow) "
+                         "and inputs")
 
     item_shape = student_logits.shape[:-1]
-    num_classes = student_logits.shape[-1]
     student = _upcast(student_logits).reshape(-1, num_classes)
     teacher = _upcast(teacher_logits).reshape(-1, num_classes)
 
