@@ -191,7 +191,7 @@ def _check_labels(opts, dataset, split: str, num_labels: int) -> None:
     e.g. GLUE's test sets with label -1, fails here naming the split, the row and the value)."""
     from .evaluation import read_labels
 
-    where = f"{_describe(opts, split)}"
+    where = _describe(opts, split)
     if len(dataset) == 0:
         raise ValueError(f"{where} has no rows")
     if opts.label_column not in dataset.column_names:
@@ -205,10 +205,10 @@ def _check_labels(opts, dataset, split: str, num_labels: int) -> None:
             f"the data has {len(names)} classes {names} but the model predicts {num_labels}: wrong model or data"
         )
     labels = read_labels(dataset, opts.label_column, f"{where} (--label_column {opts.label_column})")
-    bad = [i for i, label in enumerate(labels) if not 0 <= label < num_labels]
-    if bad:
+    bad = ((labels < 0) | (labels >= num_labels)).nonzero()[0]
+    if bad.size:
         raise ValueError(
-            f"{where} has label {labels[bad[0]]} in row {bad[0]} ({len(bad)} bad row(s)): the model predicts "
+            f"{where} has label {labels[bad[0]]} in row {bad[0]} ({bad.size} bad row(s)): the model predicts "
             f"{num_labels} classes, so labels must be in [0, {num_labels}) (a split without gold labels cannot be "
             "used)"
         )
@@ -221,11 +221,8 @@ def _check_model_source(name: str, what: str) -> None:
         return
     from huggingface_hub.utils import HFValidationError, validate_repo_id
 
-    looks_local = name.startswith((".", "/", "~")) or name.count("/") > 1
     try:
-        if looks_local:
-            raise HFValidationError(name)
-        validate_repo_id(name)
+        validate_repo_id(name)  # "name" or "namespace/name": a path with more parts, or "/", "./", "~" is not one
     except HFValidationError:
         raise FileNotFoundError(
             f"{what} {name!r} is neither an existing folder nor a Hub id (namespace/name): check the path"

@@ -232,8 +232,9 @@ def test_evaluate_and_predict_check_their_dataset(tmp_path):
 # ---- the CLI: exit status 1 and one line naming the value, no traceback --------------------------------------------
 
 
-def jsonl(path, rows):
-    path.write_text("".join(json.dumps(row) + "\n" for row in rows))
+def jsonl(path, rows, text=None):
+    """A JSON-lines file of `rows` (or of the raw `text`)."""
+    path.write_text(text if text is not None else "".join(json.dumps(row) + "\n" for row in rows))
     return path
 
 
@@ -259,7 +260,7 @@ CLI_CASES = {
                                             f"validation={jsonl(tmp / 'v.jsonl', [])}"],
                         "data file for split 'validation' is empty: {tmp}/v.jsonl"),
     "blank data file": (lambda tmp, model: ["calibrate", str(model), "--eval_split", "none", "--data_files",
-                                            f"validation={(tmp / 'v.jsonl').write_text(chr(10) * 3) and tmp / 'v.jsonl'}"],
+                                            f"validation={jsonl(tmp / 'v.jsonl', [], text=chr(10) * 3)}"],
                         "data file for split 'validation' could not be read as json"),
     "unknown split": (lambda tmp, model: ["calibrate", str(model), "--dataset", "rotten_tomatoes", "--split", "dev"],
                       r"--dataset rotten_tomatoes has splits \['train', 'validation', 'test'\], not 'dev'"),
