@@ -15,6 +15,10 @@ Faults ([`hf_kd.checkpoints`]): before anything is built, `output_dir` must be w
 saved, its disk must have room for one; `train(resume_from_checkpoint=...)` also takes `"latest"` (resume if there is
 a checkpoint, else start afresh) and `args.resume_from_checkpoint` when the argument is not given, skips incomplete
 checkpoints, and checks every file of the checkpoint before any is loaded.
+
+Bad data ([`check_dataset`]): the train and eval datasets (and those given to `evaluate` / `predict`) are checked when
+the trainer is built, before the teacher or any step runs: a dataset type, at least one row, labels in
+`[0, num_labels)` or `-100`, and a `teacher_logits` column of `num_labels` finite values per row.
 """
 
 from __future__ import annotations
