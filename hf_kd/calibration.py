@@ -27,6 +27,7 @@ from torch import nn
 from .evaluation import (
     _check_batch_size,
     _check_dataset,
+    _check_model,
     _check_n_bins,
     _metrics_of,
     _read_distributions,
@@ -302,6 +303,7 @@ def calibrate_temperature(
         raise ValueError(
             f"objective must be one of {[o.value for o in CalibrationObjective]}, got {objective!r}"
         ) from None
+    _check_model(model)
     _check_dataset(dataset)
     _check_n_bins(n_bins)
     _check_batch_size(batch_size)

@@ -169,21 +169,64 @@ def _load_split(opts, split: str, tokenizer, num_labels: int):
         kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
         if kind is None:
             raise ValueError(f"data files must be .json, .jsonl or .csv, got {path}")
+        if path.stat().st_size == 0:
+            raise ValueError(f"data file for split {split!r} is empty: {path}")
         import datasets
 
-        dataset = datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
+        try:
+            dataset = datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
+        except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+            raise ValueError(f"data file for split {split!r} could not be read as {kind} ({error!r}): {path}") from None
     if opts.max_samples is not None:
         if opts.max_samples < 1:
             raise ValueError(f"--max_samples must be >= 1, got {opts.max_samples}")
         # Rows of the built-in loaders are grouped by source (movie, topic): shuffle before cutting.
         dataset = dataset.shuffle(seed=opts.split_seed).select(range(min(opts.max_samples, len(dataset))))
-    if opts.label_column in dataset.column_names:
-        names = getattr(dataset.features[opts.label_column], "names", None)
-        if names is not None and len(names) != num_labels:
-            raise ValueError(
-                f"the data has {len(names)} classes {names} but the model predicts {num_labels}: wrong model or data"
-            )
+    _check_labels(opts, dataset, split, num_labels)
     return tokenize_dataset(dataset, tokenizer, opts.text_column, opts.text_pair_column, opts.max_length)
+
+
+def _check_labels(opts, dataset, split: str, num_labels: int) -> None:
+    """Every command needs gold labels in [0, num_labels): check them before any model runs (an unlabelled split,
+    e.g. GLUE's test sets with label -1, fails here naming the split, the row and the value)."""
+    from .evaluation import read_labels
+
+    where = _describe(opts, split)
+    if len(dataset) == 0:
+        raise ValueError(f"{where} has no rows")
+    if opts.label_column not in dataset.column_names:
+        raise ValueError(
+            f"{where} has no {opts.label_column!r} column (columns: {dataset.column_names}): hf-kd needs gold labels; "
+            "name the label column with --label_column"
+        )
+    names = getattr(dataset.features[opts.label_column], "names", None)
+    if names is not None and len(names) != num_labels:
+        raise ValueError(
+            f"the data has {len(names)} classes {names} but the model predicts {num_labels}: wrong model or data"
+        )
+    labels = read_labels(dataset, opts.label_column, f"{where} (--label_column {opts.label_column})")
+    bad = ((labels < 0) | (labels >= num_labels)).nonzero()[0]
+    if bad.size:
+        raise ValueError(
+            f"{where} has label {labels[bad[0]]} in row {bad[0]} ({bad.size} bad row(s)): the model predicts "
+            f"{num_labels} classes, so labels must be in [0, {num_labels}) (a split without gold labels cannot be "
+            "used)"
+        )
+
+
+def _check_model_source(name: str, what: str) -> None:
+    """A folder that exists, or a well-formed Hub id: a mistyped path fails here, naming it, instead of as
+    transformers' "Repo id must be in the form ..." (a missing folder read as a Hub id)."""
+    if Path(name).is_dir():
+        return
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    try:
+        validate_repo_id(name)  # "name" or "namespace/name": a path with more parts, or "/", "./", "~" is not one
+    except HFValidationError:
+        raise FileNotFoundError(
+            f"{what} {name!r} is neither an existing folder nor a Hub id (namespace/name): check the path"
+        ) from None
 
 
 def _load_model(name: str):
@@ -224,6 +267,9 @@ def _evaluate(opts) -> None:
     from .evaluation import evaluate_uncertainty
     from .hub import REPORTS_DIR, update_model_card
 
+    _check_model_source(opts.model, "MODEL")
+    if opts.teacher is not None:
+        _check_model_source(opts.teacher, "--teacher")
     local = Path(opts.model).is_dir()
     if opts.output_dir is None and not local:
         raise ValueError(f"{opts.model!r} is not a local folder: pass --output_dir for the report")
@@ -251,6 +297,9 @@ def _calibrate(opts) -> None:
     from .evaluation import evaluate_uncertainty
     from .hub import CALIBRATION_FILENAME, REPORTS_DIR, update_model_card
 
+    _check_model_source(opts.model, "MODEL")
+    if opts.teacher is not None:
+        _check_model_source(opts.teacher, "--teacher")
     local = Path(opts.model).is_dir()
     if opts.output_dir is None and not local:
         raise ValueError(f"{opts.model!r} is not a local folder: pass --output_dir for the calibrated model")
@@ -322,6 +371,8 @@ def _confidence_search(opts) -> None:
     space = SearchSpace(
         tuple(opts.learning_rate_range), tuple(opts.epochs_range), tuple(opts.batch_sizes), tuple(opts.weight_decay_range)
     )
+    _check_model_source(opts.student, "STUDENT")
+    _check_model_source(opts.teacher, "--teacher")
     teacher_config = AutoConfig.from_pretrained(opts.teacher)
     tokenizer = AutoTokenizer.from_pretrained(opts.student)
     num_labels = teacher_config.num_labels

@@ -69,6 +69,13 @@ def _check_dataset(dataset, name: str = "dataset") -> None:
         )
 
 
+def _check_model(model, name: str = "model") -> None:
+    if not isinstance(model, nn.Module):
+        hint = " (a Hub id or folder: load it with AutoModelForSequenceClassification.from_pretrained)" if isinstance(
+            model, (str, os.PathLike)) else ""
+        raise TypeError(f"{name} must be a torch.nn.Module sequence classifier, got {type(model).__name__}{hint}")
+
+
 def _check_batch_size(batch_size) -> None:
     if isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1:
         raise ValueError(f"batch_size must be an int >= 1, got {batch_size!r}")
@@ -181,6 +188,7 @@ def compute_logits(
     Returns:
         `torch.Tensor` of shape `(len(dataset), num_labels)`, float32, on the CPU, in dataset order.
     """
+    _check_model(model)
     _check_dataset(dataset)
     _check_batch_size(batch_size)
     if "attention_mask" not in dataset.column_names:
@@ -524,6 +532,7 @@ def evaluate_uncertainty(
     >>> report.save("student/uncertainty/test")  # report.json + reliability_diagram.png + confidence_histogram.png
     ```
     """
+    _check_model(model)
     _check_dataset(dataset)
     _check_n_bins(n_bins)
     _check_batch_size(batch_size)

@@ -30,6 +30,59 @@ def _upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(torch.promote_types(x.dtype, torch.float32))
 
 
+def _check_tensors(**tensors) -> None:
+    """`TypeError` naming the first argument that is not a `torch.Tensor` (a list or an array would otherwise fail
+    later with an `AttributeError` on `.shape`)."""
+    for name, value in tensors.items():
+        if not isinstance(value, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(value).__name__}; wrap it with torch.as_tensor")
+
+
+def _bad_class_labels(labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """Flat bool mask of the labels that are neither in `[0, num_classes)` nor `-100` (no device synchronisation)."""
+    if labels.is_floating_point():
+        raise ValueError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+    flat = labels.reshape(-1)
+    return (flat != -100) & ((flat < 0) | (flat >= num_classes))
+
+
+def _raise_bad_class_labels(labels: torch.Tensor, bad: torch.Tensor, num_classes: int) -> None:
+    # cross_entropy would raise `IndexError: Target 5 is out of bounds` on CPU, a device-side assert on CUDA.
+    index = int(bad.nonzero()[0, 0])
+    raise ValueError(
+        f"labels must be in [0, {num_classes}) or -100 (ignored), got {labels.reshape(-1)[index].item()} at index "
+        f"{index}"
+    )
+
+
+def _check_class_labels(labels: torch.Tensor, num_classes: int) -> None:
+    """Integer class indices in `[0, num_classes)` or `-100` (ignored), else a `ValueError` naming the first bad
+    label and its index."""
+    bad = _bad_class_labels(labels, num_classes)
+    if bad.any():
+        _raise_bad_class_labels(labels, bad, num_classes)
+
+
+def _nonfinite(x: torch.Tensor, items: torch.Tensor | None = None) -> torch.Tensor:
+    """`(items, C)` bool mask of the NaN/inf entries of `x` flattened to rows; with `items` (a bool mask over the
+    flattened items) only those rows (ignored items never reach the loss, so they may hold anything)."""
+    bad = ~torch.isfinite(x.reshape(-1, x.shape[-1]))
+    return bad if items is None else bad & items.reshape(-1, 1).to(bad.device)
+
+
+def _raise_nonfinite(x: torch.Tensor, bad: torch.Tensor, name: str, hint: str = "") -> None:
+    item = int(bad.any(dim=-1).nonzero()[0, 0])
+    value = x.reshape(-1, x.shape[-1])[item][bad[item]][0].item()
+    raise ValueError(f"{name} contain NaN or inf ({value} in item {item}){hint}")
+
+
+def _check_finite(x: torch.Tensor, name: str, hint: str = "") -> None:
+    """`ValueError` naming the first item (row of the flattened leading dimensions) holding a NaN or an inf."""
+    bad = _nonfinite(x)
+    if bad.any():
+        _raise_nonfinite(x, bad, name, hint)
+
+
 def _check_reduction(reduction: str, num_items_in_batch) -> None:
     if reduction not in _REDUCTIONS:
         raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
@@ -133,7 +186,8 @@ def kd_loss(
     Raises:
         `ValueError`: if `temperature <= 0`, `alpha` is outside `[0, 1]`, `divergence` is unknown, the logits' shapes
         differ or have no class dimension, `labels` or `sample_weights` does not have shape
-        `student_logits.shape[:-1]`, or `teacher_logits` contain NaN.
+        `student_logits.shape[:-1]`, a label is outside `[0, num_classes)` and not `-100`, or `teacher_logits`
+        contain NaN or inf. `TypeError`: an argument that is not a tensor.
 
     Example:
 
@@ -152,6 +206,9 @@ def kd_loss(
     if divergence not in DIVERGENCES:
         raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
     _check_reduction(reduction, num_items_in_batch)
+    _check_tensors(student_logits=student_logits, teacher_logits=teacher_logits)
+    if labels is not None:
+        _check_tensors(labels=labels)
     if student_logits.shape != teacher_logits.shape:
         raise ValueError(
             "student_logits and teacher_logits must have the same shape, got "
@@ -171,12 +228,19 @@ def kd_loss(
             f"sample_weights must have shape {tuple(student_logits.shape[:-1])} (the logits' leading dimensions), "
             f"got {tuple(sample_weights.shape)}"
         )
-    if torch.isnan(teacher_logits).any():
-        # A NaN teacher would silently poison every student gradient; fail loudly instead.
-        raise ValueError("teacher_logits contain NaN: check the teacher's dtype (fp16 overflow) and inputs")
+    # A NaN or inf teacher logit would silently poison every student gradient (an inf one makes the KL term
+    # 0 * inf = NaN), and an out-of-range label is an IndexError (a device-side assert on CUDA): fail loudly, with
+    # one device synchronisation for both checks. Ignored items (-100) are left out: they never reach the loss.
+    num_classes = student_logits.shape[-1]
+    bad_teacher = _nonfinite(teacher_logits, None if labels is None else labels != -100)
+    bad_labels = _bad_class_labels(labels, num_classes) if labels is not None else None
+    if (bad_teacher.any() if bad_labels is None else bad_teacher.any() | bad_labels.any()).item():
+        if bad_labels is not None and bad_labels.any():
+            _raise_bad_class_labels(labels, bad_labels, num_classes)
+        _raise_nonfinite(teacher_logits, bad_teacher, "teacher_logits", ": check the teacher's dtype (fp16 overflow) "
+                         "and inputs")
 
     item_shape = student_logits.shape[:-1]
-    num_classes = student_logits.shape[-1]
     student = _upcast(student_logits).reshape(-1, num_classes)
     teacher = _upcast(teacher_logits).reshape(-1, num_classes)
 
@@ -247,15 +311,10 @@ def label_smoothing_targets(labels: torch.Tensor, num_classes: int, epsilon: flo
         raise ValueError(f"epsilon must be in [0.0, 1.0], got {epsilon}")
     if num_classes < 1:
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
-    if labels.is_floating_point():
-        raise ValueError(f"labels must be an integer tensor of class indices, got dtype {labels.dtype}")
+    _check_tensors(labels=labels)
+    _check_class_labels(labels, num_classes)
     labels = labels.long()
     valid = labels != -100
-    bad = valid & ((labels < 0) | (labels >= num_classes))
-    if bad.any():
-        raise ValueError(
-            f"labels must be in [0, {num_classes}) or -100 (ignored), got {labels[bad][0].item()}"
-        )
     one_hot = F.one_hot(torch.where(valid, labels, torch.zeros_like(labels)), num_classes).float()
     targets = (1.0 - epsilon) * one_hot + epsilon / num_classes
     return targets * valid.unsqueeze(-1)
@@ -278,7 +337,8 @@ def soft_cross_entropy(
         logits (`torch.Tensor` of shape `(N, C)` or `(B, L, C)`):
             Model logits; leading dimensions are flattened into items.
         target_probs (`torch.Tensor`, same shape as `logits`):
-            Target distributions (non-negative rows summing to 1; not checked, to avoid a device synchronisation).
+            Target distributions (non-negative rows summing to 1; row sums are not checked, to avoid a second device
+            synchronisation, but NaN/inf entries are: they would otherwise be skipped as zero weights, silently).
             An all-zero row marks an ignored item: it contributes 0 and is not counted by the `"mean"` reduction.
             Gradients flow into `target_probs` if it requires them; detach teacher targets yourself.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*, defaults to `None`):
@@ -295,6 +355,7 @@ def soft_cross_entropy(
         `ValueError`: if the shapes differ, `logits` has no class dimension, or `reduction` is unknown.
     """
     _check_reduction(reduction, num_items_in_batch)
+    _check_tensors(logits=logits, target_probs=target_probs)
     if logits.shape != target_probs.shape:
         raise ValueError(
             f"logits and target_probs must have the same shape, got {tuple(logits.shape)} and "
@@ -302,6 +363,7 @@ def soft_cross_entropy(
         )
     if logits.dim() < 2:
         raise ValueError(f"logits must have shape (..., num_classes), got {tuple(logits.shape)}")
+    _check_finite(target_probs, "target_probs")
 
     item_shape = logits.shape[:-1]
     num_classes = logits.shape[-1]
@@ -337,6 +399,7 @@ def kd_layer_loss(scores: torch.Tensor, target_probs: torch.Tensor, reduction: s
         `ValueError`: shapes that differ or are not 2-D, or an unknown `reduction`.
     """
     _check_reduction(reduction, None)
+    _check_tensors(scores=scores, target_probs=target_probs)
     if scores.shape != target_probs.shape or scores.dim() != 2:
         raise ValueError(
             f"scores and target_probs must both have shape (num_positions, num_templates), got {tuple(scores.shape)} "
@@ -412,6 +475,7 @@ def dedier_weights(
         raise ValueError(f"alpha must be a finite number >= 0, got {alpha}")
     if not (beta >= 0 and math.isfinite(beta)):
         raise ValueError(f"beta must be a finite number >= 0, got {beta}")
+    _check_tensors(readout_logits=readout_logits, labels=labels, weights=weights)
     if readout_logits.dim() != 2 or readout_logits.shape[1] < 2:
         raise ValueError(f"readout_logits must have shape (N, K) with K >= 2, got {tuple(readout_logits.shape)}")
     num_samples = readout_logits.shape[0]
@@ -420,6 +484,8 @@ def dedier_weights(
             f"labels and weights must have shape ({num_samples},), got {tuple(labels.shape)} and "
             f"{tuple(weights.shape)}"
         )
+    _check_class_labels(labels, readout_logits.shape[1])
+    _check_finite(readout_logits, "readout_logits", ": a NaN readout would make that sample's weight NaN")
     probs = F.softmax(_upcast(readout_logits), dim=-1)
     top2 = probs.topk(2, dim=-1)
     margin = top2.values[:, 0] - top2.values[:, 1]  # (N,), in [0, 1]
@@ -513,7 +579,9 @@ def self_kd_loss(
     ):
         if value not in accepted:
             raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+    _check_tensors(labels=labels, **{f"exit_logits[{i}]": logits for i, logits in enumerate(exit_logits)})
     main, source = exit_logits[-1], exit_logits[source_exit]
+    _check_class_labels(labels, main.shape[-1])
     labels = labels.reshape(-1).long()
     if recalibrate is not None and recalibrate.shape != labels.shape:
         raise ValueError(f"recalibrate must have shape {tuple(labels.shape)}, got {tuple(recalibrate.shape)}")

@@ -516,9 +516,23 @@ def raps_prediction_sets(
     return sets
 
 
+def _as_sets(sets) -> np.ndarray:
+    """Boolean `(K, N, C)` membership masks; 0/1 numbers are accepted, anything else (scores, probabilities) is an
+    error rather than being read as "non-zero = in the set"."""
+    sets = _as_array(sets, "sets", 3, dtype=None)
+    if sets.dtype != bool:
+        if not np.issubdtype(sets.dtype, np.number) or not np.isin(sets, (0, 1)).all():
+            raise ValueError(
+                f"sets must be boolean membership masks (or 0/1), got dtype {sets.dtype} with values other than 0 and "
+                "1: threshold scores or probabilities into sets first (e.g. raps_prediction_sets)."
+            )
+        sets = sets.astype(bool)
+    return sets
+
+
 def running_intersection(sets) -> np.ndarray:
     """`C_1 ∩ ... ∩ C_t` for every exit `t`: boolean `(K, N, C)` -> `(K, N, C)`, nested by construction."""
-    sets = _as_array(sets, "sets", 3, dtype=None).astype(bool)
+    sets = _as_sets(sets)
     return np.logical_and.accumulate(sets, axis=0)
 
 
@@ -536,7 +550,7 @@ def prediction_set_metrics(sets, labels) -> dict[str, list[float] | float]:
         examples whose sets never grow back, `C_1 ⊇ C_2 ⊇ ... ⊇ C_K`) and `all_exit_coverage` (fraction whose label is
         in the set at every exit, the anytime guarantee's event).
     """
-    sets = _as_array(sets, "sets", 3, dtype=None).astype(bool)
+    sets = _as_sets(sets)
     num_exits, num_examples, num_classes = sets.shape
     labels = _check_labels(labels, num_examples, num_classes)
     hit = sets[:, np.arange(num_examples), labels]  # (K, N)

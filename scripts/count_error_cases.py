@@ -40,6 +40,7 @@ AREAS = {
     ),
     "CLI and recipes": ("test_cli", "test_recipes"),
     "faults (checkpoints, caches, training state, output_dir)": ("test_faults",),
+    "bad input across the API and CLI (the matrix of docs/hardening.md)": ("test_bad_input",),
 }
 
 _current: list[str] = []

@@ -90,7 +90,9 @@ class TestEvaluate:
 
     def test_unlabelled_data_is_a_clear_error(self, model_dir, data, capsys):
         assert main(["evaluate", str(model_dir), *files_args(data, test="unlabelled")]) == 1
-        assert "needs gold labels, but the dataset has no 'label' column" in capsys.readouterr().err
+        assert "data_files/test has no 'label' column (columns: ['text']): hf-kd needs gold labels" in (
+            capsys.readouterr().err
+        )
 
 
 class TestCalibrate:
@@ -149,7 +151,9 @@ class TestCalibrate:
     def test_unlabelled_calibration_data(self, model_dir, data, capsys):
         digest = folder_digest(model_dir)
         assert main(["calibrate", str(model_dir), *files_args(data, validation="unlabelled", test="test")]) == 1
-        assert "calibrate_temperature needs gold labels" in capsys.readouterr().err
+        assert "data_files/validation has no 'label' column (columns: ['text']): hf-kd needs gold labels" in (
+            capsys.readouterr().err
+        )
         assert folder_digest(model_dir) == digest
 
     def test_csv_files(self, model_dir, tmp_path):

@@ -15,6 +15,10 @@ Faults ([`hf_kd.checkpoints`]): before anything is built, `output_dir` must be w
 saved, its disk must have room for one; `train(resume_from_checkpoint=...)` also takes `"latest"` (resume if there is
 a checkpoint, else start afresh) and `args.resume_from_checkpoint` when the argument is not given, skips incomplete
 checkpoints, and checks every file of the checkpoint before any is loaded.
+
+Bad data ([`check_dataset`]): the train and eval datasets (and those given to `evaluate` / `predict`) are checked when
+the trainer is built, before the teacher or any step runs: a dataset type, at least one row, labels in
+`[0, num_labels)` or `-100`, and a `teacher_logits` column of `num_labels` finite values per row.
 """
 
 from __future__ import annotations
@@ -32,6 +36,7 @@ from ..distributed import fill_auto_bucket_sizes
 from ..evaluation import STUDENT_METRICS
 from ..hub import DEFAULT_TEMPLATE, generate_model_card, save_model_card
 from ..peft_utils import is_peft_model, point_adapter_at_hub_base, prepare_peft_model
+from ..teacher import TEACHER_LOGITS_COLUMN
 
 # The metrics a card can report, as make_compute_metrics names them; teacher metrics carry a `teacher_` prefix.
 _CARD_METRICS = tuple(STUDENT_METRICS) + ("ece_bins",) + tuple(f"teacher_{m}" for m in STUDENT_METRICS if m != "sigma")
@@ -48,6 +53,89 @@ def split_metric_key(key: str) -> tuple[str, str] | None:
             # The longest metric name decides: `train_teacher_ece` is the train split's, not a `train_teacher` split.
             return (prefix, metric) if prefix and prefix != "train" else None
     return None
+
+
+# The columns Trainer feeds to the loss as gold labels: `label` is renamed `labels` by the default collators.
+_LABEL_COLUMNS = ("labels", "label")
+
+
+def check_dataset(dataset, split: str, num_labels: int | None) -> None:
+    """
+    Check a dataset given to an hf_kd trainer before anything is computed on it, so that bad data fails when the
+    trainer is built, naming the row and the value, instead of as an `IndexError` from `cross_entropy` in the middle
+    of an epoch (or, for a non-finite teacher logit, as a NaN loss that trains nothing).
+
+    Args:
+        dataset (`datasets.Dataset`, `torch.utils.data.Dataset`, `IterableDataset` or a list of dicts):
+            The data; `None` (no such split) is accepted.
+        split (`str`):
+            `"train_dataset"`, `"eval_dataset"` or `"eval_dataset['<name>']"`, for the messages.
+        num_labels (`int`, *optional*):
+            The student's number of classes; labels must be in `[0, num_labels)` or `-100` (ignored).
+
+    Raises:
+        `TypeError`: not a dataset. `ValueError`: no rows; a label that is not an integer class index in
+        `[0, num_labels)` or `-100`; a `teacher_logits` column whose rows are not `num_labels` finite numbers.
+    """
+    import datasets
+    import numpy as np
+    from torch.utils.data import Dataset, IterableDataset
+
+    if dataset is None or isinstance(dataset, (datasets.IterableDataset, IterableDataset)):
+        return  # a stream cannot be checked up front
+    if isinstance(dataset, datasets.DatasetDict):
+        raise TypeError(f"{split} is a DatasetDict with splits {list(dataset)}: pass one split, e.g. {split}['train'].")
+    is_rows = isinstance(dataset, (list, tuple)) and all(isinstance(row, dict) for row in dataset)
+    if not isinstance(dataset, (datasets.Dataset, Dataset)) and not is_rows:
+        kind = type(dataset).__name__
+        if isinstance(dataset, (list, tuple)) and dataset:
+            kind += f" of {type(dataset[0]).__name__}"
+        raise TypeError(
+            f"{split} must be a datasets.Dataset, a torch Dataset or a list of dicts (one per row), got {kind}"
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{split} has no rows: pass a non-empty dataset (or None to skip this split).")
+    if not isinstance(dataset, datasets.Dataset):
+        return  # a map-style torch Dataset is read lazily: its rows are checked by the loss
+
+    def column(name: str) -> np.ndarray:
+        # One column, read as a whole (numpy format: a (rows, K) array for equal-length lists, else dtype object).
+        return dataset.select_columns([name]).with_format("numpy")[:][name]
+
+    label_column = next((c for c in _LABEL_COLUMNS if c in dataset.column_names), None)
+    if label_column is not None and num_labels is not None:
+        labels = column(label_column)
+        if labels.dtype == object or labels.ndim != 1:
+            raise ValueError(
+                f"{split} column {label_column!r} must hold one integer class index per row, got "
+                f"{dataset.features[label_column]}"
+            )
+        if not np.issubdtype(labels.dtype, np.integer):
+            raise ValueError(
+                f"{split} column {label_column!r} must hold integer class indices in [0, {num_labels}) or -100, got "
+                f"dtype {labels.dtype} (e.g. {labels[0].item()!r} in row 0)"
+            )
+        bad = np.flatnonzero(((labels < 0) | (labels >= num_labels)) & (labels != -100))
+        if bad.size:
+            raise ValueError(
+                f"{split} column {label_column!r} has label {labels[bad[0]]} in row {bad[0]} ({bad.size} bad row(s)): "
+                f"labels must be in [0, {num_labels}) (the student's num_labels) or -100 (ignored)"
+            )
+    if TEACHER_LOGITS_COLUMN in dataset.column_names:
+        logits = column(TEACHER_LOGITS_COLUMN)
+        if logits.dtype == object or logits.ndim != 2 or (num_labels is not None and logits.shape[1] != num_labels):
+            raise ValueError(
+                f"{split} column {TEACHER_LOGITS_COLUMN!r} must hold {num_labels or 'num_labels'} teacher logits per "
+                f"row (shape ({len(dataset)}, {num_labels or 'num_labels'})), got "
+                f"{logits.shape if logits.dtype != object else 'rows of different lengths'}"
+            )
+        rows = np.flatnonzero(~np.isfinite(logits).all(axis=1))
+        if rows.size:
+            raise ValueError(
+                f"{split} column {TEACHER_LOGITS_COLUMN!r} has a non-finite value in row {rows[0]} "
+                f"({logits[rows[0]].tolist()}; {rows.size} bad row(s)): teacher logits must be finite. Recompute them "
+                "(an fp16 teacher overflows: run it in fp32 or bf16)."
+            )
 
 
 class _BaseTrainer(Trainer):
@@ -88,11 +176,27 @@ class _BaseTrainer(Trainer):
         if model is not None:
             model = prepare_peft_model(model, peft_config, seed=getattr(args, "seed", None))
         super().__init__(model, args, *positional, **kwargs)
+        self._check_datasets()
         if self.is_deepspeed_enabled and self.model is not None:
             fill_auto_bucket_sizes(
                 self.accelerator.state.deepspeed_plugin.hf_ds_config,
                 getattr(self.accelerator.unwrap_model(self.model), "config", None),
             )
+
+    def _student_num_labels(self) -> int | None:
+        if self.model is None:
+            return None
+        return getattr(getattr(self.accelerator.unwrap_model(self.model), "config", None), "num_labels", None)
+
+    def _check_datasets(self) -> None:
+        """[`check_dataset`] on the train and eval datasets, against the student's `num_labels`."""
+        num_labels = self._student_num_labels()
+        check_dataset(self.train_dataset, "train_dataset", num_labels)
+        if isinstance(self.eval_dataset, dict):
+            for name, dataset in self.eval_dataset.items():
+                check_dataset(dataset, f"eval_dataset[{name!r}]", num_labels)
+        else:
+            check_dataset(self.eval_dataset, "eval_dataset", num_labels)
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """
@@ -110,6 +214,15 @@ class _BaseTrainer(Trainer):
             resume_from_checkpoint = self.args.resume_from_checkpoint
         self._resumed_from = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(self._resumed_from, trial, ignore_keys_for_eval, **kwargs)
+
+    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            check_dataset(eval_dataset, "eval_dataset", self._student_num_labels())
+        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        check_dataset(test_dataset, "test_dataset", self._student_num_labels())
+        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _model_card_info(self) -> dict[str, Any]:
         """Method-specific card fields: `teacher_model` (id or path), `hyperparameters` (a dict) and `layer_selection`
