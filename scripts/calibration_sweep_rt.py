@@ -42,6 +42,7 @@ CONFIGS = {
     "all_rows": (None, 3.0, 2.0, 0.8, "teacher_layers"),
     "all_rows_pure_kd_t2": (None, 3.0, 2.0, 1.0, "teacher_layers"),
     "l6_pure_kd_t1": (6000, 3.0, 1.0, 1.0, L6),
+    "l6_all_rows_pure_kd_t1": (None, 3.0, 1.0, 1.0, L6),
 }
 N_BINS = 15
 
