@@ -216,7 +216,10 @@ class _BaseTrainer(Trainer):
         return super().train(self._resumed_from, trial, ignore_keys_for_eval, **kwargs)
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        if eval_dataset is not None and not isinstance(eval_dataset, str):
+        # The datasets given at init were checked then; Trainer.evaluate of a dict of them calls this again with each
+        # one at every evaluation, which must not re-read their columns.
+        given = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else (self.eval_dataset,)
+        if eval_dataset is not None and not isinstance(eval_dataset, str) and all(eval_dataset is not d for d in given):
             check_dataset(eval_dataset, "eval_dataset", self._student_num_labels())
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
