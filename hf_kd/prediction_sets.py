@@ -17,9 +17,10 @@ the class is in the set).
   also over a logit scale and offset (an extension for logits that do not suit ReLU Dirichlets, see
   [`avcs_prediction_sets`]). The target is set by a [`CoverageRule`] ([`coverage_target`]): the paper's (calibration
   coverage `> 1 - alpha`, `coverage_rule="empirical"`), the conformal level, or hf_kd's default, a binomial
-  (Clopper-Pearson) lower confidence bound `>= 1 - alpha`, which keeps the search from overfitting a small
-  calibration split (the paper's rule does: on synthetic data, `n = 200`, `alpha = 0.1`, its sets' coverage on new
-  data fell below `1 - alpha` for 41-55 % of the calibration draws, against 6-8 % with the binomial rule).
+  (Clopper-Pearson) lower confidence bound `>= 1 - alpha` (its error level split over the logit transforms tried),
+  which keeps the search from overfitting a small calibration split (the paper's rule does: on synthetic data,
+  `n = 200`, `alpha = 0.1`, its sets' coverage on new data fell below `1 - alpha` for 41-58 % of the calibration
+  draws, against 5-11 % with the binomial rule).
 - [`raps_prediction_sets`]: regularised adaptive prediction sets (Angelopoulos et al., 2021,
   https://huggingface.co/papers/2009.14193), split-conformal per exit, the paper's baseline (`lam_reg = 0.01`,
   `k_reg = 5`, randomised); [`running_intersection`] gives "RAPS-intersect".
@@ -140,10 +141,12 @@ def coverage_target(
       `alpha = 0.05`, `delta = 0.1`). Requiring it at every exit is an intersection-union test (no correction over
       the exits), and raising one exit's threshold until the first failure is fixed-sequence testing, which needs
       no correction either (Learn then Test, Angelopoulos et al., 2021, https://huggingface.co/papers/2110.01052).
-      The search's other data-driven steps (later exits start where earlier ones stopped; the `(scale, offset)` pair
-      with the smallest sets wins) are not covered by that argument: there the margin is a safeguard against
-      overfitting the calibration split, not a proof, and its effect is measured (`tests/test_prediction_sets.py`,
-      `docs/benchmarks/exit_uncertainty.md`).
+      When [`fit_avcs_thresholds`] tries `P` `(scale, offset)` pairs and keeps the one with the smallest sets, it asks
+      for this count at `delta / P` (Bonferroni: with probability `>= 1 - delta` no pair's tested configuration that
+      passes has true coverage `< 1 - alpha`, whichever pair is then chosen). The search's remaining data-driven step
+      (later exits' chains start where earlier ones stopped) is not covered by that argument: there the margin is a
+      safeguard against overfitting the calibration split, not a proof, and its effect is measured
+      (`tests/test_prediction_sets.py`, `docs/benchmarks/exit_uncertainty.md`).
 
     The three targets are ordered `empirical <= conformal <= binomial` for every `n`, `alpha` and `delta`.
 
@@ -206,12 +209,17 @@ def min_calibration_size(
 
 
 def _check_calibration(
-    num_examples: int, alpha: float, coverage_rule: CoverageRule = CoverageRule.CONFORMAL, delta: float = 0.1
+    num_examples: int,
+    alpha: float,
+    coverage_rule: CoverageRule = CoverageRule.CONFORMAL,
+    delta: float = 0.1,
+    num_pairs: int = 1,
 ) -> None:
-    needed = min_calibration_size(alpha, coverage_rule, delta)
+    needed = min_calibration_size(alpha, coverage_rule, delta / num_pairs)
     if num_examples < needed:
+        split = f" split over {num_pairs} (scale, offset) pairs" if num_pairs > 1 else ""
         rule = (
-            f"with coverage_rule='binomial' and delta={delta} (n >= log(delta) / log(1 - alpha))"
+            f"with coverage_rule='binomial' and delta={delta}{split} (n >= log(delta) / log(1 - alpha))"
             if coverage_rule is CoverageRule.BINOMIAL
             else "(n >= 1/alpha - 1)"
         )
@@ -355,7 +363,7 @@ def fit_avcs_thresholds(
     alpha, coverage_rule, delta)` covered examples: `coverage_rule="empirical"` is the official search (coverage
     `> 1 - alpha`), which raises the thresholds until the calibration coverage *just* stays above `1 - alpha` and so
     overfits a small split (on synthetic data, `N_cal = 200`, `alpha = 0.1`, its coverage on new data fell below
-    `1 - alpha` for 41-55 % of the calibration draws, against 6-8 % with the binomial rule); the default
+    `1 - alpha` for 41-58 % of the calibration draws, against 5-11 % with the binomial rule); the default
     `"binomial"` asks for a `1 - delta` lower confidence bound on the coverage `>= 1 - alpha` instead, a margin of
     about `z_{1 - delta} sqrt(alpha (1 - alpha) / N_cal)` (see [`coverage_target`] for what it guarantees and
     what not); `"conformal"` only asks for the conformal level `ceil((N_cal + 1)(1 - alpha))`. A stricter target
@@ -366,14 +374,16 @@ def fit_avcs_thresholds(
 
     With several `scales` and `offsets` (an extension; the defaults are the paper's transform), every pair whose
     initial thresholds reach the target is searched, and the pair with the smallest mean set size over the exits on
-    the calibration data wins (ties: the earlier pair, offsets outer, scales inner).
+    the calibration data wins (ties: the earlier pair, offsets outer, scales inner). The binomial rule then tests at
+    `delta / P` for `P` pairs (Bonferroni, see [`coverage_target`]), so trying more transforms costs a slightly
+    higher target rather than the guarantee.
 
     Args:
         cal_logits (`(K, N_cal, C)`): per-exit logits of the calibration split.
         cal_labels (`(N_cal,)`): their gold classes.
         alpha (`float`, *optional*, defaults to 0.05): miscoverage level in (0, 1); `N_cal` must be at least
-            [`min_calibration_size`]`(alpha, coverage_rule, delta)`: 45 for `alpha = 0.05` with the default binomial
-            rule at `delta = 0.1`, 19 with the others.
+            [`min_calibration_size`]`(alpha, coverage_rule, delta / P)`: 45 for `alpha = 0.05` with the default
+            binomial rule at `delta = 0.1` and one pair (104 for 20 pairs), 19 with the other rules.
         init (`float`, *optional*, defaults to 1.0), step (`float`, *optional*, defaults to 0.5): the search grid.
         seed (`int`, *optional*, defaults to 0): seed of the Dirichlet samples (the same at every step).
         nested (`bool`, *optional*, defaults to `True`): check the coverage of the nested sets.
@@ -382,7 +392,8 @@ def fit_avcs_thresholds(
             `(0, 1, 2, 4)`.
         coverage_rule ([`CoverageRule`] or `str`, *optional*, defaults to `"binomial"`): `"binomial"`,
             `"conformal"` or `"empirical"` (the paper's).
-        delta (`float`, *optional*, defaults to 0.1): the binomial rule's error level, in (0, 1).
+        delta (`float`, *optional*, defaults to 0.1): the binomial rule's error level, in (0, 1), over all the
+            pairs together.
 
     Returns:
         [`AVCSThresholds`] `(thresholds, scale, offset)`. When no pair reaches the target at the initial thresholds,
@@ -393,13 +404,15 @@ def fit_avcs_thresholds(
     logits = _as_array(cal_logits, "cal_logits", 3)
     num_exits, num_examples, num_classes = logits.shape
     labels = _check_labels(cal_labels, num_examples, num_classes)
-    _check_calibration(num_examples, alpha, rule, delta)
     if not (math.isfinite(init) and init >= 0 and math.isfinite(step) and step > 0):
         raise ValueError(f"init must be >= 0 and step > 0, got init={init!r}, step={step!r}.")
     pairs = [_check_transform(scale, offset) for offset in offsets for scale in scales]
     if not pairs:
         raise ValueError(f"scales and offsets must each hold at least one value, got {scales!r} and {offsets!r}.")
-    target = coverage_target(num_examples, alpha, rule, delta)
+    # Every pair is searched and the smallest sets win: the binomial rule splits delta over the pairs (Bonferroni),
+    # so that the choice among them does not spend the margin.
+    _check_calibration(num_examples, alpha, rule, delta, len(pairs))
+    target = coverage_target(num_examples, alpha, rule, delta / len(pairs))
 
     def evaluate(thresholds, scale, offset) -> tuple[int, float]:
         """(worst-exit number of covered examples, mean set size) on the calibration data."""

@@ -209,6 +209,8 @@ def test_probit_formula_and_zero_variance_limit():
     logits = layer(test_x).detach() / 1.3
     expected = (logits / torch.sqrt(1 + math.pi / 8 * var / 1.3**2)).softmax(-1)
     torch.testing.assert_close(la.predictive(test_x, "probit"), expected)
+    # The fused prediction path and the factored one of the hyperparameter search agree.
+    torch.testing.assert_close(la.probit(*la.logit_distribution(test_x), 1.3), expected)
     # An overwhelming prior removes the weight uncertainty: both predictives become softmax(f / T).
     for link in ("probit", "mc"):
         torch.testing.assert_close(

@@ -282,8 +282,34 @@ def test_binomial_rule_is_a_valid_fixed_sequence_test_on_one_exit():
     assert binom.sf(misses["empirical"] - 1, 80, 0.1) < 0.001, misses
 
 
+def test_binomial_rule_splits_delta_over_the_transforms():
+    """With P (scale, offset) pairs the binomial rule tests each at delta / P (Bonferroni): the chosen pair's
+    thresholds are those of a search of that pair alone at delta / P, and the target is higher than at delta."""
+    logits, labels = exit_logits(n=300, seed=2)
+    scales, offsets = (1.0, 2.0, 4.0), (0.0, 1.0)
+    fit = fit_avcs_thresholds(logits, labels, alpha=0.1, scales=scales, offsets=offsets, delta=0.1)
+    alone = fit_avcs_thresholds(logits, labels, alpha=0.1, scales=(fit.scale,), offsets=(fit.offset,), delta=0.1 / 6)
+    assert alone == fit
+    sets = avcs_prediction_sets(logits, fit.thresholds, 0.1, scale=fit.scale, offset=fit.offset).nested_sets
+    covered = sets[:, np.arange(300), labels].sum(axis=1)
+    assert covered.min() >= coverage_target(300, 0.1, "binomial", 0.1 / 6) > coverage_target(300, 0.1, "binomial", 0.1)
+    # The split raises the fewest calibration examples too: 0.9^n <= 0.1 / 6 needs n >= 39 (22 for one pair).
+    small, small_labels = exit_logits(n=30, seed=2)
+    fit_avcs_thresholds(small, small_labels, alpha=0.1)
+    with pytest.raises(ValueError, match=r"30 examples.*at least 39 .*delta=0.1 split over 6 \(scale, offset\) pairs"):
+        fit_avcs_thresholds(small, small_labels, alpha=0.1, scales=scales, offsets=offsets)
+
+
+def test_binomial_rule_is_valid_over_several_transforms_on_one_exit():
+    """One exit and three logit scales: Bonferroni over three fixed-sequence tests, so the chosen pair's sets miss
+    1 - alpha with probability <= delta over the calibration draw (the count of misses in 60 draws must not be
+    improbably high for Bin(60, 0.1))."""
+    misses = int((true_coverages("binomial", 1, 60, 0.1, scales=(1.0, 2.0, 4.0)) < 0.9).sum())
+    assert binom.sf(misses - 1, 60, 0.1) >= 0.001, misses
+
+
 def test_binomial_rule_keeps_the_marginal_coverage_of_the_full_search():
-    """Three exits and two logit scales (the search's later chains and the pair choice are data-driven): averaged
+    """Three exits and two logit scales (the search's later chains start where data-driven ones stopped): averaged
     over 40 calibration draws, the worst-exit coverage of the binomial rule's sets is above 1 - alpha by more than 3
     standard errors, where the paper's rule falls below it (overfitting the 200 calibration examples)."""
     binomial = true_coverages("binomial", 3, 40, 0.25, scales=(1.0, 2.0))

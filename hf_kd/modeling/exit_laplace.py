@@ -132,6 +132,12 @@ def _check_grid(name: str, values) -> tuple[float, ...]:
     return tuple(_check_positive(f"every value of {name}", v) for v in values)
 
 
+def _probit_softmax(mean: torch.Tensor, scaled_variance: torch.Tensor, temperature: float) -> torch.Tensor:
+    """`softmax(f / sqrt(T^2 + s))` `(n, K)` for mean logits `f` and `s = (pi/8) v` `(n, K)`: the extended probit
+    `softmax((f / T) / sqrt(1 + (pi/8) v / T^2))` with one division fewer."""
+    return (mean * torch.rsqrt(scaled_variance + temperature**2)).softmax(-1)
+
+
 def _augment(features: torch.Tensor) -> torch.Tensor:
     """`[phi, 1]`: `(n, d)` -> `(n, d + 1)`, so that the bias is the last column of the weight."""
     return torch.cat([features, features.new_ones(features.shape[0], 1)], dim=1)
@@ -323,6 +329,21 @@ class KronLastLayerLaplace:
             self._cache[key] = (self.weight_map.to(**to), q_u.to(**to), q_v.to(**to), inverse.to(**to))
         return self._cache[key]
 
+    def _probit_tensors(self, device, dtype, prior_precision: float):
+        """`([W^T | Q_V[:d]] (d, K + d + 1), [b | Q_V[d]] (K + d + 1,), (pi/8) (1 / D^T) (Q_U o Q_U)^T (d + 1, K))`:
+        one `addmm` of the features gives the mean logits and `Q_V^T a`, one product of its squares `(pi/8) v`
+        (cached per prior precision; the probit prediction of an early-exit model runs at every exit of every batch,
+        so its op count matters on small models)."""
+        key = (str(device), dtype, prior_precision, "probit")
+        if key not in self._cache:
+            weight, q_u, q_v, inverse = self._predictive_tensors(device, dtype, prior_precision)
+            self._cache[key] = (
+                torch.cat([weight[:, :-1].T, q_v[:-1]], 1).contiguous(),
+                torch.cat([weight[:, -1], q_v[-1]]),
+                (math.pi / 8) * inverse @ q_u.square().T,
+            )
+        return self._cache[key]
+
     def _draws(self, device, dtype) -> torch.Tensor:
         key = (str(device), dtype, "draws")
         if key not in self._cache:
@@ -365,9 +386,18 @@ class KronLastLayerLaplace:
 
     @staticmethod
     def probit(mean: torch.Tensor, basis: torch.Tensor, variances: torch.Tensor, temperature: float) -> torch.Tensor:
-        """The extended probit predictive `softmax((f / T) / sqrt(1 + (pi/8) v / T^2))` `(n, K)`."""
-        marginal = variances @ basis.square().T  # v = diag(Q_U diag(c) Q_U^T), (n, K)
-        return (mean / temperature / torch.sqrt(1 + (math.pi / 8) * marginal / temperature**2)).softmax(-1)
+        """The extended probit predictive `softmax((f / T) / sqrt(1 + (pi/8) v / T^2))` `(n, K)` of
+        [`logit_distribution`]'s output, computed as `softmax(f / sqrt(T^2 + (pi/8) v))`."""
+        scaled = (variances @ basis.square().T) * (math.pi / 8)  # (pi/8) v, v = diag(Q_U diag(c) Q_U^T), (n, K)
+        return _probit_softmax(mean, scaled, temperature)
+
+    def _fused_probit(self, features: torch.Tensor, temperature: float, prior_precision: float) -> torch.Tensor:
+        """[`probit`] of `features` `(n, d)` in one `addmm`, one product and the softmax (see `_probit_tensors`)."""
+        dtype = torch.promote_types(features.dtype, torch.float32)
+        weight_t, bias, marginal = self._probit_tensors(features.device, dtype, prior_precision)
+        out = torch.addmm(bias, features.to(dtype), weight_t)  # [W a | Q_V^T a], (n, K + d + 1)
+        k = self.num_classes
+        return _probit_softmax(out[:, :k], out[:, k:].square() @ marginal, temperature)
 
     def predictive(
         self,
@@ -386,18 +416,22 @@ class KronLastLayerLaplace:
         """
         link_approx = _check_choice(LinkApprox, link_approx, "link_approx")
         temperature = self.temperature if temperature is None else _check_positive("temperature", temperature)
-        mean, basis, variances = self.logit_distribution(features, prior_precision)
         if link_approx is LinkApprox.PROBIT:
-            return self.probit(mean, basis, variances, temperature)
+            features = self._check_features(features)
+            prior = self.prior_precision if prior_precision is None else prior_precision
+            return self._fused_probit(features, temperature, _check_positive("prior_precision", prior))
+        mean, basis, variances = self.logit_distribution(features, prior_precision)
         return (self.logit_samples(mean, basis, variances) / temperature).softmax(-1).mean(1)
 
     def predictive_flops(self, link_approx: LinkApprox | str = LinkApprox.MC) -> float:
         """Estimated FLOPs (multiply-adds count 2) of the predictive per input, on top of the layer's own `2 K d`:
-        `2 (d + 1)^2` for `Q_V^T a`, `2 K (d + 1)` for `c`, then `2 M K^2 + 4 M K` (MC) or `2 K^2 + 4 K` (probit)."""
+        `2 (d + 1)^2` for `Q_V^T a`, `2 K (d + 1)` for `c` (MC) or for `(pi/8) v` (probit, whose `Q_U` product is
+        folded into a cached matrix), then `2 M K^2 + 4 M K` (MC) or `4 K` (probit)."""
         link_approx = _check_choice(LinkApprox, link_approx, "link_approx")
         k, d1 = self.num_classes, self.num_features + 1
-        samples = self.num_samples if link_approx is LinkApprox.MC else 1
-        return 2.0 * d1 * d1 + 2.0 * k * d1 + samples * (2.0 * k * k + 4.0 * k)
+        if link_approx is LinkApprox.PROBIT:
+            return 2.0 * d1 * d1 + 2.0 * k * d1 + 4.0 * k
+        return 2.0 * d1 * d1 + 2.0 * k * d1 + self.num_samples * (2.0 * k * k + 4.0 * k)
 
     # -------------------------------------------------------------------------------------------- persistence
 

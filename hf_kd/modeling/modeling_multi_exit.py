@@ -299,19 +299,17 @@ class _EarlyExitRun:
         self.counter = torch.zeros(batch_size, dtype=torch.long, device=device)
         self.history = []  # MIE: per-exit probabilities of the rows still running, each (n, K)
 
-    def step(self, exit_index: int, logits: torch.Tensor, probs: torch.Tensor | None = None) -> torch.Tensor:
-        """Record the rows that leave at exit `exit_index` given its logits `(n, num_labels)` and, when the exit has a
-        calibrated predictive (the exit Laplace), its probabilities `(n, num_labels)` (else the softmax of the
-        logits); return the `(n,)` bool mask of the rows that go on (all `False` at the final exit)."""
+    def step(self, exit_index: int, logits: torch.Tensor | None, probs: torch.Tensor | None = None) -> torch.Tensor:
+        """Record the rows that leave at exit `exit_index` given its logits `(n, num_labels)` or, when the exit has a
+        calibrated predictive (the exit Laplace), its probabilities `(n, num_labels)` (`logits` is then not read and
+        may be `None`); return the `(n,)` bool mask of the rows that go on (all `False` at the final exit)."""
         if probs is None:
             probs = logits.to(self.probs_dtype).softmax(-1)  # (n, K)
         else:
-            probs = probs.to(self.probs_dtype)
-            logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()  # softmax(log p) = p
+            probs, logits = probs.to(self.probs_dtype), None
         if self.weights is not None:
             self.history.append(probs)
-            probs = _model_internal_ensemble(torch.stack(self.history), self.weights[: exit_index + 1])[-1]
-            logits = probs.clamp_min(torch.finfo(probs.dtype).tiny).log()  # softmax(log p̄) = p̄
+            probs, logits = _model_internal_ensemble(torch.stack(self.history), self.weights[: exit_index + 1])[-1], None
         if exit_index == len(self.exit_layers) - 1:
             done = torch.ones(probs.shape[0], dtype=torch.bool, device=probs.device)
         else:
@@ -326,7 +324,9 @@ class _EarlyExitRun:
                 self.counter,
             )
         finished = self.rows[done]
-        self.logits[finished] = logits[done].to(self.logits.dtype)
+        # For calibrated or ensembled probabilities the logits are log p (softmax(log p) = p), for the leaving rows.
+        leaving = logits[done] if logits is not None else probs[done].clamp_min(torch.finfo(probs.dtype).tiny).log()
+        self.logits[finished] = leaving.to(self.logits.dtype)
         self.probs[finished] = probs[done]
         self.exit_layer[finished] = self.exit_layers[exit_index]
         self.exit_index[finished] = exit_index
@@ -801,9 +801,10 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
                 continue
             flops += n * (self._flops_head() + laplace_flops[j])
             features = self.exits[j].features(hidden, mask)  # (n, hidden)
-            logits = self.exits[j].classifier(features)
-            probs = None if laplace is None else laplace.predict_exit(j, features, link_approx)
-            keep = run.step(j, logits, probs)
+            if laplace is None:
+                keep = run.step(j, self.exits[j].classifier(features))
+            else:  # the Laplace predictive computes the head's logits itself
+                keep = run.step(j, None, laplace.predict_exit(j, features, link_approx))
             if not keep.any():
                 break
             if keep.all():

@@ -347,9 +347,10 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
                 continue
             flops += n * (head_flops[j] + laplace_flops[j])
             features = self.exits[j].features(hidden)  # (n, C_s)
-            logits = self.exits[j].classifier(features)
-            probs = None if laplace is None else laplace.predict_exit(j, features, link_approx)
-            keep = run.step(j, logits, probs)
+            if laplace is None:
+                keep = run.step(j, self.exits[j].classifier(features))
+            else:  # the Laplace predictive computes the head's logits itself
+                keep = run.step(j, None, laplace.predict_exit(j, features, link_approx))
             if not keep.any():
                 break
             hidden = hidden[keep]
