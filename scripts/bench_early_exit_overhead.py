@@ -13,12 +13,20 @@ the first `--warmup` steps excluded (scripts/bench_utils.py). Writes docs/benchm
     HF_HUB_OFFLINE=1 python scripts/bench_early_exit_overhead.py --steps 40 --repeats 3
 """
 
-import argparse
 import json
 import os
 from pathlib import Path
 
-from bench_utils import PeakRSS, StepTimer, interleaved, launch_worker, median_summary, step_summary
+from bench_utils import (
+    PeakRSS,
+    StepTimer,
+    forwarded_args,
+    interleaved,
+    launch_worker,
+    median_summary,
+    overhead_parser,
+    step_summary,
+)
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("plain", "plain_multi_exit", "early_exit", "early_exit_self_kd")
@@ -65,22 +73,13 @@ def worker(config: str, steps: int, warmup: int, batch_size: int, threads: int, 
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps", type=int, default=40)
-    parser.add_argument("--warmup", type=int, default=5)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
-    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    parser.add_argument("--output_dir", default="/tmp/hf_kd_bench_early_exit", help=argparse.SUPPRESS)
-    opts = parser.parse_args()
+    opts = overhead_parser(__doc__, CONFIGS, str(ROOT / "docs" / "benchmarks"), ("--steps", 40), 5,
+                           ("--output_dir", "/tmp/hf_kd_bench_early_exit")).parse_args()
     if opts.worker:
         print(json.dumps(worker(opts.worker, opts.steps, opts.warmup, opts.batch_size, opts.threads, opts.output_dir)))
         return
 
-    worker_args = ["--steps", str(opts.steps), "--warmup", str(opts.warmup), "--batch_size", str(opts.batch_size),
-                   "--threads", str(opts.threads), "--output_dir", opts.output_dir]
+    worker_args = forwarded_args(opts, ["steps", "warmup", "batch_size", "threads", "output_dir"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1"}
     runs = interleaved(CONFIGS, opts.repeats, lambda config: launch_worker(__file__, config, worker_args, env))
     summary = median_summary(runs)

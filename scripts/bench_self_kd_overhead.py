@@ -16,14 +16,13 @@ set: reported separately, as the whole-run wall-clock ratio. Writes docs/benchma
     PYTHONPATH=. python scripts/bench_self_kd_overhead.py --steps_per_epoch 30 --repeats 3
 """
 
-import argparse
 import json
 import os
 import statistics
 import time
 from pathlib import Path
 
-from bench_utils import PeakRSS, StepTimer, interleaved, launch_worker
+from bench_utils import PeakRSS, StepTimer, forwarded_args, interleaved, launch_worker, overhead_parser
 
 ROOT = Path(__file__).resolve().parents[1]
 CONFIGS = ("erm", "erm_final_exit", "selfkd")
@@ -87,23 +86,14 @@ def worker(config: str, steps_per_epoch: int, warmup: int, batch_size: int, thre
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--steps_per_epoch", type=int, default=30)
-    parser.add_argument("--warmup", type=int, default=3)
-    parser.add_argument("--batch_size", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--threads", type=int, default=1)
-    parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
-    parser.add_argument("--worker", choices=CONFIGS, help=argparse.SUPPRESS)
-    parser.add_argument("--output_dir", default="/tmp/hf_kd_bench_self_kd", help=argparse.SUPPRESS)
-    opts = parser.parse_args()
+    opts = overhead_parser(__doc__, CONFIGS, str(ROOT / "docs" / "benchmarks"), ("--steps_per_epoch", 30), 3,
+                           ("--output_dir", "/tmp/hf_kd_bench_self_kd")).parse_args()
     if opts.worker:
         print(json.dumps(worker(opts.worker, opts.steps_per_epoch, opts.warmup, opts.batch_size, opts.threads,
                                 opts.output_dir)))
         return
 
-    worker_args = ["--steps_per_epoch", str(opts.steps_per_epoch), "--warmup", str(opts.warmup), "--batch_size",
-                   str(opts.batch_size), "--threads", str(opts.threads), "--output_dir", opts.output_dir]
+    worker_args = forwarded_args(opts, ["steps_per_epoch", "warmup", "batch_size", "threads", "output_dir"])
     env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1"}
     runs = interleaved(CONFIGS, opts.repeats, lambda config: launch_worker(__file__, config, worker_args, env))
     keys = ["seconds_per_step", "wall_seconds", *[f"{p}_seconds_per_step" for p in PHASES]]

@@ -7,6 +7,7 @@ figures are medians over repeats.
 
 from __future__ import annotations
 
+import argparse
 import json
 import statistics
 import subprocess
@@ -62,6 +63,29 @@ def step_summary(times: list[float], warmup: int) -> dict:
     timed = times[warmup:]
     return {"seconds_per_step": statistics.median(timed), "mean_seconds_per_step": statistics.fmean(timed),
             "steps_timed": len(timed)}
+
+
+def overhead_parser(
+    description: str, configs, out: str, steps: tuple[str, int], warmup: int, scratch: tuple[str, str]
+) -> argparse.ArgumentParser:
+    """The flags every overhead benchmark takes: `steps` (flag, default; e.g. `("--steps", 40)`), `--warmup`,
+    `--batch_size`, `--repeats`, `--threads`, `--out` (report folder), and the hidden `--worker` (one of `configs`)
+    and `scratch` (flag, default folder) that the interleaved subprocesses get."""
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument(steps[0], type=int, default=steps[1])
+    parser.add_argument("--warmup", type=int, default=warmup)
+    parser.add_argument("--batch_size", type=int, default=16)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default=out)
+    parser.add_argument("--worker", choices=configs, help=argparse.SUPPRESS)
+    parser.add_argument(scratch[0], default=scratch[1], help=argparse.SUPPRESS)
+    return parser
+
+
+def forwarded_args(opts: argparse.Namespace, names: list[str]) -> list[str]:
+    """`["--name", "value", ...]` of the parsed options `names`, to hand the same settings to a worker."""
+    return [item for name in names for item in (f"--{name}", str(getattr(opts, name)))]
 
 
 def launch_worker(script: str, config: str, args: list[str], env: dict) -> dict:

@@ -51,7 +51,10 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--teacher", required=True, help="Fine-tuned teacher folder (the main job's teacher/).")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=list(CONFIGS))
-    parser.add_argument("--seed", type=int, default=42, help="Training seed and movie-split seed (main job: 42).")
+    parser.add_argument("--seed", type=int, default=42, help="Training seed (main job: 42).")
+    parser.add_argument("--split_seed", type=int, default=42,
+                        help="Movie-split seed (main job: 42). Keep the teacher's: another split can put the teacher's "
+                        "training snippets into the student's test split.")
     parser.add_argument("--work_dir", default=str(ROOT / "outputs" / "calibration_sweep"))
     parser.add_argument("--out", default=str(ROOT / "docs" / "calibration" / "sweep.md"))
     return parser.parse_args(argv)
@@ -59,14 +62,14 @@ def parse_args(argv=None):
 
 def run_config(name: str, opts, work: Path) -> dict:
     rows, epochs, temperature, alpha, student_init = CONFIGS[name]
-    folder = work / name
+    folder = work / (name if opts.seed == 42 else f"{name}_seed{opts.seed}")
     init = work / "student_init"
     if student_init != "teacher_layers":
         init = student_init
     elif not init.exists():
         student_from_teacher_layers(AutoModelForSequenceClassification.from_pretrained(opts.teacher)).save_pretrained(init)
         AutoTokenizer.from_pretrained(opts.teacher).save_pretrained(init)
-    common = dict(dataset_name="rotten_tomatoes", max_train_samples=rows, split_seed=opts.seed)
+    common = dict(dataset_name="rotten_tomatoes", max_train_samples=rows, split_seed=opts.split_seed)
     job = argparse.Namespace(seed=opts.seed)
     run(
         ScriptArguments(model_name_or_path=str(init), method="kd", **common),
@@ -84,7 +87,7 @@ def run_config(name: str, opts, work: Path) -> dict:
     oracle_t = min(ece_by_t, key=ece_by_t.get)
     return {
         "config": name, "train_rows": rows or len(splits["train"]), "epochs": epochs, "kd_temperature": temperature,
-        "alpha": alpha, "seed": opts.seed, "calibration_temperature": result.temperature,
+        "alpha": alpha, "seed": opts.seed, "split_seed": opts.split_seed, "calibration_temperature": result.temperature,
         "test_accuracy": float((test_logits.argmax(-1).numpy() == labels).mean()),
         "test_ece_before": expected_calibration_error(softmax(test_logits), labels, N_BINS),
         "test_ece_after": expected_calibration_error(softmax(test_logits, result.temperature), labels, N_BINS),
