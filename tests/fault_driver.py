@@ -5,7 +5,8 @@
 Cases: `distill_cached` and `distill_online` (DistillTrainer, cached / online teacher), `early_exit_dedier`
 (EarlyExitTrainer distilling a teacher with DEDIER re-weighting) and `self_kd` (SelfKDTrainer with re-calibration).
 Each trains on 32 rows (8 steps per epoch) and saves a checkpoint every 3 steps, so checkpoints fall mid-epoch.
-`cli` runs `trainers/distill.py` (argv after `--`) as `__main__`, slowed down the same way with `--slow`.
+`cli <recipe>` runs `trainers/<recipe>.py` (`distill` or `early_exit`; argv after `--`) as `__main__`, slowed down
+the same way with `--slow`.
 
 `--slow` sleeps 0.5 s after every step from step 3 on (after `checkpoint-3` is saved): the test then has time to
 kill the run mid-epoch (a sleep changes nothing in the numbers). `--resume` resumes from the newest complete
@@ -99,21 +100,26 @@ def train_case(case: str, out: Path, slow: bool = False, resume: bool = False) -
     return result, weights
 
 
-def run_recipe(argv: list[str], slow: bool) -> None:
-    """`python trainers/distill.py <argv>`, with DistillTrainer's steps slowed down like [`SlowDown`] when `slow`."""
+RECIPES = {"distill": DistillTrainer, "early_exit": EarlyExitTrainer}
+
+
+def run_recipe(recipe: str, argv: list[str], slow: bool) -> None:
+    """`python trainers/<recipe>.py <argv>`, with the recipe trainer's steps slowed down like [`SlowDown`] when
+    `slow`."""
     import runpy
 
     if slow:
-        step = DistillTrainer.training_step
+        trainer_class = RECIPES[recipe]
+        step = trainer_class.training_step
 
         def slow_step(self, *args, **kwargs):
             if self.state.global_step >= SLOW_FROM_STEP:
                 time.sleep(0.5)
             return step(self, *args, **kwargs)
 
-        DistillTrainer.training_step = slow_step
-    sys.argv = ["trainers/distill.py", *argv]
-    runpy.run_path(str(Path(__file__).resolve().parents[1] / "trainers" / "distill.py"), run_name="__main__")
+        trainer_class.training_step = slow_step
+    sys.argv = [f"trainers/{recipe}.py", *argv]
+    runpy.run_path(str(Path(__file__).resolve().parents[1] / "trainers" / f"{recipe}.py"), run_name="__main__")
 
 
 if __name__ == "__main__":
@@ -121,6 +127,6 @@ if __name__ == "__main__":
     flags, rest = (sys.argv[1:sys.argv.index("--")], sys.argv[sys.argv.index("--") + 1:]) if "--" in sys.argv else (
         sys.argv[1:], [])
     if flags[0] == "cli":
-        run_recipe(rest, slow="--slow" in flags)
+        run_recipe(flags[1], rest, slow="--slow" in flags)
     else:
         train_case(flags[0], Path(flags[1]), slow="--slow" in flags, resume="--resume" in flags)

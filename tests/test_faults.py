@@ -99,23 +99,29 @@ def test_killed_run_resumes_to_the_uninterrupted_result(case, tmp_path):
             assert_close_json(got[key], value, f"{name}.{key}")
 
 
-def test_killed_recipe_resumes_with_resume_from_checkpoint_latest(tmp_path):
-    """`python trainers/distill.py ... --resume_from_checkpoint latest`, killed with SIGKILL mid-epoch and re-run with
-    the same command line, ends with the uninterrupted run's test metrics and weights."""
+@pytest.mark.parametrize("recipe", ["distill", "early_exit"])
+def test_killed_recipe_resumes_with_resume_from_checkpoint_latest(recipe, tmp_path):
+    """`python trainers/<recipe>.py ... --resume_from_checkpoint latest`, killed with SIGKILL mid-epoch and re-run
+    with the same command line, ends with the uninterrupted run's test metrics and weights (the early-exit recipe
+    puts fresh exits on an encoder and self-distils the final exit into the others)."""
     student, teacher = tmp_path / "student_init", tmp_path / "teacher"
     tokenizer = tiny_tokenizer(tmp_path)
     for path, seed in ((teacher, 7), (student, 1)):
         tiny_bert(seed=seed, dropout=0.1).save_pretrained(path)
         tokenizer.save_pretrained(path)
+    method = {
+        "distill": ["--method", "kd", "--teacher_model_name_or_path", str(teacher)],
+        "early_exit": ["--distill_from", "final_exit"],
+    }[recipe]
 
     def argv(out: Path) -> list[str]:
-        return ["--method", "kd", "--model_name_or_path", str(student), "--teacher_model_name_or_path", str(teacher),
-                "--output_dir", str(out), "--max_train_samples", "32", "--max_eval_samples", "16", "--max_length", "16",
-                "--num_train_epochs", "2", "--per_device_train_batch_size", "4", "--save_strategy", "steps",
-                "--save_steps", str(SAVE_STEPS), "--use_cpu", "true", "--report_to", "none", "--seed", "0",
-                "--disable_tqdm", "true", "--resume_from_checkpoint", "latest"]
+        return [*method, "--model_name_or_path", str(student), "--output_dir", str(out), "--max_train_samples", "32",
+                "--max_eval_samples", "16", "--max_length", "16", "--num_train_epochs", "2",
+                "--per_device_train_batch_size", "4", "--save_strategy", "steps", "--save_steps", str(SAVE_STEPS),
+                "--use_cpu", "true", "--report_to", "none", "--seed", "0", "--disable_tqdm", "true",
+                "--resume_from_checkpoint", "latest"]
 
-    cli = [sys.executable, str(DRIVER), "cli"]
+    cli = [sys.executable, str(DRIVER), "cli", recipe]
     killed = tmp_path / "killed"
     kill_after_first_checkpoint([*cli, "--slow", "--", *argv(killed)], killed, tmp_path / "log")
     assert not (killed / "test_results.json").exists()
