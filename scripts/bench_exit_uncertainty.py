@@ -29,6 +29,11 @@ prediction sets only, `--sets_only` recomputes step 3 of the runs stored in `--o
 models (one forward pass over the test split each, no Laplace fit, calibration or timing; models matched by seed):
 
     PYTHONPATH=. python scripts/bench_exit_uncertainty.py --sets_only --fmnist ... --rt ...
+
+After a change of the prediction code only, `--timing_only` re-measures step 4 on the first given model of each
+dataset (a fresh Laplace fit on every training row, then the timing and the save / reload check):
+
+    PYTHONPATH=. python scripts/bench_exit_uncertainty.py --timing_only --fmnist M42 --fmnist_timing 10000 32 256
 """
 
 from __future__ import annotations
