@@ -217,16 +217,18 @@ def _check_calibration(
 ) -> None:
     needed = min_calibration_size(alpha, coverage_rule, delta / num_pairs)
     if num_examples < needed:
-        split = f" split over {num_pairs} (scale, offset) pairs" if num_pairs > 1 else ""
+        split, level = (f" split over {num_pairs} (scale, offset) pairs", f"delta / {num_pairs}") if num_pairs > 1 else (
+            "", "delta")
         rule = (
-            f"with coverage_rule='binomial' and delta={delta}{split} (n >= log(delta) / log(1 - alpha))"
+            f"with coverage_rule='binomial' and delta={delta}{split} (n >= log({level}) / log(1 - alpha))"
             if coverage_rule is CoverageRule.BINOMIAL
             else "(n >= 1/alpha - 1)"
         )
         raise ValueError(
             f"the calibration split has {num_examples} examples, too few for alpha={alpha}: a coverage of "
             f"1 - alpha = {1 - alpha:g} needs at least {needed} {rule}. Use more calibration data or a larger alpha"
-            + (" or delta." if coverage_rule is CoverageRule.BINOMIAL else ".")
+            + (" or delta" + (", or fewer (scale, offset) pairs." if num_pairs > 1 else ".")
+               if coverage_rule is CoverageRule.BINOMIAL else ".")
         )
 
 
