@@ -379,7 +379,8 @@ def human_distribution_divergence(human_probs, model_probs) -> dict[str, float]:
     kl = rel_entr(human, model).sum(axis=1)
     mixture = (human + model) / 2.0
     js_divergence = (rel_entr(human, mixture).sum(axis=1) + rel_entr(model, mixture).sum(axis=1)) / 2.0
-    return {"kl": float(kl.mean()), "js_distance": float(np.sqrt(js_divergence).mean())}
+    # Rounding can leave the divergence of (nearly) equal rows at -1e-17; scipy's sqrt of it is NaN, the distance 0.
+    return {"kl": float(kl.mean()), "js_distance": float(np.sqrt(np.maximum(js_divergence, 0.0)).mean())}
 
 
 def group_accuracies(predictions, labels, groups) -> dict[str, float]:

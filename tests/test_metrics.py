@@ -285,6 +285,13 @@ def test_human_distribution_divergence_identical_is_zero():
     result = human_distribution_divergence(human, human)
     assert result["kl"] == pytest.approx(0.0, abs=1e-12)
     assert result["js_distance"] == pytest.approx(0.0, abs=1e-6)
+    # Two near-uniform rows 1e-13 apart: the divergence rounds below 0, whose square root would be NaN (found by the
+    # property test); the distance is then 0.
+    near = np.array([[0.20000000000005022, 0.20000000000018314, 0.19999999999970988, 0.20000000000013113,
+                      0.1999999999999257]])
+    other = np.array([[0.19999999999985912, 0.1999999999998967, 0.19999999999994234, 0.20000000000008789,
+                       0.2000000000002141]])
+    assert human_distribution_divergence(near, other)["js_distance"] == pytest.approx(0.0, abs=1e-6)
 
 
 def test_human_distribution_divergence_validation():
