@@ -159,7 +159,7 @@ class TestDistillTrainer:
         def fail(*args, **kwargs):
             raise AssertionError("the teacher was loaded although its logits were cached")
 
-        monkeypatch.setattr(hf_kd.trainer.distill_trainer, "load_teacher", fail)
+        monkeypatch.setattr(hf_kd.trainer.teacher_mixin, "load_teacher", fail)
         second = make_trainer(tmp_path, teacher, args=make_args(tmp_path, cache_teacher_logits=True))
         second.train()
         assert second.teacher_model is None

@@ -7,7 +7,7 @@ from torch import nn
 
 from ..losses import kd_loss
 from ..metrics import make_compute_metrics
-from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
+from ..teacher import TEACHER_LOGITS_COLUMN
 from .base_trainer import _BaseTrainer
 from .distill_config import DistillConfig
 from .intermediate_mixin import _IntermediateMixin
@@ -101,9 +101,7 @@ class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _Teach
     ):
         if not isinstance(args, DistillConfig):
             raise TypeError(f"args must be a DistillConfig, got {type(args).__name__}")
-        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
-        if isinstance(teacher, nn.Module) and args.teacher_model_init_kwargs:
-            load_teacher(teacher, args.teacher_model_init_kwargs)  # raises: kwargs would be ignored
+        teacher = self._resolve_teacher(teacher_model, args)
 
         if compute_metrics is None:
             compute_metrics = make_compute_metrics()

@@ -10,7 +10,7 @@ from ..losses import kd_loss
 from ..metrics import make_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
 from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, capture_exit_features
-from ..teacher import TEACHER_LOGITS_COLUMN, load_teacher
+from ..teacher import TEACHER_LOGITS_COLUMN
 from .base_trainer import _BaseTrainer
 from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
 from .early_exit_config import EarlyExitConfig
@@ -129,11 +129,9 @@ class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
     ):
         if not isinstance(args, EarlyExitConfig):
             raise TypeError(f"args must be an EarlyExitConfig, got {type(args).__name__}")
-        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        teacher = self._resolve_teacher(teacher_model, args)
         if teacher is not None and args.distill_from != "teacher":
             raise ValueError(f"A teacher was given but distill_from={args.distill_from!r}: set distill_from='teacher'.")
-        if isinstance(teacher, nn.Module) and args.teacher_model_init_kwargs:
-            load_teacher(teacher, args.teacher_model_init_kwargs)  # raises: kwargs would be ignored
 
         if compute_metrics is None:
             compute_metrics = make_exit_compute_metrics(with_teacher=args.distill_from == "teacher")

@@ -57,6 +57,16 @@ class _TeacherMixin:
     _logits_cache = None
     _teacher_placement = None
 
+    @staticmethod
+    def _resolve_teacher(teacher_model, args):
+        """The teacher a trainer was given: `teacher_model` (a module or a Hub id / path), else
+        `args.teacher_model_name_or_path` (`None` when neither). Called before `Trainer.__init__`, so that a built
+        teacher given with `teacher_model_init_kwargs` (which would be ignored) fails before any set-up."""
+        teacher = teacher_model if teacher_model is not None else args.teacher_model_name_or_path
+        if isinstance(teacher, nn.Module) and args.teacher_model_init_kwargs:
+            load_teacher(teacher, args.teacher_model_init_kwargs)  # raises, naming both
+        return teacher
+
     def _init_teacher(self, teacher, processing_class, teacher_processing_class) -> None:
         """Check the teacher against the student, add cached logits to the datasets, or load an online teacher.
 
