@@ -329,6 +329,10 @@ class KronLastLayerLaplace:
             self._cache[key] = (self.weight_map.to(**to), q_u.to(**to), q_v.to(**to), inverse.to(**to))
         return self._cache[key]
 
+    def _prior_or_default(self, prior_precision: float | None) -> float:
+        """`prior_precision` checked (> 0), or the selected `self.prior_precision` when `None`."""
+        return self.prior_precision if prior_precision is None else _check_positive("prior_precision", prior_precision)
+
     def _probit_tensors(self, device, dtype, prior_precision: float):
         """`([W^T | Q_V[:d]] (d, K + d + 1), [b | Q_V[d]] (K + d + 1,), (pi/8) (1 / D^T) (Q_U o Q_U)^T (d + 1, K))`:
         one `addmm` of the features gives the mean logits and `Q_V^T a`, one product of its squares `(pi/8) v`
@@ -367,9 +371,7 @@ class KronLastLayerLaplace:
             `basis @ diag(variances[i]) @ basis.T`.
         """
         features = self._check_features(features)
-        if prior_precision is None:
-            prior_precision = self.prior_precision
-        prior_precision = _check_positive("prior_precision", prior_precision)
+        prior_precision = self._prior_or_default(prior_precision)
         dtype = torch.promote_types(features.dtype, torch.float32)
         weight, q_u, q_v, inverse = self._predictive_tensors(features.device, dtype, prior_precision)
         features = features.to(dtype)
@@ -418,8 +420,7 @@ class KronLastLayerLaplace:
         temperature = self.temperature if temperature is None else _check_positive("temperature", temperature)
         if link_approx is LinkApprox.PROBIT:
             features = self._check_features(features)
-            prior = self.prior_precision if prior_precision is None else prior_precision
-            return self._fused_probit(features, temperature, _check_positive("prior_precision", prior))
+            return self._fused_probit(features, temperature, self._prior_or_default(prior_precision))
         mean, basis, variances = self.logit_distribution(features, prior_precision)
         return (self.logit_samples(mean, basis, variances) / temperature).softmax(-1).mean(1)
 
