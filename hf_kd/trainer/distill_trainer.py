@@ -154,10 +154,7 @@ class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _Teach
 
         T, alpha = self.args.temperature, self.args.alpha
         loss = kd_loss(student_logits, teacher_logits, labels, T, alpha, num_items_in_batch=num_items_in_batch)
-        loss = self.args.prediction_loss_weight * loss + feature_loss
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
-            loss = loss * self.accelerator.num_processes
+        loss = self._scale_for_processes(self.args.prediction_loss_weight * loss + feature_loss, num_items_in_batch)
 
         mode = "train" if model.training else "eval"
         with torch.no_grad():

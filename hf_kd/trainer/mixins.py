@@ -35,6 +35,13 @@ class _LoggedLossesMixin:
         # the items of the accumulated batch and skip its own division by the accumulation steps.
         self.model_accepts_loss_kwargs = True
 
+    def _scale_for_processes(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """The loss normalised by `num_items_in_batch` (declared above), rescaled for DDP's gradient averaging."""
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
+            return loss * self.accelerator.num_processes
+        return loss
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         # log() must know which evaluation it is logging (a "test" or "train" split's metrics start with its prefix,
         # not "eval_"); Trainer.evaluate of a dict of datasets calls this again per dataset, hence the restore.
@@ -90,12 +97,6 @@ class _MultiExitMixin(_LoggedLossesMixin):
                 f"{type(self).__name__} needs the model's output to have `exit_logits`, got a {type(outputs).__name__}."
             )
         return tuple(outputs.exit_logits)  # num_exits x (batch, num_labels), exit_logits[-1] = outputs.logits
-
-    def _scale_for_processes(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
-        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
-            # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
-            return loss * self.accelerator.num_processes
-        return loss
 
     def latest_eval_metrics(self) -> dict[str, dict[str, float]]:
         # Per-exit metrics are folded back into their split as `exit_{i}_{metric}` / `exit_{i}_laplace_{metric}` keys
