@@ -26,9 +26,9 @@ from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
 NUM_EXITS = 3  # exits after layers 1, 2, 3 of the 3-layer backbone
 
 
-def tiny_multi_exit(seed=1, **kwargs):
+def tiny_multi_exit(seed=1, layers=NUM_EXITS, **kwargs):
     torch.manual_seed(seed)
-    config = MultiExitConfig(backbone_config=tiny_backbone_config(layers=3), num_labels=2, **kwargs)
+    config = MultiExitConfig(backbone_config=tiny_backbone_config(layers=layers), num_labels=2, **kwargs)
     return MultiExitForSequenceClassification(config)
 
 

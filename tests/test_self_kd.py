@@ -13,7 +13,6 @@ from transformers import DataCollatorWithPadding, EvalPrediction, HfArgumentPars
 
 import hf_kd.trainer.self_kd_callback
 from hf_kd import (
-    MultiExitConfig,
     MultiExitForSequenceClassification,
     SelfKDConfig,
     SelfKDTrainer,
@@ -31,19 +30,14 @@ from hf_kd.self_kd import (
 )
 from hf_kd.trainer.dedier import SAMPLE_INDEX_COLUMN
 
-from .test_early_exit_trainer import exit_logits_of, snapshot
-from .test_modeling_multi_exit import tiny_backbone_config
+from .test_early_exit_trainer import exit_logits_of, snapshot, tiny_multi_exit
 from .testing_utils import SHARED_DATA, require_shared_data, tiny_dataset, tiny_tokenizer
 
 LAYERS = 4  # the tiny backbone: exits after layers 1..4
 
 
 def tiny_self_kd_model(seed=1, layers=LAYERS, dropout=0.0, **kwargs):
-    torch.manual_seed(seed)
-    config = MultiExitConfig(
-        backbone_config=tiny_backbone_config(layers=layers), num_labels=2, classifier_dropout=dropout, **kwargs
-    )
-    return MultiExitForSequenceClassification(config)
+    return tiny_multi_exit(seed, layers=layers, classifier_dropout=dropout, **kwargs)
 
 
 def make_args(tmp_path, **kwargs):
