@@ -106,11 +106,23 @@ def check_label_spaces(student_config: PretrainedConfig, teacher_config: Pretrai
         )
     if _is_default_label2id(student_config) or _is_default_label2id(teacher_config):
         return
-    if dict(student_config.label2id) != dict(teacher_config.label2id):
+    student, teacher = dict(student_config.label2id), dict(teacher_config.label2id)
+    if student != teacher:
         raise ValueError(
-            f"Student and teacher order their labels differently: student label2id={dict(student_config.label2id)}, "
-            f"teacher label2id={dict(teacher_config.label2id)}. Load the student with the teacher's id2label/label2id."
+            f"{_label_mapping_difference(student, 'Student', teacher, 'teacher')}: student label2id={student}, "
+            f"teacher label2id={teacher}. Load the student with the teacher's id2label/label2id."
         )
+
+
+def _label_mapping_difference(first: dict, first_name: str, second: dict, second_name: str) -> str:
+    """What differs between two `label2id` mappings, in words: the order of the same names, or the names."""
+    if set(first) == set(second):
+        return f"{first_name} and {second_name} order their labels differently"
+    only_first, only_second = sorted(set(first) - set(second)), sorted(set(second) - set(first))
+    return (
+        f"{first_name} and {second_name} name their labels differently ({first_name.lower()} only: {only_first}, "
+        f"{second_name} only: {only_second})"
+    )
 
 
 def build_token_id_map(

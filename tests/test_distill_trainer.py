@@ -209,6 +209,15 @@ class TestTeacherCompatibility:
         with pytest.raises(ValueError, match="order their labels differently"):
             make_trainer(tmp_path, teacher, student=student)
 
+    def test_label_names_differ_says_names_not_order(self, tmp_path):
+        # Same order (0 first), other names: the message says which names differ, not that the order does.
+        teacher = tiny_bert(seed=7, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+        student = tiny_bert(seed=1, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
+        with pytest.raises(ValueError, match=r"name their labels differently \(student only: \['fresh', 'rotten'\], "
+                           r"teacher only: \['neg', 'pos'\]\)") as error:
+            make_trainer(tmp_path, teacher, student=student)
+        assert "order" not in str(error.value)
+
     def test_vocabulary_mismatch_is_an_error(self, tmp_path):
         teacher = tiny_bert(seed=7, vocab_size=103)
         with pytest.raises(ValueError, match="vocabularies differ.*map_teacher_token_ids"):
