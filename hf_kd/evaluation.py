@@ -246,7 +246,7 @@ def _from_json(value):
     return value
 
 
-@dataclass
+@dataclass(repr=False)
 class UncertaintyReport:
     r"""
     Calibration and uncertainty metrics of a classifier on one dataset split.
@@ -274,6 +274,9 @@ class UncertaintyReport:
             an uncalibrated model.
         model_name (`str`, *optional*):
             What was evaluated, for plot titles.
+
+    `repr(report)` (and `print(report)`) is a short table of the metrics, the model's beside the teacher's; the
+    per-bin statistics are in `report.reliability`, and `report.to_dict()` has everything.
     """
 
     metrics: dict[str, float]
@@ -353,6 +356,24 @@ class UncertaintyReport:
             calibration_temperature=calibration_temperature,
             model_name=model_name,
         )
+
+    def __repr__(self) -> str:
+        # A metrics table: the reliability bins (n_bins rows per model) would bury the numbers a print is read for.
+        header = f"UncertaintyReport({self.model_name or 'model'}"
+        if self.split:
+            header += f", split={self.split!r}"
+        header += f", {self.num_examples} examples, n_bins={self.n_bins}"
+        if self.calibration_temperature is not None:
+            header += f", calibrated T={self.calibration_temperature:.4g}"
+        header += ")"
+        teacher = self.teacher_metrics or {}
+        rows = [f"  {'metric':<12} {'model':>10}" + (f" {'teacher':>10}" if teacher else "")]
+        for key, value in self.metrics.items():
+            row = f"  {key:<12} {value:>10.4f}"
+            if teacher:
+                row += f" {teacher[key]:>10.4f}" if key in teacher else f" {'':>10}"
+            rows.append(row)
+        return "\n".join([header, *rows, "  (reliability bins: report.reliability)"])
 
     def flat_metrics(self) -> dict[str, float]:
         """

@@ -168,6 +168,17 @@ class TestReport:
         assert loaded.metrics["ece"] == report.metrics["ece"]
         assert loaded.split == "test"
 
+    def test_repr_is_the_metrics_table_not_the_bins(self):
+        # print(report) used to dump every reliability bin (counts, confidences, accuracies, n_bins of each).
+        report = self.make_report()
+        text = repr(report)
+        lines = text.splitlines()
+        assert lines[0].startswith("UncertaintyReport(") and "split='test', 24 examples, n_bins=15" in lines[0]
+        assert len(lines) == 1 + 1 + len(report.metrics) + 1  # header, column names, one row a metric, pointer
+        assert f"{report.metrics['ece']:.4f}" in text and f"{report.teacher_metrics['ece']:.4f}" in text
+        assert "count" not in text and "report.reliability" in text
+        assert str(report) == text
+
     def test_from_dict_rejects_other_json(self):
         with pytest.raises(ValueError, match=r"missing key\(s\) \['metrics', 'n_bins'"):
             UncertaintyReport.from_dict({"num_examples": 3, "reliability": {}})
