@@ -35,6 +35,7 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "NLI_LABELS",
+    "align_labels",
     "load_bbc_news",
     "load_chaosnli",
     "load_crowdflower_tweets",
@@ -566,6 +567,49 @@ def load_fashion_mnist(
     return Dataset.from_dict(
         {"pixel_values": pixel_values.astype(np.float32), "labels": labels.astype(np.int64)}, features=features
     )
+
+
+# ----- label ids -----
+
+
+def align_labels(dataset: Dataset | DatasetDict, label2id: dict[str, int], label_column: str = "label"):
+    """Renumber a dataset's [`~datasets.ClassLabel`] labels to a model's `label2id`, by name.
+
+    The fix hf_kd's trainers suggest when a dataset orders its label names differently from the teacher or the
+    student (e.g. `class_encode_column("label")` sorts the names, so `fresh = 0`, while the teacher has
+    `fresh = 1`): `dataset = align_labels(dataset, teacher.config.label2id)`. A thin wrapper of
+    [`datasets.Dataset.align_labels_with_mapping`] (names compared case-insensitively) that first checks both sides
+    name the same labels.
+
+    Args:
+        dataset ([`~datasets.Dataset`] or [`~datasets.DatasetDict`]):
+            Data whose `label_column` is a `ClassLabel`.
+        label2id (`dict[str, int]`):
+            The model's mapping, e.g. `model.config.label2id`.
+        label_column (`str`, *optional*, defaults to `"label"`):
+            The label column.
+
+    Returns:
+        The same type as `dataset`, its label ids and `ClassLabel` names in the model's order.
+
+    Raises:
+        `ValueError`: the column is not a `ClassLabel`, or its names are not the model's.
+    """
+    for split in dataset.values() if isinstance(dataset, DatasetDict) else [dataset]:
+        feature = split.features.get(label_column)
+        if not isinstance(feature, ClassLabel):
+            raise ValueError(
+                f"align_labels needs a ClassLabel column {label_column!r}, got "
+                f"{feature if feature is not None else 'no such column'} (columns: {split.column_names}); "
+                "encode it with dataset.class_encode_column(...) first."
+            )
+        ours, theirs = {n.lower() for n in feature.names}, {str(n).lower() for n in label2id}
+        if ours != theirs:
+            raise ValueError(
+                f"align_labels: the dataset's label names {feature.names} are not the model's {sorted(label2id)}: "
+                "rename them (cast_column with the model's names) when they are the same classes."
+            )
+    return dataset.align_labels_with_mapping(dict(label2id), label_column)
 
 
 # ----- tokenization -----

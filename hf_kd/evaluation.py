@@ -29,8 +29,15 @@ from .metrics import (
     human_distribution_divergence,
     reliability_bins,
     softmax,
+    warn_if_teacher_disagrees,
 )
-from .teacher import TEACHER_LOGITS_COLUMN, check_label_spaces, compute_teacher_logits, load_teacher
+from .teacher import (
+    TEACHER_LOGITS_COLUMN,
+    check_label_names,
+    check_label_spaces,
+    compute_teacher_logits,
+    load_teacher,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -345,6 +352,7 @@ class UncertaintyReport:
                 )
             metrics["sigma"] = confidence_preservation(teacher_probs, probs, labels, class_index=class_index)
             teacher_metrics = _metrics_of(teacher_probs, labels, n_bins, human)
+            warn_if_teacher_disagrees(teacher_metrics["accuracy"], metrics["sigma"], len(labels))
             reliability["teacher"] = _bins_to_lists(reliability_bins(teacher_probs, labels, n_bins))
         return cls(
             metrics=metrics,
@@ -482,6 +490,7 @@ def _teacher_logits(teacher, model: nn.Module, dataset, batch_size: int, data_co
     config, teacher_config = getattr(model, "config", None), getattr(teacher, "config", None)
     if config is not None and teacher_config is not None:
         check_label_spaces(config, teacher_config)
+        check_label_names(dataset, "dataset", {"teacher": teacher_config})
         if getattr(config, "vocab_size", None) != getattr(teacher_config, "vocab_size", None):
             raise ValueError(
                 f"the teacher's vocabulary ({teacher_config.vocab_size} tokens) differs from the model's "
@@ -558,6 +567,7 @@ def evaluate_uncertainty(
     _check_n_bins(n_bins)
     _check_batch_size(batch_size)
     labels = read_labels(dataset, label_column, "evaluate_uncertainty")
+    check_label_names(dataset, "dataset", {"model": getattr(model, "config", None)})
     logits = compute_logits(model, dataset, batch_size, data_collator)
     num_labels = logits.shape[-1]
     human = None

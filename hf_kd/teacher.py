@@ -109,20 +109,94 @@ def check_label_spaces(student_config: PretrainedConfig, teacher_config: Pretrai
     student, teacher = dict(student_config.label2id), dict(teacher_config.label2id)
     if student != teacher:
         raise ValueError(
-            f"{_label_mapping_difference(student, 'Student', teacher, 'teacher')}: student label2id={student}, "
+            f"{_label_mapping_difference(student, 'student', teacher, 'teacher')}: student label2id={student}, "
             f"teacher label2id={teacher}. Load the student with the teacher's id2label/label2id."
         )
 
 
 def _label_mapping_difference(first: dict, first_name: str, second: dict, second_name: str) -> str:
-    """What differs between two `label2id` mappings, in words: the order of the same names, or the names."""
-    if set(first) == set(second):
-        return f"{first_name} and {second_name} order their labels differently"
-    only_first, only_second = sorted(set(first) - set(second)), sorted(set(second) - set(first))
-    return (
-        f"{first_name} and {second_name} name their labels differently ({first_name.lower()} only: {only_first}, "
-        f"{second_name} only: {only_second})"
-    )
+    """What differs between two `label2id` mappings, as a sentence starting with `first_name` (capitalised): the
+    order of the same names, or the names (case-insensitive, as `align_labels_with_mapping` compares them)."""
+    subject = f"{first_name[0].upper()}{first_name[1:]} and {second_name}"
+    first_names, second_names = {n.lower(): n for n in first}, {n.lower(): n for n in second}
+    if set(first_names) == set(second_names):
+        return f"{subject} order their labels differently"
+    only_first = sorted(first_names[n] for n in set(first_names) - set(second_names))
+    only_second = sorted(second_names[n] for n in set(second_names) - set(first_names))
+    return f"{subject} name their labels differently ({first_name} only: {only_first}, {second_name} only: {only_second})"
+
+
+# The columns Trainer feeds to the loss as gold labels (`label` is renamed `labels` by the default collators).
+_LABEL_COLUMNS = ("labels", "label")
+
+
+def dataset_label2id(dataset, label_column: str | None = None) -> dict[str, int] | None:
+    """The `label2id` a dataset's labels follow: `{name: index}` from the [`~datasets.ClassLabel`] feature of its
+    `labels` / `label` column (or `label_column`), `None` when the labels carry no names (not a `datasets.Dataset`,
+    plain integers, or a `ClassLabel` built from `num_classes` alone, whose names are `"0"`, `"1"`, ...)."""
+    import datasets
+
+    features = getattr(dataset, "features", None)
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)) or not features:
+        return None
+    column = label_column or next((c for c in _LABEL_COLUMNS if c in features), None)
+    feature = features.get(column) if column else None
+    if not isinstance(feature, datasets.ClassLabel) or feature.names == [str(i) for i in range(feature.num_classes)]:
+        return None
+    return {name: index for index, name in enumerate(feature.names)}
+
+
+def check_label_names(dataset, split: str, configs: dict[str, PretrainedConfig | None]) -> None:
+    """Raise a `ValueError` when a dataset's label names disagree with a model's `label2id`.
+
+    A dataset whose `ClassLabel` names the labels in another order than the teacher (e.g. a CSV of `fresh` /
+    `rotten` encoded with `class_encode_column`, which sorts the names, against a teacher with `fresh = 1`) trains
+    the student against swapped teacher labels without any error: the teacher then scores 0 accuracy. Names are
+    compared case-insensitively (as `datasets.Dataset.align_labels_with_mapping` does). Models with the default
+    `LABEL_i` names, and datasets whose labels carry no names ([`dataset_label2id`]), are not checked.
+
+    Args:
+        dataset (`datasets.Dataset`, or anything else, which is not checked):
+            The data.
+        split (`str`):
+            Its name in messages, e.g. `"train_dataset"`.
+        configs (`dict[str, PretrainedConfig or None]`):
+            The models to check against, by role, e.g. `{"student": ..., "teacher": ...}`; `None` values are skipped.
+    """
+    names = dataset_label2id(dataset)
+    if names is None:
+        return
+    lowered = {name.lower(): index for name, index in names.items()}
+    for role, config in configs.items():
+        if config is None or _is_default_label2id(config):
+            continue
+        model = {str(name): int(index) for name, index in dict(config.label2id).items()}
+        if {name.lower(): index for name, index in model.items()} == lowered:
+            continue
+        difference = _label_mapping_difference(names, f"the {split}", model, f"the {role}")
+        if {name.lower() for name in model} == set(lowered):
+            fix = (
+                f"Remap the dataset's label ids to the {role}'s (one line, before building the trainer): "
+                f"`{split} = hf_kd.data.align_labels({split}, {role}.config.label2id)`."
+            )
+        else:
+            fix = (
+                f"Rename the dataset's labels to the {role}'s names (e.g. `dataset.cast_column('label', "
+                f"ClassLabel(names=[...]))`) if they are the same classes, then remap them with "
+                f"`hf_kd.data.align_labels(dataset, {role}.config.label2id)`; or use a {role} trained on these labels."
+            )
+        raise ValueError(
+            f"{difference}: {split} label2id={names}, {role} label2id={model}. Training or evaluating on it would "
+            f"score the {role}'s predictions against the wrong labels. {fix}"
+        )
+
+
+def check_datasets_label_names(train_dataset, eval_dataset, configs: dict[str, PretrainedConfig | None]) -> None:
+    """[`check_label_names`] on a trainer's `train_dataset` and `eval_dataset` (one dataset or a dict of them)."""
+    check_label_names(train_dataset, "train_dataset", configs)
+    evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+    for name, dataset in evals:
+        check_label_names(dataset, "eval_dataset" if name is None else f"eval_dataset[{name!r}]", configs)
 
 
 def build_token_id_map(

@@ -36,7 +36,7 @@ from ..distributed import fill_auto_bucket_sizes
 from ..evaluation import STUDENT_METRICS
 from ..hub import DEFAULT_TEMPLATE, generate_model_card, save_model_card
 from ..peft_utils import is_peft_model, point_adapter_at_hub_base, prepare_peft_model
-from ..teacher import TEACHER_LOGITS_COLUMN
+from ..teacher import TEACHER_LOGITS_COLUMN, check_datasets_label_names, check_label_names
 
 # The metrics a card can report, as make_compute_metrics names them; teacher metrics carry a `teacher_` prefix.
 _CARD_METRICS = tuple(STUDENT_METRICS) + ("ece_bins",) + tuple(f"teacher_{m}" for m in STUDENT_METRICS if m != "sigma")
@@ -197,6 +197,13 @@ class _BaseTrainer(Trainer):
                 check_dataset(dataset, f"eval_dataset[{name!r}]", num_labels)
         else:
             check_dataset(self.eval_dataset, "eval_dataset", num_labels)
+        check_datasets_label_names(self.train_dataset, self.eval_dataset, self._label_spaces())
+
+    def _label_spaces(self) -> dict:
+        """The models whose `label2id` the datasets' `ClassLabel` names must follow ([`check_label_names`]): the
+        student, and the teacher once a trainer with one has read its config (`_teacher_config`)."""
+        student = None if self.model is None else getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        return {"student": student, "teacher": getattr(self, "_teacher_config", None)}
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """
@@ -221,10 +228,12 @@ class _BaseTrainer(Trainer):
         given = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else (self.eval_dataset,)
         if eval_dataset is not None and not isinstance(eval_dataset, str) and all(eval_dataset is not d for d in given):
             check_dataset(eval_dataset, "eval_dataset", self._student_num_labels())
+            check_label_names(eval_dataset, "eval_dataset", self._label_spaces())
         return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         check_dataset(test_dataset, "test_dataset", self._student_num_labels())
+        check_label_names(test_dataset, "test_dataset", self._label_spaces())
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def _model_card_info(self) -> dict[str, Any]:

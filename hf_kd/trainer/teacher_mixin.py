@@ -22,6 +22,7 @@ from ..teacher import (
     TEACHER_INPUT_NAMES,
     TEACHER_LOGITS_COLUMN,
     TeacherLogitsCache,
+    check_datasets_label_names,
     check_label_spaces,
     check_vocabularies,
     compute_teacher_logits,
@@ -56,6 +57,7 @@ class _TeacherMixin:
     _token_id_map = None
     _logits_cache = None
     _teacher_placement = None
+    _teacher_config = None
 
     @staticmethod
     def _resolve_teacher(teacher_model, args):
@@ -155,6 +157,10 @@ class _TeacherMixin:
         else:
             teacher_config = AutoConfig.from_pretrained(str(teacher), **hub_kwargs)
         check_label_spaces(student_config, teacher_config)
+        # A student with default LABEL_i names passes check_label_spaces: the datasets' label names are checked
+        # against the teacher's too (evaluate / predict check theirs with _BaseTrainer._label_spaces).
+        self._teacher_config = teacher_config
+        check_datasets_label_names(self.train_dataset, self.eval_dataset, {"teacher": teacher_config})
         if teacher_processing_class is None and not isinstance(teacher, nn.Module):
             teacher_processing_class = load_teacher_tokenizer(str(teacher), hub_kwargs)
         student_tokenizer = getattr(processing_class, "tokenizer", processing_class)
