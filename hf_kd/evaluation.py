@@ -58,6 +58,21 @@ STUDENT_METRICS = ("accuracy", "ece", "mce", "nll", "brier", "entropy", "kl", "j
 # --------------------------------------------------------------------------------------------------------------------
 
 
+def record_max_length(config, max_length: int) -> None:
+    """Record in `config.hf_kd["max_length"]` the truncation length (tokens) a model is trained, evaluated and
+    calibrated with, so that `hf-kd evaluate` / `hf-kd calibrate` reuse it by default ([`recorded_max_length`]):
+    the same text truncated at 128 instead of 64 tokens gives other numbers than the model's card. Other keys of
+    `config.hf_kd` are kept; `save_pretrained` writes it into `config.json`."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+    config.hf_kd = {**(getattr(config, "hf_kd", None) or {}), "max_length": max_length}
+
+
+def recorded_max_length(config) -> int | None:
+    """The truncation length recorded by [`record_max_length`], `None` when the model records none."""
+    return (getattr(config, "hf_kd", None) or {}).get("max_length")
+
+
 def _check_dataset(dataset, name: str = "dataset") -> None:
     import datasets
 

@@ -48,6 +48,7 @@ from transformers import (
 from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics
 from hf_kd.checkpoints import resolve_resume_checkpoint
 from hf_kd.distributed import end_distributed
+from hf_kd.evaluation import record_max_length
 from hf_kd.peft_utils import LoraArguments, get_peft_config
 
 DATASETS = {
@@ -119,6 +120,8 @@ def label_kwargs(splits) -> dict:
 def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tokenizer, peft_config=None):
     set_seed(args.seed)  # a fresh classifier: the same initialisation on every process count and launcher
     model = AutoModelForSequenceClassification.from_pretrained(script_args.model_name_or_path, **label_kwargs(splits))
+    # Saved in config.json: `hf-kd evaluate` / `calibrate` then truncate as this run did (not at their own default).
+    record_max_length(model.config, script_args.max_length)
     common = dict(
         model=model,
         train_dataset=splits["train"],
