@@ -255,7 +255,11 @@ def _check_model_source(name: str, what: str) -> None:
 def _load_model(name: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return AutoModelForSequenceClassification.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    from .offline_models import placed_model_kwargs
+
+    # A model placed by hf_kd.offline_models loads from its snapshot, without network retries.
+    model = AutoModelForSequenceClassification.from_pretrained(name, **placed_model_kwargs(name, model=True))
+    return model, AutoTokenizer.from_pretrained(name, **placed_model_kwargs(name))
 
 
 def _print_table(columns: dict[str, dict], n_bins: int) -> None:
@@ -410,6 +414,7 @@ def _confidence_search(opts) -> None:
 
     from .confidence_search import SearchSpace, search_confidence_preservation
     from .metrics import make_compute_metrics
+    from .offline_models import placed_model_kwargs
     from .trainer import DistillConfig, DistillTrainer
 
     if opts.sigma_class != "gold" and not opts.sigma_class.isdigit():
@@ -419,9 +424,9 @@ def _confidence_search(opts) -> None:
     )
     _check_model_source(opts.student, "STUDENT")
     _check_model_source(opts.teacher, "--teacher")
-    teacher_config = AutoConfig.from_pretrained(opts.teacher)
+    teacher_config = AutoConfig.from_pretrained(opts.teacher, **placed_model_kwargs(opts.teacher))
     _resolve_max_length(opts, teacher_config)
-    tokenizer = AutoTokenizer.from_pretrained(opts.student)
+    tokenizer = AutoTokenizer.from_pretrained(opts.student, **placed_model_kwargs(opts.student))
     num_labels = teacher_config.num_labels
     train_opts = copy.copy(opts)
     train_opts.max_samples = opts.train_samples
@@ -434,7 +439,8 @@ def _confidence_search(opts) -> None:
 
     def model_init():
         return AutoModelForSequenceClassification.from_pretrained(
-            opts.student, num_labels=num_labels, id2label=teacher_config.id2label, label2id=teacher_config.label2id
+            opts.student, num_labels=num_labels, id2label=teacher_config.id2label, label2id=teacher_config.label2id,
+            **placed_model_kwargs(opts.student, model=True),
         )
 
     output_dir = Path(opts.output_dir)

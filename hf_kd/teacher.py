@@ -24,6 +24,8 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
+from .offline_models import placed_model_kwargs
+
 if TYPE_CHECKING:
     import datasets
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -45,7 +47,8 @@ def load_teacher(
     Args:
         teacher (`str`, `os.PathLike` or `nn.Module`):
             A Hub id or local folder loaded with `AutoModelForSequenceClassification.from_pretrained(teacher,
-            **init_kwargs)`, or an already built model (used as is).
+            **init_kwargs)` (a Hub id placed by `python -m hf_kd.offline_models` loads from its snapshot, without
+            network: [`hf_kd.offline_models.placed_model_kwargs`]), or an already built model (used as is).
         init_kwargs (`dict`, *optional*):
             Keyword arguments for `from_pretrained`. Passing them together with a built model is an error, because
             they would be silently ignored.
@@ -63,7 +66,10 @@ def load_teacher(
     elif isinstance(teacher, (str, os.PathLike)):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(teacher), **(init_kwargs or {}))
+        with _named_teacher_source(teacher):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(teacher), **placed_model_kwargs(str(teacher), init_kwargs, model=True)
+            )
     else:
         raise TypeError(
             f"teacher must be a Hub id, a local path or a torch.nn.Module, got {type(teacher).__name__}: {teacher!r}"
@@ -71,6 +77,40 @@ def load_teacher(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_teacher_config(teacher: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None) -> PretrainedConfig:
+    """The config of a teacher given by Hub id or folder (its weights are not loaded), for the compatibility checks.
+
+    A Hub id placed by `python -m hf_kd.offline_models` is read from its snapshot without network
+    ([`hf_kd.offline_models.placed_model_kwargs`]).
+    """
+    from transformers import AutoConfig
+
+    with _named_teacher_source(teacher):
+        return AutoConfig.from_pretrained(str(teacher), **placed_model_kwargs(str(teacher), hub_kwargs))
+
+
+@contextlib.contextmanager
+def _named_teacher_source(teacher: str | os.PathLike):
+    """Turn transformers' error for a teacher that is neither a folder nor a reachable Hub id ("couldn't connect to
+    huggingface.co", "not a valid model identifier", a malformed repo id) into one that names the path given."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as error:
+        if Path(teacher).is_dir():
+            raise  # a folder that exists: transformers' own error (a missing config.json, ...) says what is wrong
+
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else " (offline?)"
+        raise FileNotFoundError(
+            f"Teacher {str(teacher)!r} is neither a local folder nor a Hub id reachable now{offline}. Check the path. "
+            "The README's teacher is made by `make demo`, which writes outputs/main_job/teacher; "
+            "`python trainers/distill.py --method erm --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 "
+            f"--output_dir DIR` trains one. ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
 
 
 def load_teacher_tokenizer(teacher: str, hub_kwargs: dict[str, Any] | None = None) -> PreTrainedTokenizerBase | None:
@@ -82,7 +122,7 @@ def load_teacher_tokenizer(teacher: str, hub_kwargs: dict[str, Any] | None = Non
     from transformers import AutoTokenizer
     from transformers.utils import cached_file
 
-    hub_kwargs = hub_kwargs or {}
+    hub_kwargs = placed_model_kwargs(teacher, hub_kwargs)
     if cached_file(teacher, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs) is None:
         return None
     return AutoTokenizer.from_pretrained(teacher, **hub_kwargs)

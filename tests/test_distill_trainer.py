@@ -194,6 +194,20 @@ class TestDistillTrainer:
         trainer = make_trainer(tmp_path, str(tmp_path / "teacher"))
         assert trainer.teacher_model is not None  # online teacher, loaded at init
 
+    @pytest.mark.parametrize("teacher", ["outputs/teacher-l6-rotten_tomatoes", "outputs/no/such/teacher"])
+    def test_missing_teacher_path_is_named(self, tmp_path, monkeypatch, teacher):
+        # A path `make demo` does not create (it writes outputs/main_job/teacher) used to fail with transformers'
+        # "couldn't connect to huggingface.co" (or "Repo id must be in the form ...") without naming it.
+        monkeypatch.chdir(tmp_path)
+        args = make_args(tmp_path, teacher_model_name_or_path=teacher,
+                         teacher_model_init_kwargs={"local_files_only": True})
+        with pytest.raises(FileNotFoundError) as error:
+            make_trainer(tmp_path, None, args=args)
+        message = str(error.value)
+        assert f"Teacher '{teacher}' is neither a local folder nor a Hub id reachable now" in message
+        assert "`make demo`, which writes outputs/main_job/teacher" in message
+        assert "trainers/distill.py --method erm" in message
+
     def test_init_kwargs_with_built_teacher_is_an_error(self, tmp_path):
         args = make_args(tmp_path, teacher_model_init_kwargs={"revision": "main"})
         with pytest.raises(ValueError, match="already built teacher"):

@@ -49,6 +49,7 @@ from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics
 from hf_kd.checkpoints import resolve_resume_checkpoint
 from hf_kd.distributed import end_distributed
 from hf_kd.evaluation import record_max_length
+from hf_kd.offline_models import placed_model_kwargs
 from hf_kd.peft_utils import LoraArguments, get_peft_config
 
 DATASETS = {
@@ -119,7 +120,8 @@ def label_kwargs(splits) -> dict:
 
 def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tokenizer, peft_config=None):
     set_seed(args.seed)  # a fresh classifier: the same initialisation on every process count and launcher
-    model = AutoModelForSequenceClassification.from_pretrained(script_args.model_name_or_path, **label_kwargs(splits))
+    name = script_args.model_name_or_path
+    model = AutoModelForSequenceClassification.from_pretrained(name, **placed_model_kwargs(name, label_kwargs(splits), model=True))
     # Saved in config.json: `hf-kd evaluate` / `calibrate` then truncate as this run did (not at their own default).
     record_max_length(model.config, script_args.max_length)
     common = dict(
@@ -155,7 +157,8 @@ def finish(trainer, args, test, summary: dict, extra_metrics: dict | None = None
 
 def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArguments | None = None) -> dict:
     """Train, evaluate on the test split, save model + tokenizer + `test_results.json`; return the test metrics."""
-    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    name = script_args.model_name_or_path
+    tokenizer = AutoTokenizer.from_pretrained(name, **placed_model_kwargs(name))
     splits = load_splits(script_args, tokenizer)
     peft_config = get_peft_config(lora_args) if lora_args is not None else None
     trainer = build_trainer(script_args, args, splits, tokenizer, peft_config)

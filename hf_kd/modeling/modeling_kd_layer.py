@@ -19,6 +19,7 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import ModelOutput
 
+from ..offline_models import placed_model_kwargs
 from .configuration_kd_layer import KDLayerConfig
 from .kd_layer import CosineConv1x1, build_kd_layers
 
@@ -152,7 +153,7 @@ class KDLayerForSequenceClassification(KDLayerPreTrainedModel):
         """
         if isinstance(name_or_path_or_model, (str, os.PathLike)):
             backbone = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path_or_model, **(backbone_kwargs or {})
+                name_or_path_or_model, **placed_model_kwargs(name_or_path_or_model, backbone_kwargs, model=True)
             )
         elif isinstance(name_or_path_or_model, PreTrainedModel):
             backbone = name_or_path_or_model

@@ -14,7 +14,6 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 
 from ..distributed import is_zero3_partitioned, prepare_deepspeed_teacher, teacher_placement
 from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model
@@ -28,6 +27,7 @@ from ..teacher import (
     compute_teacher_logits,
     dataset_fingerprint,
     load_teacher,
+    load_teacher_config,
     load_teacher_tokenizer,
     teacher_fingerprint,
     teacher_logits_for_batch,
@@ -155,7 +155,7 @@ class _TeacherMixin:
         if isinstance(teacher, nn.Module):
             teacher_config = teacher.config
         else:
-            teacher_config = AutoConfig.from_pretrained(str(teacher), **hub_kwargs)
+            teacher_config = load_teacher_config(teacher, hub_kwargs)
         check_label_spaces(student_config, teacher_config)
         # A student with default LABEL_i names passes check_label_spaces: the datasets' label names are checked
         # against the teacher's too (evaluate / predict check theirs with _BaseTrainer._label_spaces).
