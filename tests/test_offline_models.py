@@ -193,7 +193,9 @@ def test_placed_ids_load_their_snapshot_without_network(cache, tmp_path, monkeyp
     assert teacher.config._name_or_path == L6  # the Hub id, not the snapshot path: cards keep naming it
     assert load_teacher_config(L6, {"cache_dir": cache}).num_hidden_layers == 6
     assert load_teacher_tokenizer(L6, {"cache_dir": cache}) is not None
-    model = MultiExitForSequenceClassification.from_backbone(L3, backbone_kwargs={"cache_dir": cache}, num_labels=2)
+    # The modeling files are self-contained (saved with the model): callers pass the placed kwargs, as the recipes do.
+    backbone_kwargs = placed_model_kwargs(L3, {"cache_dir": cache}, model=True)
+    model = MultiExitForSequenceClassification.from_backbone(L3, backbone_kwargs=backbone_kwargs, num_labels=2)
     assert model.config.num_labels == 2
 
 

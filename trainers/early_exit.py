@@ -60,7 +60,8 @@ def build_model(script_args: EarlyExitScriptArguments, args: EarlyExitConfig, sp
     if AutoConfig.from_pretrained(name, **placed_model_kwargs(name)).model_type == MultiExitConfig.model_type:
         return AutoModelForSequenceClassification.from_pretrained(name, **placed_model_kwargs(name, model=True))
     model = MultiExitForSequenceClassification.from_backbone(
-        script_args.model_name_or_path, exit_layers=script_args.exit_layers, **label_kwargs(splits)
+        name, exit_layers=script_args.exit_layers, backbone_kwargs=placed_model_kwargs(name, model=True),
+        **label_kwargs(splits),
     )
     if peft:
         base = Path(args.output_dir) / "base_model"

@@ -19,7 +19,6 @@ from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..offline_models import placed_model_kwargs
 from .configuration_kd_layer import KDLayerConfig
 from .kd_layer import CosineConv1x1, build_kd_layers
 
@@ -153,7 +152,7 @@ class KDLayerForSequenceClassification(KDLayerPreTrainedModel):
         """
         if isinstance(name_or_path_or_model, (str, os.PathLike)):
             backbone = AutoModelForSequenceClassification.from_pretrained(
-                name_or_path_or_model, **placed_model_kwargs(name_or_path_or_model, backbone_kwargs, model=True)
+                name_or_path_or_model, **(backbone_kwargs or {})
             )
         elif isinstance(name_or_path_or_model, PreTrainedModel):
             backbone = name_or_path_or_model

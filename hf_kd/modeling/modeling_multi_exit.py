@@ -28,7 +28,6 @@ from torch.nn import functional as F
 from transformers import AutoModel, PreTrainedModel
 from transformers.utils import ModelOutput
 
-from ..offline_models import placed_model_kwargs
 from .configuration_multi_exit import MultiExitConfig
 from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
 
@@ -484,9 +483,7 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         """
         if isinstance(name_or_path_or_model, (str, os.PathLike)):
             with _without_zero3_init():
-                backbone = AutoModel.from_pretrained(
-                    name_or_path_or_model, **placed_model_kwargs(name_or_path_or_model, backbone_kwargs, model=True)
-                )
+                backbone = AutoModel.from_pretrained(name_or_path_or_model, **(backbone_kwargs or {}))
         elif isinstance(name_or_path_or_model, PreTrainedModel):
             if any(hasattr(p, "ds_id") for p in name_or_path_or_model.parameters()):
                 raise ValueError(
