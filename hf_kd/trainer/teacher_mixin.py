@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 from ..distributed import is_zero3_partitioned, prepare_deepspeed_teacher, teacher_placement
-from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model
+from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model, warn_if_base_head_untrained
 from ..teacher import (
     TEACHER_INPUT_NAMES,
     TEACHER_LOGITS_COLUMN,
@@ -122,6 +122,7 @@ class _TeacherMixin:
                 f"teacher_from_base_model=True needs a PEFT student (pass peft_config=... or a peft.PeftModel), got a "
                 f"{type(student).__name__}: without adapters the student's base model is the student itself."
             )
+        warn_if_base_head_untrained(student)
         return BaseModelTeacher(student)
 
     def _teacher_fingerprint(self) -> str:
