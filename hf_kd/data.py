@@ -25,7 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, List, Value
+from datasets import Array3D, ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, Value
 
 from .offline_models import locate_package_file
 
@@ -87,11 +87,21 @@ def _stratified_split(
     return tuple(np.sort(np.concatenate(part)) for part in parts)
 
 
-def _to_dataset_dict(frame: pd.DataFrame, features: Features, splits: tuple[np.ndarray, ...]) -> DatasetDict:
+def _info(dataset_name: str, features: Features) -> DatasetInfo:
+    """The `info` of a loader's datasets: `dataset_name` is what hf_kd's trainers write into model cards (a card
+    would otherwise say "Custom dataset"); it survives `map`, `select`, `shuffle` and tokenization."""
+    return DatasetInfo(dataset_name=dataset_name, features=features)
+
+
+def _to_dataset_dict(
+    frame: pd.DataFrame, features: Features, splits: tuple[np.ndarray, ...], dataset_name: str
+) -> DatasetDict:
     columns = list(features)
     return DatasetDict(
         {
-            name: Dataset.from_pandas(frame.iloc[indices][columns], features=features, preserve_index=False)
+            name: Dataset.from_pandas(
+                frame.iloc[indices][columns], features=features, info=_info(dataset_name, features), preserve_index=False
+            )
             for name, indices in zip(_SPLITS, splits)
         }
     )
@@ -146,7 +156,8 @@ def load_rotten_tomatoes(seed: int = 42, validation_size: float = 0.1, test_size
     for split, names in zip(_SPLITS, _cut(movies, validation_size, test_size)):
         movie_split.update(dict.fromkeys(names, split))
     split_of_row = frame["movie_name"].map(movie_split).to_numpy()
-    return _to_dataset_dict(frame, features, tuple(np.flatnonzero(split_of_row == split) for split in _SPLITS))
+    splits = tuple(np.flatnonzero(split_of_row == split) for split in _SPLITS)
+    return _to_dataset_dict(frame, features, splits, "rotten_tomatoes")
 
 
 def load_crowdflower_tweets(seed: int = 42, validation_size: float = 0.1, test_size: float = 0.2) -> DatasetDict:
@@ -195,7 +206,7 @@ def load_crowdflower_tweets(seed: int = 42, validation_size: float = 0.1, test_s
     )
     features = Features({"text": Value("string"), "label": ClassLabel(names=names), "agreement": Value("float32")})
     splits = _stratified_split(frame["label"].to_numpy(), seed, validation_size, test_size)
-    return _to_dataset_dict(frame, features, splits)
+    return _to_dataset_dict(frame, features, splits, "crowdflower_tweets")
 
 
 def load_bbc_news(seed: int = 42, validation_size: float = 0.1, test_size: float = 0.2) -> DatasetDict:
@@ -241,7 +252,7 @@ def load_bbc_news(seed: int = 42, validation_size: float = 0.1, test_size: float
     frame = pd.DataFrame({"text": texts, "label": labels})
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
     splits = _stratified_split(frame["label"].to_numpy(), seed, validation_size, test_size)
-    return _to_dataset_dict(frame, features, splits)
+    return _to_dataset_dict(frame, features, splits, "bbc_news")
 
 
 # ----- human label distributions, from a folder the caller gives -----
@@ -326,7 +337,7 @@ def load_chaosnli(data_dir: str | os.PathLike, subset: str = "snli") -> Dataset:
             "old_label": Value("string"),
         }
     )
-    return Dataset.from_dict(columns, features=features)
+    return Dataset.from_dict(columns, features=features, info=_info(f"chaosnli_{subset}", features))
 
 
 def load_snli_dev_subsets(data_dir: str | os.PathLike, drop_no_gold: bool = True) -> Dataset:
@@ -382,7 +393,7 @@ def load_snli_dev_subsets(data_dir: str | os.PathLike, drop_no_gold: bool = True
             "annotator_labels": List(Value("string")),
         }
     )
-    return Dataset.from_dict(columns, features=features)
+    return Dataset.from_dict(columns, features=features, info=_info("snli_dev_subsets", features))
 
 
 _LEWIDI_LABELS = {"MD-Agreement": ["not_offensive", "offensive"], "HS-Brexit": ["not_hate_speech", "hate_speech"]}
@@ -441,7 +452,7 @@ def load_lewidi(data_dir: str | os.PathLike, name: str = "MD-Agreement", split: 
             "annotators": List(Value("string")),
         }
     )
-    return Dataset.from_dict(columns, features=features)
+    return Dataset.from_dict(columns, features=features, info=_info(f"lewidi_{name}", features))
 
 
 # ----- images, from a system data package or a folder the caller gives -----
@@ -565,7 +576,9 @@ def load_fashion_mnist(
         }
     )
     return Dataset.from_dict(
-        {"pixel_values": pixel_values.astype(np.float32), "labels": labels.astype(np.int64)}, features=features
+        {"pixel_values": pixel_values.astype(np.float32), "labels": labels.astype(np.int64)},
+        features=features,
+        info=_info("fashion_mnist", features),
     )
 
 
