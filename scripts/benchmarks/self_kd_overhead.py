@@ -13,7 +13,7 @@ Each configuration runs in its own subprocess, interleaved and repeated; ratios 
 validation set after each epoch (entropy per layer) and one over the train set when it selects the re-calibration
 set: reported separately, as the whole-run wall-clock ratio. Writes docs/benchmarks/self_kd_overhead.{json,md}.
 
-    PYTHONPATH=. python scripts/bench_self_kd_overhead.py --steps_per_epoch 30 --repeats 3
+    PYTHONPATH=. python scripts/benchmarks/self_kd_overhead.py --steps_per_epoch 30 --repeats 3
 """
 
 import json
@@ -22,9 +22,9 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_utils import PeakRSS, StepTimer, forwarded_args, interleaved, launch_worker, overhead_parser
+from _common import PeakRSS, StepTimer, forwarded_args, interleaved, launch_worker, overhead_parser
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("erm", "erm_final_exit", "selfkd")
 PHASES = ("warmup", "distill", "recalibrate")
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"

@@ -8,16 +8,16 @@ Same backbone (all-MiniLM-L6-v2), same Rotten Tomatoes rows, same batches:
   early_exit_self_kd    EarlyExitTrainer, 6 exits, self-distillation from the final exit (target: <= 1.10x plain)
 
 Each configuration runs in its own subprocess, interleaved and repeated; ratios use the median seconds per step with
-the first `--warmup` steps excluded (scripts/bench_utils.py). Writes docs/benchmarks/early_exit_overhead.{json,md}.
+the first `--warmup` steps excluded (scripts/benchmarks/_common.py). Writes docs/benchmarks/early_exit_overhead.{json,md}.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_early_exit_overhead.py --steps 40 --repeats 3
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/early_exit_overhead.py --steps 40 --repeats 3
 """
 
 import json
 import os
 from pathlib import Path
 
-from bench_utils import (
+from _common import (
     PeakRSS,
     StepTimer,
     forwarded_args,
@@ -28,7 +28,7 @@ from bench_utils import (
     step_summary,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("plain", "plain_multi_exit", "early_exit", "early_exit_self_kd")
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 

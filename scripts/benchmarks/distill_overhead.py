@@ -13,14 +13,14 @@ Each configuration runs in its own subprocess (clean peak-RSS measurement), the 
 (`--repeats`), and the ratio uses the median seconds per step, the first `--warmup` steps excluded. Writes JSON and a
 Markdown table to docs/benchmarks/.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_distill_overhead.py --steps 40 --repeats 3
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/distill_overhead.py --steps 40 --repeats 3
 """
 
 import json
 import os
 from pathlib import Path
 
-from bench_utils import (
+from _common import (
     PeakRSS,
     StepTimer,
     forwarded_args,
@@ -31,7 +31,7 @@ from bench_utils import (
     step_summary,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("plain", "handwritten", "hf_kd_cached", "hf_kd_online")
 STUDENT = "sentence-transformers/paraphrase-MiniLM-L3-v2"
 TEACHER = "sentence-transformers/all-MiniLM-L6-v2"

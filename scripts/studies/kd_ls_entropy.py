@@ -16,20 +16,18 @@ Datasets: Rotten Tomatoes (binary) and the CrowdFlower tweets (3 classes), `--tr
 test split, `--seeds` training seeds. Results are appended to a JSONL file as runs finish, so an interrupted run
 resumes where it stopped; the summary table goes to docs/benchmarks/kd_ls_entropy.md.
 
-    HF_HUB_OFFLINE=1 python scripts/reproduce_kd_ls_entropy.py --train_samples 1000 --epochs 2 --seeds 0 1 2
+    HF_HUB_OFFLINE=1 python scripts/studies/kd_ls_entropy.py --train_samples 1000 --epochs 2 --seeds 0 1 2
 """
 
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "trainers"))
-from distill import ScriptArguments, run  # noqa: E402
+from hf_kd import DistillConfig
+from hf_kd.recipes import ScriptArguments, run
 
-from hf_kd import DistillConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 L3 = "sentence-transformers/paraphrase-MiniLM-L3-v2"
 L6 = "sentence-transformers/all-MiniLM-L6-v2"
