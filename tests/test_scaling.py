@@ -162,7 +162,7 @@ def max_weight_diff(a, b):
 
 @require_peft
 def test_ddp_lora_student_base_model_teacher(models, tmp_path):
-    """DDP: LoRA student self-distilled from its own base model (adapters disabled); the run matches 1 process and the
+    """DDP: LoRA student distilled from its own base model (adapters disabled); the run matches 1 process and the
     adapters (with the trained classifier) match."""
     from transformers import AutoModelForSequenceClassification
 

@@ -2,10 +2,12 @@
 
 Same backbone (all-MiniLM-L6-v2), same Rotten Tomatoes rows, same batches:
 
-  plain                 transformers.Trainer on AutoModelForSequenceClassification (one head, cross-entropy): the floor
-  plain_multi_exit      transformers.Trainer on MultiExitForSequenceClassification (6 exits, the model's own loss)
-  early_exit            EarlyExitTrainer, 6 exits, cross-entropy per exit              (target: <= 1.10x plain)
-  early_exit_self_kd    EarlyExitTrainer, 6 exits, self-distillation from the final exit (target: <= 1.10x plain)
+  plain                     transformers.Trainer on AutoModelForSequenceClassification (one head, cross-entropy):
+                            the floor
+  plain_multi_exit          transformers.Trainer on MultiExitForSequenceClassification (6 exits, the model's own loss)
+  early_exit                EarlyExitTrainer, 6 exits, cross-entropy per exit             (target: <= 1.10x plain)
+  early_exit_final_exit_kd  EarlyExitTrainer, 6 exits, distillation from the final exit into the earlier ones
+                            (distill_from="final_exit")                                   (target: <= 1.10x plain)
 
 Each configuration runs in its own subprocess, interleaved and repeated; ratios use the median seconds per step with
 the first `--warmup` steps excluded (scripts/benchmarks/_common.py). Writes docs/benchmarks/early_exit_overhead.{json,md}.
@@ -29,7 +31,7 @@ from _common import (
 )
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ("plain", "plain_multi_exit", "early_exit", "early_exit_self_kd")
+CONFIGS = ("plain", "plain_multi_exit", "early_exit", "early_exit_final_exit_kd")
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -65,7 +67,7 @@ def worker(config: str, steps: int, warmup: int, batch_size: int, threads: int, 
     if config.startswith("plain"):
         trainer = Trainer(args=TrainingArguments(**common), **kwargs)
     else:
-        distill_from = "final_exit" if config == "early_exit_self_kd" else "none"
+        distill_from = "final_exit" if config == "early_exit_final_exit_kd" else "none"
         trainer = EarlyExitTrainer(args=EarlyExitConfig(**common, distill_from=distill_from), **kwargs)
     with PeakRSS() as memory:
         trainer.train()

@@ -1,8 +1,8 @@
 """Early exits on Rotten Tomatoes: accuracy vs layers run and vs measured wall-clock, per exit policy.
 
 Step 1 (`train`) fine-tunes a multi-exit all-MiniLM-L6-v2 (an exit after each of its 6 layers) with
-`EarlyExitTrainer` on the Rotten Tomatoes training split (self-distillation from the final exit by default, or from a
-fine-tuned teacher with `--teacher`). Step 2 (`curve`) runs every exit once over the validation and test splits and
+`EarlyExitTrainer` on the Rotten Tomatoes training split (distillation from the final exit into the earlier ones,
+`distill_from="final_exit"`, by default, or from a fine-tuned teacher with `--teacher`). Step 2 (`curve`) runs every exit once over the validation and test splits and
 sweeps each policy's threshold offline; the operating point of each policy is the most aggressive threshold whose
 *validation* accuracy is within 1 point of the final exit's. Step 3 (`speed`) times `predict_with_exits` at that
 threshold against the full model (backbone + final exit) at batch size 1 and 32, interleaved repeats, median.
@@ -35,7 +35,7 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/bench_early_exit_rt")
     parser.add_argument("--steps", nargs="+", default=["train", "curve", "speed"], choices=["train", "curve", "speed"])
-    parser.add_argument("--teacher", default=None, help="Fine-tuned teacher folder: distil from it instead of self-KD.")
+    parser.add_argument("--teacher", default=None, help="Fine-tuned teacher folder: distil from it instead of from the final exit.")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--train_samples", type=int, default=None, help="Training rows used (default: all 9,027).")
     parser.add_argument("--max_length", type=int, default=64)

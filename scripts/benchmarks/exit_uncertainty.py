@@ -651,7 +651,7 @@ def main(argv=None) -> dict:
     previous = out / "results.json"
     results = json.loads(previous.read_text()) if previous.exists() and not opts.limit else {"datasets": {}}
     results["alpha"] = opts.alpha
-    scripts = {"fmnist": "early_exit_fmnist.py", "rt": "early_exit_rt.py (self-distillation from the "
+    scripts = {"fmnist": "early_exit_fmnist.py", "rt": "early_exit_rt.py (distillation from the "
                "final exit)"}
     for kind, folders in (("fmnist", opts.fmnist), ("rt", opts.rt)):
         if opts.sets_only and kind in results["datasets"]:
