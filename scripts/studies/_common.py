@@ -1,4 +1,5 @@
-"""Shared machinery of the self-KD studies against human label distributions (scripts/studies/self_kd_*.py).
+"""The one shared module of scripts/studies/ (a sibling of the scripts, imported as `_common`): the machinery of the
+SelfKDTrainer studies (Park et al. 2024) against human label distributions (scripts/studies/self_kd_*.py).
 
 Every method trains the same backbone for the same number of epochs on the same single-label rows, and is
 evaluated by its final classifier:
