@@ -143,6 +143,32 @@ def median_summary(runs: dict[str, list[dict]]) -> dict[str, dict]:
                      "peak_rss_mb": max(r["peak_rss_mb"] for r in results)} for config, results in runs.items()}
 
 
+
+def step_table(summary: dict[str, dict]) -> list[str]:
+    """Markdown lines: median seconds per step and peak RSS of every configuration of `median_summary`."""
+    lines = ["| configuration | median s/step | peak RSS (MB) |", "|---|---|---|"]
+    return lines + [f"| {c} | {s['seconds_per_step']:.4f} | {s['peak_rss_mb']:.0f} |" for c, s in summary.items()]
+
+
+def write_overhead_report(out: str, name: str, opts, runs, summary, ratios: dict[str, float], table: list[str],
+                          targets: dict[str, str]) -> None:
+    """Write `<out>/<name>.json` (`settings`: the options with the torch version and CPU count; `summary`, `ratios`,
+    `runs`) and `<out>/<name>.md` (the markdown lines `table`, then each ratio with its target from `targets`, `-`
+    where it has none), and print the markdown."""
+    import os
+
+    import torch
+
+    result = {"settings": vars(opts) | {"torch": torch.__version__, "cpu_count": os.cpu_count()},
+              "summary": summary, "ratios": ratios, "runs": runs}
+    folder = Path(out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{name}.json").write_text(json.dumps(result, indent=2))
+    lines = table + ["", "| ratio | value | target |", "|---|---|---|"]
+    lines += [f"| {k} | {v:.3f} | {targets.get(k, '-')} |" for k, v in ratios.items()]
+    (folder / f"{name}.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
 # --- Early exits ------------------------------------------------------------------------------------------
 
 # Threshold grids swept offline. Entropy thresholds are fractions of the largest entropy, log(num_classes).

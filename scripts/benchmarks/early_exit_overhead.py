@@ -28,6 +28,8 @@ from _common import (
     median_summary,
     overhead_parser,
     step_summary,
+    step_table,
+    write_overhead_report,
 )
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -88,20 +90,8 @@ def main():
     plain = summary["plain"]["seconds_per_step"]
     ratios = {f"{config} / plain": summary[config]["seconds_per_step"] / plain for config in CONFIGS[1:]}
 
-    import torch
-
-    result = {"settings": vars(opts) | {"torch": torch.__version__, "cpu_count": os.cpu_count()},
-              "summary": summary, "ratios": ratios, "runs": runs}
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "early_exit_overhead.json").write_text(json.dumps(result, indent=2))
-    lines = ["| configuration | median s/step | peak RSS (MB) |", "|---|---|---|"]
-    lines += [f"| {c} | {summary[c]['seconds_per_step']:.4f} | {summary[c]['peak_rss_mb']:.0f} |" for c in CONFIGS]
-    lines += ["", "| ratio | value | target |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.3f} | {'<= 1.10' if 'early_exit' in k else '-'} |" for k, v in ratios.items()]
-    (out / "early_exit_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    targets = {k: "<= 1.10" for k in ratios if "early_exit" in k}
+    write_overhead_report(opts.out, "early_exit_overhead", opts, runs, summary, ratios, step_table(summary), targets)
 
 if __name__ == "__main__":
     main()
