@@ -21,7 +21,6 @@ import json
 import logging
 import math
 import os
-import re
 import tempfile
 import warnings
 from collections.abc import Mapping
@@ -33,6 +32,7 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .evaluation import RELIABILITY_DIAGRAM_FILENAME, REPORT_FILENAME, UncertaintyReport
+from .metric_keys import EXIT_METRICS, parse_exit_key
 
 logger = logging.getLogger(__name__)
 
@@ -74,10 +74,6 @@ METRIC_NAMES = {
     "sigma": "Confidence preservation sigma",
 }
 _BINNED = ("ece", "mce")
-# Per-exit metrics of early-exit models, `exit_{i}_{metric}` and `exit_{i}_laplace_{metric}` (calibrated by the
-# per-exit last-layer Laplace approximation); only the calibrated ones go to the model-index.
-EXIT_METRICS = ("accuracy", "ece", "nll")
-_EXIT_KEY = re.compile(r"exit_(\d+)_(laplace_)?(accuracy|ece|nll)")
 
 # Papers cited by every card that reports the corresponding metrics.
 GUO_2017 = {
@@ -278,10 +274,10 @@ def build_eval_results(
     for split, metrics in metrics_by_split.items():
         metrics = _as_metrics(split, metrics)
         entries = [(metric, metric, readable) for metric, readable in METRIC_NAMES.items()]
-        calibrated = [m for m in map(_EXIT_KEY.fullmatch, metrics) if m and m.group(2)]  # exit_{i}_laplace_{metric}
-        for match in sorted(calibrated, key=lambda m: (int(m.group(1)), EXIT_METRICS.index(m.group(3)))):
-            exit_index, _, metric = match.groups()
-            entries.append((match.group(0), metric, f"{METRIC_NAMES[metric]}, exit {exit_index}, last-layer Laplace"))
+        # Per-exit metrics: only the Laplace-calibrated ones (`exit_{i}_laplace_{metric}`) go to the model-index.
+        calibrated = [(key, parsed) for key in metrics if (parsed := parse_exit_key(key)) and parsed[1]]
+        for key, (exit_index, _, metric) in sorted(calibrated, key=lambda e: (e[1][0], EXIT_METRICS.index(e[1][2]))):
+            entries.append((key, metric, f"{METRIC_NAMES[metric]}, exit {exit_index}, last-layer Laplace"))
         for key, metric, readable in entries:
             value = metrics.get(key)
             if not _is_number(value):
@@ -364,9 +360,10 @@ def exit_metrics_table(metrics: Mapping[str, float]) -> str | None:
     `exit_{i}_nll` and their `exit_{i}_laplace_*` calibrated counterparts), one row per exit; `None` without any."""
     exits: dict[int, dict[str, float]] = {}
     for key, value in metrics.items():
-        match = _EXIT_KEY.fullmatch(key)
-        if match and _is_number(value):
-            exits.setdefault(int(match.group(1)), {})[(match.group(2) or "") + match.group(3)] = value
+        parsed = parse_exit_key(key)
+        if parsed and _is_number(value):
+            exit_index, calibrated, metric = parsed
+            exits.setdefault(exit_index, {})[("laplace_" if calibrated else "") + metric] = value
     if not exits:
         return None
     n_bins = int(metrics["ece_bins"]) if _is_number(metrics.get("ece_bins")) else None
@@ -651,7 +648,7 @@ def generate_model_card(
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
     return ModelCard.from_template(
         card_data,

@@ -21,7 +21,7 @@ from transformers.utils import ModelOutput
 
 from .configuration_multi_exit_cnn import MultiExitImageConfig
 from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
-from .modeling_multi_exit import EarlyExitPrediction, ExitPolicy, _EarlyExitRun
+from .exit_policies import EarlyExitPrediction, ExitPolicy, _EarlyExitRun
 
 
 def _conv_output_size(size: int, stride: int) -> int:
