@@ -33,7 +33,7 @@ from transformers import Trainer
 
 from ..checkpoints import check_output_dir, checkpoint_bytes, resolve_resume_checkpoint
 from ..distributed import fill_auto_bucket_sizes
-from ..hub import DEFAULT_TEMPLATE, generate_model_card, save_model_card
+from ..hub import generate_model_card, pipeline_tag_of, save_model_card
 from ..metric_keys import split_metric_key
 from ..peft_utils import is_peft_model, point_adapter_at_hub_base, prepare_peft_model
 from ..teacher import TEACHER_LOGITS_COLUMN
@@ -145,7 +145,7 @@ class _BaseTrainer(Trainer):
     _tag_names: list[str] = []
     _name: str = "Fine-tuning"
     _paper: dict = {}
-    _model_card_template: str = DEFAULT_TEMPLATE
+    _model_card_template: str | None = None  # None: the template of the model's task (hf_kd.hub.TASKS)
     _resumed_from: str | None = None  # the checkpoint folder of the current train(), for error messages
 
     def __init__(self, model=None, args=None, *positional, peft_config=None, **kwargs):
@@ -305,6 +305,7 @@ class _BaseTrainer(Trainer):
             language=language,
             template=self._model_card_template,
             library_name="peft" if is_peft_model(unwrapped) else "transformers",
+            pipeline_tag=pipeline_tag_of(unwrapped),
         )
         save_model_card(card, output_dir if output_dir is not None else self.args.output_dir)
 
