@@ -8,15 +8,8 @@ enough, so easy examples run fewer layers.
 
 from __future__ import annotations
 
-import transformers
-from transformers import AutoConfig
-
-# transformers v5 renamed `PretrainedConfig` to `PreTrainedConfig`; v4 only has the former.
-PreTrainedConfig = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
-try:  # transformers v5: fine-grained sub-config specs
-    from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # pragma: no cover - transformers v4
-    SubConfigSpec = None
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
 EXIT_HEAD_TYPES = ("linear", "pooler")
 EXIT_POOLINGS = ("mean", "cls")
@@ -153,12 +146,9 @@ class MultiExitConfig(_MultiExitConfigMixin, PreTrainedConfig):
 
     model_type = "hf_kd_multi_exit"
     # Declaring the backbone as a sub-config makes `attn_implementation=...` (from_pretrained) reach the backbone.
-    if SubConfigSpec is not None:
-        sub_configs_defaults = {
-            "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True)
-        }
-    else:  # pragma: no cover - transformers v4
-        sub_configs = {"backbone_config": AutoConfig}
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True)
+    }
 
     def __init__(
         self,

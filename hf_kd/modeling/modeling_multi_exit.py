@@ -17,7 +17,6 @@ The exit policies, their per-exit decision and the MIE kernel are in `exit_polic
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 from dataclasses import dataclass
 
@@ -25,16 +24,13 @@ import torch
 from torch import nn
 from torch.nn import functional as F
 from transformers import AutoModel, PreTrainedModel
+from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_multi_exit import MultiExitConfig
 from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
 from .exit_policies import EarlyExitPrediction, ExitPolicy, _EarlyExitRun
-
-try:  # transformers >= 4.53
-    from transformers.masking_utils import create_bidirectional_mask
-except ImportError:  # pragma: no cover - older transformers
-    create_bidirectional_mask = None
 
 # Backbones whose layers `predict_with_exits` can run one at a time (`config.model_type` -> layout). MiniLM checkpoints
 # are `bert`.
@@ -249,6 +245,7 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             )
         return hidden_states
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -258,7 +255,6 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         inputs_embeds: torch.Tensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MultiExitSequenceClassifierOutput | tuple:
         r"""
@@ -278,7 +274,6 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             [`MultiExitSequenceClassifierOutput`] (or a tuple `(loss?, logits, exit_logits, hidden_states?)` when
             `return_dict=False`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -302,9 +297,6 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
             loss = sum(w * F.cross_entropy(z.view(-1, self.num_labels), labels) for w, z in zip(weights, exit_logits))
 
         hidden_states = hidden_states if output_hidden_states else None
-        if not return_dict:
-            output = (logits, exit_logits) + ((hidden_states,) if hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
         return MultiExitSequenceClassifierOutput(
             loss=loss, logits=logits, exit_logits=exit_logits, hidden_states=hidden_states
         )
@@ -397,8 +389,6 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
         return self._exit_probs(exit_logits, features, laplace, link_approx, mie, self._batch_exit_flops(inputs))
 
     def _exit_mask(self, mask: torch.Tensor | None, hidden: torch.Tensor) -> torch.Tensor | None:
-        if create_bidirectional_mask is None:  # pragma: no cover - transformers < 4.53
-            return self.backbone.get_extended_attention_mask(mask, hidden.shape[:2])
         return create_bidirectional_mask(config=self.backbone.config, inputs_embeds=hidden, attention_mask=mask)
 
     @torch.no_grad()
