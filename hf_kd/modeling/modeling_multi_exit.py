@@ -28,7 +28,7 @@ from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
-from .configuration_multi_exit import MultiExitConfig
+from .configuration_multi_exit import ExitHeadType, ExitPooling, MultiExitConfig
 from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
 from .exit_policies import EarlyExitPrediction, ExitPolicy, _EarlyExitRun
 
@@ -83,7 +83,7 @@ class MultiExitHead(nn.Module):
     def __init__(self, config: MultiExitConfig):
         super().__init__()
         hidden_size = config.backbone_config.hidden_size
-        self.dense = nn.Linear(hidden_size, hidden_size) if config.exit_head_type == "pooler" else None
+        self.dense = nn.Linear(hidden_size, hidden_size) if config.exit_head_type == ExitHeadType.POOLER else None
         self.dropout = nn.Dropout(config.classifier_dropout)
         self.classifier = nn.Linear(hidden_size, config.num_labels)
         self.pooling = config.exit_pooling
@@ -94,7 +94,7 @@ class MultiExitHead(nn.Module):
 
     def features(self, hidden_states: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         """The input of `classifier` `(bs, hidden)`: what the per-exit Laplace approximation is fitted on."""
-        if self.pooling == "cls":
+        if self.pooling == ExitPooling.CLS:
             pooled = hidden_states[:, 0]  # (bs, hidden)
         elif attention_mask is None:
             pooled = hidden_states.mean(1)
@@ -333,7 +333,7 @@ class MultiExitForSequenceClassification(MultiExitPreTrainedModel):
 
     def _flops_head(self) -> float:
         h = self.config.backbone_config.hidden_size
-        return 2.0 * h * self.num_labels + (2.0 * h * h if self.config.exit_head_type == "pooler" else 0.0)
+        return 2.0 * h * self.num_labels + (2.0 * h * h if self.config.exit_head_type == ExitHeadType.POOLER else 0.0)
 
     def exit_flops(self, seq_len: int) -> list[float]:
         r"""Estimated forward FLOPs of one example of padded length `seq_len` up to and including each exit.
