@@ -3,12 +3,15 @@
 - [`build_eval_results`] is the one place where `huggingface_hub.EvalResult`s are built. Every field but the value is a
   function of (split, metric, bins), so re-rendering a card, or `huggingface_hub.metadata_update`, replaces numbers
   instead of appending duplicates.
-- [`generate_model_card`] renders a Jinja template shipped in `hf_kd.model_cards` with
-  `huggingface_hub.ModelCard.from_template`: `model-index` with every metric of every evaluated split, the method,
-  teacher, hyperparameters and calibration temperature under an `hf_kd` metadata key, a readable metrics table, the
-  reliability diagram and the citations. `base_model`, `datasets` and the teacher are Hub ids, never local paths.
-- [`update_model_card`] re-renders `folder/README.md` from what the folder holds: the existing card's metadata,
-  `config.json` (`hf_kd.temperature`), `calibration.json` and the reports under `uncertainty/<name>/report.json`.
+- [`generate_model_card`] renders the Jinja template of the model's task shipped in `hf_kd.model_cards` (the task,
+  `pipeline_tag`, comes from the model: [`pipeline_tag_of`], [`TASKS`]) as `huggingface_hub.ModelCard.from_template`
+  does: `model-index` with every metric of every evaluated split, the method, teacher, hyperparameters and
+  calibration temperature under an `hf_kd` metadata key, a readable metrics table, the reliability diagram and the
+  citations. `base_model`, `datasets` and the teacher are Hub ids, never local paths. What depends on the method
+  (name, paper, tags, template) is passed in by the trainer that calls it: this module imports no trainer.
+- [`update_model_card`] re-renders `folder/README.md` from what the folder holds: the existing card (its metadata,
+  and the method's paper as it cites it), `config.json` (`architectures`, `hf_kd.temperature`), `calibration.json`
+  and the reports under `uncertainty/<name>/report.json`.
 - [`push_to_hub`] uploads a folder (student, tokenizer, card, plots) in one commit. The local folder is only read,
   so a failed push can simply be retried; the token never reaches a file, a card, a log or an error message.
 """
@@ -40,12 +43,14 @@ logger = logging.getLogger(__name__)
 __all__ = [
     "CALIBRATION_FILENAME",
     "REPORTS_DIR",
+    "TASKS",
     "before_after_table",
     "build_eval_results",
     "generate_model_card",
     "layer_selection_table",
     "load_reports",
     "metrics_table",
+    "pipeline_tag_of",
     "push_to_hub",
     "resolve_hub_id",
     "save_model_card",
@@ -53,15 +58,13 @@ __all__ = [
 ]
 
 TEMPLATES_PACKAGE = "hf_kd.model_cards"
-BASE_TEMPLATE = "base_model_card.md"
-"""The template that every task's template extends (`{% extends "base_model_card.md" %}`)."""
 REPORTS_DIR = "uncertainty"
 """Reports live in `<model folder>/uncertainty/<name>/` (`report.json` and the two PNGs)."""
 CALIBRATION_FILENAME = "calibration.json"
 """[`hf_kd.CalibrationResult`] of the temperature folded into the model, next to `config.json`."""
 
 # Hub task (`pipeline_tag`) -> its name in the model-index and its card template in hf_kd.model_cards. A task's
-# template extends BASE_TEMPLATE with the task's blocks; a new task (e.g. text generation) adds a line here, its
+# template extends `base_model_card.md` (the sections every card has) with the task's blocks; a new task (e.g. text generation) adds a line here, its
 # template, and its class-name suffix below.
 TASKS = {
     "text-classification": {"name": "Text Classification", "template": "text_classification_model_card.md"},
