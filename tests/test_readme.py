@@ -57,9 +57,9 @@ def _first_line(block: str) -> str:
 
 
 def _chain_id(chain: list[int]) -> str:
-    """A readable test id: the blocks' numbers and what the first one imports from hf_kd."""
-    names = re.findall(r"from hf_kd import ([\w, ]+)", BLOCKS[chain[0]])
-    label = names[0].split(",")[0].strip() if names else _first_line(BLOCKS[chain[0]])[:30]
+    """A readable test id: the blocks' numbers and the trainer the first one builds."""
+    trainers = re.findall(r"(\w+Trainer)\(", BLOCKS[chain[0]])
+    label = trainers[0] if trainers else _first_line(BLOCKS[chain[0]])[:30]
     return "blocks_" + "_".join(str(i) for i in chain) + "-" + re.sub(r"\W+", "_", label)
 
 
