@@ -278,18 +278,13 @@ def test_main_job_push_flags(capsys):
 def test_main_job_dataloaders_do_not_warn_about_pin_memory(tmp_path):
     # `make demo` printed torch's "'pin_memory' argument is set as true but no accelerator is found" as a bare
     # `super().__init__(loader)` line (the warning's source line): the main job pins memory only with an accelerator.
-    import sys
     import warnings
-    from pathlib import Path
 
     from transformers import Trainer
 
-    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "trainers"))
-    try:
-        import main_job
-    finally:
-        sys.path.pop(0)
-    args = main_job.training_args(str(tmp_path), main_job.parse_args([]), 1.0)
+    from hf_kd.recipes import main_job_training_args
+
+    args = main_job_training_args(str(tmp_path), seed=0, epochs=1.0)
     assert args.dataloader_pin_memory == torch.accelerator.is_available()
     trainer = Trainer(model=expressive_bert(), args=args, train_dataset=[{"input_ids": [2, 5, 3], "labels": 0}] * 4)
     with warnings.catch_warnings():

@@ -3,7 +3,7 @@
     --method erm   fine-tune with cross-entropy (also how a teacher is made)
     --method ls    cross-entropy with label smoothing (`--label_smoothing`, epsilon spread over all classes)
     --method kd    distil `--teacher_model_name_or_path` into `--model_name_or_path` with hf_kd.DistillTrainer.
-                   KD, self-KD and reverse KD differ only in the pair: big teacher -> small student, same
+                   KD, born-again KD and reverse KD differ only in the pair: big teacher -> small student, same
                    architecture, small teacher -> big student (see trainers/configs/).
 
 Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is accepted. Examples:
@@ -31,145 +31,27 @@ from that checkpoint. Every file of the checkpoint is checked first (hf_kd.check
 """
 
 import json
-import os
 import sys
-from dataclasses import dataclass, field, fields
 
-from transformers import (
-    AutoModelForSequenceClassification,
-    AutoTokenizer,
-    DataCollatorWithPadding,
-    HfArgumentParser,
-    Trainer,
-    TrainingArguments,
-    set_seed,
-)
+from transformers import HfArgumentParser
 
-from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics
-from hf_kd.checkpoints import resolve_resume_checkpoint
+from hf_kd import DistillConfig
 from hf_kd.distributed import end_distributed
-from hf_kd.evaluation import record_max_length
-from hf_kd.offline_models import placed_model_kwargs
-from hf_kd.peft_utils import LoraArguments, get_peft_config
+from hf_kd.peft_utils import LoraArguments
 
-DATASETS = {
-    "rotten_tomatoes": data.load_rotten_tomatoes,
-    "crowdflower_tweets": data.load_crowdflower_tweets,
-    "bbc_news": data.load_bbc_news,
-}
-METHODS = ("erm", "ls", "kd")
-
-
-@dataclass
-class DataArguments:
-    """The data flags every recipe shares (trainers/early_exit.py too)."""
-
-    dataset_name: str = field(default="rotten_tomatoes", metadata={"help": f"One of {sorted(DATASETS)}."})
-    max_length: int = field(default=64, metadata={"help": "Truncation length in tokens."})
-    max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
-    max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation/test rows."})
-    split_seed: int = field(default=42, metadata={"help": "Seed of the train/validation/test split."})
-    report_train_sigma: bool = field(
-        default=False,
-        metadata={
-            "help": "KD only: also evaluate the training and validation splits (confidence preservation sigma is "
-            "defined on the training set, Vengertsev & Sherman 2024) into test_results.json as train_* / eval_*."
-        },
-    )
-
-    def __post_init__(self):
-        if self.dataset_name not in DATASETS:
-            raise ValueError(f"dataset_name must be one of {sorted(DATASETS)}, got {self.dataset_name!r}")
-
-
-@dataclass
-class ScriptArguments(DataArguments):
-    model_name_or_path: str = field(
-        default="sentence-transformers/paraphrase-MiniLM-L3-v2", metadata={"help": "Student (or ERM/LS model)."}
-    )
-    method: str = field(default="kd", metadata={"help": f"One of {METHODS}."})
-    label_smoothing: float = field(default=0.1, metadata={"help": "Epsilon of --method ls."})
-
-    def __post_init__(self):
-        super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
-
-
-def load_splits(script_args: DataArguments, tokenizer):
-    splits = DATASETS[script_args.dataset_name](seed=script_args.split_seed)
-    limits = {"train": script_args.max_train_samples}
-    limits["validation"] = limits["test"] = script_args.max_eval_samples
-    for name, limit in limits.items():
-        if limit is not None:
-            # Rows are grouped by source (e.g. by movie): shuffle before cutting so a slice is representative.
-            shuffled = splits[name].shuffle(seed=script_args.split_seed)
-            splits[name] = shuffled.select(range(min(limit, len(shuffled)))).flatten_indices()
-    return splits.map(
-        lambda batch: tokenizer(batch["text"], truncation=True, max_length=script_args.max_length),
-        batched=True,
-        desc="Tokenizing",
-    )
-
-
-def label_kwargs(splits) -> dict:
-    """`num_labels`, `id2label` and `label2id` of the train split's `label` feature."""
-    names = splits["train"].features["label"].names
-    return {"num_labels": len(names), "id2label": dict(enumerate(names)), "label2id": {n: i for i, n in enumerate(names)}}
-
-
-def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tokenizer, peft_config=None):
-    set_seed(args.seed)  # a fresh classifier: the same initialisation on every process count and launcher
-    name = script_args.model_name_or_path
-    model = AutoModelForSequenceClassification.from_pretrained(name, **placed_model_kwargs(name, label_kwargs(splits), model=True))
-    # Saved in config.json: `hf-kd evaluate` / `calibrate` then truncate as this run did (not at their own default).
-    record_max_length(model.config, script_args.max_length)
-    common = dict(
-        model=model,
-        train_dataset=splits["train"],
-        eval_dataset=splits["validation"],
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-    )
-    if script_args.method == "kd":
-        return DistillTrainer(args=args, peft_config=peft_config, **common)
-    if peft_config is not None:
-        raise ValueError(f"--use_peft is for --method kd (hf_kd's trainers), got --method {script_args.method}")
-    # The baselines use the stock Trainer: hf_kd adds nothing to plain cross-entropy but its metrics.
-    plain = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
-    plain["label_smoothing_factor"] = script_args.label_smoothing if script_args.method == "ls" else 0.0
-    return Trainer(args=TrainingArguments(**plain), compute_metrics=make_compute_metrics(), **common)
-
-
-def finish(trainer, args, test, summary: dict, extra_metrics: dict | None = None) -> dict:
-    """Evaluate on the test split, save the model (an adapter for PEFT students) and `test_results.json` (`summary`,
-    the number of processes, the teacher's placement, the test metrics); return the test metrics."""
-    metrics = {**trainer.evaluate(test, metric_key_prefix="test"), **(extra_metrics or {})}
-    trainer.save_model(args.output_dir)
-    if trainer.is_world_process_zero():
-        summary = {**summary, "num_processes": trainer.accelerator.num_processes}
-        if hasattr(trainer, "teacher_placement"):
-            summary["teacher_placement"] = trainer.teacher_placement
-        with open(os.path.join(args.output_dir, "test_results.json"), "w") as f:
-            json.dump({**summary, **metrics}, f, indent=2)
-    return metrics
-
-
-def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArguments | None = None) -> dict:
-    """Train, evaluate on the test split, save model + tokenizer + `test_results.json`; return the test metrics."""
-    name = script_args.model_name_or_path
-    tokenizer = AutoTokenizer.from_pretrained(name, **placed_model_kwargs(name))
-    splits = load_splits(script_args, tokenizer)
-    peft_config = get_peft_config(lora_args) if lora_args is not None else None
-    trainer = build_trainer(script_args, args, splits, tokenizer, peft_config)
-    # --resume_from_checkpoint latest: resume from the newest complete checkpoint of output_dir, or start afresh.
-    trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
-    extra = {}
-    if script_args.report_train_sigma and script_args.method == "kd":
-        for split, prefix in (("train", "train"), ("validation", "eval")):
-            extra.update(trainer.evaluate(splits[split], metric_key_prefix=prefix))
-    summary = {"method": script_args.method, "model": script_args.model_name_or_path}
-    return finish(trainer, args, splits["test"], summary, extra)
+# The recipe itself is hf_kd.recipes (shared with trainers/early_exit.py, trainers/main_job.py and scripts/studies/);
+# its names stay importable from here.
+from hf_kd.recipes import (  # noqa: F401
+    DATASETS,
+    METHODS,
+    DataArguments,
+    ScriptArguments,
+    build_trainer,
+    finish,
+    label_kwargs,
+    load_splits,
+    run,
+)
 
 
 def parse(argv=None, dataclass_types=(ScriptArguments, DistillConfig, LoraArguments)):
