@@ -27,8 +27,12 @@ from .trainer import (
     DistillTrainer,
     EarlyExitConfig,
     EarlyExitTrainer,
+    LetKDConfig,
+    LetKDTrainer,
     SelfKDConfig,
     SelfKDTrainer,
+    TinyBERTConfig,
+    TinyBERTTrainer,
 )
 
 __all__ = [
@@ -44,6 +48,8 @@ __all__ = [
     "KDLayerForImageClassification",
     "KDLayerForSequenceClassification",
     "KDLayerImageConfig",
+    "LetKDConfig",
+    "LetKDTrainer",
     "MultiExitConfig",
     "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
@@ -51,6 +57,8 @@ __all__ = [
     "MultiExitLaplace",
     "SelfKDConfig",
     "SelfKDTrainer",
+    "TinyBERTConfig",
+    "TinyBERTTrainer",
     "UncertaintyReport",
     "calibrate_temperature",
     "data",

@@ -5,8 +5,11 @@
     --method kd    distil `--teacher_model_name_or_path` into `--model_name_or_path` with hf_kd.DistillTrainer.
                    KD, self-KD and reverse KD differ only in the pair: big teacher -> small student, same
                    architecture, small teacher -> big student (see trainers/configs/).
+    --method tinybert  the same with hf_kd.TinyBERTTrainer: TinyBERT's intermediate-layer losses (Jiao et al., 2020,
+                   https://huggingface.co/papers/1909.10351; recipes trainers/configs/tinybert_*).
 
-Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is accepted. Examples:
+Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is accepted, and with --method tinybert every
+flag of hf_kd.TinyBERTConfig. Examples:
 
     python trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml
     accelerate launch --multi_gpu --num_processes 2 trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml
@@ -45,7 +48,7 @@ from transformers import (
     set_seed,
 )
 
-from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics
+from hf_kd import DistillConfig, DistillTrainer, TinyBERTConfig, TinyBERTTrainer, data, make_compute_metrics
 from hf_kd.checkpoints import resolve_resume_checkpoint
 from hf_kd.distributed import end_distributed
 from hf_kd.peft_utils import LoraArguments, get_peft_config
@@ -55,7 +58,9 @@ DATASETS = {
     "crowdflower_tweets": data.load_crowdflower_tweets,
     "bbc_news": data.load_bbc_news,
 }
-METHODS = ("erm", "ls", "kd")
+METHODS = ("erm", "ls", "kd", "tinybert")
+# The distillation methods: their config (parsed from the flags) and trainer.
+DISTILL_METHODS = {"kd": (DistillConfig, DistillTrainer), "tinybert": (TinyBERTConfig, TinyBERTTrainer)}
 
 
 @dataclass
@@ -70,7 +75,7 @@ class DataArguments:
     report_train_sigma: bool = field(
         default=False,
         metadata={
-            "help": "KD only: also evaluate the training and validation splits (confidence preservation sigma is "
+            "help": "KD (kd, tinybert) only: also evaluate the training and validation splits (confidence preservation sigma is "
             "defined on the training set, Vengertsev & Sherman 2024) into test_results.json as train_* / eval_*."
         },
     )
@@ -126,10 +131,13 @@ def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tok
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
     )
-    if script_args.method == "kd":
-        return DistillTrainer(args=args, peft_config=peft_config, **common)
+    if script_args.method in DISTILL_METHODS:
+        trainer_class = DISTILL_METHODS[script_args.method][1]
+        return trainer_class(args=args, peft_config=peft_config, **common)
     if peft_config is not None:
-        raise ValueError(f"--use_peft is for --method kd (hf_kd's trainers), got --method {script_args.method}")
+        raise ValueError(
+            f"--use_peft is for --method kd or tinybert (hf_kd's trainers), got --method {script_args.method}"
+        )
     # The baselines use the stock Trainer: hf_kd adds nothing to plain cross-entropy but its metrics.
     plain = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
     plain["label_smoothing_factor"] = script_args.label_smoothing if script_args.method == "ls" else 0.0
@@ -159,16 +167,17 @@ def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArgume
     # --resume_from_checkpoint latest: resume from the newest complete checkpoint of output_dir, or start afresh.
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
     extra = {}
-    if script_args.report_train_sigma and script_args.method == "kd":
+    if script_args.report_train_sigma and script_args.method in DISTILL_METHODS:
         for split, prefix in (("train", "train"), ("validation", "eval")):
             extra.update(trainer.evaluate(splits[split], metric_key_prefix=prefix))
     summary = {"method": script_args.method, "model": script_args.model_name_or_path}
     return finish(trainer, args, splits["test"], summary, extra)
 
 
-def parse(argv=None, dataclass_types=(ScriptArguments, DistillConfig, LoraArguments)):
-    """Parse `[recipe.yaml] [--flag value ...]`: the YAML recipe's keys as flags, overridden by the flags after it."""
-    parser = HfArgumentParser(dataclass_types)
+def parse(argv=None, dataclass_types=None):
+    """Parse `[recipe.yaml] [--flag value ...]`: the YAML recipe's keys as flags, overridden by the flags after it.
+    `dataclass_types` defaults to `(ScriptArguments, <the method's config>, LoraArguments)`, the config being
+    [`TinyBERTConfig`] for `--method tinybert` and [`DistillConfig`] otherwise."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # The `deepspeed` launcher puts --local_rank=N before the script's own arguments.
     launcher = [a for a in argv if a.startswith("--local_rank=")]
@@ -186,7 +195,17 @@ def parse(argv=None, dataclass_types=(ScriptArguments, DistillConfig, LoraArgume
             else:
                 flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
         argv = flags + list(argv[1:])
-    return parser.parse_args_into_dataclasses(args=argv)
+    if dataclass_types is None:
+        # The last --method wins, as in argparse; --method=x is read too.
+        method = "kd"
+        for i, arg in enumerate(argv):
+            if arg == "--method" and i + 1 < len(argv):
+                method = argv[i + 1]
+            elif arg.startswith("--method="):
+                method = arg.split("=", 1)[1]
+        config_class = DISTILL_METHODS.get(method, (DistillConfig,))[0]
+        dataclass_types = (ScriptArguments, config_class, LoraArguments)
+    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
 
 
 if __name__ == "__main__":

@@ -9,15 +9,14 @@ from torch.nn import functional as F
 from ..losses import self_kd_loss
 from ..metrics import make_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
-from .base_trainer import _BaseTrainer
 from .dedier import SAMPLE_INDEX_COLUMN, with_sample_index
 from .early_exit_trainer import EarlyExitTrainer
-from .mixins import _MultiExitMixin
+from .multi_exit_trainer import _MultiExitTrainer
 from .self_kd_callback import HUMAN_DISTRIBUTION_COLUMN, SelfKDCallback
 from .self_kd_config import SelfKDConfig
 
 
-class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
+class SelfKDTrainer(_MultiExitTrainer):
     r"""
     [`~transformers.Trainer`] for self-knowledge distillation from lower layers for learning ambiguity (Park, Jeong,
     Cho & Park, 2024, https://huggingface.co/papers/2406.09719): a classifier trained on single labels that predicts
@@ -138,7 +137,6 @@ class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
             compute_metrics=compute_metrics,
             **kwargs,
         )
-        self._init_logged_losses()
 
         config = self._check_multi_exit_config()
         num_exits = len(config.exit_layers)

@@ -1,5 +1,5 @@
 """TinyBERT intermediate-layer distillation: layer maps, losses against naive references, pre-softmax attention
-scores against transformers' eager attention, and the DistillTrainer integration (projection trained, saved beside
+scores against transformers' eager attention, and the TinyBERTTrainer integration (projection trained, saved beside
 the student, resumed exactly; teachers of other widths, depths and architectures)."""
 
 import math
@@ -16,8 +16,8 @@ from transformers import (
     MPNetForSequenceClassification,
 )
 
-from hf_kd import DistillConfig, DistillTrainer, kd_loss
-from hf_kd.intermediate_distillation import (
+from hf_kd import TinyBERTConfig, TinyBERTTrainer, kd_loss
+from hf_kd.tinybert import (
     IntermediateProjection,
     attention_score_mse,
     check_layer_map,
@@ -27,10 +27,21 @@ from hf_kd.intermediate_distillation import (
     self_attention_module,
     uniform_layer_map,
 )
-from hf_kd.trainer.intermediate_mixin import PROJECTION_FILENAME
+from hf_kd.trainer.tinybert_trainer import PROJECTION_FILENAME
 
-from .test_distill_trainer import make_args, make_trainer, snapshot
+from . import test_distill_trainer
+from .test_distill_trainer import snapshot
 from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
+
+
+def make_args(tmp_path, **kwargs):
+    return test_distill_trainer.make_args(tmp_path, config_class=TinyBERTConfig, **kwargs)
+
+
+def make_trainer(tmp_path, teacher, args=None, **kwargs):
+    args = args if args is not None else make_args(tmp_path)
+    return test_distill_trainer.make_trainer(tmp_path, teacher, args=args, trainer_class=TinyBERTTrainer, **kwargs)
+
 
 STAGE1 = dict(hidden_loss_weight=1.0, attention_loss_weight=1.0, embedding_loss_weight=1.0, prediction_loss_weight=0.0)
 
@@ -233,7 +244,7 @@ def test_projection_init():
         IntermediateProjection(8, 16, "identity")
 
 
-# ---- DistillConfig ----------------------------------------------------------------------------------------------
+# ---- TinyBERTConfig ---------------------------------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
@@ -247,10 +258,10 @@ def test_projection_init():
 )
 def test_config_errors(tmp_path, kwargs, message):
     with pytest.raises(ValueError, match=message):
-        DistillConfig(output_dir=str(tmp_path), **kwargs)
+        TinyBERTConfig(output_dir=str(tmp_path), **kwargs)
 
 
-# ---- DistillTrainer ---------------------------------------------------------------------------------------------
+# ---- TinyBERTTrainer --------------------------------------------------------------------------------------------
 
 
 def eager_internals(model, batch):
@@ -272,7 +283,7 @@ def eager_internals(model, batch):
     return out, inputs
 
 
-class TestDistillTrainerIntermediate:
+class TestTinyBERTTrainer:
     def test_loss_is_the_weighted_sum_of_tinybert_losses(self, tmp_path):
         """Teacher 4 layers x 48, student 2 layers x 32: loss = w_pred * KD + w_e L_embd + w_h L_hidn + w_a L_attn,
         against a reference built from eager softmax inputs and output_hidden_states."""
@@ -417,7 +428,7 @@ class TestDistillTrainerIntermediate:
     def test_model_init_gets_a_fresh_projection(self, tmp_path):
         args = make_args(tmp_path, max_steps=2, eval_strategy="no", **STAGE1)
         tokenizer = tiny_tokenizer(tmp_path)
-        trainer = DistillTrainer(
+        trainer = TinyBERTTrainer(
             model=None, model_init=lambda: tiny_bert(seed=1), args=args, teacher_model=tiny_bert(layers=4, hidden=48, seed=7),
             train_dataset=tiny_dataset(32), processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
         )
@@ -451,13 +462,13 @@ def test_real_pairs_minilm_l6_to_l3_and_mpnet_to_minilm(tmp_path):
         torch.manual_seed(0)
         teacher = AutoModelForSequenceClassification.from_pretrained(teacher_id, num_labels=2)
         student = AutoModelForSequenceClassification.from_pretrained(student_id, num_labels=2)
-        args = DistillConfig(
+        args = TinyBERTConfig(
             output_dir=str(tmp_path / student_id.split("/")[1]), max_steps=2, per_device_train_batch_size=8,
             learning_rate=1e-4, report_to="none", use_cpu=True, save_strategy="no", logging_steps=1, **STAGE1, **extra,
         )
-        trainer = DistillTrainer(model=student, args=args, teacher_model=teacher, train_dataset=rows,
-                                 processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
-                                 teacher_processing_class=AutoTokenizer.from_pretrained(teacher_id))
+        trainer = TinyBERTTrainer(model=student, args=args, teacher_model=teacher, train_dataset=rows,
+                                  processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
+                                  teacher_processing_class=AutoTokenizer.from_pretrained(teacher_id))
         assert trainer._intermediate.layer_map == expected_map
         assert trainer.intermediate_projection.dense.weight.shape == (teacher.config.hidden_size, 384)
         trainer.train()
