@@ -132,7 +132,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             raise TypeError(f"args must be an EarlyExitConfig, got {type(args).__name__}")
         teacher = self._resolve_teacher(teacher_model, args)
         if teacher is not None and args.distill_from != "teacher":
-            raise ValueError(f"A teacher was given but distill_from={args.distill_from!r}: set distill_from='teacher'.")
+            raise ValueError(f"A teacher was given but distill_from='{args.distill_from}': set distill_from='teacher'.")
 
         if compute_metrics is None:
             compute_metrics = make_exit_compute_metrics(with_teacher=args.distill_from == "teacher")
@@ -186,7 +186,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher, the exits' weights and the loss settings, for the model card."""
         hyperparameters = {"exit_loss_weights": [round(w, 4) for w in self.exit_loss_weights]}
-        hyperparameters["distill_from"] = self.args.distill_from
+        hyperparameters["distill_from"] = str(self.args.distill_from)
         if self.args.distill_from != "none":
             hyperparameters.update(temperature=self.args.temperature, alpha=self.args.alpha)
         if self.args.dedier:
@@ -335,7 +335,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         else:
             soft_targets = [None] * num_exits
         if labels is None and distill_from != "teacher":
-            raise ValueError(f"distill_from={distill_from!r} trains on labels, but this batch has no 'labels'.")
+            raise ValueError(f"distill_from='{distill_from}' trains on labels, but this batch has no 'labels'.")
 
         T, alpha = self.args.temperature, self.args.alpha
         loss, _ = self.early_exit_loss(
