@@ -288,6 +288,17 @@ class TestLetKDConfig:
         with pytest.raises(ValueError, match=match):
             LetKDConfig(output_dir=str(tmp_path), **kwargs)
 
+    def test_choice_options_are_enums_given_as_strings_or_members(self, tmp_path):
+        from hf_kd.trainer.letkd_config import KMeansBackend, LetKDTeacherResize
+
+        args = LetKDConfig(output_dir=str(tmp_path), letkd_teacher_resize="bilinear", letkd_kmeans_backend="sklearn")
+        assert args.letkd_teacher_resize is LetKDTeacherResize.BILINEAR
+        assert args.letkd_kmeans_backend is KMeansBackend.SKLEARN and args.to_dict()["letkd_kmeans_backend"] == "sklearn"
+        args = LetKDConfig(output_dir=str(tmp_path), letkd_kmeans_backend=KMeansBackend.FAISS)
+        assert args.letkd_teacher_resize is None and args.letkd_kmeans_backend == "faiss"
+        with pytest.raises(ValueError, match=r"one of \(None, 'adaptive_avg_pool', 'bilinear'\), got 'nearest'"):
+            LetKDConfig(output_dir=str(tmp_path), letkd_teacher_resize="nearest")
+
     def test_teacher_layers_from_json(self, tmp_path):
         args = LetKDConfig(output_dir=str(tmp_path), letkd_teacher_layers='{"intermediate": 2}')
         assert args.letkd_teacher_layers == {"intermediate": 2}

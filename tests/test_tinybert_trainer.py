@@ -261,6 +261,28 @@ def test_config_errors(tmp_path, kwargs, message):
         TinyBERTConfig(output_dir=str(tmp_path), **kwargs)
 
 
+def test_projection_option_is_an_enum_given_as_string_or_member(tmp_path):
+    from hf_kd.trainer.tinybert_config import TinyBERTProjection
+
+    args = TinyBERTConfig(output_dir=str(tmp_path), hidden_loss_weight=1.0, intermediate_projection="identity")
+    assert args.intermediate_projection is TinyBERTProjection.IDENTITY
+    args = TinyBERTConfig(output_dir=str(tmp_path), intermediate_projection=TinyBERTProjection.LINEAR)
+    assert args.intermediate_projection == "linear" and args.to_dict()["intermediate_projection"] == "linear"
+    with pytest.raises(ValueError, match=r"intermediate_projection must be one of \('linear', 'identity'\), got 'mlp'"):
+        TinyBERTConfig(output_dir=str(tmp_path), intermediate_projection="mlp")
+
+
+def test_plain_distill_config_has_no_tinybert_or_letkd_fields(tmp_path):
+    from dataclasses import fields
+
+    from hf_kd import DistillConfig
+
+    names = {f.name for f in fields(DistillConfig)}
+    assert not names & {"hidden_loss_weight", "prediction_loss_weight", "intermediate_projection", "letkd"}
+    with pytest.raises(TypeError, match="hidden_loss_weight"):
+        DistillConfig(output_dir=str(tmp_path), hidden_loss_weight=1.0)
+
+
 # ---- TinyBERTTrainer --------------------------------------------------------------------------------------------
 
 
