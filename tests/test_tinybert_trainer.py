@@ -272,6 +272,16 @@ def test_projection_option_is_an_enum_given_as_string_or_member(tmp_path):
         TinyBERTConfig(output_dir=str(tmp_path), intermediate_projection="mlp")
 
 
+def test_trainer_needs_its_own_config(tmp_path):
+    from hf_kd import DistillConfig, LetKDConfig, LetKDTrainer
+
+    with pytest.raises(TypeError, match="args must be a TinyBERTConfig, got DistillConfig"):
+        TinyBERTTrainer(model=tiny_bert(seed=1), args=DistillConfig(output_dir=str(tmp_path)), teacher_model=tiny_bert())
+    with pytest.raises(TypeError, match="args must be a LetKDConfig, got TinyBERTConfig"):
+        LetKDTrainer(model=tiny_bert(seed=1), args=TinyBERTConfig(output_dir=str(tmp_path)), teacher_model=tiny_bert())
+    assert not isinstance(LetKDConfig(output_dir=str(tmp_path)), TinyBERTConfig)
+
+
 def test_plain_distill_config_has_no_tinybert_or_letkd_fields(tmp_path):
     from dataclasses import fields
 

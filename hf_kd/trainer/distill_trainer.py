@@ -20,10 +20,10 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
 
     The loss is [`hf_kd.losses.kd_loss`] with `args.temperature` and `args.alpha`,
     `alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s)`, normalised by the number of
-    labelled examples in the whole accumulated batch so that it is exact under gradient accumulation and data parallelism. The
-    teacher is frozen, in eval mode, run without gradients and placed by Accelerate with `evaluation_mode=True` (never
-    wrapped in DDP: it has nothing to synchronise); in a DeepSpeed run it is initialised for inference by DeepSpeed and
-    sharded with ZeRO-3 over the processes (`args.teacher_zero_stage`, see [`hf_kd.distributed`]). Its logits come, in
+    labelled examples in the whole accumulated batch so that it is exact under gradient accumulation and data
+    parallelism. The teacher is frozen, in eval mode, run without gradients and placed by Accelerate with
+    `evaluation_mode=True` (never wrapped in DDP: it has nothing to synchronise); in a DeepSpeed run it is initialised
+    for inference by DeepSpeed and sharded with ZeRO-3 over the processes (`args.teacher_zero_stage`, see [`hf_kd.distributed`]). Its logits come, in
     this order of preference, from a `teacher_logits` column of the dataset, from the on-disk cache
     (`args.cache_teacher_logits`), or from a teacher forward at every step.
 
@@ -69,6 +69,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
 
     _tag_names = ["hf_kd", "distillation"]
     _extra_columns = (TEACHER_LOGITS_COLUMN,)
+    _config_class = DistillConfig  # what `args` must be: each method's own config
     _name = "Knowledge distillation"
     _paper = {
         "title": "Distilling the Knowledge in a Neural Network",
@@ -94,8 +95,8 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         peft_config=None,
         **kwargs: Any,
     ):
-        if not isinstance(args, DistillConfig):
-            raise TypeError(f"args must be a DistillConfig, got {type(args).__name__}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(f"args must be a {self._config_class.__name__}, got {type(args).__name__}")
         teacher = self._resolve_teacher(teacher_model, args)
 
         if compute_metrics is None:

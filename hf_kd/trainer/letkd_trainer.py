@@ -3,10 +3,9 @@ https://huggingface.co/papers/2309.02843); the targets' math lives in [`hf_kd.kd
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from typing import Any
 
 import torch
-from torch import nn
 
 from ..kd_layer_targets import (
     KDLayerTargetsCache,
@@ -67,6 +66,7 @@ class LetKDTrainer(DistillTrainer):
 
     _tag_names = ["hf_kd", "distillation", "letkd"]
     _name = "letKD"
+    _config_class = LetKDConfig
     _paper = {
         "title": "Knowledge Distillation Layer that Lets the Student Decide",
         "id": "2309.02843",
@@ -79,35 +79,9 @@ class LetKDTrainer(DistillTrainer):
 
     _letkd_targets = None  # {location: TemplateTargets | SubclassTargets} when args.letkd
 
-    def __init__(
-        self,
-        model: nn.Module,
-        args: LetKDConfig,
-        teacher_model: nn.Module | str | None = None,
-        data_collator: Callable | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        teacher_processing_class=None,
-        compute_metrics: Callable | None = None,
-        peft_config=None,
-        **kwargs: Any,
-    ):
-        if not isinstance(args, LetKDConfig):
-            raise TypeError(f"args must be a LetKDConfig, got {type(args).__name__}")
-        super().__init__(
-            model=model,
-            args=args,
-            teacher_model=teacher_model,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            teacher_processing_class=teacher_processing_class,
-            compute_metrics=compute_metrics,
-            peft_config=peft_config,
-            **kwargs,
-        )
+    def __init__(self, *args, **kwargs):
+        # The arguments of DistillTrainer (which checks that `args` is a LetKDConfig); then the method's own set-up.
+        super().__init__(*args, **kwargs)
         self._init_letkd()
 
     def _init_letkd(self) -> None:

@@ -1,7 +1,7 @@
 from __future__ import annotations
 
 import os
-from typing import Any, Callable
+from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
@@ -72,6 +72,7 @@ class TinyBERTTrainer(DistillTrainer):
 
     _tag_names = ["hf_kd", "distillation", "tinybert"]
     _name = "TinyBERT"
+    _config_class = TinyBERTConfig
     _paper = {
         "title": "TinyBERT: Distilling BERT for Natural Language Understanding",
         "id": "1909.10351",
@@ -84,35 +85,9 @@ class TinyBERTTrainer(DistillTrainer):
     _intermediate: IntermediateDistiller | None = None
     _projection_wrapped = None
 
-    def __init__(
-        self,
-        model: nn.Module,
-        args: TinyBERTConfig,
-        teacher_model: nn.Module | str | None = None,
-        data_collator: Callable | None = None,
-        train_dataset=None,
-        eval_dataset=None,
-        processing_class=None,
-        teacher_processing_class=None,
-        compute_metrics: Callable | None = None,
-        peft_config=None,
-        **kwargs: Any,
-    ):
-        if not isinstance(args, TinyBERTConfig):
-            raise TypeError(f"args must be a TinyBERTConfig, got {type(args).__name__}")
-        super().__init__(
-            model=model,
-            args=args,
-            teacher_model=teacher_model,
-            data_collator=data_collator,
-            train_dataset=train_dataset,
-            eval_dataset=eval_dataset,
-            processing_class=processing_class,
-            teacher_processing_class=teacher_processing_class,
-            compute_metrics=compute_metrics,
-            peft_config=peft_config,
-            **kwargs,
-        )
+    def __init__(self, *args, **kwargs):
+        # The arguments of DistillTrainer (which checks that `args` is a TinyBERTConfig); then the method's own set-up.
+        super().__init__(*args, **kwargs)
         self._init_intermediate()
 
     def _init_intermediate(self) -> None:
