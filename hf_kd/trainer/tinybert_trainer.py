@@ -1,3 +1,6 @@
+"""`TinyBERTTrainer`: TinyBERT's intermediate-layer losses on top of [`DistillTrainer`] (Jiao et al., 2020,
+https://huggingface.co/papers/1909.10351); the losses and the attention-score hooks live in [`hf_kd.tinybert`]."""
+
 from __future__ import annotations
 
 import os
