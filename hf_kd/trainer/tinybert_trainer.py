@@ -124,7 +124,7 @@ class TinyBERTTrainer(DistillTrainer):
             hidden_weight=self.args.hidden_loss_weight,
             attention_weight=self.args.attention_loss_weight,
             embedding_weight=self.args.embedding_loss_weight,
-            projection=self.args.intermediate_projection.value,
+            projection=str(self.args.intermediate_projection),
         )
         self._intermediate.projection.to(self.args.device)
         if self._projection_parameters():
