@@ -1,7 +1,5 @@
 """hf_kd: distil, self-distil and early-exit Hugging Face models, and ship them calibrated."""
 
-__version__ = "0.1.0.dev0"
-
 from . import data, early_exit, losses, metrics, prediction_sets, self_kd
 from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
 from .evaluation import UncertaintyReport, evaluate_uncertainty
@@ -34,6 +32,7 @@ from .trainer import (
     TinyBERTConfig,
     TinyBERTTrainer,
 )
+from .version import __version__ as __version__
 
 __all__ = [
     "CalibrationResult",

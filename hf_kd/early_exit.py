@@ -13,7 +13,7 @@ Dynamic Neural Networks" (WACV 2024, https://huggingface.co/papers/2302.06359; o
 
 Shapes: `K` exits, `N` examples, `C` classes. Per-exit probabilities are `(K, N, C)` (a tensor, an array, or a list
 of `K` arrays `(N, C)`), every row a distribution. The per-exit decision and the MIE kernel are shared with
-`predict_with_exits` of the multi-exit models (they live in [`hf_kd.modeling.modeling_multi_exit`] so that a saved
+`predict_with_exits` of the multi-exit models (they live in [`hf_kd.modeling.exit_policies`] so that a saved
 model stays loadable without hf_kd), so offline simulation and real early exits decide identically.
 """
 
@@ -27,7 +27,7 @@ import numpy as np
 import torch
 
 from .metrics import _check_labels, expected_calibration_error, negative_log_likelihood
-from .modeling.modeling_multi_exit import (
+from .modeling.exit_policies import (
     ExitPolicy,
     _check_exit_policy,
     _exit_decision,

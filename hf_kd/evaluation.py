@@ -42,8 +42,6 @@ REPORT_FILENAME = "report.json"
 RELIABILITY_DIAGRAM_FILENAME = "reliability_diagram.png"
 CONFIDENCE_HISTOGRAM_FILENAME = "confidence_histogram.png"
 
-# The order in which metrics are reported everywhere (reports, tables, model cards).
-STUDENT_METRICS = ("accuracy", "ece", "mce", "nll", "brier", "entropy", "kl", "js_distance", "sigma")
 
 
 # --------------------------------------------------------------------------------------------------------------------

@@ -3,12 +3,15 @@
 - [`build_eval_results`] is the one place where `huggingface_hub.EvalResult`s are built. Every field but the value is a
   function of (split, metric, bins), so re-rendering a card, or `huggingface_hub.metadata_update`, replaces numbers
   instead of appending duplicates.
-- [`generate_model_card`] renders a Jinja template shipped in `hf_kd.model_cards` with
-  `huggingface_hub.ModelCard.from_template`: `model-index` with every metric of every evaluated split, the method,
-  teacher, hyperparameters and calibration temperature under an `hf_kd` metadata key, a readable metrics table, the
-  reliability diagram and the citations. `base_model`, `datasets` and the teacher are Hub ids, never local paths.
-- [`update_model_card`] re-renders `folder/README.md` from what the folder holds: the existing card's metadata,
-  `config.json` (`hf_kd.temperature`), `calibration.json` and the reports under `uncertainty/<name>/report.json`.
+- [`generate_model_card`] renders the Jinja template of the model's task shipped in `hf_kd.model_cards` (the task,
+  `pipeline_tag`, comes from the model: [`pipeline_tag_of`], [`TASKS`]) as `huggingface_hub.ModelCard.from_template`
+  does: `model-index` with every metric of every evaluated split, the method, teacher, hyperparameters and
+  calibration temperature under an `hf_kd` metadata key, a readable metrics table, the reliability diagram and the
+  citations. `base_model`, `datasets` and the teacher are Hub ids, never local paths. What depends on the method
+  (name, paper, tags, template) is passed in by the trainer that calls it: this module imports no trainer.
+- [`update_model_card`] re-renders `folder/README.md` from what the folder holds: the existing card (its metadata,
+  and the method's paper as it cites it), `config.json` (`architectures`, `hf_kd.temperature`), `calibration.json`
+  and the reports under `uncertainty/<name>/report.json`.
 - [`push_to_hub`] uploads a folder (student, tokenizer, card, plots) in one commit. The local folder is only read,
   so a failed push can simply be retried; the token never reaches a file, a card, a log or an error message.
 """
@@ -33,18 +36,21 @@ from huggingface_hub.errors import HFValidationError
 from huggingface_hub.utils import validate_repo_id
 
 from .evaluation import RELIABILITY_DIAGRAM_FILENAME, REPORT_FILENAME, UncertaintyReport
+from .metric_keys import EXIT_METRICS, parse_exit_key
 
 logger = logging.getLogger(__name__)
 
 __all__ = [
     "CALIBRATION_FILENAME",
     "REPORTS_DIR",
+    "TASKS",
     "before_after_table",
     "build_eval_results",
     "generate_model_card",
     "layer_selection_table",
     "load_reports",
     "metrics_table",
+    "pipeline_tag_of",
     "push_to_hub",
     "resolve_hub_id",
     "save_model_card",
@@ -52,14 +58,25 @@ __all__ = [
 ]
 
 TEMPLATES_PACKAGE = "hf_kd.model_cards"
-DEFAULT_TEMPLATE = "distill_model_card.md"
 REPORTS_DIR = "uncertainty"
 """Reports live in `<model folder>/uncertainty/<name>/` (`report.json` and the two PNGs)."""
 CALIBRATION_FILENAME = "calibration.json"
 """[`hf_kd.CalibrationResult`] of the temperature folded into the model, next to `config.json`."""
 
-TASK_TYPE = "text-classification"
-TASK_NAME = "Text Classification"
+# Hub task (`pipeline_tag`) -> its name in the model-index and its card template in hf_kd.model_cards. A task's
+# template extends `base_model_card.md` (the sections every card has) with the task's blocks; a new task (e.g. text generation) adds a line here, its
+# template, and its class-name suffix below.
+TASKS = {
+    "text-classification": {"name": "Text Classification", "template": "text_classification_model_card.md"},
+    "image-classification": {"name": "Image Classification", "template": "image_classification_model_card.md"},
+}
+# A model's task, from the name of its class (what `config.architectures` records when it is saved) ...
+_ARCHITECTURE_TASKS = {
+    "ForSequenceClassification": "text-classification",
+    "ForImageClassification": "image-classification",
+}
+# ... or, for a model class named otherwise (a plain torch module, a custom class), from its main input.
+_INPUT_TASKS = {"input_ids": "text-classification", "pixel_values": "image-classification"}
 
 # metric_type in model-index -> readable name. The order is the order of tables and of model-index entries.
 METRIC_NAMES = {
@@ -74,10 +91,6 @@ METRIC_NAMES = {
     "sigma": "Confidence preservation sigma",
 }
 _BINNED = ("ece", "mce")
-# Per-exit metrics of early-exit models, `exit_{i}_{metric}` and `exit_{i}_laplace_{metric}` (calibrated by the
-# per-exit last-layer Laplace approximation); only the calibrated ones go to the model-index.
-EXIT_METRICS = ("accuracy", "ece", "nll")
-_EXIT_KEY = re.compile(r"exit_(\d+)_(laplace_)?(accuracy|ece|nll)")
 
 # Papers cited by every card that reports the corresponding metrics.
 GUO_2017 = {
@@ -233,7 +246,7 @@ def build_eval_results(
     dataset_type: str,
     dataset_name: str,
     dataset_config: str | None = None,
-    task_type: str = TASK_TYPE,
+    task_type: str = "text-classification",
 ) -> list[EvalResult]:
     r"""
     Build the `EvalResult`s of a model card's `model-index`: one per metric per split. This is the only place hf_kd
@@ -257,7 +270,7 @@ def build_eval_results(
         dataset_config (`str`, *optional*):
             Dataset configuration name (the Hub requires a string).
         task_type (`str`, *optional*, defaults to `"text-classification"`):
-            Hub task id.
+            Hub task id, e.g. [`pipeline_tag_of`] the model; a task of [`TASKS`] also gets its readable name.
 
     Returns:
         `list[huggingface_hub.EvalResult]`.
@@ -278,10 +291,10 @@ def build_eval_results(
     for split, metrics in metrics_by_split.items():
         metrics = _as_metrics(split, metrics)
         entries = [(metric, metric, readable) for metric, readable in METRIC_NAMES.items()]
-        calibrated = [m for m in map(_EXIT_KEY.fullmatch, metrics) if m and m.group(2)]  # exit_{i}_laplace_{metric}
-        for match in sorted(calibrated, key=lambda m: (int(m.group(1)), EXIT_METRICS.index(m.group(3)))):
-            exit_index, _, metric = match.groups()
-            entries.append((match.group(0), metric, f"{METRIC_NAMES[metric]}, exit {exit_index}, last-layer Laplace"))
+        # Per-exit metrics: only the Laplace-calibrated ones (`exit_{i}_laplace_{metric}`) go to the model-index.
+        calibrated = [(key, parsed) for key in metrics if (parsed := parse_exit_key(key)) and parsed[1]]
+        for key, (exit_index, _, metric) in sorted(calibrated, key=lambda e: (e[1][0], EXIT_METRICS.index(e[1][2]))):
+            entries.append((key, metric, f"{METRIC_NAMES[metric]}, exit {exit_index}, last-layer Laplace"))
         for key, metric, readable in entries:
             value = metrics.get(key)
             if not _is_number(value):
@@ -293,7 +306,7 @@ def build_eval_results(
             results.append(
                 EvalResult(
                     task_type=task_type,
-                    task_name=TASK_NAME if task_type == TASK_TYPE else None,
+                    task_name=TASKS[task_type]["name"] if task_type in TASKS else None,
                     dataset_type=dataset_type,
                     dataset_name=dataset_name,
                     dataset_config=dataset_config,
@@ -364,9 +377,10 @@ def exit_metrics_table(metrics: Mapping[str, float]) -> str | None:
     `exit_{i}_nll` and their `exit_{i}_laplace_*` calibrated counterparts), one row per exit; `None` without any."""
     exits: dict[int, dict[str, float]] = {}
     for key, value in metrics.items():
-        match = _EXIT_KEY.fullmatch(key)
-        if match and _is_number(value):
-            exits.setdefault(int(match.group(1)), {})[(match.group(2) or "") + match.group(3)] = value
+        parsed = parse_exit_key(key)
+        if parsed and _is_number(value):
+            exit_index, calibrated, metric = parsed
+            exits.setdefault(exit_index, {})[("laplace_" if calibrated else "") + metric] = value
     if not exits:
         return None
     n_bins = int(metrics["ece_bins"]) if _is_number(metrics.get("ece_bins")) else None
@@ -417,10 +431,24 @@ def layer_selection_table(layer_selection: Mapping[str, Any]) -> str:
     return _markdown_table(["epoch", "phase"] + [f"layer {layer}" for layer in layers], rows)
 
 
+def _templates_folder():
+    """
+    Where the card templates are read from. When `hf_kd` is imported from a source checkout (a clone or a worktree,
+    with `setup.cfg` beside the package), it is that checkout's top-level `model_cards/` folder: an editable install
+    maps `hf_kd.model_cards` to the checkout it was made from, which need not be the one imported (tests of another
+    worktree, a clone run in place). Otherwise (an installed wheel) it is the package data `hf_kd.model_cards`.
+    """
+    checkout = Path(__file__).resolve().parent.parent
+    if (checkout / "setup.cfg").is_file() and (checkout / "model_cards" / "__init__.py").is_file():
+        return checkout / "model_cards"
+    return importlib.resources.files(TEMPLATES_PACKAGE)
+
+
 def _template_text(template: str) -> str:
+    """The text of the card template `template` (a file name in `hf_kd.model_cards`)."""
     if not isinstance(template, str) or not template.endswith(".md") or "/" in template or "\\" in template:
         raise ValueError(f"template must be the file name of a card template in hf_kd.model_cards, got {template!r}")
-    folder = importlib.resources.files(TEMPLATES_PACKAGE)
+    folder = _templates_folder()
     resource = folder / template
     if not resource.is_file():
         available = sorted(entry.name for entry in folder.iterdir() if entry.name.endswith(".md"))
@@ -429,6 +457,60 @@ def _template_text(template: str) -> str:
             "If the list is empty the package data was not installed: reinstall hf_kd."
         )
     return resource.read_text(encoding="utf-8")
+
+
+def _render(template: str, card_data: ModelCardData, **variables) -> ModelCard:
+    """`ModelCard.from_template` with a loader, so that a task's template can `{% extends "base_model_card.md" %}`:
+    the same Jinja defaults and variables (`card_data` as YAML, then every card-data field, then `variables`)."""
+    import jinja2
+
+    environment = jinja2.Environment(loader=jinja2.FunctionLoader(_template_text))
+    content = environment.get_template(template).render(
+        card_data=card_data.to_yaml(), **(card_data.to_dict() | variables)
+    )
+    return ModelCard(content)
+
+
+def pipeline_tag_of(model) -> str:
+    """
+    The Hub task (`pipeline_tag`) of a model: `"text-classification"` for a sequence classifier,
+    `"image-classification"` for an image classifier (the keys of [`TASKS`]).
+
+    Read from the model's class name (`...ForSequenceClassification`, `...ForImageClassification`; a PEFT model's base
+    model), or from a saved `config.json`'s `architectures`; for another class name, from the model's main input
+    (`input_ids` or `pixel_values`: `main_input_name`, else the first argument of `forward`).
+
+    Args:
+        model (`torch.nn.Module`, `transformers.PreTrainedConfig` or `Mapping`):
+            A model, its config, or the dict of its `config.json`.
+
+    Raises:
+        `ValueError`: none of these tells the task (the message names what was read and what is accepted).
+    """
+    if hasattr(model, "get_base_model"):  # a PEFT model: the task is its base model's
+        model = model.get_base_model()
+    if isinstance(model, Mapping):
+        names, main_input = list(model.get("architectures") or []), None
+    elif hasattr(model, "forward"):
+        import inspect
+
+        names = [type(model).__name__]
+        main_input = getattr(model, "main_input_name", None)
+        if main_input is None:
+            main_input = next(iter(inspect.signature(model.forward).parameters), None)
+    else:
+        names, main_input = list(getattr(model, "architectures", None) or []), None
+    for name in names:
+        for suffix, task in _ARCHITECTURE_TASKS.items():
+            if name.endswith(suffix):
+                return task
+    if main_input in _INPUT_TASKS:
+        return _INPUT_TASKS[main_input]
+    raise ValueError(
+        f"Cannot tell the Hub task of a model with architectures {names} and main input {main_input!r}: expected a "
+        f"class name ending in one of {list(_ARCHITECTURE_TASKS)} or a main input in {list(_INPUT_TASKS)} "
+        f"(tasks {list(TASKS)})."
+    )
 
 
 def _hub_ids(values, what: str) -> list[str] | None:
@@ -468,15 +550,17 @@ def generate_model_card(
     tags: list[str] | None = None,
     license: str | None = None,
     language: str | list[str] | None = None,
-    template: str = DEFAULT_TEMPLATE,
+    template: str | None = None,
     library_name: str = "transformers",
+    pipeline_tag: str = "text-classification",
 ) -> ModelCard:
     r"""
-    Render an hf_kd model card from a template in `hf_kd.model_cards` with `huggingface_hub.ModelCard.from_template`.
+    Render an hf_kd model card from the template of the model's task in `hf_kd.model_cards` (as
+    `huggingface_hub.ModelCard.from_template` does, with `{% extends %}` between templates).
 
     Metadata: `base_model` and `datasets` (Hub ids only: local paths are mapped back to a Hub id when they are a Hub
-    cache folder, and left out otherwise, with a warning), `library_name: transformers`, `pipeline_tag:
-    text-classification`, `tags` (`hf_kd`, the method's tags, `calibrated` and `temperature-scaling` when calibrated),
+    cache folder, and left out otherwise, with a warning), `library_name: transformers`, `pipeline_tag` (the
+    model's task), `tags` (`hf_kd`, the method's tags, `calibrated` and `temperature-scaling` when calibrated),
     a `model-index` from [`build_eval_results`], and an `hf_kd` key with the trainer, method, teacher, hyperparameters
     and calibration. Body: a summary, a quick start, the hyperparameters, the calibration before/after, a metrics
     table (model and teacher side by side), the reliability diagram, and BibTeX for the method, temperature scaling
@@ -530,19 +614,25 @@ def generate_model_card(
             License id.
         language (`str` or `list[str]`, *optional*):
             Language code(s).
-        template (`str`, *optional*, defaults to `"distill_model_card.md"`):
-            File name of the template in `hf_kd.model_cards`.
+        template (`str`, *optional*):
+            File name of the template in `hf_kd.model_cards`; defaults to the template of `pipeline_tag`'s task
+            ([`TASKS`], e.g. `"text_classification_model_card.md"`). Another template is recorded under
+            `hf_kd.template`, so that [`update_model_card`] renders the card with it again.
         library_name (`str`, *optional*, defaults to `"transformers"`):
             `"peft"` for a PEFT adapter: the Hub then lists it as an adapter of `base_model`. The quick start
             stays valid: with peft installed, transformers' `from_pretrained` (and so `pipeline`) loads an adapter
             folder or repo onto its base model, `modules_to_save` heads included.
+        pipeline_tag (`str`, *optional*, defaults to `"text-classification"`):
+            The model's Hub task, a key of [`TASKS`]: [`pipeline_tag_of`] the model (hf_kd's trainers and
+            [`update_model_card`] pass it). It picks the default template and the task of the `model-index`.
 
     Returns:
         `huggingface_hub.ModelCard`.
 
     Raises:
         `FileNotFoundError`: the template does not exist (the message lists the available ones).
-        `ValueError`: a bad calibration temperature, or metrics that [`build_eval_results`] rejects.
+        `ValueError`: an unknown `pipeline_tag`, a bad calibration temperature, or metrics that
+        [`build_eval_results`] rejects.
 
     Example:
 
@@ -558,9 +648,13 @@ def generate_model_card(
     """
     if not isinstance(model_name, str) or not model_name.strip():
         raise ValueError(f"model_name must be a non-empty string, got {model_name!r}")
-    template_text = _template_text(template)
+    if pipeline_tag not in TASKS:
+        raise ValueError(f"pipeline_tag must be one of the tasks with a card template {list(TASKS)}, got {pipeline_tag!r}")
+    task_template = TASKS[pipeline_tag]["template"]
+    template = template if template is not None else task_template
+    _template_text(template)  # fails early, and clearly, for a missing template
     metrics_by_split = {str(k): _as_metrics(str(k), v) for k, v in (metrics_by_split or {}).items()}
-    eval_results = build_eval_results(metrics_by_split, dataset_type, dataset_name, dataset_config)
+    eval_results = build_eval_results(metrics_by_split, dataset_type, dataset_name, dataset_config, pipeline_tag)
 
     calibration = dict(calibration) if calibration else None
     if calibration is not None:
@@ -595,6 +689,8 @@ def generate_model_card(
         hf_kd_meta["hyperparameters"] = dict(hyperparameters)
     if layer_selection:
         hf_kd_meta["layer_selection"] = dict(layer_selection)
+    if template != task_template:
+        hf_kd_meta["template"] = template
     if calibration is not None:
         hf_kd_meta["calibration"] = {
             key: calibration[key] for key in ("temperature", "calibrated_on", "objective") if calibration.get(key)
@@ -610,7 +706,7 @@ def generate_model_card(
         base_model=base_model_id,
         datasets=_hub_ids(datasets, "datasets"),
         library_name=library_name,
-        pipeline_tag="text-classification",
+        pipeline_tag=pipeline_tag,
         license=license,
         language=language,
         tags=all_tags,
@@ -651,11 +747,11 @@ def generate_model_card(
     import torch
     import transformers
 
-    from . import __version__
+    from .version import __version__
 
-    return ModelCard.from_template(
+    return _render(
+        template,
         card_data,
-        template_str=template_text,
         model_name=model_name,
         hub_model_id=hub_model_id or model_name,
         base_model_id=base_model_id,
@@ -677,6 +773,8 @@ def generate_model_card(
         n_bins=n_bins,
         reliability_diagram=reliability_diagram,
         papers=papers,
+        pipeline_tag=pipeline_tag,
+        task_name=TASKS[pipeline_tag]["name"],
         versions={
             "hf_kd": __version__,
             "transformers": transformers.__version__,
@@ -706,18 +804,27 @@ def load_reports(folder: str | os.PathLike) -> dict[str, UncertaintyReport]:
     return {path.parent.name: UncertaintyReport.load(path.parent) for path in paths}
 
 
-def _trainer_card_info(trainer_name: str | None) -> dict[str, Any]:
-    """Method name, paper, tags and template of an hf_kd trainer class, by class name (unknown names give {})."""
-    if not trainer_name:
-        return {}
-    from . import trainer as trainer_module
-    from .trainer.base_trainer import _BaseTrainer
+# The papers that generate_model_card cites itself; any other entry of a card's citations is the method's paper.
+_OWN_PAPERS = (GUO_2017, VENGERTSEV_2024, MERONEN_2024, NIE_2020)
 
-    cls = vars(trainer_module).get(trainer_name)
-    if not (isinstance(cls, type) and issubclass(cls, _BaseTrainer)):
-        return {}
-    return {"method_name": cls._name, "paper": cls._paper, "tags": list(cls._tag_names),
-            "template": cls._model_card_template}
+
+def _paper_of_card(card: ModelCard, paper_id: str | None) -> dict[str, str] | None:
+    """
+    The method's paper (`{"title", "id", "citation"}`) as an existing hf_kd card gives it, so that a card re-rendered
+    without its trainer keeps it: the id from the `hf_kd.paper` metadata, the title from the card's link to
+    `https://huggingface.co/papers/<id>`, the BibTeX from its citations block (the entry that is not one of the
+    papers every card cites, `_OWN_PAPERS`). `None` without an id, or when the card no longer holds the title or the
+    BibTeX (e.g. edited by hand).
+    """
+    if not isinstance(paper_id, str) or not paper_id:
+        return None
+    title = re.search(rf"\[([^\]\n]+)\]\(https://huggingface\.co/papers/{re.escape(paper_id)}\)", card.text)
+    block = re.search(r"```bibtex\n(.*?)\n```", card.text, flags=re.DOTALL)
+    own = {paper["citation"] for paper in _OWN_PAPERS}
+    citations = [entry for entry in block.group(1).split("\n\n") if entry not in own] if block else []
+    if title is None or not citations:
+        return None
+    return {"title": title.group(1), "id": paper_id, "citation": citations[0]}
 
 
 def update_model_card(
@@ -735,9 +842,10 @@ def update_model_card(
     """
     Re-render `folder/README.md` from the folder's state, keeping what the existing card says unless overridden.
 
-    Reads, in this order: the existing card's metadata (`base_model`, `hf_kd` trainer, teacher and hyperparameters,
-    tags, license, language, the `model-index` dataset), `config.json` (`hf_kd.temperature`: the temperature folded
-    into the weights, the source of truth), `calibration.json` (the fit's before/after on the calibration data, used
+    Reads, in this order: the existing card (its metadata: `base_model`, the `hf_kd` trainer, method, paper id,
+    template, teacher and hyperparameters, tags, license, language, the `model-index` dataset; and the method's paper
+    as the card cites it), `config.json` (`architectures`: the model's task, see [`pipeline_tag_of`];
+    `hf_kd.temperature`: the temperature folded into the weights, the source of truth), `calibration.json` (the fit's before/after on the calibration data, used
     when its temperature matches), and every report under `uncertainty/<name>/report.json`. Reports of the model as it
     is (same folded temperature) give the `model-index` and the metrics table; reports of the uncalibrated model
     (no temperature) feed the before/after table. Without any current report the existing `model-index` is kept.
@@ -758,11 +866,18 @@ def update_model_card(
     config = json.loads(config_path.read_text(encoding="utf-8"))
     folded = (config.get("hf_kd") or {}).get("temperature")
 
-    old = ModelCard.load(folder / "README.md", ignore_metadata_errors=True).data if (folder / "README.md").is_file() \
-        else ModelCardData()
+    old_card = ModelCard.load(folder / "README.md", ignore_metadata_errors=True) if (folder / "README.md").is_file() \
+        else None
+    old = old_card.data if old_card is not None else ModelCardData()
     old_meta = old.get("hf_kd") or {}
-    info = _trainer_card_info(old_meta.get("trainer"))
     old_results = old.eval_results or []
+    # The task comes from the saved model's class (config.json's `architectures`), else from the existing card.
+    try:
+        pipeline_tag = pipeline_tag_of(config)
+    except ValueError:
+        if old.pipeline_tag not in TASKS:
+            raise
+        pipeline_tag = old.pipeline_tag
 
     reports = load_reports(folder)
     current = {
@@ -795,9 +910,9 @@ def update_model_card(
         base_model=base_model or _first(old.base_model),
         teacher_model=teacher,
         teacher_base_model=teacher_base_model or old_meta.get("teacher_base_model"),
-        method_name=info.get("method_name") or old_meta.get("method"),
+        method_name=old_meta.get("method"),
         trainer_name=old_meta.get("trainer"),
-        paper=info.get("paper"),
+        paper=_paper_of_card(old_card, old_meta.get("paper")) if old_card is not None else None,
         hyperparameters=old_meta.get("hyperparameters"),
         layer_selection=old_meta.get("layer_selection"),
         metrics_by_split=metrics_by_split,
@@ -809,10 +924,11 @@ def update_model_card(
         uncalibrated_metrics=before,
         reliability_diagram=diagram,
         hub_model_id=hub_model_id,
-        tags=[t for t in (old.tags or info.get("tags") or []) if t not in ("calibrated", "temperature-scaling")],
+        tags=[t for t in (old.tags or []) if t not in ("calibrated", "temperature-scaling")],
         license=old.license,
         language=old.language,
-        template=template or info.get("template") or DEFAULT_TEMPLATE,
+        template=template or old_meta.get("template"),
+        pipeline_tag=pipeline_tag,
     )
     return save_model_card(card, folder)
 

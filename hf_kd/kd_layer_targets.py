@@ -14,7 +14,7 @@ teacher's soft decision at the same position:
   Online, a position's target is the row of its nearest sub-class among the gold class's `S` (label-masked).
 
 K-means runs in faiss (`faiss-cpu`, as the official code) or scikit-learn; faiss is the default because it is faster
-here (`scripts/bench_letkd_cost.py`). The LDA is scikit-learn's. Teacher and student positions are matched by
+here (`scripts/benchmarks/letkd_cost.py`). The LDA is scikit-learn's. Teacher and student positions are matched by
 [`match_positions`]: feature maps of equal size as they are, a teacher map an integer multiple of the student's by
 average pooling (the paper's heterogeneous pairs), anything else only with an explicit `resize`; tokens one to one,
 padding excluded.

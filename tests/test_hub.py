@@ -191,10 +191,47 @@ class TestModelCard:
         assert resolve_hub_id("/abs/path") is None and resolve_hub_id("a/b/c") is None
 
     def test_missing_template_is_a_clear_error(self):
-        with pytest.raises(FileNotFoundError, match=r"'self_kd.md' not found .* \['distill_model_card.md'\]"):
+        available = r"\['base_model_card.md', 'image_classification_model_card.md', 'text_classification_model_card.md'\]"
+        with pytest.raises(FileNotFoundError, match=r"'self_kd.md' not found .* " + available):
             card(template="self_kd.md")
         with pytest.raises(ValueError, match="file name of a card template"):
             card(template="../README.md")
+
+    def test_the_task_picks_pipeline_tag_task_name_and_template(self):
+        text = str(card(pipeline_tag="image-classification", hub_model_id="me/cnn"))
+        data = ModelCard(text).data
+        assert data.pipeline_tag == "image-classification"
+        assert {(r.task_type, r.task_name) for r in data.eval_results} == {("image-classification", "Image Classification")}
+        assert "This model was trained with hf_kd's `DistillTrainer`" in text
+        assert 'pipeline("image-classification", model="me/cnn"' in text and "text-classification" not in text
+        assert "template" not in data["hf_kd"]  # the task's own template is not recorded
+        assert validate_card(text) == ([], [])
+        text = str(card(method_name=None, trainer_name=None, paper=None, pipeline_tag="image-classification"))
+        assert "This is an image classifier fine-tuned from [sentence-transformers/paraphrase-MiniLM-L3-v2]" in text
+        with pytest.raises(ValueError, match=r"pipeline_tag must be one of .*'image-classification'.*, got 'text-gen'"):
+            card(pipeline_tag="text-gen")
+
+    def test_pipeline_tag_of_the_model(self):
+        from torch import nn
+
+        from hf_kd.hub import pipeline_tag_of
+
+        from .test_modeling_multi_exit import tiny_multi_exit
+        from .test_multi_exit_cnn import tiny_cnn
+
+        class PixelModule(nn.Module):
+            def forward(self, pixel_values, labels=None):
+                return pixel_values
+
+        assert pipeline_tag_of(tiny_cnn()) == "image-classification"
+        assert pipeline_tag_of(tiny_multi_exit()) == pipeline_tag_of(tiny_bert()) == "text-classification"
+        assert pipeline_tag_of({"architectures": ["MultiExitForImageClassification"]}) == "image-classification"
+        config = tiny_bert().config
+        config.architectures = ["BertForSequenceClassification"]  # as save_pretrained records it
+        assert pipeline_tag_of(config) == "text-classification"
+        assert pipeline_tag_of(PixelModule()) == "image-classification"  # no known class name: its main input
+        with pytest.raises(ValueError, match=r"architectures \['GPT2LMHeadModel'\] and main input None"):
+            pipeline_tag_of({"architectures": ["GPT2LMHeadModel"]})
 
     def test_bad_calibration_temperature(self):
         with pytest.raises(ValueError, match="calibration temperature must be a finite number > 0, got -1.0"):
@@ -247,6 +284,23 @@ class TestUpdateModelCard:
             update_model_card(folder, template="missing.md")
         assert (folder / "README.md").read_bytes() == before
 
+    def test_rerendering_keeps_the_method_paper_without_the_trainer(self, student, tmp_path):
+        import shutil
+
+        folder = tmp_path / "copy"
+        shutil.copytree(student["folder"], folder)
+        (folder / "README.md").write_text(str(card()))  # a card written by DistillTrainer
+        update_model_card(folder)
+        text = (folder / "README.md").read_text()
+        data = ModelCard(text).data
+        assert (data["hf_kd"]["trainer"], data["hf_kd"]["method"], data["hf_kd"]["paper"]) == (
+            "DistillTrainer", "Knowledge distillation", "1503.02531")
+        assert "[Distilling the Knowledge in a Neural Network](https://huggingface.co/papers/1503.02531)" in text
+        assert text.count("@article{hinton2015distilling") == 1 and "@inproceedings{guo2017calibration" in text
+        assert data.pipeline_tag == "text-classification"  # config.json: BertForSequenceClassification
+        update_model_card(folder)
+        assert (folder / "README.md").read_text() == text  # idempotent
+
     def test_needs_a_model_folder(self, tmp_path):
         with pytest.raises(FileNotFoundError, match="has no config.json"):
             update_model_card(tmp_path)
@@ -279,6 +333,28 @@ class TestTrainerModelCard:
         assert ece.metric_value == round(trainer.state.log_history[-1]["test_ece"], 4)
         assert ece.metric_name == "ECE (15 bins)"
         assert "| model (test) | teacher (test) |" in text and "Distilling the Knowledge" in text
+
+    def test_image_classifier_card_has_the_image_task(self, tmp_path):
+        # Regression: EarlyExitTrainer's card of a MultiExitForImageClassification said text-classification.
+        import datasets
+
+        from hf_kd import EarlyExitConfig, EarlyExitTrainer
+
+        from .test_multi_exit_cnn import images, tiny_cnn
+
+        data = datasets.Dataset.from_dict({"pixel_values": images(batch=8).tolist(), "labels": list(range(8))})
+        args = EarlyExitConfig(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=8, report_to="none",
+                               use_cpu=True, save_strategy="no")
+        trainer = EarlyExitTrainer(model=tiny_cnn(), args=args, train_dataset=data, eval_dataset=data)
+        trainer.evaluate()
+        trainer.create_model_card()
+        text = (tmp_path / "out" / "README.md").read_text()
+        data = ModelCard(text).data
+        assert data.pipeline_tag == "image-classification"
+        assert {(r.task_type, r.task_name) for r in data.eval_results} == {("image-classification", "Image Classification")}
+        assert "ece" in {r.metric_type for r in data.eval_results}
+        assert 'pipeline("image-classification"' in text and "text-classification" not in text
+        assert validate_card(text) == ([], [])
 
     def test_checkpoints_get_the_card_and_the_token_is_not_pickled(self, tmp_path):
         trainer = make_trainer(tmp_path, save_strategy="epoch", hub_token=TOKEN)

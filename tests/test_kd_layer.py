@@ -360,3 +360,21 @@ def test_from_backbone_needs_encoder_layers():
     gpt = GPT2ForSequenceClassification(GPT2Config(n_embd=8, n_layer=2, n_head=2, vocab_size=20, pad_token_id=0))
     with pytest.raises(ValueError, match=r"no transformer layers at '\*\.encoder\.layer'"):
         KDLayerForSequenceClassification.from_backbone(gpt, kd_layer_templates={"penultimate": 4})
+
+
+def test_return_dict_false_gives_the_output_as_a_tuple():
+    # transformers' can_return_tuple handles return_dict (the argument, else config.return_dict) for both KD-layer models.
+    _, model = tiny_wrapper()
+    ids, mask = batch_with_padding()
+    labels = torch.tensor([0, 1, 1])
+    output = model.eval()(input_ids=ids, attention_mask=mask, labels=labels, output_kd_features=True)
+    as_tuple = model(input_ids=ids, attention_mask=mask, labels=labels, output_kd_features=True, return_dict=False)
+    assert isinstance(as_tuple, tuple) and len(as_tuple) == len(output.to_tuple())
+    assert torch.equal(as_tuple[0], output.loss) and torch.equal(as_tuple[1], output.logits)
+    cnn = tiny_kd_cnn().eval()
+    pixels = torch.randn(2, cnn.config.num_channels, 16, 16)
+    cnn.config.return_dict = False
+    loss, logits = cnn(pixels, labels=torch.tensor([0, 1]))[:2]
+    cnn.config.return_dict = True
+    output = cnn(pixels, labels=torch.tensor([0, 1]))
+    assert torch.equal(loss, output.loss) and torch.equal(logits, output.logits)

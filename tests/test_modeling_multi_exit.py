@@ -473,3 +473,16 @@ def test_bad_budget_and_mie_arguments(kwargs, match):
     input_ids, attention_mask = padded_batch()
     with pytest.raises(ValueError, match=match):
         model.predict_with_exits(input_ids, attention_mask, **kwargs)
+
+
+def test_config_options_are_str_enums_stored_as_strings():
+    from hf_kd.modeling.configuration_multi_exit import ExitHeadType, ExitPooling
+
+    config = MultiExitConfig(
+        backbone_config=tiny_backbone_config(), exit_head_type=ExitHeadType.POOLER, exit_pooling=ExitPooling.CLS
+    )
+    stored = config.to_dict()
+    assert (stored["exit_head_type"], stored["exit_pooling"]) == ("pooler", "cls")
+    assert type(stored["exit_head_type"]) is str and type(stored["exit_pooling"]) is str  # plain JSON strings
+    model = MultiExitForSequenceClassification(config)
+    assert model.exits[0].dense is not None and model.exits[0].pooling == ExitPooling.CLS

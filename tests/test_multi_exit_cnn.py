@@ -260,7 +260,7 @@ def test_save_load_round_trip_auto_class_and_remote_code(tmp_path):
 
     # The copied code is self-contained (relative imports of sibling files only), so the folder loads with
     # trust_remote_code where hf_kd is not installed.
-    for name in ("modeling_multi_exit_cnn", "configuration_multi_exit_cnn", "modeling_multi_exit"):
+    for name in ("modeling_multi_exit_cnn", "configuration_multi_exit_cnn", "exit_policies", "exit_laplace"):
         source = (tmp_path / f"{name}.py").read_text()
         assert not re.search(r"^\s*(from|import)\s+hf_kd", source, flags=re.MULTILINE), name
     remote_class = get_class_from_dynamic_module(config_json["auto_map"]["AutoModelForImageClassification"], tmp_path)

@@ -65,13 +65,70 @@ def test_distill_recipe_under_accelerate_launch(tmp_path):
 
 
 def test_recipe_rejects_unknown_method_and_dataset():
-    sys.path.insert(0, str(ROOT / "trainers"))
-    from distill import ScriptArguments
+    from hf_kd.recipes import ScriptArguments
 
     with pytest.raises(ValueError, match="method must be one of .*got 'distil'"):
         ScriptArguments(method="distil")
     with pytest.raises(ValueError, match="dataset_name must be one of .*got 'imdb'"):
         ScriptArguments(dataset_name="imdb")
+
+
+def test_load_splits_cuts_shuffled_rows_and_tokenizes(tmp_path):
+    """hf_kd.recipes.load_splits: a limit takes the first rows of the split shuffled with split_seed (the rows are
+    grouped by movie, a plain head is not representative), no limit keeps every row; text is truncated to max_length."""
+    from hf_kd import data
+    from hf_kd.recipes import DataArguments, label_kwargs, load_splits
+
+    tokenizer = tiny_tokenizer(tmp_path)
+    full = data.load_rotten_tomatoes(seed=3)
+    cut = load_splits(DataArguments(max_train_samples=40, max_eval_samples=10, max_length=8, split_seed=3), tokenizer)
+    assert [len(cut[s]) for s in ("train", "validation", "test")] == [40, 10, 10]
+    assert cut["train"]["text"] == full["train"].shuffle(seed=3)["text"][:40] != full["train"]["text"][:40]
+    assert cut["test"]["text"] == full["test"].shuffle(seed=3)["text"][:10]
+    assert max(map(len, cut["train"]["input_ids"])) == 8 and min(map(len, cut["train"]["input_ids"])) > 2
+    whole = load_splits(DataArguments(max_eval_samples=10, split_seed=3), tokenizer)
+    assert whole["train"]["text"] == full["train"]["text"] and len(whole["validation"]) == 10
+    assert label_kwargs(cut) == {"num_labels": 2, "id2label": {0: "rotten", 1: "fresh"},
+                                 "label2id": {"rotten": 0, "fresh": 1}}
+
+
+def test_main_job_training_args(tmp_path):
+    """The main job's settings, shared by trainers/main_job.py and scripts/studies/calibration_sweep_rt.py."""
+    from hf_kd import DistillConfig
+    from hf_kd.recipes import main_job_training_args
+
+    args = main_job_training_args(str(tmp_path), 7, 1.5, temperature=4.0, alpha=1.0)
+    assert isinstance(args, DistillConfig) and (args.seed, args.num_train_epochs) == (7, 1.5)
+    assert (args.learning_rate, args.per_device_train_batch_size, args.temperature, args.alpha) == (1e-4, 32, 4.0, 1.0)
+
+
+def parse_recipe(recipe: str):
+    """`(script_args, training_args, lora_args)` of trainers/configs/<recipe>.yaml, parsed by its trainer script."""
+    sys.path.insert(0, str(ROOT / "trainers"))
+    import distill
+    import early_exit
+
+    path = str(ROOT / "trainers" / "configs" / f"{recipe}.yaml")
+    if recipe.startswith("early_exit"):
+        return distill.parse([path], (early_exit.EarlyExitScriptArguments, early_exit.EarlyExitConfig, distill.LoraArguments))
+    return distill.parse([path])
+
+
+@pytest.mark.parametrize("recipe", sorted(path.stem for path in (ROOT / "trainers" / "configs").glob("*.yaml")))
+def test_every_recipe_parses(recipe):
+    script_args, args, _lora_args = parse_recipe(recipe)
+    assert args.output_dir.startswith("outputs/") and script_args.model_name_or_path
+
+
+def test_born_again_and_base_teacher_recipes_say_what_they_are():
+    """born_again: a student of the teacher's own architecture (Furlanello et al. 2018); lora_base_teacher: a LoRA
+    student whose teacher is its own base model. Neither is SelfKDTrainer (self-distillation from lower layers)."""
+    script_args, args, lora_args = parse_recipe("born_again_rotten_tomatoes")
+    assert script_args.model_name_or_path == "sentence-transformers/all-MiniLM-L6-v2"
+    assert args.teacher_model_name_or_path == "outputs/teacher-l6-rotten_tomatoes" and not lora_args.use_peft
+    script_args, args, lora_args = parse_recipe("lora_base_teacher_rotten_tomatoes")
+    assert script_args.model_name_or_path == "outputs/teacher-l6-rotten_tomatoes"
+    assert args.teacher_from_base_model and lora_args.use_peft
 
 
 @pytest.mark.parametrize(

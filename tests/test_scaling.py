@@ -15,7 +15,7 @@ there are four, each checking several things:
   sharded by ZeRO-3 and its logits cache computed by both processes together.
 
 Tolerance: per-step training losses, gradient norms and test metrics within 1e-5 (absolute) of the 1-process run;
-final weights within 1e-3. Measured here (scripts/scaling_diffs.py): at most 6e-8 for losses and gradient norms, 5e-9
+final weights within 1e-3. Measured here (scripts/tools/scaling_diffs.py): at most 6e-8 for losses and gradient norms, 5e-9
 for metrics, 2e-6 for weights.
 """
 
@@ -162,7 +162,7 @@ def max_weight_diff(a, b):
 
 @require_peft
 def test_ddp_lora_student_base_model_teacher(models, tmp_path):
-    """DDP: LoRA student self-distilled from its own base model (adapters disabled); the run matches 1 process and the
+    """DDP: LoRA student distilled from its own base model (adapters disabled); the run matches 1 process and the
     adapters (with the trained classifier) match."""
     from transformers import AutoModelForSequenceClassification
 

@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))  # trainers/ is a folder of scripts, not a package
-from distill import DataArguments, finish, label_kwargs, load_splits, parse  # noqa: E402
+from distill import parse  # noqa: E402
 from transformers import (  # noqa: E402
     AutoConfig,
     AutoModelForSequenceClassification,
@@ -39,6 +39,7 @@ from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitConfig, MultiExitF
 from hf_kd.checkpoints import resolve_resume_checkpoint  # noqa: E402
 from hf_kd.distributed import end_distributed  # noqa: E402
 from hf_kd.peft_utils import LoraArguments, get_peft_config  # noqa: E402
+from hf_kd.recipes import DataArguments, finish, label_kwargs, load_splits  # noqa: E402
 
 
 @dataclass

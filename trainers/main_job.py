@@ -16,25 +16,22 @@ uncertainty/test{,-uncalibrated}/ reports and reliability diagrams) and `<output
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))  # trainers/ is a folder of scripts, not a package
-from distill import ScriptArguments, load_splits, run  # noqa: E402
-from transformers import AutoModelForSequenceClassification, AutoTokenizer  # noqa: E402
+from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-from hf_kd import (  # noqa: E402
-    DistillConfig,
+from hf_kd import (
     calibrate_temperature,
     evaluate_uncertainty,
     fold_temperature,
     push_to_hub,
     update_model_card,
 )
-from hf_kd.evaluation import compute_logits  # noqa: E402
-from hf_kd.hub import CALIBRATION_FILENAME, REPORTS_DIR, before_after_table  # noqa: E402
-from hf_kd.student import student_from_teacher_layers  # noqa: E402
+from hf_kd.evaluation import compute_logits
+from hf_kd.hub import CALIBRATION_FILENAME, REPORTS_DIR, before_after_table
+from hf_kd.recipes import ScriptArguments, load_splits, main_job_training_args, run
+from hf_kd.student import student_from_teacher_layers
 
 TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 STUDENTS = {"teacher_layers": "layers 1, 3, 5 of the fine-tuned teacher",
@@ -66,23 +63,6 @@ def parse_args(argv=None):
         except HFValidationError as error:
             parser.error(f"--hub_model_id {opts.hub_model_id!r} is not a valid Hub repo id: {error}")
     return opts
-
-
-def training_args(output_dir: str, opts, epochs: float, **kwargs) -> DistillConfig:
-    return DistillConfig(
-        output_dir=output_dir,
-        num_train_epochs=epochs,
-        learning_rate=1e-4,
-        warmup_steps=0.1,
-        per_device_train_batch_size=32,
-        per_device_eval_batch_size=128,
-        eval_strategy="no",
-        save_strategy="no",
-        logging_steps=25,
-        seed=opts.seed,
-        report_to="none",
-        **kwargs,
-    )
 
 
 def print_table(rows: dict[str, dict]) -> None:
@@ -146,7 +126,7 @@ def main(argv=None) -> dict:
     print(f"[1/3] Fine-tuning the teacher {TEACHER} on Rotten Tomatoes ({opts.train_samples} rows)")
     teacher_metrics = run(
         ScriptArguments(model_name_or_path=TEACHER, method="erm", **common),
-        training_args(str(out / "teacher"), opts, opts.epochs),
+        main_job_training_args(str(out / "teacher"), opts.seed, opts.epochs),
     )
     timings["teacher_seconds"] = time.perf_counter() - start
 
@@ -161,8 +141,8 @@ def main(argv=None) -> dict:
         student = str(init)
     student_metrics = run(
         ScriptArguments(model_name_or_path=student, method="kd", **common),
-        training_args(
-            str(out / "student"), opts, opts.student_epochs, teacher_model_name_or_path=str(out / "teacher"),
+        main_job_training_args(
+            str(out / "student"), opts.seed, opts.student_epochs, teacher_model_name_or_path=str(out / "teacher"),
             temperature=opts.temperature,
             alpha=opts.alpha, cache_teacher_logits=True, teacher_logits_cache_dir=str(out / "teacher_logits_cache"),
         ),

@@ -22,6 +22,7 @@ from .configuration_kd_layer_cnn import KDLayerImageConfig
 from .configuration_multi_exit import MultiExitConfig
 from .configuration_multi_exit_cnn import MultiExitImageConfig
 from .exit_laplace import KronPrior, LinkApprox, MultiExitLaplace
+from .exit_policies import EarlyExitPrediction, ExitPolicy
 from .kd_layer import KDLayer
 from .modeling_kd_layer import (
     KDLayerForSequenceClassification,
@@ -34,8 +35,6 @@ from .modeling_kd_layer_cnn import (
     KDLayerImagePreTrainedModel,
 )
 from .modeling_multi_exit import (
-    EarlyExitPrediction,
-    ExitPolicy,
     MultiExitForSequenceClassification,
     MultiExitPreTrainedModel,
     MultiExitSequenceClassifierOutput,

@@ -7,9 +7,10 @@ the student and transforms every token's hidden state; the student's own classif
 
 from __future__ import annotations
 
-from transformers import AutoConfig
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
-from .configuration_multi_exit import PreTrainedConfig, SubConfigSpec, _as_backbone_config
+from .configuration_multi_exit import _as_backbone_config
 
 KD_LAYER_LOCATIONS = ("intermediate", "penultimate")
 
@@ -94,12 +95,9 @@ class KDLayerConfig(PreTrainedConfig):
 
     model_type = "hf_kd_kd_layer"
     keys_to_ignore_at_inference = ["kd_layer_scores", "kd_features", "hidden_states", "attentions"]
-    if SubConfigSpec is not None:
-        sub_configs_defaults = {
-            "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True)
-        }
-    else:  # pragma: no cover - transformers v4
-        sub_configs = {"backbone_config": AutoConfig}
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True)
+    }
 
     def __init__(
         self,

@@ -9,8 +9,9 @@ KD layers it is a plain CNN, e.g. the teacher.
 
 from __future__ import annotations
 
+from transformers import PreTrainedConfig
+
 from .configuration_kd_layer import _check_kd_layer_residual_weights, _check_kd_layer_templates
-from .configuration_multi_exit import PreTrainedConfig
 from .configuration_multi_exit_cnn import _set_cnn_layout
 
 

@@ -8,18 +8,36 @@ enough, so easy examples run fewer layers.
 
 from __future__ import annotations
 
-import transformers
-from transformers import AutoConfig
+from enum import Enum
 
-# transformers v5 renamed `PretrainedConfig` to `PreTrainedConfig`; v4 only has the former.
-PreTrainedConfig = getattr(transformers, "PreTrainedConfig", None) or transformers.PretrainedConfig
-try:  # transformers v5: fine-grained sub-config specs
-    from transformers.configuration_utils import SubConfigSpec
-except ImportError:  # pragma: no cover - transformers v4
-    SubConfigSpec = None
+from transformers import AutoConfig, PreTrainedConfig
+from transformers.configuration_utils import SubConfigSpec
 
-EXIT_HEAD_TYPES = ("linear", "pooler")
-EXIT_POOLINGS = ("mean", "cls")
+
+class ExitHeadType(str, Enum):
+    """The classifier of each exit ([`MultiExitConfig`]`.exit_head_type`), on the pooled hidden state `u`."""
+
+    LINEAR = "linear"
+    """`classifier(dropout(u))`."""
+    POOLER = "pooler"
+    """`classifier(dropout(tanh(dense(u))))`, BERT's pooler then a linear classifier."""
+
+
+class ExitPooling(str, Enum):
+    """How each exit pools its layer's hidden states into one vector ([`MultiExitConfig`]`.exit_pooling`)."""
+
+    MEAN = "mean"
+    """The mean over the tokens of `attention_mask` (padding left out)."""
+    CLS = "cls"
+    """The first token ([CLS])."""
+
+
+def _check_option(enum_class: type[Enum], value, name: str) -> str:
+    """`value` as the string of one of `enum_class`'s members (what config.json stores); a clear error otherwise."""
+    try:
+        return enum_class(value).value
+    except ValueError:
+        raise ValueError(f"{name} must be one of {tuple(m.value for m in enum_class)}, got {value!r}.") from None
 
 
 def _as_backbone_config(backbone_config):
@@ -114,14 +132,14 @@ class MultiExitConfig(_MultiExitConfigMixin, PreTrainedConfig):
         classifier_dropout (`float`, *optional*):
             Dropout before each exit's linear layer. Defaults to the backbone's `classifier_dropout` if it has one
             that is not `None`, else its `hidden_dropout_prob`, else 0.1.
-        exit_pooling (`str`, *optional*, defaults to `"mean"`):
+        exit_pooling ([`ExitPooling`] or `str`, *optional*, defaults to `"mean"`):
             What each exit reads of its layer's hidden states `h` `(batch, seq_len, hidden)`:
             - `"mean"`: the mean of `h` over the non-padding tokens (the attention mask). The default, because
               early layers' [CLS] states carry little about the input: with the pretrained all-MiniLM-L6-v2 frozen, a
               logistic regression on Rotten Tomatoes reaches 0.76 validation accuracy from layer-1 mean-pooled states
               and 0.63 (the majority class) from layer-1 [CLS] states.
             - `"cls"`: the first-token ([CLS]) state `h[:, 0]`, as DeeBERT and PABEE.
-        exit_head_type (`str`, *optional*, defaults to `"linear"`):
+        exit_head_type ([`ExitHeadType`] or `str`, *optional*, defaults to `"linear"`):
             The exit head on the pooled state `u` `(batch, hidden)`:
             - `"linear"`: `Linear(hidden, K)(dropout(u))`, the cheapest head (the default, so early exits cost
               almost nothing on top of their layer).
@@ -153,12 +171,9 @@ class MultiExitConfig(_MultiExitConfigMixin, PreTrainedConfig):
 
     model_type = "hf_kd_multi_exit"
     # Declaring the backbone as a sub-config makes `attn_implementation=...` (from_pretrained) reach the backbone.
-    if SubConfigSpec is not None:
-        sub_configs_defaults = {
-            "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True)
-        }
-    else:  # pragma: no cover - transformers v4
-        sub_configs = {"backbone_config": AutoConfig}
+    sub_configs_defaults = {
+        "backbone_config": SubConfigSpec(config_class=AutoConfig, model_type="bert", optional=True)
+    }
 
     def __init__(
         self,
@@ -182,12 +197,8 @@ class MultiExitConfig(_MultiExitConfigMixin, PreTrainedConfig):
             )
         self.exit_layers = exit_layers = _check_exit_layers(exit_layers, depth, unit="layer", owner="the backbone")
 
-        if exit_head_type not in EXIT_HEAD_TYPES:
-            raise ValueError(f"exit_head_type must be one of {EXIT_HEAD_TYPES}, got {exit_head_type!r}.")
-        self.exit_head_type = exit_head_type
-        if exit_pooling not in EXIT_POOLINGS:
-            raise ValueError(f"exit_pooling must be one of {EXIT_POOLINGS}, got {exit_pooling!r}.")
-        self.exit_pooling = exit_pooling
+        self.exit_head_type = _check_option(ExitHeadType, exit_head_type, "exit_head_type")
+        self.exit_pooling = _check_option(ExitPooling, exit_pooling, "exit_pooling")
 
         if classifier_dropout is None and backbone_config is not None:
             classifier_dropout = getattr(backbone_config, "classifier_dropout", None)

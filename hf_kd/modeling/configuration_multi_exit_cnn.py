@@ -8,8 +8,9 @@ Meronen et al. (2024, https://huggingface.co/papers/2302.06359).
 
 from __future__ import annotations
 
+from transformers import PreTrainedConfig
+
 from .configuration_multi_exit import (
-    PreTrainedConfig,
     _check_exit_layers,
     _check_exit_loss_weights,
     _MultiExitConfigMixin,

@@ -57,6 +57,8 @@ from enum import Enum
 import torch
 from torch import nn
 
+from .exit_policies import _mie_weights, _model_internal_ensemble
+
 __all__ = [
     "EXIT_LAPLACE_FILENAME",
     "EXIT_LAPLACE_PROBS",
@@ -1108,8 +1110,6 @@ class ExitLaplaceMixin:
     def _exit_probs(self, exit_logits, features, laplace, link_approx, mie: bool, exit_flops) -> torch.Tensor:
         """`(K, n, C)` per-exit probabilities: softmax of `exit_logits` (`laplace=None`) or the exit Laplace
         predictive of `features`, then MIE over the exits when `mie`."""
-        from .modeling_multi_exit import _mie_weights, _model_internal_ensemble
-
         if not isinstance(mie, bool):
             raise ValueError(f"mie must be True or False, got {mie!r}.")
         if laplace is None:

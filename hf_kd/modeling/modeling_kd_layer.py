@@ -18,6 +18,7 @@ import torch
 from torch import nn
 from transformers import AutoModelForSequenceClassification, PreTrainedModel
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_kd_layer import KDLayerConfig
 from .kd_layer import CosineConv1x1, build_kd_layers
@@ -166,6 +167,7 @@ class KDLayerForSequenceClassification(KDLayerPreTrainedModel):
         model.train()
         return model.to(dtype=next(backbone.parameters()).dtype)
 
+    @can_return_tuple
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -174,7 +176,6 @@ class KDLayerForSequenceClassification(KDLayerPreTrainedModel):
         labels: torch.LongTensor | None = None,
         output_kd_features: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> KDLayerSequenceClassifierOutput | tuple:
         r"""
@@ -191,7 +192,6 @@ class KDLayerForSequenceClassification(KDLayerPreTrainedModel):
         Returns:
             [`KDLayerSequenceClassifierOutput`] (a tuple when `return_dict=False`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         inputs = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels, **kwargs}
         if token_type_ids is not None:
             inputs["token_type_ids"] = token_type_ids
@@ -210,7 +210,7 @@ class KDLayerForSequenceClassification(KDLayerPreTrainedModel):
             hidden_states=getattr(out, "hidden_states", None),
             attentions=getattr(out, "attentions", None),
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 __all__ = ["KDLayerForSequenceClassification", "KDLayerPreTrainedModel", "KDLayerSequenceClassifierOutput"]

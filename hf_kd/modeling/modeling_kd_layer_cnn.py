@@ -18,6 +18,7 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_kd_layer_cnn import KDLayerImageConfig
 from .kd_layer import CosineConv1x1, build_kd_layers
@@ -99,13 +100,13 @@ class KDLayerForImageClassification(KDLayerImagePreTrainedModel):
             return "penultimate"
         return "intermediate" if block == 0 else None
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_kd_features: bool | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> KDLayerImageClassifierOutput | tuple:
         r"""
@@ -121,7 +122,6 @@ class KDLayerForImageClassification(KDLayerImagePreTrainedModel):
         Returns:
             [`KDLayerImageClassifierOutput`] (a tuple when `return_dict=False`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -154,7 +154,7 @@ class KDLayerForImageClassification(KDLayerImagePreTrainedModel):
             kd_features=kd_features if output_kd_features else None,
             hidden_states=hidden_states if output_hidden_states else None,
         )
-        return output if return_dict else output.to_tuple()
+        return output
 
 
 __all__ = ["KDLayerForImageClassification", "KDLayerImageClassifierOutput", "KDLayerImagePreTrainedModel"]

@@ -18,10 +18,11 @@ from torch.nn import functional as F
 from transformers import PreTrainedModel
 from transformers import initialization as init
 from transformers.utils import ModelOutput
+from transformers.utils.generic import can_return_tuple
 
 from .configuration_multi_exit_cnn import MultiExitImageConfig
 from .exit_laplace import ExitLaplaceMixin, LinkApprox, capture_exit_features
-from .modeling_multi_exit import EarlyExitPrediction, ExitPolicy, _EarlyExitRun
+from .exit_policies import EarlyExitPrediction, ExitPolicy, _EarlyExitRun
 
 
 def _conv_output_size(size: int, stride: int) -> int:
@@ -152,12 +153,12 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
                 f"(config.num_channels = {self.config.num_channels}), got {shape}."
             )
 
+    @can_return_tuple
     def forward(
         self,
         pixel_values: torch.FloatTensor | None = None,
         labels: torch.LongTensor | None = None,
         output_hidden_states: bool | None = None,
-        return_dict: bool | None = None,
         **kwargs,
     ) -> MultiExitImageClassifierOutput | tuple:
         r"""
@@ -173,7 +174,6 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
             [`MultiExitImageClassifierOutput`] (or a tuple `(loss?, logits, exit_logits, hidden_states?)` when
             `return_dict=False`).
         """
-        return_dict = return_dict if return_dict is not None else self.config.return_dict
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
@@ -197,9 +197,6 @@ class MultiExitForImageClassification(MultiExitImagePreTrainedModel):
             loss = sum(w * F.cross_entropy(z, labels) for w, z in zip(weights, exit_logits))
 
         hidden_states = hidden_states if output_hidden_states else None
-        if not return_dict:
-            output = (logits, exit_logits) + ((hidden_states,) if hidden_states is not None else ())
-            return ((loss,) + output) if loss is not None else output
         return MultiExitImageClassifierOutput(
             loss=loss, logits=logits, exit_logits=exit_logits, hidden_states=hidden_states
         )

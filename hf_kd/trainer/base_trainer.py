@@ -39,27 +39,10 @@ from transformers import Trainer
 
 from ..checkpoints import check_output_dir, checkpoint_bytes, resolve_resume_checkpoint
 from ..distributed import fill_auto_bucket_sizes
-from ..evaluation import STUDENT_METRICS
-from ..hub import DEFAULT_TEMPLATE, generate_model_card, save_model_card
+from ..hub import generate_model_card, pipeline_tag_of, save_model_card
+from ..metric_keys import split_metric_key
 from ..peft_utils import is_peft_model, point_adapter_at_hub_base, prepare_peft_model
 from ..teacher import TEACHER_LOGITS_COLUMN
-
-# The metrics a card can report, as make_compute_metrics names them; teacher metrics carry a `teacher_` prefix.
-_CARD_METRICS = tuple(STUDENT_METRICS) + ("ece_bins",) + tuple(f"teacher_{m}" for m in STUDENT_METRICS if m != "sigma")
-# Longest first, so that `eval_teacher_ece` is read as (eval, teacher_ece), not (eval_teacher, ece).
-_SUFFIXES = sorted(_CARD_METRICS, key=len, reverse=True)
-
-
-def split_metric_key(key: str) -> tuple[str, str] | None:
-    """`"eval_ece"` -> `("eval", "ece")`, `"test_teacher_accuracy"` -> `("test", "teacher_accuracy")`; `None` for
-    keys that are not card metrics (losses, runtimes, learning rate)."""
-    for metric in _SUFFIXES:
-        if key.endswith("_" + metric):
-            prefix = key[: -len(metric) - 1]
-            # The longest metric name decides: `train_teacher_ece` is the train split's, not a `train_teacher` split.
-            return (prefix, metric) if prefix and prefix != "train" else None
-    return None
-
 
 # The columns Trainer feeds to the loss as gold labels: `label` is renamed `labels` by the default collators.
 _LABEL_COLUMNS = ("labels", "label")
@@ -171,7 +154,7 @@ class _BaseTrainer(Trainer):
     _tag_names: list[str] = []
     _name: str = "Fine-tuning"
     _paper: dict = {}
-    _model_card_template: str = DEFAULT_TEMPLATE
+    _model_card_template: str | None = None  # None: the template of the model's task (hf_kd.hub.TASKS)
     _resumed_from: str | None = None  # the checkpoint folder of the current train(), for error messages
     _extra_columns: tuple[str, ...] = ()
     _eval_prefix: str | None = None  # the metric_key_prefix of the evaluation in progress, for log()
@@ -375,6 +358,7 @@ class _BaseTrainer(Trainer):
             language=language,
             template=self._model_card_template,
             library_name="peft" if is_peft_model(unwrapped) else "transformers",
+            pipeline_tag=pipeline_tag_of(unwrapped),
         )
         save_model_card(card, output_dir if output_dir is not None else self.args.output_dir)
 

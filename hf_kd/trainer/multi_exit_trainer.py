@@ -5,14 +5,10 @@ callbacks that hold training state.
 
 from __future__ import annotations
 
-import re
-
 import torch
 
+from ..metric_keys import EXIT_METRICS, is_card_split, split_exit_split
 from .base_trainer import _BaseTrainer
-
-# Per-exit metrics that the card reports (its per-exit table; the Laplace-calibrated ones also in the model-index).
-_EXIT_CARD_METRICS = ("accuracy", "ece", "nll")
 
 
 class _MultiExitTrainer(_BaseTrainer):
@@ -25,10 +21,6 @@ class _MultiExitTrainer(_BaseTrainer):
     """
 
     _training_state_callbacks: tuple = ()
-    # Evaluation keys that are not a split's card metrics: `eval_exit_0_accuracy` reads as the metric `accuracy` of a
-    # split `eval_exit_0` (likewise the group metrics and DEDIER's `dedier_readout_accuracy`).
-    _NON_CARD_SPLIT = re.compile(r"(^|_)(group_\d+|worst_group|mean_group)$|^dedier")
-    _EXIT_SPLIT = re.compile(r"(.+)_(exit_\d+(?:_laplace)?)")
 
     def _check_multi_exit_config(self) -> object:
         """The unwrapped model's config; `TypeError` unless it has `exit_layers` (duck-typed, so that sequence and
@@ -54,15 +46,15 @@ class _MultiExitTrainer(_BaseTrainer):
         # statistics stay out.
         by_split: dict[str, dict[str, float]] = {}
         for split, metrics in super().latest_eval_metrics().items():
-            if self._NON_CARD_SPLIT.search(split):
+            if not is_card_split(split):
                 continue
-            match = self._EXIT_SPLIT.fullmatch(split)
+            match = split_exit_split(split)
             if match is None:
                 by_split.setdefault(split, {}).update(metrics)
                 continue
-            parent, exit_name = match.groups()
+            parent, exit_name = match
             by_split.setdefault(parent, {}).update(
-                {f"{exit_name}_{metric}": value for metric, value in metrics.items() if metric in _EXIT_CARD_METRICS}
+                {f"{exit_name}_{metric}": value for metric, value in metrics.items() if metric in EXIT_METRICS}
             )
         return by_split
 

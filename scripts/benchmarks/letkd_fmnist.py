@@ -1,7 +1,7 @@
 """letKD on Fashion-MNIST: CE student, KD student, letKD-1 and letKD-2 over several seeds (PAPERS.md section 5).
 
 One teacher CNN (trained once with cross-entropy, reused), then for every seed four students of the same smaller CNN
-(scripts/letkd_bench.py), same optimiser, epochs and batches:
+(scripts/benchmarks/_common.py), same optimiser, epochs and batches:
 
   ce       cross-entropy only (transformers.Trainer)
   kd       DistillTrainer, Hinton KD with the CRD setting T=4, alpha=0.9 (cached teacher logits)
@@ -12,20 +12,18 @@ The letKD targets are fitted once (they depend on teacher and data only) and cac
 `<output_dir>/runs/<method>_<seed>.json` as soon as it ends, so an interrupted benchmark resumes where it stopped.
 Writes docs/benchmarks/letkd_fmnist.{json,md}.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_letkd_fmnist.py --seeds 0 1 2 --student_epochs 2
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/letkd_fmnist.py --seeds 0 1 2 --student_epochs 2
 """
 
 import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-import torch  # noqa: E402
-from letkd_bench import (  # noqa: E402
+import torch
+from _common import (
     NUM_LABELS,
     distill_config,
     distill_trainer,
@@ -36,7 +34,7 @@ from letkd_bench import (  # noqa: E402
     train_teacher,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 METHODS = ("ce", "kd", "letkd1", "letkd2")
 LABELS = {"ce": "CE student", "kd": "KD (T=4, alpha=0.9)", "letkd1": "letKD-1", "letkd2": "letKD-2"}
 

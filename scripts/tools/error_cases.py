@@ -4,8 +4,8 @@ Every `pytest.raises(...)` that a test enters is one case (a parametrised test o
 attributed to the test's file and to the exception type it expects. Tests that fail are left out. Run the suite with
 it (from the repository root):
 
-    PYTHONPATH=scripts OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \\
-        python -m pytest -q -p no:cacheprovider -p count_error_cases tests
+    PYTHONPATH=scripts/tools OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 \\
+        python -m pytest -q -p no:cacheprovider -p error_cases tests
 
 It writes `docs/error_cases.json` ({"total", "by_file", "by_exception", "by_area"}) and prints the totals; the table
 in docs/hardening.md is made from it.
@@ -19,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-OUT = Path(__file__).resolve().parents[1] / "docs" / "error_cases.json"
+OUT = Path(__file__).resolve().parents[2] / "docs" / "error_cases.json"
 # Which part of hf_kd each test file checks.
 AREAS = {
     "losses, metrics, calibration, prediction sets": (

@@ -5,23 +5,20 @@ Protocol: train on the train split's majority labels only (`hard_label`; the ann
 split are dropped), `--train_rows` rows drawn once with `--data_seed` (the same rows for every method and seed);
 validate on the whole dev split's annotator distributions (SelfKD's source-layer selection, the temperature of
 `ts`); evaluate on the whole test split's (3,055 tweets): KL(human || model), JS distance (ChaosNLI's conventions),
-accuracy against the majority label. Methods: see scripts/self_kd_study_utils.py. Backbone all-MiniLM-L6-v2,
+accuracy against the majority label. Methods: see scripts/studies/_common.py. Backbone all-MiniLM-L6-v2,
 `--max_length` tokens, `--epochs` epochs for every method.
 
 Results: outputs/self_kd_md_agreement/results.jsonl (one line per run, resumable) and
 docs/benchmarks/self_kd_md_agreement.{md,json}.
 
-    PYTHONPATH=. python scripts/study_self_kd_md_agreement.py --train_rows 1000 --epochs 4 --seeds 0 1 2
+    PYTHONPATH=. python scripts/studies/self_kd_md_agreement.py --train_rows 1000 --epochs 4 --seeds 0 1 2
 """
 
 import json
-import sys
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from self_kd_study_utils import (  # noqa: E402
+from _common import (
     BACKBONE,
     VARIANTS,
     acceptance,

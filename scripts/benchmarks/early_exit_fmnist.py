@@ -8,7 +8,7 @@ batch size 1 and 32. Step `budget` is the budgeted ("dynamic") evaluation of Mer
 for each budget level the thresholds are fitted on validation so that a target fraction leaves at each exit, then
 top-1, NLPD, ECE (10 bins) and expected FLOPs are measured on test, without and with model-internal ensembling.
 
-    python scripts/bench_early_exit_fmnist.py --output_dir outputs/bench_early_exit_fmnist
+    python scripts/benchmarks/early_exit_fmnist.py --output_dir outputs/bench_early_exit_fmnist
 
 Writes `results.json` in the output folder and `docs/benchmarks/early_exit_fmnist.md`.
 """
@@ -23,13 +23,13 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from early_exit_bench import curve_markdown, measure_speed, policy_curves, policy_kwargs
+from _common import curve_markdown, early_exit_fmnist_splits, measure_speed, policy_curves, policy_kwargs
 
 from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitForImageClassification, MultiExitImageConfig
-from hf_kd.data import FASHION_MNIST_LABELS, load_fashion_mnist
+from hf_kd.data import FASHION_MNIST_LABELS
 from hf_kd.early_exit import budgeted_evaluation
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 
 
 def parse_args(argv=None):
@@ -46,17 +46,8 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_splits(opts) -> dict:
-    train = load_fashion_mnist("train", normalize=True).shuffle(seed=opts.seed)
-    return {
-        "train": train.select(range(opts.validation_size, len(train))).with_format("torch"),
-        "validation": train.select(range(opts.validation_size)).with_format("torch"),
-        "test": load_fashion_mnist("test", normalize=True).with_format("torch"),
-    }
-
-
 def train(out: Path, opts) -> dict:
-    splits = load_splits(opts)
+    splits = early_exit_fmnist_splits(opts)
     torch.manual_seed(opts.seed)
     config = MultiExitImageConfig(
         num_labels=10, id2label=dict(enumerate(FASHION_MNIST_LABELS)),
@@ -90,7 +81,7 @@ def all_exit_probs(model, dataset) -> np.ndarray:
 
 def exit_probabilities(out: Path, opts):
     model = MultiExitForImageClassification.from_pretrained(out / "model").eval()
-    splits = load_splits(opts)
+    splits = early_exit_fmnist_splits(opts)
     probs = {split: all_exit_probs(model, splits[split]) for split in ("validation", "test")}
     labels = {split: splits[split][:]["labels"].numpy() for split in ("validation", "test")}
     return model, probs, labels
@@ -123,7 +114,7 @@ def run_exits(model, prepared, policy, value):
 
 def speed(out: Path, opts, curve_result: dict) -> dict:
     model = MultiExitForImageClassification.from_pretrained(out / "model").eval()
-    test = load_splits(opts)["test"]
+    test = early_exit_fmnist_splits(opts)["test"]
     workloads = {
         "bs1": image_batches(test.select(range(opts.bs1_samples)), 1),
         "bs32": image_batches(test, 32),
@@ -148,7 +139,7 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "# Early exits on Fashion-MNIST (multi-exit CNN, CPU)",
         "",
-        "Produced by `python scripts/bench_early_exit_fmnist.py`: `MultiExitForImageClassification` (stem + 3 stages "
+        "Produced by `python scripts/benchmarks/early_exit_fmnist.py`: `MultiExitForImageClassification` (stem + 3 stages "
         "of 32/64/128 channels, an exit after each stage), trained with `EarlyExitTrainer` "
         f"({results['settings']['epochs']:g} epochs, 55,000 images), evaluated on the 10,000 test images.",
         "",

@@ -1,14 +1,14 @@
 """Early exits on Rotten Tomatoes: accuracy vs layers run and vs measured wall-clock, per exit policy.
 
 Step 1 (`train`) fine-tunes a multi-exit all-MiniLM-L6-v2 (an exit after each of its 6 layers) with
-`EarlyExitTrainer` on the Rotten Tomatoes training split (self-distillation from the final exit by default, or from a
-fine-tuned teacher with `--teacher`). Step 2 (`curve`) runs every exit once over the validation and test splits and
+`EarlyExitTrainer` on the Rotten Tomatoes training split (distillation from the final exit into the earlier ones,
+`distill_from="final_exit"`, by default, or from a fine-tuned teacher with `--teacher`). Step 2 (`curve`) runs every exit once over the validation and test splits and
 sweeps each policy's threshold offline; the operating point of each policy is the most aggressive threshold whose
 *validation* accuracy is within 1 point of the final exit's. Step 3 (`speed`) times `predict_with_exits` at that
 threshold against the full model (backbone + final exit) at batch size 1 and 32, interleaved repeats, median.
 
-    python scripts/bench_early_exit_rt.py --output_dir outputs/bench_early_exit_rt           # all three steps
-    python scripts/bench_early_exit_rt.py --steps curve speed --output_dir outputs/bench_early_exit_rt
+    python scripts/benchmarks/early_exit_rt.py --output_dir outputs/bench_early_exit_rt           # all three steps
+    python scripts/benchmarks/early_exit_rt.py --steps curve speed --output_dir outputs/bench_early_exit_rt
 
 Writes `results.json` in the output folder and `docs/benchmarks/early_exit_rt.md`.
 """
@@ -24,19 +24,18 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from early_exit_bench import curve_markdown, measure_speed, policy_curves, policy_kwargs
+from _common import curve_markdown, early_exit_rt_splits, measure_speed, policy_curves, policy_kwargs
 from transformers import AutoTokenizer, DataCollatorWithPadding
 
 from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitForSequenceClassification
-from hf_kd.data import load_rotten_tomatoes, tokenize_dataset
 
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/bench_early_exit_rt")
     parser.add_argument("--steps", nargs="+", default=["train", "curve", "speed"], choices=["train", "curve", "speed"])
-    parser.add_argument("--teacher", default=None, help="Fine-tuned teacher folder: distil from it instead of self-KD.")
+    parser.add_argument("--teacher", default=None, help="Fine-tuned teacher folder: distil from it instead of from the final exit.")
     parser.add_argument("--epochs", type=float, default=3.0)
     parser.add_argument("--train_samples", type=int, default=None, help="Training rows used (default: all 9,027).")
     parser.add_argument("--max_length", type=int, default=64)
@@ -47,16 +46,9 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def load_splits(tokenizer, opts):
-    splits = load_rotten_tomatoes(seed=opts.seed)
-    if opts.train_samples:
-        splits["train"] = splits["train"].select(range(opts.train_samples))
-    return tokenize_dataset(splits, tokenizer, max_length=opts.max_length)
-
-
 def train(out: Path, opts) -> dict:
     tokenizer = AutoTokenizer.from_pretrained(BACKBONE)
-    splits = load_splits(tokenizer, opts)
+    splits = early_exit_rt_splits(tokenizer, opts)
     model = MultiExitForSequenceClassification.from_backbone(BACKBONE, num_labels=2)
     distill = dict(distill_from="teacher", teacher_model_name_or_path=opts.teacher, cache_teacher_logits=True) \
         if opts.teacher else dict(distill_from="final_exit")
@@ -93,7 +85,7 @@ def all_exit_probs(model, dataset, tokenizer, batch_size=128) -> np.ndarray:
 def curve(out: Path, opts) -> dict:
     model = MultiExitForSequenceClassification.from_pretrained(out / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    splits = load_splits(tokenizer, opts)
+    splits = early_exit_rt_splits(tokenizer, opts)
     probs = {split: all_exit_probs(model, splits[split], tokenizer) for split in ("validation", "test")}
     labels = {split: np.asarray(splits[split]["label"]) for split in ("validation", "test")}
     per_exit = {split: [float((p.argmax(-1) == labels[split]).mean()) for p in probs[split]] for split in probs}
@@ -129,7 +121,7 @@ def speed(out: Path, opts, curve_result: dict) -> dict:
     torch.manual_seed(0)
     model = MultiExitForSequenceClassification.from_pretrained(out / "model").eval()
     tokenizer = AutoTokenizer.from_pretrained(out / "model")
-    test = load_splits(tokenizer, opts)["test"]
+    test = early_exit_rt_splits(tokenizer, opts)["test"]
     workloads = {
         "bs1": batches(test.select(range(min(opts.bs1_samples, len(test)))), tokenizer, 1),
         "bs32": batches(test, tokenizer, 32),
@@ -144,7 +136,7 @@ def write_markdown(results: dict, path: Path) -> None:
     lines = [
         "# Early exits on Rotten Tomatoes (multi-exit all-MiniLM-L6-v2, CPU)",
         "",
-        "Produced by `python scripts/bench_early_exit_rt.py`. Operating point of each policy: the threshold with the "
+        "Produced by `python scripts/benchmarks/early_exit_rt.py`. Operating point of each policy: the threshold with the "
         f"fewest mean layers whose validation accuracy is within {100 * results['settings']['tolerance']:.0f} point "
         "of the final exit's; the figures are on the test split (2,581 snippets). Full model = backbone + final exit "
         "on every row.",

@@ -20,21 +20,18 @@ output). ChaosNLI-S and -M are each split into `--folds` folds at random (`--dat
 
 Every ChaosNLI item is evaluated exactly once per seed, by a model that never saw it; metrics are computed on the
 union of the folds, for ChaosNLI-S and ChaosNLI-M separately (as in the ChaosNLI paper's table). Methods: see
-scripts/self_kd_study_utils.py. Results: outputs/self_kd_chaosnli/results.jsonl (+ logits/*.npy; resumable) and
+scripts/studies/_common.py. Results: outputs/self_kd_chaosnli/results.jsonl (+ logits/*.npy; resumable) and
 docs/benchmarks/self_kd_chaosnli.{md,json}.
 
-    PYTHONPATH=. python scripts/study_self_kd_chaosnli.py --folds 2 --train_rows 800 --epochs 4 --seeds 0 1 2
+    PYTHONPATH=. python scripts/studies/self_kd_chaosnli.py --folds 2 --train_rows 800 --epochs 4 --seeds 0 1 2
 """
 
 import json
-import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from self_kd_study_utils import (  # noqa: E402
+from _common import (
     BACKBONE,
     VARIANTS,
     acceptance,

@@ -1,7 +1,7 @@
 """How far the 2-process runs of tests/test_scaling.py are from their 1-process runs (README "Scaling out").
 
     python -m pytest tests/test_scaling.py --basetemp outputs/scaling
-    python scripts/scaling_diffs.py outputs/scaling
+    python scripts/tools/scaling_diffs.py outputs/scaling
 
 For every test folder holding a 1-process run (`one/`) and a 2-process run (`two/`): the largest absolute difference
 of the per-step training losses, of the per-step gradient norms, of the test metrics, and of the final weights (the
@@ -10,13 +10,11 @@ merged model for an adapter), and where the teacher's weights lived.
 
 import argparse
 import json
-import sys
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-import hf_kd  # noqa: E402, F401  (registers the multi-exit models with the Auto classes)
+import hf_kd  # noqa: F401  (registers the multi-exit models with the Auto classes)
 
 # pytest cuts the folder names to 30 characters: the tests of tests/test_scaling.py by name.
 LABELS = {

@@ -13,14 +13,14 @@ Each configuration runs in its own subprocess (clean peak-RSS measurement), the 
 (`--repeats`), and the ratio uses the median seconds per step, the first `--warmup` steps excluded. Writes JSON and a
 Markdown table to docs/benchmarks/.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_distill_overhead.py --steps 40 --repeats 3
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/distill_overhead.py --steps 40 --repeats 3
 """
 
 import json
 import os
 from pathlib import Path
 
-from bench_utils import (
+from _common import (
     PeakRSS,
     StepTimer,
     forwarded_args,
@@ -29,9 +29,11 @@ from bench_utils import (
     median_summary,
     overhead_parser,
     step_summary,
+    step_table,
+    write_overhead_report,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("plain", "handwritten", "hf_kd_cached", "hf_kd_online")
 STUDENT = "sentence-transformers/paraphrase-MiniLM-L3-v2"
 TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
@@ -114,21 +116,8 @@ def main():
         / summary["handwritten"]["seconds_per_step"],
         "handwritten / plain": summary["handwritten"]["seconds_per_step"] / summary["plain"]["seconds_per_step"],
     }
-    import torch
-
-    result = {"settings": vars(opts) | {"torch": torch.__version__, "cpu_count": os.cpu_count()},
-              "summary": summary, "ratios": ratios, "runs": runs}
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "distill_overhead.json").write_text(json.dumps(result, indent=2))
-    lines = ["| configuration | median s/step | peak RSS (MB) |", "|---|---|---|"]
-    lines += [f"| {c} | {summary[c]['seconds_per_step']:.4f} | {summary[c]['peak_rss_mb']:.0f} |" for c in CONFIGS]
-    lines += ["", "| ratio | value | target |", "|---|---|---|"]
     targets = {"hf_kd_cached / plain": "<= 1.05", "hf_kd_online / handwritten": "<= 1.05", "handwritten / plain": "-"}
-    lines += [f"| {k} | {v:.3f} | {targets[k]} |" for k, v in ratios.items()]
-    (out / "distill_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    write_overhead_report(opts.out, "distill_overhead", opts, runs, summary, ratios, step_table(summary), targets)
 
 if __name__ == "__main__":
     main()

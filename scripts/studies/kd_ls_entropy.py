@@ -1,14 +1,14 @@
 """Reproduce the finding of Sultan (2023), "Knowledge Distillation ~ Label Smoothing: Fact or Fallacy?"
 (https://huggingface.co/papers/2301.12609, PAPERS.md section 4) on real data: label smoothing RAISES the mean
-predictive entropy relative to ERM, while KD and self-KD LOWER it (the student inherits the teacher's confidence),
+predictive entropy relative to ERM, while KD and born-again KD LOWER it (the student inherits the teacher's confidence),
 and reverse KD raises it less than LS does.
 
 Pairs (the paper used BERT-base -> DistilBERT; here the real offline MiniLMs):
-  erm_l3      paraphrase-MiniLM-L3-v2 fine-tuned with cross-entropy              (baseline of ls / kd / self_kd)
+  erm_l3      paraphrase-MiniLM-L3-v2 fine-tuned with cross-entropy              (baseline of ls / kd / born_again)
   erm_l6      all-MiniLM-L6-v2 fine-tuned with cross-entropy                     (teacher of kd; baseline of reverse_kd)
   ls_l3       L3 with label smoothing, epsilon 0.1 over all classes
   kd          erm_l6 -> L3 student
-  self_kd     erm_l3 -> L3 student
+  born_again  erm_l3 -> L3 student (Sultan's "self-KD": same architecture, Furlanello et al. 2018)
   reverse_kd  erm_l3 -> L6 student
 KD runs use T=2, alpha=0.5 (hf_kd defaults; the paper tuned them on dev, which this budget does not allow).
 
@@ -16,20 +16,18 @@ Datasets: Rotten Tomatoes (binary) and the CrowdFlower tweets (3 classes), `--tr
 test split, `--seeds` training seeds. Results are appended to a JSONL file as runs finish, so an interrupted run
 resumes where it stopped; the summary table goes to docs/benchmarks/kd_ls_entropy.md.
 
-    HF_HUB_OFFLINE=1 python scripts/reproduce_kd_ls_entropy.py --train_samples 1000 --epochs 2 --seeds 0 1 2
+    HF_HUB_OFFLINE=1 python scripts/studies/kd_ls_entropy.py --train_samples 1000 --epochs 2 --seeds 0 1 2
 """
 
 import argparse
 import json
 import statistics
-import sys
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "trainers"))
-from distill import ScriptArguments, run  # noqa: E402
+from hf_kd import DistillConfig
+from hf_kd.recipes import ScriptArguments, run
 
-from hf_kd import DistillConfig  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 L3 = "sentence-transformers/paraphrase-MiniLM-L3-v2"
 L6 = "sentence-transformers/all-MiniLM-L6-v2"
@@ -39,7 +37,7 @@ RUNS = {
     "erm_l6": (L6, "erm", None),
     "ls_l3": (L3, "ls", None),
     "kd": (L3, "kd", "erm_l6"),
-    "self_kd": (L3, "kd", "erm_l3"),
+    "born_again": (L3, "kd", "erm_l3"),
     "reverse_kd": (L6, "kd", "erm_l3"),
 }
 DATASETS = ("rotten_tomatoes", "crowdflower_tweets")
@@ -113,12 +111,12 @@ def write_table(done: dict, opts) -> None:
             ratio = ent / stats[base][2] if base in stats else float("nan")
             lines.append(f"| {dataset} | {name} | {acc:.4f} ± {acc_sd:.4f} | {ent:.4f} ± {ent_sd:.4f} | "
                          f"{ratio:.2f}x | {n} |")
-        if {"erm_l3", "ls_l3", "kd", "self_kd"} <= stats.keys():
+        if {"erm_l3", "ls_l3", "kd", "born_again"} <= stats.keys():
             erm = stats["erm_l3"][2]
             verdicts.append(f"- {dataset}: LS {'raises' if stats['ls_l3'][2] > erm else 'does NOT raise'} entropy "
                             f"({stats['ls_l3'][2] / erm:.2f}x ERM); KD {'lowers' if stats['kd'][2] < erm else 'does NOT lower'}"
-                            f" it ({stats['kd'][2] / erm:.2f}x); self-KD "
-                            f"{'lowers' if stats['self_kd'][2] < erm else 'does NOT lower'} it ({stats['self_kd'][2] / erm:.2f}x).")
+                            f" it ({stats['kd'][2] / erm:.2f}x); born-again KD "
+                            f"{'lowers' if stats['born_again'][2] < erm else 'does NOT lower'} it ({stats['born_again'][2] / erm:.2f}x).")
         if {"erm_l6", "reverse_kd", "ls_l3", "erm_l3"} <= stats.keys():
             rev = stats["reverse_kd"][2] / stats["erm_l6"][2]
             ls = stats["ls_l3"][2] / stats["erm_l3"][2]

@@ -24,22 +24,17 @@ README); they are shuffled and split into training rows and dev rows, disjoint. 
 Each (seed, dataset, student) result is written as soon as it is done (`<work_dir>/seed<seed>/<dataset>/<student>/`); a
 re-run skips what exists. The summary goes to docs/benchmarks/confidence_preservation.{md,json}.
 
-    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/confidence_preservation_study.py
+    HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=. python scripts/studies/confidence_preservation.py
 """
 
 import argparse
 import json
 import os
-import sys
 import time
 from pathlib import Path
 
 import torch
-
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from transformers import (  # noqa: E402
+from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
     DataCollatorWithPadding,
@@ -47,10 +42,11 @@ from transformers import (  # noqa: E402
     TrainingArguments,
 )
 
-from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics  # noqa: E402
-from hf_kd.confidence_search import SearchSpace, search_confidence_preservation  # noqa: E402
-from hf_kd.student import student_from_teacher_layers  # noqa: E402
+from hf_kd import DistillConfig, DistillTrainer, data, make_compute_metrics
+from hf_kd.confidence_search import SearchSpace, search_confidence_preservation
+from hf_kd.student import student_from_teacher_layers
 
+ROOT = Path(__file__).resolve().parents[2]
 TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 L6, L3 = "sentence-transformers/all-MiniLM-L6-v2", "sentence-transformers/paraphrase-MiniLM-L3-v2"
 # name: (checkpoint, layers kept or None). "3-layer-L6" keeps layers 1, 3, 5 (0-based; hf_kd.student) of the
@@ -243,7 +239,7 @@ def write_report(work: Path, out: Path, opts) -> None:
         "# Confidence preservation before and after prediction-layer tuning\n\n"
         f"{settings}\n\n{table}\n\n{finding}\n\nPer-trial Pareto tables: `{shown(work)}/seed<seed>/<dataset>/<student>/"
         "confidence_search.md`.\n\nRe-run: `HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 OMP_NUM_THREADS=1 PYTHONPATH=. "
-        f"python scripts/confidence_preservation_study.py --seeds {' '.join(map(str, opts.seeds))}`\n"
+        f"python scripts/studies/confidence_preservation.py --seeds {' '.join(map(str, opts.seeds))}`\n"
     )
     print(table + "\n\n" + finding)
 

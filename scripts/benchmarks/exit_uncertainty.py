@@ -1,7 +1,7 @@
 """Trustworthy early exits: per-exit Laplace + temperature + MIE (Meronen et al., 2024) and anytime-valid nested
 prediction sets (Jazbec et al., 2024) on trained multi-exit models, with their cost.
 
-Reads multi-exit models trained by `bench_early_exit_fmnist.py` (Fashion-MNIST CNN) and `bench_early_exit_rt.py`
+Reads multi-exit models trained by `early_exit_fmnist.py` (Fashion-MNIST CNN) and `early_exit_rt.py`
 (Rotten Tomatoes MiniLM), one folder per seed; each model's seed (read from its `training_args.bin`) rebuilds the
 same train / validation / test split as its training run. Per model:
 
@@ -20,7 +20,7 @@ same train / validation / test split as its training run. Per model:
    exits (`predict_with_exits`, budget level 20, MIE) with the plain softmax, the probit and the MC-50 Laplace
    predictive, interleaved repeats, medians.
 
-    PYTHONPATH=. python scripts/bench_exit_uncertainty.py \\
+    PYTHONPATH=. python scripts/benchmarks/exit_uncertainty.py \\
         --fmnist outputs/ee_fmnist_s42/model outputs/ee_fmnist_s43/model outputs/ee_fmnist_s44/model \\
         --rt outputs/ee_rt_s42/model outputs/ee_rt_s43/model outputs/ee_rt_s44/model
 
@@ -28,12 +28,12 @@ Writes `results.json` in `--output_dir` and `docs/benchmarks/exit_uncertainty.{m
 prediction sets only, `--sets_only` recomputes step 3 of the runs stored in `--output_dir/results.json` from the same
 models (one forward pass over the test split each, no Laplace fit, calibration or timing; models matched by seed):
 
-    PYTHONPATH=. python scripts/bench_exit_uncertainty.py --sets_only --fmnist ... --rt ...
+    PYTHONPATH=. python scripts/benchmarks/exit_uncertainty.py --sets_only --fmnist ... --rt ...
 
 After a change of the prediction code only, `--timing_only` re-measures step 4 on the first given model of each
 dataset (a fresh Laplace fit on every training row, then the timing and the save / reload check):
 
-    PYTHONPATH=. python scripts/bench_exit_uncertainty.py --timing_only --fmnist M42 --fmnist_timing 10000 32 256
+    PYTHONPATH=. python scripts/benchmarks/exit_uncertainty.py --timing_only --fmnist M42 --fmnist_timing 10000 32 256
 """
 
 from __future__ import annotations
@@ -50,7 +50,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import torch
-from early_exit_bench import time_variants
+from _common import early_exit_fmnist_splits, early_exit_rt_splits, time_variants
 
 from hf_kd.early_exit import (
     budget_exit_fractions,
@@ -69,7 +69,7 @@ from hf_kd.prediction_sets import (
     running_intersection,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 AVCS_SCALES = (1.0, 2.0, 4.0, 8.0, 16.0)
 AVCS_OFFSETS = (0.0, 1.0, 2.0, 4.0)
 # (name, scales, offsets, coverage rule) of the AVCS searches: the paper's (raw logits, its rule), and the logit
@@ -137,12 +137,12 @@ def parse_args(argv=None):
 
 def training_settings(folder: Path) -> dict:
     """The settings (seed, epochs) of the benchmark run that trained the model in `folder`: `results.json` beside it,
-    written by bench_early_exit_{fmnist,rt}.py. Read as JSON: `training_args.bin` is a pickle, never unpickled here."""
+    written by early_exit_{fmnist,rt}.py. Read as JSON: `training_args.bin` is a pickle, never unpickled here."""
     path = Path(folder).parent / "results.json"
     if not path.is_file():
         raise FileNotFoundError(
-            f"{path} not found: pass model folders trained by scripts/bench_early_exit_fmnist.py or "
-            "bench_early_exit_rt.py (their output_dir/model), whose results.json holds the seed and epochs."
+            f"{path} not found: pass model folders trained by scripts/benchmarks/early_exit_fmnist.py or "
+            "early_exit_rt.py (their output_dir/model), whose results.json holds the seed and epochs."
         )
     return json.loads(path.read_text())["settings"]
 
@@ -152,13 +152,11 @@ def training_seed(folder: Path) -> int:
 
 
 def fmnist_task(folder: Path, limit: int | None) -> dict:
-    from bench_early_exit_fmnist import load_splits
-
     from hf_kd import MultiExitForImageClassification
 
     seed = training_seed(folder)
     model = MultiExitForImageClassification.from_pretrained(folder).eval()
-    splits = load_splits(SimpleNamespace(seed=seed, validation_size=5000))
+    splits = early_exit_fmnist_splits(SimpleNamespace(seed=seed, validation_size=5000))
 
     def loader(split, batch_size=500):
         data = splits[split][:limit]
@@ -170,7 +168,6 @@ def fmnist_task(folder: Path, limit: int | None) -> dict:
 
 
 def rt_task(folder: Path, limit: int | None) -> dict:
-    from bench_early_exit_rt import load_splits
     from transformers import AutoTokenizer, DataCollatorWithPadding
 
     from hf_kd import MultiExitForSequenceClassification
@@ -178,7 +175,7 @@ def rt_task(folder: Path, limit: int | None) -> dict:
     seed = training_seed(folder)
     model = MultiExitForSequenceClassification.from_pretrained(folder).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
-    splits = load_splits(tokenizer, SimpleNamespace(seed=seed, train_samples=None, max_length=64))
+    splits = early_exit_rt_splits(tokenizer, SimpleNamespace(seed=seed, train_samples=None, max_length=64))
     collator = DataCollatorWithPadding(tokenizer)
 
     def loader(split, batch_size=128):
@@ -433,7 +430,7 @@ def recompute_timing(data: dict, folder: str, kind: str, opts) -> None:
     runs[task["seed"]].update(timing_and_reload(task, laplace, val, val_labels, kind, opts))
     data["runs"].sort(key=lambda r: r["seed"] != task["seed"])  # the report reads the timing of the first run
     timing = opts.fmnist_timing if kind == "fmnist" else opts.rt_timing
-    data["timing_command"] = (f"PYTHONPATH=. python scripts/bench_exit_uncertainty.py --timing_only --{kind} {folder} "
+    data["timing_command"] = (f"PYTHONPATH=. python scripts/benchmarks/exit_uncertainty.py --timing_only --{kind} {folder} "
                               f"--{kind}_timing {' '.join(map(str, timing))} --repeats {opts.repeats}")
 
 
@@ -453,7 +450,7 @@ def recompute_sets(data: dict, folders: list[str], kind: str, opts) -> None:
             raise ValueError(f"{folder}: {labels.shape[0]} test rows, the stored run had {run['num_test']}.")
         old, run["prediction_sets"] = run["prediction_sets"], prediction_sets(logits, labels, opts.alpha)
         reproduced.append(all(old[k] == run["prediction_sets"][k] for k in old if not k.endswith("_search")))
-    data["sets_command"] = f"PYTHONPATH=. python scripts/bench_exit_uncertainty.py --sets_only --{kind} {' '.join(folders)}"
+    data["sets_command"] = f"PYTHONPATH=. python scripts/benchmarks/exit_uncertainty.py --sets_only --{kind} {' '.join(folders)}"
     data["sets_reproduced"] = all(reproduced)
 
 
@@ -510,8 +507,8 @@ def markdown(results: dict) -> str:
     lines = [
         "# Trustworthy early exits: per-exit Laplace, temperature, MIE, and nested prediction sets (CPU)",
         "",
-        "Produced by `scripts/bench_exit_uncertainty.py` (command below) on models trained by "
-        "`scripts/bench_early_exit_fmnist.py` and `scripts/bench_early_exit_rt.py`, one per seed. Every "
+        "Produced by `scripts/benchmarks/exit_uncertainty.py` (command below) on models trained by "
+        "`scripts/benchmarks/early_exit_fmnist.py` and `scripts/benchmarks/early_exit_rt.py`, one per seed. Every "
         "hyperparameter (temperatures, prior variances, budget thresholds, AVCS thresholds, RAPS quantiles) is chosen "
         "on held-out data: validation for calibration and budgets, a 20 % calibration part of the test split for the "
         "prediction sets (evaluated on the other 80 %). NLPD in nats; ECE with 10 equal-width bins.",
@@ -654,7 +651,7 @@ def main(argv=None) -> dict:
     previous = out / "results.json"
     results = json.loads(previous.read_text()) if previous.exists() and not opts.limit else {"datasets": {}}
     results["alpha"] = opts.alpha
-    scripts = {"fmnist": "bench_early_exit_fmnist.py", "rt": "bench_early_exit_rt.py (self-distillation from the "
+    scripts = {"fmnist": "early_exit_fmnist.py", "rt": "early_exit_rt.py (distillation from the "
                "final exit)"}
     for kind, folders in (("fmnist", opts.fmnist), ("rt", opts.rt)):
         if opts.sets_only and kind in results["datasets"]:
@@ -677,7 +674,7 @@ def main(argv=None) -> dict:
         runs = [run_model(Path(f), kind, i, opts) for i, f in enumerate(folders)]
         epochs = {float(training_settings(Path(f))["epochs"]) for f in folders}
         recipe = f"{scripts[kind]}, {', '.join(f'{e:g}' for e in sorted(epochs))} epoch(s)"
-        command = f"PYTHONPATH=. python scripts/bench_exit_uncertainty.py --{kind} {' '.join(folders)}"
+        command = f"PYTHONPATH=. python scripts/benchmarks/exit_uncertainty.py --{kind} {' '.join(folders)}"
         if opts.fit_cost_rows:
             command += f" --fit_cost_rows {opts.fit_cost_rows}"
         if kind == "rt" and opts.rt_timing != [512, 32]:

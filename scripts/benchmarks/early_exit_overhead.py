@@ -2,22 +2,24 @@
 
 Same backbone (all-MiniLM-L6-v2), same Rotten Tomatoes rows, same batches:
 
-  plain                 transformers.Trainer on AutoModelForSequenceClassification (one head, cross-entropy): the floor
-  plain_multi_exit      transformers.Trainer on MultiExitForSequenceClassification (6 exits, the model's own loss)
-  early_exit            EarlyExitTrainer, 6 exits, cross-entropy per exit              (target: <= 1.10x plain)
-  early_exit_self_kd    EarlyExitTrainer, 6 exits, self-distillation from the final exit (target: <= 1.10x plain)
+  plain                     transformers.Trainer on AutoModelForSequenceClassification (one head, cross-entropy):
+                            the floor
+  plain_multi_exit          transformers.Trainer on MultiExitForSequenceClassification (6 exits, the model's own loss)
+  early_exit                EarlyExitTrainer, 6 exits, cross-entropy per exit             (target: <= 1.10x plain)
+  early_exit_final_exit_kd  EarlyExitTrainer, 6 exits, distillation from the final exit into the earlier ones
+                            (distill_from="final_exit")                                   (target: <= 1.10x plain)
 
 Each configuration runs in its own subprocess, interleaved and repeated; ratios use the median seconds per step with
-the first `--warmup` steps excluded (scripts/bench_utils.py). Writes docs/benchmarks/early_exit_overhead.{json,md}.
+the first `--warmup` steps excluded (scripts/benchmarks/_common.py). Writes docs/benchmarks/early_exit_overhead.{json,md}.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_early_exit_overhead.py --steps 40 --repeats 3
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/early_exit_overhead.py --steps 40 --repeats 3
 """
 
 import json
 import os
 from pathlib import Path
 
-from bench_utils import (
+from _common import (
     PeakRSS,
     StepTimer,
     forwarded_args,
@@ -26,10 +28,12 @@ from bench_utils import (
     median_summary,
     overhead_parser,
     step_summary,
+    step_table,
+    write_overhead_report,
 )
 
-ROOT = Path(__file__).resolve().parents[1]
-CONFIGS = ("plain", "plain_multi_exit", "early_exit", "early_exit_self_kd")
+ROOT = Path(__file__).resolve().parents[2]
+CONFIGS = ("plain", "plain_multi_exit", "early_exit", "early_exit_final_exit_kd")
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 
 
@@ -65,7 +69,7 @@ def worker(config: str, steps: int, warmup: int, batch_size: int, threads: int, 
     if config.startswith("plain"):
         trainer = Trainer(args=TrainingArguments(**common), **kwargs)
     else:
-        distill_from = "final_exit" if config == "early_exit_self_kd" else "none"
+        distill_from = "final_exit" if config == "early_exit_final_exit_kd" else "none"
         trainer = EarlyExitTrainer(args=EarlyExitConfig(**common, distill_from=distill_from), **kwargs)
     with PeakRSS() as memory:
         trainer.train()
@@ -86,20 +90,8 @@ def main():
     plain = summary["plain"]["seconds_per_step"]
     ratios = {f"{config} / plain": summary[config]["seconds_per_step"] / plain for config in CONFIGS[1:]}
 
-    import torch
-
-    result = {"settings": vars(opts) | {"torch": torch.__version__, "cpu_count": os.cpu_count()},
-              "summary": summary, "ratios": ratios, "runs": runs}
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "early_exit_overhead.json").write_text(json.dumps(result, indent=2))
-    lines = ["| configuration | median s/step | peak RSS (MB) |", "|---|---|---|"]
-    lines += [f"| {c} | {summary[c]['seconds_per_step']:.4f} | {summary[c]['peak_rss_mb']:.0f} |" for c in CONFIGS]
-    lines += ["", "| ratio | value | target |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.3f} | {'<= 1.10' if 'early_exit' in k else '-'} |" for k, v in ratios.items()]
-    (out / "early_exit_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    targets = {k: "<= 1.10" for k in ratios if "early_exit" in k}
+    write_overhead_report(opts.out, "early_exit_overhead", opts, runs, summary, ratios, step_table(summary), targets)
 
 if __name__ == "__main__":
     main()

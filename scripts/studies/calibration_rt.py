@@ -1,6 +1,6 @@
 """Temperature-calibrate a trained Rotten Tomatoes student and write before/after numbers and diagrams.
 
-    python scripts/calibrate_rotten_tomatoes.py --student outputs/main_job/student --teacher outputs/main_job/teacher
+    python scripts/studies/calibration_rt.py --student outputs/main_job/student --teacher outputs/main_job/teacher
 
 Reads the student folder without modifying it: fits one temperature on the validation split (NLL, L-BFGS on cached
 logits, hf_kd.calibrate_temperature), folds it into a copy of the student (hf_kd.fold_temperature), and evaluates the
@@ -118,7 +118,7 @@ def main(argv=None) -> dict:
         "",
         "![Confidence histograms](confidence_histogram_before_after.png)",
         "",
-        f"Command: `python scripts/calibrate_rotten_tomatoes.py --student {opts.student}"
+        f"Command: `python scripts/studies/calibration_rt.py --student {opts.student}"
         + (f" --teacher {opts.teacher}" if opts.teacher else "") + f" --output_dir {opts.output_dir}`",
         "",
     ])

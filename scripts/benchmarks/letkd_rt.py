@@ -12,7 +12,7 @@
 
 Writes docs/benchmarks/letkd_rt.{json,md}.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_letkd_rt.py --train_samples 1500 --epochs 2
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/letkd_rt.py --train_samples 1500 --epochs 2
 """
 
 import argparse
@@ -23,7 +23,7 @@ from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TEACHER = "sentence-transformers/all-MiniLM-L6-v2"
 
 

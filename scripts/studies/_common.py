@@ -1,4 +1,5 @@
-"""Shared machinery of the self-KD studies against human label distributions (scripts/study_self_kd_*.py).
+"""The one shared module of scripts/studies/ (a sibling of the scripts, imported as `_common`): the machinery of the
+SelfKDTrainer studies (Park et al. 2024) against human label distributions (scripts/studies/self_kd_*.py).
 
 Every method trains the same backbone for the same number of epochs on the same single-label rows, and is
 evaluated by its final classifier:
@@ -33,9 +34,9 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 
-import torch  # noqa: E402
+import torch
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 SHARED_DATA = ROOT.parent / "shared" / "data"
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
 

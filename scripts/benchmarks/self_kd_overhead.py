@@ -13,7 +13,7 @@ Each configuration runs in its own subprocess, interleaved and repeated; ratios 
 validation set after each epoch (entropy per layer) and one over the train set when it selects the re-calibration
 set: reported separately, as the whole-run wall-clock ratio. Writes docs/benchmarks/self_kd_overhead.{json,md}.
 
-    PYTHONPATH=. python scripts/bench_self_kd_overhead.py --steps_per_epoch 30 --repeats 3
+    PYTHONPATH=. python scripts/benchmarks/self_kd_overhead.py --steps_per_epoch 30 --repeats 3
 """
 
 import json
@@ -22,9 +22,17 @@ import statistics
 import time
 from pathlib import Path
 
-from bench_utils import PeakRSS, StepTimer, forwarded_args, interleaved, launch_worker, overhead_parser
+from _common import (
+    PeakRSS,
+    StepTimer,
+    forwarded_args,
+    interleaved,
+    launch_worker,
+    overhead_parser,
+    write_overhead_report,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("erm", "erm_final_exit", "selfkd")
 PHASES = ("warmup", "distill", "recalibrate")
 BACKBONE = "sentence-transformers/all-MiniLM-L6-v2"
@@ -107,24 +115,13 @@ def main():
     ratios["selfkd whole run / erm whole run (incl. entropy and ambiguity passes)"] = (
         summary["selfkd"]["wall_seconds"] / erm["wall_seconds"])
 
-    import torch
-
-    result = {"settings": vars(opts) | {"torch": torch.__version__, "cpu_count": os.cpu_count()},
-              "summary": summary, "ratios": ratios, "runs": runs}
-    out = Path(opts.out)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "self_kd_overhead.json").write_text(json.dumps(result, indent=2))
-    lines = ["| configuration | median s/step | warm-up epoch | self-distillation epoch | re-calibration epoch | "
+    table = ["| configuration | median s/step | warm-up epoch | self-distillation epoch | re-calibration epoch | "
              "whole run (s) | peak RSS (MB) |", "|---|---|---|---|---|---|---|"]
-    lines += [f"| {c} | {s['seconds_per_step']:.4f} | {s['warmup_seconds_per_step']:.4f} | "
+    table += [f"| {c} | {s['seconds_per_step']:.4f} | {s['warmup_seconds_per_step']:.4f} | "
               f"{s['distill_seconds_per_step']:.4f} | {s['recalibrate_seconds_per_step']:.4f} | "
               f"{s['wall_seconds']:.1f} | {s['peak_rss_mb']:.0f} |" for c, s in summary.items()]
-    lines += ["", "| ratio | value | target |", "|---|---|---|"]
-    lines += [f"| {k} | {v:.3f} | {'<= 1.10' if 'step / erm step' in k and k.startswith('selfkd') else '-'} |"
-              for k, v in ratios.items()]
-    (out / "self_kd_overhead.md").write_text("\n".join(lines) + "\n")
-    print("\n".join(lines))
-
+    targets = {k: "<= 1.10" for k in ratios if "step / erm step" in k and k.startswith("selfkd")}
+    write_overhead_report(opts.out, "self_kd_overhead", opts, runs, summary, ratios, table, targets)
 
 if __name__ == "__main__":
     main()

@@ -24,7 +24,7 @@ Every student trains the same number of epochs with the same optimiser, evaluate
 keeps the epoch with the best validation mean-group accuracy (the paper's model selection). Test worst-group, mean-group
 and average accuracy are reported as mean and population std over the seeds.
 
-    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/bench_dedier_fmnist.py --seeds 0 1 2
+    HF_HUB_OFFLINE=1 OMP_NUM_THREADS=1 python scripts/benchmarks/dedier_fmnist.py --seeds 0 1 2
 
 Results are appended to `<work_dir>/results.jsonl` (an interrupted run resumes) and summarised in
 docs/benchmarks/dedier_fmnist.md.
@@ -46,7 +46,7 @@ from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitForImageClassifica
 from hf_kd.data import FASHION_MNIST_LABELS, FASHION_MNIST_MEAN, FASHION_MNIST_STD, load_fashion_mnist
 from hf_kd.metrics import group_accuracies
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 CLASSES = (0, 6)  # T-shirt/top, Shirt
 PATCH = 5
 MAJORITY = 0.95
@@ -202,7 +202,7 @@ def write_markdown(results: list[dict], opts, path: Path) -> None:
     lines = [
         "# DEDIER on Fashion-MNIST with a spurious corner patch",
         "",
-        "Produced by `python scripts/bench_dedier_fmnist.py` (its docstring gives the construction): T-shirt/top vs "
+        "Produced by `python scripts/benchmarks/dedier_fmnist.py` (its docstring gives the construction): T-shirt/top vs "
         "Shirt, a corner patch that matches the label on 95% of the 10,000 training images and is independent of "
         "it on validation and test (2,000 each, groups balanced). Students train "
         f"{opts.epochs} epochs and keep the epoch with the best validation mean-group accuracy. Test accuracies, mean "

@@ -5,7 +5,7 @@ the main job) with `DistillTrainer`, fit one temperature on the validation split
 and record the test ECE (15 equal-width bins) before and after, accuracy, and, for reference only, the lowest test ECE
 that any temperature in [0.5, 3] reaches (chosen on the test labels: the floor one temperature cannot go below).
 
-    HF_HUB_OFFLINE=1 python scripts/calibration_sweep_rt.py --teacher outputs/main_job/teacher \
+    HF_HUB_OFFLINE=1 python scripts/studies/calibration_sweep_rt.py --teacher outputs/main_job/teacher \
         --configs main_job pure_kd_t1 pure_kd_t2 all_rows
 
 Results are appended to `<work_dir>/results.jsonl` (an interrupted sweep resumes) and summarised in
@@ -15,20 +15,17 @@ Results are appended to `<work_dir>/results.jsonl` (an interrupted sweep resumes
 import argparse
 import json
 import os
-import sys
 from pathlib import Path
 
 from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT / "trainers"))
-from distill import ScriptArguments, load_splits, run  # noqa: E402
-from main_job import training_args  # noqa: E402
+from hf_kd import calibrate_temperature
+from hf_kd.evaluation import compute_logits, read_labels
+from hf_kd.metrics import expected_calibration_error, softmax
+from hf_kd.recipes import ScriptArguments, load_splits, main_job_training_args, run
+from hf_kd.student import student_from_teacher_layers
 
-from hf_kd import calibrate_temperature  # noqa: E402
-from hf_kd.evaluation import compute_logits, read_labels  # noqa: E402
-from hf_kd.metrics import expected_calibration_error, softmax  # noqa: E402
-from hf_kd.student import student_from_teacher_layers  # noqa: E402
+ROOT = Path(__file__).resolve().parents[2]
 
 # name -> (training rows, student epochs, KD temperature, alpha, student). `main_job` is trainers/main_job.py's
 # default. Student "teacher_layers": the teacher's layers 1, 3, 5 (the main job's); a Hub id: that pre-trained model
@@ -70,10 +67,9 @@ def run_config(name: str, opts, work: Path) -> dict:
         student_from_teacher_layers(AutoModelForSequenceClassification.from_pretrained(opts.teacher)).save_pretrained(init)
         AutoTokenizer.from_pretrained(opts.teacher).save_pretrained(init)
     common = dict(dataset_name="rotten_tomatoes", max_train_samples=rows, split_seed=opts.split_seed)
-    job = argparse.Namespace(seed=opts.seed)
     run(
         ScriptArguments(model_name_or_path=str(init), method="kd", **common),
-        training_args(str(folder), job, epochs, teacher_model_name_or_path=opts.teacher, temperature=temperature,
+        main_job_training_args(str(folder), opts.seed, epochs, teacher_model_name_or_path=opts.teacher, temperature=temperature,
                       alpha=alpha, cache_teacher_logits=True, teacher_logits_cache_dir=str(work / "teacher_logits")),
     )
     student = AutoModelForSequenceClassification.from_pretrained(folder)
@@ -113,7 +109,7 @@ def write_markdown(results: list[dict], path: Path) -> None:
             f"{r['seed']} | {r['test_accuracy']:.4f} | {r['test_ece_before']:.4f} | "
             f"{r['calibration_temperature']:.3f} | **{r['test_ece_after']:.4f}** | {r['test_ece_floor']:.4f} |"
         )
-    lines += ["", "Re-run: `HF_HUB_OFFLINE=1 python scripts/calibration_sweep_rt.py --teacher <main job>/teacher`", ""]
+    lines += ["", "Re-run: `HF_HUB_OFFLINE=1 python scripts/studies/calibration_sweep_rt.py --teacher <main job>/teacher`", ""]
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines))
 

@@ -2,10 +2,10 @@
 and the training time per step (PAPERS.md section 5).
 
 1. Targets (`targets`): a letKD-2 LetKDTrainer on all 60,000 images (teacher and student of
-   scripts/letkd_bench.py), timed phase by phase: data fingerprints, the teacher pass that collects its features at
+   scripts/benchmarks/_common.py), timed phase by phase: data fingerprints, the teacher pass that collects its features at
    both locations (60,000 x 4 x 4 = 960,000 positions each, 128 channels), the K-means of the penultimate codebook
    (K templates, 20 iterations, faiss) and the intermediate LDA + per-class K-means + score matrix, into a cache of
-   its own (`--targets_cache_dir`), so the fit is timed even after scripts/bench_letkd_fmnist.py has cached its own.
+   its own (`--targets_cache_dir`), so the fit is timed even after scripts/benchmarks/letkd_fmnist.py has cached its own.
 2. Backends (`backends`): faiss and scikit-learn K-means (20 Lloyd iterations, same random-point initialisation) on
    the first `--backend_points` of those real penultimate features, K templates, interleaved and repeated; and both on
    the intermediate per-class K-means (8 centres per class on the LDA features of all 960,000 positions).
@@ -16,22 +16,32 @@ and the training time per step (PAPERS.md section 5).
 
 Writes docs/benchmarks/letkd_cost.{json,md}.
 
-    HF_HUB_OFFLINE=1 python scripts/bench_letkd_cost.py    # after bench_letkd_fmnist.py has trained the teacher
+    HF_HUB_OFFLINE=1 python scripts/benchmarks/letkd_cost.py    # after letkd_fmnist.py has trained the teacher
 """
 
 import argparse
 import json
 import os
 import statistics
-import sys
 import time
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_utils import PeakRSS, StepTimer, interleaved, launch_worker, median_summary, step_summary  # noqa: E402
-from letkd_bench import cnn, distill_config, distill_trainer, fashion_mnist, sgd_args, student_for  # noqa: E402
+from _common import (
+    PeakRSS,
+    StepTimer,
+    cnn,
+    distill_config,
+    distill_trainer,
+    fashion_mnist,
+    interleaved,
+    launch_worker,
+    median_summary,
+    sgd_args,
+    step_summary,
+    student_for,
+)
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 STEP_CONFIGS = ("ce", "kd", "kd_online", "letkd1", "letkd2")
 
 
