@@ -573,7 +573,7 @@ def install_offline_models(
     half-written snapshot that looks complete. Sizes on disk: L6 ~91 MB, L3 ~70 MB, MPNet ~440 MB (MPNet also needs
     ~405 MB of temporary space for the joined archive while it installs), SmolLM2-135M-Instruct ~540 MB,
     gemma-3-270m ~1.1 GB (plus ~250 MB for the joined GGUF while it converts). The GGUF conversions take the most
-    time (see [`convert_gguf_causal_lm`]; measured on 2 shared CPU cores: SmolLM2 ~40 s, Gemma ~3 min).
+    time (measured on 2 CPU cores shared with other jobs: SmolLM2 ~1 min, Gemma ~3 min, 3.4 GB peak memory).
 
     Args:
         model_ids (`list[str]`, *optional*, defaults to all keys of [`OFFLINE_MODELS`]):
