@@ -660,88 +660,148 @@ class LMLossType(str, Enum):
     JSD = "jsd"
 
 
-def _kl_rows(log_q: torch.Tensor, log_p: torch.Tensor) -> torch.Tensor:
-    """`KL(p || q)` per row of two `(N, V)` log-probability tensors (`F.kl_div` takes the model's side first)."""
-    return F.kl_div(log_q, log_p, reduction="none", log_target=True).sum(-1)
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`(a * b).sum(-1)` for `(N, V)` tensors, as N dot products (no `(N, V)` temporary)."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[0])
 
 
-def _lm_token_losses(
-    student: torch.Tensor,
-    teacher: torch.Tensor,
+def _lm_chunk(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor],
     targets: torch.Tensor,
-    loss_type: LMLossType,
-    beta: float,
-    temperature: float,
-    alpha: float,
-) -> torch.Tensor:
-    """Per-token losses `alpha * T^2 * D + (1 - alpha) * CE` of `(N, V)` logit rows and `(N,)` targets, in float32
-    (float64 for float64 inputs). Terms with weight 0 are not computed."""
-    student, teacher = _upcast(student), _upcast(teacher)
-    per_token = student.new_zeros(student.shape[0])
-    if alpha > 0:
-        log_s = F.log_softmax(student / temperature, dim=-1)
-        log_t = F.log_softmax(teacher / temperature, dim=-1)
-        # TRL's generalized_jsd_loss special-cases beta = 0 / 1 as the two KLs: the mixture formula itself tends to 0
-        # at both ends (M becomes p_S or p_T), so jsd is discontinuous there, by that convention.
-        if loss_type is LMLossType.FORWARD_KL or (loss_type is LMLossType.JSD and beta == 0.0):
-            divergence = _kl_rows(log_s, log_t)
-        elif loss_type is LMLossType.REVERSE_KL or beta == 1.0:
-            divergence = _kl_rows(log_t, log_s)
-        else:
-            # log M = log(beta p_T + (1 - beta) p_S), in log space so that near-one-hot rows stay finite.
-            log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
-            divergence = beta * _kl_rows(log_m, log_t) + (1.0 - beta) * _kl_rows(log_m, log_s)
-        per_token = alpha * temperature**2 * divergence
-    if alpha < 1:
-        per_token = per_token + (1.0 - alpha) * F.cross_entropy(student, targets, reduction="none")
-    return per_token
+    options: tuple,
+    needs_grad: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss sum over the rows `rows` = (batch indices, positions) of the logits, and its gradients w.r.t. those rows.
+
+    Returns `(loss_sum, teacher_all_finite, grad_student_rows, grad_teacher_rows)`, each gradient `(N, V)` in float32
+    (None when not needed). Closed forms, with `a = log p_S`, `b = log p_T` at temperature T, `D` the per-row
+    divergence, and the softmax Jacobian folded in (d/dlogits = (g - p * sum(g)) / T for a gradient g w.r.t. the
+    log-probabilities):
+
+        forward  KL(p_T || p_S):  d/ds = (p_S - p_T) / T                    d/dt = p_T (b - a - D) / T
+        reverse  KL(p_S || p_T):  d/ds = p_S (a - b - D) / T                d/dt = (p_T - p_S) / T
+        jsd      (M = beta p_T + (1 - beta) p_S):
+                                  d/ds = (1 - beta) p_S (a - log M - KL(p_S || M)) / T
+                                  d/dt = beta p_T (b - log M - KL(p_T || M)) / T
+        CE (T = 1):               d/ds = softmax(s) - onehot(label)
+
+    Written with in-place operations so that a chunk holds at most about four (N, V) float32 tensors at once
+    (autograd through the same formulas keeps about twice as many: docs/benchmarks/lm_kd_loss.md).
+    """
+    loss_type, beta, temperature, alpha = options
+    need_student, need_teacher = needs_grad
+    student = _upcast(student_logits[rows])
+    total = student.new_zeros(())
+    grad_student = grad_teacher = None
+    log_s = None
+    if alpha < 1:  # the CE first: then the gathered student rows can be freed before the divergence's tensors exist
+        log_q = F.log_softmax(student, dim=-1)  # untempered
+        total = total + (1.0 - alpha) * -log_q.gather(-1, targets[:, None]).sum()
+        if alpha > 0 and temperature == 1.0:
+            log_s = log_q
+        if need_student:
+            grad_student = log_q.exp() if log_s is not None else log_q.exp_()
+            grad_student[torch.arange(grad_student.shape[0], device=grad_student.device), targets] -= 1.0
+            grad_student.mul_(1.0 - alpha)
+        del log_q
+    teacher = _upcast(teacher_logits[rows])
+    teacher_finite = torch.isfinite(teacher).all()
+    if alpha == 0:
+        return total, teacher_finite, grad_student, grad_teacher
+    if loss_type is LMLossType.JSD and beta in (0.0, 1.0):
+        # TRL's generalized_jsd_loss special-cases the end points as the two KLs: the mixture formula itself tends to
+        # 0 there (M becomes p_S or p_T), so jsd is discontinuous at beta = 0 and 1, by that convention.
+        loss_type = LMLossType.FORWARD_KL if beta == 0.0 else LMLossType.REVERSE_KL
+    scale = alpha * temperature  # d(alpha T^2 D)/dlogits = alpha T^2 (1/T) (...)
+    if log_s is None:
+        log_s = F.log_softmax(student / temperature if temperature != 1.0 else student, dim=-1)
+    log_t = F.log_softmax(teacher / temperature if temperature != 1.0 else teacher, dim=-1)
+    del student, teacher
+
+    def add_student(grad):
+        nonlocal grad_student
+        grad_student = grad.mul_(scale) if grad_student is None else grad_student.add_(grad, alpha=scale)
+
+    if loss_type is LMLossType.FORWARD_KL:
+        p_t = log_t.exp()
+        difference = log_t.sub_(log_s)  # b - a (log_t is not needed after this)
+        divergence = _row_dot(difference, p_t)
+        if need_teacher:
+            grad_teacher = difference.sub_(divergence[:, None]).mul_(p_t).mul_(scale)
+        del difference
+        if need_student:
+            add_student(log_s.exp_().sub_(p_t))
+    elif loss_type is LMLossType.REVERSE_KL:
+        p_s = log_s.exp()
+        if need_teacher:
+            grad_teacher = log_t.exp().sub_(p_s).mul_(scale)
+        difference = log_s.sub_(log_t)  # a - b (log_s is not needed after this)
+        del log_t
+        divergence = _row_dot(difference, p_s)
+        if need_student:
+            add_student(difference.sub_(divergence[:, None]).mul_(p_s))
+    else:
+        log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+        p_t = log_t.exp()
+        to_teacher = log_t.sub_(log_m)  # b - log M (log_t is not needed after this)
+        kl_teacher = _row_dot(to_teacher, p_t)
+        if need_teacher:
+            grad_teacher = to_teacher.sub_(kl_teacher[:, None]).mul_(p_t).mul_(beta * scale)
+        del to_teacher, p_t
+        p_s = log_s.exp()
+        to_student = log_s.sub_(log_m)  # a - log M
+        del log_m
+        kl_student = _row_dot(to_student, p_s)
+        if need_student:
+            add_student(to_student.sub_(kl_student[:, None]).mul_(p_s).mul_(1.0 - beta))
+        divergence = beta * kl_teacher + (1.0 - beta) * kl_student
+    total = total + alpha * temperature**2 * divergence.sum()
+    return total, teacher_finite, grad_student, grad_teacher
 
 
 class _ChunkedLMKDLoss(torch.autograd.Function):
-    """Sum of [`_lm_token_losses`] over the counted positions, computed `chunk_size` rows at a time.
+    """Sum of the per-token losses over the counted positions, computed `chunk_size` rows at a time.
 
-    The gradient of each chunk is computed right after its loss, inside `forward`, and written into one buffer shaped
-    like the input logits; `backward` only scales that buffer. So the float32 intermediates of a chunk (upcast logits,
-    log-softmaxes, the KL terms) are freed before the next chunk starts: nothing of size `(batch, seq, vocab)` is
-    kept for backward except the gradient itself, which autograd needs in any case. (Plain autograd through the
-    chunks keeps every chunk's intermediates until backward, i.e. several full-size float32 tensors; checkpointing
-    each chunk frees them but runs every chunk's forward twice: see docs/benchmarks/lm_kd_loss.md.)
+    The gradient of each chunk is computed in closed form right after its loss ([`_lm_chunk`]) and written into one
+    buffer shaped like the input logits; `backward` only scales that buffer. So the float32 intermediates of a chunk
+    are freed before the next chunk starts: nothing of size `(batch, seq, vocab)` is kept for backward except the
+    gradient itself, which autograd needs in any case. (Plain autograd through the chunks keeps every chunk's
+    intermediates until backward, i.e. several full-size float32 tensors; checkpointing each chunk frees them but
+    runs every chunk's forward twice: see docs/benchmarks/lm_kd_loss.md.)
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, batch_index, position_index, targets, options, chunk_size):
-        needs_grad = ctx.needs_input_grad[:2]
+    def forward(ctx, student_logits, teacher_logits, batch_index, position_index, targets, options, chunk_size,
+                grad_enabled):
+        # forward always runs with grad mode off: whether the caller records a graph comes in as `grad_enabled`.
+        needs_grad = tuple(need and grad_enabled for need in ctx.needs_input_grad[:2])
         gradients = [None, None]
         total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
-        nonfinite_teacher = torch.zeros((), dtype=torch.bool, device=student_logits.device)
+        teacher_finite = torch.ones((), dtype=torch.bool, device=student_logits.device)
         for start in range(0, targets.shape[0], chunk_size):
             rows = (batch_index[start : start + chunk_size], position_index[start : start + chunk_size])
-            chunk_targets = targets[start : start + chunk_size]
-            student, teacher = student_logits[rows], teacher_logits[rows]
-            nonfinite_teacher |= ~torch.isfinite(teacher).all()
-            if not any(needs_grad):
-                total += _lm_token_losses(student, teacher, chunk_targets, *options).sum()
-                continue
-            with torch.enable_grad():
-                inputs = [x.detach().requires_grad_(need) for x, need in zip((student, teacher), needs_grad)]
-                loss = _lm_token_losses(*inputs, chunk_targets, *options).sum()
-                grads = iter(torch.autograd.grad(loss, [x for x in inputs if x.requires_grad]))
-            total += loss.detach()
-            for i, (logits, need) in enumerate(zip((student_logits, teacher_logits), needs_grad)):
-                if need:
+            loss, finite, *grads = _lm_chunk(
+                student_logits, teacher_logits, rows, targets[start : start + chunk_size], options, needs_grad
+            )
+            total += loss
+            teacher_finite &= finite
+            for i, (logits, grad) in enumerate(zip((student_logits, teacher_logits), grads)):
+                if grad is not None:
                     if gradients[i] is None:  # allocated at the first chunk: no counted token, no buffer
                         gradients[i] = torch.zeros_like(logits, memory_format=torch.contiguous_format)
-                    gradients[i][rows] = next(grads).to(gradients[i].dtype)
+                    gradients[i][rows] = grad.to(gradients[i].dtype)
         ctx.save_for_backward(*gradients)
-        ctx.mark_non_differentiable(nonfinite_teacher)
-        return total, nonfinite_teacher
+        ctx.mark_non_differentiable(teacher_finite)
+        return total, teacher_finite
 
     @staticmethod
-    def backward(ctx, grad_total, grad_nonfinite):
+    def backward(ctx, grad_total, grad_finite):
         # In place: a scaled copy would be one more (batch, seq, vocab) tensor. The buffers are this graph's own and
         # are freed with it; a second backward through the same graph is refused by autograd's saved-tensor checks.
         gradients = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
-        return gradients[0], gradients[1], None, None, None, None, None
+        return gradients[0], gradients[1], None, None, None, None, None, None
 
 
 def lm_kd_loss(
@@ -874,10 +934,11 @@ def lm_kd_loss(
     batch_index, position_index = (labels != -100).nonzero(as_tuple=True)
     targets = labels[batch_index, position_index].long()
     options = (loss_type, float(beta), float(temperature), float(alpha))
-    total, nonfinite_teacher = _ChunkedLMKDLoss.apply(
-        student_logits, teacher_logits, batch_index, position_index, targets, options, chunk_size
+    total, teacher_finite = _ChunkedLMKDLoss.apply(
+        student_logits, teacher_logits, batch_index, position_index, targets, options, chunk_size,
+        torch.is_grad_enabled(),
     )
-    if nonfinite_teacher.item():
+    if not teacher_finite.item():
         raise ValueError(
             "teacher_logits contain NaN or inf at a counted position: check the teacher's dtype (fp16 overflow) and "
             "inputs"

@@ -431,16 +431,17 @@ def test_lm_all_masked_is_zero_with_zero_gradient():
 
 
 @pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd"])
-@pytest.mark.parametrize("chunk_size", [1, 4, 1000])
-def test_lm_chunked_equals_unchunked_values_and_gradients(loss_type, chunk_size):
+@pytest.mark.parametrize("chunk_size,temperature", [(1, 2.0), (4, 2.0), (1000, 2.0), (5, 1.0)])
+def test_lm_chunked_equals_unchunked_values_and_gradients(loss_type, chunk_size, temperature):
     student, teacher, labels = _lm_data(seed=8)
-    options = dict(loss_type=loss_type, beta=0.3, temperature=2.0, alpha=0.6)
+    options = dict(loss_type=loss_type, beta=0.3, temperature=temperature, alpha=0.6)
 
     s_ref = student.clone().requires_grad_(True)
     t_ref = teacher.clone().requires_grad_(True)
     keep = labels != -100
     # Plain autograd on the whole tensor, written from the definition.
-    p_t, p_s = torch.softmax(t_ref[keep] / 2.0, -1), torch.softmax(s_ref[keep] / 2.0, -1)
+    p_t = torch.softmax(t_ref[keep] / temperature, -1)
+    p_s = torch.softmax(s_ref[keep] / temperature, -1)
     if loss_type == "forward_kl":
         divergence = (p_t * (p_t.log() - p_s.log())).sum(-1)
     elif loss_type == "reverse_kl":
@@ -449,7 +450,7 @@ def test_lm_chunked_equals_unchunked_values_and_gradients(loss_type, chunk_size)
         m = 0.3 * p_t + 0.7 * p_s
         divergence = 0.3 * (p_t * (p_t.log() - m.log())).sum(-1) + 0.7 * (p_s * (p_s.log() - m.log())).sum(-1)
     ce = F.cross_entropy(s_ref[keep], labels[keep], reduction="none")
-    reference = (0.6 * 4.0 * divergence + 0.4 * ce).mean()
+    reference = (0.6 * temperature**2 * divergence + 0.4 * ce).mean()
     reference.backward()
 
     s = student.clone().requires_grad_(True)
@@ -462,13 +463,22 @@ def test_lm_chunked_equals_unchunked_values_and_gradients(loss_type, chunk_size)
     assert not s.grad[labels == -100].any()
 
 
-def test_lm_gradient_only_for_inputs_that_require_it():
+def test_lm_gradient_only_for_inputs_that_require_it(monkeypatch):
     student, teacher, labels = _lm_data(seed=9)
     student.requires_grad_(True)
     lm_kd_loss(student, teacher, labels, chunk_size=2).backward()
     assert student.grad is not None and teacher.grad is None
+    # Under no_grad (evaluation) no chunk gradient is computed at all, even for a tensor that requires grad.
+    from hf_kd import losses
+
+    asked = []
+    chunk = losses._lm_chunk
+    monkeypatch.setattr(losses, "_lm_chunk", lambda *args: asked.append(args[-1]) or chunk(*args))
     with torch.no_grad():
-        assert not lm_kd_loss(student, teacher, labels).requires_grad
+        assert not lm_kd_loss(student, teacher, labels, chunk_size=2).requires_grad
+    assert asked == [(False, False)] * 8  # 16 counted tokens (21 less 5 masked), 2 per chunk
+    lm_kd_loss(student, teacher, labels, chunk_size=8)
+    assert asked[8:] == [(True, False)] * 2
 
 
 def test_lm_non_contiguous_shifted_logits():

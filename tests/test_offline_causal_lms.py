@@ -6,6 +6,7 @@ tests/lm_testing_utils.py).
 
 import hashlib
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -28,7 +29,7 @@ def test_gguf_sources_and_their_packages():
         assert "vocab.txt" not in source.required_files and "model.safetensors" in source.required_files
         assert "de-quantised" in source.description
     # Every package an offline model needs is pinned in requirements-assets.txt (installed --no-deps by make setup).
-    with open("requirements-assets.txt") as assets:
+    with open(Path(__file__).resolve().parents[1] / "requirements-assets.txt") as assets:
         pinned = {line.strip() for line in assets if line.strip() and not line.startswith("#")}
     for source in OFFLINE_MODELS.values():
         assert set(source.requirements) <= pinned
