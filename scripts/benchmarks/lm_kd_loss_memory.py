@@ -2,7 +2,8 @@
 
 Each variant runs forward + backward of the loss on float32 logits of shape (batch, seq, vocab) (defaults: 4 x 256 x
 49,152, SmolLM2's vocabulary; the first quarter of every sequence is prompt, label -100) in a fresh subprocess, so
-that its peak resident memory (`resource.getrusage(...).ru_maxrss`) is its own. Reported "extra peak" is that peak
+that its peak resident memory (`resource.getrusage(...).ru_maxrss`) is its own; glibc's mmap threshold is fixed at
+1 MiB (`MALLOC_MMAP_THRESHOLD_`) so that freed chunk tensors go back to the system at once. Reported "extra peak" is that peak
 minus the resident memory once the inputs exist (student logits, teacher logits, labels: 2 x 201 MB at the
 defaults), so it includes the student's gradient (one more 201 MB tensor), which every variant must produce.
 
@@ -23,6 +24,7 @@ Run (writes the table to stdout; docs/benchmarks/lm_kd_loss.md records one run):
 
 import argparse
 import json
+import os
 import resource
 import statistics
 import subprocess
@@ -120,8 +122,8 @@ def main() -> None:
     parser.add_argument("--batch", type=int, default=4)
     parser.add_argument("--seq", type=int, default=256)
     parser.add_argument("--vocab", type=int, default=49152)
-    parser.add_argument("--chunk-size", type=int, default=256)
-    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[64, 1024], help="extra hf_kd chunk sizes")
+    parser.add_argument("--chunk-size", type=int, default=128)
+    parser.add_argument("--chunk-sizes", type=int, nargs="*", default=[32, 256, 1024], help="extra hf_kd chunk sizes")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--worker", choices=VARIANTS, help=argparse.SUPPRESS)
     parser.add_argument("--case", choices=list(LOSS_CASES), default="forward_kl", help=argparse.SUPPRESS)
@@ -139,7 +141,12 @@ def main() -> None:
         command = [sys.executable, __file__, "--worker", variant, "--case", case, "--chunk-size", str(chunk),
                    "--batch", str(args.batch), "--seq", str(args.seq), "--vocab", str(args.vocab),
                    "--repeats", str(args.repeats)]
-        result = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout.splitlines()[-1])
+        # A fixed mmap threshold: glibc otherwise raises it after each free of a large block and then serves the next
+        # chunks from its heap, whose freed pages it keeps, so the peak RSS would depend on the order of frees
+        # (+-100 MB between identical runs) rather than on the memory that is live at once.
+        environment = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+        result = subprocess.run(command, check=True, capture_output=True, text=True, env=environment)
+        result = json.loads(result.stdout.splitlines()[-1])
         chunk_text = "-" if variant == "naive" else str(chunk)
         print(f"| {case} | {variant} | {chunk_text} | {result['extra_peak_mb']:.0f} | "
               f"{statistics.median(result['seconds']):.2f} | {result['loss']:.6f} |", flush=True)
