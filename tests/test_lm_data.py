@@ -269,3 +269,31 @@ def test_smollm2_tokenizer_on_articles_and_prompts():
     full = lm_chat_dataset("topic")["test"].select(range(30))  # whole articles: some exceed 64 tokens
     with pytest.raises(ValueError, match=r"Row 0: The prompt has \d+ tokens, so nothing of the completion fits"):
         tokenize_lm_dataset(full, tokenizer, max_length=64)
+
+
+@pytest.mark.slow
+def test_smollm2_pieces_fit_together_for_token_level_distillation():
+    """Tokenised chat data -> teacher (SmolLM2) and a 15-layer student -> shifted lm_kd_loss -> student gradients."""
+    import torch
+    from transformers import DataCollatorForSeq2Seq
+
+    from hf_kd.losses import lm_kd_loss
+    from hf_kd.student import make_student
+
+    tokenizer, teacher = lm_testing_utils.tokenizer(), lm_testing_utils.model()
+    student = make_student(teacher, 15).train()
+    data = tokenize_lm_dataset(lm_chat_dataset("sentiment")["validation"].select(range(2)), tokenizer, 128)
+    batch = DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")(
+        [{k: row[k] for k in ("input_ids", "attention_mask", "labels")} for row in data]
+    )
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    student_logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    labels = batch["labels"][:, 1:]  # position t predicts token t + 1
+    loss = lm_kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels, loss_type="jsd", alpha=0.5)
+    assert torch.isfinite(loss) and loss.item() > 0
+    loss.backward()
+    assert student.model.layers[0].self_attn.q_proj.weight.grad.abs().sum() > 0
+    # The teacher answers the sentiment prompts: its loss on the gold answers is low, far below uniform (log 49152).
+    teacher_ce = lm_kd_loss(teacher_logits[:, :-1], teacher_logits[:, :-1], labels, alpha=0.0)
+    assert teacher_ce.item() < 3.0 < np.log(49152)
