@@ -25,8 +25,12 @@ from .trainer import (
     DistillTrainer,
     EarlyExitConfig,
     EarlyExitTrainer,
+    LetKDConfig,
+    LetKDTrainer,
     SelfKDConfig,
     SelfKDTrainer,
+    TinyBERTConfig,
+    TinyBERTTrainer,
 )
 from .version import __version__ as __version__
 
@@ -43,6 +47,8 @@ __all__ = [
     "KDLayerForImageClassification",
     "KDLayerForSequenceClassification",
     "KDLayerImageConfig",
+    "LetKDConfig",
+    "LetKDTrainer",
     "MultiExitConfig",
     "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
@@ -50,6 +56,8 @@ __all__ = [
     "MultiExitLaplace",
     "SelfKDConfig",
     "SelfKDTrainer",
+    "TinyBERTConfig",
+    "TinyBERTTrainer",
     "UncertaintyReport",
     "calibrate_temperature",
     "data",

@@ -11,11 +11,21 @@ of them take the same two arguments that control how per-item losses are reduced
 """
 
 import math
+from enum import Enum
 
 import torch
 import torch.nn.functional as F
 
-__all__ = ["dedier_weights", "kd_layer_loss", "kd_loss", "label_smoothing_targets", "self_kd_loss", "soft_cross_entropy"]
+__all__ = [
+    "LMLossType",
+    "dedier_weights",
+    "kd_layer_loss",
+    "kd_loss",
+    "label_smoothing_targets",
+    "lm_kd_loss",
+    "self_kd_loss",
+    "soft_cross_entropy",
+]
 
 _REDUCTIONS = ("mean", "sum", "none")
 DIVERGENCES = ("kl", "js")
@@ -629,3 +639,312 @@ def self_kd_loss(
             "recalibrated_fraction": recalibrated.sum() / count,
         }
     return loss, {k: v.detach() for k, v in parts.items()}
+
+
+# ----- causal language models: token-level distillation over a vocabulary -----
+
+
+class LMLossType(str, Enum):
+    """The divergence `D` of [`lm_kd_loss`] between the teacher's (`p_T`) and the student's (`p_S`) next-token
+    distributions.
+
+    - `"forward_kl"`: `KL(p_T || p_S)`, mass-covering (Hinton et al., 2015; TRL `beta=0`).
+    - `"reverse_kl"`: `KL(p_S || p_T)`, mode-seeking (MiniLLM, Gu et al., 2024, https://huggingface.co/papers/2306.08543;
+      TRL `beta=1`).
+    - `"jsd"`: the generalised Jensen-Shannon divergence of GKD (Agarwal et al., 2024,
+      https://huggingface.co/papers/2306.13649, Eq. 1) with weight `beta`, in TRL's convention (see [`lm_kd_loss`]).
+    """
+
+    FORWARD_KL = "forward_kl"
+    REVERSE_KL = "reverse_kl"
+    JSD = "jsd"
+
+
+def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """`(a * b).sum(-1)` for `(N, V)` tensors, as N dot products (no `(N, V)` temporary)."""
+    return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[0])
+
+
+def _lm_chunk(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor],
+    targets: torch.Tensor,
+    options: tuple,
+    needs_grad: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Loss sum over the rows `rows` = (batch indices, positions) of the logits, and its gradients w.r.t. those rows.
+
+    Returns `(loss_sum, teacher_all_finite, grad_student_rows, grad_teacher_rows)`, each gradient `(N, V)` in float32
+    (None when not needed). Closed forms, with `a = log p_S`, `b = log p_T` at temperature T, `D` the per-row
+    divergence, and the softmax Jacobian folded in (d/dlogits = (g - p * sum(g)) / T for a gradient g w.r.t. the
+    log-probabilities):
+
+        forward  KL(p_T || p_S):  d/ds = (p_S - p_T) / T                    d/dt = p_T (b - a - D) / T
+        reverse  KL(p_S || p_T):  d/ds = p_S (a - b - D) / T                d/dt = (p_T - p_S) / T
+        jsd      (M = beta p_T + (1 - beta) p_S):
+                                  d/ds = (1 - beta) p_S (a - log M - KL(p_S || M)) / T
+                                  d/dt = beta p_T (b - log M - KL(p_T || M)) / T
+        CE (T = 1):               d/ds = softmax(s) - onehot(label)
+
+    Written with in-place operations so that a chunk holds about five (N, V) float32 tensors at its peak, gathered
+    rows included (docs/benchmarks/lm_kd_loss.md).
+    """
+    loss_type, beta, temperature, alpha = options
+    need_student, need_teacher = needs_grad
+    student = _upcast(student_logits[rows])
+    total = student.new_zeros(())
+    grad_student = grad_teacher = None
+    log_s = None
+    if alpha < 1:  # the CE first: then the gathered student rows can be freed before the divergence's tensors exist
+        log_q = F.log_softmax(student, dim=-1)  # untempered
+        total = total + (1.0 - alpha) * -log_q.gather(-1, targets[:, None]).sum()
+        if alpha > 0 and temperature == 1.0:
+            log_s = log_q
+        if need_student:
+            grad_student = log_q.exp() if log_s is not None else log_q.exp_()
+            grad_student[torch.arange(grad_student.shape[0], device=grad_student.device), targets] -= 1.0
+            grad_student.mul_(1.0 - alpha)
+        del log_q
+    teacher = _upcast(teacher_logits[rows])
+    teacher_finite = torch.isfinite(teacher).all()
+    if alpha == 0:
+        return total, teacher_finite, grad_student, grad_teacher
+    if loss_type is LMLossType.JSD and beta in (0.0, 1.0):
+        # TRL's generalized_jsd_loss special-cases the end points as the two KLs: the mixture formula itself tends to
+        # 0 there (M becomes p_S or p_T), so jsd is discontinuous at beta = 0 and 1, by that convention.
+        loss_type = LMLossType.FORWARD_KL if beta == 0.0 else LMLossType.REVERSE_KL
+    scale = alpha * temperature  # d(alpha T^2 D)/dlogits = alpha T^2 (1/T) (...)
+    if log_s is None:
+        log_s = F.log_softmax(student / temperature if temperature != 1.0 else student, dim=-1)
+    log_t = F.log_softmax(teacher / temperature if temperature != 1.0 else teacher, dim=-1)
+    del student, teacher
+
+    def add_student(grad):
+        nonlocal grad_student
+        grad_student = grad.mul_(scale) if grad_student is None else grad_student.add_(grad, alpha=scale)
+
+    if loss_type is LMLossType.FORWARD_KL:
+        p_t = log_t.exp()
+        difference = log_t.sub_(log_s)  # b - a (log_t is not needed after this)
+        divergence = _row_dot(difference, p_t)
+        if need_teacher:
+            grad_teacher = difference.sub_(divergence[:, None]).mul_(p_t).mul_(scale)
+        del difference
+        if need_student:
+            add_student(log_s.exp_().sub_(p_t))
+    elif loss_type is LMLossType.REVERSE_KL:
+        p_s = log_s.exp()
+        if need_teacher:
+            grad_teacher = log_t.exp().sub_(p_s).mul_(scale)
+        difference = log_s.sub_(log_t)  # a - b (log_s is not needed after this)
+        del log_t
+        divergence = _row_dot(difference, p_s)
+        if need_student:
+            add_student(difference.sub_(divergence[:, None]).mul_(p_s))
+    else:
+        log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+        p_t = log_t.exp()
+        to_teacher = log_t.sub_(log_m)  # b - log M (log_t is not needed after this)
+        kl_teacher = _row_dot(to_teacher, p_t)
+        if need_teacher:
+            grad_teacher = to_teacher.sub_(kl_teacher[:, None]).mul_(p_t).mul_(beta * scale)
+        del to_teacher, p_t
+        p_s = log_s.exp()
+        to_student = log_s.sub_(log_m)  # a - log M
+        del log_m
+        kl_student = _row_dot(to_student, p_s)
+        if need_student:
+            add_student(to_student.sub_(kl_student[:, None]).mul_(p_s).mul_(1.0 - beta))
+        divergence = beta * kl_teacher + (1.0 - beta) * kl_student
+    total = total + alpha * temperature**2 * divergence.sum()
+    return total, teacher_finite, grad_student, grad_teacher
+
+
+class _ChunkedLMKDLoss(torch.autograd.Function):
+    """Sum of the per-token losses over the counted positions, computed `chunk_size` rows at a time.
+
+    The gradient of each chunk is computed in closed form right after its loss ([`_lm_chunk`]) and written into one
+    buffer shaped like the input logits; `backward` only scales that buffer. So the float32 intermediates of a chunk
+    are freed before the next chunk starts: nothing of size `(batch, seq, vocab)` is kept for backward except the
+    gradient itself, which autograd needs in any case. (Plain autograd through the chunks keeps every chunk's
+    intermediates until backward, i.e. several full-size float32 tensors; checkpointing each chunk frees them but
+    runs every chunk's forward twice: see docs/benchmarks/lm_kd_loss.md.)
+    """
+
+    @staticmethod
+    def forward(ctx, student_logits, teacher_logits, batch_index, position_index, targets, options, chunk_size,
+                grad_enabled):
+        # forward always runs with grad mode off: whether the caller records a graph comes in as `grad_enabled`.
+        needs_grad = tuple(need and grad_enabled for need in ctx.needs_input_grad[:2])
+        gradients = [None, None]
+        total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
+        teacher_finite = torch.ones((), dtype=torch.bool, device=student_logits.device)
+        for start in range(0, targets.shape[0], chunk_size):
+            rows = (batch_index[start : start + chunk_size], position_index[start : start + chunk_size])
+            loss, finite, *grads = _lm_chunk(
+                student_logits, teacher_logits, rows, targets[start : start + chunk_size], options, needs_grad
+            )
+            total += loss
+            teacher_finite &= finite
+            for i, (logits, grad) in enumerate(zip((student_logits, teacher_logits), grads)):
+                if grad is not None:
+                    if gradients[i] is None:  # allocated at the first chunk: no counted token, no buffer
+                        gradients[i] = torch.zeros_like(logits, memory_format=torch.contiguous_format)
+                    gradients[i][rows] = grad.to(gradients[i].dtype)
+        ctx.save_for_backward(*gradients)
+        ctx.mark_non_differentiable(teacher_finite)
+        return total, teacher_finite
+
+    @staticmethod
+    def backward(ctx, grad_total, grad_finite):
+        # In place: a scaled copy would be one more (batch, seq, vocab) tensor. The buffers are this graph's own and
+        # are freed with it; a second backward through the same graph is refused by autograd's saved-tensor checks.
+        gradients = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
+        return gradients[0], gradients[1], None, None, None, None, None, None
+
+
+def lm_kd_loss(
+    student_logits: torch.Tensor,
+    teacher_logits: torch.Tensor,
+    labels: torch.Tensor,
+    loss_type: LMLossType | str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    chunk_size: int = 128,
+) -> torch.Tensor:
+    r"""
+    Token-level distillation loss of a causal language model, computed in chunks of tokens.
+
+    For every counted position `i` (`labels[i] != -100`), with `p_T = softmax(teacher_logits[i] / T)` and
+    `p_S = softmax(student_logits[i] / T)`:
+
+    ```
+    loss_i = alpha * T^2 * D(p_T, p_S) + (1 - alpha) * CE(labels[i], softmax(student_logits[i]))
+    loss   = sum_i loss_i / num_items_in_batch    (or / the number of counted positions when it is not given)
+    ```
+
+    with `D` chosen by `loss_type`:
+
+    - `"forward_kl"`: `KL(p_T || p_S)`;
+    - `"reverse_kl"`: `KL(p_S || p_T)`;
+    - `"jsd"`: `beta * KL(p_T || M) + (1 - beta) * KL(p_S || M)` with `M = beta * p_T + (1 - beta) * p_S`, the
+      generalised JSD of GKD (Agarwal et al., 2024, https://huggingface.co/papers/2306.13649, Eq. 1) as TRL's
+      `generalized_jsd_loss` defines it, including its end points: `beta=0` **is** `KL(p_T || p_S)` and `beta=1`
+      **is** `KL(p_S || p_T)` (TRL special-cases them; the formula itself would tend to 0 there). `beta=0.5` is the
+      ordinary Jensen-Shannon divergence.
+
+    Differences from TRL's `GKDTrainer` loss: the temperature applies to both distributions *and* the divergence is
+    scaled by `T^2` (Hinton's convention, as in [`kd_loss`]; TRL divides by T but does not rescale), and a
+    cross-entropy term on the gold tokens can be mixed in with `alpha` (TRL has none; `alpha=1`, the default, is pure
+    distillation). The cross-entropy is always at temperature 1. All natural logs, summed over the vocabulary.
+
+    Memory: only the counted rows are gathered, `chunk_size` tokens at a time, and upcast to float32 chunk by chunk;
+    each chunk's gradient is computed at once, in closed form, and written into one buffer shaped like
+    `student_logits` (what autograd needs anyway), so no other full-size `(batch, seq, vocab)` tensor is made, in the
+    forward or for the backward (measured in docs/benchmarks/lm_kd_loss.md). The result is differentiable once with
+    respect to `student_logits` (and `teacher_logits` if it requires grad); double backward is not supported. Under
+    `torch.no_grad()` no gradient is computed.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, seq, vocab)`):
+            Student logits, any float dtype (computed in float32 or wider).
+        teacher_logits (`torch.Tensor` of shape `(batch, seq, vocab)`):
+            Teacher logits over the **same vocabulary** (same tokenizer). Pass them detached (or computed under
+            `torch.no_grad()`) unless the teacher is trained too.
+        labels (`torch.Tensor` of shape `(batch, seq)` and integer dtype):
+            Gold next tokens **already aligned with the logits**: `labels[b, i]` is the token that position `i`
+            predicts. The caller does the causal shift (a model's own `labels` are the input ids; pass
+            `logits[:, :-1]` with `labels[:, 1:]`). `-100` marks positions that count for nothing (prompt, padding).
+        loss_type (`LMLossType` or `str`, *optional*, defaults to `"forward_kl"`):
+            `"forward_kl"`, `"reverse_kl"` or `"jsd"`, see above.
+        beta (`float`, *optional*, defaults to `0.5`):
+            Weight of the teacher in the mixture of `"jsd"`, in `[0, 1]` (ignored by the other loss types).
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Softmax temperature `T > 0` of the divergence.
+        alpha (`float`, *optional*, defaults to `1.0`):
+            Weight of the divergence, in `[0, 1]`; the cross-entropy gets `1 - alpha`. `alpha=0` is plain
+            next-token cross-entropy on the counted tokens.
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+            Number of counted tokens over all gradient-accumulation micro-batches (and devices), as
+            [`~transformers.Trainer`] passes it to `compute_loss`; the loss is then `sum / num_items_in_batch`, so
+            summing the micro-batch losses gives the mean over the effective batch (TRL #4719, #6006).
+        chunk_size (`int`, *optional*, defaults to `128`):
+            Number of tokens processed at once. Besides the gradient buffer, the peak extra memory is about five
+            float32 `(chunk_size, vocab)` tensors (~120 MB at 128 x 49,152, SmolLM2; ~640 MB at 128 x 262,144,
+            Gemma 3); smaller chunks were no slower on CPU down to 32. The result does not depend on it beyond float
+            rounding.
+
+    Returns:
+        `torch.Tensor`: a scalar in float32 (float64 for float64 logits); 0 when no position is counted.
+
+    Raises:
+        `ValueError`: logits that are not 3-D or whose `(batch, seq)` differ, different vocabulary sizes, `labels` not
+        of shape `(batch, seq)` or not integer, a label outside `[0, vocab)` and not `-100`, an unknown `loss_type`,
+        `beta` or `alpha` outside `[0, 1]`, `temperature <= 0`, `chunk_size < 1`, or NaN/inf teacher logits at a
+        counted position. `TypeError`: an argument that is not a tensor.
+
+    Example:
+
+    ```python
+    >>> import torch
+    >>> from hf_kd.losses import lm_kd_loss
+    >>> logits = torch.randn(2, 5, 11)
+    >>> labels = torch.tensor([[-100, 3, 4, 5, -100], [-100, -100, 1, 2, 3]])
+    >>> lm_kd_loss(logits, logits, labels).item()  # KL(p || p) = 0
+    0.0
+    ```
+    """
+    try:
+        loss_type = LMLossType(loss_type)
+    except ValueError:
+        raise ValueError(
+            f"loss_type must be one of {[t.value for t in LMLossType]}, got {loss_type!r}"
+        ) from None
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0.0, 1.0], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0.0, 1.0], got {alpha}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    _check_tensors(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
+    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
+        if logits.dim() != 3:
+            raise ValueError(f"{name} must have shape (batch, seq, vocab), got {tuple(logits.shape)}")
+    if student_logits.shape[:2] != teacher_logits.shape[:2]:
+        raise ValueError(
+            "student_logits and teacher_logits must have the same (batch, seq), got "
+            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+        )
+    vocab = student_logits.shape[-1]
+    if teacher_logits.shape[-1] != vocab:
+        raise ValueError(
+            f"The student's vocabulary has {vocab} entries and the teacher's {teacher_logits.shape[-1]}: token-level "
+            "distillation needs the same vocabulary (same tokenizer) on both sides. Distil between models of one "
+            "family, or pad the smaller embedding matrix if one tokenizer only extends the other."
+        )
+    if labels.shape != student_logits.shape[:2]:
+        raise ValueError(
+            f"labels must have shape {tuple(student_logits.shape[:2])} (the logits' batch and seq), got "
+            f"{tuple(labels.shape)}"
+        )
+    _check_class_labels(labels, vocab)
+
+    batch_index, position_index = (labels != -100).nonzero(as_tuple=True)
+    targets = labels[batch_index, position_index].long()
+    options = (loss_type, float(beta), float(temperature), float(alpha))
+    total, teacher_finite = _ChunkedLMKDLoss.apply(
+        student_logits, teacher_logits, batch_index, position_index, targets, options, chunk_size,
+        torch.is_grad_enabled(),
+    )
+    if not teacher_finite.item():
+        raise ValueError(
+            "teacher_logits contain NaN or inf at a counted position: check the teacher's dtype (fp16 overflow) and "
+            "inputs"
+        )
+    count = torch.tensor(targets.shape[0], device=total.device)
+    return total / _normalizer(num_items_in_batch, count)

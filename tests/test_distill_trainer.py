@@ -13,7 +13,7 @@ from hf_kd.teacher import TEACHER_LOGITS_COLUMN, build_token_id_map
 from .testing_utils import WORDS, tiny_bert, tiny_dataset, tiny_tokenizer
 
 
-def make_args(tmp_path, **kwargs):
+def make_args(tmp_path, config_class=DistillConfig, **kwargs):
     defaults = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
@@ -29,12 +29,13 @@ def make_args(tmp_path, **kwargs):
         teacher_logits_cache_dir=str(tmp_path / "cache"),
     )
     defaults.update(kwargs)
-    return DistillConfig(**defaults)
+    return config_class(**defaults)
 
 
-def make_trainer(tmp_path, teacher, args=None, student=None, train=None, eval_=None, **kwargs):
+def make_trainer(tmp_path, teacher, args=None, student=None, train=None, eval_=None, trainer_class=DistillTrainer,
+                 **kwargs):
     tokenizer = kwargs.pop("processing_class", tiny_tokenizer(tmp_path))
-    return DistillTrainer(
+    return trainer_class(
         model=student if student is not None else tiny_bert(seed=1),
         args=args if args is not None else make_args(tmp_path),
         teacher_model=teacher,

@@ -105,6 +105,16 @@ class TestEarlyExitConfig:
         )
         assert args.teacher_model_name_or_path == "t" and args.cache_teacher_logits
 
+    def test_choice_options_are_enums_given_as_strings_or_members(self, tmp_path):
+        from hf_kd.trainer.early_exit_config import DedierReadoutOptimizer, DistillFrom, ExitLossWeighting
+
+        args = EarlyExitConfig(output_dir=str(tmp_path), distill_from="final_exit", exit_loss_weights="linear")
+        assert args.distill_from is DistillFrom.FINAL_EXIT and args.exit_loss_weights is ExitLossWeighting.LINEAR
+        args = EarlyExitConfig(output_dir=str(tmp_path), distill_from=DistillFrom.TEACHER, dedier=True,
+                               dedier_readout_optimizer="sgd")
+        assert args.distill_from == "teacher" and args.dedier_readout_optimizer is DedierReadoutOptimizer.SGD
+        assert args.to_dict()["distill_from"] == "teacher" and f"{args.distill_from}" == "teacher"
+
     def test_wrong_number_of_weights_is_an_error(self, tmp_path):
         with pytest.raises(ValueError, match="exit_loss_weights has 2 weights but the model has 3 exits"):
             make_trainer(tmp_path, args=make_args(tmp_path, exit_loss_weights=[1.0, 2.0]))

@@ -177,7 +177,7 @@ def test_trainer_fit_evaluate_save_and_card(tmp_path):
 
     from hf_kd import EarlyExitTrainer
     from hf_kd.metrics import expected_calibration_error, negative_log_likelihood
-    from hf_kd.trainer.mixins import plain_loader
+    from hf_kd.trainer.full_pass import plain_loader
 
     from .test_early_exit_trainer import make_args
     from .test_early_exit_trainer import tiny_multi_exit as trainer_model

@@ -298,3 +298,274 @@ def test_label_smoothing_and_soft_ce_validation():
         soft_cross_entropy(torch.zeros(6, 5), torch.zeros(6, 4))
     with pytest.raises(ValueError, match="avg"):
         soft_cross_entropy(torch.zeros(6, 5), torch.zeros(6, 5), reduction="avg")
+
+
+# ----- lm_kd_loss: token-level distillation of causal LMs -----
+
+from scipy.spatial.distance import jensenshannon  # noqa: E402
+from scipy.special import rel_entr  # noqa: E402
+
+from hf_kd.losses import LMLossType, lm_kd_loss  # noqa: E402
+
+B, L, V = 3, 7, 11
+
+
+def _lm_data(seed=0, dtype=torch.float64, scale=2.0):
+    g = torch.Generator().manual_seed(seed)
+    student = torch.randn(B, L, V, generator=g, dtype=dtype) * scale
+    teacher = torch.randn(B, L, V, generator=g, dtype=dtype) * scale
+    labels = torch.randint(0, V, (B, L), generator=g)
+    labels[0, :3] = -100  # a prompt
+    labels[2, 5:] = -100  # padding
+    return student, teacher, labels
+
+
+def _scipy_divergence(p_t, p_s, loss_type, beta):
+    """Per-token divergence with scipy on numpy rows (natural log)."""
+    if loss_type == "forward_kl" or (loss_type == "jsd" and beta == 0):
+        return rel_entr(p_t, p_s).sum(-1)
+    if loss_type == "reverse_kl" or beta == 1:
+        return rel_entr(p_s, p_t).sum(-1)
+    m = beta * p_t + (1 - beta) * p_s
+    return beta * rel_entr(p_t, m).sum(-1) + (1 - beta) * rel_entr(p_s, m).sum(-1)
+
+
+def _reference_lm_loss(student, teacher, labels, loss_type, beta=0.5, temperature=1.0, alpha=1.0):
+    """The loss from its definition, token by token with scipy (float64 numpy)."""
+    mask = labels != -100
+    s, t, y = student[mask].double(), teacher[mask].double(), labels[mask]
+    p_s = torch.softmax(s / temperature, -1).numpy()
+    p_t = torch.softmax(t / temperature, -1).numpy()
+    divergence = _scipy_divergence(p_t, p_s, loss_type, beta)
+    ce = -torch.log_softmax(s, -1).gather(-1, y[:, None]).squeeze(-1).numpy()
+    return (alpha * temperature**2 * divergence + (1 - alpha) * ce).sum(), int(mask.sum())
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd"])
+def test_lm_identical_logits_give_zero(loss_type):
+    student, _, labels = _lm_data()
+    loss = lm_kd_loss(student, student.clone(), labels, loss_type=loss_type, temperature=2.0, beta=0.3)
+    assert loss.item() == pytest.approx(0.0, abs=1e-12)
+
+
+@pytest.mark.parametrize(
+    "loss_type,beta,temperature,alpha",
+    [
+        ("forward_kl", 0.5, 1.0, 1.0),
+        ("reverse_kl", 0.5, 1.0, 1.0),
+        ("jsd", 0.5, 1.0, 1.0),
+        ("jsd", 0.1, 2.0, 1.0),
+        ("jsd", 0.9, 0.5, 0.7),
+        ("forward_kl", 0.5, 3.0, 0.25),
+        ("reverse_kl", 0.5, 1.5, 0.6),
+    ],
+)
+def test_lm_matches_scipy(loss_type, beta, temperature, alpha):
+    student, teacher, labels = _lm_data(seed=1)
+    total, count = _reference_lm_loss(student, teacher, labels, loss_type, beta, temperature, alpha)
+    loss = lm_kd_loss(student, teacher, labels, loss_type, beta=beta, temperature=temperature, alpha=alpha)
+    assert loss.dtype == torch.float64
+    assert loss.item() == pytest.approx(total / count, rel=1e-10)
+
+
+def test_lm_jsd_half_is_scipy_jensenshannon_squared():
+    # scipy's jensenshannon is the square root of the beta = 0.5 divergence (natural log by default).
+    student, teacher, labels = _lm_data(seed=2)
+    mask = labels != -100
+    p_s = torch.softmax(student[mask], -1).numpy()
+    p_t = torch.softmax(teacher[mask], -1).numpy()
+    expected = (jensenshannon(p_t, p_s, axis=-1) ** 2).mean()
+    assert lm_kd_loss(student, teacher, labels, "jsd", beta=0.5).item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_lm_jsd_end_points_are_trl_kls():
+    # TRL's generalized_jsd_loss: beta = 0 is KL(teacher || student), beta = 1 is KL(student || teacher).
+    student, teacher, labels = _lm_data(seed=3)
+    forward = lm_kd_loss(student, teacher, labels, "forward_kl")
+    reverse = lm_kd_loss(student, teacher, labels, "reverse_kl")
+    torch.testing.assert_close(lm_kd_loss(student, teacher, labels, "jsd", beta=0.0), forward)
+    torch.testing.assert_close(lm_kd_loss(student, teacher, labels, "jsd", beta=1.0), reverse)
+    assert forward.item() != pytest.approx(reverse.item(), rel=1e-3)  # the two directions do differ here
+    # The mixture formula itself vanishes towards the ends (M -> p_S or p_T): the end points are a convention.
+    assert lm_kd_loss(student, teacher, labels, "jsd", beta=1e-6).item() < 1e-4
+
+
+def test_lm_alpha_zero_is_completion_cross_entropy():
+    student, teacher, labels = _lm_data(seed=4)
+    expected = F.cross_entropy(student.reshape(-1, V), labels.reshape(-1), ignore_index=-100)
+    for loss_type in LMLossType:
+        loss = lm_kd_loss(student, teacher, labels, loss_type, temperature=4.0, alpha=0.0)
+        torch.testing.assert_close(loss, expected)
+
+
+def test_lm_temperature_squared_factor():
+    student, teacher, labels = _lm_data(seed=5)
+    temperature = 3.0
+    scaled = lm_kd_loss(student, teacher, labels, temperature=temperature)
+    # T^2 * KL of the tempered distributions == KL of logits / T at T = 1, times T^2.
+    unscaled = lm_kd_loss(student / temperature, teacher / temperature, labels, temperature=1.0)
+    torch.testing.assert_close(scaled, temperature**2 * unscaled)
+
+
+def test_lm_masked_positions_ignored():
+    student, teacher, labels = _lm_data(seed=6)
+    loss = lm_kd_loss(student, teacher, labels, "jsd", alpha=0.5)
+    # Anything at ignored positions, even NaN/inf, changes nothing.
+    mask = (labels == -100).unsqueeze(-1).expand_as(student)
+    poisoned_student = student.masked_fill(mask, float("nan"))
+    poisoned_teacher = teacher.masked_fill(mask, float("inf"))
+    torch.testing.assert_close(lm_kd_loss(poisoned_student, poisoned_teacher, labels, "jsd", alpha=0.5), loss)
+    # Same as the loss on the counted tokens gathered into one sequence.
+    keep = labels != -100
+    flat = lm_kd_loss(student[keep][None], teacher[keep][None], labels[keep][None], "jsd", alpha=0.5)
+    torch.testing.assert_close(flat, loss)
+
+
+def test_lm_all_masked_is_zero_with_zero_gradient():
+    student, teacher, labels = _lm_data(seed=7)
+    student.requires_grad_(True)
+    loss = lm_kd_loss(student, teacher, torch.full_like(labels, -100))
+    assert loss.item() == 0.0
+    loss.backward()
+    assert student.grad is None or not student.grad.any()
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk_size,temperature", [(1, 2.0), (4, 2.0), (1000, 2.0), (5, 1.0)])
+def test_lm_chunked_equals_unchunked_values_and_gradients(loss_type, chunk_size, temperature):
+    student, teacher, labels = _lm_data(seed=8)
+    options = dict(loss_type=loss_type, beta=0.3, temperature=temperature, alpha=0.6)
+
+    s_ref = student.clone().requires_grad_(True)
+    t_ref = teacher.clone().requires_grad_(True)
+    keep = labels != -100
+    # Plain autograd on the whole tensor, written from the definition.
+    p_t = torch.softmax(t_ref[keep] / temperature, -1)
+    p_s = torch.softmax(s_ref[keep] / temperature, -1)
+    if loss_type == "forward_kl":
+        divergence = (p_t * (p_t.log() - p_s.log())).sum(-1)
+    elif loss_type == "reverse_kl":
+        divergence = (p_s * (p_s.log() - p_t.log())).sum(-1)
+    else:
+        m = 0.3 * p_t + 0.7 * p_s
+        divergence = 0.3 * (p_t * (p_t.log() - m.log())).sum(-1) + 0.7 * (p_s * (p_s.log() - m.log())).sum(-1)
+    ce = F.cross_entropy(s_ref[keep], labels[keep], reduction="none")
+    reference = (0.6 * temperature**2 * divergence + 0.4 * ce).mean()
+    reference.backward()
+
+    s = student.clone().requires_grad_(True)
+    t = teacher.clone().requires_grad_(True)
+    loss = lm_kd_loss(s, t, labels, chunk_size=chunk_size, **options)
+    (2.5 * loss).backward()  # the upstream gradient scales both buffers
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(s.grad, 2.5 * s_ref.grad)
+    torch.testing.assert_close(t.grad, 2.5 * t_ref.grad)
+    assert not s.grad[labels == -100].any()
+
+
+def test_lm_gradient_only_for_inputs_that_require_it(monkeypatch):
+    student, teacher, labels = _lm_data(seed=9)
+    student.requires_grad_(True)
+    lm_kd_loss(student, teacher, labels, chunk_size=2).backward()
+    assert student.grad is not None and teacher.grad is None
+    # Under no_grad (evaluation) no chunk gradient is computed at all, even for a tensor that requires grad.
+    from hf_kd import losses
+
+    asked = []
+    chunk = losses._lm_chunk
+    monkeypatch.setattr(losses, "_lm_chunk", lambda *args: asked.append(args[-1]) or chunk(*args))
+    with torch.no_grad():
+        assert not lm_kd_loss(student, teacher, labels, chunk_size=2).requires_grad
+    assert asked == [(False, False)] * 8  # 16 counted tokens (21 less 5 masked), 2 per chunk
+    lm_kd_loss(student, teacher, labels, chunk_size=8)
+    assert asked[8:] == [(True, False)] * 2
+
+
+def test_lm_non_contiguous_shifted_logits():
+    # The caller's causal shift, logits[:, :-1] with labels[:, 1:], gives a non-contiguous view.
+    student, teacher, labels = _lm_data(seed=10)
+    full = student.clone().requires_grad_(True)
+    loss = lm_kd_loss(full[:, :-1], teacher[:, :-1], labels[:, 1:], alpha=0.5)
+    loss.backward()
+    expected = lm_kd_loss(full[:, :-1].contiguous(), teacher[:, :-1].contiguous(), labels[:, 1:], alpha=0.5)
+    torch.testing.assert_close(loss, expected)
+    assert full.grad.shape == student.shape and not full.grad[:, -1].any()
+
+
+def test_lm_num_items_in_batch_makes_micro_batches_sum_to_full_mean():
+    student, teacher, labels = _lm_data(seed=11)
+    full = lm_kd_loss(student, teacher, labels, "jsd", alpha=0.8)
+    total = int((labels != -100).sum())
+    parts = [
+        lm_kd_loss(student[i : i + 1], teacher[i : i + 1], labels[i : i + 1], "jsd", alpha=0.8, num_items_in_batch=n)
+        for i in range(B)
+        for n in (total, torch.tensor(total))
+    ]
+    torch.testing.assert_close(sum(parts[::2]), full)
+    torch.testing.assert_close(sum(parts[1::2]), full)
+    # Without it each micro-batch is its own mean.
+    counts = (labels != -100).sum(-1)
+    sums = [lm_kd_loss(student[i : i + 1], teacher[i : i + 1], labels[i : i + 1], "jsd", alpha=0.8) * counts[i]
+            for i in range(B)]
+    torch.testing.assert_close(sum(sums) / total, full)
+
+
+def test_lm_bfloat16_logits_are_computed_in_float32():
+    student, teacher, labels = _lm_data(seed=12, dtype=torch.float32)
+    s16 = student.bfloat16().requires_grad_(True)
+    loss = lm_kd_loss(s16, teacher.bfloat16(), labels, "reverse_kl")
+    assert loss.dtype == torch.float32
+    expected = lm_kd_loss(s16.detach().float(), teacher.bfloat16().float(), labels, "reverse_kl")
+    torch.testing.assert_close(loss, expected)
+    loss.backward()
+    assert s16.grad.dtype == torch.bfloat16
+
+
+def test_lm_loss_type_enum_and_string_agree():
+    student, teacher, labels = _lm_data(seed=13)
+    assert LMLossType("jsd") is LMLossType.JSD and LMLossType.JSD == "jsd"
+    torch.testing.assert_close(
+        lm_kd_loss(student, teacher, labels, LMLossType.REVERSE_KL), lm_kd_loss(student, teacher, labels, "reverse_kl")
+    )
+
+
+@pytest.mark.parametrize(
+    "kwargs,message",
+    [
+        ({"loss_type": "kl"}, r"loss_type must be one of \['forward_kl', 'reverse_kl', 'jsd'\], got 'kl'"),
+        ({"beta": 1.5}, "beta must be in \\[0.0, 1.0\\], got 1.5"),
+        ({"beta": -0.1}, "beta must be in"),
+        ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
+        ({"alpha": 1.2}, "alpha must be in \\[0.0, 1.0\\], got 1.2"),
+        ({"chunk_size": 0}, "chunk_size must be a positive int, got 0"),
+        ({"num_items_in_batch": 0}, "num_items_in_batch must be a positive int"),
+    ],
+)
+def test_lm_bad_arguments_raise(kwargs, message):
+    student, teacher, labels = _lm_data()
+    with pytest.raises(ValueError, match=message):
+        lm_kd_loss(student, teacher, labels, **kwargs)
+
+
+def test_lm_bad_shapes_and_labels_raise():
+    student, teacher, labels = _lm_data()
+    with pytest.raises(ValueError, match=r"vocabulary has 11 entries and the teacher's 12"):
+        lm_kd_loss(student, torch.randn(B, L, 12), labels)
+    with pytest.raises(ValueError, match=r"same \(batch, seq\), got \(3, 7, 11\) and \(3, 6, 11\)"):
+        lm_kd_loss(student, teacher[:, :6], labels)
+    with pytest.raises(ValueError, match=r"student_logits must have shape \(batch, seq, vocab\), got \(21, 11\)"):
+        lm_kd_loss(student.reshape(-1, V), teacher.reshape(-1, V), labels.reshape(-1))
+    with pytest.raises(ValueError, match=r"labels must have shape \(3, 7\)"):
+        lm_kd_loss(student, teacher, labels[:, 1:])
+    bad = labels.clone()
+    bad[1, 2] = V
+    with pytest.raises(ValueError, match=r"labels must be in \[0, 11\) or -100"):
+        lm_kd_loss(student, teacher, bad)
+    with pytest.raises(ValueError, match="integer tensor"):
+        lm_kd_loss(student, teacher, labels.double())
+    with pytest.raises(TypeError, match="labels must be a torch.Tensor"):
+        lm_kd_loss(student, teacher, labels.tolist())
+    nan_teacher = teacher.clone()
+    nan_teacher[1, 1, 0] = float("nan")
+    with pytest.raises(ValueError, match="teacher_logits contain NaN or inf at a counted position"):
+        lm_kd_loss(student, nan_teacher, labels)

@@ -140,8 +140,10 @@ def test_tinybert_recipes_parse(recipe, intermediate, cached):
     sys.path.insert(0, str(ROOT / "trainers"))
     from distill import parse
 
+    from hf_kd import TinyBERTConfig
+
     script_args, args, _lora_args = parse([str(ROOT / "trainers" / "configs" / f"{recipe}.yaml")])
-    assert script_args.method == "kd"
+    assert script_args.method == "tinybert" and isinstance(args, TinyBERTConfig)
     assert args.uses_intermediate_losses is intermediate and args.cache_teacher_logits is cached
     assert (args.prediction_loss_weight == 0.0) is intermediate
 

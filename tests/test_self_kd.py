@@ -352,6 +352,15 @@ class TestSelfKDConfig:
         assert (args.kd_lambda, args.recalibration_percent, args.distill_divergence) == (0.4, 5.0, "js")
         assert args.source_layer_side == "before_drop" and args.min_train_epochs == 4
 
+    def test_choice_options_are_enums_given_as_strings_or_members(self, tmp_path):
+        from hf_kd.trainer.self_kd_config import AmbiguityScore, DistillDivergence, RecalibrationTiming
+
+        args = make_args(tmp_path, distill_divergence="js", ambiguity_score=AmbiguityScore.LOWER_MEAN)
+        assert args.distill_divergence is DistillDivergence.JS and args.ambiguity_score is AmbiguityScore.LOWER_MEAN
+        assert args.recalibration_timing is RecalibrationTiming.END and args.to_dict()["ambiguity_score"] == "lower_mean"
+        with pytest.raises(ValueError, match=r"other_exits must be one of \('ce', 'none'\), got 'mse'"):
+            make_args(tmp_path, other_exits="mse")
+
     def test_min_train_epochs(self, tmp_path):
         assert make_args(tmp_path, warmup_max_epochs=3).min_train_epochs == 5
         assert make_args(tmp_path, warmup_max_epochs=3, recalibration_percent=0).min_train_epochs == 4

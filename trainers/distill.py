@@ -5,8 +5,11 @@
     --method kd    distil `--teacher_model_name_or_path` into `--model_name_or_path` with hf_kd.DistillTrainer.
                    KD, born-again KD and reverse KD differ only in the pair: big teacher -> small student, same
                    architecture, small teacher -> big student (see trainers/configs/).
+    --method tinybert  the same with hf_kd.TinyBERTTrainer: TinyBERT's intermediate-layer losses (Jiao et al., 2020,
+                   https://huggingface.co/papers/1909.10351; recipes trainers/configs/tinybert_*).
 
-Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is accepted. Examples:
+Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is accepted, and with --method tinybert every
+flag of hf_kd.TinyBERTConfig. Examples:
 
     python trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml
     accelerate launch --multi_gpu --num_processes 2 trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml
@@ -43,6 +46,7 @@ from hf_kd.peft_utils import LoraArguments
 # its names stay importable from here.
 from hf_kd.recipes import (  # noqa: F401
     DATASETS,
+    DISTILL_METHODS,
     METHODS,
     DataArguments,
     ScriptArguments,
@@ -54,9 +58,10 @@ from hf_kd.recipes import (  # noqa: F401
 )
 
 
-def parse(argv=None, dataclass_types=(ScriptArguments, DistillConfig, LoraArguments)):
-    """Parse `[recipe.yaml] [--flag value ...]`: the YAML recipe's keys as flags, overridden by the flags after it."""
-    parser = HfArgumentParser(dataclass_types)
+def parse(argv=None, dataclass_types=None):
+    """Parse `[recipe.yaml] [--flag value ...]`: the YAML recipe's keys as flags, overridden by the flags after it.
+    `dataclass_types` defaults to `(ScriptArguments, <the method's config>, LoraArguments)`, the config being
+    `TinyBERTConfig` for `--method tinybert` and `DistillConfig` otherwise."""
     argv = sys.argv[1:] if argv is None else list(argv)
     # The `deepspeed` launcher puts --local_rank=N before the script's own arguments.
     launcher = [a for a in argv if a.startswith("--local_rank=")]
@@ -74,7 +79,17 @@ def parse(argv=None, dataclass_types=(ScriptArguments, DistillConfig, LoraArgume
             else:
                 flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
         argv = flags + list(argv[1:])
-    return parser.parse_args_into_dataclasses(args=argv)
+    if dataclass_types is None:
+        # The last --method wins, as in argparse; --method=x is read too.
+        method = "kd"
+        for i, arg in enumerate(argv):
+            if arg == "--method" and i + 1 < len(argv):
+                method = argv[i + 1]
+            elif arg.startswith("--method="):
+                method = arg.split("=", 1)[1]
+        config_class = DISTILL_METHODS.get(method, (DistillConfig,))[0]
+        dataclass_types = (ScriptArguments, config_class, LoraArguments)
+    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
 
 
 if __name__ == "__main__":

@@ -1,5 +1,10 @@
-"""`_BaseTrainer`: what every hf_kd trainer adds to [`~transformers.Trainer`] besides its loss: PEFT students and the
-model card.
+"""`_BaseTrainer`: what every hf_kd trainer adds to [`~transformers.Trainer`] besides its loss: PEFT students, logged
+loss parts, the model card.
+
+Logged loss parts: a trainer's `compute_loss` appends detached scalars to `self._metrics[mode][name]`; `log()` logs
+their mean over this process's batches since the last log, prefixed at evaluation with its `metric_key_prefix`
+(`eval_`, `test_`, ...), as TRL's trainers do. Losses are normalised by `num_items_in_batch` in `compute_loss`
+(`model_accepts_loss_kwargs = True`) and rescaled for DDP by [`~_BaseTrainer._scale_for_processes`].
 
 PEFT: `peft_config=` wraps the student with [`hf_kd.peft_utils.prepare_peft_model`] before `Trainer.__init__` (as TRL
 does), so that hf_kd's heads train and are saved with the adapter; an already wrapped `PeftModel` is checked for
@@ -25,6 +30,7 @@ from __future__ import annotations
 
 import copy
 import os
+from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
@@ -127,7 +133,10 @@ class _BaseTrainer(Trainer):
 
     Subclasses set `_tag_names` (card tags), `_name` (method name), `_paper` (`{"title", "id", "citation"}`) and,
     when they report method-specific settings, override [`~_BaseTrainer._model_card_info`]. They pass `peft_config`
-    through to this `__init__` (keyword), which every hf_kd trainer accepts.
+    through to this `__init__` (keyword), which every hf_kd trainer accepts. `_extra_columns` names the dataset
+    columns their `compute_loss` pops (e.g. `teacher_logits`), kept through Trainer's removal of the columns the
+    model's forward does not take. Loss parts appended to `self._metrics[mode][name]` in `compute_loss` are logged
+    (see the module docstring).
 
     Args:
         model (`nn.Module`):
@@ -147,6 +156,8 @@ class _BaseTrainer(Trainer):
     _paper: dict = {}
     _model_card_template: str | None = None  # None: the template of the model's task (hf_kd.hub.TASKS)
     _resumed_from: str | None = None  # the checkpoint folder of the current train(), for error messages
+    _extra_columns: tuple[str, ...] = ()
+    _eval_prefix: str | None = None  # the metric_key_prefix of the evaluation in progress, for log()
 
     def __init__(self, model=None, args=None, *positional, peft_config=None, **kwargs):
         if model is None and peft_config is not None:
@@ -165,6 +176,10 @@ class _BaseTrainer(Trainer):
                 self.accelerator.state.deepspeed_plugin.hf_ds_config,
                 getattr(self.accelerator.unwrap_model(self.model), "config", None),
             )
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        # hf_kd's compute_loss normalises by `num_items_in_batch` itself: declaring loss kwargs makes Trainer count
+        # the items of the accumulated batch and skip its own division by the accumulation steps.
+        self.model_accepts_loss_kwargs = True
 
     def _student_num_labels(self) -> int | None:
         if self.model is None:
@@ -205,19 +220,57 @@ class _BaseTrainer(Trainer):
         self._resumed_from = resolve_resume_checkpoint(resume_from_checkpoint, self.args.output_dir)
         return super().train(self._resumed_from, trial, ignore_keys_for_eval, **kwargs)
 
+    def _scale_for_processes(self, loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+        """The loss normalised by `num_items_in_batch` (see `model_accepts_loss_kwargs`), rescaled for DDP's gradient
+        averaging."""
+        if num_items_in_batch is not None and self.args.average_tokens_across_devices:
+            # num_items_in_batch counts the items of every process; DDP averages gradients over processes.
+            return loss * self.accelerator.num_processes
+        return loss
+
+    def _with_eval_columns(self, dataset, split: str):
+        """`dataset` as `evaluate`/`predict` should read it: a trainer whose loss needs columns computed from the data
+        (the cached teacher logits, see [`_TeacherMixin`]) adds them here. Returns `dataset` itself by default."""
+        return dataset
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
+        if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._with_eval_columns(eval_dataset, metric_key_prefix)
         # The datasets given at init were checked then; Trainer.evaluate of a dict of them calls this again with each
         # one at every evaluation, which must not re-read their columns.
         given = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else (self.eval_dataset,)
         if eval_dataset is not None and not isinstance(eval_dataset, str) and all(eval_dataset is not d for d in given):
             check_dataset(eval_dataset, "eval_dataset", self._student_num_labels())
             check_label_names(eval_dataset, "eval_dataset", self._label_spaces())
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        # log() must know which evaluation it is logging (a "test" or "train" split's metrics start with its prefix,
+        # not "eval_"); Trainer.evaluate of a dict of datasets calls this again per dataset, hence the restore.
+        outer, self._eval_prefix = self._eval_prefix, metric_key_prefix
+        try:
+            return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+        finally:
+            self._eval_prefix = outer
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+        test_dataset = self._with_eval_columns(test_dataset, metric_key_prefix)
         check_dataset(test_dataset, "test_dataset", self._student_num_labels())
         check_label_names(test_dataset, "test_dataset", self._label_spaces())
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+
+    def log(self, logs: dict[str, float], start_time: float | None = None) -> None:
+        mode = "train" if self._eval_prefix is None else "eval"
+        prefix = "" if self._eval_prefix is None else f"{self._eval_prefix}_"
+        for key, values in self._metrics[mode].items():
+            if values:
+                # Mean over this process's batches since the last log (no collective here: a rank with no batch
+                # would hang the others).
+                logs[prefix + key] = torch.stack(values).mean().item()
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            super()._set_signature_columns_if_needed()
+            self._signature_columns += list(self._extra_columns)
 
     def _model_card_info(self) -> dict[str, Any]:
         """Method-specific card fields: `teacher_model` (id or path), `hyperparameters` (a dict) and `layer_selection`

@@ -26,7 +26,7 @@ from transformers.trainer_callback import ExportableState, TrainerCallback
 
 from ..losses import dedier_weights
 from ..teacher import TEACHER_LOGITS_COLUMN
-from .mixins import full_pass_batches
+from .full_pass import full_pass_batches
 
 SAMPLE_INDEX_COLUMN = "sample_index"
 GROUP_COLUMN = "group"

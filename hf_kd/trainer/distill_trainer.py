@@ -10,36 +10,30 @@ from ..metrics import make_compute_metrics
 from ..teacher import TEACHER_LOGITS_COLUMN
 from .base_trainer import _BaseTrainer
 from .distill_config import DistillConfig
-from .intermediate_mixin import _IntermediateMixin
-from .letkd_mixin import _LetKDMixin
-from .mixins import _LoggedLossesMixin
 from .teacher_mixin import _TeacherMixin
 
 
-class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _TeacherMixin, _BaseTrainer):
+class DistillTrainer(_TeacherMixin, _BaseTrainer):
     r"""
     [`~transformers.Trainer`] that distils a frozen teacher into the student `model` (Hinton et al., 2015,
     https://huggingface.co/papers/1503.02531).
 
-    The loss is [`hf_kd.losses.kd_loss`] with `args.temperature` and `args.alpha`, normalised by the number of labelled
-    examples in the whole accumulated batch so that it is exact under gradient accumulation and data parallelism. The
-    teacher is frozen, in eval mode, run without gradients and placed by Accelerate with `evaluation_mode=True` (never
-    wrapped in DDP: it has nothing to synchronise); in a DeepSpeed run it is initialised for inference by DeepSpeed and
-    sharded with ZeRO-3 over the processes (`args.teacher_zero_stage`, see [`hf_kd.distributed`]). Its logits come, in
+    The loss is [`hf_kd.losses.kd_loss`] with `args.temperature` and `args.alpha`,
+    `alpha * T^2 * KL(softmax(z_t / T) || softmax(z_s / T)) + (1 - alpha) * CE(y, z_s)`, normalised by the number of
+    labelled examples in the whole accumulated batch so that it is exact under gradient accumulation and data
+    parallelism. The teacher is frozen, in eval mode, run without gradients and placed by Accelerate with
+    `evaluation_mode=True` (never wrapped in DDP: it has nothing to synchronise); in a DeepSpeed run it is initialised
+    for inference by DeepSpeed and sharded with ZeRO-3 over the processes (`args.teacher_zero_stage`, see [`hf_kd.distributed`]). Its logits come, in
     this order of preference, from a `teacher_logits` column of the dataset, from the on-disk cache
     (`args.cache_teacher_logits`), or from a teacher forward at every step.
-
-    With `args.hidden_loss_weight`, `args.attention_loss_weight` or `args.embedding_loss_weight` > 0 it adds TinyBERT's
-    intermediate-layer losses (Jiao et al., 2020, https://huggingface.co/papers/1909.10351;
-    [`hf_kd.intermediate_distillation`]) for teachers and students of any widths and depths: the learned projection
-    is trained with the student and saved beside it (`intermediate_projection.safetensors`), and the teacher runs live.
 
     At every evaluation, besides the loss, the default `compute_metrics` logs accuracy, ECE (15 bins), NLL, Brier,
     mean predictive entropy and, since the teacher's logits are known, the confidence-preservation sigma of Vengertsev
     & Sherman (2024, https://huggingface.co/papers/2401.11365) and the teacher's own accuracy and entropy.
 
-    With `args.letkd` (1 or 2) the student's KD layers (an hf_kd KD-layer model) are also trained on the teacher's
-    decisions, letKD (Görgün et al., 2023, https://huggingface.co/papers/2309.02843): see [`DistillConfig`].
+    The loss parts `kd_loss` (the soft term, `alpha=1`) and `ce_loss` (the hard term, `alpha=0`) are logged as their
+    mean since the last log. Two methods extend this trainer with losses on the student's inside:
+    [`TinyBERTTrainer`] (TinyBERT's intermediate layers) and [`LetKDTrainer`] (letKD's KD layers).
 
     Args:
         model (`PreTrainedModel` or `nn.Module`):
@@ -74,6 +68,8 @@ class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _Teach
     """
 
     _tag_names = ["hf_kd", "distillation"]
+    _extra_columns = (TEACHER_LOGITS_COLUMN,)
+    _config_class = DistillConfig  # what `args` must be: each method's own config
     _name = "Knowledge distillation"
     _paper = {
         "title": "Distilling the Knowledge in a Neural Network",
@@ -99,8 +95,8 @@ class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _Teach
         peft_config=None,
         **kwargs: Any,
     ):
-        if not isinstance(args, DistillConfig):
-            raise TypeError(f"args must be a DistillConfig, got {type(args).__name__}")
+        if not isinstance(args, self._config_class):
+            raise TypeError(f"args must be a {self._config_class.__name__}, got {type(args).__name__}")
         teacher = self._resolve_teacher(teacher_model, args)
 
         if compute_metrics is None:
@@ -116,21 +112,11 @@ class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _Teach
             peft_config=peft_config,
             **kwargs,
         )
-        self._init_logged_losses()
-
         self._init_teacher(teacher, processing_class, teacher_processing_class)
-        self._init_intermediate()
-        self._init_letkd()
 
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
-        hyperparameters = {"temperature": self.args.temperature, "alpha": self.args.alpha, **self._letkd_card_info()}
-        if self._intermediate is not None:
-            hyperparameters.update(
-                {f"{k}_loss_weight": v for k, v in self._intermediate.weights.items()},
-                prediction_loss_weight=self.args.prediction_loss_weight,
-                intermediate_layer_map=self._intermediate.layer_map,
-            )
+        hyperparameters = {"temperature": self.args.temperature, "alpha": self.args.alpha}
         return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
 
     # ---- loss ------------------------------------------------------------------------------------------------------
@@ -138,28 +124,37 @@ class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _Teach
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         labels = inputs.pop("labels", None)
         teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
-        intermediate = {}
-        if self._intermediate is None:
-            # letkd: the student also returns its KD layers' features and the KD layer losses join the loss.
-            student_logits, feature_loss, teacher_logits = self._letkd_forward(
-                model, inputs, labels, teacher_logits, num_items_in_batch
-            )
-        else:
-            student_logits, live_logits, intermediate = self._intermediate_forward(
-                model, inputs, labels, num_items_in_batch
-            )
-            teacher_logits = live_logits if teacher_logits is None else teacher_logits
-            feature_loss = self._intermediate.weighted_sum(intermediate)
-        teacher_logits = self._batch_teacher_logits(inputs, teacher_logits).to(student_logits.device)
+        student_logits = model(**inputs).logits
+        loss, teacher_logits = self._kd_loss(model, inputs, student_logits, teacher_logits, labels, num_items_in_batch)
+        loss = self._scale_for_processes(loss, num_items_in_batch)
+        if return_outputs:
+            # Both logits reach compute_metrics as predictions=(student_logits, teacher_logits): sigma needs both.
+            return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
+        return loss
 
+    def _kd_loss(self, model, inputs, student_logits, teacher_logits, labels, num_items_in_batch):
+        """
+        The KD loss of one batch, normalised by `num_items_in_batch` (not yet rescaled for DDP), and the teacher's
+        logits it used; logs its two parts (`kd_loss`, `ce_loss`).
+
+        Args:
+            model (`nn.Module`): the student as `compute_loss` got it (its `training` flag picks the logged mode).
+            inputs (`dict`): the model inputs, without `labels` and `teacher_logits`.
+            student_logits (`torch.Tensor` of shape `(batch, num_labels)`): the student's logits.
+            teacher_logits (`torch.Tensor` of shape `(batch, num_labels)`, *optional*): the batch's teacher logits
+                when known (a dataset column, or a teacher forward run by the caller); else the cached or a live
+                teacher's ([`~_TeacherMixin._batch_teacher_logits`]).
+            labels (`torch.Tensor` of shape `(batch,)`, *optional*): gold labels, `-100` ignored.
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*): labelled examples in the accumulated batch.
+
+        Returns:
+            `(loss, teacher_logits)`.
+        """
+        teacher_logits = self._batch_teacher_logits(inputs, teacher_logits).to(student_logits.device)
         T, alpha = self.args.temperature, self.args.alpha
         loss = kd_loss(student_logits, teacher_logits, labels, T, alpha, num_items_in_batch=num_items_in_batch)
-        loss = self._scale_for_processes(self.args.prediction_loss_weight * loss + feature_loss, num_items_in_batch)
-
         mode = "train" if model.training else "eval"
         with torch.no_grad():
-            for name, value in intermediate.items():
-                self._metrics[mode][f"{name}_loss"].append(value.detach())
             self._metrics[mode]["kd_loss"].append(
                 kd_loss(student_logits, teacher_logits, labels, T, alpha=1.0).detach()
             )
@@ -167,7 +162,4 @@ class DistillTrainer(_IntermediateMixin, _LetKDMixin, _LoggedLossesMixin, _Teach
                 self._metrics[mode]["ce_loss"].append(
                     kd_loss(student_logits, teacher_logits, labels, T, alpha=0.0).detach()
                 )
-        if return_outputs:
-            # Both logits reach compute_metrics as predictions=(student_logits, teacher_logits): sigma needs both.
-            return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
-        return loss
+        return loss, teacher_logits

@@ -3,23 +3,50 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
+from .enums import StrEnum, to_enum
 from .teacher_config import _TeacherArguments
 
-EXIT_LOSS_WEIGHTINGS = ("uniform", "linear")
-DISTILL_SOURCES = ("none", "final_exit", "teacher")
-DEDIER_READOUT_OPTIMIZERS = ("adamw", "sgd")
+
+class ExitLossWeighting(StrEnum):
+    """A named weighting of the exits' losses (the alternative is one weight per exit)."""
+
+    UNIFORM = "uniform"
+    """The same weight for every exit."""
+    LINEAR = "linear"
+    """Proportional to the exit's depth (its layer), as PABEE's weighted average."""
+
+
+class DistillFrom(StrEnum):
+    """The soft-target source of an [`EarlyExitTrainer`]'s exits."""
+
+    NONE = "none"
+    """No distillation: cross-entropy only."""
+    FINAL_EXIT = "final_exit"
+    """Self-distillation: every earlier exit learns from the model's own (detached) final exit."""
+    TEACHER = "teacher"
+    """Every exit learns from an external frozen teacher."""
+
+
+class DedierReadoutOptimizer(StrEnum):
+    """The optimiser of DEDIER's readout."""
+
+    ADAMW = "adamw"
+    """AdamW."""
+    SGD = "sgd"
+    """SGD with momentum 0.9."""
 
 
 def parse_exit_loss_weights(weights, name: str):
-    """`"uniform"`, `"linear"`, `None`, or a list of non-negative floats with a positive sum (on the command line a
-    string `"1,2,3"`); `ValueError` naming `name` otherwise."""
-    if isinstance(weights, str) and weights not in EXIT_LOSS_WEIGHTINGS:
+    """[`ExitLossWeighting`] (given as `"uniform"`, `"linear"` or a member), `None`, or a list of non-negative
+    floats with a positive sum (on the command line a string `"1,2,3"`); `ValueError` naming `name` otherwise."""
+    accepted = tuple(weighting.value for weighting in ExitLossWeighting)
+    if isinstance(weights, str) and weights in accepted:
+        return ExitLossWeighting(weights)
+    if isinstance(weights, str):
         try:
             weights = [float(w) for w in weights.replace(",", " ").split()]
         except ValueError:
-            raise ValueError(
-                f"{name} must be one of {EXIT_LOSS_WEIGHTINGS}, a list of floats or None, got {weights!r}"
-            ) from None
+            raise ValueError(f"{name} must be one of {accepted}, a list of floats or None, got {weights!r}") from None
     if isinstance(weights, (list, tuple)):
         weights = [float(w) for w in weights]
         if not weights or any(w < 0 for w in weights) or sum(weights) <= 0:
@@ -52,7 +79,7 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
     > Parameters that control distillation into the exits
 
     Args:
-        distill_from (`str`, *optional*, defaults to `"none"`):
+        distill_from (`str` or [`DistillFrom`], *optional*, defaults to `"none"`):
             Soft-target source of the exits. `"none"`: cross-entropy only. `"final_exit"`: self-distillation, every
             earlier exit learns from the model's own final exit (detached, so no gradient flows into it from the soft
             term), the final exit itself gets plain cross-entropy. `"teacher"`: every exit learns from an external
@@ -90,7 +117,7 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         dedier_readout_lr (`float`, *optional*):
             Learning rate of the readout; defaults to `learning_rate` (the paper uses the student's). Its weight
             decay is `weight_decay`, its batch size `per_device_train_batch_size`.
-        dedier_readout_optimizer (`str`, *optional*, defaults to `"adamw"`):
+        dedier_readout_optimizer (`str` or [`DedierReadoutOptimizer`], *optional*, defaults to `"adamw"`):
             `"adamw"` (the paper's optimiser for BERT students) or `"sgd"` (SGD with momentum 0.9, the paper's
             optimiser for ResNet students and their readouts).
 
@@ -143,7 +170,7 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         metadata={
             "help": "Soft-target source of the exits: 'none' (cross-entropy only), 'final_exit' (self-distillation "
             "from the detached final exit) or 'teacher' (an external frozen teacher).",
-            "choices": list(DISTILL_SOURCES),
+            "choices": [source.value for source in DistillFrom],
         },
     )
     temperature: float = field(
@@ -181,7 +208,7 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         default="adamw",
         metadata={
             "help": "Optimiser of the DEDIER readout: 'adamw' or 'sgd' (momentum 0.9).",
-            "choices": list(DEDIER_READOUT_OPTIMIZERS),
+            "choices": [optimizer.value for optimizer in DedierReadoutOptimizer],
         },
     )
 
@@ -191,8 +218,7 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         super().__post_init__()
         self._teacher_post_init()
         self.exit_loss_weights = parse_exit_loss_weights(self.exit_loss_weights, "exit_loss_weights")
-        if self.distill_from not in DISTILL_SOURCES:
-            raise ValueError(f"distill_from must be one of {DISTILL_SOURCES}, got {self.distill_from!r}")
+        self.distill_from = to_enum(DistillFrom, self.distill_from, "distill_from")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
@@ -204,7 +230,7 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
                 f"teacher_model_name_or_path={self.teacher_model_name_or_path!r}, "
                 f"cache_teacher_logits={self.cache_teacher_logits} and "
                 f"teacher_from_base_model={self.teacher_from_base_model} are only used with distill_from='teacher', "
-                f"got distill_from={self.distill_from!r}"
+                f"got distill_from='{self.distill_from}'"
             )
         self._dedier_post_init()
         if self.label_smoothing_factor != 0:
@@ -230,7 +256,7 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             # the paper neither defines nor evaluates. With "none" there is no distillation at all.
             raise ValueError(
                 f"dedier=True re-weights distillation from a teacher and needs distill_from='teacher', got "
-                f"distill_from={self.distill_from!r}"
+                f"distill_from='{self.distill_from}'"
             )
         layer = self.dedier_layer
         if isinstance(layer, bool) or not isinstance(layer, int) or layer < 1:
@@ -244,8 +270,6 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"dedier_readout_epochs must be an int >= 1, got {epochs!r}")
         if self.dedier_readout_lr is not None and not self.dedier_readout_lr > 0:
             raise ValueError(f"dedier_readout_lr must be > 0 or None (learning_rate), got {self.dedier_readout_lr}")
-        if self.dedier_readout_optimizer not in DEDIER_READOUT_OPTIMIZERS:
-            raise ValueError(
-                f"dedier_readout_optimizer must be one of {DEDIER_READOUT_OPTIMIZERS}, got "
-                f"{self.dedier_readout_optimizer!r}"
-            )
+        self.dedier_readout_optimizer = to_enum(
+            DedierReadoutOptimizer, self.dedier_readout_optimizer, "dedier_readout_optimizer"
+        )

@@ -11,14 +11,14 @@ from ..metrics import make_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
 from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, capture_exit_features
 from ..teacher import TEACHER_LOGITS_COLUMN
-from .base_trainer import _BaseTrainer
 from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
 from .early_exit_config import EarlyExitConfig
-from .mixins import _MultiExitMixin, plain_loader
+from .full_pass import plain_loader
+from .multi_exit_trainer import _MultiExitTrainer
 from .teacher_mixin import _TeacherMixin
 
 
-class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
+class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     r"""
     [`~transformers.Trainer`] that trains every exit of a multi-exit model jointly, as DeeBERT (Xin et al., 2020,
     https://huggingface.co/papers/2004.12993) and PABEE (Zhou et al., 2020, https://huggingface.co/papers/2006.04152)
@@ -110,8 +110,9 @@ class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
             "  booktitle={Proceedings of ACL},\n  year={2020}\n}"
         ),
     }
-    # Kept through Trainer's column removal: the sample index (DEDIER's weights) and the group ids (group metrics).
-    _extra_columns = (SAMPLE_INDEX_COLUMN, GROUP_COLUMN)
+    # Kept through Trainer's column removal: the teacher's logits, the sample index (DEDIER's weights) and the group
+    # ids (group metrics).
+    _extra_columns = (TEACHER_LOGITS_COLUMN, SAMPLE_INDEX_COLUMN, GROUP_COLUMN)
 
     def __init__(
         self,
@@ -131,7 +132,7 @@ class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
             raise TypeError(f"args must be an EarlyExitConfig, got {type(args).__name__}")
         teacher = self._resolve_teacher(teacher_model, args)
         if teacher is not None and args.distill_from != "teacher":
-            raise ValueError(f"A teacher was given but distill_from={args.distill_from!r}: set distill_from='teacher'.")
+            raise ValueError(f"A teacher was given but distill_from='{args.distill_from}': set distill_from='teacher'.")
 
         if compute_metrics is None:
             compute_metrics = make_exit_compute_metrics(with_teacher=args.distill_from == "teacher")
@@ -146,7 +147,6 @@ class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
             peft_config=peft_config,
             **kwargs,
         )
-        self._init_logged_losses()
 
         config = self._check_multi_exit_config()
         self.exit_loss_weights = self._resolve_exit_loss_weights(args.exit_loss_weights, config)
@@ -186,7 +186,7 @@ class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher, the exits' weights and the loss settings, for the model card."""
         hyperparameters = {"exit_loss_weights": [round(w, 4) for w in self.exit_loss_weights]}
-        hyperparameters["distill_from"] = self.args.distill_from
+        hyperparameters["distill_from"] = str(self.args.distill_from)
         if self.args.distill_from != "none":
             hyperparameters.update(temperature=self.args.temperature, alpha=self.args.alpha)
         if self.args.dedier:
@@ -335,7 +335,7 @@ class EarlyExitTrainer(_MultiExitMixin, _TeacherMixin, _BaseTrainer):
         else:
             soft_targets = [None] * num_exits
         if labels is None and distill_from != "teacher":
-            raise ValueError(f"distill_from={distill_from!r} trains on labels, but this batch has no 'labels'.")
+            raise ValueError(f"distill_from='{distill_from}' trains on labels, but this batch has no 'labels'.")
 
         T, alpha = self.args.temperature, self.args.alpha
         loss, _ = self.early_exit_loss(

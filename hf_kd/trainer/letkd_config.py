@@ -1,24 +1,87 @@
-"""`_LetKDArguments`: the letKD fields of [`DistillConfig`] (KD layers supervised by the teacher's decisions).
-
-Görgün, Gürbüz & Alatan, "Knowledge Distillation Layer that Lets the Student Decide", BMVC 2023
-(https://huggingface.co/papers/2309.02843). A plain dataclass listed after `TrainingArguments` in the config's bases,
-like `_TeacherArguments`; the config calls [`~_LetKDArguments._letkd_post_init`] from its `__post_init__`.
-"""
-
 import json
 from dataclasses import dataclass, field
 
-from ..kd_layer_targets import KMEANS_BACKENDS, TEACHER_RESIZES
+from .distill_config import DistillConfig
+from .enums import StrEnum, to_enum
+
+
+class LetKDTeacherResize(StrEnum):
+    """How a teacher feature map of another size than the student's reaches it (`None`: equal sizes, or integer
+    multiples average-pooled, as the paper)."""
+
+    ADAPTIVE_AVG_POOL = "adaptive_avg_pool"
+    """`adaptive_avg_pool2d` to the student's map size."""
+    BILINEAR = "bilinear"
+    """Bilinear interpolation to the student's map size."""
+
+
+class KMeansBackend(StrEnum):
+    """The K-means implementation that fits letKD's teacher targets."""
+
+    AUTO = "auto"
+    """faiss when installed, else scikit-learn."""
+    FAISS = "faiss"
+    """faiss (`pip install faiss-cpu`)."""
+    SKLEARN = "sklearn"
+    """scikit-learn (slower)."""
 
 
 @dataclass
-class _LetKDArguments:
+class LetKDConfig(DistillConfig):
+    r"""
+    Configuration of [`LetKDTrainer`]: letKD, KD layers that let the student decide (Görgün, Gürbüz & Alatan, BMVC
+    2023, https://huggingface.co/papers/2309.02843), on top of [`DistillConfig`] (every teacher, cache and loss field
+    of which applies). The student must be an hf_kd KD-layer model ([`hf_kd.KDLayerForImageClassification`],
+    [`hf_kd.KDLayerForSequenceClassification`]).
+
+    The student's KD layers are trained on the teacher's decisions: targets fitted on the train set once and cached
+    ([`hf_kd.kd_layer_targets`]). The loss is
+    `kd_loss + letkd_penultimate_weight * L_pen + letkd_intermediate_weight * L_inter` (the paper: `alpha=0`, so that
+    `kd_loss` is the cross-entropy).
+
+    > Parameters that control letKD
+
+    Args:
+        letkd (`int`, *optional*, defaults to `1`):
+            `1` (letKD-1): train the student's penultimate KD layer on the teacher's K-means assignments; `2`
+            (letKD-2): also its intermediate KD layer on the teacher's sub-class decisions.
+        letkd_penultimate_weight (`float`, *optional*, defaults to `1.0`):
+            `a_pen`, the weight of the penultimate KD layer loss.
+        letkd_intermediate_weight (`float`, *optional*, defaults to `1.0`):
+            `a_inter`, the weight of the intermediate KD layer loss (letKD-2).
+        letkd_teacher_layers (`dict[str, int]`, *optional*):
+            Index of the teacher's `hidden_states` at each location. Defaults to an hf_kd KD-layer teacher's own
+            locations, else `{"penultimate": -1}` (the intermediate index must then be given).
+        letkd_teacher_resize (`str` or [`LetKDTeacherResize`], *optional*):
+            `None` (teacher maps of the student's size, or an integer multiple average-pooled), `"adaptive_avg_pool"`
+            or `"bilinear"` for other sizes.
+        letkd_temperature (`float`, *optional*, defaults to `1.0`):
+            `t` of `softmax(-t ||F_T - rho_k||^2)`.
+        letkd_lda_components (`int`, *optional*):
+            LDA dimensions (default `min(num_labels - 1, d_T)`).
+        letkd_kmeans_iterations (`int`, *optional*, defaults to `20`):
+            K-means iterations.
+        letkd_kmeans_seed (`int`, *optional*, defaults to `0`):
+            Seed of the K-means initialisation; not the run's seed, so students of every seed share the targets.
+        letkd_kmeans_backend (`str` or [`KMeansBackend`], *optional*, defaults to `"auto"`):
+            faiss when installed, else scikit-learn.
+        letkd_cache_dir (`str`, *optional*):
+            Where targets are cached (`$HF_HOME/hf_kd/kd_layer_targets`).
+
+    Example:
+
+    ```python
+    >>> from hf_kd import LetKDConfig
+    >>> args = LetKDConfig(output_dir="letkd2", teacher_model_name_or_path="my-org/cnn-teacher", letkd=2, alpha=0.0)
+    ```
+    """
+
     # Parameters that control letKD (KD layers)
     letkd: int = field(
-        default=0,
+        default=1,
         metadata={
-            "help": "letKD variant: 0 (off), 1 (letKD-1: the student's penultimate KD layer) or 2 (letKD-2: "
-            "intermediate + penultimate KD layers). The student must have KD layers there."
+            "help": "letKD variant: 1 (letKD-1: the student's penultimate KD layer) or 2 (letKD-2: intermediate + "
+            "penultimate KD layers). The student must have KD layers there."
         },
     )
     letkd_penultimate_weight: float = field(
@@ -56,27 +119,35 @@ class _LetKDArguments:
         },
     )
     letkd_kmeans_backend: str = field(
-        default="auto", metadata={"help": "K-means backend: 'faiss', 'sklearn' or 'auto' (faiss when installed)."}
+        default="auto",
+        metadata={
+            "help": "K-means backend: 'faiss', 'sklearn' or 'auto' (faiss when installed).",
+            "choices": [backend.value for backend in KMeansBackend],
+        },
     )
     letkd_cache_dir: str | None = field(
         default=None,
         metadata={"help": "Directory of the cached KD layer targets (default $HF_HOME/hf_kd/kd_layer_targets)."},
     )
 
-    def _letkd_post_init(self) -> None:
+    def __post_init__(self):
+        super().__post_init__()
         if isinstance(self.letkd_teacher_layers, str):  # HfArgumentParser hands dicts over as JSON strings
             self.letkd_teacher_layers = json.loads(self.letkd_teacher_layers)
-        if self.letkd not in (0, 1, 2) or isinstance(self.letkd, bool):
-            raise ValueError(f"letkd must be 0 (off), 1 (letKD-1) or 2 (letKD-2), got {self.letkd!r}")
+        if self.letkd not in (1, 2) or isinstance(self.letkd, bool):
+            raise ValueError(
+                f"letkd must be 1 (letKD-1) or 2 (letKD-2), got {self.letkd!r} (plain KD without KD layers: "
+                "DistillConfig and DistillTrainer)"
+            )
         for name in ("letkd_penultimate_weight", "letkd_intermediate_weight"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.letkd_temperature > 0:
             raise ValueError(f"letkd_temperature must be > 0, got {self.letkd_temperature}")
-        if self.letkd_teacher_resize not in TEACHER_RESIZES:
-            raise ValueError(f"letkd_teacher_resize must be one of {TEACHER_RESIZES}, got {self.letkd_teacher_resize!r}")
-        if self.letkd_kmeans_backend not in KMEANS_BACKENDS:
-            raise ValueError(f"letkd_kmeans_backend must be one of {KMEANS_BACKENDS}, got {self.letkd_kmeans_backend!r}")
+        self.letkd_teacher_resize = to_enum(
+            LetKDTeacherResize, self.letkd_teacher_resize, "letkd_teacher_resize", allow_none=True
+        )
+        self.letkd_kmeans_backend = to_enum(KMeansBackend, self.letkd_kmeans_backend, "letkd_kmeans_backend")
         if not isinstance(self.letkd_kmeans_iterations, int) or self.letkd_kmeans_iterations < 1:
             raise ValueError(f"letkd_kmeans_iterations must be an integer >= 1, got {self.letkd_kmeans_iterations!r}")
         layers = self.letkd_teacher_layers

@@ -25,7 +25,7 @@ from ..import_utils import is_matplotlib_available
 from ..metrics import predictive_entropy
 from ..self_kd import level_of_ambiguity, recalibration_indices, select_source_exit, selection_is_stable
 from .dedier import SAMPLE_INDEX_COLUMN
-from .mixins import full_pass_batches
+from .full_pass import full_pass_batches
 
 logger = logging.getLogger(__name__)
 

@@ -2,11 +2,93 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..losses import DIVERGENCES, OTHER_EXIT_LOSSES, RECALIBRATION_LOSSES, SOURCE_CORRECTIONS
-from ..self_kd import AMBIGUITY_SCORES, ENTROPY_DROP_RULES, SOURCE_LAYER_SIDES
 from .early_exit_config import parse_exit_loss_weights
+from .enums import StrEnum, to_enum
 
-RECALIBRATION_TIMINGS = ("end", "every_epoch")
+
+class EntropyDropRule(StrEnum):
+    """How the source layer is read from the validation entropy of every exit ([`hf_kd.self_kd.select_source_exit`])."""
+
+    LARGEST = "largest"
+    """The largest entropy drop between consecutive exits."""
+    FIRST_SIGNIFICANT = "first_significant"
+    """The first drop of at least `entropy_drop_threshold` times the largest."""
+
+
+class SourceLayerSide(StrEnum):
+    """Which exit of the selected entropy drop is the source layer."""
+
+    AFTER_DROP = "after_drop"
+    """The exit right after the drop (`argmax_l (H_{l-1} - H_l)`)."""
+    BEFORE_DROP = "before_drop"
+    """The exit right before the drop, the last one that still has the higher entropy."""
+
+
+class DistillDivergence(StrEnum):
+    """The divergence of the self-distillation terms ([`hf_kd.losses.self_kd_loss`])."""
+
+    KL = "kl"
+    """`KL(teacher || student)`."""
+    JS = "js"
+    """The Jensen-Shannon divergence."""
+
+
+class SourceCorrection(StrEnum):
+    """The samples on which the source layer learns from the main classifier."""
+
+    SOURCE_WRONG_MAIN_RIGHT = "source_wrong_main_right"
+    """Those the source gets wrong and the main classifier right."""
+    SOURCE_WRONG = "source_wrong"
+    """All those the source gets wrong."""
+
+
+class OtherExitLoss(StrEnum):
+    """The loss of the exits that are neither the source nor the main classifier after the warm-up."""
+
+    CE = "ce"
+    """Their cross-entropy with the labels."""
+    NONE = "none"
+    """None: they stop training."""
+
+
+class AmbiguityScore(StrEnum):
+    """The level of ambiguity `LA(x)` of a training sample ([`hf_kd.self_kd.level_of_ambiguity`])."""
+
+    SOURCE = "source"
+    """`p_s(y | x)` at the source layer."""
+    LOWER_MEAN = "lower_mean"
+    """The mean of `p_j(y | x)` over the exits up to the source."""
+
+
+class RecalibrationTiming(StrEnum):
+    """When the re-calibration set is selected and trained on."""
+
+    END = "end"
+    """Selected once at the end of self-distillation, then `recalibration_epochs` epochs."""
+    EVERY_EPOCH = "every_epoch"
+    """Selected at the end of the warm-up and after every epoch; every later epoch trains with it."""
+
+
+class RecalibrationLoss(StrEnum):
+    """What `KL(u || p_L)` does to the main classifier's loss on the re-calibrated samples."""
+
+    REPLACE = "replace"
+    """Replaces it (the pull of the gold label is what re-calibration removes)."""
+    ADD = "add"
+    """Is added to it."""
+
+
+# The choice options of SelfKDConfig and their enums, converted in __post_init__.
+_CHOICES = {
+    "entropy_drop_rule": EntropyDropRule,
+    "source_layer_side": SourceLayerSide,
+    "distill_divergence": DistillDivergence,
+    "source_correction": SourceCorrection,
+    "other_exits": OtherExitLoss,
+    "ambiguity_score": AmbiguityScore,
+    "recalibration_timing": RecalibrationTiming,
+    "recalibration_loss": RecalibrationLoss,
+}
 
 
 @dataclass
@@ -44,12 +126,12 @@ class SelfKDConfig(TrainingArguments):
             `E`: the warm-up ends after the first epoch at which the last `E` selections (one per epoch) are the
             same layer, "the selected source layer remains unchanged". At most `warmup_max_epochs`. `1` ends the
             warm-up after its first epoch.
-        entropy_drop_rule (`str`, *optional*, defaults to `"largest"`):
+        entropy_drop_rule (`str` or [`EntropyDropRule`], *optional*, defaults to `"largest"`):
             [OPEN] `"largest"`: the largest entropy drop between consecutive exits. `"first_significant"`: the first
             drop of at least `entropy_drop_threshold` times the largest ([`hf_kd.self_kd.select_source_exit`]).
         entropy_drop_threshold (`float`, *optional*, defaults to `0.5`):
             `delta` in `(0, 1]` of `"first_significant"`.
-        source_layer_side (`str`, *optional*, defaults to `"after_drop"`):
+        source_layer_side (`str` or [`SourceLayerSide`], *optional*, defaults to `"after_drop"`):
             Whether the source is the exit right after the selected drop (`"after_drop"`, PAPERS.md's `argmax_l
             (H_{l-1} - H_l)`; needs 3 exits or more) or right before it (`"before_drop"`, the last exit that still has
             the higher entropy).
@@ -64,12 +146,12 @@ class SelfKDConfig(TrainingArguments):
             lambda` for the gold labels (the paper's 0.6).
         temperature (`float`, *optional*, defaults to `1.0`):
             [OPEN] Temperature `T > 0` of both distillation terms, scaled by `T^2`.
-        distill_divergence (`str`, *optional*, defaults to `"kl"`):
+        distill_divergence (`str` or [`DistillDivergence`], *optional*, defaults to `"kl"`):
             [OPEN] `"kl"`: `KL(teacher || student)`. `"js"`: the Jensen-Shannon divergence.
-        source_correction (`str`, *optional*, defaults to `"source_wrong_main_right"`):
+        source_correction (`str` or [`SourceCorrection`], *optional*, defaults to `"source_wrong_main_right"`):
             Which samples teach the source layer from the main classifier: those the source gets wrong and the main
             classifier right (`"source_wrong_main_right"`), or all those the source gets wrong (`"source_wrong"`).
-        other_exits (`str`, *optional*, defaults to `"ce"`):
+        other_exits (`str` or [`OtherExitLoss`], *optional*, defaults to `"ce"`):
             [OPEN] The exits that are neither the source nor the main classifier: `"ce"` keeps their cross-entropy,
             `"none"` stops training them.
 
@@ -79,17 +161,17 @@ class SelfKDConfig(TrainingArguments):
         recalibration_percent (`float`, *optional*, defaults to `10.0`):
             `m` in `[0, 100)`: the share (percent) of labelled training samples with the lowest level of ambiguity
             that are re-calibrated. `0` disables Phase C (self-distillation alone, the paper's ablation).
-        ambiguity_score (`str`, *optional*, defaults to `"source"`):
+        ambiguity_score (`str` or [`AmbiguityScore`], *optional*, defaults to `"source"`):
             [OPEN] The level of ambiguity `LA(x)`: `"source"`, `p_s(y | x)` at the source layer, or `"lower_mean"`,
             the mean of `p_j(y | x)` over the exits up to the source ([`hf_kd.self_kd.level_of_ambiguity`]). It is
             computed by the model in eval mode in one pass over the whole train set.
-        recalibration_timing (`str`, *optional*, defaults to `"end"`):
+        recalibration_timing (`str` or [`RecalibrationTiming`], *optional*, defaults to `"end"`):
             [OPEN] `"end"`: the set is selected once, at the end of Phase B, and the last `recalibration_epochs`
             epochs train with the mixed objective. `"every_epoch"`: the set is selected at the end of the warm-up and
             re-selected after every epoch, and every epoch after the warm-up trains with the mixed objective.
         recalibration_epochs (`int`, *optional*, defaults to `1`):
             Epochs of Phase C with `recalibration_timing="end"` (PAPERS.md: one further epoch).
-        recalibration_loss (`str`, *optional*, defaults to `"replace"`):
+        recalibration_loss (`str` or [`RecalibrationLoss`], *optional*, defaults to `"replace"`):
             [OPEN] For the samples of the set, the main classifier's loss is replaced by `KL(u || p_L)` (`"replace"`:
             the pull of the gold label is what re-calibration removes) or gets it added (`"add"`).
 
@@ -120,7 +202,7 @@ class SelfKDConfig(TrainingArguments):
         metadata={
             "help": "Source-layer rule on the validation entropy per exit: 'largest' drop or 'first_significant' "
             "drop (>= entropy_drop_threshold x the largest).",
-            "choices": list(ENTROPY_DROP_RULES),
+            "choices": [choice.value for choice in EntropyDropRule],
         },
     )
     entropy_drop_threshold: float = field(
@@ -131,7 +213,7 @@ class SelfKDConfig(TrainingArguments):
         metadata={
             "help": "The source is the exit right after the selected entropy drop ('after_drop') or right before it "
             "('before_drop').",
-            "choices": list(SOURCE_LAYER_SIDES),
+            "choices": [choice.value for choice in SourceLayerSide],
         },
     )
     selection_dataset_name: str | None = field(
@@ -149,14 +231,17 @@ class SelfKDConfig(TrainingArguments):
     )
     distill_divergence: str = field(
         default="kl",
-        metadata={"help": "Divergence of the distillation terms: 'kl' or 'js'.", "choices": list(DIVERGENCES)},
+        metadata={
+            "help": "Divergence of the distillation terms: 'kl' or 'js'.",
+            "choices": [choice.value for choice in DistillDivergence],
+        },
     )
     source_correction: str = field(
         default="source_wrong_main_right",
         metadata={
             "help": "Samples on which the source layer learns from the main classifier: 'source_wrong_main_right' "
             "or 'source_wrong'.",
-            "choices": list(SOURCE_CORRECTIONS),
+            "choices": [choice.value for choice in SourceCorrection],
         },
     )
     other_exits: str = field(
@@ -164,7 +249,7 @@ class SelfKDConfig(TrainingArguments):
         metadata={
             "help": "Loss of the exits that are neither the source nor the main classifier after the warm-up: 'ce' "
             "or 'none'.",
-            "choices": list(OTHER_EXIT_LOSSES),
+            "choices": [choice.value for choice in OtherExitLoss],
         },
     )
 
@@ -178,7 +263,7 @@ class SelfKDConfig(TrainingArguments):
         default="source",
         metadata={
             "help": "Level of ambiguity: 'source' (p_s(y|x)) or 'lower_mean' (mean p_j(y|x) over exits up to s).",
-            "choices": list(AMBIGUITY_SCORES),
+            "choices": [choice.value for choice in AmbiguityScore],
         },
     )
     recalibration_timing: str = field(
@@ -186,7 +271,7 @@ class SelfKDConfig(TrainingArguments):
         metadata={
             "help": "'end': select the set once after self-distillation, then recalibration_epochs epochs; "
             "'every_epoch': select at the end of the warm-up and after every epoch.",
-            "choices": list(RECALIBRATION_TIMINGS),
+            "choices": [choice.value for choice in RecalibrationTiming],
         },
     )
     recalibration_epochs: int = field(
@@ -196,7 +281,7 @@ class SelfKDConfig(TrainingArguments):
         default="replace",
         metadata={
             "help": "For the re-calibrated samples, KL(u || p_L) 'replace's the main classifier's loss or is 'add'ed.",
-            "choices": list(RECALIBRATION_LOSSES),
+            "choices": [choice.value for choice in RecalibrationLoss],
         },
     )
 
@@ -214,18 +299,8 @@ class SelfKDConfig(TrainingArguments):
                 f"selection_stable_epochs={self.selection_stable_epochs} can never be reached within "
                 f"warmup_max_epochs={self.warmup_max_epochs}: use selection_stable_epochs <= warmup_max_epochs"
             )
-        for name, accepted in (
-            ("entropy_drop_rule", ENTROPY_DROP_RULES),
-            ("source_layer_side", SOURCE_LAYER_SIDES),
-            ("distill_divergence", DIVERGENCES),
-            ("source_correction", SOURCE_CORRECTIONS),
-            ("other_exits", OTHER_EXIT_LOSSES),
-            ("ambiguity_score", AMBIGUITY_SCORES),
-            ("recalibration_timing", RECALIBRATION_TIMINGS),
-            ("recalibration_loss", RECALIBRATION_LOSSES),
-        ):
-            if getattr(self, name) not in accepted:
-                raise ValueError(f"{name} must be one of {accepted}, got {getattr(self, name)!r}")
+        for name, enum_class in _CHOICES.items():
+            setattr(self, name, to_enum(enum_class, getattr(self, name), name))
         if not 0 < self.entropy_drop_threshold <= 1:
             raise ValueError(f"entropy_drop_threshold must be in (0, 1], got {self.entropy_drop_threshold}")
         if not 0.0 <= self.kd_lambda <= 1.0:

@@ -9,15 +9,14 @@ from torch.nn import functional as F
 from ..losses import self_kd_loss
 from ..metrics import make_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
-from .base_trainer import _BaseTrainer
 from .dedier import SAMPLE_INDEX_COLUMN, with_sample_index
 from .early_exit_trainer import EarlyExitTrainer
-from .mixins import _MultiExitMixin
+from .multi_exit_trainer import _MultiExitTrainer
 from .self_kd_callback import HUMAN_DISTRIBUTION_COLUMN, SelfKDCallback
 from .self_kd_config import SelfKDConfig
 
 
-class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
+class SelfKDTrainer(_MultiExitTrainer):
     r"""
     [`~transformers.Trainer`] for self-knowledge distillation from lower layers for learning ambiguity (Park, Jeong,
     Cho & Park, 2024, https://huggingface.co/papers/2406.09719): a classifier trained on single labels that predicts
@@ -138,7 +137,6 @@ class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
             compute_metrics=compute_metrics,
             **kwargs,
         )
-        self._init_logged_losses()
 
         config = self._check_multi_exit_config()
         num_exits = len(config.exit_layers)
@@ -220,17 +218,17 @@ class SelfKDTrainer(_MultiExitMixin, _BaseTrainer):
             "recalibration_percent": args.recalibration_percent,
             "recalibration_set_size": int(self.recalibration_set.size),
             "temperature": args.temperature,
-            "distill_divergence": args.distill_divergence,
-            "entropy_drop_rule": args.entropy_drop_rule,
-            "source_layer_side": args.source_layer_side,
+            "distill_divergence": str(args.distill_divergence),
+            "entropy_drop_rule": str(args.entropy_drop_rule),
+            "source_layer_side": str(args.source_layer_side),
             "selection_stable_epochs": args.selection_stable_epochs,
             "warmup_max_epochs": args.warmup_max_epochs,
             "warmup_exit_loss_weights": [round(w, 4) for w in self.warmup_exit_loss_weights],
-            "source_correction": args.source_correction,
-            "other_exits": args.other_exits,
-            "ambiguity_score": args.ambiguity_score,
-            "recalibration_timing": args.recalibration_timing,
-            "recalibration_loss": args.recalibration_loss,
+            "source_correction": str(args.source_correction),
+            "other_exits": str(args.other_exits),
+            "ambiguity_score": str(args.ambiguity_score),
+            "recalibration_timing": str(args.recalibration_timing),
+            "recalibration_loss": str(args.recalibration_loss),
         }
         selection = self.layer_entropy
         for epoch in selection["epochs"]:

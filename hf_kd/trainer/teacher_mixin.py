@@ -3,8 +3,8 @@
 One copy of: teacher/student compatibility checks (label spaces, vocabularies), loading and placement of the frozen
 teacher (Accelerate, or DeepSpeed with the teacher sharded by ZeRO-3: [`hf_kd.distributed`]), the PEFT student's base
 model as its own teacher, the on-disk teacher logits cache and its `teacher_logits` dataset column (computed by all
-processes together in a multi-process run), and the `evaluate`/`predict` overrides that add that column to datasets
-passed at evaluation time.
+processes together in a multi-process run), and [`~_TeacherMixin._with_eval_columns`], which adds that column to
+datasets passed to `evaluate`/`predict`. A trainer with a teacher lists `TEACHER_LOGITS_COLUMN` in its `_extra_columns`.
 """
 
 from __future__ import annotations
@@ -293,18 +293,8 @@ class _TeacherMixin:
             return deepspeed.zero.GatheredParameters(list(source.peft_model.parameters()))
         return contextlib.nullcontext()
 
-    def _set_signature_columns_if_needed(self):
-        # Keep the teacher logits column through Trainer's removal of columns the model's forward does not take.
-        if self._signature_columns is None:
-            super()._set_signature_columns_if_needed()
-            self._signature_columns.append(TEACHER_LOGITS_COLUMN)
-
-    def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
-        if self._logits_cache is not None and eval_dataset is not None and not isinstance(eval_dataset, str):
-            eval_dataset = self.with_teacher_logits(eval_dataset, metric_key_prefix)
-        return super().evaluate(eval_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
-
-    def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
+    def _with_eval_columns(self, dataset, split: str):
+        # Datasets passed to evaluate/predict get the cached teacher logits column, as the init-time ones did.
         if self._logits_cache is not None:
-            test_dataset = self.with_teacher_logits(test_dataset, metric_key_prefix)
-        return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
+            return self.with_teacher_logits(dataset, split)
+        return dataset

@@ -382,14 +382,24 @@ def student_for(method: str, seed: int, templates: int) -> KDLayerForImageClassi
 
 
 def distill_config(method: str, common: dict, cache_dir: Path):
-    """DistillConfig of a benchmark method: `kd` is Hinton KD with CRD's T=4, alpha=0.9 from cached logits;
-    `kd_online` the same with the teacher run at every step; `letkd1`/`letkd2` are CE + KD layers (alpha=0)."""
-    from hf_kd import DistillConfig
+    """Config of a benchmark method: `kd` is Hinton KD (DistillConfig) with CRD's T=4, alpha=0.9 from cached logits;
+    `kd_online` the same with the teacher run at every step; `letkd1`/`letkd2` are CE + KD layers (LetKDConfig,
+    alpha=0)."""
+    from hf_kd import DistillConfig, LetKDConfig
 
-    cache = {"teacher_logits_cache_dir": str(cache_dir / "logits"), "letkd_cache_dir": str(cache_dir / "targets")}
+    logits_cache = {"teacher_logits_cache_dir": str(cache_dir / "logits")}
     if method in ("kd", "kd_online"):
-        return DistillConfig(**common, **cache, temperature=4.0, alpha=0.9, cache_teacher_logits=method == "kd")
-    return DistillConfig(**common, **cache, alpha=0.0, letkd=int(method[-1]))
+        return DistillConfig(**common, **logits_cache, temperature=4.0, alpha=0.9, cache_teacher_logits=method == "kd")
+    return LetKDConfig(
+        **common, **logits_cache, letkd_cache_dir=str(cache_dir / "targets"), alpha=0.0, letkd=int(method[-1])
+    )
+
+
+def distill_trainer(args, **kwargs):
+    """The trainer of a [`distill_config`]: LetKDTrainer for a LetKDConfig, else DistillTrainer."""
+    from hf_kd import DistillTrainer, LetKDConfig, LetKDTrainer
+
+    return (LetKDTrainer if isinstance(args, LetKDConfig) else DistillTrainer)(args=args, **kwargs)
 
 
 def train_teacher(output_dir: Path, train, epochs: float) -> KDLayerForImageClassification:

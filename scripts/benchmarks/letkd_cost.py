@@ -1,7 +1,7 @@
 """What letKD costs on Fashion-MNIST: the teacher targets for the 60,000 training images, faiss against scikit-learn,
 and the training time per step (PAPERS.md section 5).
 
-1. Targets (`targets`): a letKD-2 DistillTrainer on all 60,000 images (teacher and student of
+1. Targets (`targets`): a letKD-2 LetKDTrainer on all 60,000 images (teacher and student of
    scripts/benchmarks/_common.py), timed phase by phase: data fingerprints, the teacher pass that collects its features at
    both locations (60,000 x 4 x 4 = 960,000 positions each, 128 channels), the K-means of the penultimate codebook
    (K templates, 20 iterations, faiss) and the intermediate LDA + per-class K-means + score matrix, into a cache of
@@ -31,6 +31,7 @@ from _common import (
     StepTimer,
     cnn,
     distill_config,
+    distill_trainer,
     fashion_mnist,
     interleaved,
     launch_worker,
@@ -75,11 +76,11 @@ class PhaseTimer:
 def time_targets(opts, teacher) -> tuple[dict, dict]:
     """Phase timings of a letKD-2 trainer's target fit on the training set, and the features it collected."""
     import hf_kd.kd_layer_targets as targets_module
-    import hf_kd.trainer.letkd_mixin as mixin
-    from hf_kd import DistillTrainer
+    import hf_kd.trainer.letkd_trainer as letkd_trainer
+    from hf_kd import LetKDTrainer
 
     timer = PhaseTimer()
-    patches = {(mixin, "collect_teacher_features"): "teacher pass", (mixin, "dataset_fingerprint"): "fingerprints",
+    patches = {(letkd_trainer, "collect_teacher_features"): "teacher pass", (letkd_trainer, "dataset_fingerprint"): "fingerprints",
                (targets_module, "fit_template_targets"): "penultimate fit",
                (targets_module, "fit_subclass_targets"): "intermediate fit"}
     originals = {key: getattr(*key) for key in patches}
@@ -91,7 +92,7 @@ def time_targets(opts, teacher) -> tuple[dict, dict]:
         args = distill_config("letkd2", common, Path(opts.output_dir) / "cache")
         args.letkd_cache_dir = opts.targets_cache_dir or str(Path(opts.output_dir) / "cache" / "targets_timing")
         with PeakRSS() as memory:
-            timer.wrap("DistillTrainer init, total", DistillTrainer)(
+            timer.wrap("LetKDTrainer init, total", LetKDTrainer)(
                 model=student_for("letkd2", 0, opts.templates), args=args, teacher_model=teacher, train_dataset=train
             )
     finally:
@@ -175,8 +176,6 @@ def step_worker(config: str, opts) -> dict:
     import torch
     from transformers import Trainer, TrainingArguments
 
-    from hf_kd import DistillTrainer
-
     torch.set_num_threads(opts.threads)
     train = fashion_mnist("train", opts.step_samples)
     teacher = load_teacher(opts.teacher)
@@ -189,8 +188,7 @@ def step_worker(config: str, opts) -> dict:
         trainer = Trainer(model=student, args=TrainingArguments(**common), train_dataset=train, callbacks=[timer])
     else:
         args = distill_config(config, common, Path(opts.output_dir) / "cache")
-        trainer = DistillTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train,
-                                 callbacks=[timer])
+        trainer = distill_trainer(args, model=student, teacher_model=teacher, train_dataset=train, callbacks=[timer])
     with PeakRSS() as memory:
         trainer.train()
     cpu = statistics.median(timer.cpu_times[opts.warmup:])
@@ -207,7 +205,7 @@ def markdown(result: dict) -> list[str]:
                 ("teacher pass, features at both locations", "teacher pass"),
                 (f"penultimate: K-means, K={t['templates']}", "penultimate fit"),
                 ("intermediate: LDA + per-class K-means (8 x 10) + score matrix", "intermediate fit"),
-                ("**DistillTrainer init, total**", "DistillTrainer init, total"),
+                ("**LetKDTrainer init, total**", "LetKDTrainer init, total"),
                 ("(loading the dataset, before)", "load data")]
         lines += [
             f"### Teacher targets for {t['images']:,} training images (letKD-2, K={t['templates']})", "",

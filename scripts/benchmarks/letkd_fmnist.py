@@ -5,8 +5,8 @@ One teacher CNN (trained once with cross-entropy, reused), then for every seed f
 
   ce       cross-entropy only (transformers.Trainer)
   kd       DistillTrainer, Hinton KD with the CRD setting T=4, alpha=0.9 (cached teacher logits)
-  letkd1   DistillTrainer(letkd=1, alpha=0): CE + penultimate KD layer (K templates)
-  letkd2   DistillTrainer(letkd=2, alpha=0): CE + penultimate + intermediate KD layer (8 sub-classes per class)
+  letkd1   LetKDTrainer(letkd=1, alpha=0): CE + penultimate KD layer (K templates)
+  letkd2   LetKDTrainer(letkd=2, alpha=0): CE + penultimate + intermediate KD layer (8 sub-classes per class)
 
 The letKD targets are fitted once (they depend on teacher and data only) and cached. Each run's result is written to
 `<output_dir>/runs/<method>_<seed>.json` as soon as it ends, so an interrupted benchmark resumes where it stopped.
@@ -26,6 +26,7 @@ import torch
 from _common import (
     NUM_LABELS,
     distill_config,
+    distill_trainer,
     fashion_mnist,
     sgd_args,
     student_for,
@@ -41,8 +42,6 @@ LABELS = {"ce": "CE student", "kd": "KD (T=4, alpha=0.9)", "letkd1": "letKD-1", 
 def run_student(method: str, seed: int, teacher, train, test, opts) -> dict:
     from transformers import Trainer, TrainingArguments
 
-    from hf_kd import DistillTrainer
-
     student = student_for(method, seed, opts.templates)
     common = sgd_args(Path(opts.output_dir) / "runs" / f"{method}_{seed}", seed, opts.student_epochs)
     if method == "ce":
@@ -50,7 +49,7 @@ def run_student(method: str, seed: int, teacher, train, test, opts) -> dict:
     else:
         start = time.perf_counter()
         args = distill_config(method, common, Path(opts.output_dir) / "cache")
-        trainer = DistillTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train)
+        trainer = distill_trainer(args, model=student, teacher_model=teacher, train_dataset=train)
         print(f"{method} seed {seed}: trainer ready in {time.perf_counter() - start:.0f} s", flush=True)
     start = time.perf_counter()
     output = trainer.train()

@@ -49,7 +49,7 @@ def main():
         TrainingArguments,
     )
 
-    from hf_kd import DistillConfig, DistillTrainer, KDLayerForSequenceClassification, data
+    from hf_kd import DistillConfig, DistillTrainer, KDLayerForSequenceClassification, LetKDConfig, LetKDTrainer, data
     from hf_kd.evaluation import compute_logits
     from hf_kd.metrics import classification_metrics, softmax
     from hf_kd.student import student_from_teacher_layers
@@ -90,15 +90,19 @@ def main():
             student = KDLayerForSequenceClassification.from_backbone(
                 student, kd_layer_templates={"penultimate": opts.templates}
             )
-        args = DistillConfig(
+        settings = dict(
             output_dir=str(out / method), num_train_epochs=opts.epochs, temperature=2.0, alpha=0.5,
-            cache_teacher_logits=method == "kd", letkd=1 if method == "letkd1" else 0,
-            teacher_logits_cache_dir=str(out / "cache" / "logits"), letkd_cache_dir=str(out / "cache" / "targets"),
-            **common,
+            teacher_logits_cache_dir=str(out / "cache" / "logits"), **common,
         )
+        if method == "letkd1":
+            args = LetKDConfig(**settings, letkd=1, letkd_cache_dir=str(out / "cache" / "targets"))
+            trainer_class = LetKDTrainer
+        else:
+            args = DistillConfig(**settings, cache_teacher_logits=True)
+            trainer_class = DistillTrainer
         start = time.perf_counter()
-        trainer = DistillTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train,
-                                 processing_class=tokenizer, data_collator=collator)
+        trainer = trainer_class(model=student, args=args, teacher_model=teacher, train_dataset=train,
+                                processing_class=tokenizer, data_collator=collator)
         init_seconds = time.perf_counter() - start
         start = time.perf_counter()
         output = trainer.train()

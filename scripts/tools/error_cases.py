@@ -27,8 +27,8 @@ AREAS = {
         "test_evaluation", "test_properties",
     ),
     "trainers and their configs": (
-        "test_distill_trainer", "test_early_exit_trainer", "test_dedier", "test_self_kd", "test_letkd",
-        "test_intermediate_distillation", "test_peft", "test_confidence_search", "test_distributed",
+        "test_distill_trainer", "test_early_exit_trainer", "test_dedier", "test_self_kd", "test_letkd_trainer",
+        "test_tinybert_trainer", "test_peft", "test_confidence_search", "test_distributed",
         "test_multiprocess", "test_scaling",
     ),
     "models (multi-exit, KD layers, Laplace exits)": (

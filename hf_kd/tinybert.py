@@ -12,7 +12,7 @@ L_attn = sum_m MSE(A_S^m, A_T^g(m))                 # pre-softmax attention scor
 `W` is one learned `Linear(d_S -> d_T)` shared by the embedding and every layer (TinyBERT's `fit_dense`) and `g`
 maps the student's M layers onto the teacher's N (uniform by default, [`uniform_layer_map`]). Everything here is a
 pure function of tensors or a small module, except [`IntermediateDistiller`], which runs both forwards for
-[`DistillTrainer`] and returns the three losses.
+[`TinyBERTTrainer`] and returns the three losses.
 
 Pre-softmax scores: transformers 5 runs attention through SDPA (or flash) kernels that never materialise the scores,
 and `output_attentions` returns post-softmax probabilities. [`record_attention_scores`] therefore hooks each
@@ -364,7 +364,7 @@ class IntermediateProjection(nn.Module):
     layer) to the teacher's width (https://huggingface.co/papers/1909.10351). The paper has separate `W_e` and `W_h`;
     the official code, which produced the published models, shares one, and so does this module.
 
-    It is a training-time aid: [`DistillTrainer`] trains it with the student's optimizer and saves it beside the
+    It is a training-time aid: [`TinyBERTTrainer`] trains it with the student's optimizer and saves it beside the
     student (`intermediate_projection.safetensors`, for resuming), never inside it, so the student stays a plain
     model for `from_pretrained`; inference and the prediction-layer stage do not use it.
 
@@ -414,7 +414,7 @@ class IntermediateProjection(nn.Module):
 class IntermediateDistiller:
     r"""
     The intermediate-layer losses of TinyBERT (https://huggingface.co/papers/1909.10351) for one teacher/student pair,
-    as [`DistillTrainer`] uses them.
+    as [`TinyBERTTrainer`] uses them.
 
     Student layer `m` (1-based) learns from teacher layer `layer_map[m - 1]`: its output through the shared projection
     ([`IntermediateProjection`]) against the teacher layer's output ([`hidden_state_mse`]), and its pre-softmax
@@ -425,7 +425,7 @@ class IntermediateDistiller:
     Args:
         student (`PreTrainedModel`): encoder classifier with layers at `*.encoder.layer`.
         teacher (`PreTrainedModel`): same kind, any width and depth; fed the same token positions (same tokenizer, or
-            ids mapped one to one by [`DistillTrainer`]).
+            ids mapped one to one by [`TinyBERTTrainer`]).
         layer_map (`list[int]`, *optional*): one 1-based teacher layer per student layer. Defaults to
             [`uniform_layer_map`].
         hidden_weight, attention_weight, embedding_weight (`float`, *optional*, default to `1.0`): loss weights; a

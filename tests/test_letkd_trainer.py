@@ -1,4 +1,4 @@
-"""letKD teacher targets (K-means templates, LDA sub-classes, position matching, cache) and letKD in DistillTrainer:
+"""letKD teacher targets (K-means templates, LDA sub-classes, position matching, cache) and LetKDTrainer:
 loss, caching, errors, save/load, exact resume."""
 
 import json
@@ -11,13 +11,13 @@ import torch
 from torch.nn import functional as F
 from transformers import AutoModelForImageClassification, DataCollatorWithPadding, default_data_collator
 
-import hf_kd.trainer.letkd_mixin
+import hf_kd.trainer.letkd_trainer
 from hf_kd import (
-    DistillConfig,
-    DistillTrainer,
     KDLayerForImageClassification,
     KDLayerForSequenceClassification,
     KDLayerImageConfig,
+    LetKDConfig,
+    LetKDTrainer,
     kd_loss,
 )
 from hf_kd.kd_layer_targets import (
@@ -252,11 +252,11 @@ def letkd_args(tmp_path, **kwargs):
         letkd_cache_dir=str(tmp_path / "targets"), teacher_logits_cache_dir=str(tmp_path / "logits"),
     )
     defaults.update(kwargs)
-    return DistillConfig(**defaults)
+    return LetKDConfig(**defaults)
 
 
 def letkd_trainer(tmp_path, student=None, teacher=None, args=None, train=None, **kwargs):
-    return DistillTrainer(
+    return LetKDTrainer(
         model=student if student is not None else student_cnn(),
         args=args if args is not None else letkd_args(tmp_path, **kwargs),
         teacher_model=teacher if teacher is not None else teacher_cnn(),
@@ -274,7 +274,8 @@ class TestLetKDConfig:
     @pytest.mark.parametrize(
         "kwargs, match",
         [
-            ({"letkd": 3}, "letkd must be 0 .off., 1 .letKD-1. or 2 .letKD-2., got 3"),
+            ({"letkd": 3}, "letkd must be 1 .letKD-1. or 2 .letKD-2., got 3"),
+            ({"letkd": 0}, "letkd must be 1 .letKD-1. or 2 .letKD-2., got 0 .plain KD without KD layers: DistillConfig"),
             ({"letkd_penultimate_weight": -1.0}, "letkd_penultimate_weight must be >= 0, got -1.0"),
             ({"letkd_temperature": 0.0}, "letkd_temperature must be > 0"),
             ({"letkd_teacher_resize": "nearest"}, "letkd_teacher_resize must be one of"),
@@ -285,10 +286,21 @@ class TestLetKDConfig:
     )
     def test_bad_values_are_named(self, tmp_path, kwargs, match):
         with pytest.raises(ValueError, match=match):
-            DistillConfig(output_dir=str(tmp_path), **kwargs)
+            LetKDConfig(output_dir=str(tmp_path), **kwargs)
+
+    def test_choice_options_are_enums_given_as_strings_or_members(self, tmp_path):
+        from hf_kd.trainer.letkd_config import KMeansBackend, LetKDTeacherResize
+
+        args = LetKDConfig(output_dir=str(tmp_path), letkd_teacher_resize="bilinear", letkd_kmeans_backend="sklearn")
+        assert args.letkd_teacher_resize is LetKDTeacherResize.BILINEAR
+        assert args.letkd_kmeans_backend is KMeansBackend.SKLEARN and args.to_dict()["letkd_kmeans_backend"] == "sklearn"
+        args = LetKDConfig(output_dir=str(tmp_path), letkd_kmeans_backend=KMeansBackend.FAISS)
+        assert args.letkd_teacher_resize is None and args.letkd_kmeans_backend == "faiss"
+        with pytest.raises(ValueError, match=r"one of \(None, 'adaptive_avg_pool', 'bilinear'\), got 'nearest'"):
+            LetKDConfig(output_dir=str(tmp_path), letkd_teacher_resize="nearest")
 
     def test_teacher_layers_from_json(self, tmp_path):
-        args = DistillConfig(output_dir=str(tmp_path), letkd_teacher_layers='{"intermediate": 2}')
+        args = LetKDConfig(output_dir=str(tmp_path), letkd_teacher_layers='{"intermediate": 2}')
         assert args.letkd_teacher_layers == {"intermediate": 2}
 
 
@@ -378,7 +390,7 @@ class TestLetKDTrainer:
         def fail(*args, **kwargs):
             raise AssertionError("the teacher features were collected again")
 
-        monkeypatch.setattr(hf_kd.trainer.letkd_mixin, "collect_teacher_features", fail)
+        monkeypatch.setattr(hf_kd.trainer.letkd_trainer, "collect_teacher_features", fail)
         second = letkd_trainer(tmp_path)
         for location in ("penultimate", "intermediate"):
             for name, tensor in first._letkd_targets[location].tensors().items():
@@ -436,7 +448,7 @@ class TestLetKDTrainer:
         train = image_dataset()
         train = train.add_column(TEACHER_LOGITS_COLUMN, [[0.0] * NUM_LABELS] * len(train))
         with pytest.raises(ValueError, match="needs the teacher itself"):
-            DistillTrainer(
+            LetKDTrainer(
                 model=student_cnn(), args=letkd_args(tmp_path), train_dataset=train, data_collator=default_data_collator
             )
 
@@ -475,7 +487,7 @@ class TestLetKDTransformer:
         student = KDLayerForSequenceClassification.from_backbone(
             tiny_bert(seed=1, layers=2), kd_layer_templates={"penultimate": 8, "intermediate": 4}
         )
-        return DistillTrainer(
+        return LetKDTrainer(
             model=student, args=letkd_args(tmp_path, letkd=letkd, **kwargs), teacher_model=teacher,
             train_dataset=tiny_dataset(32), eval_dataset=tiny_dataset(16, seed=1), processing_class=tokenizer,
             data_collator=DataCollatorWithPadding(tokenizer),
@@ -483,14 +495,14 @@ class TestLetKDTransformer:
 
     def test_per_token_letkd_trains_on_real_tokens(self, tmp_path, monkeypatch):
         collected = {}
-        collect = hf_kd.trainer.letkd_mixin.collect_teacher_features
+        collect = hf_kd.trainer.letkd_trainer.collect_teacher_features
 
         def spy(*args, **kwargs):
             features, labels = collect(*args, **kwargs)
             collected.update({location: (len(f), labels[location]) for location, f in features.items()})
             return features, labels
 
-        monkeypatch.setattr(hf_kd.trainer.letkd_mixin, "collect_teacher_features", spy)
+        monkeypatch.setattr(hf_kd.trainer.letkd_trainer, "collect_teacher_features", spy)
         trainer = self.make(tmp_path, letkd=2, letkd_teacher_layers={"intermediate": 1}, eval_strategy="epoch")
         # Targets were fitted on every real token of the train set (padding excluded), labelled with its row's class.
         train = tiny_dataset(32)

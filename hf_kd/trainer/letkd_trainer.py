@@ -1,12 +1,5 @@
-"""`_LetKDMixin`: letKD's KD-layer losses for [`DistillTrainer`] (`args.letkd = 1` or `2`).
-
-Görgün, Gürbüz & Alatan, "Knowledge Distillation Layer that Lets the Student Decide", BMVC 2023
-(https://huggingface.co/papers/2309.02843). Before training, the teacher's targets are fitted once on the train set
-and cached ([`hf_kd.kd_layer_targets`]); at every step the frozen teacher's features give each position's target
-distribution and the student's KD layers are pulled towards it:
-`L = kd_loss + a_pen * KL(p_T || softmax(s_pen)) + a_inter * KL(p_T^inter || softmax(s_inter))`. With `alpha=0`
-`kd_loss` is the cross-entropy, the paper's `L = CE + L_pen (+ L_inter)`.
-"""
+"""`LetKDTrainer`: letKD's KD-layer losses on top of [`DistillTrainer`] (Görgün et al., BMVC 2023,
+https://huggingface.co/papers/2309.02843); the targets' math lives in [`hf_kd.kd_layer_targets`]."""
 
 from __future__ import annotations
 
@@ -26,22 +19,74 @@ from ..kd_layer_targets import (
     teacher_features_for_batch,
 )
 from ..losses import kd_layer_loss
-from ..teacher import TEACHER_INPUT_NAMES, dataset_fingerprint, teacher_fingerprint
+from ..teacher import TEACHER_INPUT_NAMES, TEACHER_LOGITS_COLUMN, dataset_fingerprint, teacher_fingerprint
+from .distill_trainer import DistillTrainer
+from .letkd_config import LetKDConfig
 
 LETKD_LOCATIONS = {1: ("penultimate",), 2: ("intermediate", "penultimate")}
 
 
-class _LetKDMixin:
-    """letKD for a trainer with `_TeacherMixin`, `_LetKDArguments` args and a `_metrics` dict: call `_init_letkd()`
-    after `_init_teacher()`, and run the student through `_letkd_forward(...)`, adding its loss to the trainer's."""
+class LetKDTrainer(DistillTrainer):
+    r"""
+    [`DistillTrainer`] with letKD, KD layers that let the student decide (Görgün, Gürbüz & Alatan, BMVC 2023,
+    https://huggingface.co/papers/2309.02843).
+
+    The student is an hf_kd KD-layer model ([`hf_kd.KDLayerForImageClassification`], or
+    [`hf_kd.KDLayerForSequenceClassification.from_backbone`]) whose KD layers score each position's features against
+    learned templates. Before training, the teacher's targets are fitted once on the train set and cached
+    ([`hf_kd.kd_layer_targets`]: K-means templates of its penultimate features, for letKD-2 also sub-classes of each
+    class from LDA-projected intermediate features); at every step the frozen teacher's features give each position's
+    target distribution `p_T = softmax(-t ||F_T - rho_k||^2)` and the student's KD layers are pulled towards it:
+
+    `L = kd_loss + a_pen * KL(p_T || softmax(s_pen)) + a_inter * KL(p_T^inter || softmax(s_inter))`
+
+    ([`hf_kd.losses.kd_layer_loss`]). With `alpha=0`, `kd_loss` is the cross-entropy: the paper's
+    `L = CE + L_pen (+ L_inter)`. The KD layer losses are logged as `letkd_penultimate_loss` and
+    `letkd_intermediate_loss`. The teacher runs live (one forward per step gives both its features and its logits).
+
+    Args:
+        model (`nn.Module`):
+            The student, an hf_kd KD-layer model with KD layers at every location `args.letkd` trains.
+        args ([`LetKDConfig`]):
+            Training, distillation and letKD arguments.
+        train_dataset (`datasets.Dataset`):
+            Labelled training data (the targets are fitted on it before training).
+
+        The other arguments are those of [`DistillTrainer`].
+
+    Example:
+
+    ```python
+    >>> from hf_kd import KDLayerForImageClassification, LetKDConfig, LetKDTrainer
+    >>> args = LetKDConfig(output_dir="letkd2", letkd=2, alpha=0.0)
+    >>> trainer = LetKDTrainer(model=student, args=args, teacher_model=teacher, train_dataset=train)
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["hf_kd", "distillation", "letkd"]
+    _name = "letKD"
+    _config_class = LetKDConfig
+    _paper = {
+        "title": "Knowledge Distillation Layer that Lets the Student Decide",
+        "id": "2309.02843",
+        "citation": (
+            "@inproceedings{gorgun2023letkd,\n  title={Knowledge Distillation Layer that Lets the Student Decide},\n"
+            "  author={G{\\\"o}rg{\\\"u}n, Ada and G{\\\"u}rb{\\\"u}z, Yeti Ziya and Alatan, A. Ayd{\\i}n},\n"
+            "  booktitle={Proceedings of BMVC},\n  year={2023}\n}"
+        ),
+    }
 
     _letkd_targets = None  # {location: TemplateTargets | SubclassTargets} when args.letkd
+
+    def __init__(self, *args, **kwargs):
+        # The arguments of DistillTrainer (which checks that `args` is a LetKDConfig); then the method's own set-up.
+        super().__init__(*args, **kwargs)
+        self._init_letkd()
 
     def _init_letkd(self) -> None:
         """Check the student and the teacher, then load (or fit and cache) the teacher targets of each location."""
         args = self.args
-        if not args.letkd:
-            return
         self._letkd_locations = locations = LETKD_LOCATIONS[args.letkd]
         student = self.accelerator.unwrap_model(self.model)
         templates = getattr(student.config, "kd_layer_templates", None) or {}
@@ -151,21 +196,23 @@ class _LetKDMixin:
             )
         return layers
 
-    def _letkd_forward(self, model, inputs: dict, labels, teacher_logits, num_items_in_batch):
-        """The student's forward, and with `args.letkd` its weighted KD layer losses.
-
-        Returns `(student_logits, letkd_loss, teacher_logits)`: `letkd_loss` is 0 without letKD; `teacher_logits` is
-        the batch's column when it had one, else (letKD) the logits of the teacher forward that gave the features,
-        else `None` (the caller runs the teacher).
-        """
-        if self._letkd_targets is None:
-            return model(**inputs).logits, 0.0, teacher_logits
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels", None)
+        teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
         outputs = model(**inputs, output_kd_features=True)
-        loss, letkd_teacher_logits, losses = self._letkd_loss(outputs, inputs, labels, num_items_in_batch, model.training)
+        letkd_loss, live_logits, losses = self._letkd_loss(outputs, inputs, labels, num_items_in_batch, model.training)
         mode = "train" if model.training else "eval"
         for location, value in losses.items():
             self._metrics[mode][f"letkd_{location}_loss"].append(value.detach())
-        return outputs.logits, loss, letkd_teacher_logits if teacher_logits is None else teacher_logits
+        # The batch's teacher_logits column when it has one, else the logits of the teacher forward that gave the
+        # features (the teacher runs once per step).
+        teacher_logits = live_logits if teacher_logits is None else teacher_logits
+        student_logits = outputs.logits
+        loss, teacher_logits = self._kd_loss(model, inputs, student_logits, teacher_logits, labels, num_items_in_batch)
+        loss = self._scale_for_processes(loss + letkd_loss, num_items_in_batch)
+        if return_outputs:
+            return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
+        return loss
 
     def _letkd_loss(
         self, outputs, inputs: dict, labels: torch.Tensor | None, num_items_in_batch, training: bool
@@ -201,14 +248,14 @@ class _LetKDMixin:
             total = total * (labels != -100).sum() / num_items_in_batch
         return total, teacher_logits, losses
 
-    def _letkd_card_info(self) -> dict[str, Any]:
-        """The letKD settings of the run, for the model card."""
-        if not self.args.letkd:
-            return {}
+    def _model_card_info(self) -> dict[str, Any]:
+        """The teacher, the KD loss settings and the letKD settings of the run, for the model card."""
+        info = super()._model_card_info()
         args = self.args
-        return {
-            "letkd": args.letkd,
-            "letkd_penultimate_weight": args.letkd_penultimate_weight,
+        info["hyperparameters"].update(
+            letkd=args.letkd,
+            letkd_penultimate_weight=args.letkd_penultimate_weight,
             **({"letkd_intermediate_weight": args.letkd_intermediate_weight} if args.letkd == 2 else {}),
-            "letkd_templates": {loc: t.num_templates for loc, t in self._letkd_targets.items()},
-        }
+            letkd_templates={loc: t.num_templates for loc, t in self._letkd_targets.items()},
+        )
+        return info

@@ -1,24 +1,18 @@
-"""`_IntermediateMixin`: TinyBERT intermediate-layer distillation inside [`DistillTrainer`].
-
-The losses live in [`hf_kd.intermediate_distillation`]; this mixin owns what a learned projection needs from the
-Trainer: its parameters in the trainer's optimizer (and learning-rate schedule, weight decay on the weight only) and in
-gradient clipping, a DDP wrapper of its own under data parallelism, a fresh initialisation whenever `model_init`
-re-creates the student (hyperparameter search), its gradients cleared after every step (Trainer only clears the
-model's), and `intermediate_projection.safetensors` in every checkpoint and
-saved model, restored on resume. It is kept out of the student's own weights: the saved student stays a plain
-transformers model (`from_pretrained` loads it without unexpected keys), and neither inference nor the
-prediction-layer stage uses the projection.
-"""
+"""`TinyBERTTrainer`: TinyBERT's intermediate-layer losses on top of [`DistillTrainer`] (Jiao et al., 2020,
+https://huggingface.co/papers/1909.10351); the losses and the attention-score hooks live in [`hf_kd.tinybert`]."""
 
 from __future__ import annotations
 
 import os
+from typing import Any
 
 from torch import nn
 from transformers import TrainerCallback
 
-from ..intermediate_distillation import IntermediateDistiller
-from ..teacher import teacher_inputs
+from ..teacher import TEACHER_LOGITS_COLUMN, teacher_inputs
+from ..tinybert import IntermediateDistiller
+from .distill_trainer import DistillTrainer
+from .tinybert_config import TinyBERTConfig
 
 PROJECTION_FILENAME = "intermediate_projection.safetensors"
 
@@ -37,14 +31,67 @@ class _ZeroGradCallback(TrainerCallback):
         self.module.zero_grad(set_to_none=True)
 
 
-class _IntermediateMixin:
-    """Intermediate-layer losses for a [`~transformers.Trainer`] subclass that also has [`_TeacherMixin`] and whose
-    `args` inherit [`_IntermediateArguments`]. The trainer calls [`~_IntermediateMixin._init_intermediate`] after
-    `_init_teacher`, and [`~_IntermediateMixin._intermediate_forward`] in `compute_loss` when `self._intermediate` is
-    set."""
+class TinyBERTTrainer(DistillTrainer):
+    r"""
+    [`DistillTrainer`] with TinyBERT's intermediate-layer distillation (Jiao et al., 2020,
+    https://huggingface.co/papers/1909.10351), for teachers and students of any widths and depths.
 
+    Besides the KD loss on logits, the student learns the teacher's embedding output, layer outputs and pre-softmax
+    attention scores ([`hf_kd.tinybert.IntermediateDistiller`]):
+
+    `L = prediction_loss_weight * kd_loss + embedding_loss_weight * MSE(E_S W, E_T)
+    + hidden_loss_weight * sum_m MSE(H_S^m W, H_T^g(m)) + attention_loss_weight * sum_m MSE(A_S^m, A_T^g(m))`
+
+    where `g` is `args.intermediate_layer_map` (TinyBERT's uniform map by default) and `W` the projection
+    (`args.intermediate_projection`). Each part is logged (`hidden_loss`, `attention_loss`, `embedding_loss`, besides
+    `kd_loss` and `ce_loss`). With every intermediate weight at 0 (TinyBERT's second, prediction-layer stage) it trains
+    as [`DistillTrainer`] with the KD loss weighted by `prediction_loss_weight`.
+
+    The learned projection lives outside the student, which stays a plain transformers model: it is trained by this
+    trainer's optimizer (added to it, learning-rate schedule and weight decay included; clipped together with the
+    student; its own DDP wrapper under data parallelism; re-initialised whenever `model_init` re-creates the student)
+    and saved as `intermediate_projection.safetensors` in every checkpoint and saved model, restored on resume. The
+    teacher runs live at every step (no logits cache while an intermediate loss is on).
+
+    Args:
+        model (`PreTrainedModel`):
+            The student, a transformers encoder sequence classifier (BERT, MiniLM, MPNet, ...).
+        args ([`TinyBERTConfig`]):
+            Training, distillation and TinyBERT arguments.
+
+        The other arguments are those of [`DistillTrainer`].
+
+    Example:
+
+    ```python
+    >>> from hf_kd import TinyBERTConfig, TinyBERTTrainer
+    >>> args = TinyBERTConfig(output_dir="stage1", hidden_loss_weight=1.0, attention_loss_weight=1.0,
+    ...                       embedding_loss_weight=1.0, prediction_loss_weight=0.0)
+    >>> trainer = TinyBERTTrainer(model=student, args=args, teacher_model="my-org/minilm-l6-rt",
+    ...                           train_dataset=train, eval_dataset=validation, processing_class=tokenizer)
+    >>> trainer.train()
+    ```
+    """
+
+    _tag_names = ["hf_kd", "distillation", "tinybert"]
+    _name = "TinyBERT"
+    _config_class = TinyBERTConfig
+    _paper = {
+        "title": "TinyBERT: Distilling BERT for Natural Language Understanding",
+        "id": "1909.10351",
+        "citation": (
+            "@inproceedings{jiao2020tinybert,\n  title={{TinyBERT}: Distilling {BERT} for Natural Language "
+            "Understanding},\n  author={Jiao, Xiaoqi and Yin, Yichun and Shang, Lifeng and Jiang, Xin and Chen, Xiao "
+            "and Li, Linlin and Wang, Fang and Liu, Qun},\n  booktitle={Findings of EMNLP},\n  year={2020}\n}"
+        ),
+    }
     _intermediate: IntermediateDistiller | None = None
     _projection_wrapped = None
+
+    def __init__(self, *args, **kwargs):
+        # The arguments of DistillTrainer (which checks that `args` is a TinyBERTConfig); then the method's own set-up.
+        super().__init__(*args, **kwargs)
+        self._init_intermediate()
 
     def _init_intermediate(self) -> None:
         """Build the [`IntermediateDistiller`] (layer map checked against both depths) when any intermediate loss
@@ -77,7 +124,7 @@ class _IntermediateMixin:
             hidden_weight=self.args.hidden_loss_weight,
             attention_weight=self.args.attention_loss_weight,
             embedding_weight=self.args.embedding_loss_weight,
-            projection=self.args.intermediate_projection,
+            projection=str(self.args.intermediate_projection),
         )
         self._intermediate.projection.to(self.args.device)
         if self._projection_parameters():
@@ -113,6 +160,41 @@ class _IntermediateMixin:
             num_items_in_batch=num_items_in_batch,
             unwrapped_student=self.accelerator.unwrap_model(model),
         )
+
+    def _model_card_info(self) -> dict[str, Any]:
+        """The teacher, the KD loss settings and TinyBERT's weights and layer map, for the model card."""
+        info = super()._model_card_info()
+        if self._intermediate is not None:
+            info["hyperparameters"].update(
+                {f"{k}_loss_weight": v for k, v in self._intermediate.weights.items()},
+                prediction_loss_weight=self.args.prediction_loss_weight,
+                intermediate_layer_map=self._intermediate.layer_map,
+            )
+        return info
+
+    # ---- loss ------------------------------------------------------------------------------------------------------
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        labels = inputs.pop("labels", None)
+        teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
+        intermediate = {}
+        if self._intermediate is None:
+            # The prediction-layer stage: every intermediate weight is 0.
+            student_logits, feature_loss = model(**inputs).logits, 0.0
+        else:
+            student_logits, live_logits, intermediate = self._intermediate_forward(
+                model, inputs, labels, num_items_in_batch
+            )
+            teacher_logits = live_logits if teacher_logits is None else teacher_logits
+            feature_loss = self._intermediate.weighted_sum(intermediate)
+            mode = "train" if model.training else "eval"
+            for name, value in intermediate.items():
+                self._metrics[mode][f"{name}_loss"].append(value.detach())
+        loss, teacher_logits = self._kd_loss(model, inputs, student_logits, teacher_logits, labels, num_items_in_batch)
+        loss = self._scale_for_processes(self.args.prediction_loss_weight * loss + feature_loss, num_items_in_batch)
+        if return_outputs:
+            return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
+        return loss
 
     # ---- the projection as a trained parameter ---------------------------------------------------------------------
 
