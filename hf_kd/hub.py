@@ -757,7 +757,8 @@ def generate_model_card(
         base_model_id=base_model_id,
         teacher_id=teacher_id,
         teacher_is_local=teacher_model is not None and teacher_id is None,
-        teacher_base_model=teacher_base_model,
+        # "fine-tuned from X, derived from X" says X twice: the base model alone names it.
+        teacher_base_model=teacher_base_model if teacher_base_model != base_model_id else None,
         method_name=method_name,
         trainer_name=trainer_name,
         paper=paper,
@@ -791,6 +792,9 @@ def save_model_card(card: ModelCard, folder: str | os.PathLike) -> Path:
     path = folder / "README.md"
     with tempfile.NamedTemporaryFile("w", dir=folder, suffix=".tmp", delete=False, encoding="utf-8", newline="") as f:
         f.write(str(card))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(f.name, 0o666 & ~umask)  # the temporary file is 0600: give the card the mode open() would
     os.replace(f.name, path)
     return path
 

@@ -8,6 +8,9 @@ Binned metrics are built from per-bin counts and sums ([`reliability_bins`]), so
 merged exactly by adding counts and count-weighted means before dividing.
 """
 
+import math
+import warnings
+
 import numpy as np
 import torch
 from scipy.special import rel_entr
@@ -461,6 +464,29 @@ def classification_metrics(probs, labels, n_bins: int = 15) -> dict[str, float]:
     }
 
 
+def warn_if_teacher_disagrees(teacher_accuracy: float, sigma: float, num_examples: int) -> None:
+    """Warn loudly when a teacher's evaluation looks like a label mix-up rather than a weak teacher.
+
+    A teacher accuracy of 0 (on a dataset of two or more rows) or an undefined sigma (no example classified right by
+    both models) usually means the teacher's label ids are not the dataset's: e.g. `fresh = 1` for the teacher and
+    `fresh = 0` in data encoded with `class_encode_column`, which sorts the names. Called by
+    [`make_compute_metrics`] and [`hf_kd.UncertaintyReport.from_logits`].
+    """
+    problems = []
+    if teacher_accuracy == 0 and num_examples > 1:
+        problems.append(f"the teacher classifies none of the {num_examples} examples right (teacher_accuracy 0)")
+    if isinstance(sigma, float) and math.isnan(sigma):
+        problems.append("sigma is NaN: no example is classified right by both the teacher and the student")
+    if problems:
+        warnings.warn(
+            "; ".join(problems) + ". Check that the teacher's label ids are the dataset's (teacher.config.label2id "
+            "against dataset.features['label'].names); if they are not, remap the data with "
+            "hf_kd.data.align_labels(dataset, teacher.config.label2id).",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 def make_compute_metrics(n_bins: int = 15, class_index: int | None = 0):
     """
     Build a `compute_metrics` function for [`~transformers.Trainer`].
@@ -536,6 +562,7 @@ def make_compute_metrics(n_bins: int = 15, class_index: int | None = 0):
             results["teacher_accuracy"] = float(np.mean(teacher_probs.argmax(axis=1) == labels))
             results["teacher_entropy"] = predictive_entropy(teacher_probs)
             results["teacher_ece"] = expected_calibration_error(teacher_probs, labels, n_bins)
+            warn_if_teacher_disagrees(results["teacher_accuracy"], results["sigma"], len(labels))
         return results
 
     return compute_metrics

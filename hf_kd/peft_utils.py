@@ -275,6 +275,58 @@ class BaseModelTeacher:
             self.peft_model.train(was_training)
 
 
+def untrained_head_reason(model: nn.Module) -> str | None:
+    """
+    Why the classification head of `model` (a PEFT student's base model is read through its `modules_to_save`
+    wrapper's `original_module`, what the adapters-disabled forward uses) was never trained, or `None`.
+
+    Two signs, either enough: (1) a bias that is exactly zero everywhere, as transformers initialises a new head
+    (`_init_weights` zeroes Linear biases; one optimizer step on a trained head moves it, so a trained head never has
+    an all-zero bias); (2) for a head without bias, a weight that transformers did not load from the checkpoint while
+    other weights were (transformers 5 marks every loaded tensor with `_is_hf_initialized`). A head that cannot be
+    found (`classifier`, `classifier.out_proj`, `score`), or whose weights are partitioned by ZeRO-3, gives `None`.
+
+    Returns:
+        `str` or `None`: a sentence naming the head, or `None` when nothing says it is untrained.
+    """
+    model = getattr(model, "get_base_model", lambda: model)()
+    head, name = None, None
+    for path in ("classifier.out_proj", "classifier", "score"):
+        module = model
+        for part in path.split("."):
+            module = getattr(module, "original_module", module)  # peft's ModulesToSaveWrapper
+            module = getattr(module, part, None)
+            if module is None:
+                break
+        module = getattr(module, "original_module", module)
+        if isinstance(module, nn.Linear):
+            head, name = module, path
+            break
+    if head is None or hasattr(head.weight, "ds_id"):
+        return None
+    if head.bias is not None and not head.bias.detach().any():
+        return f"its head `{name}` has an all-zero bias, as transformers initialises a new head"
+    loaded = any(getattr(p, "_is_hf_initialized", False) for p in model.parameters())
+    if head.bias is None and loaded and not getattr(head.weight, "_is_hf_initialized", False):
+        return f"its head `{name}` was not in the checkpoint it was loaded from (newly initialised)"
+    return None
+
+
+def warn_if_base_head_untrained(peft_model: nn.Module) -> None:
+    """Warn when `teacher_from_base_model=True` would make a random teacher: the base model's classification head was
+    never trained ([`untrained_head_reason`]), e.g. a student loaded from a base encoder with `num_labels=2`. Its
+    logits are noise (kd_loss near 0 from the start): distil from a fine-tuned model instead."""
+    reason = untrained_head_reason(peft_model)
+    if reason is not None:
+        warnings.warn(
+            f"teacher_from_base_model=True uses the PEFT student's base model as the teacher, but {reason}: the "
+            "teacher is random and the student would distil noise. Start the student from a fine-tuned classifier "
+            "(one whose head was trained on these labels), or pass a fine-tuned teacher_model instead.",
+            UserWarning,
+            stacklevel=3,
+        )
+
+
 # --------------------------------------------------------------------------------------------------------------------
 # Command-line arguments of the recipes
 # --------------------------------------------------------------------------------------------------------------------

@@ -399,7 +399,13 @@ def fit_avcs_thresholds(
 
     Returns:
         [`AVCSThresholds`] `(thresholds, scale, offset)`. When no pair reaches the target at the initial thresholds,
-        a warning is raised and the initial thresholds are returned with the pair of the highest worst-exit coverage.
+        a warning (stating the target and the coverage achieved) is raised and the initial thresholds are returned
+        with the pair of the highest worst-exit coverage.
+
+    Raises:
+        `ValueError`: bad arguments, or sets that are empty for every calibration example at every exit at the
+        initial thresholds of the best pair (nothing would be predicted: e.g. a briefly trained model with every
+        logit <= 0 under the paper's transform).
     """
     alpha = _check_alpha(alpha)
     rule, delta = _check_rule(coverage_rule, delta)
@@ -441,13 +447,22 @@ def fit_avcs_thresholds(
             best = (size, thresholds, (scale, offset))
     if best is None:
         scale, offset = pairs[int(np.argmax(at_start))]
+        tried = f"coverage_rule={rule.value!r}, alpha={alpha:g}, initial thresholds {init}, every (scale, offset) tried"
+        start_sets = avcs_prediction_sets(logits, start, alpha, seed, scale, offset)
+        if not (start_sets.nested_sets if nested else start_sets.sets).any():
+            # Nothing to keep: sets that are empty for every example at every exit predict nothing.
+            raise ValueError(
+                f"the AVCS sets are empty for every one of the {num_examples} calibration examples at every exit "
+                f"({tried}): every transformed logit is <= 0, so no label enters the support (typical of a briefly "
+                "trained model). Train the model longer, or search a larger offset or scale (e.g. "
+                "offsets=(0, 1, 2, 4), scales=(1, 4, 16)) or a smaller init."
+            )
         warnings.warn(
-            f"the AVCS sets miss the coverage target on the calibration data ({target} of {num_examples} examples "
-            f"covered at every exit, coverage_rule={rule.value!r}, alpha={alpha:g}) already at the initial "
-            f"thresholds {init} with every (scale, offset) tried (best worst-exit coverage "
-            f"{max(at_start) / num_examples:.4f}, scale {scale}, offset {offset}): keeping them. A label whose "
-            "transformed logit is <= 0 never enters the support; a larger offset or scale, or a smaller init, may "
-            "help.",
+            f"the AVCS sets miss the coverage target on the calibration data already at the initial thresholds "
+            f"({tried}): target {target} of {num_examples} examples covered at every exit "
+            f"({target / num_examples:.4f}), achieved at best {max(at_start)} ({max(at_start) / num_examples:.4f}, "
+            f"worst exit, scale {scale}, offset {offset}): keeping them. A label whose transformed logit is <= 0 "
+            "never enters the support; a larger offset or scale, or a smaller init, may help.",
             stacklevel=2,
         )
         return AVCSThresholds(start, scale, offset)

@@ -21,6 +21,7 @@ import json
 import os
 from dataclasses import dataclass, field, fields
 
+import torch
 from transformers import (
     AutoModelForSequenceClassification,
     AutoTokenizer,
@@ -32,7 +33,9 @@ from transformers import (
 
 from . import data
 from .checkpoints import resolve_resume_checkpoint
+from .evaluation import record_max_length
 from .metrics import make_compute_metrics
+from .offline_models import placed_model_kwargs
 from .peft_utils import LoraArguments, get_peft_config
 from .trainer import DistillConfig, DistillTrainer, TinyBERTConfig, TinyBERTTrainer
 
@@ -169,7 +172,10 @@ def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tok
         `ValueError`: a `peft_config` with `method` `"erm"` or `"ls"` (LoRA students are for hf_kd's trainers).
     """
     set_seed(args.seed)  # a fresh classifier: the same initialisation on every process count and launcher
-    model = AutoModelForSequenceClassification.from_pretrained(script_args.model_name_or_path, **label_kwargs(splits))
+    name = script_args.model_name_or_path
+    model = AutoModelForSequenceClassification.from_pretrained(name, **placed_model_kwargs(name, label_kwargs(splits), model=True))
+    # Saved in config.json: `hf-kd evaluate` / `calibrate` then truncate as this run did (not at their own default).
+    record_max_length(model.config, script_args.max_length)
     common = dict(
         model=model,
         train_dataset=splits["train"],
@@ -220,7 +226,9 @@ def run(script_args: ScriptArguments, args: DistillConfig, lora_args: LoraArgume
         `dict`: the `test_*` metrics (accuracy, ECE with 15 bins, NLL, Brier, mean entropy; sigma for KD), plus the
         `train_*` / `eval_*` ones with `script_args.report_train_sigma` and `method="kd"`.
     """
-    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(
+        script_args.model_name_or_path, **placed_model_kwargs(script_args.model_name_or_path)
+    )
     splits = load_splits(script_args, tokenizer)
     peft_config = get_peft_config(lora_args) if lora_args is not None else None
     trainer = build_trainer(script_args, args, splits, tokenizer, peft_config)
@@ -257,5 +265,8 @@ def main_job_training_args(output_dir: str, seed: int, epochs: float, **kwargs) 
         logging_steps=25,
         seed=seed,
         report_to="none",
+        # Pinned memory only helps a copy to an accelerator; without one, torch's DataLoader warns at every epoch
+        # (a bare `super().__init__(loader)` line in the demo's output) and pins nothing.
+        dataloader_pin_memory=torch.accelerator.is_available(),
         **kwargs,
     )

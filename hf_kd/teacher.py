@@ -45,7 +45,8 @@ def load_teacher(
     Args:
         teacher (`str`, `os.PathLike` or `nn.Module`):
             A Hub id or local folder loaded with `AutoModelForSequenceClassification.from_pretrained(teacher,
-            **init_kwargs)`, or an already built model (used as is).
+            **init_kwargs)` (a Hub id placed by `python -m hf_kd.offline_models` loads from its snapshot, without
+            network: [`hf_kd.offline_models.placed_model_kwargs`]), or an already built model (used as is).
         init_kwargs (`dict`, *optional*):
             Keyword arguments for `from_pretrained`. Passing them together with a built model is an error, because
             they would be silently ignored.
@@ -63,7 +64,12 @@ def load_teacher(
     elif isinstance(teacher, (str, os.PathLike)):
         from transformers import AutoModelForSequenceClassification
 
-        model = AutoModelForSequenceClassification.from_pretrained(str(teacher), **(init_kwargs or {}))
+        from .offline_models import placed_model_kwargs  # not at the top: see _locate_package_file in hf_kd.data
+
+        with _named_teacher_source(teacher):
+            model = AutoModelForSequenceClassification.from_pretrained(
+                str(teacher), **placed_model_kwargs(str(teacher), init_kwargs, model=True)
+            )
     else:
         raise TypeError(
             f"teacher must be a Hub id, a local path or a torch.nn.Module, got {type(teacher).__name__}: {teacher!r}"
@@ -71,6 +77,42 @@ def load_teacher(
     model.eval()
     model.requires_grad_(False)
     return model
+
+
+def load_teacher_config(teacher: str | os.PathLike, hub_kwargs: dict[str, Any] | None = None) -> PretrainedConfig:
+    """The config of a teacher given by Hub id or folder (its weights are not loaded), for the compatibility checks.
+
+    A Hub id placed by `python -m hf_kd.offline_models` is read from its snapshot without network
+    ([`hf_kd.offline_models.placed_model_kwargs`]).
+    """
+    from transformers import AutoConfig
+
+    from .offline_models import placed_model_kwargs
+
+    with _named_teacher_source(teacher):
+        return AutoConfig.from_pretrained(str(teacher), **placed_model_kwargs(str(teacher), hub_kwargs))
+
+
+@contextlib.contextmanager
+def _named_teacher_source(teacher: str | os.PathLike):
+    """Turn transformers' error for a teacher that is neither a folder nor a reachable Hub id ("couldn't connect to
+    huggingface.co", "not a valid model identifier", a malformed repo id) into one that names the path given."""
+    from huggingface_hub import constants
+    from huggingface_hub.utils import HFValidationError
+
+    try:
+        yield
+    except (OSError, HFValidationError) as error:
+        if Path(teacher).is_dir():
+            raise  # a folder that exists: transformers' own error (a missing config.json, ...) says what is wrong
+
+        offline = " (HF_HUB_OFFLINE is set)" if constants.HF_HUB_OFFLINE else " (offline?)"
+        raise FileNotFoundError(
+            f"Teacher {str(teacher)!r} is neither a local folder nor a Hub id reachable now{offline}. Check the path. "
+            "The README's teacher is made by `make demo`, which writes outputs/main_job/teacher; "
+            "`python trainers/distill.py --method erm --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 "
+            f"--output_dir DIR` trains one. ({type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''})"
+        ) from error
 
 
 def load_teacher_tokenizer(teacher: str, hub_kwargs: dict[str, Any] | None = None) -> PreTrainedTokenizerBase | None:
@@ -82,7 +124,9 @@ def load_teacher_tokenizer(teacher: str, hub_kwargs: dict[str, Any] | None = Non
     from transformers import AutoTokenizer
     from transformers.utils import cached_file
 
-    hub_kwargs = hub_kwargs or {}
+    from .offline_models import placed_model_kwargs
+
+    hub_kwargs = placed_model_kwargs(teacher, hub_kwargs)
     if cached_file(teacher, "tokenizer_config.json", _raise_exceptions_for_missing_entries=False, **hub_kwargs) is None:
         return None
     return AutoTokenizer.from_pretrained(teacher, **hub_kwargs)
@@ -106,11 +150,97 @@ def check_label_spaces(student_config: PretrainedConfig, teacher_config: Pretrai
         )
     if _is_default_label2id(student_config) or _is_default_label2id(teacher_config):
         return
-    if dict(student_config.label2id) != dict(teacher_config.label2id):
+    student, teacher = dict(student_config.label2id), dict(teacher_config.label2id)
+    if student != teacher:
         raise ValueError(
-            f"Student and teacher order their labels differently: student label2id={dict(student_config.label2id)}, "
-            f"teacher label2id={dict(teacher_config.label2id)}. Load the student with the teacher's id2label/label2id."
+            f"{_label_mapping_difference(student, 'student', teacher, 'teacher')}: student label2id={student}, "
+            f"teacher label2id={teacher}. Load the student with the teacher's id2label/label2id."
         )
+
+
+def _label_mapping_difference(first: dict, first_name: str, second: dict, second_name: str) -> str:
+    """What differs between two `label2id` mappings, as a sentence starting with `first_name` (capitalised): the
+    order of the same names, or the names (case-insensitive, as `align_labels_with_mapping` compares them)."""
+    subject = f"{first_name[0].upper()}{first_name[1:]} and {second_name}"
+    first_names, second_names = {n.lower(): n for n in first}, {n.lower(): n for n in second}
+    if set(first_names) == set(second_names):
+        return f"{subject} order their labels differently"
+    only_first = sorted(first_names[n] for n in set(first_names) - set(second_names))
+    only_second = sorted(second_names[n] for n in set(second_names) - set(first_names))
+    return f"{subject} name their labels differently ({first_name} only: {only_first}, {second_name} only: {only_second})"
+
+
+# The columns Trainer feeds to the loss as gold labels (`label` is renamed `labels` by the default collators).
+_LABEL_COLUMNS = ("labels", "label")
+
+
+def dataset_label2id(dataset, label_column: str | None = None) -> dict[str, int] | None:
+    """The `label2id` a dataset's labels follow: `{name: index}` from the [`~datasets.ClassLabel`] feature of its
+    `labels` / `label` column (or `label_column`), `None` when the labels carry no names (not a `datasets.Dataset`,
+    plain integers, or a `ClassLabel` built from `num_classes` alone, whose names are `"0"`, `"1"`, ...)."""
+    import datasets
+
+    features = getattr(dataset, "features", None)
+    if not isinstance(dataset, (datasets.Dataset, datasets.IterableDataset)) or not features:
+        return None
+    column = label_column or next((c for c in _LABEL_COLUMNS if c in features), None)
+    feature = features.get(column) if column else None
+    if not isinstance(feature, datasets.ClassLabel) or feature.names == [str(i) for i in range(feature.num_classes)]:
+        return None
+    return {name: index for index, name in enumerate(feature.names)}
+
+
+def check_label_names(dataset, split: str, configs: dict[str, PretrainedConfig | None]) -> None:
+    """Raise a `ValueError` when a dataset's label names disagree with a model's `label2id`.
+
+    A dataset whose `ClassLabel` names the labels in another order than the teacher (e.g. a CSV of `fresh` /
+    `rotten` encoded with `class_encode_column`, which sorts the names, against a teacher with `fresh = 1`) trains
+    the student against swapped teacher labels without any error: the teacher then scores 0 accuracy. Names are
+    compared case-insensitively (as `datasets.Dataset.align_labels_with_mapping` does). Models with the default
+    `LABEL_i` names, and datasets whose labels carry no names ([`dataset_label2id`]), are not checked.
+
+    Args:
+        dataset (`datasets.Dataset`, or anything else, which is not checked):
+            The data.
+        split (`str`):
+            Its name in messages, e.g. `"train_dataset"`.
+        configs (`dict[str, PretrainedConfig or None]`):
+            The models to check against, by role, e.g. `{"student": ..., "teacher": ...}`; `None` values are skipped.
+    """
+    names = dataset_label2id(dataset)
+    if names is None:
+        return
+    lowered = {name.lower(): index for name, index in names.items()}
+    for role, config in configs.items():
+        if config is None or _is_default_label2id(config):
+            continue
+        model = {str(name): int(index) for name, index in dict(config.label2id).items()}
+        if {name.lower(): index for name, index in model.items()} == lowered:
+            continue
+        difference = _label_mapping_difference(names, f"the {split}", model, f"the {role}")
+        if {name.lower() for name in model} == set(lowered):
+            fix = (
+                f"Remap the dataset's label ids to the {role}'s (one line, before building the trainer): "
+                f"`{split} = hf_kd.data.align_labels({split}, {role}.config.label2id)`."
+            )
+        else:
+            fix = (
+                f"Rename the dataset's labels to the {role}'s names (e.g. `dataset.cast_column('label', "
+                f"ClassLabel(names=[...]))`) if they are the same classes, then remap them with "
+                f"`hf_kd.data.align_labels(dataset, {role}.config.label2id)`; or use a {role} trained on these labels."
+            )
+        raise ValueError(
+            f"{difference}: {split} label2id={names}, {role} label2id={model}. Training or evaluating on it would "
+            f"score the {role}'s predictions against the wrong labels. {fix}"
+        )
+
+
+def check_datasets_label_names(train_dataset, eval_dataset, configs: dict[str, PretrainedConfig | None]) -> None:
+    """[`check_label_names`] on a trainer's `train_dataset` and `eval_dataset` (one dataset or a dict of them)."""
+    check_label_names(train_dataset, "train_dataset", configs)
+    evals = eval_dataset.items() if isinstance(eval_dataset, dict) else [(None, eval_dataset)]
+    for name, dataset in evals:
+        check_label_names(dataset, "eval_dataset" if name is None else f"eval_dataset[{name!r}]", configs)
 
 
 def build_token_id_map(

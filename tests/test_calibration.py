@@ -293,6 +293,19 @@ class TestFoldTemperature:
         assert repr(temperature) in str(error.value)
         assert torch.equal(model.classifier.weight, weights)
 
+    def test_calibration_result_is_accepted_as_the_readme_chains_them(self):
+        # fold_temperature(model, calibrate_temperature(model, validation)) used to fail: "temperature must be a
+        # finite number > 0, got CalibrationResult(...)".
+        model, inputs = expressive_bert().eval(), make_inputs()
+        result = calibrate_temperature(model, labelled_by_model(model, 24, 2.0, seed=1), calibrated_on="tiny/val")
+        with torch.no_grad():
+            expected = model(**inputs).logits / result.temperature
+        fold_temperature(model, result)
+        with torch.no_grad():
+            torch.testing.assert_close(model(**inputs).logits, expected, rtol=1e-5, atol=1e-6)
+        assert model.config.hf_kd["temperature"] == result.temperature
+        assert model.config.hf_kd["calibrated_on"] == "tiny/val"  # taken from the result unless given
+
     def test_tensor_temperature_is_accepted(self):
         model = tiny_bert()
         fold_temperature(model, torch.tensor(2.0))

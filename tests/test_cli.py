@@ -1,5 +1,6 @@
 import hashlib
 import json
+import math
 import shutil
 
 import pytest
@@ -88,6 +89,49 @@ class TestEvaluate:
         assert (report["n_bins"], report["num_examples"]) == (10, 12)
         assert not (model_dir / "README.md").exists()  # no card unless asked
 
+    def test_recorded_truncation_length_is_reused(self, model_dir, tmp_path, capsys):
+        # The main job truncates at 64 tokens and records it; `hf-kd evaluate` used to truncate at its own 128, so
+        # the report it wrote into the model folder disagreed with the card beside it.
+        from hf_kd.evaluation import record_max_length
+
+        text = " ".join(WORDS[:40])  # 42 tokens with [CLS] and [SEP]
+        path = tmp_path / "long.jsonl"
+        path.write_text("".join(json.dumps({"text": text, "label": i % 2}) + "\n" for i in range(6)))
+        model = AutoModelForSequenceClassification.from_pretrained(model_dir)
+        record_max_length(model.config, 5)
+        model.save_pretrained(model_dir)
+        expected = torch.softmax(logits(model_dir, [" ".join(WORDS[:3])]), -1).max().item()  # 5 tokens
+        out = tmp_path / "r"
+        assert main(["evaluate", str(model_dir), "--data_files", f"test={path}", "--output_dir", str(out)]) == 0
+        assert "Truncation: 5 tokens." in capsys.readouterr().out
+        report = json.loads((out / "report.json").read_text())
+        assert report["metrics"]["entropy"] == pytest.approx(
+            -(expected * math.log(expected) + (1 - expected) * math.log(1 - expected)), rel=1e-5)
+        # An explicit --max_length wins.
+        assert main(["evaluate", str(model_dir), "--data_files", f"test={path}", "--output_dir", str(tmp_path / "s"),
+                     "--max_length", "42"]) == 0
+        assert "Truncation: 42 tokens." in capsys.readouterr().out
+
+    def test_existing_report_is_not_overwritten_silently(self, model_dir, data, capsys):
+        folder = model_dir / "uncertainty"
+        assert main(["evaluate", str(model_dir), *files_args(data, test="test"), "--update_card"]) == 0
+        first = (folder / "test" / "report.json").read_text()
+        card = (model_dir / "README.md").read_text()
+        # A second run with other settings writes beside the first report, and says so.
+        assert main(["evaluate", str(model_dir), *files_args(data, test="test"), "--max_samples", "12"]) == 0
+        assert f"The existing report in {folder / 'test'} was kept (pass --overwrite" in capsys.readouterr().out
+        assert (folder / "test" / "report.json").read_text() == first
+        assert json.loads((folder / "test-2" / "report.json").read_text())["num_examples"] == 12
+        # Re-rendering the card from a report that would not be the new one is refused; --overwrite replaces it.
+        assert main(["evaluate", str(model_dir), *files_args(data, test="test"), "--max_samples", "12",
+                     "--update_card"]) == 1
+        assert "pass --overwrite to replace it" in capsys.readouterr().err
+        assert (model_dir / "README.md").read_text() == card
+        assert main(["evaluate", str(model_dir), *files_args(data, test="test"), "--max_samples", "12",
+                     "--update_card", "--overwrite"]) == 0
+        assert json.loads((folder / "test" / "report.json").read_text())["num_examples"] == 12
+        assert not (folder / "test-3").exists()
+
     def test_unlabelled_data_is_a_clear_error(self, model_dir, data, capsys):
         assert main(["evaluate", str(model_dir), *files_args(data, test="unlabelled")]) == 1
         assert "data_files/test has no 'label' column (columns: ['text']): hf-kd needs gold labels" in (
@@ -109,6 +153,7 @@ class TestCalibrate:
         torch.testing.assert_close(probabilities(out, TEXTS), expected, rtol=1e-5, atol=1e-6)
         config = json.loads((out / "config.json").read_text())
         assert config["hf_kd"]["calibrated_on"] == "data_files/validation"
+        assert config["hf_kd"]["max_length"] == 128  # the truncation T was fitted with, reused by hf-kd evaluate
         assert {p.name for p in (out / "uncertainty").iterdir()} == {"test", "test-uncalibrated"}
         before = json.loads((out / "uncertainty" / "test-uncalibrated" / "report.json").read_text())
         after = json.loads((out / "uncertainty" / "test" / "report.json").read_text())
@@ -228,3 +273,20 @@ def test_main_job_push_flags(capsys):
     with pytest.raises(SystemExit):
         main_job.parse_args(["--push_to_hub", "--hub_model_id", "me/bad--name"])
     assert "'me/bad--name' is not a valid Hub repo id" in capsys.readouterr().err
+
+
+def test_main_job_dataloaders_do_not_warn_about_pin_memory(tmp_path):
+    # `make demo` printed torch's "'pin_memory' argument is set as true but no accelerator is found" as a bare
+    # `super().__init__(loader)` line (the warning's source line): the main job pins memory only with an accelerator.
+    import warnings
+
+    from transformers import Trainer
+
+    from hf_kd.recipes import main_job_training_args
+
+    args = main_job_training_args(str(tmp_path), seed=0, epochs=1.0)
+    assert args.dataloader_pin_memory == torch.accelerator.is_available()
+    trainer = Trainer(model=expressive_bert(), args=args, train_dataset=[{"input_ids": [2, 5, 3], "labels": 0}] * 4)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        next(iter(trainer.get_train_dataloader()))

@@ -340,6 +340,15 @@ def test_tokenize_dataset_single_texts(rotten_tomatoes, tokenizer):
     assert all(framed)
 
 
+def test_loaders_name_their_dataset_for_model_cards(rotten_tomatoes, tweets, bbc, tokenizer):
+    # Cards of students trained on the built-in Rotten Tomatoes said "Custom dataset / custom": the trainer reads
+    # train_dataset.info.dataset_name, which the loaders left empty.
+    for splits, name in ((rotten_tomatoes, "rotten_tomatoes"), (tweets, "crowdflower_tweets"), (bbc, "bbc_news")):
+        assert {split.info.dataset_name for split in splits.values()} == {name}
+    tokenized = tokenize_dataset(rotten_tomatoes["train"].shuffle(seed=0).select(range(8)), tokenizer)
+    assert tokenized.info.dataset_name == "rotten_tomatoes"  # kept through shuffle, select and tokenization
+
+
 @require_shared_data
 def test_tokenize_dataset_pairs_and_dataset_dict(snli_all, tokenizer):
     from datasets import DatasetDict
@@ -368,6 +377,7 @@ def test_fashion_mnist_real_slice():
     assert len(train) == 32 and train.column_names == ["pixel_values", "labels"]
     assert train.features["labels"].names == FASHION_MNIST_LABELS
     assert train.features["labels"].names[9] == "Ankle boot"
+    assert train.info.dataset_name == "fashion_mnist"
     pixels = np.asarray(train.with_format("numpy")["pixel_values"])
     assert pixels.shape == (32, 1, 28, 28) and pixels.dtype == np.float32
     assert pixels.min() == 0.0 and pixels.max() == 1.0

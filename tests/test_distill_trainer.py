@@ -1,9 +1,11 @@
 import math
 
+import datasets
 import pytest
 import torch
 from transformers import DataCollatorWithPadding
 
+import hf_kd.data
 import hf_kd.teacher
 from hf_kd import DistillConfig, DistillTrainer, kd_loss
 from hf_kd.teacher import TEACHER_LOGITS_COLUMN, build_token_id_map
@@ -193,6 +195,20 @@ class TestDistillTrainer:
         trainer = make_trainer(tmp_path, str(tmp_path / "teacher"))
         assert trainer.teacher_model is not None  # online teacher, loaded at init
 
+    @pytest.mark.parametrize("teacher", ["outputs/teacher-l6-rotten_tomatoes", "outputs/no/such/teacher"])
+    def test_missing_teacher_path_is_named(self, tmp_path, monkeypatch, teacher):
+        # A path `make demo` does not create (it writes outputs/main_job/teacher) used to fail with transformers'
+        # "couldn't connect to huggingface.co" (or "Repo id must be in the form ...") without naming it.
+        monkeypatch.chdir(tmp_path)
+        args = make_args(tmp_path, teacher_model_name_or_path=teacher,
+                         teacher_model_init_kwargs={"local_files_only": True})
+        with pytest.raises(FileNotFoundError) as error:
+            make_trainer(tmp_path, None, args=args)
+        message = str(error.value)
+        assert f"Teacher '{teacher}' is neither a local folder nor a Hub id reachable now" in message
+        assert "`make demo`, which writes outputs/main_job/teacher" in message
+        assert "trainers/distill.py --method erm" in message
+
     def test_init_kwargs_with_built_teacher_is_an_error(self, tmp_path):
         args = make_args(tmp_path, teacher_model_init_kwargs={"revision": "main"})
         with pytest.raises(ValueError, match="already built teacher"):
@@ -209,6 +225,62 @@ class TestTeacherCompatibility:
         student = tiny_bert(seed=1, id2label={0: "pos", 1: "neg"}, label2id={"pos": 0, "neg": 1})
         with pytest.raises(ValueError, match="order their labels differently"):
             make_trainer(tmp_path, teacher, student=student)
+
+    def test_label_names_differ_says_names_not_order(self, tmp_path):
+        # Same order (0 first), other names: the message says which names differ, not that the order does.
+        teacher = tiny_bert(seed=7, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+        student = tiny_bert(seed=1, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
+        with pytest.raises(ValueError, match=r"name their labels differently \(student only: \['fresh', 'rotten'\], "
+                           r"teacher only: \['neg', 'pos'\]\)") as error:
+            make_trainer(tmp_path, teacher, student=student)
+        assert "order" not in str(error.value)
+
+    @staticmethod
+    def class_encoded(dataset, names):
+        """`dataset` with its labels as a ClassLabel of `names` (what `class_encode_column` makes of string labels:
+        the names sorted, so "fresh" = 0)."""
+        return dataset.cast_column("label", datasets.ClassLabel(names=names))
+
+    def test_dataset_labels_in_another_order_than_the_teachers_are_refused(self, tmp_path):
+        # The README's student (num_labels=2, default LABEL_i names) passes check_label_spaces; the dataset's
+        # ClassLabel (fresh=0) against the teacher's label2id (fresh=1) trained silently before, with
+        # eval_teacher_accuracy 0 and sigma NaN.
+        teacher = tiny_bert(seed=7, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
+        train = self.class_encoded(tiny_dataset(32), ["fresh", "rotten"])
+        with pytest.raises(ValueError) as error:
+            make_trainer(tmp_path, teacher, train=train)
+        message = str(error.value)
+        assert "The train_dataset and the teacher order their labels differently" in message
+        assert "train_dataset label2id={'fresh': 0, 'rotten': 1}" in message
+        assert "teacher label2id={'rotten': 0, 'fresh': 1}" in message
+        assert "train_dataset = hf_kd.data.align_labels(train_dataset, teacher.config.label2id)" in message
+        # The one-line fix works: the labels are renumbered by name and the trainer builds.
+        fixed = hf_kd.data.align_labels(train, teacher.config.label2id)
+        assert fixed.features["label"].names == ["rotten", "fresh"]
+        assert fixed["label"] == [1 - label for label in train["label"]]
+        make_trainer(tmp_path, teacher, train=fixed)
+
+    def test_eval_dataset_labels_are_checked_against_student_and_teacher(self, tmp_path):
+        names = {"id2label": {0: "rotten", 1: "fresh"}, "label2id": {"rotten": 0, "fresh": 1}}
+        teacher, student = tiny_bert(seed=7, **names), tiny_bert(seed=1, **names)
+        swapped = self.class_encoded(tiny_dataset(16, seed=1), ["fresh", "rotten"])
+        with pytest.raises(ValueError, match=r"The eval_dataset\['b'\] and the student order their labels differently.*"
+                           r"`eval_dataset\['b'\] = hf_kd.data.align_labels\(eval_dataset\['b'\], student"):
+            make_trainer(tmp_path, teacher, student=student, eval_={"a": tiny_dataset(8), "b": swapped})
+        trainer = make_trainer(tmp_path, teacher, student=student)
+        with pytest.raises(ValueError, match="The eval_dataset and the student order their labels differently"):
+            trainer.evaluate(swapped)
+        # Same names in the same order (case aside), default LABEL_i models, nameless labels: accepted.
+        make_trainer(tmp_path, teacher, student=student, train=self.class_encoded(tiny_dataset(32), ["ROTTEN", "Fresh"]))
+        make_trainer(tmp_path, tiny_bert(seed=7), train=self.class_encoded(tiny_dataset(32), ["fresh", "rotten"]))
+        make_trainer(tmp_path, teacher, student=student, train=self.class_encoded(tiny_dataset(32), ["0", "1"]))
+
+    def test_other_label_names_are_refused_with_the_rename_fix(self, tmp_path):
+        teacher = tiny_bert(seed=7, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
+        train = self.class_encoded(tiny_dataset(32), ["negative", "positive"])
+        with pytest.raises(ValueError, match=r"name their labels differently \(the train_dataset only: \['negative', "
+                           r"'positive'\], the teacher only: \['neg', 'pos'\]\).*cast_column"):
+            make_trainer(tmp_path, teacher, train=train)
 
     def test_vocabulary_mismatch_is_an_error(self, tmp_path):
         teacher = tiny_bert(seed=7, vocab_size=103)

@@ -140,6 +140,22 @@ class TestEvaluateUncertainty:
             evaluate_uncertainty(model, dataset, teacher=tiny_bert(vocab_size=120))
 
 
+class TestLabelNames:
+    def test_dataset_labels_in_another_order_than_the_teachers_are_refused(self):
+        names = {"id2label": {0: "rotten", 1: "fresh"}, "label2id": {"rotten": 0, "fresh": 1}}
+        dataset = tiny_dataset(12).cast_column("label", datasets.ClassLabel(names=["fresh", "rotten"]))
+        with pytest.raises(ValueError, match=r"The dataset and the teacher order their labels differently.*"
+                           r"`dataset = hf_kd.data.align_labels\(dataset, teacher.config.label2id\)`"):
+            evaluate_uncertainty(tiny_bert(), dataset, teacher=tiny_bert(seed=4, **names))
+        with pytest.raises(ValueError, match="The dataset and the model order their labels differently"):
+            evaluate_uncertainty(tiny_bert(**names), dataset)
+
+    def test_teacher_accuracy_zero_warns(self):
+        logits = torch.tensor([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0]])
+        with pytest.warns(UserWarning, match="teacher classifies none of the 3 examples right"):
+            UncertaintyReport.from_logits(logits, [1, 0, 1], teacher_logits=logits)
+
+
 class TestReport:
     def make_report(self):
         model, teacher, dataset = tiny_bert(), tiny_bert(seed=4), tiny_dataset(24)
@@ -167,6 +183,17 @@ class TestReport:
         loaded = UncertaintyReport.load(tmp_path / "uncertainty" / "test")
         assert loaded.metrics["ece"] == report.metrics["ece"]
         assert loaded.split == "test"
+
+    def test_repr_is_the_metrics_table_not_the_bins(self):
+        # print(report) used to dump every reliability bin (counts, confidences, accuracies, n_bins of each).
+        report = self.make_report()
+        text = repr(report)
+        lines = text.splitlines()
+        assert lines[0].startswith("UncertaintyReport(") and "split='test', 24 examples, n_bins=15" in lines[0]
+        assert len(lines) == 1 + 1 + len(report.metrics) + 1  # header, column names, one row a metric, pointer
+        assert f"{report.metrics['ece']:.4f}" in text and f"{report.teacher_metrics['ece']:.4f}" in text
+        assert "count" not in text and "report.reliability" in text
+        assert str(report) == text
 
     def test_from_dict_rejects_other_json(self):
         with pytest.raises(ValueError, match=r"missing key\(s\) \['metrics', 'n_bins'"):

@@ -183,6 +183,30 @@ class TestModelCard:
         assert "a local teacher checkpoint fine-tuned from [sentence-transformers/all-MiniLM-L6-v2]" in text
         assert validate_card(text) == ([], [])
 
+    def test_base_model_is_named_once_when_the_teacher_was_fine_tuned_from_it(self, tmp_path):
+        # The main job's card said "fine-tuned from all-MiniLM-L6-v2, derived from all-MiniLM-L6-v2".
+        l6 = "sentence-transformers/all-MiniLM-L6-v2"
+        text = str(card(base_model=l6, teacher_model=str(tmp_path / "teacher"), teacher_base_model=l6))
+        sentence = next(line for line in text.splitlines() if line.startswith("This model was trained with hf_kd"))
+        assert sentence.count(l6) == 2  # one Markdown link: [id](https://huggingface.co/id)
+        assert "fine-tuned from" not in sentence and f", derived from [{l6}]" in sentence
+        assert ModelCard(text).data["hf_kd"]["teacher_base_model"] == l6  # still in the metadata
+
+    def test_card_file_honours_the_umask(self, tmp_path):
+        # The card was written through a NamedTemporaryFile, mode 0600 whatever the user's umask.
+        import os
+
+        from hf_kd.hub import save_model_card
+
+        old = os.umask(0o022)
+        try:
+            path = save_model_card(card(), tmp_path / "a")
+            assert path.stat().st_mode & 0o777 == 0o644
+            os.umask(0o027)
+            assert save_model_card(card(), tmp_path / "b").stat().st_mode & 0o777 == 0o640
+        finally:
+            os.umask(old)
+
     def test_hub_cache_folders_map_back_to_their_id(self, tmp_path):
         snapshot = tmp_path / "hub" / "models--sentence-transformers--all-MiniLM-L6-v2" / "snapshots" / "abc"
         snapshot.mkdir(parents=True)

@@ -385,6 +385,22 @@ def test_compute_metrics_with_teacher():
     assert metrics["teacher_ece"] == pytest.approx(expected_calibration_error(p_t, y, 15))
 
 
+def test_compute_metrics_warns_when_the_teacher_gets_nothing_right():
+    # A teacher whose label ids are swapped against the data: accuracy 0 and sigma NaN, which used to pass quietly.
+    rng = np.random.default_rng(14)
+    teacher = rng.normal(scale=3, size=(20, 2))
+    labels = 1 - teacher.argmax(1)
+    with pytest.warns(UserWarning, match=r"teacher classifies none of the 20 examples right.*sigma is NaN.*"
+                      r"align_labels\(dataset, teacher.config.label2id\)"):
+        metrics = make_compute_metrics()(_eval_pred((teacher, teacher), labels))
+    assert metrics["teacher_accuracy"] == 0 and math.isnan(metrics["sigma"])
+    import warnings
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # a teacher that gets examples right: no warning
+        make_compute_metrics()(_eval_pred((teacher, teacher), teacher.argmax(1)))
+
+
 def test_compute_metrics_validation():
     compute = make_compute_metrics()
     logits = np.zeros((4, 3))

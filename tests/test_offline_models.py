@@ -19,6 +19,7 @@ from hf_kd.offline_models import (
     locate_package_file,
     main,
     offline_model_path,
+    placed_model_kwargs,
 )
 
 L6 = "sentence-transformers/all-MiniLM-L6-v2"
@@ -162,6 +163,42 @@ def test_minilm_l6_loads_by_hub_id(cache):
         assert model(**batch).logits.shape == (2, 2)
 
 
+def test_placed_ids_load_their_snapshot_without_network(cache, tmp_path, monkeypatch):
+    # Without HF_HUB_OFFLINE every from_pretrained of a machine without Hub access retried the network first (a 14 s
+    # snippet took 2 min 31 s). hf_kd's loaders now add local_files_only=True for a placed id: here with offline mode
+    # off and every socket refused, the teacher, its config and tokenizer, and a multi-exit backbone still load.
+    import socket
+
+    from hf_kd import MultiExitForSequenceClassification
+    from hf_kd.teacher import load_teacher, load_teacher_config, load_teacher_tokenizer
+
+    assert placed_model_kwargs(L6, {"cache_dir": cache}) == {"cache_dir": cache, "local_files_only": True}
+    assert placed_model_kwargs(L6, {"cache_dir": tmp_path}) == {"cache_dir": tmp_path}  # not placed there
+    assert placed_model_kwargs(MPNET, {"cache_dir": cache, "revision": "main"}) == {"cache_dir": cache, "revision": "main"}
+    assert placed_model_kwargs("my-org/my-model") == {}  # a real Hub id stays online
+    assert placed_model_kwargs(L6, {"cache_dir": cache, "local_files_only": False})["local_files_only"] is False
+    assert placed_model_kwargs(str(tmp_path)) == {}  # a folder
+    # A model's from_pretrained also looks for a PEFT adapter config, with adapter_kwargs only.
+    assert placed_model_kwargs(L6, {"cache_dir": cache}, model=True)["adapter_kwargs"] == {"local_files_only": True}
+
+    monkeypatch.setattr(offline_models.constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+
+    def no_network(*args, **kwargs):
+        raise AssertionError(f"network access: {args}")
+
+    monkeypatch.setattr(socket, "getaddrinfo", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    teacher = load_teacher(L6, {"cache_dir": cache, "num_labels": 2})
+    assert teacher.config._name_or_path == L6  # the Hub id, not the snapshot path: cards keep naming it
+    assert load_teacher_config(L6, {"cache_dir": cache}).num_hidden_layers == 6
+    assert load_teacher_tokenizer(L6, {"cache_dir": cache}) is not None
+    # The modeling files are self-contained (saved with the model): callers pass the placed kwargs, as the recipes do.
+    backbone_kwargs = placed_model_kwargs(L3, {"cache_dir": cache}, model=True)
+    model = MultiExitForSequenceClassification.from_backbone(L3, backbone_kwargs=backbone_kwargs, num_labels=2)
+    assert model.config.num_labels == 2
+
+
 def test_minilm_l3_config_is_derived_from_the_onnx_tensors(cache):
     config = json.loads((offline_model_path(L3, cache) / "config.json").read_text())
     assert config["model_type"] == "bert" and config["architectures"] == ["BertModel"]
@@ -220,3 +257,19 @@ def test_mpnet_installs_from_the_split_zip_and_loads(cache):
     with torch.no_grad():
         out = model(**tokenizer(SENTENCES, padding=True, return_tensors="pt")).last_hidden_state
     assert out.shape[-1] == 768 and torch.isfinite(out).all()
+
+
+def test_running_the_module_prints_no_runpy_warning():
+    # `make demo` printed "RuntimeWarning: 'hf_kd.offline_models' found in sys.modules after import of package
+    # 'hf_kd', but prior to execution of 'hf_kd.offline_models'": `import hf_kd` imported it (through hf_kd.data and
+    # hf_kd.teacher), so runpy then executed a second copy.
+    import subprocess
+    import sys
+
+    imported = subprocess.run([sys.executable, "-c", "import sys, hf_kd; print('hf_kd.offline_models' in sys.modules)"],
+                              capture_output=True, text=True, check=True)
+    assert imported.stdout.strip() == "False"
+    result = subprocess.run([sys.executable, "-W", "error::RuntimeWarning", "-m", "hf_kd.offline_models", "--help"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    assert "RuntimeWarning" not in result.stderr and "python -m hf_kd.offline_models" in result.stdout

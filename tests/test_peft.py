@@ -18,6 +18,7 @@ from hf_kd.peft_utils import (
     head_module_names,
     point_adapter_at_hub_base,
     prepare_peft_model,
+    untrained_head_reason,
 )
 
 from .test_distill_trainer import make_args, make_trainer
@@ -224,6 +225,39 @@ class TestBaseModelTeacher:
         trainer.model.train()
         torch.testing.assert_close(trainer.teacher_model(**inputs).logits, expected, rtol=0, atol=1e-6)
         assert trainer.model.training, "the teacher forward left the student in eval mode"
+
+    def test_untrained_base_head_warns(self, tmp_path):
+        # A student loaded from a base encoder (num_labels=2: a fresh head) made a random teacher without a word
+        # (kd_loss 0.0003 from the first step).
+        from transformers import AutoModelForSequenceClassification, BertModel
+
+        BertModel(tiny_bert().config).save_pretrained(tmp_path / "encoder")
+        fresh = AutoModelForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=2)
+        args = make_args(tmp_path, teacher_from_base_model=True)
+        with pytest.warns(UserWarning, match=r"its head `classifier` has an all-zero bias.*the teacher is random"):
+            make_trainer(tmp_path, teacher=None, args=args, student=fresh, peft_config=lora())
+        # A trained head (saved after training, reloaded): no warning.
+        trained = tiny_bert(seed=1)
+        with torch.no_grad():
+            trained.classifier.bias.copy_(torch.tensor([0.3, -0.2]))
+        trained.save_pretrained(tmp_path / "fine_tuned")
+        student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fine_tuned")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            make_trainer(tmp_path, teacher=None, args=args, student=student, peft_config=lora())
+
+    def test_untrained_head_without_bias_is_found_from_the_loading_marks(self, tmp_path):
+        from transformers import GPT2ForSequenceClassification, GPT2Model
+
+        from .test_calibration import tiny_gpt2
+
+        GPT2Model(tiny_gpt2().config).save_pretrained(tmp_path / "gpt2")
+        model = GPT2ForSequenceClassification.from_pretrained(tmp_path / "gpt2", num_labels=2)
+        assert "`score` was not in the checkpoint" in untrained_head_reason(model)
+        model.save_pretrained(tmp_path / "classifier")
+        assert untrained_head_reason(GPT2ForSequenceClassification.from_pretrained(tmp_path / "classifier")) is None
+        # Through a PEFT wrapper, the base model's own head is read (not the trainable copy).
+        assert "all-zero bias" in untrained_head_reason(prepare_peft_model(tiny_bert(), lora()))
 
     def test_cached_logits_do_not_depend_on_the_adapter_init(self, tmp_path):
         """The cache key is the frozen base weights: two LoRA inits, one cache file, equal to the base's logits."""

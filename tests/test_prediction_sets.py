@@ -178,11 +178,25 @@ def test_transform_search_picks_the_smallest_calibration_sets():
     )
 
 
-def test_threshold_search_warns_when_the_start_misses_the_target():
-    logits = np.full((2, 30, 3), -1.0)  # every logit below the ReLU: empty sets
+def test_threshold_search_refuses_sets_empty_everywhere():
+    # Every logit below the ReLU: empty sets for every example at every exit. This used to be only a warning
+    # ("... best worst-exit coverage 0.0000") and returned thresholds that predict nothing.
+    logits = np.full((2, 30, 3), -1.0)
     labels = np.zeros(30, dtype=int)
-    with pytest.warns(UserWarning, match="initial thresholds"):
+    with pytest.raises(ValueError, match=r"empty for every one of the 30 calibration examples at every exit"):
+        fit_avcs_thresholds(logits, labels, alpha=0.1, scales=(1.0, 4.0))
+
+
+def test_threshold_search_warns_with_target_and_achieved_coverage():
+    # Class 0 (the gold class of the first 15 rows) is never in a set, class 1 always: coverage 15 of 30 at best.
+    logits = np.tile(np.array([-1.0, 5.0, -1.0]), (2, 30, 1))
+    labels = np.array([0] * 15 + [1] * 15)
+    with pytest.warns(UserWarning) as record:
         assert fit_avcs_thresholds(logits, labels, alpha=0.1, scales=(1.0, 4.0)) == ([1.0, 1.0], 1.0, 0.0)
+    message = str(record[0].message)
+    target = coverage_target(30, 0.1, "binomial", 0.1 / 2)
+    assert f"target {target} of 30 examples covered at every exit" in message
+    assert "achieved at best 15 (0.5000" in message
 
 
 def exact_binomial_tail(n, alpha, k):

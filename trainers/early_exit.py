@@ -38,6 +38,7 @@ from transformers import (  # noqa: E402
 from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitConfig, MultiExitForSequenceClassification  # noqa: E402
 from hf_kd.checkpoints import resolve_resume_checkpoint  # noqa: E402
 from hf_kd.distributed import end_distributed  # noqa: E402
+from hf_kd.offline_models import placed_model_kwargs  # noqa: E402
 from hf_kd.peft_utils import LoraArguments, get_peft_config  # noqa: E402
 from hf_kd.recipes import DataArguments, finish, label_kwargs, load_splits  # noqa: E402
 
@@ -56,10 +57,12 @@ class EarlyExitScriptArguments(DataArguments):
 def build_model(script_args: EarlyExitScriptArguments, args: EarlyExitConfig, splits, peft: bool):
     """A saved multi-exit model as is, or exits on an encoder. A LoRA adapter names the model it adapts: exits built
     here are saved to `<output_dir>/base_model` first, so that the adapter reloads onto them."""
-    if AutoConfig.from_pretrained(script_args.model_name_or_path).model_type == MultiExitConfig.model_type:
-        return AutoModelForSequenceClassification.from_pretrained(script_args.model_name_or_path)
+    name = script_args.model_name_or_path
+    if AutoConfig.from_pretrained(name, **placed_model_kwargs(name)).model_type == MultiExitConfig.model_type:
+        return AutoModelForSequenceClassification.from_pretrained(name, **placed_model_kwargs(name, model=True))
     model = MultiExitForSequenceClassification.from_backbone(
-        script_args.model_name_or_path, exit_layers=script_args.exit_layers, **label_kwargs(splits)
+        name, exit_layers=script_args.exit_layers, backbone_kwargs=placed_model_kwargs(name, model=True),
+        **label_kwargs(splits),
     )
     if peft:
         base = Path(args.output_dir) / "base_model"
@@ -71,7 +74,7 @@ def build_model(script_args: EarlyExitScriptArguments, args: EarlyExitConfig, sp
 
 def run(script_args: EarlyExitScriptArguments, args: EarlyExitConfig, lora_args: LoraArguments | None = None) -> dict:
     """Train, evaluate on the test split, save model + tokenizer + `test_results.json`; return the test metrics."""
-    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path)
+    tokenizer = AutoTokenizer.from_pretrained(script_args.model_name_or_path, **placed_model_kwargs(script_args.model_name_or_path))
     splits = load_splits(script_args, tokenizer)
     set_seed(args.seed)  # fresh exit heads: the same initialisation on every process count and launcher
     peft_config = get_peft_config(lora_args) if lora_args is not None else None

@@ -42,7 +42,7 @@ from ..distributed import fill_auto_bucket_sizes
 from ..hub import generate_model_card, pipeline_tag_of, save_model_card
 from ..metric_keys import split_metric_key
 from ..peft_utils import is_peft_model, point_adapter_at_hub_base, prepare_peft_model
-from ..teacher import TEACHER_LOGITS_COLUMN
+from ..teacher import TEACHER_LOGITS_COLUMN, check_datasets_label_names, check_label_names
 
 # The columns Trainer feeds to the loss as gold labels: `label` is renamed `labels` by the default collators.
 _LABEL_COLUMNS = ("labels", "label")
@@ -195,6 +195,13 @@ class _BaseTrainer(Trainer):
                 check_dataset(dataset, f"eval_dataset[{name!r}]", num_labels)
         else:
             check_dataset(self.eval_dataset, "eval_dataset", num_labels)
+        check_datasets_label_names(self.train_dataset, self.eval_dataset, self._label_spaces())
+
+    def _label_spaces(self) -> dict:
+        """The models whose `label2id` the datasets' `ClassLabel` names must follow ([`check_label_names`]): the
+        student, and the teacher once a trainer with one has read its config (`_teacher_config`)."""
+        student = None if self.model is None else getattr(self.accelerator.unwrap_model(self.model), "config", None)
+        return {"student": student, "teacher": getattr(self, "_teacher_config", None)}
 
     def train(self, resume_from_checkpoint: str | bool | None = None, trial=None, ignore_keys_for_eval=None, **kwargs):
         """
@@ -234,6 +241,7 @@ class _BaseTrainer(Trainer):
         given = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else (self.eval_dataset,)
         if eval_dataset is not None and not isinstance(eval_dataset, str) and all(eval_dataset is not d for d in given):
             check_dataset(eval_dataset, "eval_dataset", self._student_num_labels())
+            check_label_names(eval_dataset, "eval_dataset", self._label_spaces())
         # log() must know which evaluation it is logging (a "test" or "train" split's metrics start with its prefix,
         # not "eval_"); Trainer.evaluate of a dict of datasets calls this again per dataset, hence the restore.
         outer, self._eval_prefix = self._eval_prefix, metric_key_prefix
@@ -245,6 +253,7 @@ class _BaseTrainer(Trainer):
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         test_dataset = self._with_eval_columns(test_dataset, metric_key_prefix)
         check_dataset(test_dataset, "test_dataset", self._student_num_labels())
+        check_label_names(test_dataset, "test_dataset", self._label_spaces())
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 
     def log(self, logs: dict[str, float], start_time: float | None = None) -> None:

@@ -14,19 +14,20 @@ import logging
 
 import torch
 from torch import nn
-from transformers import AutoConfig
 
 from ..distributed import is_zero3_partitioned, prepare_deepspeed_teacher, teacher_placement
-from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model
+from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model, warn_if_base_head_untrained
 from ..teacher import (
     TEACHER_INPUT_NAMES,
     TEACHER_LOGITS_COLUMN,
     TeacherLogitsCache,
+    check_datasets_label_names,
     check_label_spaces,
     check_vocabularies,
     compute_teacher_logits,
     dataset_fingerprint,
     load_teacher,
+    load_teacher_config,
     load_teacher_tokenizer,
     teacher_fingerprint,
     teacher_logits_for_batch,
@@ -56,6 +57,7 @@ class _TeacherMixin:
     _token_id_map = None
     _logits_cache = None
     _teacher_placement = None
+    _teacher_config = None
 
     @staticmethod
     def _resolve_teacher(teacher_model, args):
@@ -120,6 +122,7 @@ class _TeacherMixin:
                 f"teacher_from_base_model=True needs a PEFT student (pass peft_config=... or a peft.PeftModel), got a "
                 f"{type(student).__name__}: without adapters the student's base model is the student itself."
             )
+        warn_if_base_head_untrained(student)
         return BaseModelTeacher(student)
 
     def _teacher_fingerprint(self) -> str:
@@ -153,8 +156,12 @@ class _TeacherMixin:
         if isinstance(teacher, nn.Module):
             teacher_config = teacher.config
         else:
-            teacher_config = AutoConfig.from_pretrained(str(teacher), **hub_kwargs)
+            teacher_config = load_teacher_config(teacher, hub_kwargs)
         check_label_spaces(student_config, teacher_config)
+        # A student with default LABEL_i names passes check_label_spaces: the datasets' label names are checked
+        # against the teacher's too (evaluate / predict check theirs with _BaseTrainer._label_spaces).
+        self._teacher_config = teacher_config
+        check_datasets_label_names(self.train_dataset, self.eval_dataset, {"teacher": teacher_config})
         if teacher_processing_class is None and not isinstance(teacher, nn.Module):
             teacher_processing_class = load_teacher_tokenizer(str(teacher), hub_kwargs)
         student_tokenizer = getattr(processing_class, "tokenizer", processing_class)
