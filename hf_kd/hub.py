@@ -665,11 +665,12 @@ def generate_model_card(
     base_model_id = resolve_hub_id(base_model)
     if base_model is not None and base_model_id is None:
         base_model_id = _base_model_of_folder(base_model)
-        warnings.warn(
-            f"base_model {str(base_model)!r} is a local path, not a Hub id: "
-            + (f"using {base_model_id!r}, the base model named in its card." if base_model_id else "left out."),
-            stacklevel=2,
-        )
+        if base_model_id is None:
+            warnings.warn(f"base_model {str(base_model)!r} is a local path, not a Hub id: left out.", stacklevel=2)
+        else:
+            # The folder's own card names the Hub model it derives from: nothing is lost, so no warning.
+            logger.info("base_model %r is a local path: using %r, the base model named in its card.", base_model,
+                        base_model_id)
     teacher_id = resolve_hub_id(teacher_model)
     if teacher_model is not None and teacher_id is None and teacher_base_model is None:
         teacher_base_model = _base_model_of_folder(teacher_model)

@@ -183,6 +183,18 @@ class TestModelCard:
         assert "a local teacher checkpoint fine-tuned from [sentence-transformers/all-MiniLM-L6-v2]" in text
         assert validate_card(text) == ([], [])
 
+    def test_local_base_model_whose_card_names_a_hub_id_uses_it_without_a_warning(self, tmp_path):
+        # make demo printed "base_model '.../student_init' is a local path ..." for the main job's student, whose
+        # initial weights (teacher layers 1, 3, 5) are a local folder: its card names the Hub model it derives from.
+        init = tmp_path / "student_init"
+        init.mkdir()
+        (init / "README.md").write_text("---\nbase_model: sentence-transformers/all-MiniLM-L6-v2\n---\nLayers.\n")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            text = str(card(base_model=str(init)))
+        assert ModelCard(text).data.base_model == "sentence-transformers/all-MiniLM-L6-v2"
+        assert str(tmp_path) not in text
+
     def test_base_model_is_named_once_when_the_teacher_was_fine_tuned_from_it(self, tmp_path):
         # The main job's card said "fine-tuned from all-MiniLM-L6-v2, derived from all-MiniLM-L6-v2".
         l6 = "sentence-transformers/all-MiniLM-L6-v2"

@@ -138,6 +138,11 @@ def main(argv=None) -> dict:
         init = out / "student_init"
         student_from_teacher_layers(AutoModelForSequenceClassification.from_pretrained(out / "teacher")).save_pretrained(init)
         AutoTokenizer.from_pretrained(out / "teacher").save_pretrained(init)
+        # A card naming the Hub model these weights derive from, so the student's card can name it as base_model.
+        (init / "README.md").write_text(
+            f"---\nbase_model: {TEACHER}\n---\nLayers 1, 3, 5 of {out / 'teacher'} ({TEACHER} fine-tuned on Rotten "
+            "Tomatoes), the initial weights of the main job's student.\n"
+        )
         student = str(init)
     student_metrics = run(
         ScriptArguments(model_name_or_path=student, method="kd", **common),
