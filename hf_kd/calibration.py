@@ -16,7 +16,6 @@ import math
 import numbers
 import warnings
 from dataclasses import asdict, dataclass
-from enum import Enum
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -35,6 +34,7 @@ from .evaluation import (
     read_labels,
 )
 from .metrics import softmax
+from .options import CalibrationObjective, to_enum
 
 if TYPE_CHECKING:
     import datasets
@@ -53,15 +53,6 @@ __all__ = [
 # A fitted temperature outside this range means the calibration data is degenerate (e.g. every example right with a
 # wide margin drives T -> 0): clamping keeps the folded weights finite and a warning says why.
 MIN_TEMPERATURE, MAX_TEMPERATURE = 1e-2, 1e2
-
-
-class CalibrationObjective(str, Enum):
-    """What the temperature is fitted to."""
-
-    NLL = "nll"
-    """Negative log-likelihood of the gold labels (Guo et al., 2017)."""
-    KL = "kl"
-    """KL(human || model) to human label distributions, batch mean (DistNLI `temperature_calibration.py`)."""
 
 
 def check_temperature(temperature, name: str = "temperature") -> float:
@@ -297,12 +288,7 @@ def calibrate_temperature(
     >>> student.save_pretrained("student-calibrated")  # calibrated for anyone who loads it with transformers
     ```
     """
-    try:
-        objective = CalibrationObjective(objective)
-    except ValueError:
-        raise ValueError(
-            f"objective must be one of {[o.value for o in CalibrationObjective]}, got {objective!r}"
-        ) from None
+    objective = to_enum(CalibrationObjective, objective, "objective")
     _check_model(model)
     _check_dataset(dataset)
     _check_n_bins(n_bins)

@@ -25,7 +25,8 @@ import sys
 import tempfile
 from pathlib import Path
 
-BUILTIN_DATASETS = ("rotten_tomatoes", "crowdflower_tweets", "bbc_news")
+from .options import BuiltinDataset, CalibrationObjective
+
 DEFAULT_MAX_LENGTH = 128  # for a model that records no truncation length (config.hf_kd["max_length"])
 
 
@@ -37,7 +38,9 @@ DEFAULT_MAX_LENGTH = 128  # for a model that records no truncation length (confi
 def _data_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("data")
     source = group.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", choices=BUILTIN_DATASETS, help="One of hf_kd's offline data sets.")
+    source.add_argument(
+        "--dataset", choices=[d.value for d in BuiltinDataset], help="One of hf_kd's offline data sets."
+    )
     source.add_argument(
         "--data_files",
         nargs="+",
@@ -90,7 +93,12 @@ def build_parser() -> argparse.ArgumentParser:
     calibrate.add_argument(
         "--eval_split", default="test", help="Split evaluated before and after (default: test; 'none' to skip)."
     )
-    calibrate.add_argument("--objective", choices=("nll", "kl"), default="nll", help="Fit to labels or human dists.")
+    calibrate.add_argument(
+        "--objective",
+        choices=[o.value for o in CalibrationObjective],
+        default="nll",
+        help="Fit to labels or human dists.",
+    )
     calibrate.add_argument("--teacher", default=None, help="Teacher folder or Hub id (same tokenizer) for sigma.")
     calibrate.add_argument(
         "--output_dir", default=None, help="Where to save the calibrated model (default: MODEL itself, in place)."
@@ -168,12 +176,7 @@ def _load_split(opts, split: str, tokenizer, num_labels: int):
     if opts.dataset is not None:
         from . import data
 
-        loader = {
-            "rotten_tomatoes": data.load_rotten_tomatoes,
-            "crowdflower_tweets": data.load_crowdflower_tweets,
-            "bbc_news": data.load_bbc_news,
-        }[opts.dataset]
-        splits = loader(seed=opts.split_seed)
+        splits = data.BUILTIN_DATASETS[opts.dataset](seed=opts.split_seed)
         if split not in splits:
             raise ValueError(f"--dataset {opts.dataset} has splits {list(splits)}, not {split!r}")
         dataset = splits[split]

@@ -27,7 +27,10 @@ import numpy as np
 import pandas as pd
 from datasets import Array3D, ClassLabel, Dataset, DatasetDict, DatasetInfo, Features, List, Value
 
+from .options import BuiltinDataset
+
 __all__ = [
+    "BUILTIN_DATASETS",
     "FASHION_MNIST_DIR",
     "FASHION_MNIST_LABELS",
     "FASHION_MNIST_MEAN",
@@ -259,6 +262,15 @@ def load_bbc_news(seed: int = 42, validation_size: float = 0.1, test_size: float
     features = Features({"text": Value("string"), "label": ClassLabel(names=names)})
     splits = _stratified_split(frame["label"].to_numpy(), seed, validation_size, test_size)
     return _to_dataset_dict(frame, features, splits, "bbc_news")
+
+
+BUILTIN_DATASETS = {
+    BuiltinDataset.ROTTEN_TOMATOES: load_rotten_tomatoes,
+    BuiltinDataset.CROWDFLOWER_TWEETS: load_crowdflower_tweets,
+    BuiltinDataset.BBC_NEWS: load_bbc_news,
+}
+"""The loader of each [`~hf_kd.options.BuiltinDataset`], called as `loader(seed=...)`; the keys compare equal to
+their strings (`BUILTIN_DATASETS["bbc_news"]` works)."""
 
 
 # ----- human label distributions, from a folder the caller gives -----

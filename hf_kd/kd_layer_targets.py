@@ -34,6 +34,7 @@ import numpy as np
 import torch
 from torch.nn import functional as F
 
+from .options import KMeansBackend, LetKDTeacherResize, to_enum
 from .teacher import load_verified_file, save_file_atomically, teacher_inputs
 
 if TYPE_CHECKING:
@@ -42,29 +43,25 @@ if TYPE_CHECKING:
 
 logger = logging.getLogger(__name__)
 
-KMEANS_BACKENDS = ("auto", "faiss", "sklearn")
-TEACHER_RESIZES = (None, "adaptive_avg_pool", "bilinear")
-
-
 # --------------------------------------------------------------------------------------------------------------------
 # K-means
 # --------------------------------------------------------------------------------------------------------------------
 
 
-def resolve_kmeans_backend(backend: str = "auto") -> str:
-    """`"faiss"` or `"sklearn"`; `"auto"` is faiss when `faiss-cpu` is installed (`pip install hf_kd[letkd]`)."""
-    if backend not in KMEANS_BACKENDS:
-        raise ValueError(f"kmeans backend must be one of {KMEANS_BACKENDS}, got {backend!r}.")
-    if backend == "sklearn":
+def resolve_kmeans_backend(backend: KMeansBackend | str = "auto") -> KMeansBackend:
+    """[`~hf_kd.options.KMeansBackend`] `"faiss"` or `"sklearn"` (given as the member or its string); `"auto"` is
+    faiss when `faiss-cpu` is installed (`pip install hf_kd[letkd]`)."""
+    backend = to_enum(KMeansBackend, backend, "kmeans backend")
+    if backend is KMeansBackend.SKLEARN:
         return backend
     try:
         import faiss  # noqa: F401
     except ImportError:
-        if backend == "faiss":
+        if backend is KMeansBackend.FAISS:
             raise ImportError("The faiss K-means backend needs faiss-cpu: pip install hf_kd[letkd]") from None
         logger.warning("faiss-cpu is not installed: K-means runs in scikit-learn (slower; pip install hf_kd[letkd]).")
-        return "sklearn"
-    return "faiss"
+        return KMeansBackend.SKLEARN
+    return KMeansBackend.FAISS
 
 
 def kmeans(
@@ -93,7 +90,7 @@ def kmeans(
         raise ValueError(
             f"K-means with K={num_clusters} clusters needs at least {num_clusters} points, got {num_points}."
         )
-    if resolve_kmeans_backend(backend) == "faiss":
+    if resolve_kmeans_backend(backend) is KMeansBackend.FAISS:
         import faiss
 
         # No subsampling of the points (faiss would keep 256 per centroid) and no warning for few points per centre.
@@ -345,7 +342,8 @@ def match_positions(
             `(batch, d_S, H_S, W_S)` or `(batch, L, d_S)`. Channels may differ: the KD layer maps the student's
             `d_S` channels to the templates, whatever `d_T`.
         attention_mask (`torch.Tensor` of shape `(batch, L)`, *optional*): for tokens, the positions that count.
-        resize (`str`, *optional*): how a teacher map of another size reaches the student's:
+        resize ([`~hf_kd.options.LetKDTeacherResize`] or `str`, *optional*): how a teacher map of another size reaches
+            the student's:
             - `None` (default, the paper): equal sizes as they are; a teacher map an integer multiple of the student's
               is average-pooled by that factor; anything else is an error;
             - `"adaptive_avg_pool"`: `adaptive_avg_pool2d` to the student's size;
@@ -356,8 +354,7 @@ def match_positions(
         `ValueError`: incompatible sizes without a `resize` that allows them, token counts that differ, or a teacher
         and a student whose features are of different kinds.
     """
-    if resize not in TEACHER_RESIZES:
-        raise ValueError(f"resize must be one of {TEACHER_RESIZES}, got {resize!r}.")
+    resize = to_enum(LetKDTeacherResize, resize, "resize", allow_none=True)
     if teacher_features.dim() != len(student_shape) or teacher_features.dim() not in (3, 4):
         raise ValueError(
             f"At the {location} location the teacher gives features of shape {tuple(teacher_features.shape)} and the "
@@ -378,9 +375,9 @@ def match_positions(
         return teacher_features[attention_mask != 0]  # (num_tokens, d_T)
     (height, width), (student_height, student_width) = teacher_features.shape[2:], student_shape[2:]
     if (height, width) != (student_height, student_width):
-        if resize == "adaptive_avg_pool":
+        if resize is LetKDTeacherResize.ADAPTIVE_AVG_POOL:
             teacher_features = F.adaptive_avg_pool2d(teacher_features, (student_height, student_width))
-        elif resize == "bilinear":
+        elif resize is LetKDTeacherResize.BILINEAR:
             teacher_features = F.interpolate(
                 teacher_features, size=(student_height, student_width), mode="bilinear", align_corners=False
             )

@@ -11,10 +11,19 @@ of them take the same two arguments that control how per-item losses are reduced
 """
 
 import math
-from enum import Enum
 
 import torch
 import torch.nn.functional as F
+
+from .options import (
+    DistillDivergence,
+    LMLossType,
+    OtherExitLoss,
+    RecalibrationLoss,
+    Reduction,
+    SourceCorrection,
+    to_enum,
+)
 
 __all__ = [
     "LMLossType",
@@ -26,13 +35,6 @@ __all__ = [
     "self_kd_loss",
     "soft_cross_entropy",
 ]
-
-_REDUCTIONS = ("mean", "sum", "none")
-DIVERGENCES = ("kl", "js")
-SOURCE_CORRECTIONS = ("source_wrong_main_right", "source_wrong")
-OTHER_EXIT_LOSSES = ("ce", "none")
-RECALIBRATION_LOSSES = ("replace", "add")
-
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
     # bf16/fp16 softmax over many classes loses the small probabilities that carry the "dark knowledge", and
@@ -94,8 +96,7 @@ def _check_finite(x: torch.Tensor, name: str, hint: str = "") -> None:
 
 
 def _check_reduction(reduction: str, num_items_in_batch) -> None:
-    if reduction not in _REDUCTIONS:
-        raise ValueError(f"reduction must be one of {_REDUCTIONS}, got {reduction!r}")
+    to_enum(Reduction, reduction, "reduction")
     if num_items_in_batch is not None and reduction != "mean":
         raise ValueError(
             f"num_items_in_batch replaces the 'mean' reduction and cannot be combined with reduction={reduction!r}"
@@ -175,7 +176,7 @@ def kd_loss(
             it to `compute_loss`. When given, the loss is the sum over this micro-batch's valid items divided by it,
             which makes the accumulated loss equal to the mean over the full effective batch. Only valid with
             `reduction="mean"`, which it replaces.
-        reduction (`str`, *optional*, defaults to `"mean"`):
+        reduction (`str` or [`~hf_kd.options.Reduction`], *optional*, defaults to `"mean"`):
             `"mean"` (mean over valid items; 0 when there is none), `"sum"`, or `"none"` (per-item losses of shape
             `student_logits.shape[:-1]`, 0 at ignored items).
         sample_weights (`torch.Tensor` of shape `student_logits.shape[:-1]`, *optional*, defaults to `None`):
@@ -183,7 +184,7 @@ def kd_loss(
             reduction. The `"mean"` reduction stays a plain mean of `w * loss` over the valid items (or
             `sum / num_items_in_batch`): it is **not** normalised by `sum(w)`, as in DEDIER's code, so up-weighting
             some items raises the loss scale rather than down-weighting the others.
-        divergence (`str`, *optional*, defaults to `"kl"`):
+        divergence (`str` or [`~hf_kd.options.DistillDivergence`], *optional*, defaults to `"kl"`):
             The soft term's divergence between the teacher's and the student's tempered distributions: `"kl"`,
             `KL(p_t || p_s)` (Hinton's), or `"js"`, the Jensen-Shannon divergence
             `(KL(p_t || m) + KL(p_s || m)) / 2` with `m = (p_t + p_s) / 2` (natural log, symmetric, at most `log 2`;
@@ -213,8 +214,7 @@ def kd_loss(
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0.0, 1.0], got {alpha}")
-    if divergence not in DIVERGENCES:
-        raise ValueError(f"divergence must be one of {DIVERGENCES}, got {divergence!r}")
+    to_enum(DistillDivergence, divergence, "divergence")
     _check_reduction(reduction, num_items_in_batch)
     _check_tensors(student_logits=student_logits, teacher_logits=teacher_logits)
     if labels is not None:
@@ -354,7 +354,7 @@ def soft_cross_entropy(
         num_items_in_batch (`int` or `torch.Tensor`, *optional*, defaults to `None`):
             Number of valid items over all gradient-accumulation micro-batches; when given, the loss is
             `sum / num_items_in_batch`. Only valid with `reduction="mean"`, which it replaces. See [`kd_loss`].
-        reduction (`str`, *optional*, defaults to `"mean"`):
+        reduction (`str` or [`~hf_kd.options.Reduction`], *optional*, defaults to `"mean"`):
             `"mean"` (over valid items; 0 when there is none), `"sum"`, or `"none"` (per-item losses of shape
             `logits.shape[:-1]`).
 
@@ -399,8 +399,8 @@ def kd_layer_loss(scores: torch.Tensor, target_probs: torch.Tensor, reduction: s
         scores (`torch.Tensor` of shape `(N, K)`): the KD layer's template scores (logits), one row per position.
         target_probs (`torch.Tensor` of shape `(N, K)`): the teacher's distributions over the templates
             ([`hf_kd.kd_layer_targets`]); gradients flow into them if they require any.
-        reduction (`str`, *optional*, defaults to `"mean"`): `"mean"` over positions (0 when `N = 0`), `"sum"`, or
-            `"none"` (one value per position).
+        reduction (`str` or [`~hf_kd.options.Reduction`], *optional*, defaults to `"mean"`): `"mean"` over
+            positions (0 when `N = 0`), `"sum"`, or `"none"` (one value per position).
 
     Returns:
         `torch.Tensor`: a scalar (or `(N,)` for `"none"`), in float32 (float64 for float64 inputs).
@@ -551,16 +551,17 @@ def self_kd_loss(
             Weight `lambda` in `[0, 1]` of the distillation term of the main classifier (the paper's 0.6).
         temperature (`float`, *optional*, defaults to `1.0`):
             Temperature `T > 0` of both distillation terms (not of the re-calibration term, which is at `T = 1`).
-        divergence (`str`, *optional*, defaults to `"kl"`):
+        divergence (`str` or [`~hf_kd.options.DistillDivergence`], *optional*, defaults to `"kl"`):
             `"kl"` (teacher first) or `"js"`; see [`kd_loss`].
-        source_correction (`str`, *optional*, defaults to `"source_wrong_main_right"`):
+        source_correction (`str` or [`~hf_kd.options.SourceCorrection`], *optional*, defaults to
+            `"source_wrong_main_right"`):
             Which samples teach the source layer from the main classifier, see `c(x)` above.
-        other_exits (`str`, *optional*, defaults to `"ce"`):
+        other_exits (`str` or [`~hf_kd.options.OtherExitLoss`], *optional*, defaults to `"ce"`):
             `"ce"`: the exits that are neither the source nor the main classifier keep their cross-entropy; `"none"`:
             they get no loss (their heads stop learning; their layers still learn through the deeper exits).
         recalibrate (`torch.Tensor` of shape `(batch,)` and dtype `bool`, *optional*):
             Which samples of the batch are in the re-calibration set; `None` outside Phase C.
-        recalibration_loss (`str`, *optional*, defaults to `"replace"`):
+        recalibration_loss (`str` or [`~hf_kd.options.RecalibrationLoss`], *optional*, defaults to `"replace"`):
             `"replace"` or `"add"`, see above.
         num_items_in_batch (`int` or `torch.Tensor`, *optional*):
             Number of labelled rows of the accumulated batch; the loss is then `sum / num_items_in_batch` (see
@@ -582,13 +583,9 @@ def self_kd_loss(
         raise ValueError(f"source_exit must be a non-final exit index in [0, {num_exits - 1}), got {source_exit!r}")
     if not 0.0 <= lmbda <= 1.0:
         raise ValueError(f"lmbda must be in [0.0, 1.0], got {lmbda}")
-    for name, value, accepted in (
-        ("source_correction", source_correction, SOURCE_CORRECTIONS),
-        ("other_exits", other_exits, OTHER_EXIT_LOSSES),
-        ("recalibration_loss", recalibration_loss, RECALIBRATION_LOSSES),
-    ):
-        if value not in accepted:
-            raise ValueError(f"{name} must be one of {accepted}, got {value!r}")
+    source_correction = to_enum(SourceCorrection, source_correction, "source_correction")
+    other_exits = to_enum(OtherExitLoss, other_exits, "other_exits")
+    recalibration_loss = to_enum(RecalibrationLoss, recalibration_loss, "recalibration_loss")
     _check_tensors(labels=labels, **{f"exit_logits[{i}]": logits for i, logits in enumerate(exit_logits)})
     main, source = exit_logits[-1], exit_logits[source_exit]
     _check_class_labels(labels, main.shape[-1])
@@ -609,7 +606,7 @@ def self_kd_loss(
         recalibrated = recalibrate.to(valid.device).bool() & valid
         # Zero logits are the uniform distribution: kd_loss without labels is KL(u || p_L) at T = 1.
         towards_uniform = kd_loss(main, torch.zeros_like(main), None, 1.0, reduction="none")
-        if recalibration_loss == "replace":
+        if recalibration_loss is RecalibrationLoss.REPLACE:
             main_item = torch.where(recalibrated, towards_uniform, main_item)
         else:
             main_item = main_item + recalibrated * towards_uniform
@@ -617,11 +614,11 @@ def self_kd_loss(
     with torch.no_grad():
         source_wrong = source.argmax(-1) != labels
         correct = source_wrong & valid
-        if source_correction == "source_wrong_main_right":
+        if source_correction is SourceCorrection.SOURCE_WRONG_MAIN_RIGHT:
             correct = correct & (main.argmax(-1) == labels)
     source_item = cross_entropy(source) + correct * soft(source, main)
 
-    others = [z for j, z in enumerate(exit_logits[:-1]) if j != source_exit] if other_exits == "ce" else []
+    others = [z for j, z in enumerate(exit_logits[:-1]) if j != source_exit] if other_exits is OtherExitLoss.CE else []
     other_item = sum((cross_entropy(z) for z in others), torch.zeros_like(source_item))
 
     per_item = main_item + source_item + other_item
@@ -642,22 +639,6 @@ def self_kd_loss(
 
 
 # ----- causal language models: token-level distillation over a vocabulary -----
-
-
-class LMLossType(str, Enum):
-    """The divergence `D` of [`lm_kd_loss`] between the teacher's (`p_T`) and the student's (`p_S`) next-token
-    distributions.
-
-    - `"forward_kl"`: `KL(p_T || p_S)`, mass-covering (Hinton et al., 2015; TRL `beta=0`).
-    - `"reverse_kl"`: `KL(p_S || p_T)`, mode-seeking (MiniLLM, Gu et al., 2024, https://huggingface.co/papers/2306.08543;
-      TRL `beta=1`).
-    - `"jsd"`: the generalised Jensen-Shannon divergence of GKD (Agarwal et al., 2024,
-      https://huggingface.co/papers/2306.13649, Eq. 1) with weight `beta`, in TRL's convention (see [`lm_kd_loss`]).
-    """
-
-    FORWARD_KL = "forward_kl"
-    REVERSE_KL = "reverse_kl"
-    JSD = "jsd"
 
 
 def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
@@ -858,7 +839,7 @@ def lm_kd_loss(
             Gold next tokens **already aligned with the logits**: `labels[b, i]` is the token that position `i`
             predicts. The caller does the causal shift (a model's own `labels` are the input ids; pass
             `logits[:, :-1]` with `labels[:, 1:]`). `-100` marks positions that count for nothing (prompt, padding).
-        loss_type (`LMLossType` or `str`, *optional*, defaults to `"forward_kl"`):
+        loss_type ([`~hf_kd.options.LMLossType`] or `str`, *optional*, defaults to `"forward_kl"`):
             `"forward_kl"`, `"reverse_kl"` or `"jsd"`, see above.
         beta (`float`, *optional*, defaults to `0.5`):
             Weight of the teacher in the mixture of `"jsd"`, in `[0, 1]` (ignored by the other loss types).
@@ -897,12 +878,7 @@ def lm_kd_loss(
     0.0
     ```
     """
-    try:
-        loss_type = LMLossType(loss_type)
-    except ValueError:
-        raise ValueError(
-            f"loss_type must be one of {[t.value for t in LMLossType]}, got {loss_type!r}"
-        ) from None
+    loss_type = to_enum(LMLossType, loss_type, "loss_type")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0.0, 1.0], got {beta}")
     if not temperature > 0:

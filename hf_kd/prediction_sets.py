@@ -34,12 +34,13 @@ import math
 import numbers
 import warnings
 from collections.abc import Sequence
-from enum import Enum
 from typing import NamedTuple
 
 import numpy as np
 import torch
 from scipy.stats import binom
+
+from .options import CoverageRule, to_enum
 
 __all__ = [
     "AVCSSets",
@@ -94,26 +95,8 @@ def _check_alpha(alpha) -> float:
     return float(alpha)
 
 
-class CoverageRule(str, Enum):
-    """When [`fit_avcs_thresholds`] counts a configuration's calibration coverage as reaching `1 - alpha`; see
-    [`coverage_target`] for the counts and the reasons."""
-
-    EMPIRICAL = "empirical"
-    """The paper's (official code's) rule: the calibration coverage is `> 1 - alpha`."""
-    CONFORMAL = "conformal"
-    """The split-conformal level: at least `ceil((n + 1)(1 - alpha))` of the `n` calibration examples covered."""
-    BINOMIAL = "binomial"
-    """A one-sided binomial (Clopper-Pearson) lower confidence bound at level `1 - delta` on the coverage is
-    `>= 1 - alpha` (and the conformal level is reached). The default."""
-
-
 def _check_rule(coverage_rule, delta) -> tuple[CoverageRule, float]:
-    try:
-        rule = CoverageRule(coverage_rule)
-    except ValueError:
-        raise ValueError(
-            f"coverage_rule must be one of {[r.value for r in CoverageRule]}, got {coverage_rule!r}."
-        ) from None
+    rule = to_enum(CoverageRule, coverage_rule, "coverage_rule")
     if isinstance(delta, bool) or not isinstance(delta, numbers.Real) or not 0 < delta < 1:
         raise ValueError(f"delta (the binomial rule's error level) must be a number in (0, 1), got {delta!r}.")
     return rule, float(delta)

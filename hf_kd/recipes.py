@@ -36,13 +36,13 @@ from .checkpoints import resolve_resume_checkpoint
 from .evaluation import record_max_length
 from .metrics import make_compute_metrics
 from .offline_models import placed_model_kwargs
+from .options import BuiltinDataset, RecipeMethod, to_enum
 from .peft_utils import LoraArguments, get_peft_config
 from .trainer import DistillConfig, DistillTrainer, TinyBERTConfig, TinyBERTTrainer
 
 __all__ = [
     "DATASETS",
     "DISTILL_METHODS",
-    "METHODS",
     "DataArguments",
     "ScriptArguments",
     "build_trainer",
@@ -53,14 +53,13 @@ __all__ = [
     "run",
 ]
 
-DATASETS = {
-    "rotten_tomatoes": data.load_rotten_tomatoes,
-    "crowdflower_tweets": data.load_crowdflower_tweets,
-    "bbc_news": data.load_bbc_news,
-}
-METHODS = ("erm", "ls", "kd", "tinybert")
+# The recipes' data sets: hf_kd's offline ones ([`~hf_kd.options.BuiltinDataset`] -> loader).
+DATASETS = data.BUILTIN_DATASETS
 # The distillation methods: their config (what the flags are parsed into) and their trainer.
-DISTILL_METHODS = {"kd": (DistillConfig, DistillTrainer), "tinybert": (TinyBERTConfig, TinyBERTTrainer)}
+DISTILL_METHODS = {
+    RecipeMethod.KD: (DistillConfig, DistillTrainer),
+    RecipeMethod.TINYBERT: (TinyBERTConfig, TinyBERTTrainer),
+}
 
 
 @dataclass
@@ -69,7 +68,7 @@ class DataArguments:
 
     Args:
         dataset_name (`str`, *optional*, defaults to `"rotten_tomatoes"`):
-            One of [`DATASETS`].
+            A [`~hf_kd.options.BuiltinDataset`] (or its string).
         max_length (`int`, *optional*, defaults to `64`):
             Truncation length in tokens.
         max_train_samples (`int`, *optional*):
@@ -83,7 +82,10 @@ class DataArguments:
             `eval_*` (confidence preservation sigma is defined on the training set, Vengertsev & Sherman 2024).
     """
 
-    dataset_name: str = field(default="rotten_tomatoes", metadata={"help": f"One of {sorted(DATASETS)}."})
+    dataset_name: str = field(
+        default="rotten_tomatoes",
+        metadata={"help": "One of hf_kd's offline data sets.", "choices": [d.value for d in BuiltinDataset]},
+    )
     max_length: int = field(default=64, metadata={"help": "Truncation length in tokens."})
     max_train_samples: int | None = field(default=None, metadata={"help": "Use the first N training rows."})
     max_eval_samples: int | None = field(default=None, metadata={"help": "Use the first N validation/test rows."})
@@ -97,8 +99,7 @@ class DataArguments:
     )
 
     def __post_init__(self):
-        if self.dataset_name not in DATASETS:
-            raise ValueError(f"dataset_name must be one of {sorted(DATASETS)}, got {self.dataset_name!r}")
+        self.dataset_name = to_enum(BuiltinDataset, self.dataset_name, "dataset_name")
 
 
 @dataclass
@@ -109,7 +110,7 @@ class ScriptArguments(DataArguments):
         model_name_or_path (`str`, *optional*, defaults to `"sentence-transformers/paraphrase-MiniLM-L3-v2"`):
             The student (or the ERM / LS model): a Hub id or a folder.
         method (`str`, *optional*, defaults to `"kd"`):
-            One of [`METHODS`]: `"erm"`, `"ls"`, `"kd"` or `"tinybert"`.
+            A [`~hf_kd.options.RecipeMethod`] (or its string): `"erm"`, `"ls"`, `"kd"` or `"tinybert"`.
         label_smoothing (`float`, *optional*, defaults to `0.1`):
             Epsilon of `method="ls"`.
     """
@@ -117,13 +118,14 @@ class ScriptArguments(DataArguments):
     model_name_or_path: str = field(
         default="sentence-transformers/paraphrase-MiniLM-L3-v2", metadata={"help": "Student (or ERM/LS model)."}
     )
-    method: str = field(default="kd", metadata={"help": f"One of {METHODS}."})
+    method: str = field(
+        default="kd", metadata={"help": "How to train the model.", "choices": [m.value for m in RecipeMethod]}
+    )
     label_smoothing: float = field(default=0.1, metadata={"help": "Epsilon of --method ls."})
 
     def __post_init__(self):
         super().__post_init__()
-        if self.method not in METHODS:
-            raise ValueError(f"method must be one of {METHODS}, got {self.method!r}")
+        self.method = to_enum(RecipeMethod, self.method, "method")
 
 
 def load_splits(script_args: DataArguments, tokenizer):
@@ -192,7 +194,7 @@ def build_trainer(script_args: ScriptArguments, args: DistillConfig, splits, tok
         )
     # The baselines use the stock Trainer: hf_kd adds nothing to plain cross-entropy but its metrics.
     plain = {f.name: getattr(args, f.name) for f in fields(TrainingArguments) if f.init}
-    plain["label_smoothing_factor"] = script_args.label_smoothing if script_args.method == "ls" else 0.0
+    plain["label_smoothing_factor"] = script_args.label_smoothing if script_args.method is RecipeMethod.LS else 0.0
     return Trainer(args=TrainingArguments(**plain), compute_metrics=make_compute_metrics(), **common)
 
 

@@ -21,21 +21,15 @@ import math
 
 import numpy as np
 
+from .options import AmbiguityScore, EntropyDropRule, SourceLayerSide, to_enum
+
 __all__ = [
-    "AMBIGUITY_SCORES",
-    "ENTROPY_DROP_RULES",
-    "SOURCE_LAYER_SIDES",
     "entropy_drops",
     "level_of_ambiguity",
     "recalibration_indices",
     "select_source_exit",
     "selection_is_stable",
 ]
-
-ENTROPY_DROP_RULES = ("largest", "first_significant")
-SOURCE_LAYER_SIDES = ("after_drop", "before_drop")
-AMBIGUITY_SCORES = ("source", "lower_mean")
-
 
 def entropy_drops(exit_entropies) -> np.ndarray:
     r"""
@@ -55,7 +49,10 @@ def entropy_drops(exit_entropies) -> np.ndarray:
 
 
 def select_source_exit(
-    exit_entropies, rule: str = "largest", threshold: float = 0.5, side: str = "after_drop"
+    exit_entropies,
+    rule: EntropyDropRule | str = "largest",
+    threshold: float = 0.5,
+    side: SourceLayerSide | str = "after_drop",
 ) -> int:
     r"""
     The source layer of self-distillation by the entropy-drop rule (PAPERS.md section 2.2): "the source layer is
@@ -78,9 +75,11 @@ def select_source_exit(
     Args:
         exit_entropies (array-like of shape `(num_exits,)`):
             Mean validation entropy per exit, shallowest first (`num_exits >= 2`).
-        rule (`str`, *optional*, defaults to `"largest"`): `"largest"` or `"first_significant"`.
+        rule ([`~hf_kd.options.EntropyDropRule`] or `str`, *optional*, defaults to `"largest"`):
+            `"largest"` or `"first_significant"`.
         threshold (`float`, *optional*, defaults to `0.5`): `delta` in `(0, 1]` of `"first_significant"`.
-        side (`str`, *optional*, defaults to `"after_drop"`): `"after_drop"` or `"before_drop"`.
+        side ([`~hf_kd.options.SourceLayerSide`] or `str`, *optional*, defaults to `"after_drop"`):
+            `"after_drop"` or `"before_drop"`.
 
     Returns:
         `int`: the 0-based index of the source exit, in `[0, num_exits - 1)` (never the final exit).
@@ -98,15 +97,13 @@ def select_source_exit(
     1
     ```
     """
-    if rule not in ENTROPY_DROP_RULES:
-        raise ValueError(f"rule must be one of {ENTROPY_DROP_RULES}, got {rule!r}")
-    if side not in SOURCE_LAYER_SIDES:
-        raise ValueError(f"side must be one of {SOURCE_LAYER_SIDES}, got {side!r}")
+    rule = to_enum(EntropyDropRule, rule, "rule")
+    side = to_enum(SourceLayerSide, side, "side")
     if not (isinstance(threshold, (int, float)) and 0 < threshold <= 1):
         raise ValueError(f"threshold must be in (0, 1], got {threshold!r}")
     drops = entropy_drops(exit_entropies)
     num_exits = drops.size + 1
-    if side == "after_drop":
+    if side is SourceLayerSide.AFTER_DROP:
         if num_exits < 3:
             raise ValueError(
                 f"side='after_drop' needs at least 3 exits (the exit after the drop must not be the main classifier), "
@@ -116,7 +113,7 @@ def select_source_exit(
     else:
         candidates, offset = drops, 0  # the exit before each drop: 0 .. num_exits - 2
     best = int(np.argmax(candidates))
-    if rule == "first_significant" and candidates[best] > 0:
+    if rule is EntropyDropRule.FIRST_SIGNIFICANT and candidates[best] > 0:
         best = int(np.flatnonzero(candidates >= threshold * candidates[best])[0])
     return best + offset
 
@@ -129,7 +126,7 @@ def selection_is_stable(selections, window: int) -> bool:
     return len(selections) >= window and len(set(selections[-window:])) == 1
 
 
-def level_of_ambiguity(exit_probs, labels, source_exit: int, score: str = "source") -> np.ndarray:
+def level_of_ambiguity(exit_probs, labels, source_exit: int, score: AmbiguityScore | str = "source") -> np.ndarray:
     r"""
     The level of ambiguity (LA) of every training sample: the probability its gold label gets at the source layer.
 
@@ -147,13 +144,13 @@ def level_of_ambiguity(exit_probs, labels, source_exit: int, score: str = "sourc
             Gold class indices; `-100` rows get `+inf` (never selected).
         source_exit (`int`):
             0-based index of the source exit.
-        score (`str`, *optional*, defaults to `"source"`): `"source"` or `"lower_mean"`.
+        score ([`~hf_kd.options.AmbiguityScore`] or `str`, *optional*, defaults to `"source"`):
+            `"source"` or `"lower_mean"`.
 
     Returns:
         `np.ndarray` of shape `(N,)`, float64, in `[0, 1]` (`+inf` at ignored rows).
     """
-    if score not in AMBIGUITY_SCORES:
-        raise ValueError(f"score must be one of {AMBIGUITY_SCORES}, got {score!r}")
+    score = to_enum(AmbiguityScore, score, "score")
     probs = np.asarray(exit_probs, dtype=np.float64)
     labels = np.asarray(labels)
     if probs.ndim != 3 or labels.shape != probs.shape[1:2]:
@@ -165,7 +162,7 @@ def level_of_ambiguity(exit_probs, labels, source_exit: int, score: str = "sourc
     valid = labels != -100
     rows = np.arange(labels.size)
     gold = probs[:, rows, np.where(valid, labels, 0)]  # (num_exits, N)
-    scores = gold[source_exit] if score == "source" else gold[: source_exit + 1].mean(axis=0)
+    scores = gold[source_exit] if score is AmbiguityScore.SOURCE else gold[: source_exit + 1].mean(axis=0)
     return np.where(valid, scores, np.inf)
 
 

@@ -13,6 +13,8 @@ import re
 import torch
 from torch import nn
 
+from .options import StudentLayerRule, to_enum
+
 # `<prefix>.encoder.layer.<i>.` in BERT, RoBERTa, MPNet, ELECTRA, DeBERTa... (every encoder whose layers live in a
 # ModuleList named `layer` under `encoder`).
 _LAYER_KEY = re.compile(r"^(.*\bencoder\.layer\.)(\d+)(\..*)$")
@@ -240,13 +242,10 @@ def block_influence(model: nn.Module, input_ids: torch.Tensor, attention_mask: t
     return (1.0 - similarity_sum / attention_mask.sum().item()).float()
 
 
-STUDENT_LAYER_RULES = ("every_other", "block_influence")
-
-
 def make_student(
     teacher: nn.Module,
     num_layers: int,
-    rule: str = "every_other",
+    rule: StudentLayerRule | str = "every_other",
     calibration: dict | torch.Tensor | None = None,
 ) -> nn.Module:
     """A shallower causal-LM student initialised from its teacher's own layers (see [`drop_layers`]).
@@ -265,7 +264,7 @@ def make_student(
             A decoder-only causal LM; it is not modified.
         num_layers (`int`):
             Depth of the student, in `[1, teacher depth]`.
-        rule (`str`, *optional*, defaults to `"every_other"`):
+        rule ([`~hf_kd.options.StudentLayerRule`] or `str`, *optional*, defaults to `"every_other"`):
             `"every_other"` or `"block_influence"`.
         calibration (`dict` or `torch.Tensor`, *optional*):
             Only for `"block_influence"` (required there): `input_ids` of shape `(num_texts, seq)`, or a tokenizer
@@ -287,9 +286,8 @@ def make_student(
     ```
     """
     depth = len(_decoder_layers(teacher))
-    if rule not in STUDENT_LAYER_RULES:
-        raise ValueError(f"rule must be one of {STUDENT_LAYER_RULES}, got {rule!r}")
-    if rule == "every_other":
+    rule = to_enum(StudentLayerRule, rule, "rule")
+    if rule is StudentLayerRule.EVERY_OTHER:
         if calibration is not None:
             raise ValueError("calibration is only used by rule='block_influence'; rule='every_other' ignores it")
         keep = evenly_spaced_layers(depth, num_layers)

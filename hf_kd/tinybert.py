@@ -31,6 +31,7 @@ import torch
 from torch import nn
 
 from .losses import _check_reduction, _reduce, _upcast
+from .options import TinyBERTProjection, to_enum
 
 __all__ = [
     "IntermediateDistiller",
@@ -48,9 +49,6 @@ __all__ = [
 # TinyBERT's code sets every attention score <= -100 to 0 in both models: masked entries (its additive mask is
 # -10000) then add no error.
 MASKED_SCORE_THRESHOLD = -100.0
-
-PROJECTION_KINDS = ("linear", "identity")
-
 
 # ---- layer maps ----------------------------------------------------------------------------------------------------
 
@@ -371,7 +369,7 @@ class IntermediateProjection(nn.Module):
     Args:
         student_hidden_size (`int`): `d_S`.
         teacher_hidden_size (`int`): `d_T`.
-        kind (`str`, *optional*, defaults to `"linear"`):
+        kind ([`~hf_kd.options.TinyBERTProjection`] or `str`, *optional*, defaults to `"linear"`):
             `"linear"`: a learned `Linear(d_S, d_T)`, initialised like TinyBERT's (normal, std `init_std`, zero bias),
             except that equal widths start from the identity (a student built from the teacher's layers is already
             in the teacher's space). `"identity"`: no parameters, widths must be equal.
@@ -379,19 +377,22 @@ class IntermediateProjection(nn.Module):
     """
 
     def __init__(
-        self, student_hidden_size: int, teacher_hidden_size: int, kind: str = "linear", init_std: float = 0.02
+        self,
+        student_hidden_size: int,
+        teacher_hidden_size: int,
+        kind: TinyBERTProjection | str = "linear",
+        init_std: float = 0.02,
     ):
         super().__init__()
-        if kind not in PROJECTION_KINDS:
-            raise ValueError(f"intermediate_projection must be one of {PROJECTION_KINDS}, got {kind!r}")
-        if kind == "identity" and student_hidden_size != teacher_hidden_size:
+        kind = to_enum(TinyBERTProjection, kind, "intermediate_projection")
+        if kind is TinyBERTProjection.IDENTITY and student_hidden_size != teacher_hidden_size:
             raise ValueError(
                 f"intermediate_projection='identity' needs equal widths, but the student's hidden size is "
                 f"{student_hidden_size} and the teacher's {teacher_hidden_size}: use 'linear' (a learned projection)."
             )
         self.kind, self.init_std = kind, init_std
         self.student_hidden_size, self.teacher_hidden_size = student_hidden_size, teacher_hidden_size
-        self.dense = nn.Linear(student_hidden_size, teacher_hidden_size) if kind == "linear" else None
+        self.dense = nn.Linear(student_hidden_size, teacher_hidden_size) if kind is TinyBERTProjection.LINEAR else None
         self.reset_parameters()
 
     def reset_parameters(self) -> None:

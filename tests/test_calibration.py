@@ -194,7 +194,7 @@ class TestCalibrateTemperature:
     @pytest.mark.parametrize(
         "kwargs, message",
         [
-            ({"objective": "ece"}, "objective must be one of ['nll', 'kl'], got 'ece'"),
+            ({"objective": "ece"}, "objective must be one of ('nll', 'kl'), got 'ece'"),
             ({"n_bins": 0}, "n_bins must be an int >= 1, got 0"),
             ({"batch_size": 0}, "batch_size must be an int >= 1, got 0"),
         ],

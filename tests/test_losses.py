@@ -532,7 +532,7 @@ def test_lm_loss_type_enum_and_string_agree():
 @pytest.mark.parametrize(
     "kwargs,message",
     [
-        ({"loss_type": "kl"}, r"loss_type must be one of \['forward_kl', 'reverse_kl', 'jsd'\], got 'kl'"),
+        ({"loss_type": "kl"}, r"loss_type must be one of \('forward_kl', 'reverse_kl', 'jsd'\), got 'kl'"),
         ({"beta": 1.5}, "beta must be in \\[0.0, 1.0\\], got 1.5"),
         ({"beta": -0.1}, "beta must be in"),
         ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),

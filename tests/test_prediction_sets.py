@@ -435,7 +435,7 @@ def test_other_bad_input():
         avcs_prediction_sets(logits, [1.0] * 3, offset=float("inf"))
     with pytest.raises(ValueError, match="at least one value"):
         fit_avcs_thresholds(logits, labels, scales=(), coverage_rule="empirical")
-    with pytest.raises(ValueError, match=r"one of \['empirical', 'conformal', 'binomial'\], got 'bonferroni'"):
+    with pytest.raises(ValueError, match=r"one of \('empirical', 'conformal', 'binomial'\), got 'bonferroni'"):
         fit_avcs_thresholds(logits, labels, coverage_rule="bonferroni")
     for delta in (0.0, 1.0, "0.1", True):
         with pytest.raises(ValueError, match=rf"delta .* must be a number in \(0, 1\), got {re.escape(repr(delta))}"):

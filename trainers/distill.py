@@ -47,7 +47,6 @@ from hf_kd.peft_utils import LoraArguments
 from hf_kd.recipes import (  # noqa: F401
     DATASETS,
     DISTILL_METHODS,
-    METHODS,
     DataArguments,
     ScriptArguments,
     build_trainer,

@@ -3,37 +3,8 @@ from dataclasses import dataclass, field, fields
 
 from transformers import TrainingArguments
 
-from .enums import StrEnum, to_enum
+from ..options import DedierReadoutOptimizer, DistillFrom, ExitLossWeighting, to_enum
 from .teacher_config import _TeacherArguments
-
-
-class ExitLossWeighting(StrEnum):
-    """A named weighting of the exits' losses (the alternative is one weight per exit)."""
-
-    UNIFORM = "uniform"
-    """The same weight for every exit."""
-    LINEAR = "linear"
-    """Proportional to the exit's depth (its layer), as PABEE's weighted average."""
-
-
-class DistillFrom(StrEnum):
-    """The soft-target source of an [`EarlyExitTrainer`]'s exits."""
-
-    NONE = "none"
-    """No distillation: cross-entropy only."""
-    FINAL_EXIT = "final_exit"
-    """Self-distillation: every earlier exit learns from the model's own (detached) final exit."""
-    TEACHER = "teacher"
-    """Every exit learns from an external frozen teacher."""
-
-
-class DedierReadoutOptimizer(StrEnum):
-    """The optimiser of DEDIER's readout."""
-
-    ADAMW = "adamw"
-    """AdamW."""
-    SGD = "sgd"
-    """SGD with momentum 0.9."""
 
 
 def parse_exit_loss_weights(weights, name: str):

@@ -1,29 +1,8 @@
 import json
 from dataclasses import dataclass, field
 
+from ..options import KMeansBackend, LetKDTeacherResize, to_enum
 from .distill_config import DistillConfig
-from .enums import StrEnum, to_enum
-
-
-class LetKDTeacherResize(StrEnum):
-    """How a teacher feature map of another size than the student's reaches it (`None`: equal sizes, or integer
-    multiples average-pooled, as the paper)."""
-
-    ADAPTIVE_AVG_POOL = "adaptive_avg_pool"
-    """`adaptive_avg_pool2d` to the student's map size."""
-    BILINEAR = "bilinear"
-    """Bilinear interpolation to the student's map size."""
-
-
-class KMeansBackend(StrEnum):
-    """The K-means implementation that fits letKD's teacher targets."""
-
-    AUTO = "auto"
-    """faiss when installed, else scikit-learn."""
-    FAISS = "faiss"
-    """faiss (`pip install faiss-cpu`)."""
-    SKLEARN = "sklearn"
-    """scikit-learn (slower)."""
 
 
 @dataclass

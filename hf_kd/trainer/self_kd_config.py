@@ -2,81 +2,18 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..options import (
+    AmbiguityScore,
+    DistillDivergence,
+    EntropyDropRule,
+    OtherExitLoss,
+    RecalibrationLoss,
+    RecalibrationTiming,
+    SourceCorrection,
+    SourceLayerSide,
+    to_enum,
+)
 from .early_exit_config import parse_exit_loss_weights
-from .enums import StrEnum, to_enum
-
-
-class EntropyDropRule(StrEnum):
-    """How the source layer is read from the validation entropy of every exit ([`hf_kd.self_kd.select_source_exit`])."""
-
-    LARGEST = "largest"
-    """The largest entropy drop between consecutive exits."""
-    FIRST_SIGNIFICANT = "first_significant"
-    """The first drop of at least `entropy_drop_threshold` times the largest."""
-
-
-class SourceLayerSide(StrEnum):
-    """Which exit of the selected entropy drop is the source layer."""
-
-    AFTER_DROP = "after_drop"
-    """The exit right after the drop (`argmax_l (H_{l-1} - H_l)`)."""
-    BEFORE_DROP = "before_drop"
-    """The exit right before the drop, the last one that still has the higher entropy."""
-
-
-class DistillDivergence(StrEnum):
-    """The divergence of the self-distillation terms ([`hf_kd.losses.self_kd_loss`])."""
-
-    KL = "kl"
-    """`KL(teacher || student)`."""
-    JS = "js"
-    """The Jensen-Shannon divergence."""
-
-
-class SourceCorrection(StrEnum):
-    """The samples on which the source layer learns from the main classifier."""
-
-    SOURCE_WRONG_MAIN_RIGHT = "source_wrong_main_right"
-    """Those the source gets wrong and the main classifier right."""
-    SOURCE_WRONG = "source_wrong"
-    """All those the source gets wrong."""
-
-
-class OtherExitLoss(StrEnum):
-    """The loss of the exits that are neither the source nor the main classifier after the warm-up."""
-
-    CE = "ce"
-    """Their cross-entropy with the labels."""
-    NONE = "none"
-    """None: they stop training."""
-
-
-class AmbiguityScore(StrEnum):
-    """The level of ambiguity `LA(x)` of a training sample ([`hf_kd.self_kd.level_of_ambiguity`])."""
-
-    SOURCE = "source"
-    """`p_s(y | x)` at the source layer."""
-    LOWER_MEAN = "lower_mean"
-    """The mean of `p_j(y | x)` over the exits up to the source."""
-
-
-class RecalibrationTiming(StrEnum):
-    """When the re-calibration set is selected and trained on."""
-
-    END = "end"
-    """Selected once at the end of self-distillation, then `recalibration_epochs` epochs."""
-    EVERY_EPOCH = "every_epoch"
-    """Selected at the end of the warm-up and after every epoch; every later epoch trains with it."""
-
-
-class RecalibrationLoss(StrEnum):
-    """What `KL(u || p_L)` does to the main classifier's loss on the re-calibrated samples."""
-
-    REPLACE = "replace"
-    """Replaces it (the pull of the gold label is what re-calibration removes)."""
-    ADD = "add"
-    """Is added to it."""
-
 
 # The choice options of SelfKDConfig and their enums, converted in __post_init__.
 _CHOICES = {

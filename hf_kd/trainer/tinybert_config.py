@@ -1,17 +1,7 @@
 from dataclasses import dataclass, field
 
+from ..options import TinyBERTProjection, to_enum
 from .distill_config import DistillConfig
-from .enums import StrEnum, to_enum
-
-
-class TinyBERTProjection(StrEnum):
-    """How the student's hidden states reach the teacher's width in TinyBERT's hidden-state and embedding losses."""
-
-    LINEAR = "linear"
-    """A learned `Linear(student width -> teacher width)` shared by the embedding and every layer (TinyBERT's
-    `fit_dense`), identity-initialised for equal widths."""
-    IDENTITY = "identity"
-    """No projection: student and teacher must have the same width."""
 
 
 @dataclass
