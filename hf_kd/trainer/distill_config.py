@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..losses import LMLossType
+from ..options import LMLossType, to_enum
 
 from .teacher_config import _TeacherArguments
 
@@ -110,12 +110,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0.0, 1.0], got {self.alpha}")
-        try:
-            self.loss_type = LMLossType(self.loss_type).value
-        except ValueError:
-            raise ValueError(
-                f"loss_type must be one of {[t.value for t in LMLossType]}, got {self.loss_type!r}"
-            ) from None
+        self.loss_type = to_enum(LMLossType, self.loss_type, "loss_type")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0.0, 1.0], got {self.beta}")
         if isinstance(self.lm_chunk_size, bool) or not isinstance(self.lm_chunk_size, int) or self.lm_chunk_size < 1:

@@ -120,7 +120,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         self._causal_lm = model is not None and is_causal_lm(model)
         if not self._causal_lm and args.loss_type != "forward_kl":
             raise ValueError(
-                f"loss_type={args.loss_type!r} is for causal-LM students; a sequence-classification student "
+                f"loss_type={str(args.loss_type)!r} is for causal-LM students; a sequence-classification student "
                 f"({type(model).__name__}) is distilled with Hinton's loss, loss_type='forward_kl'."
             )
         if self._causal_lm:
@@ -150,7 +150,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
         hyperparameters = {"temperature": self.args.temperature, "alpha": self.args.alpha}
         if self._causal_lm:
-            hyperparameters["loss_type"] = self.args.loss_type
+            hyperparameters["loss_type"] = str(self.args.loss_type)
             if self.args.loss_type == "jsd":
                 hyperparameters["beta"] = self.args.beta
         return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
