@@ -1,6 +1,7 @@
 """DistillTrainer with causal-LM students and teachers (issue 17): token-level loss, exact normalisation under
 gradient accumulation, LM evaluation metrics, text-generation cards, PEFT students, bad input."""
 
+import copy
 import math
 
 import datasets
@@ -374,9 +375,15 @@ def test_smollm2_teacher_into_a_15_layer_student_on_chat_data(tmp_path):
     tokenizer = lm_testing_utils.tokenizer(lm_testing_utils.SMOLLM2)
     teacher = lm_testing_utils.model(lm_testing_utils.SMOLLM2)
     student = make_student(teacher, 15)
-    data = lm_chat_dataset("topic", max_words=30)
-    train = tokenize_lm_dataset(data["train"].select(range(8)), tokenizer, max_length=64)
-    validation = tokenize_lm_dataset(data["validation"].select(range(4)), tokenizer, max_length=64)
+    data = lm_chat_dataset("sentiment", max_words=8)  # prompts of ~60 tokens: the answer fits in 64
+    columns = ["input_ids", "attention_mask", "labels"]
+    with pytest.raises(ValueError, match="both 'labels' \\(token labels\\) and 'label' columns"):
+        DistillTrainer(model=student, args=make_args(tmp_path), teacher_model=lm_testing_utils.SMOLLM2,
+                       train_dataset=tokenize_lm_dataset(data["train"].select(range(2)), tokenizer, max_length=64))
+    train = tokenize_lm_dataset(data["train"].select(range(8)), tokenizer, max_length=64).select_columns(columns)
+    validation = tokenize_lm_dataset(data["validation"].select(range(4)), tokenizer, max_length=64).select_columns(
+        columns
+    )
     args = make_args(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-5)
     trainer = DistillTrainer(
         model=student, args=args, teacher_model=lm_testing_utils.SMOLLM2, train_dataset=train,
@@ -385,6 +392,15 @@ def test_smollm2_teacher_into_a_15_layer_student_on_chat_data(tmp_path):
     trainer.train()
     metrics = trainer.evaluate()
     assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
-    assert 1.0 < metrics["eval_perplexity"] < 1e4
-    assert 0.0 < metrics["eval_top1_agreement"] <= 1.0
-    assert metrics["eval_token_ece"] >= 0.0
+    assert all(math.isfinite(metrics[f"eval_{m}"]) for m in ("perplexity", "token_ece", "token_entropy"))
+    assert 0.0 <= metrics["eval_top1_agreement"] <= 1.0
+    # The teacher evaluated as its own student: full agreement, and the perplexity of a trained model on one-word
+    # answers, far below the half-depth student's.
+    itself = DistillTrainer(
+        model=copy.deepcopy(teacher), args=make_args(tmp_path / "itself"), teacher_model=lm_testing_utils.SMOLLM2,
+        eval_dataset=validation,
+        train_dataset=train, processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
+    ).evaluate()
+    assert itself["eval_top1_agreement"] == 1.0
+    assert itself["eval_kd_loss"] == pytest.approx(0.0, abs=1e-5)
+    assert 1.0 < itself["eval_perplexity"] < 50 < metrics["eval_perplexity"]

@@ -163,6 +163,11 @@ def _check_lm_dataset(dataset, split: str, label_column: str | None, vocab_size:
             f"{split} has no 'labels' column (columns: {dataset.column_names}): a causal-LM student needs token "
             "labels with -100 on the prompt tokens, as hf_kd.lm_data.tokenize_lm_dataset makes them."
         )
+    if label_column == "labels" and "label" in dataset.column_names:
+        raise ValueError(
+            f"{split} has both 'labels' (token labels) and 'label' columns: collators and Trainer read 'label' as the "
+            "labels when it is there. Drop the 'label' column (dataset.remove_columns('label'))."
+        )
     labels = column(label_column)
     if labels.dtype != object and labels.ndim == 1:
         raise ValueError(
