@@ -3,7 +3,6 @@ from dataclasses import dataclass, field
 from transformers import TrainingArguments
 
 from ..options import LMLossType, to_enum
-
 from .teacher_config import _TeacherArguments
 
 
