@@ -404,3 +404,12 @@ def test_smollm2_teacher_into_a_15_layer_student_on_chat_data(tmp_path):
     assert itself["eval_top1_agreement"] == 1.0
     assert itself["eval_kd_loss"] == pytest.approx(0.0, abs=1e-5)
     assert 1.0 < itself["eval_perplexity"] < 50 < metrics["eval_perplexity"]
+
+
+def test_pipeline_tag_of_causal_lms_and_their_configs():
+    assert pipeline_tag_of(tiny_lm()) == "text-generation"
+    assert pipeline_tag_of({"architectures": ["Gemma3ForCausalLM"]}) == "text-generation"
+    config = tiny_lm().config
+    config.architectures = ["LlamaForCausalLM"]  # what save_pretrained records
+    assert pipeline_tag_of(config) == "text-generation"
+    assert pipeline_tag_of(tiny_bert()) == "text-classification"
