@@ -264,6 +264,20 @@ def test_peft_lora_student_trains_its_adapter_only(tmp_path):
     assert "pipeline_tag: text-generation" in meta and "library_name: peft" in meta
 
 
+@require_peft
+def test_peft_student_distilled_from_its_own_base_model(tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
+    args = make_args(tmp_path, max_steps=2, teacher_from_base_model=True, eval_strategy="steps", eval_steps=2)
+    trainer = DistillTrainer(model=tiny_lm(seed=1), args=args, train_dataset=lm_dataset(8),
+                             eval_dataset=lm_dataset(4, seed=1), data_collator=pad_collator, peft_config=config)
+    trainer.train()
+    assert trainer.teacher_placement["kind"] == "student_base_model"
+    evaluation = next(e for e in trainer.state.log_history if "eval_top1_agreement" in e)
+    assert evaluation["eval_top1_agreement"] > 0.5  # two small steps away from its base model
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
 

@@ -21,8 +21,8 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
 
     Args:
         teacher_model_name_or_path (`str`, *optional*):
-            Hub id or local folder of the teacher, loaded with `AutoModelForSequenceClassification`. Ignored when a
-            teacher model is passed to the trainer.
+            Hub id or local folder of the teacher, loaded with `AutoModelForSequenceClassification`
+            (`AutoModelForCausalLM` for a causal-LM student). Ignored when a teacher model is passed to the trainer.
         teacher_model_init_kwargs (`dict`, *optional*):
             Keyword arguments for the teacher's `from_pretrained` (e.g. `{"torch_dtype": "bfloat16"}`).
         map_teacher_token_ids (`bool`, *optional*, defaults to `False`):
