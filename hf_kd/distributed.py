@@ -162,9 +162,11 @@ def prepare_deepspeed_teacher(
     args: TrainingArguments,
     stage: int = 3,
     init_kwargs: dict[str, Any] | None = None,
+    causal_lm: bool = False,
 ) -> nn.Module:
     """
-    Load the frozen teacher (if given by name) and initialise it for inference with DeepSpeed.
+    Load the frozen teacher (if given by name; with `AutoModelForCausalLM` when `causal_lm`) and initialise it for
+    inference with DeepSpeed.
 
     With `stage=3` the weights are sharded over the processes: a teacher given by name is built straight into its
     shards (`zero.Init` with the teacher's config), a built teacher is partitioned in place by `deepspeed.initialize`.
@@ -218,7 +220,7 @@ def prepare_deepspeed_teacher(
     try:
         if not isinstance(teacher, nn.Module):
             with zero3_init(config if stage == 3 else None):
-                teacher = load_teacher(teacher, init_kwargs)
+                teacher = load_teacher(teacher, init_kwargs, causal_lm=causal_lm)
         teacher = load_teacher(teacher)  # frozen, eval mode
         engine, *_ = deepspeed.initialize(model=teacher, config=config)
     except OSError:

@@ -64,16 +64,18 @@ CALIBRATION_FILENAME = "calibration.json"
 """[`hf_kd.CalibrationResult`] of the temperature folded into the model, next to `config.json`."""
 
 # Hub task (`pipeline_tag`) -> its name in the model-index and its card template in hf_kd.model_cards. A task's
-# template extends `base_model_card.md` (the sections every card has) with the task's blocks; a new task (e.g. text generation) adds a line here, its
+# template extends `base_model_card.md` (the sections every card has) with the task's blocks; a new task adds a line here, its
 # template, and its class-name suffix below.
 TASKS = {
     "text-classification": {"name": "Text Classification", "template": "text_classification_model_card.md"},
     "image-classification": {"name": "Image Classification", "template": "image_classification_model_card.md"},
+    "text-generation": {"name": "Text Generation", "template": "text_generation_model_card.md"},
 }
 # A model's task, from the name of its class (what `config.architectures` records when it is saved) ...
 _ARCHITECTURE_TASKS = {
     "ForSequenceClassification": "text-classification",
     "ForImageClassification": "image-classification",
+    "ForCausalLM": "text-generation",
 }
 # ... or, for a model class named otherwise (a plain torch module, a custom class), from its main input.
 _INPUT_TASKS = {"input_ids": "text-classification", "pixel_values": "image-classification"}
@@ -89,8 +91,14 @@ METRIC_NAMES = {
     "kl": "KL(human || model)",
     "js_distance": "JS distance to human labels",
     "sigma": "Confidence preservation sigma",
+    # Causal LMs (hf_kd.metrics.lm_metrics): next-token metrics over the completion tokens.
+    "perplexity": "Perplexity",
+    "token_accuracy": "Next-token accuracy",
+    "token_ece": "Token-level ECE",
+    "token_entropy": "Mean next-token entropy",
+    "top1_agreement": "Top-1 agreement with the teacher",
 }
-_BINNED = ("ece", "mce")
+_BINNED = ("ece", "mce", "token_ece")
 
 # Papers cited by every card that reports the corresponding metrics.
 GUO_2017 = {
@@ -474,9 +482,9 @@ def _render(template: str, card_data: ModelCardData, **variables) -> ModelCard:
 def pipeline_tag_of(model) -> str:
     """
     The Hub task (`pipeline_tag`) of a model: `"text-classification"` for a sequence classifier,
-    `"image-classification"` for an image classifier (the keys of [`TASKS`]).
+    `"image-classification"` for an image classifier, `"text-generation"` for a causal LM (the keys of [`TASKS`]).
 
-    Read from the model's class name (`...ForSequenceClassification`, `...ForImageClassification`; a PEFT model's base
+    Read from the model's class name (`...ForSequenceClassification`, `...ForImageClassification`, `...ForCausalLM`; a PEFT model's base
     model), or from a saved `config.json`'s `architectures`; for another class name, from the model's main input
     (`input_ids` or `pixel_values`: `main_input_name`, else the first argument of `forward`).
 

@@ -14,6 +14,7 @@ import re
 __all__ = [
     "CARD_METRICS",
     "EXIT_METRICS",
+    "LM_METRICS",
     "STUDENT_METRICS",
     "is_card_split",
     "parse_exit_key",
@@ -24,7 +25,10 @@ __all__ = [
 STUDENT_METRICS = ("accuracy", "ece", "mce", "nll", "brier", "entropy", "kl", "js_distance", "sigma")
 """The metrics of a model, in the order in which they are reported everywhere (reports, tables, model cards)."""
 
-CARD_METRICS = STUDENT_METRICS + ("ece_bins",) + tuple(f"teacher_{m}" for m in STUDENT_METRICS if m != "sigma")
+LM_METRICS = ("perplexity", "token_accuracy", "token_ece", "token_entropy", "top1_agreement")
+"""The next-token metrics of a causal LM (`hf_kd.metrics.lm_metrics`), in the order in which they are reported."""
+
+CARD_METRICS = STUDENT_METRICS + LM_METRICS + ("ece_bins",) + tuple(f"teacher_{m}" for m in STUDENT_METRICS if m != "sigma")
 """The metrics a card can report, as `hf_kd.metrics.make_compute_metrics` names them; teacher metrics carry a
 `teacher_` prefix (sigma already compares the student with its teacher)."""
 

@@ -22,11 +22,15 @@ __all__ = [
     "expected_calibration_error",
     "group_accuracies",
     "human_distribution_divergence",
+    "lm_metrics",
+    "lm_token_statistics",
+    "make_lm_compute_metrics",
     "make_compute_metrics",
     "make_exit_compute_metrics",
     "maximum_calibration_error",
     "negative_log_likelihood",
     "predictive_entropy",
+    "preprocess_lm_logits_for_metrics",
     "reliability_bins",
     "softmax",
 ]
@@ -143,9 +147,12 @@ def reliability_bins(probs, labels, n_bins: int = 15) -> dict[str, np.ndarray]:
     _check_n_bins(n_bins)
     probs = _check_probs(probs)
     labels = _check_labels(labels, *probs.shape)
-    confidence = probs.max(axis=1)
-    correct = (probs.argmax(axis=1) == labels).astype(np.float64)
+    return _confidence_bins(probs.max(axis=1), probs.argmax(axis=1) == labels, n_bins)
 
+
+def _confidence_bins(confidence: np.ndarray, correct: np.ndarray, n_bins: int) -> dict[str, np.ndarray]:
+    """[`reliability_bins`] from each prediction's top-1 `confidence` `(N,)` and whether it is `correct` `(N,)`."""
+    correct = np.asarray(correct, dtype=np.float64)
     edges = np.linspace(0.0, 1.0, n_bins + 1)
     # searchsorted(side="left") returns i with edges[i-1] < c <= edges[i]: right-closed bins, decided against the very
     # edges that are reported. Confidence 0 gives i = 0 and is clipped into the first bin.
@@ -698,3 +705,167 @@ def _human_metrics(human: np.ndarray, labels: np.ndarray, logits: list) -> dict[
         prefix = "" if i == 0 else f"exit_{i - 1}_"
         results.update({prefix + name: value for name, value in divergence.items()})
     return results
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Causal language models: next-token metrics
+# --------------------------------------------------------------------------------------------------------------------
+
+# The columns of lm_token_statistics, in order.
+_LM_STATISTICS = ("confidence", "correct", "nll", "entropy", "agreement")
+
+
+@torch.no_grad()
+def lm_token_statistics(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+    r"""
+    Per-token statistics of next-token predictions, all that [`lm_metrics`] needs: five numbers per token instead of
+    a vocabulary-sized row, so that an evaluation loop can keep them for a whole dataset.
+
+    Logits and labels are **aligned** (as in [`hf_kd.losses.lm_kd_loss`]: the caller shifts, `labels[b, i]` is the
+    token that position `i` predicts). Probabilities are `softmax(logits)` at temperature 1, computed in float32.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, seq, vocab)`):
+            The student's logits.
+        labels (`torch.Tensor` of shape `(batch, seq)`):
+            Gold next tokens, `-100` where nothing is counted (their statistics are computed but meaningless).
+        teacher_logits (`torch.Tensor` of shape `(batch, seq, vocab)`, *optional*):
+            The teacher's logits over the same vocabulary.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, seq, 5)`, float32: the student's top-1 confidence (its largest
+        probability), whether its top-1 token is the gold token (0/1), the gold token's negative log-likelihood, the
+        entropy of its next-token distribution (nats), and whether its top-1 token is the teacher's (0/1; NaN without
+        a teacher).
+    """
+    if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
+        raise ValueError(
+            f"student_logits must have shape (batch, seq, vocab) and labels (batch, seq), got "
+            f"{tuple(student_logits.shape)} and {tuple(labels.shape)}"
+        )
+    log_probs = torch.log_softmax(student_logits.float(), dim=-1)
+    top_log_prob, top = log_probs.max(dim=-1)
+    gold = labels.clamp(min=0).long().unsqueeze(-1)
+    nll = -log_probs.gather(-1, gold).squeeze(-1)
+    entropy = -(log_probs.exp() * log_probs).sum(-1)
+    if teacher_logits is None:
+        agreement = torch.full_like(nll, float("nan"))
+    else:
+        if teacher_logits.shape != student_logits.shape:
+            raise ValueError(
+                f"teacher_logits must have the student's shape {tuple(student_logits.shape)}, got "
+                f"{tuple(teacher_logits.shape)}"
+            )
+        agreement = (teacher_logits.argmax(dim=-1) == top).float()
+    correct = (top == labels).float()
+    return torch.stack([top_log_prob.exp(), correct, nll, entropy, agreement], dim=-1)
+
+
+def _lm_metrics_from_statistics(statistics: np.ndarray, n_bins: int) -> dict[str, float]:
+    """[`lm_metrics`] from the `(num_tokens, 5)` [`lm_token_statistics`] of the counted tokens."""
+    if len(statistics) == 0:
+        raise ValueError("no token is counted (every label is -100): there is nothing to evaluate")
+    confidence, correct, nll, entropy, agreement = (statistics[:, i].astype(np.float64) for i in range(5))
+    weights, gaps = _calibration_gaps(_confidence_bins(confidence, correct > 0.5, n_bins))
+    results = {
+        "perplexity": float(np.exp(nll.mean())),
+        "token_accuracy": float(correct.mean()),
+        "token_ece": float(np.sum(weights * gaps)),
+        "token_entropy": float(entropy.mean()),
+        "ece_bins": float(n_bins),
+    }
+    if not np.isnan(agreement).any():
+        results["top1_agreement"] = float(agreement.mean())
+    return results
+
+
+def lm_metrics(student_logits, labels, teacher_logits=None, n_bins: int = 15) -> dict[str, float]:
+    r"""
+    Next-token metrics of a causal language model over the counted tokens (`labels != -100`).
+
+    - `perplexity`: `exp(mean token NLL)` of the gold tokens;
+    - `token_accuracy`: fraction of tokens whose top-1 prediction is the gold token;
+    - `token_ece`: token-level ECE, the top-label ECE of Guo et al. (2017, https://huggingface.co/papers/1706.04599)
+      with every counted token as one prediction (confidence: the top-1 next-token probability; correct: it is the
+      gold token), in `n_bins` equal-width bins as [`reliability_bins`];
+    - `token_entropy`: mean entropy (nats) of the next-token distribution;
+    - `top1_agreement` (with `teacher_logits`): fraction of tokens where the student's and the teacher's top-1 tokens
+      are the same;
+    - `ece_bins`: `n_bins`, as a float, so reports can state it.
+
+    Args:
+        student_logits (`torch.Tensor` or `np.ndarray` of shape `(batch, seq, vocab)`):
+            Student logits, **aligned** with `labels` (the caller shifts: pass `logits[:, :-1]`, `labels[:, 1:]`).
+        labels (`torch.Tensor` or `np.ndarray` of shape `(batch, seq)`):
+            Gold next tokens, `-100` for tokens that are not counted (prompt, padding).
+        teacher_logits (`torch.Tensor` or `np.ndarray` of shape `(batch, seq, vocab)`, *optional*):
+            The teacher's logits, same shape.
+        n_bins (`int`, *optional*, defaults to `15`):
+            Number of ECE bins.
+
+    Returns:
+        `dict[str, float]`.
+    """
+    _check_n_bins(n_bins)
+    labels = torch.as_tensor(labels)
+    statistics = lm_token_statistics(
+        torch.as_tensor(student_logits), labels, None if teacher_logits is None else torch.as_tensor(teacher_logits)
+    )
+    return _lm_metrics_from_statistics(statistics[labels != -100].numpy(), n_bins)
+
+
+def preprocess_lm_logits_for_metrics(logits, labels: torch.Tensor) -> torch.Tensor:
+    """
+    `preprocess_logits_for_metrics` of [`~transformers.Trainer`] for a causal LM: reduce each evaluation batch's
+    logits `(batch, seq, vocab)` (and the teacher's, when `logits` is a tuple `(student, teacher)`) to their
+    [`lm_token_statistics`] `(batch, seq, 5)`, so that the evaluation loop never accumulates vocabulary-sized tensors.
+
+    `labels` are the model's own, **not shifted** (`labels[b, t]` is predicted at `t - 1`); the result is aligned
+    with them: row `t` holds the statistics of the prediction of token `t`, and row 0 (no prediction) is NaN.
+    """
+    student_logits, teacher_logits = (logits[0], logits[1] if len(logits) > 1 else None) if isinstance(
+        logits, (tuple, list)
+    ) else (logits, None)
+    statistics = lm_token_statistics(
+        student_logits[:, :-1], labels[:, 1:], None if teacher_logits is None else teacher_logits[:, :-1]
+    )
+    first = torch.full_like(statistics[:, :1], float("nan"))
+    return torch.cat([first, statistics], dim=1)
+
+
+def make_lm_compute_metrics(n_bins: int = 15):
+    """
+    Build the `compute_metrics` of a causal-LM [`~transformers.Trainer`] whose `preprocess_logits_for_metrics` is
+    [`preprocess_lm_logits_for_metrics`]: its `predictions` are the per-token statistics `(N, seq, 5)` and its
+    `label_ids` the unshifted labels `(N, seq)`, `-100` where not counted (Trainer pads both with -100). Returns the
+    metrics of [`lm_metrics`] (`perplexity`, `token_accuracy`, `token_ece`, `token_entropy`, `top1_agreement` when
+    the statistics carry the teacher's, `ece_bins`).
+
+    Args:
+        n_bins (`int`, *optional*, defaults to `15`):
+            Number of ECE bins.
+
+    Example:
+
+    ```python
+    >>> from hf_kd.metrics import make_lm_compute_metrics, preprocess_lm_logits_for_metrics
+    >>> trainer = Trainer(model=lm, args=args, eval_dataset=ds, compute_metrics=make_lm_compute_metrics(),
+    ...                   preprocess_logits_for_metrics=preprocess_lm_logits_for_metrics)
+    ```
+    """
+    _check_n_bins(n_bins)
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        statistics = np.asarray(eval_pred.predictions)
+        labels = np.asarray(eval_pred.label_ids)
+        if statistics.ndim != 3 or statistics.shape[-1] != len(_LM_STATISTICS) or statistics.shape[:2] != labels.shape:
+            raise ValueError(
+                f"predictions must be the per-token statistics (N, seq, {len(_LM_STATISTICS)}) of "
+                f"preprocess_lm_logits_for_metrics, aligned with label_ids {labels.shape}; got {statistics.shape}. "
+                "Pass preprocess_logits_for_metrics=preprocess_lm_logits_for_metrics to the Trainer."
+            )
+        counted = labels != -100
+        counted[:, 0] = False  # the first token is never predicted
+        return _lm_metrics_from_statistics(statistics[counted], n_bins)
+
+    return compute_metrics

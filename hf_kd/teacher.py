@@ -39,6 +39,7 @@ TEACHER_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "pixel_v
 def load_teacher(
     teacher: str | os.PathLike | nn.Module,
     init_kwargs: dict[str, Any] | None = None,
+    causal_lm: bool = False,
 ) -> nn.Module:
     """Return the teacher as a frozen module in eval mode.
 
@@ -50,6 +51,8 @@ def load_teacher(
         init_kwargs (`dict`, *optional*):
             Keyword arguments for `from_pretrained`. Passing them together with a built model is an error, because
             they would be silently ignored.
+        causal_lm (`bool`, *optional*, defaults to `False`):
+            Load a Hub id or folder with `AutoModelForCausalLM` instead (the teacher of a causal-LM student).
 
     Returns:
         `nn.Module`: the teacher, in `eval()` mode with `requires_grad=False` on every parameter.
@@ -62,12 +65,13 @@ def load_teacher(
             )
         model = teacher
     elif isinstance(teacher, (str, os.PathLike)):
-        from transformers import AutoModelForSequenceClassification
+        from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification
 
         from .offline_models import placed_model_kwargs  # not at the top: see _locate_package_file in hf_kd.data
 
+        auto_class = AutoModelForCausalLM if causal_lm else AutoModelForSequenceClassification
         with _named_teacher_source(teacher):
-            model = AutoModelForSequenceClassification.from_pretrained(
+            model = auto_class.from_pretrained(
                 str(teacher), **placed_model_kwargs(str(teacher), init_kwargs, model=True)
             )
     else:
@@ -346,6 +350,38 @@ def check_vocabularies(
             "when the teacher is a built model, its tokenizer as `teacher_processing_class`."
         )
     return build_token_id_map(student_tokenizer, teacher_tokenizer)
+
+
+def check_lm_vocabularies(
+    student_config: PretrainedConfig,
+    teacher_config: PretrainedConfig,
+    student_tokenizer: PreTrainedTokenizerBase | None,
+    teacher_tokenizer: PreTrainedTokenizerBase | None,
+) -> None:
+    """Check that a causal-LM teacher predicts over the student's vocabulary, before any weight is loaded.
+
+    Token-level distillation compares the two next-token distributions entry by entry, so both models need the same
+    output vocabulary: the same `vocab_size` and, when both tokenizers are known, the same token-to-id mapping. There
+    is no id map for LMs (the teacher's *outputs* would need one too).
+
+    Raises:
+        `ValueError`: naming both vocabulary sizes and both tokenizers.
+    """
+    def name(tokenizer) -> str:
+        return repr(getattr(tokenizer, "name_or_path", None) or type(tokenizer).__name__) if tokenizer else "unknown"
+
+    sizes = [getattr(config, "vocab_size", None) for config in (student_config, teacher_config)]
+    lengths = [len(tokenizer) if tokenizer is not None else None for tokenizer in (student_tokenizer, teacher_tokenizer)]
+    same = sizes[0] == sizes[1]
+    if same and None not in lengths:
+        same = student_tokenizer.get_vocab() == teacher_tokenizer.get_vocab()
+    if not same:
+        raise ValueError(
+            f"Student and teacher vocabularies differ: student vocab_size={sizes[0]} (tokenizer {name(student_tokenizer)}"
+            f", {lengths[0]} tokens), teacher vocab_size={sizes[1]} (tokenizer {name(teacher_tokenizer)}, "
+            f"{lengths[1]} tokens). Token-level distillation of causal LMs needs one vocabulary on both sides: "
+            "distil between models of one family (same tokenizer)."
+        )
 
 
 def teacher_inputs(

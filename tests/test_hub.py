@@ -227,7 +227,10 @@ class TestModelCard:
         assert resolve_hub_id("/abs/path") is None and resolve_hub_id("a/b/c") is None
 
     def test_missing_template_is_a_clear_error(self):
-        available = r"\['base_model_card.md', 'image_classification_model_card.md', 'text_classification_model_card.md'\]"
+        available = (
+            r"\['base_model_card.md', 'image_classification_model_card.md', 'text_classification_model_card.md', "
+            r"'text_generation_model_card.md'\]"
+        )
         with pytest.raises(FileNotFoundError, match=r"'self_kd.md' not found .* " + available):
             card(template="self_kd.md")
         with pytest.raises(ValueError, match="file name of a card template"):

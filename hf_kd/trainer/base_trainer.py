@@ -48,7 +48,19 @@ from ..teacher import TEACHER_LOGITS_COLUMN, check_datasets_label_names, check_l
 _LABEL_COLUMNS = ("labels", "label")
 
 
-def check_dataset(dataset, split: str, num_labels: int | None) -> None:
+def is_causal_lm(model) -> bool:
+    """
+    Whether hf_kd treats `model` as a causal language model: its Hub task ([`hf_kd.hub.pipeline_tag_of`]) is
+    `"text-generation"`, i.e. its class (a PEFT model's base model's) or its config's `architectures` ends in
+    `ForCausalLM`. The one rule every trainer uses to pick the token-level loss, checks and metrics.
+    """
+    try:
+        return pipeline_tag_of(model) == "text-generation"
+    except ValueError:
+        return False
+
+
+def check_dataset(dataset, split: str, num_labels: int | None, lm_vocab_size: int | None = None) -> None:
     """
     Check a dataset given to an hf_kd trainer before anything is computed on it, so that bad data fails when the
     trainer is built, naming the row and the value, instead of as an `IndexError` from `cross_entropy` in the middle
@@ -61,10 +73,16 @@ def check_dataset(dataset, split: str, num_labels: int | None) -> None:
             `"train_dataset"`, `"eval_dataset"` or `"eval_dataset['<name>']"`, for the messages.
         num_labels (`int`, *optional*):
             The student's number of classes; labels must be in `[0, num_labels)` or `-100` (ignored).
+        lm_vocab_size (`int`, *optional*):
+            Set for a causal-LM student (its vocabulary size; `num_labels` is then ignored): every row must have
+            `labels`, a sequence of token ids in `[0, lm_vocab_size)` or `-100` (not trained on) with at least one
+            counted token after the first (the first token is never predicted), as
+            [`hf_kd.lm_data.tokenize_lm_dataset`] makes them; a `teacher_logits` column is not supported yet.
 
     Raises:
         `TypeError`: not a dataset. `ValueError`: no rows; a label that is not an integer class index in
-        `[0, num_labels)` or `-100`; a `teacher_logits` column whose rows are not `num_labels` finite numbers.
+        `[0, num_labels)` or `-100`; a `teacher_logits` column whose rows are not `num_labels` finite numbers; token
+        labels given to a classifier, class labels given to a causal LM, or an LM row with no counted token.
     """
     import datasets
     import numpy as np
@@ -92,12 +110,16 @@ def check_dataset(dataset, split: str, num_labels: int | None) -> None:
         return dataset.select_columns([name]).with_format("numpy")[:][name]
 
     label_column = next((c for c in _LABEL_COLUMNS if c in dataset.column_names), None)
+    if lm_vocab_size is not None:
+        _check_lm_dataset(dataset, split, label_column, lm_vocab_size, column)
+        return
     if label_column is not None and num_labels is not None:
         labels = column(label_column)
         if labels.dtype == object or labels.ndim != 1:
             raise ValueError(
                 f"{split} column {label_column!r} must hold one integer class index per row, got "
-                f"{dataset.features[label_column]}"
+                f"{dataset.features[label_column]}. Token labels per row are causal-LM data: distil a causal LM "
+                "(an ...ForCausalLM student and teacher) on it."
             )
         if not np.issubdtype(labels.dtype, np.integer):
             raise ValueError(
@@ -124,6 +146,49 @@ def check_dataset(dataset, split: str, num_labels: int | None) -> None:
                 f"{split} column {TEACHER_LOGITS_COLUMN!r} has a non-finite value in row {rows[0]} "
                 f"({logits[rows[0]].tolist()}; {rows.size} bad row(s)): teacher logits must be finite. Recompute them "
                 "(an fp16 teacher overflows: run it in fp32 or bf16)."
+            )
+
+
+def _check_lm_dataset(dataset, split: str, label_column: str | None, vocab_size: int, column) -> None:
+    """The causal-LM half of [`check_dataset`]."""
+    import numpy as np
+
+    if TEACHER_LOGITS_COLUMN in dataset.column_names:
+        raise ValueError(
+            f"{split} has a {TEACHER_LOGITS_COLUMN!r} column, which is not supported yet for causal-LM students "
+            "(a top-k logit cache is planned): drop the column; the teacher runs live at every step."
+        )
+    if label_column is None:
+        raise ValueError(
+            f"{split} has no 'labels' column (columns: {dataset.column_names}): a causal-LM student needs token "
+            "labels with -100 on the prompt tokens, as hf_kd.lm_data.tokenize_lm_dataset makes them."
+        )
+    if label_column == "labels" and "label" in dataset.column_names:
+        raise ValueError(
+            f"{split} has both 'labels' (token labels) and 'label' columns: collators and Trainer read 'label' as the "
+            "labels when it is there. Drop the 'label' column (dataset.remove_columns('label'))."
+        )
+    labels = column(label_column)
+    if labels.dtype != object and labels.ndim == 1:
+        raise ValueError(
+            f"{split} column {label_column!r} holds one class index per row ({dataset.features[label_column]}), but "
+            "the student is a causal LM, which needs a sequence of token labels per row "
+            "(hf_kd.lm_data.tokenize_lm_dataset). For class labels, distil a sequence classifier."
+        )
+    for row, tokens in enumerate(labels):
+        tokens = np.asarray(tokens)
+        if not np.issubdtype(tokens.dtype, np.integer):
+            raise ValueError(f"{split} column {label_column!r} row {row} must hold integer token ids, got {tokens.dtype}")
+        bad = np.flatnonzero(((tokens < 0) | (tokens >= vocab_size)) & (tokens != -100))
+        if bad.size:
+            raise ValueError(
+                f"{split} column {label_column!r} has token label {tokens[bad[0]]} in row {row}: labels must be token "
+                f"ids in [0, {vocab_size}) (the student's vocab_size) or -100 (not trained on)"
+            )
+        if not (tokens[1:] != -100).any():
+            raise ValueError(
+                f"{split} row {row} has an empty completion: no token after the first is labelled (every label is "
+                "-100), so there is nothing to distil. Drop such rows (dataset.filter) or check the tokenisation."
             )
 
 
@@ -186,15 +251,25 @@ class _BaseTrainer(Trainer):
             return None
         return getattr(getattr(self.accelerator.unwrap_model(self.model), "config", None), "num_labels", None)
 
+    def _student_lm_vocab_size(self) -> int | None:
+        """The vocabulary size of a causal-LM student (see [`is_causal_lm`]), `None` for any other student."""
+        if self.model is None:
+            return None
+        student = self.accelerator.unwrap_model(self.model)
+        return student.config.vocab_size if is_causal_lm(student) else None
+
+    def _check_dataset(self, dataset, split: str) -> None:
+        """[`check_dataset`] against the student: its `num_labels`, or its vocabulary for a causal LM."""
+        check_dataset(dataset, split, self._student_num_labels(), self._student_lm_vocab_size())
+
     def _check_datasets(self) -> None:
-        """[`check_dataset`] on the train and eval datasets, against the student's `num_labels`."""
-        num_labels = self._student_num_labels()
-        check_dataset(self.train_dataset, "train_dataset", num_labels)
+        """[`check_dataset`] on the train and eval datasets, against the student."""
+        self._check_dataset(self.train_dataset, "train_dataset")
         if isinstance(self.eval_dataset, dict):
             for name, dataset in self.eval_dataset.items():
-                check_dataset(dataset, f"eval_dataset[{name!r}]", num_labels)
+                self._check_dataset(dataset, f"eval_dataset[{name!r}]")
         else:
-            check_dataset(self.eval_dataset, "eval_dataset", num_labels)
+            self._check_dataset(self.eval_dataset, "eval_dataset")
         check_datasets_label_names(self.train_dataset, self.eval_dataset, self._label_spaces())
 
     def _label_spaces(self) -> dict:
@@ -240,7 +315,7 @@ class _BaseTrainer(Trainer):
         # one at every evaluation, which must not re-read their columns.
         given = self.eval_dataset.values() if isinstance(self.eval_dataset, dict) else (self.eval_dataset,)
         if eval_dataset is not None and not isinstance(eval_dataset, str) and all(eval_dataset is not d for d in given):
-            check_dataset(eval_dataset, "eval_dataset", self._student_num_labels())
+            self._check_dataset(eval_dataset, "eval_dataset")
             check_label_names(eval_dataset, "eval_dataset", self._label_spaces())
         # log() must know which evaluation it is logging (a "test" or "train" split's metrics start with its prefix,
         # not "eval_"); Trainer.evaluate of a dict of datasets calls this again per dataset, hence the restore.
@@ -252,7 +327,7 @@ class _BaseTrainer(Trainer):
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
         test_dataset = self._with_eval_columns(test_dataset, metric_key_prefix)
-        check_dataset(test_dataset, "test_dataset", self._student_num_labels())
+        self._check_dataset(test_dataset, "test_dataset")
         check_label_names(test_dataset, "test_dataset", self._label_spaces())
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)
 

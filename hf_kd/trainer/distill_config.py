@@ -2,6 +2,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..options import LMLossType, to_enum
 from .teacher_config import _TeacherArguments
 
 
@@ -20,8 +21,8 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
 
     Args:
         teacher_model_name_or_path (`str`, *optional*):
-            Hub id or local folder of the teacher, loaded with `AutoModelForSequenceClassification`. Ignored when a
-            teacher model is passed to the trainer.
+            Hub id or local folder of the teacher, loaded with `AutoModelForSequenceClassification`
+            (`AutoModelForCausalLM` for a causal-LM student). Ignored when a teacher model is passed to the trainer.
         teacher_model_init_kwargs (`dict`, *optional*):
             Keyword arguments for the teacher's `from_pretrained` (e.g. `{"torch_dtype": "bfloat16"}`).
         map_teacher_token_ids (`bool`, *optional*, defaults to `False`):
@@ -44,6 +45,15 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             Softmax temperature `T` of the soft targets; the soft term is scaled by `T^2`.
         alpha (`float`, *optional*, defaults to `0.5`):
             Weight of the soft (teacher) term in `[0, 1]`; `1 - alpha` weighs the cross-entropy with the labels.
+        loss_type (`str` or [`~hf_kd.losses.LMLossType`], *optional*, defaults to `"forward_kl"`):
+            The divergence of a causal-LM student's token-level loss ([`hf_kd.losses.lm_kd_loss`]): `"forward_kl"`
+            `KL(p_T || p_S)`, `"reverse_kl"` `KL(p_S || p_T)` or `"jsd"` (GKD's generalised JSD, weight `beta`).
+            A sequence-classification student supports `"forward_kl"` only (Hinton's loss).
+        beta (`float`, *optional*, defaults to `0.5`):
+            Weight of the teacher in the mixture of `loss_type="jsd"`, in `[0, 1]` (`0` is forward KL, `1` reverse
+            KL, `0.5` the Jensen-Shannon divergence). Ignored by the other loss types.
+        lm_chunk_size (`int`, *optional*, defaults to `128`):
+            Tokens processed at once by the causal-LM loss (memory only: the loss does not depend on it).
 
     > Parameters that control the teacher logits cache
 
@@ -77,6 +87,21 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         metadata={"help": "Weight in [0, 1] of the soft teacher term; 1 - alpha weighs cross-entropy with the labels."},
     )
 
+    loss_type: str = field(
+        default="forward_kl",
+        metadata={
+            "help": "Divergence of a causal-LM student's token-level loss: forward_kl, reverse_kl or jsd (with beta). "
+            "Sequence classifiers support forward_kl only.",
+            "choices": [t.value for t in LMLossType],
+        },
+    )
+    beta: float = field(
+        default=0.5, metadata={"help": "Weight in [0, 1] of the teacher in the mixture of loss_type='jsd'."}
+    )
+    lm_chunk_size: int = field(
+        default=128, metadata={"help": "Tokens processed at once by the causal-LM loss (memory only)."}
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._teacher_post_init()
@@ -84,6 +109,11 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"temperature must be > 0, got {self.temperature}")
         if not 0.0 <= self.alpha <= 1.0:
             raise ValueError(f"alpha must be in [0.0, 1.0], got {self.alpha}")
+        self.loss_type = to_enum(LMLossType, self.loss_type, "loss_type")
+        if not 0.0 <= self.beta <= 1.0:
+            raise ValueError(f"beta must be in [0.0, 1.0], got {self.beta}")
+        if isinstance(self.lm_chunk_size, bool) or not isinstance(self.lm_chunk_size, int) or self.lm_chunk_size < 1:
+            raise ValueError(f"lm_chunk_size must be a positive int, got {self.lm_chunk_size!r}")
         if self.label_smoothing_factor != 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not used by DistillTrainer: the teacher's "

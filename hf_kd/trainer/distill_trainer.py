@@ -5,10 +5,10 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..losses import kd_loss
-from ..metrics import make_compute_metrics
+from ..losses import kd_loss, lm_kd_loss
+from ..metrics import make_compute_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
 from ..teacher import TEACHER_LOGITS_COLUMN
-from .base_trainer import _BaseTrainer
+from .base_trainer import _BaseTrainer, is_causal_lm
 from .distill_config import DistillConfig
 from .teacher_mixin import _TeacherMixin
 
@@ -31,13 +31,28 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     mean predictive entropy and, since the teacher's logits are known, the confidence-preservation sigma of Vengertsev
     & Sherman (2024, https://huggingface.co/papers/2401.11365) and the teacher's own accuracy and entropy.
 
+    Causal language models: a student whose class (or `config.architectures`) ends in `ForCausalLM` ([`is_causal_lm`],
+    the same rule as the card's `text-generation` task, checked when the trainer is built) is distilled token by
+    token with [`hf_kd.losses.lm_kd_loss`]: `alpha * T^2 * D(p_T, p_S) + (1 - alpha) * CE` over the completion tokens
+    only (`labels != -100`, as [`hf_kd.lm_data.tokenize_lm_dataset`] makes them), the logits at position `t`
+    predicting the label at `t + 1`, `D` chosen by `args.loss_type` (`forward_kl`, `reverse_kl`, `jsd` with
+    `args.beta`), at temperature `args.temperature` on both sides. The loss is normalised by the number of completion
+    tokens of the whole accumulated batch (`num_items_in_batch`, counted over the shifted labels), so it is exact under
+    gradient accumulation and data parallelism. The teacher must be a causal LM with the same vocabulary (an error
+    naming both vocabulary sizes and tokenizers otherwise) and runs live at every step (no logit cache for LMs yet).
+    Each evaluation logs `perplexity`, `token_accuracy`, `token_ece` (15 bins), `token_entropy` and `top1_agreement`
+    with the teacher ([`hf_kd.metrics.lm_metrics`]), each batch's logits being reduced to five numbers per token
+    ([`hf_kd.metrics.preprocess_lm_logits_for_metrics`]) so that no vocabulary-sized tensor is accumulated; the card's
+    task is `text-generation`.
+
     The loss parts `kd_loss` (the soft term, `alpha=1`) and `ce_loss` (the hard term, `alpha=0`) are logged as their
     mean since the last log. Two methods extend this trainer with losses on the student's inside:
     [`TinyBERTTrainer`] (TinyBERT's intermediate layers) and [`LetKDTrainer`] (letKD's KD layers).
 
     Args:
         model (`PreTrainedModel` or `nn.Module`):
-            The student, a sequence classifier whose output has `logits` of shape `(batch, num_labels)`.
+            The student: a sequence classifier whose output has `logits` of shape `(batch, num_labels)`, or a causal
+            LM (`...ForCausalLM`, logits `(batch, seq, vocab)`).
         args ([`DistillConfig`]):
             Training and distillation arguments.
         teacher_model (`PreTrainedModel`, `nn.Module` or `str`, *optional*):
@@ -46,9 +61,12 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
             The teacher's tokenizer, used to compare vocabularies. Loaded from the teacher's id when that is a string.
         compute_metrics (`Callable`, *optional*):
-            Defaults to [`hf_kd.metrics.make_compute_metrics`]`()`.
+            Defaults to [`hf_kd.metrics.make_compute_metrics`]`()`, or for a causal LM
+            [`hf_kd.metrics.make_lm_compute_metrics`]`()` with `preprocess_logits_for_metrics` defaulting to
+            [`hf_kd.metrics.preprocess_lm_logits_for_metrics`].
         peft_config (`peft.PeftConfig`, *optional*):
-            Train a PEFT adapter (e.g. `peft.LoraConfig(r=8, task_type="SEQ_CLS")`) on the student's backbone instead
+            Train a PEFT adapter (e.g. `peft.LoraConfig(r=8, task_type="SEQ_CLS")`, or `task_type="CAUSAL_LM"` for a
+            causal LM) on the student's backbone instead
             of all its weights. The student's heads (`classifier` / `score`) are added to `modules_to_save`, so they train in full and
             are saved with the adapter. A `peft.PeftModel` student is accepted without `peft_config` (its frozen heads
             are warned about). With `args.teacher_from_base_model=True` the teacher is the student's base model
@@ -98,8 +116,18 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         if not isinstance(args, self._config_class):
             raise TypeError(f"args must be a {self._config_class.__name__}, got {type(args).__name__}")
         teacher = self._resolve_teacher(teacher_model, args)
-
-        if compute_metrics is None:
+        # The student's task decides the loss, the data checks and the metrics; decided once, here.
+        self._causal_lm = model is not None and is_causal_lm(model)
+        if not self._causal_lm and args.loss_type != "forward_kl":
+            raise ValueError(
+                f"loss_type={str(args.loss_type)!r} is for causal-LM students; a sequence-classification student "
+                f"({type(model).__name__}) is distilled with Hinton's loss, loss_type='forward_kl'."
+            )
+        if self._causal_lm:
+            if compute_metrics is None:
+                compute_metrics = make_lm_compute_metrics()
+                kwargs.setdefault("preprocess_logits_for_metrics", preprocess_lm_logits_for_metrics)
+        elif compute_metrics is None:
             compute_metrics = make_compute_metrics()
         super().__init__(
             model=model,
@@ -113,15 +141,25 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             **kwargs,
         )
         self._init_teacher(teacher, processing_class, teacher_processing_class)
+        if self._causal_lm:
+            # The LM loss compares logits[:, t] with labels[:, t + 1]: Trainer must count the items of the accumulated
+            # batch over the shifted labels (it does for a model whose own loss shifts; a custom student may not).
+            self._loss_shifts_labels = True
 
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
         hyperparameters = {"temperature": self.args.temperature, "alpha": self.args.alpha}
+        if self._causal_lm:
+            hyperparameters["loss_type"] = str(self.args.loss_type)
+            if self.args.loss_type == "jsd":
+                hyperparameters["beta"] = self.args.beta
         return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
 
     # ---- loss ------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._causal_lm:
+            return self._compute_lm_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels", None)
         teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
         student_logits = model(**inputs).logits
@@ -163,3 +201,31 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
                     kd_loss(student_logits, teacher_logits, labels, T, alpha=0.0).detach()
                 )
         return loss, teacher_logits
+
+    def _compute_lm_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """
+        `compute_loss` of a causal-LM student: [`hf_kd.losses.lm_kd_loss`] on the shifted logits and labels (position
+        `t` predicts label `t + 1`), normalised by `num_items_in_batch` (the counted tokens of the accumulated batch)
+        and rescaled for DDP; logs its two parts (`kd_loss`, `ce_loss`, each a mean over this batch's tokens).
+
+        Returns the loss and, with `return_outputs`, `{"logits", "teacher_logits"}` (both `(batch, seq, vocab)`,
+        reduced per batch by `preprocess_logits_for_metrics` at evaluation).
+        """
+        labels = inputs.pop("labels")
+        student_logits = model(**inputs).logits  # no labels: the model does not compute its own loss
+        teacher_logits = self._batch_teacher_logits(inputs, None).to(student_logits.device)
+        shifted = (student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:])
+        args = self.args
+        options = {"loss_type": args.loss_type, "beta": args.beta, "temperature": args.temperature}
+        chunk = args.lm_chunk_size
+        loss = lm_kd_loss(
+            *shifted, **options, alpha=args.alpha, num_items_in_batch=num_items_in_batch, chunk_size=chunk
+        )
+        mode = "train" if model.training else "eval"
+        with torch.no_grad():
+            self._metrics[mode]["kd_loss"].append(lm_kd_loss(*shifted, **options, alpha=1.0, chunk_size=chunk))
+            self._metrics[mode]["ce_loss"].append(lm_kd_loss(*shifted, **options, alpha=0.0, chunk_size=chunk))
+        loss = self._scale_for_processes(loss, num_items_in_batch)
+        if return_outputs:
+            return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
+        return loss

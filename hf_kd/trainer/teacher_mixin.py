@@ -23,6 +23,7 @@ from ..teacher import (
     TeacherLogitsCache,
     check_datasets_label_names,
     check_label_spaces,
+    check_lm_vocabularies,
     check_vocabularies,
     compute_teacher_logits,
     dataset_fingerprint,
@@ -33,6 +34,7 @@ from ..teacher import (
     teacher_logits_for_batch,
     tensors_fingerprint,
 )
+from .base_trainer import is_causal_lm
 
 logger = logging.getLogger(__name__)
 
@@ -88,6 +90,12 @@ class _TeacherMixin:
         if teacher is not None and not isinstance(teacher, BaseModelTeacher):
             self._token_id_map = self._check_teacher_compatibility(teacher, processing_class, teacher_processing_class)
         self._logits_cache = None
+        if self.args.cache_teacher_logits and self._student_lm_vocab_size() is not None:
+            raise ValueError(
+                "cache_teacher_logits=True is not supported yet for causal-LM students (their logits are "
+                "(seq, vocab) per row; a top-k logit cache is planned): leave it False, the teacher then runs live at "
+                "every step."
+            )
         if self.args.cache_teacher_logits:
             if teacher is None:
                 raise ValueError(
@@ -157,14 +165,33 @@ class _TeacherMixin:
             teacher_config = teacher.config
         else:
             teacher_config = load_teacher_config(teacher, hub_kwargs)
+        if teacher_processing_class is None and not isinstance(teacher, nn.Module):
+            teacher_processing_class = load_teacher_tokenizer(str(teacher), hub_kwargs)
+        student_tokenizer = getattr(processing_class, "tokenizer", processing_class)
+        student_is_lm = self._student_lm_vocab_size() is not None
+        teacher_is_lm = is_causal_lm(teacher if isinstance(teacher, nn.Module) else teacher_config)
+        if student_is_lm != teacher_is_lm:
+            kinds = ["a causal LM" if lm else "not a causal LM (...ForCausalLM)" for lm in (student_is_lm, teacher_is_lm)]
+            raise ValueError(
+                f"The student ({type(self.accelerator.unwrap_model(self.model)).__name__}) is {kinds[0]} but the "
+                f"teacher ({type(teacher).__name__ if isinstance(teacher, nn.Module) else repr(str(teacher))}, "
+                f"architectures {getattr(teacher_config, 'architectures', None)}) is {kinds[1]}: distil a causal LM "
+                "into a causal LM, or a classifier into a classifier."
+            )
+        if student_is_lm:
+            if self.args.map_teacher_token_ids:
+                raise ValueError(
+                    "map_teacher_token_ids=True is for classifiers reading the same text through two vocabularies; "
+                    "a causal-LM teacher's next-token distribution must be over the student's own vocabulary."
+                )
+            self._teacher_config = teacher_config
+            check_lm_vocabularies(student_config, teacher_config, student_tokenizer, teacher_processing_class)
+            return None
         check_label_spaces(student_config, teacher_config)
         # A student with default LABEL_i names passes check_label_spaces: the datasets' label names are checked
         # against the teacher's too (evaluate / predict check theirs with _BaseTrainer._label_spaces).
         self._teacher_config = teacher_config
         check_datasets_label_names(self.train_dataset, self.eval_dataset, {"teacher": teacher_config})
-        if teacher_processing_class is None and not isinstance(teacher, nn.Module):
-            teacher_processing_class = load_teacher_tokenizer(str(teacher), hub_kwargs)
-        student_tokenizer = getattr(processing_class, "tokenizer", processing_class)
         # A MultiExitConfig keeps vocab_size in its backbone's config.
         return check_vocabularies(
             getattr(student_config, "backbone_config", None) or student_config,
@@ -184,7 +211,8 @@ class _TeacherMixin:
             elif self.is_deepspeed_enabled:
                 stage = self.args.teacher_zero_stage
                 self._teacher = prepare_deepspeed_teacher(
-                    source, self.accelerator, self.args, stage, self.args.teacher_model_init_kwargs
+                    source, self.accelerator, self.args, stage, self.args.teacher_model_init_kwargs,
+                    causal_lm=self._student_lm_vocab_size() is not None,
                 )
                 kind = "zero3_sharded" if stage == 3 else "replicated"
             else:
@@ -193,7 +221,8 @@ class _TeacherMixin:
                         "The teacher is partitioned by DeepSpeed ZeRO-3 but this run does not use DeepSpeed: build "
                         "it outside the ZeRO-3 run, or pass its Hub id or path."
                     )
-                teacher = load_teacher(source, self.args.teacher_model_init_kwargs)
+                causal_lm = self._student_lm_vocab_size() is not None
+                teacher = load_teacher(source, self.args.teacher_model_init_kwargs, causal_lm=causal_lm)
                 self._teacher, kind = self.accelerator.prepare_model(teacher, evaluation_mode=True), "replicated"
             self._teacher_placement = teacher_placement(self._teacher, self.accelerator, kind)
             if self.args.should_log:

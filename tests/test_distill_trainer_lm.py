@@ -1,0 +1,429 @@
+"""DistillTrainer with causal-LM students and teachers (issue 17): token-level loss, exact normalisation under
+gradient accumulation, LM evaluation metrics, text-generation cards, PEFT students, bad input."""
+
+import copy
+import math
+
+import datasets
+import numpy as np
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+from hf_kd import DistillConfig, DistillTrainer
+from hf_kd.hub import pipeline_tag_of
+from hf_kd.losses import lm_kd_loss
+from hf_kd.metrics import lm_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
+
+from .testing_utils import require_peft, tiny_bert, tiny_dataset
+
+VOCAB = 64
+
+
+def tiny_lm(layers=2, seed=0, vocab_size=VOCAB):
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
+def lm_dataset(n=8, seed=0, min_len=5, max_len=12):
+    """Rows of uneven length whose first `prompt` tokens are -100 (prompt); the first row is all labels (text)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        ids = rng.integers(3, VOCAB, size=length).tolist()
+        prompt = 0 if i == 0 else int(rng.integers(1, length - 1))
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
+    return datasets.Dataset.from_list(rows)
+
+
+def pad_collator(rows):
+    """Right padding: pad id 0, attention 0, label -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def pad(key, value):
+        return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
+
+    return {"input_ids": pad("input_ids", 0), "attention_mask": pad("attention_mask", 0), "labels": pad("labels", -100)}
+
+
+def make_args(tmp_path, **kwargs):
+    defaults = dict(
+        output_dir=str(tmp_path / "out"), per_device_train_batch_size=4, per_device_eval_batch_size=4,
+        num_train_epochs=1, learning_rate=1e-2, logging_steps=1, eval_strategy="no", save_strategy="no",
+        report_to="none", use_cpu=True, seed=0,
+    )
+    defaults.update(kwargs)
+    return DistillConfig(**defaults)
+
+
+def make_trainer(tmp_path, args=None, student=None, teacher=None, train=None, eval_=None, **kwargs):
+    return DistillTrainer(
+        model=student if student is not None else tiny_lm(seed=1),
+        args=args if args is not None else make_args(tmp_path),
+        teacher_model=teacher if teacher is not None else tiny_lm(layers=3, seed=0),
+        train_dataset=train if train is not None else lm_dataset(8),
+        eval_dataset=eval_ if eval_ is not None else lm_dataset(6, seed=1),
+        data_collator=pad_collator,
+        **kwargs,
+    )
+
+
+def snapshot(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+# ---- metrics --------------------------------------------------------------------------------------------------------
+
+
+def naive_lm_metrics(student, labels, teacher, n_bins=15):
+    """Token by token, in float64 numpy."""
+    conf, correct, nll, entropy, agree = [], [], [], [], []
+    for b in range(labels.shape[0]):
+        for i in range(labels.shape[1]):
+            if labels[b, i] == -100:
+                continue
+            z = student[b, i].astype(np.float64)
+            p = np.exp(z - z.max())
+            p /= p.sum()
+            conf.append(p.max())
+            correct.append(float(p.argmax() == labels[b, i]))
+            nll.append(-np.log(p[labels[b, i]]))
+            entropy.append(-(p * np.log(p)).sum())
+            agree.append(float(p.argmax() == teacher[b, i].argmax()))
+    conf, correct = np.array(conf), np.array(correct)
+    ece = 0.0
+    for k in range(n_bins):
+        lo, hi = k / n_bins, (k + 1) / n_bins
+        in_bin = (conf > lo) & (conf <= hi) if k else (conf >= lo) & (conf <= hi)
+        if in_bin.any():
+            ece += in_bin.mean() * abs(correct[in_bin].mean() - conf[in_bin].mean())
+    return {"perplexity": math.exp(np.mean(nll)), "token_accuracy": correct.mean(), "token_ece": ece,
+            "token_entropy": np.mean(entropy), "top1_agreement": np.mean(agree)}
+
+
+def test_lm_metrics_match_a_naive_implementation():
+    rng = np.random.default_rng(0)
+    student = rng.normal(size=(3, 7, 11)) * 2
+    teacher = student + rng.normal(size=(3, 7, 11))
+    labels = rng.integers(0, 11, size=(3, 7))
+    labels[0, :3] = -100
+    labels[2, 5:] = -100
+    got = lm_metrics(torch.tensor(student), torch.tensor(labels), torch.tensor(teacher), n_bins=15)
+    expected = naive_lm_metrics(student, labels, teacher)
+    for key, value in expected.items():
+        assert got[key] == pytest.approx(value, rel=1e-5, abs=1e-6), key
+    assert got["ece_bins"] == 15.0
+    assert "top1_agreement" not in lm_metrics(torch.tensor(student), torch.tensor(labels))
+
+
+def test_preprocessed_statistics_give_the_same_metrics_as_the_logits():
+    """The Trainer path (per-batch statistics, padded with -100 across batches) equals lm_metrics on shifted logits."""
+    from transformers import EvalPrediction
+
+    rng = np.random.default_rng(1)
+    student, teacher = torch.tensor(rng.normal(size=(4, 9, 13))), torch.tensor(rng.normal(size=(4, 9, 13)))
+    labels = torch.tensor(rng.integers(0, 13, size=(4, 9)))
+    labels[1, :4] = -100
+    statistics = preprocess_lm_logits_for_metrics((student, teacher), labels)
+    assert statistics.shape == (4, 9, 5)  # five numbers per token, nothing vocabulary-sized
+    got = make_lm_compute_metrics()(EvalPrediction(predictions=statistics.numpy(), label_ids=labels.numpy()))
+    expected = lm_metrics(student[:, :-1], labels[:, 1:], teacher[:, :-1])
+    assert got == pytest.approx(expected)
+
+
+def test_lm_compute_metrics_rejects_full_logits():
+    from transformers import EvalPrediction
+
+    with pytest.raises(ValueError, match="preprocess_lm_logits_for_metrics"):
+        make_lm_compute_metrics()(EvalPrediction(predictions=np.zeros((2, 5, 64)), label_ids=np.zeros((2, 5))))
+
+
+# ---- training -------------------------------------------------------------------------------------------------------
+
+
+def test_lm_student_trains_teacher_frozen_loss_parts_and_metrics_logged(tmp_path):
+    args = make_args(tmp_path, eval_strategy="epoch")
+    trainer = make_trainer(tmp_path, args=args)
+    student_before = snapshot(trainer.model)
+    teacher = trainer.teacher_model
+    teacher_before = snapshot(teacher)
+    trainer.train()
+    assert any(not torch.equal(student_before[n], p) for n, p in trainer.model.named_parameters())
+    assert all(torch.equal(teacher_before[n], p) for n, p in teacher.named_parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
+    logs = trainer.state.log_history
+    train_logs = [e for e in logs if "loss" in e]
+    assert train_logs and all(math.isfinite(e["loss"]) and "kd_loss" in e and "ce_loss" in e for e in train_logs)
+    evaluation = next(e for e in logs if "eval_perplexity" in e)
+    for key in ("eval_loss", "eval_kd_loss", "eval_ce_loss", "eval_token_accuracy", "eval_token_ece",
+                "eval_token_entropy", "eval_top1_agreement"):
+        assert math.isfinite(evaluation[key]), key
+    assert 1.0 < evaluation["eval_perplexity"] < 10 * VOCAB
+    assert 0.0 <= evaluation["eval_top1_agreement"] <= 1.0
+
+
+@pytest.mark.parametrize("loss_type, beta", [("forward_kl", 0.5), ("reverse_kl", 0.5), ("jsd", 0.3)])
+def test_each_loss_type_trains_and_matches_lm_kd_loss(tmp_path, loss_type, beta):
+    args = make_args(tmp_path, loss_type=loss_type, beta=beta, temperature=2.0, alpha=0.7, max_steps=1)
+    trainer = make_trainer(tmp_path, args=args)
+    batch = pad_collator([trainer.train_dataset[i] for i in range(4)])
+    student, teacher = trainer.model.eval(), trainer.teacher_model
+    with torch.no_grad():
+        got = trainer.compute_loss(student, dict(batch))
+        s, t = student(**{k: v for k, v in batch.items() if k != "labels"}).logits, teacher(
+            input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        expected = lm_kd_loss(s[:, :-1], t[:, :-1], batch["labels"][:, 1:], loss_type, beta, 2.0, 0.7)
+    assert got.item() == pytest.approx(expected.item(), rel=1e-5)
+    trainer.model.train()
+    trainer.train()
+    assert math.isfinite(trainer.state.log_history[-1]["train_loss"])
+
+
+def _one_sgd_step_gradient(tmp_path, batch_size, accumulation, data):
+    args = make_args(
+        tmp_path / f"b{batch_size}", per_device_train_batch_size=batch_size, gradient_accumulation_steps=accumulation,
+        max_steps=1, optim="sgd", learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0,
+        weight_decay=0.0, alpha=0.6, temperature=1.5,
+    )
+    trainer = make_trainer(tmp_path, args=args, train=data)
+    before = snapshot(trainer.model)
+    trainer.train()
+    return {n: before[n] - p.detach() for n, p in trainer.model.named_parameters()}  # lr = 1: the gradient
+
+
+def test_gradient_accumulation_is_exact_with_uneven_completions(tmp_path):
+    """2 micro-batches of 2 give the gradient of one batch of 4, and both are the gradient of the mean over every
+    completion token of the 4 rows (not a mean of per-batch means, not counting position 0)."""
+    data = lm_dataset(4, seed=3, min_len=4, max_len=14)
+    accumulated = _one_sgd_step_gradient(tmp_path, 2, 2, data)
+    whole = _one_sgd_step_gradient(tmp_path, 4, 1, data)
+    student, teacher = tiny_lm(seed=1), tiny_lm(layers=3, seed=0).eval()
+    batch = pad_collator([data[i] for i in range(4)])
+    logits = student(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    lm_kd_loss(logits[:, :-1], teacher_logits[:, :-1], batch["labels"][:, 1:], temperature=1.5, alpha=0.6).backward()
+    reference = {n: p.grad for n, p in student.named_parameters()}
+    for name, grad in reference.items():
+        torch.testing.assert_close(whole[name], grad, atol=2e-5, rtol=1e-4, msg=name)
+        torch.testing.assert_close(accumulated[name], grad, atol=2e-5, rtol=1e-4, msg=name)
+
+
+def test_card_is_text_generation_with_lm_metrics(tmp_path):
+    import yaml
+
+    args = make_args(tmp_path, loss_type="jsd", beta=0.2)
+    trainer = make_trainer(tmp_path, args=args)
+    trainer.train()
+    trainer.evaluate()
+    trainer.save_model()
+    text = (tmp_path / "out" / "README.md").read_text()
+    meta = yaml.safe_load(text.split("---")[1])
+    assert meta["pipeline_tag"] == "text-generation"
+    results = meta["model-index"][0]["results"]
+    assert {r["task"]["type"] for r in results} == {"text-generation"}
+    metric_types = {m["type"] for r in results for m in r["metrics"]}
+    assert {"perplexity", "token_accuracy", "token_ece", "token_entropy", "top1_agreement"} <= metric_types
+    assert meta["hf_kd"]["hyperparameters"]["loss_type"] == "jsd" and meta["hf_kd"]["hyperparameters"]["beta"] == 0.2
+    assert 'pipeline("text-generation"' in text and "Token-level ECE (15 bins)" in text
+    assert pipeline_tag_of(trainer.model) == "text-generation"
+
+
+def test_save_and_resume_gives_the_same_student(tmp_path):
+    """Two steps in one go equal one step, a checkpoint, and a resumed second step."""
+    data = lm_dataset(8, seed=5)
+    straight = make_trainer(tmp_path / "a", args=make_args(tmp_path / "a", max_steps=2), train=data)
+    straight.train()
+    args = make_args(tmp_path / "b", max_steps=2, save_strategy="steps", save_steps=1)
+    first = make_trainer(tmp_path / "b", args=args, train=data)
+    first.train()
+    resumed = make_trainer(tmp_path / "b", args=args, train=data, student=tiny_lm(seed=7))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-1"))
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+@require_peft
+def test_peft_lora_student_trains_its_adapter_only(tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
+    trainer = make_trainer(tmp_path, args=make_args(tmp_path, max_steps=2), peft_config=config)
+    before = snapshot(trainer.model)
+    trainer.train()
+    changed = {n for n, p in trainer.model.named_parameters() if not torch.equal(before[n], p)}
+    assert changed and all("lora_" in n for n in changed)
+    trainer.save_model()
+    assert (tmp_path / "out" / "adapter_config.json").exists()
+    meta = (tmp_path / "out" / "README.md").read_text()
+    assert "pipeline_tag: text-generation" in meta and "library_name: peft" in meta
+
+
+@require_peft
+def test_peft_student_distilled_from_its_own_base_model(tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
+    args = make_args(tmp_path, max_steps=2, teacher_from_base_model=True, eval_strategy="steps", eval_steps=2)
+    trainer = DistillTrainer(model=tiny_lm(seed=1), args=args, train_dataset=lm_dataset(8),
+                             eval_dataset=lm_dataset(4, seed=1), data_collator=pad_collator, peft_config=config)
+    trainer.train()
+    assert trainer.teacher_placement["kind"] == "student_base_model"
+    evaluation = next(e for e in trainer.state.log_history if "eval_top1_agreement" in e)
+    assert evaluation["eval_top1_agreement"] > 0.5  # two small steps away from its base model
+
+
+# ---- bad input ------------------------------------------------------------------------------------------------------
+
+
+def test_different_vocabularies_fail_before_training_naming_both(tmp_path):
+    with pytest.raises(ValueError, match=r"student vocab_size=64.*teacher vocab_size=80"):
+        make_trainer(tmp_path, teacher=tiny_lm(seed=0, vocab_size=80))
+
+
+def test_different_vocabularies_name_the_tokenizers():
+    from hf_kd.teacher import check_lm_vocabularies
+
+    from . import lm_testing_utils
+
+    smol = lm_testing_utils.tokenizer(lm_testing_utils.SMOLLM2)
+    student_config, teacher_config = LlamaConfig(vocab_size=len(smol)), LlamaConfig(vocab_size=len(smol) + 1)
+    with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct', 49152 tokens.*teacher vocab_size=49153"):
+        check_lm_vocabularies(student_config, teacher_config, smol, None)
+    # Same sizes, different tokens: the tokenizers decide.
+    with pytest.raises(ValueError, match="vocabularies differ"):
+        check_lm_vocabularies(student_config, student_config, smol, _SwappedVocab(smol))
+
+
+class _SwappedVocab:
+    """A tokenizer of the same size whose first two tokens have swapped ids."""
+
+    name_or_path = "swapped"
+
+    def __init__(self, tokenizer):
+        self.vocab = dict(tokenizer.get_vocab())
+        (a, i), (b, j) = sorted(self.vocab.items(), key=lambda item: item[1])[:2]
+        self.vocab[a], self.vocab[b] = j, i
+
+    def __len__(self):
+        return len(self.vocab)
+
+    def get_vocab(self):
+        return self.vocab
+
+
+def test_classifier_student_with_lm_data_and_lm_student_with_class_labels(tmp_path):
+    with pytest.raises(ValueError, match="causal-LM data"):
+        DistillTrainer(model=tiny_bert(vocab_size=VOCAB), args=make_args(tmp_path), teacher_model=tiny_bert(),
+                       train_dataset=lm_dataset(4), data_collator=pad_collator)
+    with pytest.raises(ValueError, match="holds one class index per row.*causal LM"):
+        make_trainer(tmp_path, train=tiny_dataset(8, vocab_size=VOCAB))
+
+
+def test_lm_student_with_classifier_teacher_is_an_error(tmp_path):
+    with pytest.raises(ValueError, match="is a causal LM but the teacher.*is not a causal LM"):
+        make_trainer(tmp_path, teacher=tiny_bert(vocab_size=VOCAB))
+
+
+def test_empty_completion_is_an_error_naming_the_row(tmp_path):
+    rows = lm_dataset(4).to_list()
+    rows[2]["labels"] = [-100] * (len(rows[2]["labels"]) - 0)
+    with pytest.raises(ValueError, match="row 2 has an empty completion"):
+        make_trainer(tmp_path, train=datasets.Dataset.from_list(rows))
+    rows[2]["labels"][0] = 5  # the first token is never predicted: still empty
+    with pytest.raises(ValueError, match="row 2 has an empty completion"):
+        make_trainer(tmp_path, train=datasets.Dataset.from_list(rows))
+
+
+def test_token_label_outside_the_vocabulary_is_an_error(tmp_path):
+    rows = lm_dataset(4).to_list()
+    rows[1]["labels"][-1] = VOCAB
+    with pytest.raises(ValueError, match=f"token label {VOCAB} in row 1"):
+        make_trainer(tmp_path, train=datasets.Dataset.from_list(rows))
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"loss_type": "kl"}, "loss_type must be one of ('forward_kl', 'reverse_kl', 'jsd'), got 'kl'"),
+        ({"beta": 1.5}, "beta must be in [0.0, 1.0], got 1.5"),
+        ({"beta": -0.1}, "beta must be in [0.0, 1.0], got -0.1"),
+        ({"alpha": 2.0}, "alpha must be in [0.0, 1.0], got 2.0"),
+        ({"temperature": 0.0}, "temperature must be > 0, got 0.0"),
+        ({"lm_chunk_size": 0}, "lm_chunk_size must be a positive int, got 0"),
+    ],
+)
+def test_config_rejects_out_of_range_values(tmp_path, kwargs, message):
+    with pytest.raises(ValueError, match=message.replace("(", r"\(").replace(")", r"\)").replace("[", r"\[")):
+        make_args(tmp_path, **kwargs)
+
+
+def test_lm_loss_types_are_refused_for_classifiers(tmp_path):
+    with pytest.raises(ValueError, match="loss_type='reverse_kl' is for causal-LM students"):
+        DistillTrainer(model=tiny_bert(), args=make_args(tmp_path, loss_type="reverse_kl"), teacher_model=tiny_bert(),
+                       train_dataset=tiny_dataset(8))
+
+
+def test_teacher_logits_cache_is_not_supported_for_lms_yet(tmp_path):
+    with pytest.raises(ValueError, match="cache_teacher_logits=True is not supported yet for causal-LM students"):
+        make_trainer(tmp_path, args=make_args(tmp_path, cache_teacher_logits=True))
+
+
+# ---- a real model ---------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_smollm2_teacher_into_a_15_layer_student_on_chat_data(tmp_path):
+    from transformers import DataCollatorForSeq2Seq
+
+    from hf_kd.lm_data import lm_chat_dataset, tokenize_lm_dataset
+    from hf_kd.student import make_student
+
+    from . import lm_testing_utils
+
+    tokenizer = lm_testing_utils.tokenizer(lm_testing_utils.SMOLLM2)
+    teacher = lm_testing_utils.model(lm_testing_utils.SMOLLM2)
+    student = make_student(teacher, 15)
+    data = lm_chat_dataset("sentiment", max_words=8)  # prompts of ~60 tokens: the answer fits in 64
+    columns = ["input_ids", "attention_mask", "labels"]
+    with pytest.raises(ValueError, match="both 'labels' \\(token labels\\) and 'label' columns"):
+        DistillTrainer(model=student, args=make_args(tmp_path), teacher_model=lm_testing_utils.SMOLLM2,
+                       train_dataset=tokenize_lm_dataset(data["train"].select(range(2)), tokenizer, max_length=64))
+    train = tokenize_lm_dataset(data["train"].select(range(8)), tokenizer, max_length=64).select_columns(columns)
+    validation = tokenize_lm_dataset(data["validation"].select(range(4)), tokenizer, max_length=64).select_columns(
+        columns
+    )
+    args = make_args(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-5)
+    trainer = DistillTrainer(
+        model=student, args=args, teacher_model=lm_testing_utils.SMOLLM2, train_dataset=train,
+        eval_dataset=validation, processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
+    )
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert all(math.isfinite(e["loss"]) for e in trainer.state.log_history if "loss" in e)
+    assert all(math.isfinite(metrics[f"eval_{m}"]) for m in ("perplexity", "token_ece", "token_entropy"))
+    assert 0.0 <= metrics["eval_top1_agreement"] <= 1.0
+    # The teacher evaluated as its own student: full agreement, and the perplexity of a trained model on one-word
+    # answers, far below the half-depth student's.
+    itself = DistillTrainer(
+        model=copy.deepcopy(teacher), args=make_args(tmp_path / "itself"), teacher_model=lm_testing_utils.SMOLLM2,
+        eval_dataset=validation,
+        train_dataset=train, processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
+    ).evaluate()
+    assert itself["eval_top1_agreement"] == 1.0
+    assert itself["eval_kd_loss"] == pytest.approx(0.0, abs=1e-5)
+    assert 1.0 < itself["eval_perplexity"] < 50 < metrics["eval_perplexity"]
+
+
+def test_pipeline_tag_of_causal_lms_and_their_configs():
+    assert pipeline_tag_of(tiny_lm()) == "text-generation"
+    assert pipeline_tag_of({"architectures": ["Gemma3ForCausalLM"]}) == "text-generation"
+    config = tiny_lm().config
+    config.architectures = ["LlamaForCausalLM"]  # what save_pretrained records
+    assert pipeline_tag_of(config) == "text-generation"
+    assert pipeline_tag_of(tiny_bert()) == "text-classification"
