@@ -30,8 +30,7 @@ from hf_kd import (
 from hf_kd.hub import CALIBRATION_FILENAME, build_eval_results, resolve_hub_id
 
 from .hub_server import HubServer, hub_env, validate_card
-from .test_calibration import expressive_bert, labelled_by_model
-from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
+from .testing_utils import expressive_bert, labelled_by_model, tiny_bert, tiny_dataset, tiny_tokenizer
 
 TOKEN = "hf_hfkdTestSecretToken0123456789abcdefXYZ"
 REPO_ROOT = Path(__file__).resolve().parents[1]

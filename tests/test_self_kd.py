@@ -30,55 +30,19 @@ from hf_kd.self_kd import (
 )
 from hf_kd.trainer.dedier import SAMPLE_INDEX_COLUMN
 
-from .test_early_exit_trainer import exit_logits_of, snapshot, tiny_multi_exit
-from .testing_utils import SHARED_DATA, require_shared_data, tiny_dataset, tiny_tokenizer
-
-LAYERS = 4  # the tiny backbone: exits after layers 1..4
-
-
-def tiny_self_kd_model(seed=1, layers=LAYERS, dropout=0.0, **kwargs):
-    return tiny_multi_exit(seed, layers=layers, classifier_dropout=dropout, **kwargs)
-
-
-def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        num_train_epochs=4,
-        warmup_max_epochs=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
-    defaults.update(kwargs)
-    return SelfKDConfig(**defaults)
-
-
-def eval_with_human(n=16, seed=1):
-    rows = tiny_dataset(n, seed=seed)
-    g = np.random.default_rng(seed)
-    share = g.uniform(0.1, 0.9, size=n)
-    return rows.add_column("human_label_dist", np.stack([share, 1 - share], axis=1).astype(np.float32).tolist())
-
-
-def make_trainer(tmp_path, model=None, args=None, train=None, eval_="default", **kwargs):
-    tokenizer = tiny_tokenizer(tmp_path)
-    return SelfKDTrainer(
-        model=model if model is not None else tiny_self_kd_model(),
-        args=args if args is not None else make_args(tmp_path),
-        train_dataset=train if train is not None else tiny_dataset(32),
-        eval_dataset=eval_with_human() if isinstance(eval_, str) else eval_,
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        **kwargs,
-    )
-
+from .testing_utils import (
+    SELF_KD_LAYERS,
+    SHARED_DATA,
+    eval_with_human,
+    exit_logits_of,
+    make_self_kd_args,
+    make_self_kd_trainer,
+    require_shared_data,
+    snapshot,
+    tiny_dataset,
+    tiny_self_kd_model,
+    tiny_tokenizer,
+)
 
 # ---- the selection rules (hf_kd.self_kd) ---------------------------------------------------------------------------
 
@@ -339,7 +303,7 @@ class TestSelfKDConfig:
     )
     def test_bad_values_are_named(self, tmp_path, kwargs, message):
         with pytest.raises(ValueError) as err:
-            make_args(tmp_path, **kwargs)
+            make_self_kd_args(tmp_path, **kwargs)
         assert message in str(err.value)
 
     def test_command_line(self, tmp_path):
@@ -355,16 +319,16 @@ class TestSelfKDConfig:
     def test_choice_options_are_enums_given_as_strings_or_members(self, tmp_path):
         from hf_kd.trainer.self_kd_config import AmbiguityScore, DistillDivergence, RecalibrationTiming
 
-        args = make_args(tmp_path, distill_divergence="js", ambiguity_score=AmbiguityScore.LOWER_MEAN)
+        args = make_self_kd_args(tmp_path, distill_divergence="js", ambiguity_score=AmbiguityScore.LOWER_MEAN)
         assert args.distill_divergence is DistillDivergence.JS and args.ambiguity_score is AmbiguityScore.LOWER_MEAN
         assert args.recalibration_timing is RecalibrationTiming.END and args.to_dict()["ambiguity_score"] == "lower_mean"
         with pytest.raises(ValueError, match=r"other_exits must be one of \('ce', 'none'\), got 'mse'"):
-            make_args(tmp_path, other_exits="mse")
+            make_self_kd_args(tmp_path, other_exits="mse")
 
     def test_min_train_epochs(self, tmp_path):
-        assert make_args(tmp_path, warmup_max_epochs=3).min_train_epochs == 5
-        assert make_args(tmp_path, warmup_max_epochs=3, recalibration_percent=0).min_train_epochs == 4
-        assert make_args(tmp_path, warmup_max_epochs=3, recalibration_timing="every_epoch").min_train_epochs == 4
+        assert make_self_kd_args(tmp_path, warmup_max_epochs=3).min_train_epochs == 5
+        assert make_self_kd_args(tmp_path, warmup_max_epochs=3, recalibration_percent=0).min_train_epochs == 4
+        assert make_self_kd_args(tmp_path, warmup_max_epochs=3, recalibration_timing="every_epoch").min_train_epochs == 4
 
 
 # ---- trainer ---------------------------------------------------------------------------------------------------------
@@ -373,31 +337,31 @@ class TestSelfKDConfig:
 class TestBadInput:
     def test_no_validation_set(self, tmp_path):
         with pytest.raises(ValueError, match="pass an eval_dataset"):
-            make_trainer(tmp_path, eval_=None)
+            make_self_kd_trainer(tmp_path, eval_=None)
 
     def test_dict_of_eval_sets_needs_a_name(self, tmp_path):
         eval_sets = {"dev": eval_with_human(), "test": eval_with_human(seed=2)}
         with pytest.raises(ValueError, match=r"one of \['dev', 'test'\]; got None"):
-            make_trainer(tmp_path, eval_=eval_sets)
-        trainer = make_trainer(tmp_path, eval_=eval_sets, args=make_args(tmp_path, selection_dataset_name="dev"))
+            make_self_kd_trainer(tmp_path, eval_=eval_sets)
+        trainer = make_self_kd_trainer(tmp_path, eval_=eval_sets, args=make_self_kd_args(tmp_path, selection_dataset_name="dev"))
         assert trainer.selection_dataset is eval_sets["dev"]
         with pytest.raises(ValueError, match="only applies to a dict"):
-            make_trainer(tmp_path, args=make_args(tmp_path, selection_dataset_name="dev"))
+            make_self_kd_trainer(tmp_path, args=make_self_kd_args(tmp_path, selection_dataset_name="dev"))
 
     def test_one_layer_backbone(self, tmp_path):
         with pytest.raises(ValueError, match="a backbone with one layer has nothing below its classifier"):
-            make_trainer(tmp_path, model=tiny_self_kd_model(layers=1))
+            make_self_kd_trainer(tmp_path, model=tiny_self_kd_model(layers=1))
 
     def test_two_exits_need_before_drop(self, tmp_path):
         with pytest.raises(ValueError, match="source_layer_side='after_drop' needs at least 3 exits"):
-            make_trainer(tmp_path, model=tiny_self_kd_model(layers=2))
-        args = make_args(tmp_path, source_layer_side="before_drop", num_train_epochs=4)
-        trainer = make_trainer(tmp_path, model=tiny_self_kd_model(layers=2), args=args)
+            make_self_kd_trainer(tmp_path, model=tiny_self_kd_model(layers=2))
+        args = make_self_kd_args(tmp_path, source_layer_side="before_drop", num_train_epochs=4)
+        trainer = make_self_kd_trainer(tmp_path, model=tiny_self_kd_model(layers=2), args=args)
         trainer.train()
         assert trainer.source_layer == 1
 
     def test_too_few_epochs(self, tmp_path):
-        trainer = make_trainer(tmp_path, args=make_args(tmp_path, num_train_epochs=3))
+        trainer = make_self_kd_trainer(tmp_path, args=make_self_kd_args(tmp_path, num_train_epochs=3))
         with pytest.raises(ValueError, match=r"trains for 3 epochs, fewer than the 4 its phases need"):
             trainer.train()
 
@@ -405,7 +369,7 @@ class TestBadInput:
         from .testing_utils import tiny_bert
 
         with pytest.raises(TypeError, match="trains a multi-exit model"):
-            make_trainer(tmp_path, model=tiny_bert())
+            make_self_kd_trainer(tmp_path, model=tiny_bert())
         with pytest.raises(TypeError, match="args must be a SelfKDConfig"):
             SelfKDTrainer(model=tiny_self_kd_model(), args=None, eval_dataset=eval_with_human())
 
@@ -413,8 +377,8 @@ class TestBadInput:
 class TestPhases:
     def test_losses_of_each_phase(self, tmp_path):
         model = tiny_self_kd_model()
-        args = make_args(tmp_path, kd_lambda=0.3, temperature=2.0)
-        trainer = make_trainer(tmp_path, model=model, args=args)
+        args = make_self_kd_args(tmp_path, kd_lambda=0.3, temperature=2.0)
+        trainer = make_self_kd_trainer(tmp_path, model=model, args=args)
         batch = next(iter(trainer.get_train_dataloader()))
         z, labels = exit_logits_of(model, batch), batch["labels"]
         model.eval()  # no dropout either way; compute_loss reads model.training only for re-calibration
@@ -437,7 +401,7 @@ class TestPhases:
 
     def test_warmup_exit_weights(self, tmp_path):
         model = tiny_self_kd_model()
-        trainer = make_trainer(tmp_path, model=model, args=make_args(tmp_path, warmup_exit_loss_weights="linear"))
+        trainer = make_self_kd_trainer(tmp_path, model=model, args=make_self_kd_args(tmp_path, warmup_exit_loss_weights="linear"))
         assert trainer.warmup_exit_loss_weights == pytest.approx([0.4, 0.8, 1.2, 1.6])  # sum = 4 exits
         batch = next(iter(trainer.get_train_dataloader()))
         z, labels = exit_logits_of(model, batch), batch["labels"]
@@ -445,11 +409,11 @@ class TestPhases:
         expected = sum(w * F.cross_entropy(zi, labels) for w, zi in zip([0.4, 0.8, 1.2, 1.6], z))
         torch.testing.assert_close(trainer.compute_loss(model, dict(batch)), expected)
         with pytest.raises(ValueError, match="has 2 weights but the model has 4 exits"):
-            make_trainer(tmp_path, args=make_args(tmp_path, warmup_exit_loss_weights=[1.0, 2.0]))
+            make_self_kd_trainer(tmp_path, args=make_self_kd_args(tmp_path, warmup_exit_loss_weights=[1.0, 2.0]))
 
     def test_selection_follows_the_logged_curves(self, tmp_path):
-        args = make_args(tmp_path, num_train_epochs=5, warmup_max_epochs=3, recalibration_percent=25)
-        trainer = make_trainer(tmp_path, args=args)
+        args = make_self_kd_args(tmp_path, num_train_epochs=5, warmup_max_epochs=3, recalibration_percent=25)
+        trainer = make_self_kd_trainer(tmp_path, args=args)
         trainer.train()
         record = trainer.layer_entropy
         assert [e["phase"] for e in record["epochs"]][-1] == "recalibrate"
@@ -464,7 +428,7 @@ class TestPhases:
         logged = [h for h in trainer.state.log_history if "val_entropy_layer_1" in h]
         assert len(logged) == 5
         for entry, epoch in zip(logged, record["epochs"]):
-            assert [entry[f"val_entropy_layer_{layer}"] for layer in range(1, LAYERS + 1)] == epoch["entropy"]
+            assert [entry[f"val_entropy_layer_{layer}"] for layer in range(1, SELF_KD_LAYERS + 1)] == epoch["entropy"]
         saved = json.loads((tmp_path / "out" / "self_kd" / "layer_entropy.json").read_text())
         assert saved == json.loads(json.dumps(record))
         assert (tmp_path / "out" / "self_kd" / "layer_entropy.png").stat().st_size > 1000
@@ -475,8 +439,8 @@ class TestPhases:
     def test_warmup_stops_when_stable_or_capped(self, tmp_path, monkeypatch, selections, warmup_epochs):
         picks = iter(selections)
         monkeypatch.setattr(hf_kd.trainer.self_kd_callback, "select_source_exit", lambda *a, **k: next(picks))
-        args = make_args(tmp_path, num_train_epochs=5, warmup_max_epochs=3, recalibration_percent=0)
-        trainer = make_trainer(tmp_path, args=args)
+        args = make_self_kd_args(tmp_path, num_train_epochs=5, warmup_max_epochs=3, recalibration_percent=0)
+        trainer = make_self_kd_trainer(tmp_path, args=args)
         trainer.train()
         assert trainer._self_kd.warmup_epochs == warmup_epochs
         assert trainer.source_exit == selections[warmup_epochs - 1]
@@ -484,8 +448,8 @@ class TestPhases:
 
     def test_recalibration_set_is_the_lowest_ambiguity_of_the_model_at_selection(self, tmp_path):
         # 5 epochs, warm-up 2 (E = 2 of cap 2), self-distillation epochs 3-4, the set selected after epoch 4.
-        args = make_args(tmp_path, num_train_epochs=5, recalibration_percent=25, save_strategy="epoch")
-        trainer = make_trainer(tmp_path, args=args)
+        args = make_self_kd_args(tmp_path, num_train_epochs=5, recalibration_percent=25, save_strategy="epoch")
+        trainer = make_self_kd_trainer(tmp_path, args=args)
         trainer.train()
         assert trainer._self_kd.epoch_phases == ["warmup", "warmup", "distill", "distill", "recalibrate"]
         model = MultiExitForSequenceClassification.from_pretrained(tmp_path / "out" / "checkpoint-16").eval()
@@ -500,15 +464,15 @@ class TestPhases:
         assert sum(recalibrated[-4:]) == pytest.approx(8 / 8)  # 8 of 32 rows, 4 batches of 8: mean 1/4 x 4
 
     def test_every_epoch_reselects_after_the_warmup(self, tmp_path):
-        args = make_args(tmp_path, num_train_epochs=4, recalibration_percent=50, recalibration_timing="every_epoch")
-        trainer = make_trainer(tmp_path, args=args)
+        args = make_self_kd_args(tmp_path, num_train_epochs=4, recalibration_percent=50, recalibration_timing="every_epoch")
+        trainer = make_self_kd_trainer(tmp_path, args=args)
         trainer.train()
         assert trainer._self_kd.epoch_phases == ["warmup", "warmup", "recalibrate", "recalibrate"]
         sizes = [h["recalibration_set_size"] for h in trainer.state.log_history if "recalibration_set_size" in h]
         assert sizes == [16.0, 16.0]  # after epochs 2 and 3; none after the last
 
     def test_without_recalibration_there_is_no_sample_index(self, tmp_path):
-        trainer = make_trainer(tmp_path, args=make_args(tmp_path, recalibration_percent=0))
+        trainer = make_self_kd_trainer(tmp_path, args=make_self_kd_args(tmp_path, recalibration_percent=0))
         assert SAMPLE_INDEX_COLUMN not in trainer.train_dataset.column_names
         trainer.train()
         assert trainer._self_kd.epoch_phases == ["warmup", "warmup", "distill", "distill"]
@@ -517,9 +481,9 @@ class TestPhases:
     def test_other_exits_none_freezes_their_heads(self, tmp_path, monkeypatch):
         monkeypatch.setattr(hf_kd.trainer.self_kd_callback, "select_source_exit", lambda *a, **k: 1)
         model = tiny_self_kd_model()
-        args = make_args(tmp_path, other_exits="none", recalibration_percent=0, weight_decay=0.0,
+        args = make_self_kd_args(tmp_path, other_exits="none", recalibration_percent=0, weight_decay=0.0,
                          save_strategy="epoch")
-        trainer = make_trainer(tmp_path, model=model, args=args)
+        trainer = make_self_kd_trainer(tmp_path, model=model, args=args)
         trainer.train()
         after_warmup = MultiExitForSequenceClassification.from_pretrained(tmp_path / "out" / "checkpoint-8")
         for j in (0, 2):  # neither the source (exit 1) nor the main classifier (exit 3)
@@ -538,12 +502,12 @@ class TestResume:
         # the end of the warm-up (the source layer is selected there), step 16 the selection of the re-calibration
         # set. save_strategy="steps" saves those steps *before* the epoch's end, which the resumed run catches up.
         # Dropout is on: the passes must not shift the random stream.
-        args = make_args(
+        args = make_self_kd_args(
             tmp_path, num_train_epochs=5, recalibration_percent=25, save_strategy=save_strategy, save_steps=4,
             restore_callback_states_from_checkpoint=restore_callbacks,
         )
         model = tiny_self_kd_model(dropout=0.1)
-        uninterrupted = make_trainer(tmp_path, model=model, args=args)
+        uninterrupted = make_self_kd_trainer(tmp_path, model=model, args=args)
         uninterrupted.train()
         final, state = snapshot(model), uninterrupted._self_kd.state()
         assert state["attributes"]["epoch_phases"][-1] == "recalibrate"
@@ -555,7 +519,7 @@ class TestResume:
             assert stored["epochs_done"] == checkpoint // 4 - (save_strategy == "steps")
 
             resumed_model = tiny_self_kd_model(seed=5, dropout=0.1)  # other weights: all must come from the checkpoint
-            resumed = make_trainer(tmp_path, model=resumed_model, args=args)
+            resumed = make_self_kd_trainer(tmp_path, model=resumed_model, args=args)
             resumed.train(resume_from_checkpoint=str(folder))
             assert resumed._self_kd.state() == state
             assert [cb for cb in resumed.callback_handler.callbacks if type(cb).__name__ == "SelfKDCallback"] == [
@@ -572,14 +536,14 @@ class TestResume:
                                report_to="none", use_cpu=True, per_device_train_batch_size=8)
         EarlyExitTrainer(model=tiny_self_kd_model(), args=args, train_dataset=tiny_dataset(32),
                          processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer)).train()
-        trainer = make_trainer(tmp_path)
+        trainer = make_self_kd_trainer(tmp_path)
         with pytest.raises(ValueError, match="not saved by a SelfKDTrainer"):
             trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
 
     def test_other_training_data_is_an_error(self, tmp_path):
-        args = make_args(tmp_path, num_train_epochs=4, save_strategy="epoch")
-        make_trainer(tmp_path, args=args).train()
-        trainer = make_trainer(tmp_path, args=args, train=tiny_dataset(24))
+        args = make_self_kd_args(tmp_path, num_train_epochs=4, save_strategy="epoch")
+        make_self_kd_trainer(tmp_path, args=args).train()
+        trainer = make_self_kd_trainer(tmp_path, args=args, train=tiny_dataset(24))
         with pytest.raises(ValueError, match="for 32 training samples, but this run has 24"):
             trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-8"))
 
@@ -619,8 +583,8 @@ class TestMetricsAndCard:
         assert "| 1 | warmup | **0.5000** | 0.2500 |" in layer_selection_table(good)
 
     def test_evaluation_and_card_report_the_method(self, tmp_path):
-        args = make_args(tmp_path, eval_strategy="epoch")
-        trainer = make_trainer(tmp_path, args=args)
+        args = make_self_kd_args(tmp_path, eval_strategy="epoch")
+        trainer = make_self_kd_trainer(tmp_path, args=args)
         trainer.train()
         assert list(trainer.latest_eval_metrics()) == ["eval"]
         metrics = trainer.latest_eval_metrics()["eval"]
@@ -655,7 +619,7 @@ def test_real_minilm_on_lewidi_rows(tmp_path):
     train = tokenize_dataset(load_lewidi(SHARED_DATA, split="train").select(range(40)), tokenizer, max_length=24)
     dev = tokenize_dataset(load_lewidi(SHARED_DATA, split="dev").select(range(16)), tokenizer, max_length=24)
     model = MultiExitForSequenceClassification.from_backbone(name, num_labels=2)
-    args = make_args(tmp_path, num_train_epochs=4, learning_rate=5e-5, per_device_train_batch_size=20,
+    args = make_self_kd_args(tmp_path, num_train_epochs=4, learning_rate=5e-5, per_device_train_batch_size=20,
                      per_device_eval_batch_size=40, eval_strategy="epoch")
     trainer = SelfKDTrainer(model=model, args=args, train_dataset=train.remove_columns("human_label_dist"),
                             eval_dataset=dev, processing_class=tokenizer)
