@@ -1,6 +1,7 @@
-"""The per-exit Laplace inside both multi-exit models: fit from dataloaders, per-exit probabilities,
-`predict_with_exits(link_approx=...)` against the offline simulation, save/load (Auto classes, trust_remote_code) and
-bad input."""
+"""The per-exit Laplace inside both multi-exit models (`ExitLaplaceMixin` of hf_kd/modeling/exit_laplace.py): fit
+from dataloaders, per-exit probabilities, `predict_with_exits(link_approx=...)` against the offline simulation,
+save/load (Auto classes, trust_remote_code) and bad input. Apart from tests/test_exit_laplace.py, whose autouse
+fixture runs every test in float64: these run the models in their default float32."""
 
 import json
 import re
