@@ -1,7 +1,9 @@
 """Bad input across the public API and the `hf-kd` CLI: wrong types, empty data, labels out of range, NaN/inf in
 (teacher) logits, mismatched lengths. Each case asserts the exception type and that the message names the bad value
 (and, where there is one, the row). The matrix of entry points x categories, and which test covers each cell, is in
-docs/hardening.md ("Bad input across the public API")."""
+docs/hardening.md ("Bad input across the public API"). Cross-cutting on purpose (one matrix over every module); the
+trainers come from the factories of tests/testing_utils.py, the saved model from the `model_dir` fixture of
+tests/conftest.py."""
 
 import json
 import re

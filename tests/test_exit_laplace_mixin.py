@@ -179,14 +179,12 @@ def test_trainer_fit_evaluate_save_and_card(tmp_path):
     from hf_kd.metrics import expected_calibration_error, negative_log_likelihood
     from hf_kd.trainer.full_pass import plain_loader
 
-    from .test_early_exit_trainer import make_args
-    from .test_early_exit_trainer import tiny_eval_multi_exit as trainer_model
-    from .testing_utils import tiny_dataset, tiny_tokenizer
+    from .testing_utils import make_early_exit_args, tiny_dataset, tiny_multi_exit, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(tmp_path)
     train, validation, test = tiny_dataset(32), tiny_dataset(16, seed=1), tiny_dataset(24, seed=2)
     trainer = EarlyExitTrainer(
-        model=trainer_model(), args=make_args(tmp_path, eval_strategy="no"), train_dataset=train,
+        model=tiny_multi_exit(), args=make_early_exit_args(tmp_path, eval_strategy="no"), train_dataset=train,
         eval_dataset=validation, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
     )
     trainer.train()

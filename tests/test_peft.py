@@ -254,7 +254,7 @@ class TestBaseModelTeacher:
     def test_untrained_head_without_bias_is_found_from_the_loading_marks(self, tmp_path):
         from transformers import GPT2ForSequenceClassification, GPT2Model
 
-        from .test_calibration import tiny_gpt2
+        from .testing_utils import tiny_gpt2
 
         GPT2Model(tiny_gpt2().config).save_pretrained(tmp_path / "gpt2")
         model = GPT2ForSequenceClassification.from_pretrained(tmp_path / "gpt2", num_labels=2)

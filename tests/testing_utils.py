@@ -94,6 +94,15 @@ def snapshot(model) -> dict[str, torch.Tensor]:
     return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
+def tiny_gpt2():
+    """A 1-layer GPT-2 sequence classifier in eval mode (a decoder whose head is `score`, without bias)."""
+    from transformers import GPT2Config, GPT2ForSequenceClassification
+
+    torch.manual_seed(0)
+    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, n_positions=64, pad_token_id=0, num_labels=2)
+    return GPT2ForSequenceClassification(config).eval()
+
+
 def expressive_bert(seed=0, **kwargs):
     """A tiny BERT whose logits vary across inputs (std ~3 with initializer_range 0.5; ~1e-4 with the default 0.02)."""
     return tiny_bert(seed=seed, initializer_range=0.5, **kwargs)
