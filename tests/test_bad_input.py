@@ -1,7 +1,9 @@
 """Bad input across the public API and the `hf-kd` CLI: wrong types, empty data, labels out of range, NaN/inf in
 (teacher) logits, mismatched lengths. Each case asserts the exception type and that the message names the bad value
 (and, where there is one, the row). The matrix of entry points x categories, and which test covers each cell, is in
-docs/hardening.md ("Bad input across the public API")."""
+docs/hardening.md ("Bad input across the public API"). Cross-cutting on purpose (one matrix over every module); the
+trainers come from the factories of tests/testing_utils.py, the saved model from the `model_dir` fixture of
+tests/conftest.py."""
 
 import json
 import re
@@ -19,13 +21,15 @@ from hf_kd.cli import main
 from hf_kd.metrics import make_compute_metrics, make_exit_compute_metrics
 from hf_kd.teacher import TEACHER_LOGITS_COLUMN
 
-from .test_cli import model_dir  # noqa: F401 (the fixture: a saved 2-label tiny BERT and its tokenizer)
-from .test_distill_trainer import make_args as distill_args
-from .test_distill_trainer import make_trainer as distill_trainer
-from .test_early_exit_trainer import make_args as early_exit_args
-from .test_early_exit_trainer import make_trainer as early_exit_trainer
-from .test_self_kd import make_trainer as self_kd_trainer
-from .testing_utils import tiny_bert, tiny_dataset
+from .testing_utils import (
+    make_distill_args,
+    make_distill_trainer,
+    make_early_exit_args,
+    make_early_exit_trainer,
+    make_self_kd_trainer,
+    tiny_bert,
+    tiny_dataset,
+)
 
 NAN, INF = float("nan"), float("inf")
 LOGITS = torch.tensor([[1.0, 0.0, -1.0], [0.5, 0.2, 0.1], [0.0, 2.0, 0.0], [-1.0, 0.0, 3.0]])
@@ -155,10 +159,10 @@ def teacher_logits_column(dataset, row=None, value=NAN, width=2):
 
 def build(trainer, tmp_path, **datasets):
     if trainer == "distill":
-        return distill_trainer(tmp_path, tiny_bert(seed=0), args=distill_args(tmp_path), **datasets)
+        return make_distill_trainer(tmp_path, tiny_bert(seed=0), args=make_distill_args(tmp_path), **datasets)
     if trainer == "early_exit":
-        return early_exit_trainer(tmp_path, **datasets)
-    return self_kd_trainer(tmp_path, **datasets)
+        return make_early_exit_trainer(tmp_path, **datasets)
+    return make_self_kd_trainer(tmp_path, **datasets)
 
 
 LABEL_RANGE = r"labels must be in \[0, 2\) \(the student's num_labels\) or -100 \(ignored\)"
@@ -212,10 +216,10 @@ def test_teacher_logits_column(tmp_path, trainer, case):
     eval_ = teacher_logits_column(tiny_dataset(8, seed=1))
     if trainer == "distill":
         def make():
-            distill_trainer(tmp_path, None, args=distill_args(tmp_path), train=column(tiny_dataset(16)), eval_=eval_)
+            make_distill_trainer(tmp_path, None, args=make_distill_args(tmp_path), train=column(tiny_dataset(16)), eval_=eval_)
     else:
         def make():
-            early_exit_trainer(tmp_path, args=early_exit_args(tmp_path, distill_from="teacher"),
+            make_early_exit_trainer(tmp_path, args=make_early_exit_args(tmp_path, distill_from="teacher"),
                                train=column(tiny_dataset(16)), eval_=eval_)
     with pytest.raises(ValueError, match=TEACHER_COLUMN_CASES[case][1]):
         make()

@@ -17,7 +17,7 @@ from hf_kd.calibration import (
 )
 from hf_kd.evaluation import compute_logits
 
-from .testing_utils import tiny_bert, tiny_dataset
+from .testing_utils import expressive_bert, labelled_by_model, tiny_bert, tiny_dataset, tiny_gpt2
 
 
 def synthetic(n=20000, k=3, true_temperature=2.5, scale=3.0, seed=0):
@@ -26,20 +26,6 @@ def synthetic(n=20000, k=3, true_temperature=2.5, scale=3.0, seed=0):
     logits = torch.randn(n, k, generator=g, dtype=torch.float64) * scale
     labels = torch.multinomial(torch.softmax(logits / true_temperature, dim=1), 1, generator=g).squeeze(1)
     return logits, labels
-
-
-def expressive_bert(seed=0, **kwargs):
-    """A tiny BERT whose logits vary across inputs (std ~3 with initializer_range 0.5; ~1e-4 with the default 0.02)."""
-    return tiny_bert(seed=seed, initializer_range=0.5, **kwargs)
-
-
-def labelled_by_model(model, n, true_temperature, seed):
-    """Tiny data whose labels are drawn from softmax(model logits / T_true): the model is over-confident by T_true."""
-    dataset = tiny_dataset(n, seed=seed)
-    logits = compute_logits(model, dataset)
-    g = torch.Generator().manual_seed(seed)
-    labels = torch.multinomial(torch.softmax(logits / true_temperature, dim=1), 1, generator=g).squeeze(1)
-    return dataset.remove_columns("label").add_column("label", labels.tolist())
 
 
 class TestFitTemperature:
@@ -225,14 +211,6 @@ def tiny_roberta():
     config = RobertaConfig(vocab_size=99, hidden_size=32, num_hidden_layers=1, num_attention_heads=4,
                            intermediate_size=37, max_position_embeddings=80, pad_token_id=1, num_labels=3)
     return RobertaForSequenceClassification(config).eval()
-
-
-def tiny_gpt2():
-    from transformers import GPT2Config, GPT2ForSequenceClassification
-
-    torch.manual_seed(0)
-    config = GPT2Config(vocab_size=99, n_embd=32, n_layer=1, n_head=4, n_positions=64, pad_token_id=0, num_labels=2)
-    return GPT2ForSequenceClassification(config).eval()
 
 
 class TestFoldTemperature:

@@ -10,8 +10,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
 from hf_kd.cli import main
 
-from .test_calibration import expressive_bert
-from .testing_utils import WORDS, tiny_tokenizer
+from .testing_utils import WORDS, expressive_bert, tiny_tokenizer
 
 
 def folder_digest(folder):
@@ -30,14 +29,6 @@ def write_jsonl(path, n, seed, model_dir, labels=True):
         for text, label in zip(texts, drawn):
             f.write(json.dumps({"text": text, "label": label} if labels else {"text": text}) + "\n")
     return path
-
-
-@pytest.fixture
-def model_dir(tmp_path):
-    folder = tmp_path / "model"
-    expressive_bert().save_pretrained(folder)
-    tiny_tokenizer(tmp_path).save_pretrained(folder)
-    return folder
 
 
 @pytest.fixture

@@ -27,7 +27,8 @@ from hf_kd.data import (
 )
 from hf_kd.offline_models import locate_package_file
 
-SHARED_DATA = Path(__file__).resolve().parents[1].parent / "shared" / "data"
+from .testing_utils import SHARED_DATA
+
 require_shared_data = pytest.mark.skipif(
     not SHARED_DATA.is_dir(), reason=f"needs the shared data folder {SHARED_DATA}"
 )

@@ -20,19 +20,18 @@ from hf_kd.metrics import group_accuracies
 from hf_kd.teacher import TEACHER_LOGITS_COLUMN
 from hf_kd.trainer.dedier import SAMPLE_INDEX_COLUMN, DedierReadout, with_sample_index
 
-from .test_early_exit_trainer import NUM_EXITS, exit_logits_of, make_args, make_trainer, snapshot, tiny_multi_exit
-from .testing_utils import tiny_bert, tiny_dataset
-
-
-def dedier_args(tmp_path, **kwargs):
-    # A readout lr well above the student's, so that one readout epoch over 32 rows separates them a little.
-    defaults = dict(distill_from="teacher", dedier=True, dedier_readout_lr=1e-2, eval_strategy="no")
-    defaults.update(kwargs)
-    return make_args(tmp_path, **defaults)
-
-
-def dedier_trainer(tmp_path, model=None, **kwargs):
-    return make_trainer(tmp_path, model=model, args=dedier_args(tmp_path, **kwargs), teacher=tiny_bert(seed=7))
+from .testing_utils import (
+    NUM_EXITS,
+    exit_logits_of,
+    make_dedier_args,
+    make_dedier_trainer,
+    make_early_exit_args,
+    make_early_exit_trainer,
+    snapshot,
+    tiny_bert,
+    tiny_dataset,
+    tiny_multi_exit,
+)
 
 
 def train_features(trainer, model, layer=1):
@@ -111,8 +110,8 @@ class TestSampleWeightedLoss:
 
     def test_training_loss_weights_every_exit_and_evaluation_does_not(self, tmp_path):
         model, teacher = tiny_multi_exit(), tiny_bert(seed=7)
-        args = dedier_args(tmp_path, exit_loss_weights=[1.0, 2.0, 5.0], temperature=3.0, alpha=0.3)
-        trainer = make_trainer(tmp_path, model=model, args=args, teacher=teacher)
+        args = make_dedier_args(tmp_path, exit_loss_weights=[1.0, 2.0, 5.0], temperature=3.0, alpha=0.3)
+        trainer = make_early_exit_trainer(tmp_path, model=model, args=args, teacher=teacher)
         trainer._dedier.weights = 1.0 + torch.arange(32, dtype=torch.float32) / 4
         batch = next(iter(trainer.get_train_dataloader()))
         w = trainer._dedier.weights[batch[SAMPLE_INDEX_COLUMN]]
@@ -178,10 +177,10 @@ class TestDedierConfig:
 
     def test_layer_beyond_the_model_is_an_error(self, tmp_path):
         with pytest.raises(ValueError, match=r"dedier_layer=4 is beyond the model's last layer 3 .* valid: 1\.\.3"):
-            dedier_trainer(tmp_path, dedier_layer=4)
+            make_dedier_trainer(tmp_path, dedier_layer=4)
 
     def test_sample_index(self, tmp_path):
-        trainer = dedier_trainer(tmp_path)
+        trainer = make_dedier_trainer(tmp_path)
         assert trainer.train_dataset[SAMPLE_INDEX_COLUMN] == list(range(32))
         shuffled = tiny_dataset(4).add_column(SAMPLE_INDEX_COLUMN, [2, 0, 3, 1])
         assert with_sample_index(shuffled) is shuffled
@@ -210,7 +209,7 @@ class TestReadout:
                 trained.append(self)
 
         monkeypatch.setattr(hf_kd.trainer.dedier, "DedierReadout", Spy)
-        trainer = dedier_trainer(tmp_path, seed=11)
+        trainer = make_dedier_trainer(tmp_path, seed=11)
         rng = torch.get_rng_state()
         trainer._dedier.reweigh()
         trainer._dedier.reweigh()
@@ -225,7 +224,7 @@ class TestReadout:
         assert not torch.equal(trained[1].classifier.weight, inits[1]["classifier.weight"].to(torch.float32))
 
     def test_misread_samples_upweighted_others_untouched(self, tmp_path):
-        trainer = dedier_trainer(tmp_path, dedier_alpha=0.5, dedier_beta=2.0)
+        trainer = make_dedier_trainer(tmp_path, dedier_alpha=0.5, dedier_beta=2.0)
         callback = trainer._dedier
         before = 1.0 + torch.arange(32, dtype=torch.float32) / 10  # as if earlier epochs had set them
         callback.weights = before.clone()
@@ -249,7 +248,7 @@ class TestDedierTraining:
     def test_training_reweighs_after_every_epoch_but_the_last(self, tmp_path):
         model = tiny_multi_exit()
         before = snapshot(model)
-        trainer = dedier_trainer(tmp_path, model=model, num_train_epochs=3)
+        trainer = make_dedier_trainer(tmp_path, model=model, num_train_epochs=3)
         trainer.train()
         reweighs = [h for h in trainer.state.log_history if "dedier_mean_weight" in h]
         assert [h["epoch"] for h in reweighs] == [1.0, 2.0]
@@ -264,8 +263,8 @@ class TestDedierTraining:
         for dedier in (False, True):
             models[dedier] = tiny_multi_exit()
             extra = {"dedier_beta": 0.0, "dedier_readout_lr": 1e-2} if dedier else {"dedier_readout_lr": None}
-            args = dedier_args(tmp_path / str(dedier), num_train_epochs=2, dedier=dedier, **extra)
-            make_trainer(tmp_path, model=models[dedier], args=args, teacher=tiny_bert(seed=7)).train()
+            args = make_dedier_args(tmp_path / str(dedier), num_train_epochs=2, dedier=dedier, **extra)
+            make_early_exit_trainer(tmp_path, model=models[dedier], args=args, teacher=tiny_bert(seed=7)).train()
         for name, param in models[True].named_parameters():
             torch.testing.assert_close(param, models[False].state_dict()[name], atol=0, rtol=0, msg=name)
 
@@ -276,7 +275,7 @@ class TestDedierTraining:
         # rebuild. "steps" saves at step 8 *before* the epoch-2 re-weighting, which the resumed run must catch up;
         # "epoch" saves after it. Trainer's own callback restoration (restore_callback_states_from_checkpoint) must
         # neither be needed nor get in the way.
-        args = dedier_args(
+        args = make_dedier_args(
             tmp_path,
             num_train_epochs=4,
             save_strategy=save_strategy,
@@ -284,7 +283,7 @@ class TestDedierTraining:
             restore_callback_states_from_checkpoint=restore_callbacks,
         )
         model = tiny_multi_exit()
-        uninterrupted = make_trainer(tmp_path, model=model, args=args, teacher=tiny_bert(seed=7))
+        uninterrupted = make_early_exit_trainer(tmp_path, model=model, args=args, teacher=tiny_bert(seed=7))
         uninterrupted.train()
         final, final_weights = snapshot(model), uninterrupted.dedier_weights.clone()
         assert uninterrupted._dedier.num_reweighs == 3
@@ -295,7 +294,7 @@ class TestDedierTraining:
         assert stored["attributes"]["num_reweighs"] == (2 if save_strategy == "epoch" else 1)
 
         resumed_model = tiny_multi_exit(seed=5)  # other weights: everything must come from the checkpoint
-        resumed = make_trainer(tmp_path, model=resumed_model, args=args, teacher=tiny_bert(seed=7))
+        resumed = make_early_exit_trainer(tmp_path, model=resumed_model, args=args, teacher=tiny_bert(seed=7))
         resumed.train(resume_from_checkpoint=str(checkpoint))
         assert resumed.state.global_step == 16 and resumed._dedier.num_reweighs == 3
         assert [cb for cb in resumed.callback_handler.callbacks if type(cb).__name__ == "DedierCallback"] == [
@@ -306,11 +305,11 @@ class TestDedierTraining:
             torch.testing.assert_close(param, final[name], atol=0, rtol=0, msg=name)
 
     def test_resuming_a_checkpoint_without_dedier_state_is_an_error(self, tmp_path):
-        args = make_args(
+        args = make_early_exit_args(
             tmp_path, distill_from="teacher", max_steps=1, save_strategy="steps", save_steps=1, eval_strategy="no"
         )
-        make_trainer(tmp_path, args=args, teacher=tiny_bert(seed=7)).train()
-        trainer = dedier_trainer(tmp_path, max_steps=2)
+        make_early_exit_trainer(tmp_path, args=args, teacher=tiny_bert(seed=7)).train()
+        trainer = make_dedier_trainer(tmp_path, max_steps=2)
         with pytest.raises(ValueError, match="not saved by a dedier=True run"):
             trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
 
@@ -366,7 +365,7 @@ class TestImageFeatures:
     @pytest.mark.parametrize("layer, channels", [(1, 4), (2, 8)])
     def test_feature_maps_feed_a_conv_readout(self, tmp_path, layer, channels):
         model = TinyImageMultiExit()
-        args = dedier_args(
+        args = make_dedier_args(
             tmp_path, num_train_epochs=2, dedier_layer=layer, dedier_readout_optimizer="sgd", eval_strategy="epoch"
         )
         trainer = EarlyExitTrainer(
@@ -402,7 +401,7 @@ class TestImageFeatures:
 
         trainer = EarlyExitTrainer(
             model=NoExits(),
-            args=dedier_args(tmp_path),
+            args=make_dedier_args(tmp_path),
             train_dataset=tiny_images(8),
             data_collator=DefaultDataCollator(),
         )
@@ -447,7 +446,7 @@ class TestGroupMetrics:
 
     def test_trainer_reports_group_metrics_without_dedier(self, tmp_path):
         evaluation_set = tiny_dataset(16, seed=1).add_column("group", [i % 3 for i in range(16)])
-        trainer = make_trainer(tmp_path, eval_=evaluation_set)
+        trainer = make_early_exit_trainer(tmp_path, eval_=evaluation_set)
         metrics = trainer.evaluate()
         predictions = trainer.predict(evaluation_set)
         labels = np.array(evaluation_set["label"])

@@ -7,48 +7,18 @@ from transformers import DataCollatorWithPadding
 
 import hf_kd.data
 import hf_kd.teacher
-from hf_kd import DistillConfig, DistillTrainer, kd_loss
+from hf_kd import DistillConfig, kd_loss
 from hf_kd.teacher import TEACHER_LOGITS_COLUMN, build_token_id_map
 
-from .testing_utils import WORDS, tiny_bert, tiny_dataset, tiny_tokenizer
-
-
-def make_args(tmp_path, config_class=DistillConfig, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        num_train_epochs=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        eval_strategy="epoch",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        teacher_logits_cache_dir=str(tmp_path / "cache"),
-    )
-    defaults.update(kwargs)
-    return config_class(**defaults)
-
-
-def make_trainer(tmp_path, teacher, args=None, student=None, train=None, eval_=None, trainer_class=DistillTrainer,
-                 **kwargs):
-    tokenizer = kwargs.pop("processing_class", tiny_tokenizer(tmp_path))
-    return trainer_class(
-        model=student if student is not None else tiny_bert(seed=1),
-        args=args if args is not None else make_args(tmp_path),
-        teacher_model=teacher,
-        train_dataset=train if train is not None else tiny_dataset(32),
-        eval_dataset=eval_ if eval_ is not None else tiny_dataset(16, seed=1),
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        **kwargs,
-    )
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
+from .testing_utils import (
+    WORDS,
+    make_distill_args,
+    make_distill_trainer,
+    snapshot,
+    tiny_bert,
+    tiny_dataset,
+    tiny_tokenizer,
+)
 
 
 class TestDistillConfig:
@@ -86,7 +56,7 @@ class TestDistillTrainer:
         teacher.train()  # the trainer must put it in eval mode
         teacher_before, student = snapshot(teacher), tiny_bert(seed=1)
         student_before = snapshot(student)
-        trainer = make_trainer(tmp_path, teacher, student=student)
+        trainer = make_distill_trainer(tmp_path, teacher, student=student)
         trainer.train()
 
         assert not trainer.teacher_model.training
@@ -106,8 +76,8 @@ class TestDistillTrainer:
 
     def test_loss_is_kd_loss(self, tmp_path):
         teacher, student = tiny_bert(seed=7), tiny_bert(seed=1)
-        args = make_args(tmp_path, temperature=3.0, alpha=0.3)
-        trainer = make_trainer(tmp_path, teacher, args=args, student=student)
+        args = make_distill_args(tmp_path, temperature=3.0, alpha=0.3)
+        trainer = make_distill_trainer(tmp_path, teacher, args=args, student=student)
         batch = next(iter(trainer.get_train_dataloader()))
         labels = batch["labels"]
         loss = trainer.compute_loss(student, dict(batch))
@@ -122,12 +92,12 @@ class TestDistillTrainer:
         results = []
         for batch_size, accumulation in [(8, 1), (4, 2)]:
             student = tiny_bert(seed=1)
-            args = make_args(
+            args = make_distill_args(
                 tmp_path / f"bs{batch_size}", per_device_train_batch_size=batch_size,
                 gradient_accumulation_steps=accumulation, optim="sgd", learning_rate=0.5, max_steps=1,
                 eval_strategy="no", lr_scheduler_type="constant",
             )
-            make_trainer(tmp_path, tiny_bert(seed=7), args=args, student=student, train=data).train()
+            make_distill_trainer(tmp_path, tiny_bert(seed=7), args=args, student=student, train=data).train()
             results.append(snapshot(student))
         for name in results[0]:
             torch.testing.assert_close(results[0][name], results[1][name], atol=1e-5, rtol=1e-4)
@@ -137,18 +107,18 @@ class TestDistillTrainer:
         train = train.add_column(TEACHER_LOGITS_COLUMN, [[2.0, -2.0]] * len(train))
         eval_ = tiny_dataset(8, seed=1)
         eval_ = eval_.add_column(TEACHER_LOGITS_COLUMN, [[2.0, -2.0]] * len(eval_))
-        trainer = make_trainer(tmp_path, None, train=train, eval_=eval_)
+        trainer = make_distill_trainer(tmp_path, None, train=train, eval_=eval_)
         trainer.train()
         assert trainer.teacher_model is None
         assert trainer.state.log_history[-1]["train_loss"] > 0
 
     def test_no_teacher_at_all_is_an_error(self, tmp_path):
         with pytest.raises(ValueError, match="needs a teacher"):
-            make_trainer(tmp_path, None)
+            make_distill_trainer(tmp_path, None)
 
     def test_cached_run_never_loads_teacher(self, tmp_path, monkeypatch):
         teacher = tiny_bert(seed=7)
-        first = make_trainer(tmp_path, teacher, args=make_args(tmp_path, cache_teacher_logits=True))
+        first = make_distill_trainer(tmp_path, teacher, args=make_distill_args(tmp_path, cache_teacher_logits=True))
         files = list((tmp_path / "cache").glob("*.safetensors"))
         assert len(files) == 2  # train and eval splits
         cached = torch.tensor(first.train_dataset[TEACHER_LOGITS_COLUMN])
@@ -163,36 +133,36 @@ class TestDistillTrainer:
             raise AssertionError("the teacher was loaded although its logits were cached")
 
         monkeypatch.setattr(hf_kd.trainer.teacher_mixin, "load_teacher", fail)
-        second = make_trainer(tmp_path, teacher, args=make_args(tmp_path, cache_teacher_logits=True))
+        second = make_distill_trainer(tmp_path, teacher, args=make_distill_args(tmp_path, cache_teacher_logits=True))
         second.train()
         assert second.teacher_model is None
         assert "eval_sigma" in next(h for h in second.state.log_history if "eval_loss" in h)
 
     def test_cache_key_changes_with_teacher_weights(self, tmp_path):
-        make_trainer(tmp_path, tiny_bert(seed=7), args=make_args(tmp_path, cache_teacher_logits=True))
-        make_trainer(tmp_path, tiny_bert(seed=8), args=make_args(tmp_path, cache_teacher_logits=True))
+        make_distill_trainer(tmp_path, tiny_bert(seed=7), args=make_distill_args(tmp_path, cache_teacher_logits=True))
+        make_distill_trainer(tmp_path, tiny_bert(seed=8), args=make_distill_args(tmp_path, cache_teacher_logits=True))
         assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 4
 
     def test_corrupt_cache_file_is_an_error(self, tmp_path):
         teacher = tiny_bert(seed=7)
-        make_trainer(tmp_path, teacher, args=make_args(tmp_path, cache_teacher_logits=True))
+        make_distill_trainer(tmp_path, teacher, args=make_distill_args(tmp_path, cache_teacher_logits=True))
         for path in (tmp_path / "cache").glob("*.safetensors"):
             path.write_bytes(path.read_bytes()[:40])
         with pytest.raises(ValueError, match="unreadable"):
-            make_trainer(tmp_path, teacher, args=make_args(tmp_path, cache_teacher_logits=True))
+            make_distill_trainer(tmp_path, teacher, args=make_distill_args(tmp_path, cache_teacher_logits=True))
 
     def test_teacher_from_path(self, tmp_path):
         teacher = tiny_bert(seed=7)
         teacher.save_pretrained(tmp_path / "teacher")
         tiny_tokenizer(tmp_path).save_pretrained(tmp_path / "teacher")
-        args = make_args(tmp_path, teacher_model_name_or_path=str(tmp_path / "teacher"), cache_teacher_logits=True)
-        trainer = make_trainer(tmp_path, None, args=args)
+        args = make_distill_args(tmp_path, teacher_model_name_or_path=str(tmp_path / "teacher"), cache_teacher_logits=True)
+        trainer = make_distill_trainer(tmp_path, None, args=args)
         trainer.train()
         assert trainer.teacher_model is not None and not trainer.teacher_model.training
 
     def test_teacher_folder_without_tokenizer(self, tmp_path):
         tiny_bert(seed=7).save_pretrained(tmp_path / "teacher")
-        trainer = make_trainer(tmp_path, str(tmp_path / "teacher"))
+        trainer = make_distill_trainer(tmp_path, str(tmp_path / "teacher"))
         assert trainer.teacher_model is not None  # online teacher, loaded at init
 
     @pytest.mark.parametrize("teacher", ["outputs/teacher-l6-rotten_tomatoes", "outputs/no/such/teacher"])
@@ -200,31 +170,31 @@ class TestDistillTrainer:
         # A path `make demo` does not create (it writes outputs/main_job/teacher) used to fail with transformers'
         # "couldn't connect to huggingface.co" (or "Repo id must be in the form ...") without naming it.
         monkeypatch.chdir(tmp_path)
-        args = make_args(tmp_path, teacher_model_name_or_path=teacher,
+        args = make_distill_args(tmp_path, teacher_model_name_or_path=teacher,
                          teacher_model_init_kwargs={"local_files_only": True})
         with pytest.raises(FileNotFoundError) as error:
-            make_trainer(tmp_path, None, args=args)
+            make_distill_trainer(tmp_path, None, args=args)
         message = str(error.value)
         assert f"Teacher '{teacher}' is neither a local folder nor a Hub id reachable now" in message
         assert "`make demo`, which writes outputs/main_job/teacher" in message
         assert "trainers/distill.py --method erm" in message
 
     def test_init_kwargs_with_built_teacher_is_an_error(self, tmp_path):
-        args = make_args(tmp_path, teacher_model_init_kwargs={"revision": "main"})
+        args = make_distill_args(tmp_path, teacher_model_init_kwargs={"revision": "main"})
         with pytest.raises(ValueError, match="already built teacher"):
-            make_trainer(tmp_path, tiny_bert(seed=7), args=args)
+            make_distill_trainer(tmp_path, tiny_bert(seed=7), args=args)
 
 
 class TestTeacherCompatibility:
     def test_label_space_mismatch(self, tmp_path):
         with pytest.raises(ValueError, match="student predicts 2 labels but the teacher predicts 3"):
-            make_trainer(tmp_path, tiny_bert(num_labels=3, seed=7))
+            make_distill_trainer(tmp_path, tiny_bert(num_labels=3, seed=7))
 
     def test_label_names_mismatch(self, tmp_path):
         teacher = tiny_bert(seed=7, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
         student = tiny_bert(seed=1, id2label={0: "pos", 1: "neg"}, label2id={"pos": 0, "neg": 1})
         with pytest.raises(ValueError, match="order their labels differently"):
-            make_trainer(tmp_path, teacher, student=student)
+            make_distill_trainer(tmp_path, teacher, student=student)
 
     def test_label_names_differ_says_names_not_order(self, tmp_path):
         # Same order (0 first), other names: the message says which names differ, not that the order does.
@@ -232,7 +202,7 @@ class TestTeacherCompatibility:
         student = tiny_bert(seed=1, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
         with pytest.raises(ValueError, match=r"name their labels differently \(student only: \['fresh', 'rotten'\], "
                            r"teacher only: \['neg', 'pos'\]\)") as error:
-            make_trainer(tmp_path, teacher, student=student)
+            make_distill_trainer(tmp_path, teacher, student=student)
         assert "order" not in str(error.value)
 
     @staticmethod
@@ -248,7 +218,7 @@ class TestTeacherCompatibility:
         teacher = tiny_bert(seed=7, id2label={0: "rotten", 1: "fresh"}, label2id={"rotten": 0, "fresh": 1})
         train = self.class_encoded(tiny_dataset(32), ["fresh", "rotten"])
         with pytest.raises(ValueError) as error:
-            make_trainer(tmp_path, teacher, train=train)
+            make_distill_trainer(tmp_path, teacher, train=train)
         message = str(error.value)
         assert "The train_dataset and the teacher order their labels differently" in message
         assert "train_dataset label2id={'fresh': 0, 'rotten': 1}" in message
@@ -258,7 +228,7 @@ class TestTeacherCompatibility:
         fixed = hf_kd.data.align_labels(train, teacher.config.label2id)
         assert fixed.features["label"].names == ["rotten", "fresh"]
         assert fixed["label"] == [1 - label for label in train["label"]]
-        make_trainer(tmp_path, teacher, train=fixed)
+        make_distill_trainer(tmp_path, teacher, train=fixed)
 
     def test_eval_dataset_labels_are_checked_against_student_and_teacher(self, tmp_path):
         names = {"id2label": {0: "rotten", 1: "fresh"}, "label2id": {"rotten": 0, "fresh": 1}}
@@ -266,26 +236,26 @@ class TestTeacherCompatibility:
         swapped = self.class_encoded(tiny_dataset(16, seed=1), ["fresh", "rotten"])
         with pytest.raises(ValueError, match=r"The eval_dataset\['b'\] and the student order their labels differently.*"
                            r"`eval_dataset\['b'\] = hf_kd.data.align_labels\(eval_dataset\['b'\], student"):
-            make_trainer(tmp_path, teacher, student=student, eval_={"a": tiny_dataset(8), "b": swapped})
-        trainer = make_trainer(tmp_path, teacher, student=student)
+            make_distill_trainer(tmp_path, teacher, student=student, eval_={"a": tiny_dataset(8), "b": swapped})
+        trainer = make_distill_trainer(tmp_path, teacher, student=student)
         with pytest.raises(ValueError, match="The eval_dataset and the student order their labels differently"):
             trainer.evaluate(swapped)
         # Same names in the same order (case aside), default LABEL_i models, nameless labels: accepted.
-        make_trainer(tmp_path, teacher, student=student, train=self.class_encoded(tiny_dataset(32), ["ROTTEN", "Fresh"]))
-        make_trainer(tmp_path, tiny_bert(seed=7), train=self.class_encoded(tiny_dataset(32), ["fresh", "rotten"]))
-        make_trainer(tmp_path, teacher, student=student, train=self.class_encoded(tiny_dataset(32), ["0", "1"]))
+        make_distill_trainer(tmp_path, teacher, student=student, train=self.class_encoded(tiny_dataset(32), ["ROTTEN", "Fresh"]))
+        make_distill_trainer(tmp_path, tiny_bert(seed=7), train=self.class_encoded(tiny_dataset(32), ["fresh", "rotten"]))
+        make_distill_trainer(tmp_path, teacher, student=student, train=self.class_encoded(tiny_dataset(32), ["0", "1"]))
 
     def test_other_label_names_are_refused_with_the_rename_fix(self, tmp_path):
         teacher = tiny_bert(seed=7, id2label={0: "neg", 1: "pos"}, label2id={"neg": 0, "pos": 1})
         train = self.class_encoded(tiny_dataset(32), ["negative", "positive"])
         with pytest.raises(ValueError, match=r"name their labels differently \(the train_dataset only: \['negative', "
                            r"'positive'\], the teacher only: \['neg', 'pos'\]\).*cast_column"):
-            make_trainer(tmp_path, teacher, train=train)
+            make_distill_trainer(tmp_path, teacher, train=train)
 
     def test_vocabulary_mismatch_is_an_error(self, tmp_path):
         teacher = tiny_bert(seed=7, vocab_size=103)
         with pytest.raises(ValueError, match="vocabularies differ.*map_teacher_token_ids"):
-            make_trainer(tmp_path, teacher)
+            make_distill_trainer(tmp_path, teacher)
 
     def test_token_id_map_feeds_teacher_its_own_ids(self, tmp_path):
         """An MPNet-like teacher vocabulary: 4 specials first, the student's words shifted, mask last."""
@@ -303,8 +273,8 @@ class TestTeacherCompatibility:
         assert id_map[student_tok.pad_token_id] == teacher_tok.pad_token_id
 
         teacher = tiny_bert(seed=7, vocab_size=len(teacher_tok))
-        args = make_args(tmp_path, map_teacher_token_ids=True)
-        trainer = make_trainer(tmp_path, teacher, args=args, teacher_processing_class=teacher_tok)
+        args = make_distill_args(tmp_path, map_teacher_token_ids=True)
+        trainer = make_distill_trainer(tmp_path, teacher, args=args, teacher_processing_class=teacher_tok)
         trainer.train()
         assert trainer.state.log_history[-1]["train_loss"] > 0
 

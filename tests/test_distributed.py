@@ -1,5 +1,5 @@
 """Single-process unit tests of hf_kd/distributed.py and of the sharded teacher-logits pass; the real multi-process runs
-are in tests/test_scaling.py."""
+are in tests/distributed/test_scaling.py."""
 
 import functools
 import json
@@ -20,8 +20,7 @@ from hf_kd.distributed import (
 from hf_kd.import_utils import is_deepspeed_available
 from hf_kd.teacher import compute_teacher_logits
 
-from .test_early_exit_trainer import tiny_multi_exit
-from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
+from .testing_utils import tiny_bert, tiny_dataset, tiny_multi_exit, tiny_tokenizer
 
 ROOT = Path(__file__).resolve().parents[1]
 require_deepspeed = pytest.mark.skipif(not is_deepspeed_available(), reason="needs deepspeed: pip install hf_kd[deepspeed]")

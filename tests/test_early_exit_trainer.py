@@ -12,65 +12,23 @@ from hf_kd import (
     DistillConfig,
     DistillTrainer,
     EarlyExitConfig,
-    EarlyExitTrainer,
-    MultiExitConfig,
     MultiExitForSequenceClassification,
     kd_loss,
     make_exit_compute_metrics,
 )
 from hf_kd.teacher import TEACHER_LOGITS_COLUMN
 
-from .test_modeling_multi_exit import tiny_backbone_config
-from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
-
-NUM_EXITS = 3  # exits after layers 1, 2, 3 of the 3-layer backbone
-
-
-def tiny_multi_exit(seed=1, layers=NUM_EXITS, **kwargs):
-    torch.manual_seed(seed)
-    config = MultiExitConfig(backbone_config=tiny_backbone_config(layers=layers), num_labels=2, **kwargs)
-    return MultiExitForSequenceClassification(config)
-
-
-def make_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        num_train_epochs=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        eval_strategy="epoch",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return EarlyExitConfig(**defaults)
-
-
-def make_trainer(tmp_path, model=None, args=None, teacher=None, train=None, eval_=None, **kwargs):
-    tokenizer = tiny_tokenizer(tmp_path)
-    return EarlyExitTrainer(
-        model=model if model is not None else tiny_multi_exit(),
-        args=args if args is not None else make_args(tmp_path),
-        teacher_model=teacher,
-        train_dataset=train if train is not None else tiny_dataset(32),
-        eval_dataset=eval_ if eval_ is not None else tiny_dataset(16, seed=1),
-        processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer),
-        **kwargs,
-    )
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
-
-
-def exit_logits_of(model, batch):
-    with torch.no_grad():
-        return model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).exit_logits
+from .testing_utils import (
+    NUM_EXITS,
+    exit_logits_of,
+    make_early_exit_args,
+    make_early_exit_trainer,
+    snapshot,
+    tiny_bert,
+    tiny_dataset,
+    tiny_multi_exit,
+    tiny_tokenizer,
+)
 
 
 class TestEarlyExitConfig:
@@ -117,32 +75,32 @@ class TestEarlyExitConfig:
 
     def test_wrong_number_of_weights_is_an_error(self, tmp_path):
         with pytest.raises(ValueError, match="exit_loss_weights has 2 weights but the model has 3 exits"):
-            make_trainer(tmp_path, args=make_args(tmp_path, exit_loss_weights=[1.0, 2.0]))
+            make_early_exit_trainer(tmp_path, args=make_early_exit_args(tmp_path, exit_loss_weights=[1.0, 2.0]))
 
     @pytest.mark.parametrize(
         "weights, expected",
         [(None, [1 / 3] * 3), ("uniform", [1 / 3] * 3), ("linear", [1 / 6, 2 / 6, 3 / 6]), ([1, 0, 3], [0.25, 0, 0.75])],
     )
     def test_weights(self, tmp_path, weights, expected):
-        trainer = make_trainer(tmp_path, args=make_args(tmp_path, exit_loss_weights=weights))
+        trainer = make_early_exit_trainer(tmp_path, args=make_early_exit_args(tmp_path, exit_loss_weights=weights))
         assert trainer.exit_loss_weights == pytest.approx(expected)
 
     def test_plain_classifier_is_an_error(self, tmp_path):
         with pytest.raises(TypeError, match="trains a multi-exit model .* got a model with a BertConfig"):
-            make_trainer(tmp_path, model=tiny_bert(seed=1))
+            make_early_exit_trainer(tmp_path, model=tiny_bert(seed=1))
 
     def test_teacher_without_distill_from_teacher_is_an_error(self, tmp_path):
         with pytest.raises(ValueError, match="set distill_from='teacher'"):
-            make_trainer(tmp_path, teacher=tiny_bert(seed=7))
+            make_early_exit_trainer(tmp_path, teacher=tiny_bert(seed=7))
 
 
 class TestEarlyExitLoss:
     @pytest.mark.parametrize("distill_from", ["none", "final_exit", "teacher"])
     def test_loss_is_hand_computed_weighted_sum(self, tmp_path, distill_from):
         model, teacher = tiny_multi_exit(), tiny_bert(seed=7)
-        args = make_args(tmp_path, exit_loss_weights=[1.0, 2.0, 5.0], distill_from=distill_from, temperature=3.0,
+        args = make_early_exit_args(tmp_path, exit_loss_weights=[1.0, 2.0, 5.0], distill_from=distill_from, temperature=3.0,
                          alpha=0.3)
-        trainer = make_trainer(tmp_path, model=model, args=args, teacher=teacher if distill_from == "teacher" else None)
+        trainer = make_early_exit_trainer(tmp_path, model=model, args=args, teacher=teacher if distill_from == "teacher" else None)
         batch = next(iter(trainer.get_train_dataloader()))
         labels = batch["labels"]
         loss = trainer.compute_loss(model, dict(batch))
@@ -168,8 +126,8 @@ class TestEarlyExitLoss:
     def test_self_distillation_sends_no_soft_gradient_into_final_exit(self, tmp_path):
         """With alpha=1 the final exit's soft targets are detached: its head gets only its own CE gradient."""
         model = tiny_multi_exit()
-        args = make_args(tmp_path, distill_from="final_exit", alpha=1.0, exit_loss_weights=[1.0, 1.0, 0.0])
-        trainer = make_trainer(tmp_path, model=model, args=args)
+        args = make_early_exit_args(tmp_path, distill_from="final_exit", alpha=1.0, exit_loss_weights=[1.0, 1.0, 0.0])
+        trainer = make_early_exit_trainer(tmp_path, model=model, args=args)
         batch = next(iter(trainer.get_train_dataloader()))
         trainer.compute_loss(model, dict(batch)).backward()
         assert all(p.grad is None or not p.grad.any() for p in model.exits[-1].parameters())
@@ -177,7 +135,7 @@ class TestEarlyExitLoss:
 
     def test_num_items_in_batch_normalisation(self, tmp_path):
         model = tiny_multi_exit()
-        trainer = make_trainer(tmp_path, model=model)
+        trainer = make_early_exit_trainer(tmp_path, model=model)
         batch = next(iter(trainer.get_train_dataloader()))
         mean = trainer.compute_loss(model, dict(batch))
         summed = trainer.compute_loss(model, dict(batch), num_items_in_batch=torch.tensor(2 * len(batch["labels"])))
@@ -188,7 +146,7 @@ class TestEarlyExitTrainer:
     def test_training_changes_every_exit_and_the_backbone(self, tmp_path):
         model = tiny_multi_exit()
         before = snapshot(model)
-        trainer = make_trainer(tmp_path, model=model, args=make_args(tmp_path, exit_loss_weights="linear"))
+        trainer = make_early_exit_trainer(tmp_path, model=model, args=make_early_exit_args(tmp_path, exit_loss_weights="linear"))
         trainer.train()
         for name, param in model.named_parameters():
             if name.startswith("backbone.pooler"):
@@ -213,7 +171,7 @@ class TestEarlyExitTrainer:
         teacher = tiny_bert(seed=7)
         teacher.train()
         before = snapshot(teacher)
-        trainer = make_trainer(tmp_path, args=make_args(tmp_path, distill_from="teacher"), teacher=teacher)
+        trainer = make_early_exit_trainer(tmp_path, args=make_early_exit_args(tmp_path, distill_from="teacher"), teacher=teacher)
         trainer.train()
         assert not trainer.teacher_model.training
         assert all(not p.requires_grad for p in trainer.teacher_model.parameters())
@@ -235,9 +193,9 @@ class TestEarlyExitTrainer:
                 return DistillTrainer(model=tiny_bert(seed=1), args=args, teacher_model=teacher,
                                       train_dataset=tiny_dataset(32), eval_dataset=tiny_dataset(16, seed=1),
                                       processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer))
-            args = make_args(tmp_path, distill_from="teacher", cache_teacher_logits=True,
+            args = make_early_exit_args(tmp_path, distill_from="teacher", cache_teacher_logits=True,
                              teacher_logits_cache_dir=str(tmp_path / "cache"))
-            return make_trainer(tmp_path, args=args, teacher=teacher)
+            return make_early_exit_trainer(tmp_path, args=args, teacher=teacher)
 
         first = build()
         assert TEACHER_LOGITS_COLUMN in first.train_dataset.column_names
@@ -253,17 +211,17 @@ class TestEarlyExitTrainer:
         assert "eval_sigma" in next(h for h in second.state.log_history if "eval_loss" in h)
 
     def test_resume_restores_exit_heads_exactly(self, tmp_path):
-        args = make_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, eval_strategy="no",
+        args = make_early_exit_args(tmp_path, max_steps=2, save_strategy="steps", save_steps=1, eval_strategy="no",
                          distill_from="final_exit")
         model = tiny_multi_exit()
-        make_trainer(tmp_path, model=model, args=args).train()
+        make_early_exit_trainer(tmp_path, model=model, args=args).train()
         final = snapshot(model)
         checkpoint = tmp_path / "out" / "checkpoint-1"
         card = (checkpoint / "README.md").read_text()
         assert "EarlyExitTrainer" in card and "2004.12993" in card and "| distill_from | final_exit |" in card
 
         resumed_model = tiny_multi_exit(seed=5)  # other weights: everything must come from the checkpoint
-        resumed = make_trainer(tmp_path, model=resumed_model, args=args)
+        resumed = make_early_exit_trainer(tmp_path, model=resumed_model, args=args)
         resumed.train(resume_from_checkpoint=str(checkpoint))
         assert resumed.state.global_step == 2
         for name, param in resumed_model.named_parameters():

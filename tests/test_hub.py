@@ -30,8 +30,7 @@ from hf_kd import (
 from hf_kd.hub import CALIBRATION_FILENAME, build_eval_results, resolve_hub_id
 
 from .hub_server import HubServer, hub_env, validate_card
-from .test_calibration import expressive_bert, labelled_by_model
-from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
+from .testing_utils import expressive_bert, labelled_by_model, tiny_bert, tiny_dataset, tiny_tokenizer
 
 TOKEN = "hf_hfkdTestSecretToken0123456789abcdefXYZ"
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -255,15 +254,14 @@ class TestModelCard:
 
         from hf_kd.hub import pipeline_tag_of
 
-        from .test_modeling_multi_exit import tiny_multi_exit
-        from .test_multi_exit_cnn import tiny_cnn
+        from .testing_utils import tiny_cnn, tiny_eval_multi_exit
 
         class PixelModule(nn.Module):
             def forward(self, pixel_values, labels=None):
                 return pixel_values
 
         assert pipeline_tag_of(tiny_cnn()) == "image-classification"
-        assert pipeline_tag_of(tiny_multi_exit()) == pipeline_tag_of(tiny_bert()) == "text-classification"
+        assert pipeline_tag_of(tiny_eval_multi_exit()) == pipeline_tag_of(tiny_bert()) == "text-classification"
         assert pipeline_tag_of({"architectures": ["MultiExitForImageClassification"]}) == "image-classification"
         config = tiny_bert().config
         config.architectures = ["BertForSequenceClassification"]  # as save_pretrained records it
@@ -379,7 +377,7 @@ class TestTrainerModelCard:
 
         from hf_kd import EarlyExitConfig, EarlyExitTrainer
 
-        from .test_multi_exit_cnn import images, tiny_cnn
+        from .testing_utils import images, tiny_cnn
 
         data = datasets.Dataset.from_dict({"pixel_values": images(batch=8).tolist(), "labels": list(range(8))})
         args = EarlyExitConfig(output_dir=str(tmp_path / "out"), per_device_eval_batch_size=8, report_to="none",
@@ -652,14 +650,14 @@ class TestRemoteCode:
         process where hf_kd cannot be imported, and predict (exits included) exactly as the originals."""
         from hf_kd import MultiExitForImageClassification, MultiExitImageConfig
 
-        from .test_modeling_multi_exit import padded_batch, tiny_multi_exit
+        from .testing_utils import padded_text_batch, tiny_eval_multi_exit
 
-        text = tiny_multi_exit(exit_layers=[1], sharpen=4.0)
+        text = tiny_eval_multi_exit(exit_layers=[1], sharpen=4.0)
         torch.manual_seed(0)
         image = MultiExitForImageClassification(
             MultiExitImageConfig(stem_channels=4, stage_channels=[4, 8], num_labels=3)
         ).eval()
-        ids, mask = padded_batch()
+        ids, mask = padded_text_batch()
         pixels = torch.randn(5, 1, 28, 28)
         for name, model in (("text", text), ("image", image)):
             model.save_pretrained(tmp_path / name)

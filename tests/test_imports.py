@@ -1,4 +1,5 @@
-"""The import graph of the `hf_kd` package has no cycles ("no import cycles", the project's rules).
+"""The import graph of the `hf_kd` package has no cycles ("no import cycles", the project's rules), and no test module
+imports another test module (shared builders live in tests/testing_utils.py, shared fixtures in tests/conftest.py).
 
 The graph is read from the source with `ast`, without importing anything: every `import hf_kd.x` / `from hf_kd.x import
 y` / `from .x import y` / `from . import x`, at module level and inside functions (lazy imports count: a lazy import
@@ -37,8 +38,8 @@ def _resolve(name: str, modules: dict[str, Path]) -> str | None:
     return None
 
 
-def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
-    """The modules of the graph that `module` imports, anywhere in its file."""
+def imports_of(module: str, path: Path, modules: dict[str, Path], package: str = PACKAGE) -> set[str]:
+    """The modules of the graph (those of `package`) that `module` imports, anywhere in its file."""
     is_package = path.name == "__init__.py"
     found = set()
     for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), filename=str(path))):
@@ -56,7 +57,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
             # `from package import name` loads package.name when that is a module, else the package itself.
             targets = [f"{source}.{alias.name}" for alias in node.names] + [source]
         for target in targets:
-            if target == PACKAGE or target.startswith(PACKAGE + "."):
+            if target == package or target.startswith(package + "."):
                 resolved = _resolve(target, modules)
                 if resolved is not None and resolved != module:
                     found.add(resolved)
@@ -65,7 +66,7 @@ def imports_of(module: str, path: Path, modules: dict[str, Path]) -> set[str]:
 
 def import_graph(root: Path = ROOT, package: str = PACKAGE) -> dict[str, set[str]]:
     modules = package_modules(root, package)
-    return {module: imports_of(module, path, modules) for module, path in modules.items()}
+    return {module: imports_of(module, path, modules, package) for module, path in modules.items()}
 
 
 def find_cycle(graph: dict[str, set[str]]) -> list[str] | None:
@@ -119,3 +120,42 @@ def test_leaf_modules_import_no_hf_kd_module():
     for leaf in ("hf_kd.modeling.exit_policies", "hf_kd.metric_keys"):
         assert leaf in graph, f"{leaf} is missing"
         assert graph[leaf] == set(), f"{leaf} must import no hf_kd module, imports {sorted(graph[leaf])}"
+
+
+def cross_test_imports(root: Path = ROOT) -> dict[str, list[str]]:
+    """`{test module: [the test modules it imports]}` for the `tests` package under `root` (sub-packages included)."""
+    graph = import_graph(root, "tests")
+
+    def is_test_module(name: str) -> bool:
+        return name.rpartition(".")[2].startswith("test_")
+
+    return {
+        module: sorted(target for target in targets if is_test_module(target))
+        for module, targets in graph.items()
+        if is_test_module(module) and any(is_test_module(target) for target in targets)
+    }
+
+
+def test_test_module_check_finds_relative_absolute_and_lazy_imports(tmp_path):
+    # The checker itself: relative, absolute and lazy imports of a test module, from the top level and a sub-package.
+    (tmp_path / "tests" / "distributed").mkdir(parents=True)
+    for name in ("__init__", "testing_utils", "conftest", "distributed/__init__", "test_ok"):
+        (tmp_path / "tests" / f"{name}.py").write_text("")
+    (tmp_path / "tests" / "test_ok.py").write_text("from .testing_utils import tiny_bert\nfrom . import testing_utils\n")
+    (tmp_path / "tests" / "test_a.py").write_text("from .test_b import make_trainer\n")
+    (tmp_path / "tests" / "test_b.py").write_text("def f():\n    from tests import test_ok\n")
+    (tmp_path / "tests" / "distributed" / "test_c.py").write_text("from ..test_a import x\nimport tests.testing_utils\n")
+    assert cross_test_imports(tmp_path) == {
+        "tests.test_a": ["tests.test_b"],
+        "tests.test_b": ["tests.test_ok"],
+        "tests.distributed.test_c": ["tests.test_a"],
+    }
+
+
+def test_no_test_module_imports_another():
+    offenders = cross_test_imports()
+    assert "tests.testing_utils" in import_graph(ROOT, "tests")["tests.test_distill_trainer"]  # the checker sees tests
+    assert not offenders, (
+        "test modules import other test modules (move the shared builders to tests/testing_utils.py, fixtures to "
+        f"tests/conftest.py): {offenders}"
+    )

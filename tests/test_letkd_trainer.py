@@ -32,7 +32,7 @@ from hf_kd.kd_layer_targets import (
 )
 from hf_kd.losses import kd_layer_loss
 
-from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
+from .testing_utils import snapshot, tiny_bert, tiny_dataset, tiny_tokenizer
 
 NUM_LABELS = 3
 
@@ -264,10 +264,6 @@ def letkd_trainer(tmp_path, student=None, teacher=None, args=None, train=None, *
         eval_dataset=image_dataset(16, seed=1),
         data_collator=default_data_collator,
     )
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 class TestLetKDConfig:

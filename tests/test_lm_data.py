@@ -15,7 +15,7 @@ from hf_kd.lm_data import (
     tokenize_lm_example,
 )
 
-from . import lm_testing_utils
+from .testing_utils import causal_lm, causal_lm_tokenizer
 
 CHATML = (
     "{% for m in messages %}{{ '<|im_start|>' + m['role'] + '\n' + m['content'] + '<|im_end|>' + '\n' }}{% endfor %}"
@@ -245,7 +245,7 @@ def test_lm_chat_dataset_errors():
 @pytest.mark.parametrize("task,format", [("topic", "conversational"), ("sentiment", "messages"),
                                          ("sentiment", "standard")])
 def test_smollm2_tokenizer_labels_exactly_the_answer(task, format):
-    tokenizer = lm_testing_utils.tokenizer()
+    tokenizer = causal_lm_tokenizer()
     data = lm_chat_dataset(task, format=format, max_words=80)["validation"].select(range(4))
     tokens = tokenize_lm_dataset(data, tokenizer, max_length=256)
     names = data.features["label"].names
@@ -260,7 +260,7 @@ def test_smollm2_tokenizer_labels_exactly_the_answer(task, format):
 
 @pytest.mark.slow
 def test_smollm2_tokenizer_on_articles_and_prompts():
-    tokenizer = lm_testing_utils.tokenizer()
+    tokenizer = causal_lm_tokenizer()
     text = tokenize_lm_dataset(lm_text_dataset()["test"].select(range(3)), tokenizer, max_length=128)
     assert all(len(ids) == 128 and ids == labels for ids, labels in zip(text["input_ids"], text["labels"]))
     prompts = tokenize_lm_dataset(lm_chat_dataset("summarize", max_words=60)["test"].select(range(3)), tokenizer, 512)
@@ -280,7 +280,7 @@ def test_smollm2_pieces_fit_together_for_token_level_distillation():
     from hf_kd.losses import lm_kd_loss
     from hf_kd.student import make_student
 
-    tokenizer, teacher = lm_testing_utils.tokenizer(), lm_testing_utils.model()
+    tokenizer, teacher = causal_lm_tokenizer(), causal_lm()
     student = make_student(teacher, 15).train()
     data = tokenize_lm_dataset(lm_chat_dataset("sentiment")["validation"].select(range(2)), tokenizer, 128)
     batch = DataCollatorForSeq2Seq(tokenizer, padding=True, return_tensors="pt")(

@@ -10,9 +10,7 @@ from transformers import (
     AutoModelForSequenceClassification,
     BertConfig,
     BertModel,
-    MPNetConfig,
     ResNetConfig,
-    RobertaConfig,
 )
 
 from hf_kd import ExitPolicy, MultiExitConfig, MultiExitForSequenceClassification
@@ -24,52 +22,10 @@ from hf_kd.early_exit import (
     simulate_exits,
 )
 
-NUM_LABELS = 3
-BATCH, SEQ = 13, 7
-
-
-def tiny_backbone_config(kind="bert", layers=3):
-    common = dict(
-        vocab_size=99,
-        hidden_size=32,
-        num_hidden_layers=layers,
-        num_attention_heads=4,
-        intermediate_size=37,
-        max_position_embeddings=64,
-        hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return {"bert": BertConfig, "mpnet": MPNetConfig, "roberta": RobertaConfig}[kind](**common)
-
-
-def tiny_multi_exit(kind="bert", exit_layers=None, seed=0, sharpen=1.0, **kwargs):
-    """A tiny multi-exit model in eval mode; `sharpen` scales the exit weights so confidences spread out."""
-    torch.manual_seed(seed)
-    config = MultiExitConfig(
-        backbone_config=tiny_backbone_config(kind), exit_layers=exit_layers, num_labels=NUM_LABELS, **kwargs
-    )
-    model = MultiExitForSequenceClassification(config)
-    with torch.no_grad():
-        for head in model.exits:
-            head.classifier.weight.mul_(sharpen)
-    return model.eval()
-
-
-def padded_batch(seed=0, pad_id=0):
-    g = torch.Generator().manual_seed(seed)
-    input_ids = torch.randint(5, 99, (BATCH, SEQ), generator=g)
-    attention_mask = torch.ones_like(input_ids)
-    lengths = torch.randint(3, SEQ + 1, (BATCH,), generator=g)
-    lengths[0] = SEQ
-    for row, length in enumerate(lengths.tolist()):
-        attention_mask[row, length:] = 0
-        input_ids[row, length:] = pad_id
-    return input_ids, attention_mask
-
-
-def inputs_for(kind):
-    return padded_batch(pad_id=1 if kind == "mpnet" else 0)
-
+from .testing_utils import MULTI_EXIT_NUM_LABELS as NUM_LABELS
+from .testing_utils import TEXT_BATCH as BATCH
+from .testing_utils import TEXT_SEQ as SEQ
+from .testing_utils import padded_text_batch, text_inputs_for, tiny_backbone_config, tiny_eval_multi_exit
 
 # --------------------------------------------------------------------------------------------------- config
 
@@ -110,8 +66,8 @@ def test_config_other_errors():
 
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
 def test_forward_shapes_and_loss_only_with_labels(kind):
-    model = tiny_multi_exit(kind, exit_layers=[1], exit_loss_weights=[1.0, 3.0])
-    input_ids, attention_mask = inputs_for(kind)
+    model = tiny_eval_multi_exit(kind, exit_layers=[1], exit_loss_weights=[1.0, 3.0])
+    input_ids, attention_mask = text_inputs_for(kind)
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     assert out.loss is None and out.hidden_states is None
     assert out.logits.shape == (BATCH, NUM_LABELS)
@@ -133,9 +89,9 @@ def test_forward_shapes_and_loss_only_with_labels(kind):
 
 
 def test_exit_pooling_reads_masked_mean_or_first_token():
-    input_ids, attention_mask = padded_batch()
+    input_ids, attention_mask = padded_text_batch()
     for pooling in ("mean", "cls"):
-        model = tiny_multi_exit(exit_pooling=pooling)
+        model = tiny_eval_multi_exit(exit_pooling=pooling)
         out = model(input_ids=input_ids, attention_mask=attention_mask, output_hidden_states=True)
         h = out.hidden_states[model.config.exit_layers[0]]  # (B, L, hidden)
         if pooling == "cls":
@@ -145,7 +101,7 @@ def test_exit_pooling_reads_masked_mean_or_first_token():
             pooled = (h * m).sum(1) / m.sum(1)
         torch.testing.assert_close(out.exit_logits[0], model.exits[0].classifier(pooled))
     # Padding does not change a row's mean-pooled exits: the same row alone, unpadded, gives the same logits.
-    model = tiny_multi_exit(exit_pooling="mean")
+    model = tiny_eval_multi_exit(exit_pooling="mean")
     row = int((attention_mask.sum(-1) < attention_mask.shape[1]).nonzero()[0])
     length = int(attention_mask[row].sum())
     alone = model(input_ids=input_ids[row : row + 1, :length])
@@ -155,9 +111,9 @@ def test_exit_pooling_reads_masked_mean_or_first_token():
 
 
 def test_pooler_head():
-    model = tiny_multi_exit(exit_head_type="pooler")
+    model = tiny_eval_multi_exit(exit_head_type="pooler")
     assert model.exits[0].dense is not None
-    input_ids, attention_mask = padded_batch()
+    input_ids, attention_mask = padded_text_batch()
     out = model(input_ids=input_ids, attention_mask=attention_mask)
     pred = model.predict_with_exits(input_ids, attention_mask, threshold=1.0)
     torch.testing.assert_close(pred.logits, out.logits, atol=1e-5, rtol=0)
@@ -167,8 +123,8 @@ def test_pooler_head():
 
 
 def test_save_load_round_trip_and_auto_class(tmp_path):
-    model = tiny_multi_exit(exit_layers=[2], id2label={0: "a", 1: "b", 2: "c"})
-    input_ids, attention_mask = padded_batch()
+    model = tiny_eval_multi_exit(exit_layers=[2], id2label={0: "a", 1: "b", 2: "c"})
+    input_ids, attention_mask = padded_text_batch()
     before = model(input_ids=input_ids, attention_mask=attention_mask)
     model.save_pretrained(tmp_path)
 
@@ -192,7 +148,7 @@ def test_from_backbone_model_and_path(tmp_path):
     torch.manual_seed(0)
     backbone = BertModel(tiny_backbone_config()).eval()
     backbone.save_pretrained(tmp_path)
-    input_ids, attention_mask = padded_batch()
+    input_ids, attention_mask = padded_text_batch()
     reference = backbone(input_ids=input_ids, attention_mask=attention_mask).last_hidden_state
 
     for source in (backbone, str(tmp_path)):
@@ -234,8 +190,8 @@ def expected_exits(exit_logits, policy, threshold=None, patience=None):
 
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
 def test_never_exit_equals_final_logits(kind):
-    model = tiny_multi_exit(kind)
-    input_ids, attention_mask = inputs_for(kind)
+    model = tiny_eval_multi_exit(kind)
+    input_ids, attention_mask = text_inputs_for(kind)
     full = model(input_ids=input_ids, attention_mask=attention_mask)
     pred = model.predict_with_exits(input_ids, attention_mask, policy="max_prob", threshold=1.0)
     torch.testing.assert_close(pred.logits, full.logits, atol=1e-5, rtol=0)
@@ -247,8 +203,8 @@ def test_never_exit_equals_final_logits(kind):
 
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
 def test_always_exit_first(kind):
-    model = tiny_multi_exit(kind, exit_layers=[2])
-    input_ids, attention_mask = inputs_for(kind)
+    model = tiny_eval_multi_exit(kind, exit_layers=[2])
+    input_ids, attention_mask = text_inputs_for(kind)
     full = model(input_ids=input_ids, attention_mask=attention_mask)
     for policy, threshold in (("max_prob", 0.0), ("entropy", 10.0)):
         pred = model.predict_with_exits(input_ids, attention_mask, policy=policy, threshold=threshold)
@@ -262,8 +218,8 @@ def test_always_exit_first(kind):
 @pytest.mark.parametrize("policy", ["max_prob", "entropy"])
 @pytest.mark.parametrize("pooling", ["mean", "cls"])
 def test_mixed_batch_matches_full_forward(kind, policy, pooling):
-    model = tiny_multi_exit(kind, sharpen=40.0, exit_pooling=pooling)
-    input_ids, attention_mask = inputs_for(kind)
+    model = tiny_eval_multi_exit(kind, sharpen=40.0, exit_pooling=pooling)
+    input_ids, attention_mask = text_inputs_for(kind)
     full = model(input_ids=input_ids, attention_mask=attention_mask)
     probs = full.exit_logits[0].softmax(-1)
     if policy == "max_prob":
@@ -293,8 +249,8 @@ def test_mixed_batch_matches_full_forward(kind, policy, pooling):
 
 @pytest.mark.parametrize("patience", [1, 2])
 def test_patience_follows_pabee(patience):
-    model = tiny_multi_exit(sharpen=40.0)
-    input_ids, attention_mask = padded_batch(seed=3)
+    model = tiny_eval_multi_exit(sharpen=40.0)
+    input_ids, attention_mask = padded_text_batch(seed=3)
     full = model(input_ids=input_ids, attention_mask=attention_mask)
     pred = model.predict_with_exits(input_ids, attention_mask, policy="patience", patience=patience)
     expected = expected_exits(full.exit_logits, "patience", patience=patience)
@@ -322,8 +278,8 @@ def test_patience_follows_pabee(patience):
     ],
 )
 def test_bad_policy_arguments(kwargs, match):
-    model = tiny_multi_exit()
-    input_ids, attention_mask = padded_batch()
+    model = tiny_eval_multi_exit()
+    input_ids, attention_mask = padded_text_batch()
     with pytest.raises(ValueError, match=match):
         model.predict_with_exits(input_ids, attention_mask, **kwargs)
     with pytest.raises(ValueError):
@@ -331,8 +287,8 @@ def test_bad_policy_arguments(kwargs, match):
 
 
 def test_unsupported_architecture_for_stepwise_inference():
-    model = tiny_multi_exit("roberta")
-    input_ids, attention_mask = padded_batch(pad_id=1)
+    model = tiny_eval_multi_exit("roberta")
+    input_ids, attention_mask = padded_text_batch(pad_id=1)
     assert model(input_ids=input_ids, attention_mask=attention_mask).logits.shape == (BATCH, NUM_LABELS)
     with pytest.raises(NotImplementedError, match="BERT-like"):
         model.predict_with_exits(input_ids, attention_mask, threshold=0.5)
@@ -347,8 +303,8 @@ def exit_probs_of(full):
 
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
 def test_budget_policy_matches_offline_simulation_and_forward(kind):
-    model = tiny_multi_exit(kind, sharpen=40.0)
-    input_ids, attention_mask = inputs_for(kind)
+    model = tiny_eval_multi_exit(kind, sharpen=40.0)
+    input_ids, attention_mask = text_inputs_for(kind)
     full = model(input_ids=input_ids, attention_mask=attention_mask)
     probs = exit_probs_of(full)
     thresholds = fit_budget_thresholds(probs.max(-1).values.T, budget_exit_fractions(12, 3))
@@ -370,8 +326,8 @@ def test_budget_policy_matches_offline_simulation_and_forward(kind):
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
 @pytest.mark.parametrize("policy", ["max_prob", "budget"])
 def test_mie_matches_offline_ensemble(kind, policy):
-    model = tiny_multi_exit(kind, sharpen=40.0)
-    input_ids, attention_mask = inputs_for(kind)
+    model = tiny_eval_multi_exit(kind, sharpen=40.0)
+    input_ids, attention_mask = text_inputs_for(kind)
     full = model(input_ids=input_ids, attention_mask=attention_mask)
     ensembled = model_internal_ensemble(exit_probs_of(full), model.exit_flops(SEQ))  # (num_exits, B, K)
     confidences = ensembled.max(-1).values
@@ -393,7 +349,7 @@ def test_mie_matches_offline_ensemble(kind, policy):
 
 
 def test_exit_flops_formula():
-    model = tiny_multi_exit(exit_layers=[1])
+    model = tiny_eval_multi_exit(exit_layers=[1])
     h, inter = 32, 37
     per_row_layer = 5 * (8 * h * h + 4 * h * inter + 4 * 5 * h)
     head = 2 * h * NUM_LABELS
@@ -406,7 +362,7 @@ def long_row_leaves_first_batch(model, kind):
     """A right-padded batch where only row 0 is full length and leaves at the first exit (with `threshold`), while
     others go on: after the first exit the sequence can be cut."""
     for seed in range(20):
-        input_ids, attention_mask = padded_batch(seed=seed, pad_id=1 if kind == "mpnet" else 0)
+        input_ids, attention_mask = padded_text_batch(seed=seed, pad_id=1 if kind == "mpnet" else 0)
         attention_mask[1:, SEQ - 2 :] = 0  # only row 0 reaches the last 2 positions
         input_ids[attention_mask == 0] = 1 if kind == "mpnet" else 0
         full = model(input_ids=input_ids, attention_mask=attention_mask)
@@ -419,7 +375,7 @@ def long_row_leaves_first_batch(model, kind):
 
 @pytest.mark.parametrize("kind", ["bert", "mpnet"])
 def test_trims_right_padding_after_rows_leave(kind):
-    model = tiny_multi_exit(kind, sharpen=40.0)
+    model = tiny_eval_multi_exit(kind, sharpen=40.0)
     input_ids, attention_mask, full, threshold = long_row_leaves_first_batch(model, kind)
     pred = model.predict_with_exits(input_ids, attention_mask, policy="max_prob", threshold=threshold)
     expected = expected_exits(full.exit_logits, "max_prob", threshold=threshold)
@@ -469,8 +425,8 @@ def test_trims_right_padding_after_rows_leave(kind):
     ],
 )
 def test_bad_budget_and_mie_arguments(kwargs, match):
-    model = tiny_multi_exit()
-    input_ids, attention_mask = padded_batch()
+    model = tiny_eval_multi_exit()
+    input_ids, attention_mask = padded_text_batch()
     with pytest.raises(ValueError, match=match):
         model.predict_with_exits(input_ids, attention_mask, **kwargs)
 

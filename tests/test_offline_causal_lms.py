@@ -1,7 +1,7 @@
 """hf_kd.offline_models for the causal LMs shipped as GGUF files: SmolLM2-135M-Instruct and gemma-3-270m.
 
 The slow tests load the real models by their Hub ids from the default hub cache (placed by `make setup`; see
-tests/lm_testing_utils.py).
+tests/testing_utils.py).
 """
 
 import hashlib
@@ -15,8 +15,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from hf_kd import offline_models
 from hf_kd.offline_models import OFFLINE_MODELS, install_offline_models, offline_model_path
 
-from . import lm_testing_utils
-from .lm_testing_utils import GEMMA3, SMOLLM2
+from .testing_utils import GEMMA3, SMOLLM2, causal_lm, causal_lm_tokenizer
 
 
 def test_gguf_sources_and_their_packages():
@@ -71,7 +70,7 @@ def test_gguf_snapshot_without_generation_config_is_incomplete(tmp_path, monkeyp
 
 @pytest.mark.slow
 def test_smollm2_loads_by_hub_id_and_answers():
-    model, tokenizer = lm_testing_utils.model(SMOLLM2), lm_testing_utils.tokenizer(SMOLLM2)
+    model, tokenizer = causal_lm(SMOLLM2), causal_lm_tokenizer(SMOLLM2)
     snapshot = offline_model_path(SMOLLM2)
     (model_file,) = [snapshot / "model.safetensors"]
     inode = model_file.stat().st_ino

@@ -21,11 +21,16 @@ from hf_kd.peft_utils import (
     untrained_head_reason,
 )
 
-from .test_distill_trainer import make_args, make_trainer
-from .test_early_exit_trainer import make_args as make_exit_args
-from .test_early_exit_trainer import make_trainer as make_exit_trainer
-from .test_early_exit_trainer import tiny_multi_exit
-from .testing_utils import require_peft, tiny_bert, tiny_dataset
+from .testing_utils import (
+    make_distill_args,
+    make_distill_trainer,
+    make_early_exit_args,
+    make_early_exit_trainer,
+    require_peft,
+    tiny_bert,
+    tiny_dataset,
+    tiny_multi_exit,
+)
 
 pytestmark = require_peft
 
@@ -136,7 +141,7 @@ class TestPreparePeftModel:
         with pytest.raises(ImportError, match=r"pip install hf_kd\[peft\]"):
             prepare_peft_model(tiny_bert(), lora())
         with pytest.raises(ImportError, match=r"pip install hf_kd\[peft\]"):
-            make_trainer(tmp_path, teacher=tiny_bert(seed=7), peft_config=lora())
+            make_distill_trainer(tmp_path, teacher=tiny_bert(seed=7), peft_config=lora())
         with pytest.raises(ImportError, match=r"--use_peft need the `peft` package: `pip install hf_kd\[peft\]`"):
             get_peft_config(LoraArguments(use_peft=True))
 
@@ -168,8 +173,8 @@ class TestPeftDistillTrainer:
         snapshot = save_as_hub_cache_snapshot(tiny_bert(seed=1), cache)
         student = AutoModelForSequenceClassification.from_pretrained(snapshot)
         base_before = {n: p.clone() for n, p in student.named_parameters()}
-        args = make_args(tmp_path, learning_rate=1e-2, num_train_epochs=2)
-        trainer = make_trainer(tmp_path, teacher=tiny_bert(seed=7), args=args, student=student, peft_config=lora())
+        args = make_distill_args(tmp_path, learning_rate=1e-2, num_train_epochs=2)
+        trainer = make_distill_trainer(tmp_path, teacher=tiny_bert(seed=7), args=args, student=student, peft_config=lora())
         trainer.train()
         model = trainer.model
         for name, param in model.get_base_model().named_parameters():
@@ -212,8 +217,8 @@ class TestBaseModelTeacher:
     def test_teacher_is_the_base_model_before_and_after_training(self, tmp_path):
         original = tiny_bert(seed=1)
         reference = tiny_bert(seed=1).eval()
-        args = make_args(tmp_path, teacher_from_base_model=True, learning_rate=1e-2, num_train_epochs=2)
-        trainer = make_trainer(tmp_path, teacher=None, args=args, student=original, peft_config=lora())
+        args = make_distill_args(tmp_path, teacher_from_base_model=True, learning_rate=1e-2, num_train_epochs=2)
+        trainer = make_distill_trainer(tmp_path, teacher=None, args=args, student=original, peft_config=lora())
         assert isinstance(trainer.teacher_model, BaseModelTeacher)
         assert trainer.teacher_placement == {"kind": "student_base_model", "num_processes": 1}
         inputs = batch()
@@ -233,9 +238,9 @@ class TestBaseModelTeacher:
 
         BertModel(tiny_bert().config).save_pretrained(tmp_path / "encoder")
         fresh = AutoModelForSequenceClassification.from_pretrained(tmp_path / "encoder", num_labels=2)
-        args = make_args(tmp_path, teacher_from_base_model=True)
+        args = make_distill_args(tmp_path, teacher_from_base_model=True)
         with pytest.warns(UserWarning, match=r"its head `classifier` has an all-zero bias.*the teacher is random"):
-            make_trainer(tmp_path, teacher=None, args=args, student=fresh, peft_config=lora())
+            make_distill_trainer(tmp_path, teacher=None, args=args, student=fresh, peft_config=lora())
         # A trained head (saved after training, reloaded): no warning.
         trained = tiny_bert(seed=1)
         with torch.no_grad():
@@ -244,12 +249,12 @@ class TestBaseModelTeacher:
         student = AutoModelForSequenceClassification.from_pretrained(tmp_path / "fine_tuned")
         with warnings.catch_warnings():
             warnings.simplefilter("error", UserWarning)
-            make_trainer(tmp_path, teacher=None, args=args, student=student, peft_config=lora())
+            make_distill_trainer(tmp_path, teacher=None, args=args, student=student, peft_config=lora())
 
     def test_untrained_head_without_bias_is_found_from_the_loading_marks(self, tmp_path):
         from transformers import GPT2ForSequenceClassification, GPT2Model
 
-        from .test_calibration import tiny_gpt2
+        from .testing_utils import tiny_gpt2
 
         GPT2Model(tiny_gpt2().config).save_pretrained(tmp_path / "gpt2")
         model = GPT2ForSequenceClassification.from_pretrained(tmp_path / "gpt2", num_labels=2)
@@ -263,8 +268,8 @@ class TestBaseModelTeacher:
         """The cache key is the frozen base weights: two LoRA inits, one cache file, equal to the base's logits."""
         data = tiny_dataset(16, seed=4)
         for seed in (0, 1):
-            args = make_args(tmp_path, teacher_from_base_model=True, cache_teacher_logits=True, seed=seed)
-            trainer = make_trainer(tmp_path, teacher=None, args=args, student=tiny_bert(seed=1), train=data,
+            args = make_distill_args(tmp_path, teacher_from_base_model=True, cache_teacher_logits=True, seed=seed)
+            trainer = make_distill_trainer(tmp_path, teacher=None, args=args, student=tiny_bert(seed=1), train=data,
                                    peft_config=lora())
         assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2  # train and eval splits, once each
         rows = tiny_dataset(16, seed=4, equal_lengths=False)
@@ -280,8 +285,8 @@ class TestBaseModelTeacher:
         from hf_kd import MultiExitForSequenceClassification
 
         model = MultiExitForSequenceClassification.from_pretrained(base_dir)
-        args = make_exit_args(tmp_path, distill_from="teacher", teacher_from_base_model=True, learning_rate=1e-2)
-        trainer = make_exit_trainer(tmp_path, model=model, args=args, peft_config=lora())
+        args = make_early_exit_args(tmp_path, distill_from="teacher", teacher_from_base_model=True, learning_rate=1e-2)
+        trainer = make_early_exit_trainer(tmp_path, model=model, args=args, peft_config=lora())
         before = {n: p.clone() for n, p in trainer.model.named_parameters() if p.requires_grad}
         trainer.train()
         for i in range(3):
@@ -301,9 +306,9 @@ class TestBaseModelTeacher:
 
     def test_errors(self, tmp_path):
         with pytest.raises(ValueError, match="needs a PEFT student .* got a BertForSequenceClassification"):
-            make_trainer(tmp_path, teacher=None, args=make_args(tmp_path, teacher_from_base_model=True))
+            make_distill_trainer(tmp_path, teacher=None, args=make_distill_args(tmp_path, teacher_from_base_model=True))
         with pytest.raises(ValueError, match="a teacher was given too"):
-            make_trainer(tmp_path, teacher=tiny_bert(seed=7), args=make_args(tmp_path, teacher_from_base_model=True),
+            make_distill_trainer(tmp_path, teacher=tiny_bert(seed=7), args=make_distill_args(tmp_path, teacher_from_base_model=True),
                          peft_config=lora())
         with pytest.raises(ValueError, match="teacher_model_name_or_path='t' was set too"):
             DistillConfig(output_dir=str(tmp_path), teacher_from_base_model=True, teacher_model_name_or_path="t")

@@ -1,5 +1,9 @@
 """Property tests (hypothesis) of the losses and metrics: bounds, finiteness at extreme logits in every float dtype,
-closed-form gradients, and invariance to how the evaluation set is split into batches, shards or processes."""
+closed-form gradients, and invariance to how the evaluation set is split into batches, shards or processes.
+
+One file for hf_kd/losses.py and hf_kd/metrics.py on purpose: the hypothesis strategies and settings are shared, and
+these tests check properties (not examples), which the example tests of tests/test_losses.py and tests/test_metrics.py
+do not."""
 
 import math
 

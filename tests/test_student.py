@@ -49,7 +49,7 @@ from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, Llama
 
 from hf_kd.student import block_influence, drop_layers, evenly_spaced_layers, make_student  # noqa: E402
 
-from . import lm_testing_utils  # noqa: E402
+from .testing_utils import causal_lm, causal_lm_tokenizer  # noqa: E402
 
 
 def tiny_llama(layers=4, seed=0):
@@ -177,7 +177,7 @@ def test_make_student_every_other_and_errors():
 
 @pytest.mark.slow
 def test_smollm2_student_with_half_the_layers_generates_and_reloads(tmp_path):
-    model, tokenizer = lm_testing_utils.model(), lm_testing_utils.tokenizer()
+    model, tokenizer = causal_lm(), causal_lm_tokenizer()
     student = make_student(model, 15)
     assert student.config.num_hidden_layers == 15 and model.config.num_hidden_layers == 30
     messages = [{"role": "user", "content": "What is the capital of France?"}]

@@ -5,10 +5,6 @@ scores against transformers' eager attention, the projection's initialisation.""
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import (
-    MPNetConfig,
-    MPNetForSequenceClassification,
-)
 
 from hf_kd.tinybert import (
     IntermediateProjection,
@@ -21,17 +17,7 @@ from hf_kd.tinybert import (
     uniform_layer_map,
 )
 
-from .testing_utils import tiny_bert
-
-
-def tiny_mpnet(layers=4, hidden=48, seed=7):
-    torch.manual_seed(seed)
-    config = MPNetConfig(
-        vocab_size=99, hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=4, intermediate_size=37,
-        max_position_embeddings=70, num_labels=2, pad_token_id=0, hidden_dropout_prob=0.0,
-        attention_probs_dropout_prob=0.0,
-    )
-    return MPNetForSequenceClassification(config)
+from .testing_utils import hooked_scores, tiny_bert, tiny_mpnet, tinybert_masked
 
 
 def padded_batch():
@@ -50,10 +36,6 @@ class SoftmaxInputs:
             return original(x, *args, **kwargs)
 
         monkeypatch.setattr(torch.nn.functional, "softmax", softmax)
-
-
-def tinybert_masked(scores):
-    return torch.where(scores <= -100, torch.zeros_like(scores), scores)
 
 
 # ---- layer maps --------------------------------------------------------------------------------------------------
@@ -134,13 +116,6 @@ class TestAttentionScoreMse:
 
 
 # ---- pre-softmax attention scores --------------------------------------------------------------------------------
-
-
-def hooked_scores(model, batch):
-    layers = encoder_layers(model)
-    with record_attention_scores({i + 1: self_attention_module(layer) for i, layer in enumerate(layers)}) as scores:
-        model(**batch)
-    return [scores[i + 1] for i in range(len(layers))]
 
 
 @pytest.mark.parametrize("family", ["bert", "mpnet"])

@@ -13,20 +13,17 @@ from hf_kd import TinyBERTConfig, TinyBERTTrainer, kd_loss
 from hf_kd.tinybert import attention_score_mse, hidden_state_mse
 from hf_kd.trainer.tinybert_trainer import PROJECTION_FILENAME
 
-from . import test_distill_trainer
-from .test_distill_trainer import snapshot
-from .test_tinybert import hooked_scores, tiny_mpnet, tinybert_masked
-from .testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer
-
-
-def make_args(tmp_path, **kwargs):
-    return test_distill_trainer.make_args(tmp_path, config_class=TinyBERTConfig, **kwargs)
-
-
-def make_trainer(tmp_path, teacher, args=None, **kwargs):
-    args = args if args is not None else make_args(tmp_path)
-    return test_distill_trainer.make_trainer(tmp_path, teacher, args=args, trainer_class=TinyBERTTrainer, **kwargs)
-
+from .testing_utils import (
+    hooked_scores,
+    make_tinybert_args,
+    make_tinybert_trainer,
+    snapshot,
+    tiny_bert,
+    tiny_dataset,
+    tiny_mpnet,
+    tiny_tokenizer,
+    tinybert_masked,
+)
 
 STAGE1 = dict(hidden_loss_weight=1.0, attention_loss_weight=1.0, embedding_loss_weight=1.0, prediction_loss_weight=0.0)
 
@@ -108,7 +105,7 @@ class TestTinyBERTTrainer:
         against a reference built from eager softmax inputs and output_hidden_states."""
         teacher, student = tiny_bert(layers=4, hidden=48, seed=7), tiny_bert(layers=2, hidden=32, seed=1)
         weights = dict(hidden_loss_weight=1.5, attention_loss_weight=0.5, embedding_loss_weight=2.0, prediction_loss_weight=0.3)
-        trainer = make_trainer(tmp_path, teacher, student=student, args=make_args(tmp_path, **weights))
+        trainer = make_tinybert_trainer(tmp_path, teacher, student=student, args=make_tinybert_args(tmp_path, **weights))
         assert trainer._intermediate.layer_map == [2, 4]
         projection = trainer.intermediate_projection
         assert projection.dense.weight.shape == (48, 32)
@@ -132,7 +129,7 @@ class TestTinyBERTTrainer:
     def test_stage1_trains_projection_and_saves_a_plain_student(self, tmp_path):
         teacher, student = tiny_bert(layers=4, hidden=48, seed=7), tiny_bert(layers=2, hidden=32, seed=1)
         teacher_before, student_before = snapshot(teacher), snapshot(student)
-        trainer = make_trainer(tmp_path, teacher, student=student, args=make_args(tmp_path, **STAGE1))
+        trainer = make_tinybert_trainer(tmp_path, teacher, student=student, args=make_tinybert_args(tmp_path, **STAGE1))
         projection_before = snapshot(trainer.intermediate_projection)
         trainer.train()
         for name, param in teacher.named_parameters():
@@ -167,15 +164,15 @@ class TestTinyBERTTrainer:
 
     def test_mpnet_teacher_of_another_width(self, tmp_path):
         """MPNet teacher (relative position bias in its scores), 4 layers x 48 -> BERT student 2 x 32."""
-        trainer = make_trainer(tmp_path, tiny_mpnet(), student=tiny_bert(seed=1), args=make_args(tmp_path, **STAGE1))
+        trainer = make_tinybert_trainer(tmp_path, tiny_mpnet(), student=tiny_bert(seed=1), args=make_tinybert_args(tmp_path, **STAGE1))
         trainer.train()
         losses = [h["attention_loss"] for h in trainer.state.log_history if "attention_loss" in h]
         assert losses and all(math.isfinite(x) and x > 0 for x in losses)
 
     def test_explicit_layer_map_and_identity_projection(self, tmp_path):
         teacher, student = tiny_bert(layers=4, seed=7), tiny_bert(layers=2, seed=1)
-        args = make_args(tmp_path, intermediate_layer_map=[1, 3], intermediate_projection="identity", **STAGE1)
-        trainer = make_trainer(tmp_path, teacher, student=student, args=args)
+        args = make_tinybert_args(tmp_path, intermediate_layer_map=[1, 3], intermediate_projection="identity", **STAGE1)
+        trainer = make_tinybert_trainer(tmp_path, teacher, student=student, args=args)
         assert trainer._intermediate.layer_map == [1, 3] and trainer._projection_parameters() == []
         trainer.train()
         trainer.save_model(str(tmp_path / "saved"))
@@ -193,12 +190,12 @@ class TestTinyBERTTrainer:
         if "heads" in teacher_kwargs:  # same widths, other head count
             teacher = BertForSequenceClassification(BertConfig(**{**teacher.config.to_dict(), "num_attention_heads": 8}))
         with pytest.raises(ValueError, match=message):
-            make_trainer(tmp_path, teacher, args=make_args(tmp_path, **STAGE1, **kwargs))
+            make_tinybert_trainer(tmp_path, teacher, args=make_tinybert_args(tmp_path, **STAGE1, **kwargs))
 
     def test_logits_column_without_teacher_is_an_error(self, tmp_path):
         train = tiny_dataset(16).add_column("teacher_logits", [[1.0, -1.0]] * 16)
         with pytest.raises(ValueError, match="need the teacher's hidden states"):
-            make_trainer(tmp_path, None, train=train, args=make_args(tmp_path, **STAGE1))
+            make_tinybert_trainer(tmp_path, None, train=train, args=make_tinybert_args(tmp_path, **STAGE1))
 
     def test_gradient_accumulation_matches_large_batch(self, tmp_path):
         """One SGD step on 8 examples equals 2 accumulated micro-batches of 4, student and projection alike."""
@@ -206,28 +203,28 @@ class TestTinyBERTTrainer:
         results = []
         for batch_size, accumulation in [(8, 1), (4, 2)]:
             student = tiny_bert(seed=1)
-            args = make_args(
+            args = make_tinybert_args(
                 tmp_path / f"bs{batch_size}", per_device_train_batch_size=batch_size, optim="sgd", learning_rate=0.5,
                 gradient_accumulation_steps=accumulation, max_steps=1, eval_strategy="no", lr_scheduler_type="constant",
                 **{**STAGE1, "prediction_loss_weight": 1.0},
             )
-            trainer = make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=student, train=data)
+            trainer = make_tinybert_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=student, train=data)
             trainer.train()
             results.append({**snapshot(student), **snapshot(trainer.intermediate_projection)})
         for name in results[0]:
             torch.testing.assert_close(results[0][name], results[1][name], atol=1e-5, rtol=1e-4, msg=name)
 
     def test_interrupted_and_resumed_equals_uninterrupted(self, tmp_path):
-        args = make_args(tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=3, eval_strategy="no", **STAGE1)
+        args = make_tinybert_args(tmp_path, num_train_epochs=2, save_strategy="steps", save_steps=3, eval_strategy="no", **STAGE1)
         student = tiny_bert(seed=1)
-        uninterrupted = make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=student)
+        uninterrupted = make_tinybert_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=student)
         uninterrupted.train()
         final = {**snapshot(student), **snapshot(uninterrupted.intermediate_projection)}
         checkpoint = tmp_path / "out" / "checkpoint-3"
         assert (checkpoint / PROJECTION_FILENAME).exists()
 
         resumed_student = tiny_bert(seed=5)  # other weights: everything must come from the checkpoint
-        resumed = make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=resumed_student)
+        resumed = make_tinybert_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args, student=resumed_student)
         with torch.no_grad():
             resumed.intermediate_projection.dense.weight.zero_()
         resumed.train(resume_from_checkpoint=str(checkpoint))
@@ -237,15 +234,15 @@ class TestTinyBERTTrainer:
             torch.testing.assert_close(got[name], final[name], atol=0, rtol=0, msg=name)
 
     def test_resuming_without_projection_file_is_an_error(self, tmp_path):
-        args = make_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, eval_strategy="no")
-        make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args).train()
-        args = make_args(tmp_path, max_steps=2, save_strategy="no", eval_strategy="no", **STAGE1)
-        trainer = make_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args)
+        args = make_tinybert_args(tmp_path, max_steps=1, save_strategy="steps", save_steps=1, eval_strategy="no")
+        make_tinybert_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args).train()
+        args = make_tinybert_args(tmp_path, max_steps=2, save_strategy="no", eval_strategy="no", **STAGE1)
+        trainer = make_tinybert_trainer(tmp_path, tiny_bert(layers=4, hidden=48, seed=7), args=args)
         with pytest.raises(ValueError, match=f"has no {PROJECTION_FILENAME}"):
             trainer.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-1"))
 
     def test_model_init_gets_a_fresh_projection(self, tmp_path):
-        args = make_args(tmp_path, max_steps=2, eval_strategy="no", **STAGE1)
+        args = make_tinybert_args(tmp_path, max_steps=2, eval_strategy="no", **STAGE1)
         tokenizer = tiny_tokenizer(tmp_path)
         trainer = TinyBERTTrainer(
             model=None, model_init=lambda: tiny_bert(seed=1), args=args, teacher_model=tiny_bert(layers=4, hidden=48, seed=7),

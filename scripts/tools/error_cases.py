@@ -20,20 +20,20 @@ from pathlib import Path
 import pytest
 
 OUT = Path(__file__).resolve().parents[2] / "docs" / "error_cases.json"
-# Which part of hf_kd each test file checks.
+# Which part of hf_kd each test file checks (by file name: tests/distributed/test_scaling.py is test_scaling).
 AREAS = {
     "losses, metrics, calibration, prediction sets": (
-        "test_losses", "test_metrics", "test_calibration", "test_prediction_sets", "test_early_exit_math",
-        "test_evaluation", "test_properties",
+        "test_losses", "test_metrics", "test_calibration", "test_prediction_sets", "test_early_exit",
+        "test_evaluation", "test_properties", "test_self_kd",
     ),
     "trainers and their configs": (
-        "test_distill_trainer", "test_early_exit_trainer", "test_dedier", "test_self_kd", "test_letkd_trainer",
+        "test_distill_trainer", "test_early_exit_trainer", "test_dedier", "test_self_kd_trainer", "test_letkd_trainer",
         "test_tinybert_trainer", "test_peft", "test_confidence_search", "test_distributed",
         "test_multiprocess", "test_scaling",
     ),
     "models (multi-exit, KD layers, Laplace exits)": (
-        "test_modeling_multi_exit", "test_multi_exit_cnn", "test_kd_layer", "test_exit_laplace",
-        "test_exit_laplace_models",
+        "test_modeling_multi_exit", "test_modeling_multi_exit_cnn", "test_kd_layer", "test_exit_laplace",
+        "test_exit_laplace_mixin",
     ),
     "data, teacher, student, offline models, Hub": (
         "test_data", "test_student", "test_offline_models", "test_hub",

@@ -1,6 +1,6 @@
-"""How far the 2-process runs of tests/test_scaling.py are from their 1-process runs (README "Scaling out").
+"""How far the 2-process runs of tests/distributed/test_scaling.py are from their 1-process runs (README "Scaling out").
 
-    python -m pytest tests/test_scaling.py --basetemp outputs/scaling
+    python -m pytest tests/distributed/test_scaling.py --basetemp outputs/scaling
     python scripts/tools/scaling_diffs.py outputs/scaling
 
 For every test folder holding a 1-process run (`one/`) and a 2-process run (`two/`): the largest absolute difference
@@ -16,7 +16,7 @@ import torch
 
 import hf_kd  # noqa: F401  (registers the multi-exit models with the Auto classes)
 
-# pytest cuts the folder names to 30 characters: the tests of tests/test_scaling.py by name.
+# pytest cuts the folder names to 30 characters: the tests of tests/distributed/test_scaling.py by name.
 LABELS = {
     "test_ddp_lora_student_base_model_teacher": "DDP: LoRA student, teacher = its base model",
     "test_zero3_sharded_teacher_early_exit": "ZeRO-3: multi-exit student, teacher sharded",

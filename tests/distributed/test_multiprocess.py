@@ -1,3 +1,6 @@
+"""2 real ranks under `torchrun` (gloo on CPU) running the drivers beside this file: distributed_distill.py
+(DistillTrainer: online, cached and intermediate-layer losses, resume) and distributed_dedier.py (DEDIER weights)."""
+
 import json
 import os
 import socket

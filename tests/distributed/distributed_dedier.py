@@ -1,4 +1,4 @@
-"""Run by tests/test_multiprocess.py under `torchrun --nproc_per_node 2` (gloo on CPU): a tiny DEDIER run.
+"""Run by tests/distributed/test_multiprocess.py under `torchrun --nproc_per_node 2` (gloo on CPU): a tiny DEDIER run.
 
 Each rank writes `rank<k>.json` with hashes of its final model and of its DEDIER weights, and its re-weighting logs.
 """
@@ -10,11 +10,9 @@ from pathlib import Path
 
 import torch.distributed as dist
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hf_kd.distributed import end_distributed  # noqa: E402
-from tests.test_dedier import dedier_args  # noqa: E402
-from tests.test_early_exit_trainer import make_trainer, tiny_multi_exit  # noqa: E402
-from tests.testing_utils import tiny_bert  # noqa: E402
+from tests.testing_utils import make_dedier_args, make_early_exit_trainer, tiny_bert, tiny_multi_exit  # noqa: E402
 
 
 def sha(tensors) -> str:
@@ -26,9 +24,9 @@ def sha(tensors) -> str:
 
 def main(out_dir: str) -> None:
     out = Path(out_dir)
-    args = dedier_args(out, per_device_train_batch_size=4, num_train_epochs=3, ddp_backend="gloo")
+    args = make_dedier_args(out, per_device_train_batch_size=4, num_train_epochs=3, ddp_backend="gloo")
     model = tiny_multi_exit()
-    trainer = make_trainer(out, model=model, args=args, teacher=tiny_bert(seed=7))
+    trainer = make_early_exit_trainer(out, model=model, args=args, teacher=tiny_bert(seed=7))
     trainer.train()
     result = {
         "world_size": dist.get_world_size(),

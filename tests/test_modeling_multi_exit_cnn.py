@@ -18,30 +18,9 @@ from hf_kd.early_exit import (
     simulate_exits,
 )
 
-NUM_LABELS = 10
-BATCH = 12
-
-
-def tiny_cnn(seed=0, sharpen=1.0, **kwargs):
-    """A tiny CNN in eval mode (BatchNorm with non-trivial running statistics); `sharpen` spreads the confidences."""
-    torch.manual_seed(seed)
-    kwargs = {"stem_channels": 4, "stage_channels": [4, 8, 8], "num_labels": NUM_LABELS, **kwargs}
-    model = MultiExitForImageClassification(MultiExitImageConfig(**kwargs))
-    with torch.no_grad():
-        for module in model.modules():
-            if isinstance(module, torch.nn.BatchNorm2d):
-                module.running_mean.uniform_(-0.2, 0.2)
-                module.running_var.uniform_(0.5, 2.0)
-        for head in model.exits:
-            head.classifier.weight.mul_(sharpen)
-    return model.eval()
-
-
-def images(seed=0, batch=BATCH, size=28):
-    """Smooth random images with a per-image contrast and brightness, so the exits disagree across images."""
-    g = torch.Generator().manual_seed(seed)
-    smooth = F.avg_pool2d(torch.randn(batch, 1, size, size, generator=g), 5, stride=1, padding=2)
-    return 3 * torch.rand(batch, 1, 1, 1, generator=g) * smooth + torch.randn(batch, 1, 1, 1, generator=g)
+from .testing_utils import CNN_BATCH as BATCH
+from .testing_utils import CNN_NUM_LABELS as NUM_LABELS
+from .testing_utils import images, tiny_cnn
 
 
 def exit_probs_of(full):

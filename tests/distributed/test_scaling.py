@@ -31,9 +31,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from .testing_utils import require_peft, tiny_bert
+from ..testing_utils import require_peft, tiny_bert
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 TOLERANCE = 1e-5  # losses, gradient norms, metrics
 WEIGHT_TOLERANCE = 1e-3
 # What DeepSpeed needs on a CPU-only machine, set for the launched processes only (never in the user's environment):

@@ -1,6 +1,7 @@
-"""The per-exit Laplace inside both multi-exit models: fit from dataloaders, per-exit probabilities,
-`predict_with_exits(link_approx=...)` against the offline simulation, save/load (Auto classes, trust_remote_code) and
-bad input."""
+"""The per-exit Laplace inside both multi-exit models (`ExitLaplaceMixin` of hf_kd/modeling/exit_laplace.py): fit
+from dataloaders, per-exit probabilities, `predict_with_exits(link_approx=...)` against the offline simulation,
+save/load (Auto classes, trust_remote_code) and bad input. Apart from tests/test_exit_laplace.py, whose autouse
+fixture runs every test in float64: these run the models in their default float32."""
 
 import json
 import re
@@ -13,8 +14,7 @@ from transformers.dynamic_module_utils import get_class_from_dynamic_module
 from hf_kd.early_exit import budget_exit_fractions, fit_budget_thresholds, model_internal_ensemble, simulate_exits
 from hf_kd.modeling.exit_laplace import EXIT_LAPLACE_FILENAME, MultiExitLaplace
 
-from .test_modeling_multi_exit import inputs_for, tiny_multi_exit
-from .test_multi_exit_cnn import images, tiny_cnn
+from .testing_utils import images, text_inputs_for, tiny_cnn, tiny_eval_multi_exit
 
 NUM_SAMPLES = 8  # MC samples: a few, to keep the tests fast
 
@@ -25,8 +25,8 @@ def make(kind):
         model = tiny_cnn(sharpen=30.0)
         loader = [{"pixel_values": images(seed=s), "labels": torch.randint(0, 10, (12,))} for s in range(3)]
         return model, {"pixel_values": images(seed=9)}, loader
-    model = tiny_multi_exit(kind, sharpen=40.0)
-    input_ids, attention_mask = inputs_for(kind)
+    model = tiny_eval_multi_exit(kind, sharpen=40.0)
+    input_ids, attention_mask = text_inputs_for(kind)
     g = torch.Generator().manual_seed(0)
     loader = [
         {"input_ids": input_ids.roll(s, 0), "attention_mask": attention_mask.roll(s, 0),
@@ -179,14 +179,12 @@ def test_trainer_fit_evaluate_save_and_card(tmp_path):
     from hf_kd.metrics import expected_calibration_error, negative_log_likelihood
     from hf_kd.trainer.full_pass import plain_loader
 
-    from .test_early_exit_trainer import make_args
-    from .test_early_exit_trainer import tiny_multi_exit as trainer_model
-    from .testing_utils import tiny_dataset, tiny_tokenizer
+    from .testing_utils import make_early_exit_args, tiny_dataset, tiny_multi_exit, tiny_tokenizer
 
     tokenizer = tiny_tokenizer(tmp_path)
     train, validation, test = tiny_dataset(32), tiny_dataset(16, seed=1), tiny_dataset(24, seed=2)
     trainer = EarlyExitTrainer(
-        model=trainer_model(), args=make_args(tmp_path, eval_strategy="no"), train_dataset=train,
+        model=tiny_multi_exit(), args=make_early_exit_args(tmp_path, eval_strategy="no"), train_dataset=train,
         eval_dataset=validation, processing_class=tokenizer, data_collator=DataCollatorWithPadding(tokenizer),
     )
     trainer.train()

@@ -1,4 +1,4 @@
-"""Run by tests/test_multiprocess.py under `torchrun --nproc_per_node 2` (gloo on CPU): a tiny DistillTrainer run.
+"""Run by tests/distributed/test_multiprocess.py under `torchrun --nproc_per_node 2` (gloo on CPU): a tiny DistillTrainer run.
 
 Each rank writes `rank<k>.json` with a hash of its final student weights, its teacher-weight check and its logs.
 Modes: `online` (teacher forward every step), `cache` (cached teacher logits), `intermediate` (TinyBERT losses from a
@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 from transformers import DataCollatorWithPadding
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 from hf_kd import DistillConfig, DistillTrainer, TinyBERTConfig, TinyBERTTrainer  # noqa: E402
 from hf_kd.distributed import end_distributed  # noqa: E402
 from tests.testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer  # noqa: E402
