@@ -8,25 +8,29 @@ import datasets
 import numpy as np
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM
+from transformers import LlamaConfig
 
 from hf_kd import DistillConfig, DistillTrainer
 from hf_kd.hub import pipeline_tag_of
 from hf_kd.losses import lm_kd_loss
 from hf_kd.metrics import lm_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
 
-from .testing_utils import require_peft, tiny_bert, tiny_dataset
+from .testing_utils import (
+    SMOLLM2,
+    causal_lm,
+    causal_lm_tokenizer,
+    require_peft,
+    snapshot,
+    tiny_bert,
+    tiny_dataset,
+    tiny_llama,
+)
 
 VOCAB = 64
 
 
 def tiny_lm(layers=2, seed=0, vocab_size=VOCAB):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, pad_token_id=0, bos_token_id=1, eos_token_id=2,
-    )
-    return LlamaForCausalLM(config)
+    return tiny_llama(layers=layers, seed=seed, vocab_size=vocab_size, tie_word_embeddings=False)
 
 
 def lm_dataset(n=8, seed=0, min_len=5, max_len=12):
@@ -71,10 +75,6 @@ def make_trainer(tmp_path, args=None, student=None, teacher=None, train=None, ev
         data_collator=pad_collator,
         **kwargs,
     )
-
-
-def snapshot(model):
-    return {n: p.detach().clone() for n, p in model.named_parameters()}
 
 
 # ---- metrics --------------------------------------------------------------------------------------------------------
@@ -289,9 +289,8 @@ def test_different_vocabularies_fail_before_training_naming_both(tmp_path):
 def test_different_vocabularies_name_the_tokenizers():
     from hf_kd.teacher import check_lm_vocabularies
 
-    from . import lm_testing_utils
 
-    smol = lm_testing_utils.tokenizer(lm_testing_utils.SMOLLM2)
+    smol = causal_lm_tokenizer(SMOLLM2)
     student_config, teacher_config = LlamaConfig(vocab_size=len(smol)), LlamaConfig(vocab_size=len(smol) + 1)
     with pytest.raises(ValueError, match=r"SmolLM2-135M-Instruct', 49152 tokens.*teacher vocab_size=49153"):
         check_lm_vocabularies(student_config, teacher_config, smol, None)
@@ -384,15 +383,14 @@ def test_smollm2_teacher_into_a_15_layer_student_on_chat_data(tmp_path):
     from hf_kd.lm_data import lm_chat_dataset, tokenize_lm_dataset
     from hf_kd.student import make_student
 
-    from . import lm_testing_utils
 
-    tokenizer = lm_testing_utils.tokenizer(lm_testing_utils.SMOLLM2)
-    teacher = lm_testing_utils.model(lm_testing_utils.SMOLLM2)
+    tokenizer = causal_lm_tokenizer(SMOLLM2)
+    teacher = causal_lm(SMOLLM2)
     student = make_student(teacher, 15)
     data = lm_chat_dataset("sentiment", max_words=8)  # prompts of ~60 tokens: the answer fits in 64
     columns = ["input_ids", "attention_mask", "labels"]
     with pytest.raises(ValueError, match="both 'labels' \\(token labels\\) and 'label' columns"):
-        DistillTrainer(model=student, args=make_args(tmp_path), teacher_model=lm_testing_utils.SMOLLM2,
+        DistillTrainer(model=student, args=make_args(tmp_path), teacher_model=SMOLLM2,
                        train_dataset=tokenize_lm_dataset(data["train"].select(range(2)), tokenizer, max_length=64))
     train = tokenize_lm_dataset(data["train"].select(range(8)), tokenizer, max_length=64).select_columns(columns)
     validation = tokenize_lm_dataset(data["validation"].select(range(4)), tokenizer, max_length=64).select_columns(
@@ -400,7 +398,7 @@ def test_smollm2_teacher_into_a_15_layer_student_on_chat_data(tmp_path):
     )
     args = make_args(tmp_path, per_device_train_batch_size=4, max_steps=2, learning_rate=1e-5)
     trainer = DistillTrainer(
-        model=student, args=args, teacher_model=lm_testing_utils.SMOLLM2, train_dataset=train,
+        model=student, args=args, teacher_model=SMOLLM2, train_dataset=train,
         eval_dataset=validation, processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
     )
     trainer.train()
@@ -411,7 +409,7 @@ def test_smollm2_teacher_into_a_15_layer_student_on_chat_data(tmp_path):
     # The teacher evaluated as its own student: full agreement, and the perplexity of a trained model on one-word
     # answers, far below the half-depth student's.
     itself = DistillTrainer(
-        model=copy.deepcopy(teacher), args=make_args(tmp_path / "itself"), teacher_model=lm_testing_utils.SMOLLM2,
+        model=copy.deepcopy(teacher), args=make_args(tmp_path / "itself"), teacher_model=SMOLLM2,
         eval_dataset=validation,
         train_dataset=train, processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer),
     ).evaluate()

@@ -45,21 +45,11 @@ def test_bad_layer_lists(layers):
 
 # ----- decoder-only causal LMs -----
 
-from transformers import Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM  # noqa: E402
+from transformers import Gemma3ForCausalLM, Gemma3TextConfig  # noqa: E402
 
 from hf_kd.student import block_influence, drop_layers, evenly_spaced_layers, make_student  # noqa: E402
 
-from .testing_utils import causal_lm, causal_lm_tokenizer  # noqa: E402
-
-
-def tiny_llama(layers=4, seed=0):
-    torch.manual_seed(seed)
-    config = LlamaConfig(
-        vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
-        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=True, pad_token_id=0,
-        bos_token_id=1, eos_token_id=2,
-    )
-    return LlamaForCausalLM(config).eval()
+from .testing_utils import causal_lm, causal_lm_tokenizer, tiny_llama  # noqa: E402
 
 
 def _make_identity(layer):
@@ -79,7 +69,7 @@ def test_evenly_spaced_layers():
 
 
 def test_drop_layers_shapes_indices_and_weights():
-    teacher = tiny_llama()
+    teacher = tiny_llama().eval()
     student = drop_layers(teacher, [0, 3])
     assert student.config.num_hidden_layers == 2 and teacher.config.num_hidden_layers == 4
     assert len(teacher.model.layers) == 4  # the teacher is untouched
@@ -96,7 +86,7 @@ def test_drop_layers_shapes_indices_and_weights():
 
 
 def test_dropping_an_identity_layer_changes_nothing():
-    teacher = tiny_llama(seed=1)
+    teacher = tiny_llama(seed=1).eval()
     _make_identity(teacher.model.layers[2])
     student = drop_layers(teacher, [0, 1, 3])
     ids = torch.randint(3, 64, (2, 9))
@@ -105,7 +95,7 @@ def test_dropping_an_identity_layer_changes_nothing():
 
 
 def test_dropped_student_generates_with_its_kv_cache():
-    student = drop_layers(tiny_llama(seed=2), [1, 3])
+    student = drop_layers(tiny_llama(seed=2).eval(), [1, 3])
     prompt = torch.randint(3, 64, (2, 5))
     mask = torch.ones_like(prompt)
     mask[0, 0] = 0  # left padding
@@ -137,7 +127,7 @@ def test_drop_layers_keeps_layer_types_consistent(tmp_path):
 
 
 def test_block_influence_finds_the_identity_layer():
-    teacher = tiny_llama(seed=3)
+    teacher = tiny_llama(seed=3).eval()
     _make_identity(teacher.model.layers[2])
     ids = torch.randint(3, 64, (3, 10))
     mask = torch.ones_like(ids)
@@ -159,7 +149,7 @@ def test_block_influence_finds_the_identity_layer():
 
 
 def test_make_student_every_other_and_errors():
-    teacher = tiny_llama()
+    teacher = tiny_llama().eval()
     assert make_student(teacher, 2).config.hf_kd_kept_layers == [1, 3]
     with pytest.raises(ValueError, match="rule must be one of"):
         make_student(teacher, 2, rule="random")

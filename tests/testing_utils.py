@@ -379,6 +379,19 @@ def make_self_kd_trainer(tmp_path, model=None, args=None, train=None, eval_="def
 # complete, so a bare `pytest` run also works (the first conversion takes about a minute for SmolLM2, three for Gemma,
 # on 2 shared CPU cores).
 
+def tiny_llama(layers=4, seed=0, vocab_size=64, tie_word_embeddings=True):
+    """A tiny Llama causal LM (hidden 32, 4 heads / 2 KV heads, vocab 64; ids 0/1/2 = pad/bos/eos), in train mode."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        vocab_size=vocab_size, hidden_size=32, intermediate_size=64, num_hidden_layers=layers, num_attention_heads=4,
+        num_key_value_heads=2, max_position_embeddings=64, tie_word_embeddings=tie_word_embeddings, pad_token_id=0,
+        bos_token_id=1, eos_token_id=2,
+    )
+    return LlamaForCausalLM(config)
+
+
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GEMMA3 = "google/gemma-3-270m"
 
