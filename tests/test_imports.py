@@ -122,6 +122,49 @@ def test_leaf_modules_import_no_hf_kd_module():
         assert graph[leaf] == set(), f"{leaf} must import no hf_kd module, imports {sorted(graph[leaf])}"
 
 
+# The layers of docs/architecture.md: a module imports only modules of its own layer or below (and `modeling/` only
+# itself, since its files are copied beside saved weights for trust_remote_code). A new module must be placed here,
+# which keeps the document true.
+LAYERS = {
+    1: (  # leaves: pure functions and small tables, no service
+        "options", "metric_keys", "version", "import_utils", "offline_models", "checkpoints", "metrics", "losses",
+        "self_kd", "prediction_sets", "student",
+    ),
+    2: (  # services: teacher loading, data, calibration, reports, cards, method math that needs a teacher
+        "teacher", "distributed", "peft_utils", "tinybert", "kd_layer_targets", "evaluation", "calibration", "plots",
+        "early_exit", "confidence_search", "hub", "data", "lm_data",
+    ),
+    3: ("trainer",),  # the trainer/config pairs
+    4: ("", "cli", "recipes"),  # entry points: the public API (hf_kd/__init__.py), the CLI, the recipes' shared code
+}
+
+
+def layer_of(module: str) -> int | str:
+    """The layer of `hf_kd.x.y` (by `x`), or `"modeling"` for `hf_kd.modeling.*`."""
+    top = module.removeprefix(PACKAGE).lstrip(".").split(".")[0]
+    if top == "modeling":
+        return "modeling"
+    for layer, names in LAYERS.items():
+        if top in names:
+            return layer
+    raise KeyError(f"{module} has no layer: place it in LAYERS (tests/test_imports.py) and docs/architecture.md")
+
+
+def test_every_import_goes_to_the_same_layer_or_below():
+    bad = []
+    for module, imported in import_graph().items():
+        mine = layer_of(module)
+        for other in imported:
+            theirs = layer_of(other)
+            if mine == "modeling":
+                ok = theirs == "modeling"
+            else:
+                ok = theirs == "modeling" and mine >= 2 or theirs != "modeling" and theirs <= mine
+            if not ok:
+                bad.append(f"{module} (layer {mine}) imports {other} (layer {theirs})")
+    assert not bad, "imports against docs/architecture.md's layers:\n" + "\n".join(sorted(bad))
+
+
 def cross_test_imports(root: Path = ROOT) -> dict[str, list[str]]:
     """`{test module: [the test modules it imports]}` for the `tests` package under `root` (sub-packages included)."""
     graph = import_graph(root, "tests")
