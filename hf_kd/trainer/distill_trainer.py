@@ -39,7 +39,10 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     `args.beta`), at temperature `args.temperature` on both sides. The loss is normalised by the number of completion
     tokens of the whole accumulated batch (`num_items_in_batch`, counted over the shifted labels), so it is exact under
     gradient accumulation and data parallelism. The teacher must be a causal LM with the same vocabulary (an error
-    naming both vocabulary sizes and tokenizers otherwise) and runs live at every step (no logit cache for LMs yet).
+    naming both vocabulary sizes and tokenizers otherwise). It runs live at every step, or with
+    `args.cache_teacher_logits` once per dataset: each completion token's top `args.lm_cache_top_k` teacher logits are
+    cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
+    (tail `args.lm_cache_tail`; a cached evaluation logs no teacher metric).
     Each evaluation logs `perplexity`, `token_accuracy`, `token_ece` (15 bins), `token_entropy` and `top1_agreement`
     with the teacher ([`hf_kd.metrics.lm_metrics`]), each batch's logits being reduced to five numbers per token
     ([`hf_kd.metrics.preprocess_lm_logits_for_metrics`]) so that no vocabulary-sized tensor is accumulated; the card's
