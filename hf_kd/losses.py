@@ -924,3 +924,147 @@ def lm_kd_loss(
         )
     count = torch.tensor(targets.shape[0], device=total.device)
     return total / _normalizer(num_items_in_batch, count)
+
+
+LM_CACHE_TAILS = ("bucket", "renormalise")
+
+
+def _sparse_divergence(log_t: torch.Tensor, log_s: torch.Tensor, loss_type: LMLossType, beta: float) -> torch.Tensor:
+    """Per-row divergence `D(p_T, p_S)` of two `(N, C)` log-probability tensors (autograd), as [`lm_kd_loss`]
+    defines it for each `loss_type` (the JSD end points included)."""
+    if loss_type is LMLossType.JSD and beta in (0.0, 1.0):
+        loss_type = LMLossType.FORWARD_KL if beta == 0.0 else LMLossType.REVERSE_KL
+    if loss_type is LMLossType.FORWARD_KL:
+        return F.kl_div(log_s, log_t, reduction="none", log_target=True).sum(-1)
+    if loss_type is LMLossType.REVERSE_KL:
+        return F.kl_div(log_t, log_s, reduction="none", log_target=True).sum(-1)
+    log_m = torch.logaddexp(log_t + math.log(beta), log_s + math.log1p(-beta))
+    to_teacher = F.kl_div(log_m, log_t, reduction="none", log_target=True).sum(-1)
+    to_student = F.kl_div(log_m, log_s, reduction="none", log_target=True).sum(-1)
+    return beta * to_teacher + (1.0 - beta) * to_student
+
+
+def sparse_lm_kd_loss(
+    student_logits: torch.Tensor,
+    topk_ids: torch.Tensor,
+    topk_logits: torch.Tensor,
+    teacher_logsumexp: torch.Tensor,
+    labels: torch.Tensor,
+    loss_type: LMLossType | str = "forward_kl",
+    beta: float = 0.5,
+    temperature: float = 1.0,
+    alpha: float = 1.0,
+    num_items_in_batch: torch.Tensor | int | None = None,
+    tail: str = "bucket",
+) -> torch.Tensor:
+    r"""
+    [`lm_kd_loss`] against a sparse teacher: its top-k logits per token (as the causal-LM teacher-logit cache stores
+    them) instead of its full `(vocab,)` logits.
+
+    For every counted position `i` (`labels[i] != -100`) the vocabulary is split into the teacher's `k` top tokens
+    `K_i` and, with `tail="bucket"`, one more cell "rest" holding every other token. Teacher and student are compared
+    on that partition:
+
+    - `tail="bucket"`: each model's distribution over the `k + 1` cells at temperature 1 (the rest cell gets
+      `1 - sum_{j in K_i} p(j)`: for the teacher `exp(teacher_logsumexp)` minus the top-k mass, exact; for the student
+      `logsumexp` of its logits outside `K_i`), written as `k + 1` "logits" (`z_j`, and `log sum_{j not in K_i}
+      exp(z_j)` for the rest) and tempered as a `(k + 1)`-way softmax: `p = softmax(cell_logits / T)`. At `T = 1`
+      this is exactly the coarse-graining of the full distributions, so the divergence is a lower bound of the full
+      one (data processing inequality), with equality when `k = vocab`. At `T != 1` it is an approximation: tempering
+      the rest cell as one token is not tempering the tokens in it (for `T > 1` the true tempered tail holds more
+      mass). Teacher and student are treated alike, so the loss is 0 when they agree, at any `T`.
+    - `tail="renormalise"`: both distributions restricted to `K_i` and renormalised, `softmax(z_{K_i} / T)` (the rest
+      is ignored; `teacher_logsumexp` is not used).
+
+    `loss_i = alpha * T^2 * D(p_T, p_S) + (1 - alpha) * CE(labels[i], softmax(student_logits[i]))` with `D` chosen by
+    `loss_type` as in [`lm_kd_loss`] (`"forward_kl"`, `"reverse_kl"`, `"jsd"` with `beta`), summed and divided by
+    `num_items_in_batch` (or the number of counted positions). With `k = vocab` both tails equal [`lm_kd_loss`]
+    (values and gradients). The cross-entropy uses the student's full logits at temperature 1.
+
+    Memory: plain autograd on the counted rows, `(N, vocab)` float32 (a few such tensors; [`lm_kd_loss`] chunks, this
+    function does not), and `(N, k + 1)` for the partition.
+
+    Args:
+        student_logits (`torch.Tensor` of shape `(batch, seq, vocab)`):
+            Student logits, already aligned with `labels` (the caller shifts).
+        topk_ids (`torch.Tensor` of shape `(batch, seq, k)` and integer dtype):
+            The teacher's top-k token ids at each position (distinct within a position; read at counted positions
+            only).
+        topk_logits (`torch.Tensor` of shape `(batch, seq, k)`):
+            The teacher's logits of those tokens, at temperature 1.
+        teacher_logsumexp (`torch.Tensor` of shape `(batch, seq)`):
+            `logsumexp` of **all** the teacher's logits at each position, at temperature 1 (used by `tail="bucket"`).
+        labels (`torch.Tensor` of shape `(batch, seq)`):
+            Gold next tokens aligned with the logits, `-100` for positions that do not count.
+        loss_type, beta, temperature, alpha, num_items_in_batch:
+            As in [`lm_kd_loss`].
+        tail (`str`, *optional*, defaults to `"bucket"`):
+            `"bucket"` or `"renormalise"`, see above.
+
+    Returns:
+        `torch.Tensor`: a scalar (float32, or float64 for float64 logits); 0 when no position is counted.
+
+    Raises:
+        `ValueError`: bad shapes, `k` of 0 or above the vocabulary, token ids or labels outside `[0, vocab)`, an
+        unknown `loss_type` or `tail`, `beta`/`alpha` outside `[0, 1]`, `temperature <= 0`.
+    """
+    loss_type = to_enum(LMLossType, loss_type, "loss_type")
+    if tail not in LM_CACHE_TAILS:
+        raise ValueError(f"tail must be one of {LM_CACHE_TAILS}, got {tail!r}")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0.0, 1.0], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0.0, 1.0], got {alpha}")
+    _check_tensors(student_logits=student_logits, topk_ids=topk_ids, topk_logits=topk_logits,
+                   teacher_logsumexp=teacher_logsumexp, labels=labels)
+    if student_logits.dim() != 3:
+        raise ValueError(f"student_logits must have shape (batch, seq, vocab), got {tuple(student_logits.shape)}")
+    vocab, rows = student_logits.shape[-1], tuple(student_logits.shape[:2])
+    if topk_ids.dim() != 3 or tuple(topk_ids.shape[:2]) != rows or topk_ids.shape != topk_logits.shape:
+        raise ValueError(
+            f"topk_ids and topk_logits must both have shape {rows + ('k',)}, got {tuple(topk_ids.shape)} and "
+            f"{tuple(topk_logits.shape)}"
+        )
+    k = topk_ids.shape[-1]
+    if not 1 <= k <= vocab:
+        raise ValueError(f"The teacher's top-k must have 1 <= k <= vocab = {vocab} tokens, got k = {k}")
+    if tuple(teacher_logsumexp.shape) != rows or tuple(labels.shape) != rows:
+        raise ValueError(
+            f"teacher_logsumexp and labels must have shape {rows}, got {tuple(teacher_logsumexp.shape)} and "
+            f"{tuple(labels.shape)}"
+        )
+    if topk_ids.is_floating_point():
+        raise ValueError(f"topk_ids must be integer token ids, got dtype {topk_ids.dtype}")
+    _check_class_labels(labels, vocab)
+    batch_index, position_index = (labels != -100).nonzero(as_tuple=True)
+    targets = labels[batch_index, position_index].long()
+    student = _upcast(student_logits[batch_index, position_index])  # (N, vocab)
+    ids = topk_ids[batch_index, position_index].long()
+    if ((ids < 0) | (ids >= vocab)).any():
+        raise ValueError(f"topk_ids at counted positions must be in [0, {vocab}), got values outside it")
+    total = student.new_zeros(())
+    if alpha < 1:
+        total = total + (1.0 - alpha) * F.cross_entropy(student, targets, reduction="sum")
+    if alpha > 0 and targets.numel():
+        teacher_top = topk_logits[batch_index, position_index].to(student.dtype).detach()
+        student_top = student.gather(-1, ids)
+        if tail == "bucket" and k < vocab:
+            lse = teacher_logsumexp[batch_index, position_index].to(student.dtype).detach()
+            # log of the teacher's rest mass at T = 1, log(1 - sum_K p): clamped away from 0 (float rounding, or a
+            # rest that underflowed when the cache was written) so that its log stays finite.
+            top_mass = torch.logsumexp(teacher_top, dim=-1) - lse
+            rest = (-torch.expm1(top_mass.clamp(max=0.0))).clamp(min=torch.finfo(student.dtype).tiny)
+            teacher_cells = torch.cat([teacher_top, (lse + rest.log())[:, None]], dim=-1)
+            # The student's rest cell: logsumexp over the tokens outside K, exact and with a stable gradient.
+            outside = student.scatter(-1, ids, float("-inf"))
+            student_cells = torch.cat([student_top, torch.logsumexp(outside, dim=-1, keepdim=True)], dim=-1)
+        else:
+            teacher_cells, student_cells = teacher_top, student_top
+        log_t = F.log_softmax(teacher_cells / temperature, dim=-1)
+        log_s = F.log_softmax(student_cells / temperature, dim=-1)
+        divergence = _sparse_divergence(log_t, log_s, loss_type, float(beta))
+        total = total + alpha * temperature**2 * divergence.sum()
+    count = torch.tensor(targets.shape[0], device=total.device)
+    return total / _normalizer(num_items_in_batch, count)

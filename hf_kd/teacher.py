@@ -34,6 +34,8 @@ TEACHER_LOGITS_COLUMN = "teacher_logits"
 # The inputs a sequence-classification teacher consumes; everything else in a batch (labels, cached logits, ...) is
 # dropped before the teacher runs.
 TEACHER_INPUT_NAMES = ("input_ids", "attention_mask", "token_type_ids", "pixel_values")
+# The column that points each row of a causal-LM dataset at its rows of the cached top-k teacher logits.
+TEACHER_CACHE_INDEX_COLUMN = "teacher_cache_index"
 
 
 def load_teacher(
@@ -710,3 +712,113 @@ def compute_teacher_logits(
         if own:
             out[index] = logits
     return out
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Top-k teacher logits cache of causal LMs
+# --------------------------------------------------------------------------------------------------------------------
+
+LM_TOP_K_TENSORS = ("topk_ids", "topk_logprobs", "logsumexp", "offsets")
+
+
+def lm_top_k_data_key(data_key: str, top_k: int) -> str:
+    """The key of a causal-LM top-k cache file: the data's fingerprint (inputs and labels) and `k` (a file holds one
+    `k`; [`TeacherLogitsCache.path_for`] hashes it with the teacher's key)."""
+    return f"{data_key}:lm-top{top_k}"
+
+
+def load_lm_top_k(path: Path, teacher_key: str, data_key: str, num_rows: int, top_k: int, vocab_size: int):
+    """
+    The top-k teacher logits of a causal-LM dataset written by [`save_lm_top_k`], `None` if the file is absent.
+
+    Returns a dict of CPU tensors: `topk_ids` `(tokens, k)` int32, `topk_logprobs` `(tokens, k)` float16 (log-probs at
+    temperature 1), `logsumexp` `(tokens,)` float32 (of all the teacher's logits) and `offsets` `(rows + 1,)` int64
+    (row `r`'s completion tokens are `offsets[r]:offsets[r + 1]`, in position order).
+
+    A damaged (checksum), misplaced (metadata) or inconsistent file is a `ValueError` naming it
+    ([`load_verified_file`]).
+    """
+    if not path.exists():
+        return None
+    expected = {"teacher": teacher_key, "data": data_key, "rows": str(num_rows), "top_k": str(top_k)}
+    tensors, _ = load_verified_file(path, "causal-LM top-k teacher logits cache", expected)
+
+    def bad(reason: str) -> ValueError:
+        return ValueError(
+            f"The causal-LM top-k teacher logits cache file {path} {reason}. It was not used; delete it to recompute it."
+        )
+
+    if sorted(tensors) != sorted(LM_TOP_K_TENSORS):
+        raise bad(f"holds the tensors {sorted(tensors)}, not {sorted(LM_TOP_K_TENSORS)}")
+    ids, logprobs, lse, offsets = (tensors[name] for name in LM_TOP_K_TENSORS)
+    tokens = int(offsets[-1]) if offsets.numel() else -1
+    if offsets.shape != (num_rows + 1,) or ids.shape != (tokens, top_k) or logprobs.shape != ids.shape:
+        raise bad(
+            f"has inconsistent shapes (offsets {tuple(offsets.shape)} for {num_rows} rows, ids {tuple(ids.shape)}, "
+            f"log-probs {tuple(logprobs.shape)}, k = {top_k})"
+        )
+    if lse.shape != (tokens,) or not torch.isfinite(lse).all() or not torch.isfinite(logprobs).all():
+        raise bad("holds non-finite or misshapen log-probabilities")
+    if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
+        raise bad(f"holds token ids outside the student's vocabulary [0, {vocab_size})")
+    return tensors
+
+
+def save_lm_top_k(path: Path, top_k: dict[str, torch.Tensor], teacher_key: str, data_key: str) -> None:
+    """Write what [`compute_teacher_lm_top_k`] returns, checksummed, atomically ([`save_file_atomically`])."""
+    k = top_k["topk_ids"].shape[-1]
+    rows = top_k["offsets"].shape[0] - 1
+    metadata = {"teacher": teacher_key, "data": data_key, "rows": str(rows), "top_k": str(k)}
+    save_file_atomically({name: top_k[name] for name in LM_TOP_K_TENSORS}, path, metadata)
+
+
+@torch.no_grad()
+def compute_teacher_lm_top_k(
+    teacher: nn.Module,
+    dataset: datasets.Dataset,
+    collator,
+    batch_size: int,
+    device: torch.device,
+    top_k: int,
+    desc: str = "Teacher top-k logits",
+) -> dict[str, torch.Tensor]:
+    """
+    One gradient-free pass of a causal-LM teacher over a tokenized `dataset` (`input_ids`, `labels`, optionally
+    `attention_mask`), in dataset order, keeping for every completion token only what [`~hf_kd.losses.sparse_lm_kd_loss`]
+    needs.
+
+    A completion token is a position `t` whose shifted label `labels[t + 1]` is not `-100` (the logits at `t` predict
+    it). For each one: the ids of the teacher's `top_k` largest logits (int32), their log-probabilities at temperature
+    1 (`logit - logsumexp`, float16: near 0, where the top tokens are, float16 is most precise) and the `logsumexp` of
+    all the logits (float32), so that the top-k logits are `log-prob + logsumexp`. That is `6 * k + 4` bytes per
+    completion token, stored flat in row order with per-row `offsets` (no padding).
+
+    Returns:
+        `dict` with `topk_ids` `(tokens, k)`, `topk_logprobs` `(tokens, k)`, `logsumexp` `(tokens,)`, `offsets`
+        `(rows + 1,)` (int64), on the CPU.
+    """
+    from tqdm.auto import tqdm
+
+    columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
+    rows = dataset.select_columns(columns)
+    ids, logprobs, lse, counts = [], [], [], []
+    for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
+        batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
+        labels = batch["labels"][:, 1:]
+        inputs = {k: v.to(device) for k, v in batch.items() if k in TEACHER_INPUT_NAMES}
+        logits = teacher_logits_for_batch(teacher, inputs)[:, :-1]
+        counted = (labels != -100).to(logits.device)
+        token_logits = logits[counted].float()  # (tokens, vocab), row-major: each row's tokens in position order
+        token_lse = torch.logsumexp(token_logits, dim=-1)
+        values, indices = token_logits.topk(top_k, dim=-1)
+        ids.append(indices.int().cpu())
+        # Clamped so that a log-prob below float16's range stays finite (it is then ~0 in probability anyway).
+        logprobs.append((values - token_lse[:, None]).clamp(min=-60000.0).half().cpu())
+        lse.append(token_lse.cpu())
+        counts.append(counted.sum(1).cpu())
+    counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
+    offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.long().cumsum(0)])
+    if not ids:
+        ids, logprobs, lse = [torch.zeros(0, top_k, dtype=torch.int32)], [torch.zeros(0, top_k).half()], [torch.zeros(0)]
+    return {"topk_ids": torch.cat(ids), "topk_logprobs": torch.cat(logprobs), "logsumexp": torch.cat(lse),
+            "offsets": offsets}

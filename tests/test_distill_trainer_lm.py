@@ -12,7 +12,7 @@ from transformers import LlamaConfig
 
 from hf_kd import DistillConfig, DistillTrainer
 from hf_kd.hub import pipeline_tag_of
-from hf_kd.losses import lm_kd_loss
+from hf_kd.losses import lm_kd_loss, sparse_lm_kd_loss
 from hf_kd.metrics import lm_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
 
 from .testing_utils import (
@@ -368,11 +368,6 @@ def test_lm_loss_types_are_refused_for_classifiers(tmp_path):
                        train_dataset=tiny_dataset(8))
 
 
-def test_teacher_logits_cache_is_not_supported_for_lms_yet(tmp_path):
-    with pytest.raises(ValueError, match="cache_teacher_logits=True is not supported yet for causal-LM students"):
-        make_trainer(tmp_path, args=make_args(tmp_path, cache_teacher_logits=True))
-
-
 # ---- a real model ---------------------------------------------------------------------------------------------------
 
 
@@ -425,3 +420,116 @@ def test_pipeline_tag_of_causal_lms_and_their_configs():
     config.architectures = ["LlamaForCausalLM"]  # what save_pretrained records
     assert pipeline_tag_of(config) == "text-generation"
     assert pipeline_tag_of(tiny_bert()) == "text-classification"
+
+
+# ---- the top-k teacher-logit cache ----------------------------------------------------------------------------------
+
+
+def cache_args(tmp_path, **kwargs):
+    return make_args(tmp_path, cache_teacher_logits=True, teacher_logits_cache_dir=str(tmp_path / "cache"), **kwargs)
+
+
+def saved_teacher(tmp_path):
+    path = tmp_path / "teacher"
+    tiny_lm(layers=3, seed=0).save_pretrained(path)
+    return str(path)
+
+
+def test_cached_run_trains_from_the_cache_without_loading_the_teacher(tmp_path, monkeypatch):
+    teacher = saved_teacher(tmp_path)
+    first = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=8), teacher=teacher)
+    files = sorted((tmp_path / "cache").glob("*.safetensors"))
+    assert len(files) == 2  # train and eval
+    assert first.train_dataset["teacher_cache_index"] == list(range(8))
+    assert first.eval_dataset["teacher_cache_index"] == list(range(8, 14))
+
+    import hf_kd.trainer.teacher_mixin as teacher_mixin
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a cached run must not load the teacher")
+
+    monkeypatch.setattr(teacher_mixin, "load_teacher", no_teacher)
+    student = tiny_lm(seed=1)
+    before = copy.deepcopy(student.state_dict())
+    trainer = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=8, eval_strategy="epoch"),
+                           student=student, teacher=teacher)
+    trainer.train()
+    assert trainer.teacher_model is None and trainer.teacher_placement["kind"] == "none"
+    assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+    logs = [log for log in trainer.state.log_history if "kd_loss" in log]
+    assert logs and all(math.isfinite(log["kd_loss"]) and log["kd_loss"] >= 0 for log in logs)
+    assert any("eval_perplexity" in log for log in trainer.state.log_history)
+    assert sorted((tmp_path / "cache").glob("*.safetensors")) == files  # nothing recomputed
+
+
+def test_cached_loss_with_k_equal_vocab_is_the_live_loss(tmp_path):
+    teacher = tiny_lm(layers=3, seed=0)
+    for loss_type in ("forward_kl", "jsd"):
+        options = dict(loss_type=loss_type, temperature=2.0, alpha=0.7)
+        live = make_trainer(tmp_path, args=make_args(tmp_path, **options), teacher=teacher)
+        cached = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=VOCAB, **options), teacher=teacher,
+                              student=live.model)
+        rows = [cached.train_dataset[i] for i in (3, 0, 5, 1)]
+        batch = cached.data_collator(rows)
+        assert batch["teacher_cache_index"].tolist() == [3, 0, 5, 1]
+        expected = live.compute_loss(live.model, pad_collator(rows))
+        # float16 log-probs in the file: equal up to their rounding.
+        torch.testing.assert_close(cached.compute_loss(cached.model, batch), expected, rtol=2e-3, atol=2e-3)
+
+
+def test_cached_loss_is_sparse_lm_kd_loss_of_the_teacher_top_k(tmp_path):
+    teacher = tiny_lm(layers=3, seed=0)
+    trainer = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=5, lm_cache_tail="renormalise",
+                                                      temperature=1.5, alpha=0.6), teacher=teacher)
+    rows = [trainer.train_dataset[i] for i in (2, 7)]
+    batch = pad_collator(rows)
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits[:, :-1]
+        student_logits = trainer.model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+    values, ids = teacher_logits.topk(5, dim=-1)
+    expected = sparse_lm_kd_loss(student_logits[:, :-1], ids, values, teacher_logits.logsumexp(-1),
+                                 batch["labels"][:, 1:], temperature=1.5, alpha=0.6, tail="renormalise")
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, trainer.data_collator(rows))
+    torch.testing.assert_close(loss, expected, rtol=2e-3, atol=2e-3)
+
+
+def test_cache_file_size_is_six_k_plus_four_bytes_per_completion_token(tmp_path):
+    data = lm_dataset(8)
+    tokens = sum(sum(1 for label in row["labels"][1:] if label != -100) for row in data)
+    for k in (4, 16):
+        directory = tmp_path / f"k{k}"
+        make_trainer(tmp_path, args=make_args(tmp_path, cache_teacher_logits=True, lm_cache_top_k=k,
+                                              teacher_logits_cache_dir=str(directory)), train=data, eval_=data)
+        (path,) = directory.glob("*.safetensors")
+        payload = tokens * (6 * k + 4) + 8 * (len(data) + 1)
+        assert payload <= path.stat().st_size <= payload + 1024  # + the safetensors header
+
+
+def test_damaged_lm_cache_file_is_an_error_naming_it(tmp_path):
+    teacher = tiny_lm(layers=3, seed=0)
+    make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
+    (path,) = (tmp_path / "cache").glob("*.safetensors")
+    raw = bytearray(path.read_bytes())
+    raw[-3] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    with pytest.raises(ValueError, match=f"{path}.*sha256 checksum"):
+        make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
+
+
+def test_lm_cache_top_k_must_fit_the_vocabulary(tmp_path):
+    with pytest.raises(ValueError, match=f"lm_cache_top_k=65 is larger than the student's vocabulary \\({VOCAB} tokens"):
+        make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=VOCAB + 1))
+    with pytest.raises(ValueError, match="lm_cache_top_k must be an int >= 1, got 0"):
+        cache_args(tmp_path, lm_cache_top_k=0)
+    with pytest.raises(ValueError, match="lm_cache_tail must be one of"):
+        cache_args(tmp_path, lm_cache_tail="drop")
+
+
+def test_collator_that_changes_the_labels_is_an_error(tmp_path):
+    trainer = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), eval_=None)
+    rows = [trainer.train_dataset[i] for i in (1, 2)]
+    batch = trainer.data_collator(rows)
+    batch["labels"][0, -1] = -100 if batch["labels"][0, -1] != -100 else 5
+    with pytest.raises(ValueError, match="Row 1 of this batch has .* completion tokens but the teacher cache holds"):
+        trainer.compute_loss(trainer.model, batch)

@@ -569,3 +569,127 @@ def test_lm_bad_shapes_and_labels_raise():
     nan_teacher[1, 1, 0] = float("nan")
     with pytest.raises(ValueError, match="teacher_logits contain NaN or inf at a counted position"):
         lm_kd_loss(student, nan_teacher, labels)
+
+
+# ----- sparse_lm_kd_loss: token-level distillation from the teacher's top-k logits -----
+
+from hf_kd.losses import sparse_lm_kd_loss  # noqa: E402
+
+
+def _sparse_case(batch=2, seq=6, vocab=13, seed=0, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    student = torch.randn(batch, seq, vocab, generator=generator, dtype=dtype) * 2
+    teacher = torch.randn(batch, seq, vocab, generator=generator, dtype=dtype) * 2
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels[0, :2] = -100
+    labels[-1, -1] = -100
+    return student, teacher, labels
+
+
+def _top_k(teacher, k):
+    values, ids = teacher.topk(k, dim=-1)
+    return ids, values, torch.logsumexp(teacher, dim=-1)
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalise"])
+@pytest.mark.parametrize(
+    "loss_type,beta,temperature,alpha",
+    [("forward_kl", 0.5, 1.0, 1.0), ("reverse_kl", 0.5, 2.0, 0.7), ("jsd", 0.3, 1.5, 0.5), ("jsd", 0.0, 1.0, 1.0)],
+)
+def test_sparse_lm_loss_with_k_equal_vocab_is_lm_kd_loss_values_and_gradients(tail, loss_type, beta, temperature, alpha):
+    student, teacher, labels = _sparse_case()
+    options = dict(loss_type=loss_type, beta=beta, temperature=temperature, alpha=alpha, num_items_in_batch=7)
+    dense_student = student.clone().requires_grad_()
+    dense = lm_kd_loss(dense_student, teacher, labels, **options)
+    dense.backward()
+    sparse_student = student.clone().requires_grad_()
+    sparse = sparse_lm_kd_loss(sparse_student, *_top_k(teacher, teacher.shape[-1]), labels, **options, tail=tail)
+    sparse.backward()
+    torch.testing.assert_close(sparse, dense)
+    torch.testing.assert_close(sparse_student.grad, dense_student.grad)
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("k", [1, 3, 8])
+def test_sparse_bucket_divergence_is_at_most_the_full_one(loss_type, k):
+    # Data processing inequality: merging the tail tokens into one cell cannot increase an f-divergence (T = 1).
+    for seed in range(5):
+        student, teacher, labels = _sparse_case(seed=seed)
+        full = lm_kd_loss(student, teacher, labels, loss_type)
+        bucket = sparse_lm_kd_loss(student, *_top_k(teacher, k), labels, loss_type)
+        assert 0 <= bucket.item() <= full.item() + 1e-12
+
+
+def test_sparse_bucket_matches_a_hand_computed_partition():
+    student, teacher, labels = _sparse_case(batch=1, seq=3, vocab=7)
+    labels[:] = torch.tensor([[2, -100, 5]])
+    k, temperature = 2, 2.0
+    expected = 0.0
+    for position in (0, 2):
+        p_t, p_s = teacher[0, position].softmax(-1), student[0, position].softmax(-1)
+        top = teacher[0, position].topk(k).indices
+        rest = torch.ones(7, dtype=torch.bool)
+        rest[top] = False
+        cells_t = torch.cat([p_t[top], p_t[rest].sum()[None]]).log() / temperature
+        cells_s = torch.cat([p_s[top], p_s[rest].sum()[None]]).log() / temperature
+        q_t, q_s = cells_t.softmax(-1), cells_s.softmax(-1)
+        expected += temperature**2 * (q_t * (q_t.log() - q_s.log())).sum().item()
+    loss = sparse_lm_kd_loss(student, *_top_k(teacher, k), labels, temperature=temperature)
+    assert loss.item() == pytest.approx(expected / 2, rel=1e-9)
+
+
+def test_sparse_renormalise_matches_the_restricted_kl():
+    student, teacher, labels = _sparse_case(batch=1, seq=1, vocab=9)
+    labels[:] = 4
+    ids, values, lse = _top_k(teacher, 3)
+    p_t, log_s = values[0, 0].softmax(-1), student[0, 0, ids[0, 0]].log_softmax(-1)
+    expected = (p_t * (p_t.log() - log_s)).sum().item()
+    loss = sparse_lm_kd_loss(student, ids, values, lse, labels, tail="renormalise")
+    assert loss.item() == pytest.approx(expected, rel=1e-9)
+
+
+def test_sparse_lm_loss_ignores_masked_positions_and_scales_by_num_items():
+    student, teacher, labels = _sparse_case()
+    ids, values, lse = _top_k(teacher, 4)
+    loss = sparse_lm_kd_loss(student, ids, values, lse, labels, alpha=0.6)
+    # Changing anything at a masked position changes nothing.
+    garbage = ids.clone(), values.clone(), lse.clone(), student.clone()
+    for tensor in garbage:
+        tensor[0, :2] = 1e4 if tensor.is_floating_point() else 0
+    assert sparse_lm_kd_loss(garbage[3], *garbage[:3], labels, alpha=0.6).item() == pytest.approx(loss.item())
+    count = int((labels != -100).sum())
+    scaled = sparse_lm_kd_loss(student, ids, values, lse, labels, alpha=0.6, num_items_in_batch=3 * count)
+    assert scaled.item() == pytest.approx(loss.item() / 3)
+    none = torch.full_like(labels, -100)
+    assert sparse_lm_kd_loss(student, ids, values, lse, none).item() == 0.0
+
+
+def test_sparse_lm_loss_is_zero_when_student_is_teacher_at_any_temperature():
+    student, _, labels = _sparse_case()
+    for temperature in (0.5, 1.0, 3.0):
+        for tail in ("bucket", "renormalise"):
+            loss = sparse_lm_kd_loss(student, *_top_k(student, 5), labels, temperature=temperature, tail=tail)
+            assert abs(loss.item()) < 1e-10
+
+
+@pytest.mark.parametrize(
+    "change,message",
+    [
+        (dict(tail="rest"), "tail must be one of"),
+        (dict(k=0), "1 <= k <= vocab = 13"),
+        (dict(k=14), "1 <= k <= vocab = 13"),
+        (dict(bad_id=13), r"topk_ids at counted positions must be in \[0, 13\)"),
+        (dict(loss_type="tvd"), "loss_type"),
+    ],
+)
+def test_sparse_lm_loss_rejects_bad_input(change, message):
+    student, teacher, labels = _sparse_case()
+    k = change.pop("k", 4)
+    if k <= 13:
+        ids, values, lse = _top_k(teacher, k)
+    else:
+        ids, values, lse = torch.zeros(2, 6, k, dtype=torch.long), torch.zeros(2, 6, k), teacher[..., 0]
+    if "bad_id" in change:
+        ids[1, 0, 0] = change.pop("bad_id")
+    with pytest.raises(ValueError, match=message):
+        sparse_lm_kd_loss(student, ids, values, lse, labels, **change)

@@ -2,6 +2,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
+from ..losses import LM_CACHE_TAILS
 from ..options import LMLossType, to_enum
 from .teacher_config import _TeacherArguments
 
@@ -54,6 +55,13 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             KL, `0.5` the Jensen-Shannon divergence). Ignored by the other loss types.
         lm_chunk_size (`int`, *optional*, defaults to `128`):
             Tokens processed at once by the causal-LM loss (memory only: the loss does not depend on it).
+        lm_cache_top_k (`int`, *optional*, defaults to `64`):
+            With `cache_teacher_logits=True` and a causal-LM student: how many of the teacher's largest logits are
+            cached per completion token (`6 * k + 4` bytes per token on disk); the loss is then
+            [`hf_kd.losses.sparse_lm_kd_loss`]. At least 1 and at most the vocabulary size.
+        lm_cache_tail (`str`, *optional*, defaults to `"bucket"`):
+            How that sparse loss treats the tokens outside the top k: `"bucket"` (one "rest" cell holding their mass,
+            on both sides) or `"renormalise"` (both distributions restricted to the top k and renormalised).
 
     > Parameters that control the teacher logits cache
 
@@ -102,6 +110,18 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         default=128, metadata={"help": "Tokens processed at once by the causal-LM loss (memory only)."}
     )
 
+    lm_cache_top_k: int = field(
+        default=64,
+        metadata={"help": "Causal-LM students with cache_teacher_logits: the teacher's top-k logits cached per token."},
+    )
+    lm_cache_tail: str = field(
+        default="bucket",
+        metadata={
+            "help": "Tail of the cached causal-LM loss: bucket (one rest cell) or renormalise (top k only).",
+            "choices": list(LM_CACHE_TAILS),
+        },
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._teacher_post_init()
@@ -114,6 +134,10 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"beta must be in [0.0, 1.0], got {self.beta}")
         if isinstance(self.lm_chunk_size, bool) or not isinstance(self.lm_chunk_size, int) or self.lm_chunk_size < 1:
             raise ValueError(f"lm_chunk_size must be a positive int, got {self.lm_chunk_size!r}")
+        if isinstance(self.lm_cache_top_k, bool) or not isinstance(self.lm_cache_top_k, int) or self.lm_cache_top_k < 1:
+            raise ValueError(f"lm_cache_top_k must be an int >= 1, got {self.lm_cache_top_k!r}")
+        if self.lm_cache_tail not in LM_CACHE_TAILS:
+            raise ValueError(f"lm_cache_tail must be one of {LM_CACHE_TAILS}, got {self.lm_cache_tail!r}")
         if self.label_smoothing_factor != 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not used by DistillTrainer: the teacher's "

@@ -5,9 +5,9 @@ from typing import Any, Callable
 import torch
 from torch import nn
 
-from ..losses import kd_loss, lm_kd_loss
+from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
 from ..metrics import make_compute_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
-from ..teacher import TEACHER_LOGITS_COLUMN
+from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
 from .base_trainer import _BaseTrainer, is_causal_lm
 from .distill_config import DistillConfig
 from .teacher_mixin import _TeacherMixin
@@ -39,7 +39,10 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     `args.beta`), at temperature `args.temperature` on both sides. The loss is normalised by the number of completion
     tokens of the whole accumulated batch (`num_items_in_batch`, counted over the shifted labels), so it is exact under
     gradient accumulation and data parallelism. The teacher must be a causal LM with the same vocabulary (an error
-    naming both vocabulary sizes and tokenizers otherwise) and runs live at every step (no logit cache for LMs yet).
+    naming both vocabulary sizes and tokenizers otherwise). It runs live at every step, or with
+    `args.cache_teacher_logits` once per dataset: each completion token's top `args.lm_cache_top_k` teacher logits are
+    cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
+    (tail `args.lm_cache_tail`; a cached evaluation logs no teacher metric).
     Each evaluation logs `perplexity`, `token_accuracy`, `token_ece` (15 bins), `token_entropy` and `top1_agreement`
     with the teacher ([`hf_kd.metrics.lm_metrics`]), each batch's logits being reduced to five numbers per token
     ([`hf_kd.metrics.preprocess_lm_logits_for_metrics`]) so that no vocabulary-sized tensor is accumulated; the card's
@@ -86,7 +89,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     """
 
     _tag_names = ["hf_kd", "distillation"]
-    _extra_columns = (TEACHER_LOGITS_COLUMN,)
+    _extra_columns = (TEACHER_LOGITS_COLUMN, TEACHER_CACHE_INDEX_COLUMN)
     _config_class = DistillConfig  # what `args` must be: each method's own config
     _name = "Knowledge distillation"
     _paper = {
@@ -212,20 +215,36 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         reduced per batch by `preprocess_logits_for_metrics` at evaluation).
         """
         labels = inputs.pop("labels")
+        cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
         student_logits = model(**inputs).logits  # no labels: the model does not compute its own loss
-        teacher_logits = self._batch_teacher_logits(inputs, None).to(student_logits.device)
-        shifted = (student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:])
         args = self.args
         options = {"loss_type": args.loss_type, "beta": args.beta, "temperature": args.temperature}
-        chunk = args.lm_chunk_size
-        loss = lm_kd_loss(
-            *shifted, **options, alpha=args.alpha, num_items_in_batch=num_items_in_batch, chunk_size=chunk
-        )
+        if cache_index is None:
+            teacher_logits = self._batch_teacher_logits(inputs, None).to(student_logits.device)
+            shifted = (student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:])
+
+            def token_loss(alpha, num_items=None):
+                return lm_kd_loss(
+                    *shifted, **options, alpha=alpha, num_items_in_batch=num_items, chunk_size=args.lm_chunk_size
+                )
+        else:  # cached run: the teacher's top-k logits of these rows' completion tokens, no teacher forward
+            teacher_logits = None
+            targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(student_logits.device))
+
+            def token_loss(alpha, num_items=None):
+                return sparse_lm_kd_loss(
+                    student_logits[:, :-1], *targets, labels[:, 1:], **options, alpha=alpha,
+                    num_items_in_batch=num_items, tail=args.lm_cache_tail,
+                )
+
+        loss = token_loss(args.alpha, num_items_in_batch)
         mode = "train" if model.training else "eval"
         with torch.no_grad():
-            self._metrics[mode]["kd_loss"].append(lm_kd_loss(*shifted, **options, alpha=1.0, chunk_size=chunk))
-            self._metrics[mode]["ce_loss"].append(lm_kd_loss(*shifted, **options, alpha=0.0, chunk_size=chunk))
+            self._metrics[mode]["kd_loss"].append(token_loss(1.0))
+            self._metrics[mode]["ce_loss"].append(token_loss(0.0))
         loss = self._scale_for_processes(loss, num_items_in_batch)
         if return_outputs:
+            if teacher_logits is None:  # cached run: no full teacher logits, so no teacher metrics
+                return loss, {"logits": student_logits}
             return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
         return loss

@@ -18,6 +18,7 @@ from torch import nn
 from ..distributed import is_zero3_partitioned, prepare_deepspeed_teacher, teacher_placement
 from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model, warn_if_base_head_untrained
 from ..teacher import (
+    TEACHER_CACHE_INDEX_COLUMN,
     TEACHER_INPUT_NAMES,
     TEACHER_LOGITS_COLUMN,
     TeacherLogitsCache,
@@ -25,11 +26,15 @@ from ..teacher import (
     check_label_spaces,
     check_lm_vocabularies,
     check_vocabularies,
+    compute_teacher_lm_top_k,
     compute_teacher_logits,
     dataset_fingerprint,
+    lm_top_k_data_key,
+    load_lm_top_k,
     load_teacher,
     load_teacher_config,
     load_teacher_tokenizer,
+    save_lm_top_k,
     teacher_fingerprint,
     teacher_logits_for_batch,
     tensors_fingerprint,
@@ -90,12 +95,17 @@ class _TeacherMixin:
         if teacher is not None and not isinstance(teacher, BaseModelTeacher):
             self._token_id_map = self._check_teacher_compatibility(teacher, processing_class, teacher_processing_class)
         self._logits_cache = None
-        if self.args.cache_teacher_logits and self._student_lm_vocab_size() is not None:
-            raise ValueError(
-                "cache_teacher_logits=True is not supported yet for causal-LM students (their logits are "
-                "(seq, vocab) per row; a top-k logit cache is planned): leave it False, the teacher then runs live at "
-                "every step."
-            )
+        self._lm_top_k = None  # the causal-LM top-k cache of every split, once loaded (see _with_lm_top_k)
+        vocab_size = self._student_lm_vocab_size()
+        if self.args.cache_teacher_logits and vocab_size is not None:
+            if self.args.lm_cache_top_k > vocab_size:
+                raise ValueError(
+                    f"lm_cache_top_k={self.args.lm_cache_top_k} is larger than the student's vocabulary "
+                    f"({vocab_size} tokens): choose 1 <= lm_cache_top_k <= {vocab_size}."
+                )
+            self._lm_top_k = {"paths": {}, "parts": [], "rows": 0, "tokens": 0}
+            # The collator never sees the index column (a user's collator may drop unknown keys): it is carried past it.
+            self.data_collator = _WithCacheIndex(self.data_collator)
         if self.args.cache_teacher_logits:
             if teacher is None:
                 raise ValueError(
@@ -265,6 +275,8 @@ class _TeacherMixin:
         On a cache miss the teacher is loaded and run once over the dataset, each process computing its share of the
         batches; the main process writes the file.
         """
+        if self._lm_top_k is not None:
+            return self._with_lm_top_k(dataset, split)
         if dataset is None or self._has_teacher_logits(dataset):
             return dataset
         import datasets
@@ -311,6 +323,85 @@ class _TeacherMixin:
                 self._logits_cache.save(path, logits, data_key)
         return dataset.add_column(TEACHER_LOGITS_COLUMN, logits.tolist())
 
+    def _with_lm_top_k(self, dataset, split: str):
+        """
+        Causal-LM students: return `dataset` with a `teacher_cache_index` column pointing each row at its completion
+        tokens' cached top-k teacher logits ([`hf_kd.teacher.compute_teacher_lm_top_k`]), computed on a cache miss
+        (the teacher is then loaded; every process runs the whole pass, the main process writes the file). The splits'
+        caches are kept in memory one after the other, so the index is unique across splits.
+        """
+        if dataset is None:
+            return dataset
+        import datasets
+
+        if not isinstance(dataset, datasets.Dataset) or "labels" not in dataset.column_names:
+            raise TypeError(
+                f"cache_teacher_logits with a causal-LM student needs a tokenized datasets.Dataset with 'input_ids' "
+                f"and 'labels' for the {split} split, got {type(dataset).__name__} with columns "
+                f"{getattr(dataset, 'column_names', None)}."
+            )
+        store, top_k = self._lm_top_k, self.args.lm_cache_top_k
+        columns = [c for c in (*TEACHER_INPUT_NAMES, "labels") if c in dataset.column_names]
+        data_key = lm_top_k_data_key(dataset_fingerprint(dataset, columns), top_k)
+        path = self._logits_cache.path_for(data_key, None)
+        if path not in store["paths"]:
+            teacher_key, vocab_size = self._logits_cache.teacher_key, self._student_lm_vocab_size()
+            cached = load_lm_top_k(path, teacher_key, data_key, len(dataset), top_k, vocab_size)
+            if cached is None:
+                with self._student_gathered_for_base_teacher():
+                    cached = compute_teacher_lm_top_k(
+                        self._load_teacher(), dataset.select_columns(columns), self.data_collator.collator,
+                        self.args.per_device_eval_batch_size, self.args.device, top_k,
+                        desc=f"Teacher top-{top_k} logits ({split})",
+                    )
+                if self.args.should_save:
+                    save_lm_top_k(path, cached, teacher_key, data_key)
+            store["paths"][path] = store["rows"]
+            store["parts"].append((store["rows"], store["tokens"], cached))
+            store["rows"] += len(dataset)
+            store["tokens"] += cached["topk_ids"].shape[0]
+            # One tensor per field over all splits, for a single gather per batch.
+            fields = [part for _, _, part in store["parts"]]
+            store["offsets"] = torch.cat(
+                [fields[0]["offsets"][:1]]
+                + [part["offsets"][1:] + base for (_, base, _), part in zip(store["parts"], fields)]
+            )
+            for name in ("topk_ids", "topk_logprobs", "logsumexp"):
+                store[name] = torch.cat([part[name] for part in fields])
+        if TEACHER_CACHE_INDEX_COLUMN in dataset.column_names:
+            dataset = dataset.remove_columns(TEACHER_CACHE_INDEX_COLUMN)
+        first = store["paths"][path]
+        return dataset.add_column(TEACHER_CACHE_INDEX_COLUMN, list(range(first, first + len(dataset))))
+
+    def _cached_lm_top_k(self, index: torch.Tensor, labels: torch.Tensor):
+        """
+        The cached teacher targets of a causal-LM batch, laid out like its shifted `labels` `(batch, seq)`:
+        `topk_ids` `(batch, seq, k)` (int64), `topk_logits` `(batch, seq, k)` and `logsumexp` `(batch, seq)` (float32),
+        zero at the positions that do not count, for [`hf_kd.losses.sparse_lm_kd_loss`].
+        """
+        store = self._lm_top_k
+        counted = labels != -100
+        index = index.cpu().long()
+        counts = counted.sum(1).cpu()
+        starts, ends = store["offsets"][index], store["offsets"][index + 1]
+        if not torch.equal(counts, ends - starts):
+            bad = (counts != ends - starts).nonzero()[0, 0]
+            raise ValueError(
+                f"Row {int(index[bad])} of this batch has {int(counts[bad])} completion tokens but the teacher cache "
+                f"holds {int(ends[bad] - starts[bad])} for it: the data collator must not change the labels "
+                "(e.g. truncate) between the cache pass and training."
+            )
+        tokens = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)])
+        k, device = store["topk_ids"].shape[-1], labels.device
+        lse = store["logsumexp"][tokens].to(device)
+        ids = torch.zeros(*labels.shape, k, dtype=torch.long, device=device)
+        logits = torch.zeros(*labels.shape, k, device=device)
+        logsumexp = torch.zeros(labels.shape, device=device)
+        ids[counted] = store["topk_ids"][tokens].to(device).long()
+        logits[counted] = store["topk_logprobs"][tokens].to(device).float() + lse[:, None]
+        logsumexp[counted] = lse
+        return ids, logits, logsumexp
+
     def _student_gathered_for_base_teacher(self):
         """Context for a cache pass of the base-model teacher. A student partitioned by ZeRO-3 at load time
         (`zero.Init`) has no gathering hooks until DeepSpeed wraps it at `train()` / `evaluate()`: a pass before that
@@ -327,3 +418,19 @@ class _TeacherMixin:
         if self._logits_cache is not None:
             return self.with_teacher_logits(dataset, split)
         return dataset
+
+
+class _WithCacheIndex:
+    """A data collator that carries the `teacher_cache_index` of each example past the wrapped `collator` (which
+    then sees the examples without it) and adds it to the batch as an int64 tensor `(batch,)`."""
+
+    def __init__(self, collator):
+        self.collator = collator
+
+    def __call__(self, features):
+        if not features or TEACHER_CACHE_INDEX_COLUMN not in features[0]:
+            return self.collator(features)
+        index = torch.tensor([f[TEACHER_CACHE_INDEX_COLUMN] for f in features], dtype=torch.long)
+        batch = self.collator([{k: v for k, v in f.items() if k != TEACHER_CACHE_INDEX_COLUMN} for f in features])
+        batch[TEACHER_CACHE_INDEX_COLUMN] = index
+        return batch
