@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from .options import (
     DistillDivergence,
+    LMCacheTail,
     LMLossType,
     OtherExitLoss,
     RecalibrationLoss,
@@ -785,6 +786,19 @@ class _ChunkedLMKDLoss(torch.autograd.Function):
         return gradients[0], gradients[1], None, None, None, None, None, None
 
 
+def _check_lm_loss_options(loss_type, beta: float, temperature: float, alpha: float) -> LMLossType:
+    """The checks [`lm_kd_loss`] and [`sparse_lm_kd_loss`] share: `loss_type` as an [`LMLossType`], `beta` and
+    `alpha` in `[0, 1]`, `temperature > 0`; a `ValueError` naming the bad value otherwise."""
+    loss_type = to_enum(LMLossType, loss_type, "loss_type")
+    if not 0.0 <= beta <= 1.0:
+        raise ValueError(f"beta must be in [0.0, 1.0], got {beta}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0.0, 1.0], got {alpha}")
+    return loss_type
+
+
 def lm_kd_loss(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -878,13 +892,7 @@ def lm_kd_loss(
     0.0
     ```
     """
-    loss_type = to_enum(LMLossType, loss_type, "loss_type")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0.0, 1.0], got {beta}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0.0, 1.0], got {alpha}")
+    loss_type = _check_lm_loss_options(loss_type, beta, temperature, alpha)
     if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
         raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     _check_tensors(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
@@ -926,7 +934,6 @@ def lm_kd_loss(
     return total / _normalizer(num_items_in_batch, count)
 
 
-LM_CACHE_TAILS = ("bucket", "renormalise")
 
 
 def _sparse_divergence(log_t: torch.Tensor, log_s: torch.Tensor, loss_type: LMLossType, beta: float) -> torch.Tensor:
@@ -1008,15 +1015,8 @@ def sparse_lm_kd_loss(
         `ValueError`: bad shapes, `k` of 0 or above the vocabulary, token ids or labels outside `[0, vocab)`, an
         unknown `loss_type` or `tail`, `beta`/`alpha` outside `[0, 1]`, `temperature <= 0`.
     """
-    loss_type = to_enum(LMLossType, loss_type, "loss_type")
-    if tail not in LM_CACHE_TAILS:
-        raise ValueError(f"tail must be one of {LM_CACHE_TAILS}, got {tail!r}")
-    if not 0.0 <= beta <= 1.0:
-        raise ValueError(f"beta must be in [0.0, 1.0], got {beta}")
-    if not temperature > 0:
-        raise ValueError(f"temperature must be > 0, got {temperature}")
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0.0, 1.0], got {alpha}")
+    loss_type = _check_lm_loss_options(loss_type, beta, temperature, alpha)
+    tail = to_enum(LMCacheTail, tail, "tail")
     _check_tensors(student_logits=student_logits, topk_ids=topk_ids, topk_logits=topk_logits,
                    teacher_logsumexp=teacher_logsumexp, labels=labels)
     if student_logits.dim() != 3:
@@ -1050,7 +1050,7 @@ def sparse_lm_kd_loss(
     if alpha > 0 and targets.numel():
         teacher_top = topk_logits[batch_index, position_index].to(student.dtype).detach()
         student_top = student.gather(-1, ids)
-        if tail == "bucket" and k < vocab:
+        if tail is LMCacheTail.BUCKET and k < vocab:
             lse = teacher_logsumexp[batch_index, position_index].to(student.dtype).detach()
             # log of the teacher's rest mass at T = 1, log(1 - sum_K p): clamped away from 0 (float rounding, or a
             # rest that underflowed when the cache was written) so that its log stays finite.

@@ -116,6 +116,17 @@ class LMLossType(StrEnum):
     Eq. 1) with weight `beta`, in TRL's convention (see [`hf_kd.losses.lm_kd_loss`])."""
 
 
+
+class LMCacheTail(StrEnum):
+    """How [`hf_kd.losses.sparse_lm_kd_loss`] treats the next-token probability outside the teacher's cached top-k."""
+
+    BUCKET = "bucket"
+    """One extra "rest" cell holding the mass outside the top-k on both sides (exact at temperature 1: a lower bound
+    on the full loss, equal to it when k is the vocabulary)."""
+    RENORMALISE = "renormalise"
+    """Both distributions restricted to the top-k tokens and renormalised (a different objective, not an
+    approximation of the full loss)."""
+
 # ----- early exits ([`EarlyExitConfig`]) ------------------------------------------------------------------------------
 
 

@@ -2,8 +2,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..losses import LM_CACHE_TAILS
-from ..options import LMLossType, to_enum
+from ..options import LMCacheTail, LMLossType, to_enum
 from .teacher_config import _TeacherArguments
 
 
@@ -59,7 +58,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             With `cache_teacher_logits=True` and a causal-LM student: how many of the teacher's largest logits are
             cached per completion token (`6 * k + 4` bytes per token on disk); the loss is then
             [`hf_kd.losses.sparse_lm_kd_loss`]. At least 1 and at most the vocabulary size.
-        lm_cache_tail (`str`, *optional*, defaults to `"bucket"`):
+        lm_cache_tail (`str` or [`~hf_kd.options.LMCacheTail`], *optional*, defaults to `"bucket"`):
             How that sparse loss treats the tokens outside the top k: `"bucket"` (one "rest" cell holding their mass,
             on both sides) or `"renormalise"` (both distributions restricted to the top k and renormalised).
 
@@ -118,7 +117,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         default="bucket",
         metadata={
             "help": "Tail of the cached causal-LM loss: bucket (one rest cell) or renormalise (top k only).",
-            "choices": list(LM_CACHE_TAILS),
+            "choices": [t.value for t in LMCacheTail],
         },
     )
 
@@ -136,8 +135,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"lm_chunk_size must be a positive int, got {self.lm_chunk_size!r}")
         if isinstance(self.lm_cache_top_k, bool) or not isinstance(self.lm_cache_top_k, int) or self.lm_cache_top_k < 1:
             raise ValueError(f"lm_cache_top_k must be an int >= 1, got {self.lm_cache_top_k!r}")
-        if self.lm_cache_tail not in LM_CACHE_TAILS:
-            raise ValueError(f"lm_cache_tail must be one of {LM_CACHE_TAILS}, got {self.lm_cache_tail!r}")
+        self.lm_cache_tail = to_enum(LMCacheTail, self.lm_cache_tail, "lm_cache_tail")
         if self.label_smoothing_factor != 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not used by DistillTrainer: the teacher's "
