@@ -120,7 +120,9 @@ def labelled_by_model(model, n, true_temperature, seed):
 # ---- DistillTrainer and TinyBERTTrainer ------------------------------------------------------------------------------
 
 
-def make_distill_args(tmp_path, config_class=DistillConfig, **kwargs):
+def tiny_run_args(config_class, tmp_path, **kwargs):
+    """`config_class` with the settings every tiny trainer test shares (output in `tmp_path/out`, batch 8, lr 1e-3, one
+    epoch evaluated at its end, a log line per step, no checkpoints, CPU, seed 0), then `kwargs`."""
     defaults = dict(
         output_dir=str(tmp_path / "out"),
         per_device_train_batch_size=8,
@@ -133,10 +135,14 @@ def make_distill_args(tmp_path, config_class=DistillConfig, **kwargs):
         report_to="none",
         use_cpu=True,
         seed=0,
-        teacher_logits_cache_dir=str(tmp_path / "cache"),
     )
     defaults.update(kwargs)
     return config_class(**defaults)
+
+
+def make_distill_args(tmp_path, config_class=DistillConfig, **kwargs):
+    kwargs.setdefault("teacher_logits_cache_dir", str(tmp_path / "cache"))
+    return tiny_run_args(config_class, tmp_path, **kwargs)
 
 
 def make_distill_trainer(tmp_path, teacher, args=None, student=None, train=None, eval_=None,
@@ -280,21 +286,7 @@ def exit_logits_of(model, batch):
 
 
 def make_early_exit_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        num_train_epochs=1,
-        learning_rate=1e-3,
-        logging_steps=1,
-        eval_strategy="epoch",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-    )
-    defaults.update(kwargs)
-    return EarlyExitConfig(**defaults)
+    return tiny_run_args(EarlyExitConfig, tmp_path, **kwargs)
 
 
 def make_early_exit_trainer(tmp_path, model=None, args=None, teacher=None, train=None, eval_=None, **kwargs):
@@ -333,23 +325,9 @@ def tiny_self_kd_model(seed=1, layers=SELF_KD_LAYERS, dropout=0.0, **kwargs):
 
 
 def make_self_kd_args(tmp_path, **kwargs):
-    defaults = dict(
-        output_dir=str(tmp_path / "out"),
-        per_device_train_batch_size=8,
-        per_device_eval_batch_size=8,
-        num_train_epochs=4,
-        warmup_max_epochs=2,
-        learning_rate=1e-3,
-        logging_steps=1,
-        eval_strategy="no",
-        save_strategy="no",
-        report_to="none",
-        use_cpu=True,
-        seed=0,
-        disable_tqdm=True,
-    )
+    defaults = dict(num_train_epochs=4, warmup_max_epochs=2, eval_strategy="no", disable_tqdm=True)
     defaults.update(kwargs)
-    return SelfKDConfig(**defaults)
+    return tiny_run_args(SelfKDConfig, tmp_path, **defaults)
 
 
 def eval_with_human(n=16, seed=1):
