@@ -533,3 +533,30 @@ def test_collator_that_changes_the_labels_is_an_error(tmp_path):
     batch["labels"][0, -1] = -100 if batch["labels"][0, -1] != -100 else 5
     with pytest.raises(ValueError, match="Row 1 of this batch has .* completion tokens but the teacher cache holds"):
         trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_logged_loss_parts_are_the_alpha_one_and_zero_losses_from_one_pass(tmp_path, cached):
+    teacher = tiny_lm(layers=3, seed=0)
+    options = dict(temperature=2.0, alpha=0.3, loss_type="jsd", beta=0.4)
+    args = cache_args(tmp_path, lm_cache_top_k=6, **options) if cached else make_args(tmp_path, **options)
+    trainer = make_trainer(tmp_path, args=args, teacher=teacher)
+    rows = [trainer.train_dataset[i] for i in (1, 4, 6)]
+    batch = trainer.data_collator(rows)
+    plain = pad_collator(rows)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        student_logits = trainer.model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits
+        teacher_logits = teacher(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits
+    (kd,), (ce,) = trainer._metrics["train"]["kd_loss"], trainer._metrics["train"]["ce_loss"]
+    shifted = (student_logits[:, :-1], teacher_logits[:, :-1], plain["labels"][:, 1:])
+    options = dict(loss_type="jsd", beta=0.4, temperature=2.0)
+    if cached:  # the cached parts are sparse_lm_kd_loss's; the cross-entropy is the same as the live one's
+        values, ids = teacher_logits[:, :-1].topk(6, dim=-1)
+        top = (ids, values, teacher_logits[:, :-1].logsumexp(-1))
+        expected_kd = sparse_lm_kd_loss(shifted[0], *top, shifted[2], **options, alpha=1.0)
+        torch.testing.assert_close(kd, expected_kd, rtol=2e-3, atol=2e-3)
+    else:
+        torch.testing.assert_close(kd, lm_kd_loss(*shifted, **options, alpha=1.0))
+    torch.testing.assert_close(ce, lm_kd_loss(*shifted, **options, alpha=0.0))
+    torch.testing.assert_close(loss, 0.3 * kd + 0.7 * ce, rtol=1e-5, atol=1e-6)

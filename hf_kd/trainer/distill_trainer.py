@@ -218,30 +218,22 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
         student_logits = model(**inputs).logits  # no labels: the model does not compute its own loss
         args = self.args
-        options = {"loss_type": args.loss_type, "beta": args.beta, "temperature": args.temperature}
+        options = {
+            "loss_type": args.loss_type, "beta": args.beta, "temperature": args.temperature, "alpha": args.alpha,
+            "num_items_in_batch": num_items_in_batch, "chunk_size": args.lm_chunk_size, "return_parts": True,
+        }
+        # One pass gives the loss and its two logged parts (three calls cost three times the loss on vocab-sized logits).
         if cache_index is None:
             teacher_logits = self._batch_teacher_logits(inputs, None).to(student_logits.device)
-            shifted = (student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:])
-
-            def token_loss(alpha, num_items=None):
-                return lm_kd_loss(
-                    *shifted, **options, alpha=alpha, num_items_in_batch=num_items, chunk_size=args.lm_chunk_size
-                )
+            parts = lm_kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], **options)
         else:  # cached run: the teacher's top-k logits of these rows' completion tokens, no teacher forward
             teacher_logits = None
             targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(student_logits.device))
-
-            def token_loss(alpha, num_items=None):
-                return sparse_lm_kd_loss(
-                    student_logits[:, :-1], *targets, labels[:, 1:], **options, alpha=alpha,
-                    num_items_in_batch=num_items, tail=args.lm_cache_tail,
-                )
-
-        loss = token_loss(args.alpha, num_items_in_batch)
+            parts = sparse_lm_kd_loss(student_logits[:, :-1], *targets, labels[:, 1:], **options, tail=args.lm_cache_tail)
         mode = "train" if model.training else "eval"
-        with torch.no_grad():
-            self._metrics[mode]["kd_loss"].append(token_loss(1.0))
-            self._metrics[mode]["ce_loss"].append(token_loss(0.0))
+        self._metrics[mode]["kd_loss"].append(parts.kd)
+        self._metrics[mode]["ce_loss"].append(parts.ce)
+        loss = parts.loss
         loss = self._scale_for_processes(loss, num_items_in_batch)
         if return_outputs:
             if teacher_logits is None:  # cached run: no full teacher logits, so no teacher metrics
