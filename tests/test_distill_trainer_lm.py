@@ -560,3 +560,41 @@ def test_logged_loss_parts_are_the_alpha_one_and_zero_losses_from_one_pass(tmp_p
         torch.testing.assert_close(kd, lm_kd_loss(*shifted, **options, alpha=1.0))
     torch.testing.assert_close(ce, lm_kd_loss(*shifted, **options, alpha=0.0))
     torch.testing.assert_close(loss, 0.3 * kd + 0.7 * ce, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_evaluation_logs_top1_agreement_from_the_cached_top1_ids(tmp_path):
+    teacher = tiny_lm(layers=3, seed=0)
+    student = tiny_lm(seed=1)
+    eval_data = lm_dataset(6, seed=1)
+    live = make_trainer(tmp_path, args=make_args(tmp_path), teacher=teacher, student=student, eval_=eval_data)
+    cached = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=3), teacher=teacher, student=student,
+                          eval_=eval_data)
+    live_metrics, cached_metrics = live.evaluate(), cached.evaluate()
+    assert "eval_top1_agreement" in cached_metrics
+    assert cached_metrics["eval_top1_agreement"] == live_metrics["eval_top1_agreement"]
+    for key in ("eval_perplexity", "eval_token_accuracy", "eval_token_ece", "eval_ce_loss"):
+        assert cached_metrics[key] == pytest.approx(live_metrics[key], rel=1e-5), key
+    # The agreement itself, token by token from the teacher's argmax.
+    batch = pad_collator([eval_data[i] for i in range(len(eval_data))])
+    with torch.no_grad():
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        top_s, top_t = student.eval()(**inputs).logits.argmax(-1), teacher(**inputs).logits.argmax(-1)
+    counted = batch["labels"][:, 1:] != -100
+    expected = (top_s[:, :-1] == top_t[:, :-1])[counted].float().mean().item()
+    assert cached_metrics["eval_top1_agreement"] == pytest.approx(expected)
+
+
+def test_lm_token_statistics_from_top1_ids_equal_those_from_the_teacher_logits():
+    from hf_kd.metrics import lm_token_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 9, generator=generator), torch.randn(2, 5, 9, generator=generator)
+    labels = torch.randint(0, 9, (2, 5), generator=generator)
+    full = lm_token_statistics(student, labels, teacher_logits=teacher)
+    torch.testing.assert_close(lm_token_statistics(student, labels, teacher_top1=teacher.argmax(-1)), full)
+    both = preprocess_lm_logits_for_metrics((student, teacher.argmax(-1)), labels)
+    torch.testing.assert_close(both, preprocess_lm_logits_for_metrics((student, teacher), labels), equal_nan=True)
+    with pytest.raises(ValueError, match=r"teacher_top1 must hold integer token ids of shape \(2, 5\)"):
+        lm_token_statistics(student, labels, teacher_top1=teacher.argmax(-1)[:, :3])
+    with pytest.raises(ValueError, match="not both"):
+        lm_token_statistics(student, labels, teacher_logits=teacher, teacher_top1=teacher.argmax(-1))

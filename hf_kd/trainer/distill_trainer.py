@@ -42,7 +42,8 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     naming both vocabulary sizes and tokenizers otherwise). It runs live at every step, or with
     `args.cache_teacher_logits` once per dataset: each completion token's top `args.lm_cache_top_k` teacher logits are
     cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
-    (tail `args.lm_cache_tail`; a cached evaluation logs no teacher metric).
+    (tail `args.lm_cache_tail`; a cached evaluation logs `top1_agreement` from the cached top-1 ids, the cache's
+    first top-k id).
     Each evaluation logs `perplexity`, `token_accuracy`, `token_ece` (15 bins), `token_entropy` and `top1_agreement`
     with the teacher ([`hf_kd.metrics.lm_metrics`]), each batch's logits being reduced to five numbers per token
     ([`hf_kd.metrics.preprocess_lm_logits_for_metrics`]) so that no vocabulary-sized tensor is accumulated; the card's
@@ -236,7 +237,12 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         loss = parts.loss
         loss = self._scale_for_processes(loss, num_items_in_batch)
         if return_outputs:
-            if teacher_logits is None:  # cached run: no full teacher logits, so no teacher metrics
-                return loss, {"logits": student_logits}
+            if teacher_logits is None:
+                # Cached run: no full teacher logits, but the cache's first top-k id is the teacher's top-1 token,
+                # enough for top1_agreement ([`preprocess_lm_logits_for_metrics`] reads integer (batch, seq) ids).
+                # Laid out like the logits (position t predicts t + 1); -1 where nothing is counted.
+                top1 = torch.full_like(labels, -1, device=student_logits.device)
+                top1[:, :-1] = torch.where(labels[:, 1:].to(top1.device) != -100, targets[0][..., 0], -1)
+                return loss, {"logits": student_logits, "teacher_top1": top1}
             return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
         return loss
