@@ -598,3 +598,114 @@ def test_lm_token_statistics_from_top1_ids_equal_those_from_the_teacher_logits()
         lm_token_statistics(student, labels, teacher_top1=teacher.argmax(-1)[:, :3])
     with pytest.raises(ValueError, match="not both"):
         lm_token_statistics(student, labels, teacher_logits=teacher, teacher_top1=teacher.argmax(-1))
+
+
+# ---- data in TRL's SFTTrainer formats, tokenized by the trainer -----------------------------------------------------
+
+TRL_FORMATS = {
+    "text": [{"text": "The film is good."}, {"text": "A long and very bad film."}, {"text": "Good news today."}],
+    "messages": [
+        {"messages": [{"role": "user", "content": "Is the film good?"}, {"role": "assistant", "content": "Yes."}]},
+        {"messages": [{"role": "user", "content": "Topic?"}, {"role": "assistant", "content": "Sport."},
+                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes, sport."}]},
+    ],
+    "prompt_completion": [{"prompt": "The film is", "completion": " good."}, {"prompt": "Topic:", "completion": " sport"}],
+    "conversational_prompt_completion": [
+        {"prompt": [{"role": "user", "content": "Positive or negative: a fine film."}],
+         "completion": [{"role": "assistant", "content": "positive"}]},
+        {"prompt": [{"role": "user", "content": "Topic of: the match ended 2-1."}],
+         "completion": [{"role": "assistant", "content": "sport"}]},
+    ],
+}
+
+
+def smollm2_vocab_llama(seed):
+    """A tiny llama over the SmolLM2 tokenizer's vocabulary (49,152)."""
+    return tiny_llama(layers=1, seed=seed, vocab_size=49152, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("format", list(TRL_FORMATS))
+def test_trl_format_datasets_are_tokenized_by_the_trainer(tmp_path, format):
+    from hf_kd.lm_data import LMDataCollator, tokenize_lm_dataset
+
+    tokenizer = causal_lm_tokenizer(SMOLLM2)
+    data = datasets.Dataset.from_list(TRL_FORMATS[format])
+    args = make_args(tmp_path, per_device_train_batch_size=2, max_steps=1, max_length=64)
+    trainer = DistillTrainer(model=smollm2_vocab_llama(1), args=args, teacher_model=smollm2_vocab_llama(0),
+                             train_dataset=data, eval_dataset=data, processing_class=tokenizer)
+    expected = tokenize_lm_dataset(data, tokenizer, max_length=64)
+    assert trainer.train_dataset.column_names == ["input_ids", "attention_mask", "labels"]
+    assert trainer.train_dataset["labels"] == expected["labels"]
+    assert trainer.train_dataset["input_ids"] == expected["input_ids"]
+    if format != "text":  # completion-only: the prompt is not trained on
+        assert all(labels[0] == -100 for labels in trainer.train_dataset["labels"])
+    assert isinstance(trainer.data_collator, LMDataCollator) and trainer.data_collator.pad_token_id == 2
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and math.isfinite(metrics["eval_perplexity"])
+    # evaluate() of a dataset in a TRL format tokenizes it the same way.
+    assert trainer.evaluate(data)["eval_loss"] == pytest.approx(metrics["eval_loss"])
+
+
+def test_default_collator_right_pads_with_the_pad_token_and_minus_100():
+    from hf_kd.lm_data import LMDataCollator
+
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+            {"input_ids": [8], "labels": [8]}]
+    batch = LMDataCollator(pad_token_id=2)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert LMDataCollator(2, pad_to_multiple_of=4)(rows)["input_ids"].shape == (2, 4)
+    with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+        LMDataCollator(pad_token_id=None)
+
+
+def test_pre_tokenized_data_without_a_collator_gets_the_default_one(tmp_path):
+    from hf_kd.lm_data import LMDataCollator
+
+    trainer = DistillTrainer(model=tiny_lm(seed=1), args=make_args(tmp_path, max_steps=1),
+                             teacher_model=tiny_lm(layers=3, seed=0), train_dataset=lm_dataset(8))
+    assert isinstance(trainer.data_collator, LMDataCollator) and trainer.data_collator.pad_token_id == 0  # config's
+    trainer.train()
+    rows = [trainer.train_dataset[i] for i in range(3)]
+    for key, value in pad_collator(rows).items():
+        assert torch.equal(trainer.data_collator(rows)[key], value), key
+    no_pad = tiny_lm(seed=1)
+    no_pad.config.pad_token_id = no_pad.config.eos_token_id = None
+    with pytest.raises(ValueError, match="no pad_token_id or eos_token_id .* pass processing_class="):
+        DistillTrainer(model=no_pad, args=make_args(tmp_path), teacher_model=tiny_lm(layers=3, seed=0),
+                       train_dataset=lm_dataset(8))
+
+
+def test_trl_format_bad_input_is_named(tmp_path):
+    tokenizer = causal_lm_tokenizer(SMOLLM2)
+    data = datasets.Dataset.from_list(TRL_FORMATS["prompt_completion"])
+    args = make_args(tmp_path, max_length=4)
+
+    def build(train, processing_class=tokenizer, args=args):
+        return DistillTrainer(model=smollm2_vocab_llama(1), args=args, teacher_model=smollm2_vocab_llama(0),
+                              train_dataset=train, processing_class=processing_class)
+
+    with pytest.raises(ValueError, match="train_dataset has a 'prompt' column .* pass processing_class="):
+        build(data, processing_class=None)
+    # A prompt of max_length tokens or more is refused (nothing of its completion would fit), naming the row.
+    long = datasets.Dataset.from_list([{"prompt": "a b c d e f", "completion": " g"}])
+    with pytest.raises(ValueError, match=r"train_dataset: Row 0: The prompt has 6 tokens, so nothing of the completion "
+                                         r"fits in max_length=4"):
+        build(long)
+    # A long completion is cut on the right: the row keeps max_length tokens.
+    cut = build(datasets.Dataset.from_list([{"prompt": "a b", "completion": " c d e f g"}]))
+    assert len(cut.train_dataset[0]["input_ids"]) == 4 and cut.train_dataset[0]["labels"][:2] == [-100, -100]
+    with pytest.raises(ValueError, match=r"Row 1: completion is empty"):
+        build(datasets.Dataset.from_list([{"prompt": "a", "completion": " b"}, {"prompt": "a", "completion": " "}]))
+    empty_turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    with pytest.raises(ValueError, match=r"Row 0: messages has an empty assistant turn"):
+        build(datasets.Dataset.from_list([{"messages": empty_turn}]))
+    with pytest.raises(ValueError, match="max_length must be an int >= 2"):
+        make_args(tmp_path, max_length=1)
+    # No pad token and no EOS: the default collator cannot pad; the error names the fix.
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token, bare.eos_token = None, None
+    with pytest.raises(ValueError, match=r"no pad token and no EOS token .*\(tokenizer.pad_token = "):
+        build(data, processing_class=bare, args=make_args(tmp_path, max_length=32))

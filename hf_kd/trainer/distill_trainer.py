@@ -8,7 +8,7 @@ from torch import nn
 from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
 from ..metrics import make_compute_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
 from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
-from .base_trainer import _BaseTrainer, is_causal_lm
+from .base_trainer import _BaseTrainer, default_lm_data_collator, is_causal_lm, prepare_lm_dataset
 from .distill_config import DistillConfig
 from .teacher_mixin import _TeacherMixin
 
@@ -44,6 +44,11 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
     (tail `args.lm_cache_tail`; a cached evaluation logs `top1_agreement` from the cached top-1 ids, the cache's
     first top-k id).
+    Data: as for TRL's `SFTTrainer`, a dataset with a `text`, `messages` or `prompt` + `completion` column (strings or
+    lists of messages) is tokenized by the trainer with `processing_class` ([`hf_kd.lm_data.tokenize_lm_dataset`]:
+    completion-only labels, rows cut on the right to `args.max_length` tokens, a prompt that leaves no completion token
+    refused); pre-tokenized `input_ids` + `labels` (-100 on the prompt) are used as they are. Without a
+    `data_collator`, batches are right-padded by [`hf_kd.lm_data.LMDataCollator`] (pad token, else EOS; labels -100).
     Each evaluation logs `perplexity`, `token_accuracy`, `token_ece` (15 bins), `token_entropy` and `top1_agreement`
     with the teacher ([`hf_kd.metrics.lm_metrics`]), each batch's logits being reduced to five numbers per token
     ([`hf_kd.metrics.preprocess_lm_logits_for_metrics`]) so that no vocabulary-sized tensor is accumulated; the card's
@@ -64,6 +69,13 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             dataset already carries a `teacher_logits` column.
         teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
             The teacher's tokenizer, used to compare vocabularies. Loaded from the teacher's id when that is a string.
+        data_collator (`Callable`, *optional*):
+            Defaults to Trainer's; for a causal-LM student to [`hf_kd.lm_data.LMDataCollator`] padding with
+            `processing_class`'s pad token (its EOS token when it has none; the student's `config.pad_token_id`
+            without a tokenizer).
+        processing_class (`PreTrainedTokenizerBase`, *optional*):
+            The student's tokenizer: saved with the model, and for a causal-LM student used to tokenize data given
+            in TRL's formats and to pad batches.
         compute_metrics (`Callable`, *optional*):
             Defaults to [`hf_kd.metrics.make_compute_metrics`]`()`, or for a causal LM
             [`hf_kd.metrics.make_lm_compute_metrics`]`()` with `preprocess_logits_for_metrics` defaulting to
@@ -128,6 +140,11 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
                 f"({type(model).__name__}) is distilled with Hinton's loss, loss_type='forward_kl'."
             )
         if self._causal_lm:
+            # Data in TRL's SFTTrainer formats is tokenized here (completion-only labels), before any check reads it.
+            train_dataset = prepare_lm_dataset(train_dataset, "train_dataset", processing_class, args.max_length)
+            eval_dataset = prepare_lm_dataset(eval_dataset, "eval_dataset", processing_class, args.max_length)
+            if data_collator is None:
+                data_collator = default_lm_data_collator(processing_class, model)
             if compute_metrics is None:
                 compute_metrics = make_lm_compute_metrics()
                 kwargs.setdefault("preprocess_logits_for_metrics", preprocess_lm_logits_for_metrics)
