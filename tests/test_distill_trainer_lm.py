@@ -510,16 +510,37 @@ def test_damaged_lm_cache_file_is_an_error_naming_it(tmp_path):
     teacher = tiny_lm(layers=3, seed=0)
     make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
     (path,) = (tmp_path / "cache").glob("*.safetensors")
+    from safetensors.torch import load_file
+
+    original = {name: tensor.clone() for name, tensor in load_file(path).items()}  # not a view of the file
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=f"{path}.*sha256 checksum"):
+    with pytest.raises(ValueError, match=f"{path}.*sha256 checksum.*It was not used; delete it to recompute it"):
         make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
+    path.write_bytes(bytes(raw[: len(raw) // 2]))  # cut off mid-write (by another tool: hf_kd writes atomically)
+    with pytest.raises(ValueError, match=f"{path} is unreadable.*delete it to recompute it"):
+        make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
+    # As documented: deleting the file makes the next run recompute it, the same as the first time.
+    path.unlink()
+    trainer = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
+    assert path.exists() and trainer.train_dataset["teacher_cache_index"] == list(range(8))
+    recomputed = load_file(path)
+    for name, tensor in original.items():
+        torch.testing.assert_close(recomputed[name], tensor, msg=name)
 
 
-def test_lm_cache_top_k_must_fit_the_vocabulary(tmp_path):
-    with pytest.raises(ValueError, match=f"lm_cache_top_k=65 is larger than the student's vocabulary \\({VOCAB} tokens"):
+def test_lm_cache_top_k_must_fit_the_vocabulary(tmp_path, monkeypatch):
+    import hf_kd.trainer.teacher_mixin as teacher_mixin
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the error must come before the teacher pass")
+
+    monkeypatch.setattr(teacher_mixin, "compute_teacher_lm_top_k", no_pass)
+    with pytest.raises(ValueError, match=f"lm_cache_top_k=65 is larger than the student's vocabulary \\({VOCAB} tokens"
+                                         f"\\): choose 1 <= lm_cache_top_k <= {VOCAB}"):
         make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=VOCAB + 1))
+    assert not (tmp_path / "cache").exists()
     with pytest.raises(ValueError, match="lm_cache_top_k must be an int >= 1, got 0"):
         cache_args(tmp_path, lm_cache_top_k=0)
     with pytest.raises(ValueError, match="lm_cache_tail must be one of"):
