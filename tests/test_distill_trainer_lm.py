@@ -730,3 +730,21 @@ def test_trl_format_bad_input_is_named(tmp_path):
     bare.pad_token, bare.eos_token = None, None
     with pytest.raises(ValueError, match=r"no pad token and no EOS token .*\(tokenizer.pad_token = "):
         build(data, processing_class=bare, args=make_args(tmp_path, max_length=32))
+
+
+def test_lm_helpers_are_exported_from_hf_kd():
+    import hf_kd
+    from hf_kd import lm_data, losses, metrics, student
+
+    modules = {
+        losses: ("LMLossParts", "lm_kd_loss", "sparse_lm_kd_loss"),
+        metrics: ("lm_metrics", "make_lm_compute_metrics", "preprocess_lm_logits_for_metrics"),
+        lm_data: ("LMDataCollator", "tokenize_lm_dataset", "lm_text_dataset", "lm_chat_dataset"),
+        student: ("make_student", "drop_layers"),
+    }
+    for module, names in modules.items():
+        for name in names:
+            assert name in hf_kd.__all__, name
+            assert getattr(hf_kd, name) is getattr(module, name), name
+            if module is not student:  # hf_kd.student has no __all__
+                assert name in module.__all__, name
