@@ -651,7 +651,7 @@ def test_trl_format_datasets_are_tokenized_by_the_trainer(tmp_path, format):
 
     tokenizer = causal_lm_tokenizer(SMOLLM2)
     data = datasets.Dataset.from_list(TRL_FORMATS[format])
-    args = make_args(tmp_path, per_device_train_batch_size=2, max_steps=1, max_length=64)
+    args = make_args(tmp_path, per_device_train_batch_size=2, max_steps=1, lm_max_length=64)
     trainer = DistillTrainer(model=smollm2_vocab_llama(1), args=args, teacher_model=smollm2_vocab_llama(0),
                              train_dataset=data, eval_dataset=data, processing_class=tokenizer)
     expected = tokenize_lm_dataset(data, tokenizer, max_length=64)
@@ -702,7 +702,7 @@ def test_pre_tokenized_data_without_a_collator_gets_the_default_one(tmp_path):
 def test_trl_format_bad_input_is_named(tmp_path):
     tokenizer = causal_lm_tokenizer(SMOLLM2)
     data = datasets.Dataset.from_list(TRL_FORMATS["prompt_completion"])
-    args = make_args(tmp_path, max_length=4)
+    args = make_args(tmp_path, lm_max_length=4)
 
     def build(train, processing_class=tokenizer, args=args):
         return DistillTrainer(model=smollm2_vocab_llama(1), args=args, teacher_model=smollm2_vocab_llama(0),
@@ -710,12 +710,12 @@ def test_trl_format_bad_input_is_named(tmp_path):
 
     with pytest.raises(ValueError, match="train_dataset has a 'prompt' column .* pass processing_class="):
         build(data, processing_class=None)
-    # A prompt of max_length tokens or more is refused (nothing of its completion would fit), naming the row.
+    # A prompt of lm_max_length tokens or more is refused (nothing of its completion would fit), naming the row.
     long = datasets.Dataset.from_list([{"prompt": "a b c d e f", "completion": " g"}])
     with pytest.raises(ValueError, match=r"train_dataset: Row 0: The prompt has 6 tokens, so nothing of the completion "
-                                         r"fits in max_length=4"):
+                                         r"fits in max_length=4.*DistillConfig.lm_max_length"):
         build(long)
-    # A long completion is cut on the right: the row keeps max_length tokens.
+    # A long completion is cut on the right: the row keeps lm_max_length tokens.
     cut = build(datasets.Dataset.from_list([{"prompt": "a b", "completion": " c d e f g"}]))
     assert len(cut.train_dataset[0]["input_ids"]) == 4 and cut.train_dataset[0]["labels"][:2] == [-100, -100]
     with pytest.raises(ValueError, match=r"Row 1: completion is empty"):
@@ -723,13 +723,13 @@ def test_trl_format_bad_input_is_named(tmp_path):
     empty_turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
     with pytest.raises(ValueError, match=r"Row 0: messages has an empty assistant turn"):
         build(datasets.Dataset.from_list([{"messages": empty_turn}]))
-    with pytest.raises(ValueError, match="max_length must be an int >= 2"):
-        make_args(tmp_path, max_length=1)
+    with pytest.raises(ValueError, match="lm_max_length must be an int >= 2"):
+        make_args(tmp_path, lm_max_length=1)
     # No pad token and no EOS: the default collator cannot pad; the error names the fix.
     bare = copy.deepcopy(tokenizer)
     bare.pad_token, bare.eos_token = None, None
     with pytest.raises(ValueError, match=r"no pad token and no EOS token .*\(tokenizer.pad_token = "):
-        build(data, processing_class=bare, args=make_args(tmp_path, max_length=32))
+        build(data, processing_class=bare, args=make_args(tmp_path, lm_max_length=32))
 
 
 def test_lm_helpers_are_exported_from_hf_kd():
@@ -748,3 +748,16 @@ def test_lm_helpers_are_exported_from_hf_kd():
             assert getattr(hf_kd, name) is getattr(module, name), name
             if module is not student:  # hf_kd.student has no __all__
                 assert name in module.__all__, name
+
+
+def test_lm_fields_parse_next_to_the_recipes_data_arguments():
+    """trainers/distill.py parses DataArguments (whose --max_length is the classification truncation) with
+    DistillConfig: the LM length is lm_max_length, so the two never clash."""
+    from transformers import HfArgumentParser
+
+    from hf_kd.recipes import DataArguments
+
+    data, config = HfArgumentParser((DataArguments, DistillConfig)).parse_args_into_dataclasses(
+        args=["--output_dir", "out", "--max_length", "32", "--lm_max_length", "256", "--report_to", "none"]
+    )
+    assert data.max_length == 32 and config.lm_max_length == 256

@@ -231,7 +231,7 @@ def prepare_lm_dataset(dataset, split: str, tokenizer, max_length: int):
     try:
         tokenized = tokenize_lm_dataset(dataset, getattr(tokenizer, "tokenizer", tokenizer), max_length)
     except ValueError as error:
-        raise ValueError(f"{split}: {error}") from None
+        raise ValueError(f"{split}: {error} (the trainer's tokenization: DistillConfig.lm_max_length)") from None
     return tokenized.select_columns([c for c in _LM_TOKENIZED_COLUMNS if c in tokenized.column_names])
 
 
@@ -377,9 +377,9 @@ class _BaseTrainer(Trainer):
         return dataset
 
     def _prepare_lm_data(self, dataset, split: str):
-        """[`prepare_lm_dataset`] for a causal-LM student whose config has a `max_length` ([`DistillConfig`]): data in
-        TRL's formats given to `evaluate`/`predict` is tokenized like the datasets given at init."""
-        max_length = getattr(self.args, "max_length", None)
+        """[`prepare_lm_dataset`] for a causal-LM student whose config has an `lm_max_length` ([`DistillConfig`]):
+        data in TRL's formats given to `evaluate`/`predict` is tokenized like the datasets given at init."""
+        max_length = getattr(self.args, "lm_max_length", None)
         if max_length is None or self._student_lm_vocab_size() is None:
             return dataset
         return prepare_lm_dataset(dataset, split, self.processing_class, max_length)

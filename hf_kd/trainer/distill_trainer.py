@@ -46,7 +46,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     first top-k id).
     Data: as for TRL's `SFTTrainer`, a dataset with a `text`, `messages` or `prompt` + `completion` column (strings or
     lists of messages) is tokenized by the trainer with `processing_class` ([`hf_kd.lm_data.tokenize_lm_dataset`]:
-    completion-only labels, rows cut on the right to `args.max_length` tokens, a prompt that leaves no completion token
+    completion-only labels, rows cut on the right to `args.lm_max_length` tokens, a prompt that leaves no completion token
     refused); pre-tokenized `input_ids` + `labels` (-100 on the prompt) are used as they are. Without a
     `data_collator`, batches are right-padded by [`hf_kd.lm_data.LMDataCollator`] (pad token, else EOS; labels -100).
     Each evaluation logs `perplexity`, `token_accuracy`, `token_ece` (15 bins), `token_entropy` and `top1_agreement`
@@ -141,8 +141,8 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             )
         if self._causal_lm:
             # Data in TRL's SFTTrainer formats is tokenized here (completion-only labels), before any check reads it.
-            train_dataset = prepare_lm_dataset(train_dataset, "train_dataset", processing_class, args.max_length)
-            eval_dataset = prepare_lm_dataset(eval_dataset, "eval_dataset", processing_class, args.max_length)
+            train_dataset = prepare_lm_dataset(train_dataset, "train_dataset", processing_class, args.lm_max_length)
+            eval_dataset = prepare_lm_dataset(eval_dataset, "eval_dataset", processing_class, args.lm_max_length)
             if data_collator is None:
                 data_collator = default_lm_data_collator(processing_class, model)
             if compute_metrics is None:
