@@ -227,10 +227,13 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         """
         `compute_loss` of a causal-LM student: [`hf_kd.losses.lm_kd_loss`] on the shifted logits and labels (position
         `t` predicts label `t + 1`), normalised by `num_items_in_batch` (the counted tokens of the accumulated batch)
-        and rescaled for DDP; logs its two parts (`kd_loss`, `ce_loss`, each a mean over this batch's tokens).
+        and rescaled for DDP ([`hf_kd.losses.sparse_lm_kd_loss`] on the cached top-k in a cached run); logs its two
+        parts (`kd_loss`, `ce_loss`, each a mean over this batch's tokens), which the same call returns
+        (`return_parts=True`).
 
         Returns the loss and, with `return_outputs`, `{"logits", "teacher_logits"}` (both `(batch, seq, vocab)`,
-        reduced per batch by `preprocess_logits_for_metrics` at evaluation).
+        reduced per batch by `preprocess_logits_for_metrics` at evaluation), or in a cached run `{"logits",
+        "teacher_top1"}` (the teacher's top-1 ids `(batch, seq)`, for `top1_agreement`).
         """
         labels = inputs.pop("labels")
         cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
