@@ -4,8 +4,15 @@ from . import data, early_exit, losses, metrics, prediction_sets, self_kd
 from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
-from .losses import kd_loss
-from .metrics import make_compute_metrics, make_exit_compute_metrics
+from .lm_data import LMDataCollator, lm_chat_dataset, lm_text_dataset, tokenize_lm_dataset
+from .losses import LMLossParts, kd_loss, lm_kd_loss, sparse_lm_kd_loss
+from .metrics import (
+    lm_metrics,
+    make_compute_metrics,
+    make_exit_compute_metrics,
+    make_lm_compute_metrics,
+    preprocess_lm_logits_for_metrics,
+)
 from .modeling import (
     EarlyExitPrediction,
     ExitPolicy,
@@ -20,6 +27,7 @@ from .modeling import (
     MultiExitImageConfig,
     MultiExitLaplace,
 )
+from .student import drop_layers, make_student
 from .trainer import (
     DistillConfig,
     DistillTrainer,
@@ -47,6 +55,8 @@ __all__ = [
     "KDLayerForImageClassification",
     "KDLayerForSequenceClassification",
     "KDLayerImageConfig",
+    "LMDataCollator",
+    "LMLossParts",
     "LetKDConfig",
     "LetKDTrainer",
     "MultiExitConfig",
@@ -61,18 +71,28 @@ __all__ = [
     "UncertaintyReport",
     "calibrate_temperature",
     "data",
+    "drop_layers",
     "early_exit",
     "evaluate_uncertainty",
     "fit_temperature",
     "fold_temperature",
     "generate_model_card",
     "kd_loss",
+    "lm_chat_dataset",
+    "lm_kd_loss",
+    "lm_metrics",
+    "lm_text_dataset",
     "losses",
     "make_compute_metrics",
     "make_exit_compute_metrics",
+    "make_lm_compute_metrics",
+    "make_student",
     "metrics",
     "prediction_sets",
+    "preprocess_lm_logits_for_metrics",
     "push_to_hub",
     "self_kd",
+    "sparse_lm_kd_loss",
+    "tokenize_lm_dataset",
     "update_model_card",
 ]

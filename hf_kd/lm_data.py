@@ -14,6 +14,7 @@ Three builders and one tokenisation function:
   `prompt`/`completion` pairs).
 - [`tokenize_lm_dataset`]: any of these formats to `input_ids`, `attention_mask` and `labels` with `-100` on
   everything that is not completion, applying the tokenizer's chat template to conversational data as TRL does.
+- [`LMDataCollator`]: batches of such rows, right-padded (labels with `-100`).
 
 TRL's formats (https://huggingface.co/docs/trl/dataset_formats): language modelling `{"text": str}`;
 conversational `{"messages": [{"role", "content"}, ...]}`; prompt-only `{"prompt": ...}`; prompt-completion
@@ -22,13 +23,16 @@ conversational `{"messages": [{"role", "content"}, ...]}`; prompt-only `{"prompt
 """
 
 import re
+from dataclasses import dataclass
 
 import numpy as np
+import torch
 from datasets import ClassLabel, Dataset, DatasetDict, Features, Value
 
 from .data import _SPLITS, _check_fractions, _stratified_split, load_bbc_news, load_rotten_tomatoes
 
 __all__ = [
+    "LMDataCollator",
     "LM_CHAT_FORMATS",
     "LM_CHAT_TASKS",
     "lm_chat_dataset",
@@ -417,3 +421,62 @@ def tokenize_lm_dataset(dataset: Dataset | DatasetDict, tokenizer, max_length: i
     if isinstance(dataset, DatasetDict):
         return DatasetDict({name: run(split) for name, split in dataset.items()})
     return run(dataset)
+
+
+# ----- batching -----
+
+
+@dataclass
+class LMDataCollator:
+    """
+    Batch tokenized causal-LM rows ([`tokenize_lm_dataset`]'s `input_ids`, `attention_mask`, `labels`), padding on the
+    right to the longest row: `input_ids` with `pad_token_id`, `attention_mask` with 0 and `labels` with `-100`, so
+    padding is neither attended to nor trained on. Rows without `attention_mask` get ones over their tokens. The
+    default collator of [`hf_kd.DistillTrainer`] for a causal-LM student (what `DataCollatorForSeq2Seq` does, without
+    needing the tokenizer to have a pad token: see [`LMDataCollator.for_tokenizer`]).
+
+    Args:
+        pad_token_id (`int`):
+            The id `input_ids` are padded with (any id of the vocabulary: padded positions are masked).
+        pad_to_multiple_of (`int`, *optional*):
+            Round the padded length up to a multiple of it (tensor cores like multiples of 8).
+
+    Returns (from a call on a list of row dicts):
+        `dict[str, torch.Tensor]`: `input_ids`, `attention_mask` and (when the rows have them) `labels`, each
+        `(batch, longest)` int64.
+    """
+
+    pad_token_id: int
+    pad_to_multiple_of: int | None = None
+
+    def __post_init__(self):
+        if isinstance(self.pad_token_id, bool) or not isinstance(self.pad_token_id, int) or self.pad_token_id < 0:
+            raise ValueError(f"pad_token_id must be a token id (an int >= 0), got {self.pad_token_id!r}")
+
+    @classmethod
+    def for_tokenizer(cls, tokenizer, pad_to_multiple_of: int | None = None) -> "LMDataCollator":
+        """The collator padding with `tokenizer`'s pad token, or its EOS token when it has none (as TRL's
+        `SFTTrainer` does); a `ValueError` naming the fix when it has neither."""
+        pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else tokenizer.eos_token_id
+        if pad is None:
+            raise ValueError(
+                f"The tokenizer ({type(tokenizer).__name__}) has no pad token and no EOS token to pad causal-LM batches "
+                "with: set one (tokenizer.pad_token = ...), or pass data_collator=LMDataCollator(pad_token_id=...)."
+            )
+        return cls(pad, pad_to_multiple_of)
+
+    def __call__(self, features: list[dict]) -> dict[str, torch.Tensor]:
+        width = max(len(row["input_ids"]) for row in features)
+        if self.pad_to_multiple_of:
+            width = -(-width // self.pad_to_multiple_of) * self.pad_to_multiple_of
+
+        def pad(rows, value):
+            return torch.tensor([list(row) + [value] * (width - len(row)) for row in rows], dtype=torch.long)
+
+        batch = {
+            "input_ids": pad([row["input_ids"] for row in features], self.pad_token_id),
+            "attention_mask": pad([row.get("attention_mask", [1] * len(row["input_ids"])) for row in features], 0),
+        }
+        if "labels" in features[0]:
+            batch["labels"] = pad([row["labels"] for row in features], -100)
+        return batch

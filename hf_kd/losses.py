@@ -11,6 +11,7 @@ of them take the same two arguments that control how per-item losses are reduced
 """
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -27,6 +28,7 @@ from .options import (
 )
 
 __all__ = [
+    "LMLossParts",
     "LMLossType",
     "dedier_weights",
     "kd_layer_loss",
@@ -35,6 +37,7 @@ __all__ = [
     "lm_kd_loss",
     "self_kd_loss",
     "soft_cross_entropy",
+    "sparse_lm_kd_loss",
 ]
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -647,6 +650,23 @@ def _row_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     return torch.matmul(a.unsqueeze(-2), b.unsqueeze(-1)).reshape(a.shape[0])
 
 
+class LMLossParts(NamedTuple):
+    """
+    What [`lm_kd_loss`] and [`sparse_lm_kd_loss`] return with `return_parts=True`, from one pass over the tokens.
+
+    Attributes:
+        loss (`torch.Tensor`): the loss itself, exactly what `return_parts=False` returns (differentiable).
+        kd (`torch.Tensor`): the soft term `T^2 * D(p_T, p_S)`, detached, as a mean over the counted tokens of this
+            call (what the same call with `alpha=1` and no `num_items_in_batch` returns).
+        ce (`torch.Tensor`): the cross-entropy with the gold tokens, detached, as a mean over the same tokens (what
+            `alpha=0` and no `num_items_in_batch` returns).
+    """
+
+    loss: torch.Tensor
+    kd: torch.Tensor
+    ce: torch.Tensor
+
+
 def _lm_chunk(
     student_logits: torch.Tensor,
     teacher_logits: torch.Tensor,
@@ -654,10 +674,13 @@ def _lm_chunk(
     targets: torch.Tensor,
     options: tuple,
     needs_grad: tuple[bool, bool],
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Loss sum over the rows `rows` = (batch indices, positions) of the logits, and its gradients w.r.t. those rows.
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
+    """Sums of the divergence and of the cross-entropy over the rows `rows` = (batch indices, positions) of the
+    logits, and the gradients of `alpha T^2 divergence + (1 - alpha) CE` w.r.t. those rows.
 
-    Returns `(loss_sum, teacher_all_finite, grad_student_rows, grad_teacher_rows)`, each gradient `(N, V)` in float32
+    `options` is `(loss_type, beta, temperature, alpha, parts)`: with `parts` both sums are computed whatever
+    `alpha` (for the logged loss parts), else only the terms `alpha` weighs. Returns `(divergence_sum,
+    cross_entropy_sum, teacher_all_finite, grad_student_rows, grad_teacher_rows)`, each gradient `(N, V)` in float32
     (None when not needed). Closed forms, with `a = log p_S`, `b = log p_T` at temperature T, `D` the per-row
     divergence, and the softmax Jacobian folded in (d/dlogits = (g - p * sum(g)) / T for a gradient g w.r.t. the
     log-probabilities):
@@ -672,26 +695,29 @@ def _lm_chunk(
     Written with in-place operations so that a chunk holds about five (N, V) float32 tensors at its peak, gathered
     rows included (docs/benchmarks/lm_kd_loss.md).
     """
-    loss_type, beta, temperature, alpha = options
+    loss_type, beta, temperature, alpha, parts = options
     need_student, need_teacher = needs_grad
     student = _upcast(student_logits[rows])
-    total = student.new_zeros(())
+    divergence_sum = cross_entropy_sum = student.new_zeros(())
     grad_student = grad_teacher = None
     log_s = None
-    if alpha < 1:  # the CE first: then the gathered student rows can be freed before the divergence's tensors exist
+    with_divergence = alpha > 0 or parts
+    if alpha < 1 or parts:  # the CE first: then the gathered student rows can be freed before the divergence's tensors exist
         log_q = F.log_softmax(student, dim=-1)  # untempered
-        total = total + (1.0 - alpha) * -log_q.gather(-1, targets[:, None]).sum()
-        if alpha > 0 and temperature == 1.0:
+        cross_entropy_sum = -log_q.gather(-1, targets[:, None]).sum()
+        if with_divergence and temperature == 1.0:
             log_s = log_q
-        if need_student:
+        if need_student and alpha < 1:
             grad_student = log_q.exp() if log_s is not None else log_q.exp_()
             grad_student[torch.arange(grad_student.shape[0], device=grad_student.device), targets] -= 1.0
             grad_student.mul_(1.0 - alpha)
         del log_q
     teacher = _upcast(teacher_logits[rows])
     teacher_finite = torch.isfinite(teacher).all()
-    if alpha == 0:
-        return total, teacher_finite, grad_student, grad_teacher
+    if not with_divergence:
+        return divergence_sum, cross_entropy_sum, teacher_finite, grad_student, grad_teacher
+    # A divergence computed for the logged parts only (alpha = 0) has no gradient.
+    need_student, need_teacher = need_student and alpha > 0, need_teacher and alpha > 0
     if loss_type is LMLossType.JSD and beta in (0.0, 1.0):
         # TRL's generalized_jsd_loss special-cases the end points as the two KLs: the mixture formula itself tends to
         # 0 there (M becomes p_S or p_T), so jsd is discontinuous at beta = 0 and 1, by that convention.
@@ -739,56 +765,82 @@ def _lm_chunk(
         if need_student:
             add_student(to_student.sub_(kl_student[:, None]).mul_(p_s).mul_(1.0 - beta))
         divergence = beta * kl_teacher + (1.0 - beta) * kl_student
-    total = total + alpha * temperature**2 * divergence.sum()
-    return total, teacher_finite, grad_student, grad_teacher
+    return divergence.sum(), cross_entropy_sum, teacher_finite, grad_student, grad_teacher
 
 
-class _ChunkedLMKDLoss(torch.autograd.Function):
-    """Sum of the per-token losses over the counted positions, computed `chunk_size` rows at a time.
+class _ChunkedTokenLoss(torch.autograd.Function):
+    """
+    `alpha T^2 sum_i D_i + (1 - alpha) sum_i CE_i` over the counted positions, computed `chunk_size` rows at a time
+    by `chunk_loss` ([`_lm_chunk`] for [`lm_kd_loss`], [`_sparse_lm_chunk`] for [`sparse_lm_kd_loss`]); also returns
+    the two sums (non-differentiable, for the logged loss parts) and whether the teacher's rows were finite.
 
-    The gradient of each chunk is computed in closed form right after its loss ([`_lm_chunk`]) and written into one
-    buffer shaped like the input logits; `backward` only scales that buffer. So the float32 intermediates of a chunk
-    are freed before the next chunk starts: nothing of size `(batch, seq, vocab)` is kept for backward except the
-    gradient itself, which autograd needs in any case. (Plain autograd through the chunks keeps every chunk's
-    intermediates until backward, i.e. several full-size float32 tensors; checkpointing each chunk frees them but
-    runs every chunk's forward twice: see docs/benchmarks/lm_kd_loss.md.)
+    The gradient of each chunk is computed in closed form right after its loss and written into one buffer shaped
+    like the input logits; `backward` only scales that buffer. So the float32 intermediates of a chunk are freed
+    before the next chunk starts: nothing of size `(batch, seq, vocab)` is kept for backward except the gradient
+    itself, which autograd needs in any case. (Plain autograd through the chunks keeps every chunk's intermediates
+    until backward, i.e. several full-size float32 tensors; checkpointing each chunk frees them but runs every
+    chunk's forward twice: see docs/benchmarks/lm_kd_loss.md.)
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, batch_index, position_index, targets, options, chunk_size,
-                grad_enabled):
+    def forward(ctx, student_logits, teacher_logits, rows, chunk_loss, weights, chunk_size, grad_enabled):
         # forward always runs with grad mode off: whether the caller records a graph comes in as `grad_enabled`.
+        # `teacher_logits` is None for the sparse loss (its cached targets never get a gradient).
         needs_grad = tuple(need and grad_enabled for need in ctx.needs_input_grad[:2])
         gradients = [None, None]
-        total = student_logits.new_zeros((), dtype=torch.promote_types(student_logits.dtype, torch.float32))
+        dtype = torch.promote_types(student_logits.dtype, torch.float32)
+        sums = student_logits.new_zeros(2, dtype=dtype)  # divergence, cross-entropy
         teacher_finite = torch.ones((), dtype=torch.bool, device=student_logits.device)
-        for start in range(0, targets.shape[0], chunk_size):
-            rows = (batch_index[start : start + chunk_size], position_index[start : start + chunk_size])
-            loss, finite, *grads = _lm_chunk(
-                student_logits, teacher_logits, rows, targets[start : start + chunk_size], options, needs_grad
-            )
-            total += loss
+        batch_index, position_index = rows
+        for start in range(0, batch_index.shape[0], chunk_size):
+            chunk = slice(start, start + chunk_size)
+            chunk_rows = (batch_index[chunk], position_index[chunk])
+            divergence, cross_entropy, finite, *grads = chunk_loss(chunk_rows, chunk, needs_grad)
+            sums[0] += divergence
+            sums[1] += cross_entropy
             teacher_finite &= finite
             for i, (logits, grad) in enumerate(zip((student_logits, teacher_logits), grads)):
                 if grad is not None:
                     if gradients[i] is None:  # allocated at the first chunk: no counted token, no buffer
                         gradients[i] = torch.zeros_like(logits, memory_format=torch.contiguous_format)
-                    gradients[i][rows] = grad.to(gradients[i].dtype)
+                    gradients[i][chunk_rows] = grad.to(gradients[i].dtype)
         ctx.save_for_backward(*gradients)
-        ctx.mark_non_differentiable(teacher_finite)
-        return total, teacher_finite
+        ctx.mark_non_differentiable(sums, teacher_finite)
+        return weights[0] * sums[0] + weights[1] * sums[1], sums, teacher_finite
 
     @staticmethod
-    def backward(ctx, grad_total, grad_finite):
+    def backward(ctx, grad_total, grad_sums, grad_finite):
         # In place: a scaled copy would be one more (batch, seq, vocab) tensor. The buffers are this graph's own and
         # are freed with it; a second backward through the same graph is refused by autograd's saved-tensor checks.
         gradients = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
-        return gradients[0], gradients[1], None, None, None, None, None, None
+        return gradients[0], gradients[1], None, None, None, None, None
 
 
-def _check_lm_loss_options(loss_type, beta: float, temperature: float, alpha: float) -> LMLossType:
+def _chunked_token_loss(student_logits, teacher_logits, rows, chunk_loss, options, chunk_size, num_items_in_batch):
+    """Run [`_ChunkedTokenLoss`] and normalise: the loss (`sum / num_items_in_batch`, or / the number of counted
+    rows), with `options[-1]` (`return_parts`) an [`LMLossParts`]. Raises on non-finite teacher rows."""
+    _, _, temperature, alpha, parts = options
+    total, sums, teacher_finite = _ChunkedTokenLoss.apply(
+        student_logits, teacher_logits, rows, chunk_loss, (alpha * temperature**2, 1.0 - alpha), chunk_size,
+        torch.is_grad_enabled(),
+    )
+    if not teacher_finite.item():
+        raise ValueError(
+            "teacher_logits contain NaN or inf at a counted position: check the teacher's dtype (fp16 overflow) and "
+            "inputs"
+        )
+    count = torch.tensor(rows[0].shape[0], device=total.device)
+    loss = total / _normalizer(num_items_in_batch, count)
+    if not parts:
+        return loss
+    means = sums / count.clamp_min(1)
+    return LMLossParts(loss, temperature**2 * means[0], means[1])
+
+
+def _check_lm_loss_options(loss_type, beta: float, temperature: float, alpha: float, chunk_size: int) -> LMLossType:
     """The checks [`lm_kd_loss`] and [`sparse_lm_kd_loss`] share: `loss_type` as an [`LMLossType`], `beta` and
-    `alpha` in `[0, 1]`, `temperature > 0`; a `ValueError` naming the bad value otherwise."""
+    `alpha` in `[0, 1]`, `temperature > 0`, `chunk_size` a positive int; a `ValueError` naming the bad value
+    otherwise."""
     loss_type = to_enum(LMLossType, loss_type, "loss_type")
     if not 0.0 <= beta <= 1.0:
         raise ValueError(f"beta must be in [0.0, 1.0], got {beta}")
@@ -796,6 +848,8 @@ def _check_lm_loss_options(loss_type, beta: float, temperature: float, alpha: fl
         raise ValueError(f"temperature must be > 0, got {temperature}")
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0.0, 1.0], got {alpha}")
+    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
     return loss_type
 
 
@@ -809,7 +863,8 @@ def lm_kd_loss(
     alpha: float = 1.0,
     num_items_in_batch: torch.Tensor | int | None = None,
     chunk_size: int = 128,
-) -> torch.Tensor:
+    return_parts: bool = False,
+) -> torch.Tensor | LMLossParts:
     r"""
     Token-level distillation loss of a causal language model, computed in chunks of tokens.
 
@@ -871,9 +926,15 @@ def lm_kd_loss(
             float32 `(chunk_size, vocab)` tensors (~120 MB at 128 x 49,152, SmolLM2; ~640 MB at 128 x 262,144,
             Gemma 3); smaller chunks were no slower on CPU down to 32. The result does not depend on it beyond float
             rounding.
+        return_parts (`bool`, *optional*, defaults to `False`):
+            Also return the two terms, from the same pass over the tokens: an [`LMLossParts`] `(loss, kd, ce)` with
+            `kd` the mean of `T^2 * D` and `ce` the mean cross-entropy over this call's counted tokens (detached),
+            i.e. what the calls with `alpha=1` and `alpha=0` (without `num_items_in_batch`) return, at the cost of
+            one. Both terms are then computed whatever `alpha` (the one `alpha` zeroes gets no gradient).
 
     Returns:
-        `torch.Tensor`: a scalar in float32 (float64 for float64 logits); 0 when no position is counted.
+        `torch.Tensor`: a scalar in float32 (float64 for float64 logits); 0 when no position is counted. With
+        `return_parts=True`, an [`LMLossParts`].
 
     Raises:
         `ValueError`: logits that are not 3-D or whose `(batch, seq)` differ, different vocabulary sizes, `labels` not
@@ -892,9 +953,7 @@ def lm_kd_loss(
     0.0
     ```
     """
-    loss_type = _check_lm_loss_options(loss_type, beta, temperature, alpha)
-    if isinstance(chunk_size, bool) or not isinstance(chunk_size, int) or chunk_size < 1:
-        raise ValueError(f"chunk_size must be a positive int, got {chunk_size!r}")
+    loss_type = _check_lm_loss_options(loss_type, beta, temperature, alpha, chunk_size)
     _check_tensors(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
     for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
         if logits.dim() != 3:
@@ -918,22 +977,15 @@ def lm_kd_loss(
         )
     _check_class_labels(labels, vocab)
 
-    batch_index, position_index = (labels != -100).nonzero(as_tuple=True)
-    targets = labels[batch_index, position_index].long()
-    options = (loss_type, float(beta), float(temperature), float(alpha))
-    total, teacher_finite = _ChunkedLMKDLoss.apply(
-        student_logits, teacher_logits, batch_index, position_index, targets, options, chunk_size,
-        torch.is_grad_enabled(),
-    )
-    if not teacher_finite.item():
-        raise ValueError(
-            "teacher_logits contain NaN or inf at a counted position: check the teacher's dtype (fp16 overflow) and "
-            "inputs"
-        )
-    count = torch.tensor(targets.shape[0], device=total.device)
-    return total / _normalizer(num_items_in_batch, count)
+    rows = (labels != -100).nonzero(as_tuple=True)
+    targets = labels[rows].long()
+    options = (loss_type, float(beta), float(temperature), float(alpha), bool(return_parts))
 
+    def chunk_loss(chunk_rows, chunk, needs_grad):
+        return _lm_chunk(student_logits, teacher_logits, chunk_rows, targets[chunk], options, needs_grad)
 
+    return _chunked_token_loss(student_logits, teacher_logits, rows, chunk_loss, options, chunk_size,
+                               num_items_in_batch)
 
 
 def _sparse_divergence(log_t: torch.Tensor, log_s: torch.Tensor, loss_type: LMLossType, beta: float) -> torch.Tensor:
@@ -951,6 +1003,65 @@ def _sparse_divergence(log_t: torch.Tensor, log_s: torch.Tensor, loss_type: LMLo
     return beta * to_teacher + (1.0 - beta) * to_student
 
 
+def _sparse_lm_chunk(
+    student_logits: torch.Tensor,
+    rows: tuple[torch.Tensor, torch.Tensor],
+    targets: torch.Tensor,
+    topk_ids: torch.Tensor,
+    teacher_cells: torch.Tensor,
+    options: tuple,
+    needs_grad: tuple[bool, bool],
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
+    """[`_lm_chunk`] of [`sparse_lm_kd_loss`]: the sums of the divergence on the partition and of the cross-entropy
+    over the rows `rows`, and the gradient w.r.t. those student rows, `(N, V)` in float32.
+
+    `topk_ids` `(N, k)` and `teacher_cells` `(N, C)` are this chunk's: the teacher's top-k ids and its cell logits
+    (`C = k + 1` with the bucket tail, its last cell the rest; `C = k` otherwise). The divergence's gradient w.r.t.
+    the student's `C` cell logits `g` comes from autograd on those small tensors; it reaches the vocabulary in closed
+    form: `d/ds_j = g_j` for the top-k tokens, and for the rest cell `r = logsumexp(s_j, j not in K)`,
+    `d/ds_j = g_rest * exp(s_j - r)` outside `K`.
+    """
+    loss_type, beta, temperature, alpha, parts = options
+    need_student = needs_grad[0]
+    student = _upcast(student_logits[rows])
+    divergence_sum = cross_entropy_sum = student.new_zeros(())
+    grad_student = None
+    if alpha < 1 or parts:
+        log_q = F.log_softmax(student, dim=-1)
+        cross_entropy_sum = -log_q.gather(-1, targets[:, None]).sum()
+        if need_student and alpha < 1:
+            grad_student = log_q.exp_()
+            grad_student[torch.arange(grad_student.shape[0], device=grad_student.device), targets] -= 1.0
+            grad_student.mul_(1.0 - alpha)
+        del log_q
+    finite = torch.ones((), dtype=torch.bool, device=student.device)  # the cache's values were checked when read
+    if not (alpha > 0 or parts):
+        return divergence_sum, cross_entropy_sum, finite, grad_student, None
+    need_student = need_student and alpha > 0  # a divergence computed for the logged parts only has no gradient
+    k = topk_ids.shape[-1]
+    cells = [student.gather(-1, topk_ids)]
+    outside = None
+    if teacher_cells.shape[-1] > k:  # the bucket tail: the student's rest cell, exact and with a stable gradient
+        outside = student.scatter_(-1, topk_ids, float("-inf"))  # in place: the gathered rows are not needed again
+        cells.append(torch.logsumexp(outside, dim=-1, keepdim=True))
+    del student
+    with torch.enable_grad():  # autograd on the (N, C) cells only
+        student_cells = torch.cat(cells, dim=-1).requires_grad_(need_student)
+        log_t = F.log_softmax(teacher_cells / temperature, dim=-1)
+        log_s = F.log_softmax(student_cells / temperature, dim=-1)
+        divergence_sum = _sparse_divergence(log_t, log_s, loss_type, beta).sum()
+        grad_cells = torch.autograd.grad(divergence_sum, student_cells)[0] if need_student else None
+    if need_student:
+        grad_cells = grad_cells * (alpha * temperature**2)
+        if outside is None:
+            grad = cells[0].new_zeros(cells[0].shape[0], student_logits.shape[-1])
+        else:
+            grad = outside.sub_(cells[1]).exp_().mul_(grad_cells[:, k:])  # 0 at the top-k ids (exp(-inf))
+        grad.scatter_add_(-1, topk_ids, grad_cells[:, :k])
+        grad_student = grad if grad_student is None else grad_student.add_(grad)
+    return divergence_sum.detach(), cross_entropy_sum, finite, grad_student, None
+
+
 def sparse_lm_kd_loss(
     student_logits: torch.Tensor,
     topk_ids: torch.Tensor,
@@ -963,7 +1074,9 @@ def sparse_lm_kd_loss(
     alpha: float = 1.0,
     num_items_in_batch: torch.Tensor | int | None = None,
     tail: str = "bucket",
-) -> torch.Tensor:
+    chunk_size: int = 128,
+    return_parts: bool = False,
+) -> torch.Tensor | LMLossParts:
     r"""
     [`lm_kd_loss`] against a sparse teacher: its top-k logits per token (as the causal-LM teacher-logit cache stores
     them) instead of its full `(vocab,)` logits.
@@ -988,8 +1101,12 @@ def sparse_lm_kd_loss(
     `num_items_in_batch` (or the number of counted positions). With `k = vocab` both tails equal [`lm_kd_loss`]
     (values and gradients). The cross-entropy uses the student's full logits at temperature 1.
 
-    Memory: plain autograd on the counted rows, `(N, vocab)` float32 (a few such tensors; [`lm_kd_loss`] chunks, this
-    function does not), and `(N, k + 1)` for the partition.
+    Memory: as [`lm_kd_loss`], the counted rows are gathered `chunk_size` tokens at a time and upcast chunk by chunk
+    (the cross-entropy and the student's rest cell need its log-softmax over the whole vocabulary); each chunk's
+    gradient is written into one buffer shaped like `student_logits` at once (autograd runs on the `(chunk_size, k +
+    1)` partition only, and the rest cell's gradient reaches the vocabulary in closed form), so no other full-size
+    `(batch, seq, vocab)` tensor is made. The result is differentiable once w.r.t. `student_logits`; the teacher's
+    top-k logits get no gradient.
 
     Args:
         student_logits (`torch.Tensor` of shape `(batch, seq, vocab)`):
@@ -1007,64 +1124,60 @@ def sparse_lm_kd_loss(
             As in [`lm_kd_loss`].
         tail (`str`, *optional*, defaults to `"bucket"`):
             `"bucket"` or `"renormalise"`, see above.
+        chunk_size, return_parts:
+            As in [`lm_kd_loss`].
 
     Returns:
-        `torch.Tensor`: a scalar (float32, or float64 for float64 logits); 0 when no position is counted.
+        `torch.Tensor`: a scalar (float32, or float64 for float64 logits); 0 when no position is counted. With
+        `return_parts=True`, an [`LMLossParts`].
 
     Raises:
         `ValueError`: bad shapes, `k` of 0 or above the vocabulary, token ids or labels outside `[0, vocab)`, an
-        unknown `loss_type` or `tail`, `beta`/`alpha` outside `[0, 1]`, `temperature <= 0`.
+        unknown `loss_type` or `tail`, `beta`/`alpha` outside `[0, 1]`, `temperature <= 0`, `chunk_size < 1`.
     """
-    loss_type = _check_lm_loss_options(loss_type, beta, temperature, alpha)
+    loss_type = _check_lm_loss_options(loss_type, beta, temperature, alpha, chunk_size)
     tail = to_enum(LMCacheTail, tail, "tail")
     _check_tensors(student_logits=student_logits, topk_ids=topk_ids, topk_logits=topk_logits,
                    teacher_logsumexp=teacher_logsumexp, labels=labels)
     if student_logits.dim() != 3:
         raise ValueError(f"student_logits must have shape (batch, seq, vocab), got {tuple(student_logits.shape)}")
-    vocab, rows = student_logits.shape[-1], tuple(student_logits.shape[:2])
-    if topk_ids.dim() != 3 or tuple(topk_ids.shape[:2]) != rows or topk_ids.shape != topk_logits.shape:
+    vocab, grid = student_logits.shape[-1], tuple(student_logits.shape[:2])
+    if topk_ids.dim() != 3 or tuple(topk_ids.shape[:2]) != grid or topk_ids.shape != topk_logits.shape:
         raise ValueError(
-            f"topk_ids and topk_logits must both have shape {rows + ('k',)}, got {tuple(topk_ids.shape)} and "
+            f"topk_ids and topk_logits must both have shape {grid + ('k',)}, got {tuple(topk_ids.shape)} and "
             f"{tuple(topk_logits.shape)}"
         )
     k = topk_ids.shape[-1]
     if not 1 <= k <= vocab:
         raise ValueError(f"The teacher's top-k must have 1 <= k <= vocab = {vocab} tokens, got k = {k}")
-    if tuple(teacher_logsumexp.shape) != rows or tuple(labels.shape) != rows:
+    if tuple(teacher_logsumexp.shape) != grid or tuple(labels.shape) != grid:
         raise ValueError(
-            f"teacher_logsumexp and labels must have shape {rows}, got {tuple(teacher_logsumexp.shape)} and "
+            f"teacher_logsumexp and labels must have shape {grid}, got {tuple(teacher_logsumexp.shape)} and "
             f"{tuple(labels.shape)}"
         )
     if topk_ids.is_floating_point():
         raise ValueError(f"topk_ids must be integer token ids, got dtype {topk_ids.dtype}")
     _check_class_labels(labels, vocab)
-    batch_index, position_index = (labels != -100).nonzero(as_tuple=True)
-    targets = labels[batch_index, position_index].long()
-    student = _upcast(student_logits[batch_index, position_index])  # (N, vocab)
-    ids = topk_ids[batch_index, position_index].long()
+    rows = (labels != -100).nonzero(as_tuple=True)
+    targets = labels[rows].long()
+    ids = topk_ids[rows].long()
     if ((ids < 0) | (ids >= vocab)).any():
         raise ValueError(f"topk_ids at counted positions must be in [0, {vocab}), got values outside it")
-    total = student.new_zeros(())
-    if alpha < 1:
-        total = total + (1.0 - alpha) * F.cross_entropy(student, targets, reduction="sum")
-    if alpha > 0 and targets.numel():
-        teacher_top = topk_logits[batch_index, position_index].to(student.dtype).detach()
-        student_top = student.gather(-1, ids)
-        if tail is LMCacheTail.BUCKET and k < vocab:
-            lse = teacher_logsumexp[batch_index, position_index].to(student.dtype).detach()
-            # log of the teacher's rest mass at T = 1, log(1 - sum_K p): clamped away from 0 (float rounding, or a
-            # rest that underflowed when the cache was written) so that its log stays finite.
-            top_mass = torch.logsumexp(teacher_top, dim=-1) - lse
-            rest = (-torch.expm1(top_mass.clamp(max=0.0))).clamp(min=torch.finfo(student.dtype).tiny)
-            teacher_cells = torch.cat([teacher_top, (lse + rest.log())[:, None]], dim=-1)
-            # The student's rest cell: logsumexp over the tokens outside K, exact and with a stable gradient.
-            outside = student.scatter(-1, ids, float("-inf"))
-            student_cells = torch.cat([student_top, torch.logsumexp(outside, dim=-1, keepdim=True)], dim=-1)
-        else:
-            teacher_cells, student_cells = teacher_top, student_top
-        log_t = F.log_softmax(teacher_cells / temperature, dim=-1)
-        log_s = F.log_softmax(student_cells / temperature, dim=-1)
-        divergence = _sparse_divergence(log_t, log_s, loss_type, float(beta))
-        total = total + alpha * temperature**2 * divergence.sum()
-    count = torch.tensor(targets.shape[0], device=total.device)
-    return total / _normalizer(num_items_in_batch, count)
+    # The teacher's cells, (N, k) or (N, k + 1): small, computed once for all the chunks.
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    teacher_cells = topk_logits[rows].detach().to(dtype)
+    if tail is LMCacheTail.BUCKET and k < vocab:
+        lse = teacher_logsumexp[rows].detach().to(dtype)
+        # log of the teacher's rest mass at T = 1, log(1 - sum_K p): clamped away from 0 (float rounding, or a rest
+        # that underflowed when the cache was written) so that its log stays finite.
+        top_mass = torch.logsumexp(teacher_cells, dim=-1) - lse
+        rest = (-torch.expm1(top_mass.clamp(max=0.0))).clamp(min=torch.finfo(dtype).tiny)
+        teacher_cells = torch.cat([teacher_cells, (lse + rest.log())[:, None]], dim=-1)
+    options = (loss_type, float(beta), float(temperature), float(alpha), bool(return_parts))
+
+    def chunk_loss(chunk_rows, chunk, needs_grad):
+        return _sparse_lm_chunk(
+            student_logits, chunk_rows, targets[chunk], ids[chunk], teacher_cells[chunk], options, needs_grad
+        )
+
+    return _chunked_token_loss(student_logits, None, rows, chunk_loss, options, chunk_size, num_items_in_batch)

@@ -716,7 +716,12 @@ _LM_STATISTICS = ("confidence", "correct", "nll", "entropy", "agreement")
 
 
 @torch.no_grad()
-def lm_token_statistics(student_logits: torch.Tensor, labels: torch.Tensor, teacher_logits: torch.Tensor | None = None):
+def lm_token_statistics(
+    student_logits: torch.Tensor,
+    labels: torch.Tensor,
+    teacher_logits: torch.Tensor | None = None,
+    teacher_top1: torch.Tensor | None = None,
+):
     r"""
     Per-token statistics of next-token predictions, all that [`lm_metrics`] needs: five numbers per token instead of
     a vocabulary-sized row, so that an evaluation loop can keep them for a whole dataset.
@@ -731,6 +736,10 @@ def lm_token_statistics(student_logits: torch.Tensor, labels: torch.Tensor, teac
             Gold next tokens, `-100` where nothing is counted (their statistics are computed but meaningless).
         teacher_logits (`torch.Tensor` of shape `(batch, seq, vocab)`, *optional*):
             The teacher's logits over the same vocabulary.
+        teacher_top1 (`torch.Tensor` of shape `(batch, seq)` and integer dtype, *optional*):
+            Instead of `teacher_logits`: the teacher's top-1 token id at each position (any value where nothing is
+            counted), e.g. the first of the top-k ids a causal-LM teacher-logit cache holds. Only `agreement` uses
+            the teacher.
 
     Returns:
         `torch.Tensor` of shape `(batch, seq, 5)`, float32: the student's top-1 confidence (its largest
@@ -738,6 +747,8 @@ def lm_token_statistics(student_logits: torch.Tensor, labels: torch.Tensor, teac
         entropy of its next-token distribution (nats), and whether its top-1 token is the teacher's (0/1; NaN without
         a teacher).
     """
+    if teacher_logits is not None and teacher_top1 is not None:
+        raise ValueError("pass teacher_logits or teacher_top1, not both")
     if student_logits.dim() != 3 or labels.shape != student_logits.shape[:2]:
         raise ValueError(
             f"student_logits must have shape (batch, seq, vocab) and labels (batch, seq), got "
@@ -748,7 +759,14 @@ def lm_token_statistics(student_logits: torch.Tensor, labels: torch.Tensor, teac
     gold = labels.clamp(min=0).long().unsqueeze(-1)
     nll = -log_probs.gather(-1, gold).squeeze(-1)
     entropy = -(log_probs.exp() * log_probs).sum(-1)
-    if teacher_logits is None:
+    if teacher_top1 is not None:
+        if teacher_top1.shape != labels.shape or teacher_top1.is_floating_point():
+            raise ValueError(
+                f"teacher_top1 must hold integer token ids of shape {tuple(labels.shape)}, got "
+                f"{tuple(teacher_top1.shape)} ({teacher_top1.dtype})"
+            )
+        agreement = (teacher_top1.to(top.device) == top).float()
+    elif teacher_logits is None:
         agreement = torch.full_like(nll, float("nan"))
     else:
         if teacher_logits.shape != student_logits.shape:
@@ -819,6 +837,8 @@ def preprocess_lm_logits_for_metrics(logits, labels: torch.Tensor) -> torch.Tens
     `preprocess_logits_for_metrics` of [`~transformers.Trainer`] for a causal LM: reduce each evaluation batch's
     logits `(batch, seq, vocab)` (and the teacher's, when `logits` is a tuple `(student, teacher)`) to their
     [`lm_token_statistics`] `(batch, seq, 5)`, so that the evaluation loop never accumulates vocabulary-sized tensors.
+    The teacher's part may also be its top-1 token ids `(batch, seq)` (integer), as a cached [`hf_kd.DistillTrainer`]
+    evaluation passes them: then `top1_agreement` is known without the teacher's full logits.
 
     `labels` are the model's own, **not shifted** (`labels[b, t]` is predicted at `t - 1`); the result is aligned
     with them: row `t` holds the statistics of the prediction of token `t`, and row 0 (no prediction) is NaN.
@@ -826,9 +846,12 @@ def preprocess_lm_logits_for_metrics(logits, labels: torch.Tensor) -> torch.Tens
     student_logits, teacher_logits = (logits[0], logits[1] if len(logits) > 1 else None) if isinstance(
         logits, (tuple, list)
     ) else (logits, None)
-    statistics = lm_token_statistics(
-        student_logits[:, :-1], labels[:, 1:], None if teacher_logits is None else teacher_logits[:, :-1]
-    )
+    teacher = {}
+    if teacher_logits is not None:
+        # Integer (batch, seq): the teacher's top-1 ids (a cached run); else its logits (batch, seq, vocab).
+        is_top1 = teacher_logits.dim() == 2 and not teacher_logits.is_floating_point()
+        teacher = {"teacher_top1" if is_top1 else "teacher_logits": teacher_logits[:, :-1]}
+    statistics = lm_token_statistics(student_logits[:, :-1], labels[:, 1:], **teacher)
     first = torch.full_like(statistics[:, :1], float("nan"))
     return torch.cat([first, statistics], dim=1)
 

@@ -2,9 +2,11 @@
 
     python tests/fault_driver.py <case> <out_dir> [--slow] [--resume]
 
-Cases: `distill_cached` and `distill_online` (DistillTrainer, cached / online teacher), `early_exit_dedier`
-(EarlyExitTrainer distilling a teacher with DEDIER re-weighting) and `self_kd` (SelfKDTrainer with re-calibration).
-Each trains on 32 rows (8 steps per epoch) and saves a checkpoint every 3 steps, so checkpoints fall mid-epoch.
+Cases: `distill_cached` and `distill_online` (DistillTrainer, cached / online teacher), `distill_lm_cached` and
+`distill_lm_online` (DistillTrainer with tiny Llama causal LMs: the top-k teacher-logit cache / a live teacher),
+`early_exit_dedier` (EarlyExitTrainer distilling a teacher with DEDIER re-weighting) and `self_kd` (SelfKDTrainer with
+re-calibration). Each trains on 32 rows (8 steps per epoch) and saves a checkpoint every 3 steps, so checkpoints fall
+mid-epoch.
 `cli <recipe>` runs `trainers/<recipe>.py` (`distill` or `early_exit`; argv after `--`) as `__main__`, slowed down
 the same way with `--slow`.
 
@@ -20,6 +22,8 @@ import sys
 import time
 from pathlib import Path
 
+import datasets
+import numpy as np
 import torch
 from safetensors.torch import save_file
 from transformers import DataCollatorWithPadding, TrainerCallback
@@ -35,9 +39,9 @@ from hf_kd import (  # noqa: E402
     SelfKDConfig,
     SelfKDTrainer,
 )
-from tests.testing_utils import tiny_bert, tiny_dataset, tiny_tokenizer  # noqa: E402
+from tests.testing_utils import tiny_bert, tiny_dataset, tiny_llama, tiny_tokenizer  # noqa: E402
 
-CASES = ("distill_cached", "distill_online", "early_exit_dedier", "self_kd")
+CASES = ("distill_cached", "distill_online", "distill_lm_cached", "distill_lm_online", "early_exit_dedier", "self_kd")
 SAVE_STEPS = 3
 SLOW_FROM_STEP = 3
 
@@ -58,6 +62,26 @@ def tiny_multi_exit(layers: int, seed: int = 1) -> MultiExitForSequenceClassific
     return MultiExitForSequenceClassification(MultiExitConfig(backbone_config=backbone, num_labels=2))
 
 
+def causal_lm_rows(n: int, seed: int) -> datasets.Dataset:
+    """`n` pre-tokenized rows of 6-14 random token ids (vocab 64, ids >= 3), a random prompt of 1-4 tokens masked."""
+    rng = np.random.default_rng(seed)
+    lengths, prompts = rng.integers(6, 15, size=n), rng.integers(1, 5, size=n)
+    ids = [rng.integers(3, 64, size=int(length)).tolist() for length in lengths]
+    return datasets.Dataset.from_dict({
+        "input_ids": ids, "attention_mask": [[1] * len(row) for row in ids],
+        "labels": [[-100] * int(p) + row[int(p):] for row, p in zip(ids, prompts)],
+    })
+
+
+def dropout_llama(seed: int, layers: int = 2):
+    """[`tiny_llama`] with attention dropout 0.1 (so that the resumed RNG state matters)."""
+    model = tiny_llama(layers=layers, seed=seed, tie_word_embeddings=False)
+    model.config.attention_dropout = 0.1
+    for layer in model.model.layers:  # read from the config when the layers are built
+        layer.self_attn.attention_dropout = 0.1
+    return model
+
+
 def build(case: str, out: Path, slow: bool = False):
     """The trainer of `case` writing into `out/run` (dropout on, so the resumed RNG state matters too)."""
     common = dict(
@@ -65,10 +89,17 @@ def build(case: str, out: Path, slow: bool = False):
         logging_steps=1, save_strategy="steps", save_steps=SAVE_STEPS, report_to="none", use_cpu=True, seed=0,
         disable_tqdm=True, eval_strategy="no",
     )
+    callbacks = [SlowDown()] if slow else None
+    if case.startswith("distill_lm"):  # causal LMs, the default collator (LMDataCollator, pad id 0 from the config)
+        args = DistillConfig(num_train_epochs=2, cache_teacher_logits=case == "distill_lm_cached", lm_cache_top_k=8,
+                             teacher_logits_cache_dir=str(out / "cache"), temperature=1.5, alpha=0.7, **common)
+        return DistillTrainer(model=dropout_llama(seed=1), args=args, teacher_model=dropout_llama(seed=7, layers=3),
+                              train_dataset=causal_lm_rows(32, seed=0), eval_dataset=causal_lm_rows(16, seed=1),
+                              callbacks=callbacks)
     tokenizer = tiny_tokenizer(out)
     data = dict(
         train_dataset=tiny_dataset(32), eval_dataset=tiny_dataset(16, seed=1), processing_class=tokenizer,
-        data_collator=DataCollatorWithPadding(tokenizer), callbacks=[SlowDown()] if slow else None,
+        data_collator=DataCollatorWithPadding(tokenizer), callbacks=callbacks,
     )
     if case.startswith("distill"):
         args = DistillConfig(num_train_epochs=2, cache_teacher_logits=case == "distill_cached",

@@ -510,16 +510,37 @@ def test_damaged_lm_cache_file_is_an_error_naming_it(tmp_path):
     teacher = tiny_lm(layers=3, seed=0)
     make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
     (path,) = (tmp_path / "cache").glob("*.safetensors")
+    from safetensors.torch import load_file
+
+    original = {name: tensor.clone() for name, tensor in load_file(path).items()}  # not a view of the file
     raw = bytearray(path.read_bytes())
     raw[-3] ^= 0xFF
     path.write_bytes(bytes(raw))
-    with pytest.raises(ValueError, match=f"{path}.*sha256 checksum"):
+    with pytest.raises(ValueError, match=f"{path}.*sha256 checksum.*It was not used; delete it to recompute it"):
         make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
+    path.write_bytes(bytes(raw[: len(raw) // 2]))  # cut off mid-write (by another tool: hf_kd writes atomically)
+    with pytest.raises(ValueError, match=f"{path} is unreadable.*delete it to recompute it"):
+        make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
+    # As documented: deleting the file makes the next run recompute it, the same as the first time.
+    path.unlink()
+    trainer = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=4), teacher=teacher, eval_=lm_dataset(8))
+    assert path.exists() and trainer.train_dataset["teacher_cache_index"] == list(range(8))
+    recomputed = load_file(path)
+    for name, tensor in original.items():
+        torch.testing.assert_close(recomputed[name], tensor, msg=name)
 
 
-def test_lm_cache_top_k_must_fit_the_vocabulary(tmp_path):
-    with pytest.raises(ValueError, match=f"lm_cache_top_k=65 is larger than the student's vocabulary \\({VOCAB} tokens"):
+def test_lm_cache_top_k_must_fit_the_vocabulary(tmp_path, monkeypatch):
+    import hf_kd.trainer.teacher_mixin as teacher_mixin
+
+    def no_pass(*args, **kwargs):
+        raise AssertionError("the error must come before the teacher pass")
+
+    monkeypatch.setattr(teacher_mixin, "compute_teacher_lm_top_k", no_pass)
+    with pytest.raises(ValueError, match=f"lm_cache_top_k=65 is larger than the student's vocabulary \\({VOCAB} tokens"
+                                         f"\\): choose 1 <= lm_cache_top_k <= {VOCAB}"):
         make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=VOCAB + 1))
+    assert not (tmp_path / "cache").exists()
     with pytest.raises(ValueError, match="lm_cache_top_k must be an int >= 1, got 0"):
         cache_args(tmp_path, lm_cache_top_k=0)
     with pytest.raises(ValueError, match="lm_cache_tail must be one of"):
@@ -533,3 +554,210 @@ def test_collator_that_changes_the_labels_is_an_error(tmp_path):
     batch["labels"][0, -1] = -100 if batch["labels"][0, -1] != -100 else 5
     with pytest.raises(ValueError, match="Row 1 of this batch has .* completion tokens but the teacher cache holds"):
         trainer.compute_loss(trainer.model, batch)
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_logged_loss_parts_are_the_alpha_one_and_zero_losses_from_one_pass(tmp_path, cached):
+    teacher = tiny_lm(layers=3, seed=0)
+    options = dict(temperature=2.0, alpha=0.3, loss_type="jsd", beta=0.4)
+    args = cache_args(tmp_path, lm_cache_top_k=6, **options) if cached else make_args(tmp_path, **options)
+    trainer = make_trainer(tmp_path, args=args, teacher=teacher)
+    rows = [trainer.train_dataset[i] for i in (1, 4, 6)]
+    batch = trainer.data_collator(rows)
+    plain = pad_collator(rows)
+    with torch.no_grad():
+        loss = trainer.compute_loss(trainer.model, dict(batch))
+        student_logits = trainer.model(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits
+        teacher_logits = teacher(input_ids=plain["input_ids"], attention_mask=plain["attention_mask"]).logits
+    (kd,), (ce,) = trainer._metrics["train"]["kd_loss"], trainer._metrics["train"]["ce_loss"]
+    shifted = (student_logits[:, :-1], teacher_logits[:, :-1], plain["labels"][:, 1:])
+    options = dict(loss_type="jsd", beta=0.4, temperature=2.0)
+    if cached:  # the cached parts are sparse_lm_kd_loss's; the cross-entropy is the same as the live one's
+        values, ids = teacher_logits[:, :-1].topk(6, dim=-1)
+        top = (ids, values, teacher_logits[:, :-1].logsumexp(-1))
+        expected_kd = sparse_lm_kd_loss(shifted[0], *top, shifted[2], **options, alpha=1.0)
+        torch.testing.assert_close(kd, expected_kd, rtol=2e-3, atol=2e-3)
+    else:
+        torch.testing.assert_close(kd, lm_kd_loss(*shifted, **options, alpha=1.0))
+    torch.testing.assert_close(ce, lm_kd_loss(*shifted, **options, alpha=0.0))
+    torch.testing.assert_close(loss, 0.3 * kd + 0.7 * ce, rtol=1e-5, atol=1e-6)
+
+
+def test_cached_evaluation_logs_top1_agreement_from_the_cached_top1_ids(tmp_path):
+    teacher = tiny_lm(layers=3, seed=0)
+    student = tiny_lm(seed=1)
+    eval_data = lm_dataset(6, seed=1)
+    live = make_trainer(tmp_path, args=make_args(tmp_path), teacher=teacher, student=student, eval_=eval_data)
+    cached = make_trainer(tmp_path, args=cache_args(tmp_path, lm_cache_top_k=3), teacher=teacher, student=student,
+                          eval_=eval_data)
+    live_metrics, cached_metrics = live.evaluate(), cached.evaluate()
+    assert "eval_top1_agreement" in cached_metrics
+    assert cached_metrics["eval_top1_agreement"] == live_metrics["eval_top1_agreement"]
+    for key in ("eval_perplexity", "eval_token_accuracy", "eval_token_ece", "eval_ce_loss"):
+        assert cached_metrics[key] == pytest.approx(live_metrics[key], rel=1e-5), key
+    # The agreement itself, token by token from the teacher's argmax.
+    batch = pad_collator([eval_data[i] for i in range(len(eval_data))])
+    with torch.no_grad():
+        inputs = dict(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        top_s, top_t = student.eval()(**inputs).logits.argmax(-1), teacher(**inputs).logits.argmax(-1)
+    counted = batch["labels"][:, 1:] != -100
+    expected = (top_s[:, :-1] == top_t[:, :-1])[counted].float().mean().item()
+    assert cached_metrics["eval_top1_agreement"] == pytest.approx(expected)
+
+
+def test_lm_token_statistics_from_top1_ids_equal_those_from_the_teacher_logits():
+    from hf_kd.metrics import lm_token_statistics
+
+    generator = torch.Generator().manual_seed(0)
+    student, teacher = torch.randn(2, 5, 9, generator=generator), torch.randn(2, 5, 9, generator=generator)
+    labels = torch.randint(0, 9, (2, 5), generator=generator)
+    full = lm_token_statistics(student, labels, teacher_logits=teacher)
+    torch.testing.assert_close(lm_token_statistics(student, labels, teacher_top1=teacher.argmax(-1)), full)
+    both = preprocess_lm_logits_for_metrics((student, teacher.argmax(-1)), labels)
+    torch.testing.assert_close(both, preprocess_lm_logits_for_metrics((student, teacher), labels), equal_nan=True)
+    with pytest.raises(ValueError, match=r"teacher_top1 must hold integer token ids of shape \(2, 5\)"):
+        lm_token_statistics(student, labels, teacher_top1=teacher.argmax(-1)[:, :3])
+    with pytest.raises(ValueError, match="not both"):
+        lm_token_statistics(student, labels, teacher_logits=teacher, teacher_top1=teacher.argmax(-1))
+
+
+# ---- data in TRL's SFTTrainer formats, tokenized by the trainer -----------------------------------------------------
+
+TRL_FORMATS = {
+    "text": [{"text": "The film is good."}, {"text": "A long and very bad film."}, {"text": "Good news today."}],
+    "messages": [
+        {"messages": [{"role": "user", "content": "Is the film good?"}, {"role": "assistant", "content": "Yes."}]},
+        {"messages": [{"role": "user", "content": "Topic?"}, {"role": "assistant", "content": "Sport."},
+                      {"role": "user", "content": "Sure?"}, {"role": "assistant", "content": "Yes, sport."}]},
+    ],
+    "prompt_completion": [{"prompt": "The film is", "completion": " good."}, {"prompt": "Topic:", "completion": " sport"}],
+    "conversational_prompt_completion": [
+        {"prompt": [{"role": "user", "content": "Positive or negative: a fine film."}],
+         "completion": [{"role": "assistant", "content": "positive"}]},
+        {"prompt": [{"role": "user", "content": "Topic of: the match ended 2-1."}],
+         "completion": [{"role": "assistant", "content": "sport"}]},
+    ],
+}
+
+
+def smollm2_vocab_llama(seed):
+    """A tiny llama over the SmolLM2 tokenizer's vocabulary (49,152)."""
+    return tiny_llama(layers=1, seed=seed, vocab_size=49152, tie_word_embeddings=True)
+
+
+@pytest.mark.parametrize("format", list(TRL_FORMATS))
+def test_trl_format_datasets_are_tokenized_by_the_trainer(tmp_path, format):
+    from hf_kd.lm_data import LMDataCollator, tokenize_lm_dataset
+
+    tokenizer = causal_lm_tokenizer(SMOLLM2)
+    data = datasets.Dataset.from_list(TRL_FORMATS[format])
+    args = make_args(tmp_path, per_device_train_batch_size=2, max_steps=1, lm_max_length=64)
+    trainer = DistillTrainer(model=smollm2_vocab_llama(1), args=args, teacher_model=smollm2_vocab_llama(0),
+                             train_dataset=data, eval_dataset=data, processing_class=tokenizer)
+    expected = tokenize_lm_dataset(data, tokenizer, max_length=64)
+    assert trainer.train_dataset.column_names == ["input_ids", "attention_mask", "labels"]
+    assert trainer.train_dataset["labels"] == expected["labels"]
+    assert trainer.train_dataset["input_ids"] == expected["input_ids"]
+    if format != "text":  # completion-only: the prompt is not trained on
+        assert all(labels[0] == -100 for labels in trainer.train_dataset["labels"])
+    assert isinstance(trainer.data_collator, LMDataCollator) and trainer.data_collator.pad_token_id == 2
+    trainer.train()
+    metrics = trainer.evaluate()
+    assert math.isfinite(metrics["eval_loss"]) and math.isfinite(metrics["eval_perplexity"])
+    # evaluate() of a dataset in a TRL format tokenizes it the same way.
+    assert trainer.evaluate(data)["eval_loss"] == pytest.approx(metrics["eval_loss"])
+
+
+def test_default_collator_right_pads_with_the_pad_token_and_minus_100():
+    from hf_kd.lm_data import LMDataCollator
+
+    rows = [{"input_ids": [5, 6, 7], "attention_mask": [1, 1, 1], "labels": [-100, 6, 7]},
+            {"input_ids": [8], "labels": [8]}]
+    batch = LMDataCollator(pad_token_id=2)(rows)
+    assert batch["input_ids"].tolist() == [[5, 6, 7], [8, 2, 2]]
+    assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
+    assert batch["labels"].tolist() == [[-100, 6, 7], [8, -100, -100]]
+    assert LMDataCollator(2, pad_to_multiple_of=4)(rows)["input_ids"].shape == (2, 4)
+    with pytest.raises(ValueError, match="pad_token_id must be a token id"):
+        LMDataCollator(pad_token_id=None)
+
+
+def test_pre_tokenized_data_without_a_collator_gets_the_default_one(tmp_path):
+    from hf_kd.lm_data import LMDataCollator
+
+    trainer = DistillTrainer(model=tiny_lm(seed=1), args=make_args(tmp_path, max_steps=1),
+                             teacher_model=tiny_lm(layers=3, seed=0), train_dataset=lm_dataset(8))
+    assert isinstance(trainer.data_collator, LMDataCollator) and trainer.data_collator.pad_token_id == 0  # config's
+    trainer.train()
+    rows = [trainer.train_dataset[i] for i in range(3)]
+    for key, value in pad_collator(rows).items():
+        assert torch.equal(trainer.data_collator(rows)[key], value), key
+    no_pad = tiny_lm(seed=1)
+    no_pad.config.pad_token_id = no_pad.config.eos_token_id = None
+    with pytest.raises(ValueError, match="no pad_token_id or eos_token_id .* pass processing_class="):
+        DistillTrainer(model=no_pad, args=make_args(tmp_path), teacher_model=tiny_lm(layers=3, seed=0),
+                       train_dataset=lm_dataset(8))
+
+
+def test_trl_format_bad_input_is_named(tmp_path):
+    tokenizer = causal_lm_tokenizer(SMOLLM2)
+    data = datasets.Dataset.from_list(TRL_FORMATS["prompt_completion"])
+    args = make_args(tmp_path, lm_max_length=4)
+
+    def build(train, processing_class=tokenizer, args=args):
+        return DistillTrainer(model=smollm2_vocab_llama(1), args=args, teacher_model=smollm2_vocab_llama(0),
+                              train_dataset=train, processing_class=processing_class)
+
+    with pytest.raises(ValueError, match="train_dataset has a 'prompt' column .* pass processing_class="):
+        build(data, processing_class=None)
+    # A prompt of lm_max_length tokens or more is refused (nothing of its completion would fit), naming the row.
+    long = datasets.Dataset.from_list([{"prompt": "a b c d e f", "completion": " g"}])
+    with pytest.raises(ValueError, match=r"train_dataset: Row 0: The prompt has 6 tokens, so nothing of the completion "
+                                         r"fits in max_length=4.*DistillConfig.lm_max_length"):
+        build(long)
+    # A long completion is cut on the right: the row keeps lm_max_length tokens.
+    cut = build(datasets.Dataset.from_list([{"prompt": "a b", "completion": " c d e f g"}]))
+    assert len(cut.train_dataset[0]["input_ids"]) == 4 and cut.train_dataset[0]["labels"][:2] == [-100, -100]
+    with pytest.raises(ValueError, match=r"Row 1: completion is empty"):
+        build(datasets.Dataset.from_list([{"prompt": "a", "completion": " b"}, {"prompt": "a", "completion": " "}]))
+    empty_turn = [{"role": "user", "content": "hi"}, {"role": "assistant", "content": ""}]
+    with pytest.raises(ValueError, match=r"Row 0: messages has an empty assistant turn"):
+        build(datasets.Dataset.from_list([{"messages": empty_turn}]))
+    with pytest.raises(ValueError, match="lm_max_length must be an int >= 2"):
+        make_args(tmp_path, lm_max_length=1)
+    # No pad token and no EOS: the default collator cannot pad; the error names the fix.
+    bare = copy.deepcopy(tokenizer)
+    bare.pad_token, bare.eos_token = None, None
+    with pytest.raises(ValueError, match=r"no pad token and no EOS token .*\(tokenizer.pad_token = "):
+        build(data, processing_class=bare, args=make_args(tmp_path, lm_max_length=32))
+
+
+def test_lm_helpers_are_exported_from_hf_kd():
+    import hf_kd
+    from hf_kd import lm_data, losses, metrics, student
+
+    modules = {
+        losses: ("LMLossParts", "lm_kd_loss", "sparse_lm_kd_loss"),
+        metrics: ("lm_metrics", "make_lm_compute_metrics", "preprocess_lm_logits_for_metrics"),
+        lm_data: ("LMDataCollator", "tokenize_lm_dataset", "lm_text_dataset", "lm_chat_dataset"),
+        student: ("make_student", "drop_layers"),
+    }
+    for module, names in modules.items():
+        for name in names:
+            assert name in hf_kd.__all__, name
+            assert getattr(hf_kd, name) is getattr(module, name), name
+            if module is not student:  # hf_kd.student has no __all__
+                assert name in module.__all__, name
+
+
+def test_lm_fields_parse_next_to_the_recipes_data_arguments():
+    """trainers/distill.py parses DataArguments (whose --max_length is the classification truncation) with
+    DistillConfig: the LM length is lm_max_length, so the two never clash."""
+    from transformers import HfArgumentParser
+
+    from hf_kd.recipes import DataArguments
+
+    data, config = HfArgumentParser((DataArguments, DistillConfig)).parse_args_into_dataclasses(
+        args=["--output_dir", "out", "--max_length", "32", "--lm_max_length", "256", "--report_to", "none"]
+    )
+    assert data.max_length == 32 and config.lm_max_length == 256

@@ -693,3 +693,117 @@ def test_sparse_lm_loss_rejects_bad_input(change, message):
         ids[1, 0, 0] = change.pop("bad_id")
     with pytest.raises(ValueError, match=message):
         sparse_lm_kd_loss(student, ids, values, lse, labels, **change)
+
+
+def _unchunked_sparse_reference(student_logits, topk_ids, topk_logits, teacher_logsumexp, labels, loss_type, beta,
+                                temperature, alpha, tail):
+    """sparse_lm_kd_loss as it was before it was chunked: plain autograd on all the counted rows at once."""
+    from hf_kd.losses import _sparse_divergence
+    from hf_kd.options import LMLossType
+
+    keep = labels != -100
+    student, targets, ids = student_logits[keep].double(), labels[keep], topk_ids[keep]
+    vocab, k = student.shape[-1], ids.shape[-1]
+    total = (1.0 - alpha) * F.cross_entropy(student, targets, reduction="sum")
+    teacher_top, student_top = topk_logits[keep].double(), student.gather(-1, ids)
+    if tail == "bucket" and k < vocab:
+        lse = teacher_logsumexp[keep].double()
+        rest = (-torch.expm1((torch.logsumexp(teacher_top, -1) - lse).clamp(max=0.0))).clamp(min=1e-300)
+        teacher_top = torch.cat([teacher_top, (lse + rest.log())[:, None]], -1)
+        outside = student.scatter(-1, ids, float("-inf"))
+        student_top = torch.cat([student_top, torch.logsumexp(outside, -1, keepdim=True)], -1)
+    log_t, log_s = F.log_softmax(teacher_top / temperature, -1), F.log_softmax(student_top / temperature, -1)
+    divergence = _sparse_divergence(log_t, log_s, LMLossType(loss_type), beta)
+    return (total + alpha * temperature**2 * divergence.sum()) / keep.sum()
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalise"])
+@pytest.mark.parametrize(
+    "loss_type,beta,temperature,alpha",
+    [("forward_kl", 0.5, 1.0, 1.0), ("reverse_kl", 0.5, 2.0, 0.7), ("jsd", 0.3, 1.5, 0.5), ("jsd", 1.0, 0.7, 0.2),
+     ("forward_kl", 0.5, 2.0, 0.0)],
+)
+@pytest.mark.parametrize("chunk_size", [1, 3, 1000])
+def test_sparse_chunked_equals_the_unchunked_loss_values_and_gradients(tail, loss_type, beta, temperature, alpha,
+                                                                        chunk_size):
+    student, teacher, labels = _sparse_case(batch=3, seq=5, vocab=17, seed=4)
+    top = _top_k(teacher, 5)
+    options = dict(loss_type=loss_type, beta=beta, temperature=temperature, alpha=alpha, tail=tail)
+    s_ref = student.clone().requires_grad_()
+    reference = _unchunked_sparse_reference(s_ref, *top, labels, **options)
+    reference.backward()
+    s = student.clone().requires_grad_()
+    loss = sparse_lm_kd_loss(s, *top, labels, **options, chunk_size=chunk_size)
+    (2.5 * loss).backward()  # the upstream gradient scales the buffer
+    torch.testing.assert_close(loss, reference)
+    torch.testing.assert_close(s.grad, 2.5 * s_ref.grad)
+    assert not s.grad[labels == -100].any()
+
+
+def test_sparse_loss_runs_chunk_by_chunk_without_gradients_under_no_grad(monkeypatch):
+    from hf_kd import losses
+
+    student, teacher, labels = _sparse_case(batch=3, seq=5, vocab=17, seed=4)
+    top = _top_k(teacher, 5)
+    count = int((labels != -100).sum())
+    chunks = []
+    original = losses._sparse_lm_chunk
+
+    def spy(student_logits, rows, *args):
+        chunks.append((rows[0].shape[0], args[-1]))
+        return original(student_logits, rows, *args)
+
+    monkeypatch.setattr(losses, "_sparse_lm_chunk", spy)
+    sparse_lm_kd_loss(student.clone().requires_grad_(), *top, labels, chunk_size=4)
+    assert [n for n, _ in chunks] == [4] * (count // 4) + ([count % 4] if count % 4 else [])
+    assert all(needs == (True, False) for _, needs in chunks)
+    chunks.clear()
+    with torch.no_grad():
+        assert not sparse_lm_kd_loss(student.clone().requires_grad_(), *top, labels, chunk_size=4).requires_grad
+    assert chunks and all(needs == (False, False) for _, needs in chunks)
+    with pytest.raises(ValueError, match="chunk_size must be a positive int, got 0"):
+        sparse_lm_kd_loss(student, *top, labels, chunk_size=0)
+
+
+# ----- return_parts: the logged loss parts from the loss's own pass -----
+
+
+@pytest.mark.parametrize("sparse", [False, True])
+@pytest.mark.parametrize(
+    "loss_type,beta,temperature,alpha",
+    [("forward_kl", 0.5, 2.0, 0.6), ("jsd", 0.3, 1.0, 1.0), ("reverse_kl", 0.5, 1.5, 0.0)],
+)
+def test_return_parts_equal_the_alpha_one_and_zero_calls_and_leave_the_loss_unchanged(sparse, loss_type, beta,
+                                                                                       temperature, alpha):
+    from hf_kd.losses import LMLossParts
+
+    student, teacher, labels = _sparse_case(batch=3, seq=5, vocab=17, seed=6)
+    if sparse:
+        top = _top_k(teacher, 4)
+
+        def loss_fn(s, **kwargs):
+            return sparse_lm_kd_loss(s, *top, labels, loss_type, beta, temperature, chunk_size=3, **kwargs)
+    else:
+        def loss_fn(s, **kwargs):
+            return lm_kd_loss(s, teacher, labels, loss_type, beta, temperature, chunk_size=3, **kwargs)
+
+    s_plain = student.clone().requires_grad_()
+    plain = loss_fn(s_plain, alpha=alpha, num_items_in_batch=20)
+    plain.backward()
+    s = student.clone().requires_grad_()
+    parts = loss_fn(s, alpha=alpha, num_items_in_batch=20, return_parts=True)
+    assert isinstance(parts, LMLossParts)
+    parts.loss.backward()
+    torch.testing.assert_close(parts.loss, plain)
+    torch.testing.assert_close(s.grad, s_plain.grad)
+    assert not parts.kd.requires_grad and not parts.ce.requires_grad
+    with torch.no_grad():
+        torch.testing.assert_close(parts.kd, loss_fn(student, alpha=1.0))
+        torch.testing.assert_close(parts.ce, loss_fn(student, alpha=0.0))
+    # The parts recombine into the loss (normalised by the local count, not num_items_in_batch).
+    count = int((labels != -100).sum())
+    torch.testing.assert_close(alpha * parts.kd + (1 - alpha) * parts.ce, plain * 20 / count)
+    masked = torch.full_like(labels, -100)
+    empty = (sparse_lm_kd_loss(student, *_top_k(teacher, 4), masked, return_parts=True) if sparse
+             else lm_kd_loss(student, teacher, masked, return_parts=True))
+    assert empty.loss.item() == empty.kd.item() == empty.ce.item() == 0.0

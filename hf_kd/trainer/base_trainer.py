@@ -192,6 +192,74 @@ def _check_lm_dataset(dataset, split: str, label_column: str | None, vocab_size:
             )
 
 
+# The columns of TRL's dataset formats ([`hf_kd.lm_data.tokenize_lm_dataset`] reads them) and what it makes of them.
+_LM_FORMAT_COLUMNS = ("text", "messages", "prompt")
+_LM_TOKENIZED_COLUMNS = ("input_ids", "attention_mask", "labels")
+
+
+def prepare_lm_dataset(dataset, split: str, tokenizer, max_length: int):
+    """
+    A causal-LM student's dataset as the trainer reads it: a `datasets.Dataset` in one of TRL's `SFTTrainer` formats
+    (a `text`, `messages` or `prompt` (+ `completion`) column, and no `input_ids`) is tokenized with
+    [`hf_kd.lm_data.tokenize_lm_dataset`] (completion-only labels, rows cut to `max_length` tokens on the right, a
+    prompt that leaves no completion token refused) and reduced to `input_ids`, `attention_mask` and `labels` (other
+    columns, e.g. a class `label`, are dropped, as SFTTrainer drops what its collator does not read). Anything else
+    (pre-tokenized data, a torch dataset, a stream, `None`) is returned as is; a dict of datasets is prepared per name.
+
+    Raises:
+        `ValueError`: data in a TRL format without a tokenizer, or a row `tokenize_lm_dataset` refuses (named with its
+        split and row).
+    """
+    import datasets
+
+    if isinstance(dataset, dict) and not isinstance(dataset, datasets.DatasetDict):
+        return {name: prepare_lm_dataset(d, f"{split}[{name!r}]", tokenizer, max_length) for name, d in dataset.items()}
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    columns = dataset.column_names
+    found = [column for column in _LM_FORMAT_COLUMNS if column in columns]
+    if "input_ids" in columns or not found:
+        return dataset
+    if tokenizer is None:
+        raise ValueError(
+            f"{split} has a {found[0]!r} column (TRL's dataset format) and no 'input_ids': pass "
+            "processing_class=<the student's tokenizer> so that the trainer tokenizes it, or tokenize it yourself "
+            "(hf_kd.lm_data.tokenize_lm_dataset)."
+        )
+    from ..lm_data import tokenize_lm_dataset
+
+    try:
+        tokenized = tokenize_lm_dataset(dataset, getattr(tokenizer, "tokenizer", tokenizer), max_length)
+    except ValueError as error:
+        raise ValueError(f"{split}: {error} (the trainer's tokenization: DistillConfig.lm_max_length)") from None
+    return tokenized.select_columns([c for c in _LM_TOKENIZED_COLUMNS if c in tokenized.column_names])
+
+
+def default_lm_data_collator(tokenizer, model):
+    """
+    The data collator of a causal-LM student when none is given: [`hf_kd.lm_data.LMDataCollator`], right-padding
+    `input_ids` with the tokenizer's pad token (its EOS token when it has none), `attention_mask` with 0 and `labels`
+    with -100. Without a tokenizer, the student's `config.pad_token_id` (else `eos_token_id`) pads.
+
+    Raises:
+        `ValueError`: no pad or EOS token to pad with, naming the fix.
+    """
+    from ..lm_data import LMDataCollator
+
+    if tokenizer is not None:
+        return LMDataCollator.for_tokenizer(getattr(tokenizer, "tokenizer", tokenizer))
+    config = getattr(model, "config", None)
+    pad = next((i for i in (getattr(config, "pad_token_id", None), getattr(config, "eos_token_id", None))
+                if isinstance(i, int)), None)
+    if pad is None:
+        raise ValueError(
+            f"No tokenizer and the student's config ({type(model).__name__}) has no pad_token_id or eos_token_id to "
+            "pad causal-LM batches with: pass processing_class=<the student's tokenizer>, or "
+            "data_collator=hf_kd.lm_data.LMDataCollator(pad_token_id=...)."
+        )
+    return LMDataCollator(pad)
+
+
 class _BaseTrainer(Trainer):
     """
     Base class of hf_kd trainers: [`~transformers.Trainer`] plus PEFT students and hf_kd model cards.
@@ -308,8 +376,17 @@ class _BaseTrainer(Trainer):
         (the cached teacher logits, see [`_TeacherMixin`]) adds them here. Returns `dataset` itself by default."""
         return dataset
 
+    def _prepare_lm_data(self, dataset, split: str):
+        """[`prepare_lm_dataset`] for a causal-LM student whose config has an `lm_max_length` ([`DistillConfig`]):
+        data in TRL's formats given to `evaluate`/`predict` is tokenized like the datasets given at init."""
+        max_length = getattr(self.args, "lm_max_length", None)
+        if max_length is None or self._student_lm_vocab_size() is None:
+            return dataset
+        return prepare_lm_dataset(dataset, split, self.processing_class, max_length)
+
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix: str = "eval"):
         if eval_dataset is not None and not isinstance(eval_dataset, str):
+            eval_dataset = self._prepare_lm_data(eval_dataset, "eval_dataset")
             eval_dataset = self._with_eval_columns(eval_dataset, metric_key_prefix)
         # The datasets given at init were checked then; Trainer.evaluate of a dict of them calls this again with each
         # one at every evaluation, which must not re-read their columns.
@@ -326,7 +403,7 @@ class _BaseTrainer(Trainer):
             self._eval_prefix = outer
 
     def predict(self, test_dataset, ignore_keys=None, metric_key_prefix: str = "test"):
-        test_dataset = self._with_eval_columns(test_dataset, metric_key_prefix)
+        test_dataset = self._with_eval_columns(self._prepare_lm_data(test_dataset, "test_dataset"), metric_key_prefix)
         self._check_dataset(test_dataset, "test_dataset")
         check_label_names(test_dataset, "test_dataset", self._label_spaces())
         return super().predict(test_dataset, ignore_keys=ignore_keys, metric_key_prefix=metric_key_prefix)

@@ -61,6 +61,14 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         lm_cache_tail (`str` or [`~hf_kd.options.LMCacheTail`], *optional*, defaults to `"bucket"`):
             How that sparse loss treats the tokens outside the top k: `"bucket"` (one "rest" cell holding their mass,
             on both sides) or `"renormalise"` (both distributions restricted to the top k and renormalised).
+        lm_max_length (`int`, *optional*, defaults to `1024`):
+            TRL's `SFTConfig.max_length`, for causal-LM students given data in one of TRL's formats (`text`,
+            `messages`, `prompt` + `completion`): the trainer tokenizes it with `processing_class`
+            ([`hf_kd.lm_data.tokenize_lm_dataset`]), cutting rows longer than `lm_max_length` tokens on the right
+            (the end of a long completion is lost); a prompt of `lm_max_length` tokens or more, which would leave no
+            completion token, is refused with an error naming the row. Pre-tokenized data is used as is. (Named
+            `lm_` like the other causal-LM fields, and so that it does not clash with the recipes' `--max_length`,
+            the classification truncation length.)
 
     > Parameters that control the teacher logits cache
 
@@ -120,6 +128,13 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             "choices": [t.value for t in LMCacheTail],
         },
     )
+    lm_max_length: int = field(
+        default=1024,
+        metadata={
+            "help": "Causal-LM data in TRL's formats (text, messages, prompt/completion): tokenized by the trainer, "
+            "rows cut to lm_max_length tokens (TRL's max_length); a prompt of lm_max_length tokens or more is an error."
+        },
+    )
 
     def __post_init__(self):
         super().__post_init__()
@@ -136,6 +151,8 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         if isinstance(self.lm_cache_top_k, bool) or not isinstance(self.lm_cache_top_k, int) or self.lm_cache_top_k < 1:
             raise ValueError(f"lm_cache_top_k must be an int >= 1, got {self.lm_cache_top_k!r}")
         self.lm_cache_tail = to_enum(LMCacheTail, self.lm_cache_tail, "lm_cache_tail")
+        if isinstance(self.lm_max_length, bool) or not isinstance(self.lm_max_length, int) or self.lm_max_length < 2:
+            raise ValueError(f"lm_max_length must be an int >= 2 (tokens per row), got {self.lm_max_length!r}")
         if self.label_smoothing_factor != 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not used by DistillTrainer: the teacher's "

@@ -8,7 +8,7 @@ from torch import nn
 from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
 from ..metrics import make_compute_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
 from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
-from .base_trainer import _BaseTrainer, is_causal_lm
+from .base_trainer import _BaseTrainer, default_lm_data_collator, is_causal_lm, prepare_lm_dataset
 from .distill_config import DistillConfig
 from .teacher_mixin import _TeacherMixin
 
@@ -42,7 +42,13 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     naming both vocabulary sizes and tokenizers otherwise). It runs live at every step, or with
     `args.cache_teacher_logits` once per dataset: each completion token's top `args.lm_cache_top_k` teacher logits are
     cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
-    (tail `args.lm_cache_tail`; a cached evaluation logs no teacher metric).
+    (tail `args.lm_cache_tail`; a cached evaluation logs `top1_agreement` from the cached top-1 ids, the cache's
+    first top-k id).
+    Data: as for TRL's `SFTTrainer`, a dataset with a `text`, `messages` or `prompt` + `completion` column (strings or
+    lists of messages) is tokenized by the trainer with `processing_class` ([`hf_kd.lm_data.tokenize_lm_dataset`]:
+    completion-only labels, rows cut on the right to `args.lm_max_length` tokens, a prompt that leaves no completion token
+    refused); pre-tokenized `input_ids` + `labels` (-100 on the prompt) are used as they are. Without a
+    `data_collator`, batches are right-padded by [`hf_kd.lm_data.LMDataCollator`] (pad token, else EOS; labels -100).
     Each evaluation logs `perplexity`, `token_accuracy`, `token_ece` (15 bins), `token_entropy` and `top1_agreement`
     with the teacher ([`hf_kd.metrics.lm_metrics`]), each batch's logits being reduced to five numbers per token
     ([`hf_kd.metrics.preprocess_lm_logits_for_metrics`]) so that no vocabulary-sized tensor is accumulated; the card's
@@ -63,6 +69,13 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             dataset already carries a `teacher_logits` column.
         teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
             The teacher's tokenizer, used to compare vocabularies. Loaded from the teacher's id when that is a string.
+        data_collator (`Callable`, *optional*):
+            Defaults to Trainer's; for a causal-LM student to [`hf_kd.lm_data.LMDataCollator`] padding with
+            `processing_class`'s pad token (its EOS token when it has none; the student's `config.pad_token_id`
+            without a tokenizer).
+        processing_class (`PreTrainedTokenizerBase`, *optional*):
+            The student's tokenizer: saved with the model, and for a causal-LM student used to tokenize data given
+            in TRL's formats and to pad batches.
         compute_metrics (`Callable`, *optional*):
             Defaults to [`hf_kd.metrics.make_compute_metrics`]`()`, or for a causal LM
             [`hf_kd.metrics.make_lm_compute_metrics`]`()` with `preprocess_logits_for_metrics` defaulting to
@@ -127,6 +140,11 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
                 f"({type(model).__name__}) is distilled with Hinton's loss, loss_type='forward_kl'."
             )
         if self._causal_lm:
+            # Data in TRL's SFTTrainer formats is tokenized here (completion-only labels), before any check reads it.
+            train_dataset = prepare_lm_dataset(train_dataset, "train_dataset", processing_class, args.lm_max_length)
+            eval_dataset = prepare_lm_dataset(eval_dataset, "eval_dataset", processing_class, args.lm_max_length)
+            if data_collator is None:
+                data_collator = default_lm_data_collator(processing_class, model)
             if compute_metrics is None:
                 compute_metrics = make_lm_compute_metrics()
                 kwargs.setdefault("preprocess_logits_for_metrics", preprocess_lm_logits_for_metrics)
@@ -209,42 +227,42 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         """
         `compute_loss` of a causal-LM student: [`hf_kd.losses.lm_kd_loss`] on the shifted logits and labels (position
         `t` predicts label `t + 1`), normalised by `num_items_in_batch` (the counted tokens of the accumulated batch)
-        and rescaled for DDP; logs its two parts (`kd_loss`, `ce_loss`, each a mean over this batch's tokens).
+        and rescaled for DDP ([`hf_kd.losses.sparse_lm_kd_loss`] on the cached top-k in a cached run); logs its two
+        parts (`kd_loss`, `ce_loss`, each a mean over this batch's tokens), which the same call returns
+        (`return_parts=True`).
 
         Returns the loss and, with `return_outputs`, `{"logits", "teacher_logits"}` (both `(batch, seq, vocab)`,
-        reduced per batch by `preprocess_logits_for_metrics` at evaluation).
+        reduced per batch by `preprocess_logits_for_metrics` at evaluation), or in a cached run `{"logits",
+        "teacher_top1"}` (the teacher's top-1 ids `(batch, seq)`, for `top1_agreement`).
         """
         labels = inputs.pop("labels")
         cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
         student_logits = model(**inputs).logits  # no labels: the model does not compute its own loss
         args = self.args
-        options = {"loss_type": args.loss_type, "beta": args.beta, "temperature": args.temperature}
+        options = {
+            "loss_type": args.loss_type, "beta": args.beta, "temperature": args.temperature, "alpha": args.alpha,
+            "num_items_in_batch": num_items_in_batch, "chunk_size": args.lm_chunk_size, "return_parts": True,
+        }
+        # One pass gives the loss and its two logged parts (three calls cost three times the loss on vocab-sized logits).
         if cache_index is None:
             teacher_logits = self._batch_teacher_logits(inputs, None).to(student_logits.device)
-            shifted = (student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:])
-
-            def token_loss(alpha, num_items=None):
-                return lm_kd_loss(
-                    *shifted, **options, alpha=alpha, num_items_in_batch=num_items, chunk_size=args.lm_chunk_size
-                )
+            parts = lm_kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], **options)
         else:  # cached run: the teacher's top-k logits of these rows' completion tokens, no teacher forward
             teacher_logits = None
             targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(student_logits.device))
-
-            def token_loss(alpha, num_items=None):
-                return sparse_lm_kd_loss(
-                    student_logits[:, :-1], *targets, labels[:, 1:], **options, alpha=alpha,
-                    num_items_in_batch=num_items, tail=args.lm_cache_tail,
-                )
-
-        loss = token_loss(args.alpha, num_items_in_batch)
+            parts = sparse_lm_kd_loss(student_logits[:, :-1], *targets, labels[:, 1:], **options, tail=args.lm_cache_tail)
         mode = "train" if model.training else "eval"
-        with torch.no_grad():
-            self._metrics[mode]["kd_loss"].append(token_loss(1.0))
-            self._metrics[mode]["ce_loss"].append(token_loss(0.0))
+        self._metrics[mode]["kd_loss"].append(parts.kd)
+        self._metrics[mode]["ce_loss"].append(parts.ce)
+        loss = parts.loss
         loss = self._scale_for_processes(loss, num_items_in_batch)
         if return_outputs:
-            if teacher_logits is None:  # cached run: no full teacher logits, so no teacher metrics
-                return loss, {"logits": student_logits}
+            if teacher_logits is None:
+                # Cached run: no full teacher logits, but the cache's first top-k id is the teacher's top-1 token,
+                # enough for top1_agreement ([`preprocess_lm_logits_for_metrics`] reads integer (batch, seq) ids).
+                # Laid out like the logits (position t predicts t + 1); -1 where nothing is counted.
+                top1 = torch.full_like(labels, -1, device=student_logits.device)
+                top1[:, :-1] = torch.where(labels[:, 1:].to(top1.device) != -100, targets[0][..., 0], -1)
+                return loss, {"logits": student_logits, "teacher_top1": top1}
             return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
         return loss
