@@ -122,7 +122,8 @@ class ProbabilityTextClassificationEvaluator(TextClassificationEvaluator):
     an ECE of labels is meaningless. This subclass calls the pipeline with `top_k=None` (every class's score: the
     softmax of a single-label classifier) and orders the scores by class index, with `label_mapping` (pipeline label ->
     class index, as in the parent) or, when it is not given, the model's `config.label2id`. Everything else is the
-    parent's `compute` (data, `input_column`, `label_column`, bootstrap, timings).
+    parent's `compute` (data, `input_column`, `label_column`, bootstrap, timings). A ready pipeline, a model folder or
+    a Hub id can be passed (the parent fails on a ready pipeline under transformers 5).
 
     Example:
 
@@ -141,8 +142,17 @@ class ProbabilityTextClassificationEvaluator(TextClassificationEvaluator):
     PIPELINE_KWARGS = {"truncation": True, "top_k": None}
     _model_label2id: dict = {}  # the pipeline model's config.label2id, read by prepare_pipeline
 
-    def prepare_pipeline(self, *args, **kwargs):
-        pipe = super().prepare_pipeline(*args, **kwargs)
+    def prepare_pipeline(self, model_or_pipeline, tokenizer=None, feature_extractor=None, device=None):
+        from transformers import Pipeline
+
+        if isinstance(model_or_pipeline, Pipeline):
+            # evaluate 0.4.6 tests isinstance(..., transformers.TFPreTrainedModel) first, an AttributeError under
+            # transformers 5 (TensorFlow support is gone): a ready pipeline is used as it is, as the parent would.
+            pipe = model_or_pipeline
+            if pipe.task != self.task:
+                raise ValueError(f"the pipeline's task is {pipe.task!r}; this evaluator needs a {self.task!r} pipeline")
+        else:
+            pipe = super().prepare_pipeline(model_or_pipeline, tokenizer, feature_extractor, device)
         config = getattr(getattr(pipe, "model", None), "config", None)
         self._model_label2id = dict(getattr(config, "label2id", None) or {})
         return pipe

@@ -5,6 +5,7 @@
 # this module's namespace, where evaluate takes the first metric class it finds.
 import datasets
 import evaluate
+import numpy as np
 
 import hf_kd.evaluate_metrics.base as base
 import hf_kd.prediction_sets
@@ -57,4 +58,5 @@ class PredictionSetMetrics(base.HfKdMetric):
         sets = base.stack_rows(predictions, "predictions")  # (N, L, K): one row per example
         if sets.ndim != 3:
             raise ValueError(f"predictions must have shape (N, L exits, K classes), got {sets.shape}")
-        return hf_kd.prediction_sets.prediction_set_metrics(sets.transpose(1, 0, 2), references)
+        # Contiguous (L, N, K), as hf_kd's callers hold it: the means then add in the same order, to the last digit.
+        return hf_kd.prediction_sets.prediction_set_metrics(np.ascontiguousarray(sets.transpose(1, 0, 2)), references)
