@@ -1,7 +1,7 @@
 """hf_kd's metrics as Hugging Face `evaluate` modules (hf_kd/evaluate_metrics, issue 21): loaded offline from
-`hf_kd.metrics.module_path`, results identical to the hf_kd functions, the same errors on bad input, `evaluate.combine`,
-the probability evaluator with a saved MiniLM classifier on Rotten Tomatoes, and `hf-kd push-metrics` to the local Hub
-server read back by `evaluate.load("<namespace>/<name>")` in a fresh process.
+`hf_kd.metrics.module_path`, results identical to the hf_kd functions, the same errors on bad input,
+`evaluate.combine`, the probability evaluator with a saved MiniLM classifier on Rotten Tomatoes, and
+`hf-kd push-metrics` to the local Hub server read back by `evaluate.load("<namespace>/<name>")` in a fresh process.
 """
 
 import json
@@ -135,7 +135,8 @@ def test_prediction_sets_and_lm_metrics_match_hf_kd():
     token_labels = torch.randint(0, 11, (3, 6))
     token_labels[0, :2] = -100
     expected = metrics.lm_metrics(logits, token_labels, n_bins=5)
-    assert load("lm_metrics", n_bins=5).compute(predictions=logits.numpy(), references=token_labels.numpy()) == expected
+    module = load("lm_metrics", n_bins=5)
+    assert module.compute(predictions=logits.numpy(), references=token_labels.numpy()) == expected
     # Sequences of different lengths: padded with ignored tokens, same result as the padded batch.
     token_labels[1, 4:] = -100
     ragged_logits = [logits[0].numpy(), logits[1, :4].numpy(), logits[2].numpy()]

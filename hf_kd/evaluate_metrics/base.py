@@ -19,6 +19,8 @@ from evaluate.evaluator import TextClassificationEvaluator
 
 __all__ = [
     "CLASS_INDEX",
+    "GUO_2017",
+    "PROBABILITY_INPUTS",
     "PROBABILITIES",
     "UNSET",
     "HfKdMetric",
@@ -30,6 +32,25 @@ PROBABILITIES = datasets.Sequence(datasets.Value("float64"))
 """One example's class probabilities, `(K,)`."""
 CLASS_INDEX = datasets.Value("int64")
 """One example's gold class index in `[0, K)`."""
+
+
+PROBABILITY_INPUTS = """\
+    predictions (`list` of `list` of `float`, shape `(N, K)`): class probabilities of each example, rows summing to
+        1 (e.g. the softmax of the logits); logits are rejected.
+    references (`list` of `int`, shape `(N,)`): gold class indices in `[0, K)`.
+"""
+"""The `Args:` lines of `predictions` (probabilities) and `references` (class indices), shared by the modules."""
+
+GUO_2017 = """
+@inproceedings{guo2017calibration,
+  title     = {On Calibration of Modern Neural Networks},
+  author    = {Guo, Chuan and Pleiss, Geoff and Sun, Yu and Weinberger, Kilian Q.},
+  booktitle = {Proceedings of the 34th International Conference on Machine Learning},
+  pages     = {1321--1330},
+  year      = {2017}
+}
+"""
+"""The citation of the top-label ECE (classification and next-token)."""
 
 
 class _Unset:
@@ -88,6 +109,10 @@ class HfKdMetric(evaluate.Metric):
     FEATURES: datasets.Features
     REFERENCE_URLS: list[str] = []
     OPTIONS: dict = {}
+
+    def __init_subclass__(cls, **kwargs):
+        super().__init_subclass__(**kwargs)
+        cls.__doc__ = cls.DESCRIPTION + cls.INPUTS_DESCRIPTION  # what evaluate's add_start_docstrings would write
 
     def __init__(self, config_name=None, **kwargs):
         unknown = sorted(set(kwargs) - _MODULE_ARGUMENTS - set(self.OPTIONS))
@@ -150,7 +175,7 @@ class ProbabilityTextClassificationEvaluator(TextClassificationEvaluator):
             # transformers 5 (TensorFlow support is gone): a ready pipeline is used as it is, as the parent would.
             pipe = model_or_pipeline
             if pipe.task != self.task:
-                raise ValueError(f"the pipeline's task is {pipe.task!r}; this evaluator needs a {self.task!r} pipeline")
+                raise ValueError(f"the pipeline's task is {pipe.task!r}; this evaluator needs {self.task!r}")
         else:
             pipe = super().prepare_pipeline(model_or_pipeline, tokenizer, feature_extractor, device)
         config = getattr(getattr(pipe, "model", None), "config", None)

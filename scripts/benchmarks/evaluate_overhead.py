@@ -50,8 +50,8 @@ def main() -> None:
         logits = rng.normal(size=(size, opts.classes)).astype(np.float32) * 2
         labels = rng.integers(0, opts.classes, size=size)
         variants = {
-            "direct": lambda: direct(EvalPrediction(predictions=logits, label_ids=labels)),
-            "evaluate": lambda: combined.compute(predictions=softmax(logits), references=labels),
+            "direct": lambda x=logits, y=labels: direct(EvalPrediction(predictions=x, label_ids=y)),
+            "evaluate": lambda x=logits, y=labels: combined.compute(predictions=softmax(x), references=y),
         }
         first = {name: run() for name, run in variants.items()}
         assert abs(first["direct"]["ece"] - first["evaluate"]["expected_calibration_error"]) < 1e-12

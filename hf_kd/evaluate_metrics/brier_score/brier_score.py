@@ -3,7 +3,6 @@
 # One import per line (evaluate reads the dependencies line by line); `import ... as` keeps the base class out of
 # this module's namespace, where evaluate takes the first metric class it finds.
 import datasets
-import evaluate
 
 import hf_kd.evaluate_metrics.base as base
 import hf_kd.metrics
@@ -27,11 +26,7 @@ _CITATION = """
 }
 """
 
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions (`list` of `list` of `float`, shape `(N, K)`): class probabilities of each example, rows summing to
-        1 (e.g. the softmax of the logits); logits are rejected.
-    references (`list` of `int`, shape `(N,)`): gold class indices in `[0, K)`.
+_KWARGS_DESCRIPTION = "\nArgs:\n" + base.PROBABILITY_INPUTS + """\
 Returns:
     brier_score (`float` in `[0, 2]`): the multi-class Brier score.
 Examples:
@@ -41,11 +36,8 @@ Examples:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class BrierScore(base.HfKdMetric):
-    DESCRIPTION = _DESCRIPTION
-    CITATION = _CITATION
-    INPUTS_DESCRIPTION = _KWARGS_DESCRIPTION
+    DESCRIPTION, CITATION, INPUTS_DESCRIPTION = _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION
     FEATURES = datasets.Features({"predictions": base.PROBABILITIES, "references": base.CLASS_INDEX})
     REFERENCE_URLS = ["https://doi.org/10.1175/1520-0493(1950)078<0001:VOFEIT>2.0.CO;2"]
 

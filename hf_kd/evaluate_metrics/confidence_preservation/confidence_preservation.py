@@ -1,9 +1,9 @@
-"""Confidence-preservation sigma (Vengertsev & Sherman, 2024) as an `evaluate` module: `hf_kd.metrics.confidence_preservation`."""
+"""Confidence-preservation sigma (Vengertsev & Sherman, 2024) as an `evaluate` module:
+`hf_kd.metrics.confidence_preservation`."""
 
 # One import per line (evaluate reads the dependencies line by line); `import ... as` keeps the base class out of
 # this module's namespace, where evaluate takes the first metric class it finds.
 import datasets
-import evaluate
 
 import hf_kd.evaluate_metrics.base as base
 import hf_kd.metrics
@@ -42,15 +42,14 @@ Examples:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ConfidencePreservation(base.HfKdMetric):
-    DESCRIPTION = _DESCRIPTION
-    CITATION = _CITATION
-    INPUTS_DESCRIPTION = _KWARGS_DESCRIPTION
+    DESCRIPTION, CITATION, INPUTS_DESCRIPTION = _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION
     FEATURES = datasets.Features(
         {"predictions": base.PROBABILITIES, "references": base.CLASS_INDEX, "teacher_predictions": base.PROBABILITIES}
     )
-    REFERENCE_URLS = ["https://huggingface.co/papers/2401.11365", "https://github.com/vengertsev/distill_abstraction_sgai23"]
+    REFERENCE_URLS = [
+        "https://huggingface.co/papers/2401.11365", "https://github.com/vengertsev/distill_abstraction_sgai23"
+    ]
     OPTIONS = {"class_index": 0}
 
     def _compute(self, predictions, references, teacher_predictions, class_index=base.UNSET):

@@ -1,9 +1,9 @@
-"""Top-label expected calibration error (Guo et al., 2017) as an `evaluate` module: `hf_kd.metrics.expected_calibration_error`."""
+"""Top-label expected calibration error (Guo et al., 2017) as an `evaluate` module:
+`hf_kd.metrics.expected_calibration_error`."""
 
 # evaluate reads this script's dependencies line by line: one import per line. `import ... as` (not `from ... import`)
 # keeps the base class out of this module's namespace, where evaluate takes the first metric class it finds.
 import datasets
-import evaluate
 
 import hf_kd.evaluate_metrics.base as base
 import hf_kd.metrics
@@ -17,21 +17,9 @@ Lower is better; 0 is perfect calibration. Always report the number of bins with
 Computed by `hf_kd.metrics.expected_calibration_error`.
 """
 
-_CITATION = """
-@inproceedings{guo2017calibration,
-  title     = {On Calibration of Modern Neural Networks},
-  author    = {Guo, Chuan and Pleiss, Geoff and Sun, Yu and Weinberger, Kilian Q.},
-  booktitle = {Proceedings of the 34th International Conference on Machine Learning},
-  pages     = {1321--1330},
-  year      = {2017}
-}
-"""
+_CITATION = base.GUO_2017
 
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions (`list` of `list` of `float`, shape `(N, K)`): class probabilities of each example, rows summing to
-        1 (e.g. the softmax of the logits); logits are rejected.
-    references (`list` of `int`, shape `(N,)`): gold class indices in `[0, K)`.
+_KWARGS_DESCRIPTION = "\nArgs:\n" + base.PROBABILITY_INPUTS + """\
     n_bins (`int`, *optional*, defaults to the load-time `n_bins`, itself 15 by default): number of equal-width bins.
 Returns:
     expected_calibration_error (`float` in `[0, 1]`): the ECE.
@@ -43,16 +31,14 @@ Examples:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class ExpectedCalibrationError(base.HfKdMetric):
-    DESCRIPTION = _DESCRIPTION
-    CITATION = _CITATION
-    INPUTS_DESCRIPTION = _KWARGS_DESCRIPTION
+    DESCRIPTION, CITATION, INPUTS_DESCRIPTION = _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION
     FEATURES = datasets.Features({"predictions": base.PROBABILITIES, "references": base.CLASS_INDEX})
     REFERENCE_URLS = ["https://huggingface.co/papers/1706.04599"]
     OPTIONS = {"n_bins": 15}
 
     def _compute(self, predictions, references, n_bins=base.UNSET):
         n_bins = self.option("n_bins", n_bins)
-        value = hf_kd.metrics.expected_calibration_error(base.stack_rows(predictions, "predictions"), references, n_bins)
+        probs = base.stack_rows(predictions, "predictions")
+        value = hf_kd.metrics.expected_calibration_error(probs, references, n_bins)
         return {"expected_calibration_error": value, "n_bins": n_bins}

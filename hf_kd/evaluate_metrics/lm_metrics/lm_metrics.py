@@ -4,7 +4,6 @@
 # One import per line (evaluate reads the dependencies line by line); `import ... as` keeps the base class out of
 # this module's namespace, where evaluate takes the first metric class it finds.
 import datasets
-import evaluate
 import numpy as np
 
 import hf_kd.evaluate_metrics.base as base
@@ -22,15 +21,7 @@ evaluations; in a `Trainer`, use `hf_kd.metrics.make_lm_compute_metrics`, which 
 Computed by `hf_kd.metrics.lm_metrics`.
 """
 
-_CITATION = """
-@inproceedings{guo2017calibration,
-  title     = {On Calibration of Modern Neural Networks},
-  author    = {Guo, Chuan and Pleiss, Geoff and Sun, Yu and Weinberger, Kilian Q.},
-  booktitle = {Proceedings of the 34th International Conference on Machine Learning},
-  pages     = {1321--1330},
-  year      = {2017}
-}
-"""
+_CITATION = base.GUO_2017
 
 _KWARGS_DESCRIPTION = """
 Args:
@@ -46,11 +37,8 @@ Examples:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class LmMetrics(base.HfKdMetric):
-    DESCRIPTION = _DESCRIPTION
-    CITATION = _CITATION
-    INPUTS_DESCRIPTION = _KWARGS_DESCRIPTION
+    DESCRIPTION, CITATION, INPUTS_DESCRIPTION = _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION
     FEATURES = datasets.Features(
         {
             "predictions": datasets.Sequence(datasets.Sequence(datasets.Value("float32"))),

@@ -1,9 +1,9 @@
-"""Maximum calibration error (Naeini et al., 2015) as an `evaluate` module: `hf_kd.metrics.maximum_calibration_error`."""
+"""Maximum calibration error (Naeini et al., 2015) as an `evaluate` module:
+`hf_kd.metrics.maximum_calibration_error`."""
 
 # One import per line (evaluate reads the dependencies line by line); `import ... as` keeps the base class out of
 # this module's namespace, where evaluate takes the first metric class it finds.
 import datasets
-import evaluate
 
 import hf_kd.evaluate_metrics.base as base
 import hf_kd.metrics
@@ -25,11 +25,7 @@ _CITATION = """
 }
 """
 
-_KWARGS_DESCRIPTION = """
-Args:
-    predictions (`list` of `list` of `float`, shape `(N, K)`): class probabilities of each example, rows summing to
-        1 (e.g. the softmax of the logits); logits are rejected.
-    references (`list` of `int`, shape `(N,)`): gold class indices in `[0, K)`.
+_KWARGS_DESCRIPTION = "\nArgs:\n" + base.PROBABILITY_INPUTS + """\
     n_bins (`int`, *optional*, defaults to the load-time `n_bins`, itself 15 by default): number of equal-width bins.
 Returns:
     maximum_calibration_error (`float` in `[0, 1]`): the MCE.
@@ -41,16 +37,14 @@ Examples:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class MaximumCalibrationError(base.HfKdMetric):
-    DESCRIPTION = _DESCRIPTION
-    CITATION = _CITATION
-    INPUTS_DESCRIPTION = _KWARGS_DESCRIPTION
+    DESCRIPTION, CITATION, INPUTS_DESCRIPTION = _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION
     FEATURES = datasets.Features({"predictions": base.PROBABILITIES, "references": base.CLASS_INDEX})
     REFERENCE_URLS = ["https://ojs.aaai.org/index.php/AAAI/article/view/9602"]
     OPTIONS = {"n_bins": 15}
 
     def _compute(self, predictions, references, n_bins=base.UNSET):
         n_bins = self.option("n_bins", n_bins)
-        value = hf_kd.metrics.maximum_calibration_error(base.stack_rows(predictions, "predictions"), references, n_bins)
+        probs = base.stack_rows(predictions, "predictions")
+        value = hf_kd.metrics.maximum_calibration_error(probs, references, n_bins)
         return {"maximum_calibration_error": value, "n_bins": n_bins}

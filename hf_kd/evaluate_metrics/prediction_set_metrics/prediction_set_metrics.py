@@ -4,7 +4,6 @@
 # One import per line (evaluate reads the dependencies line by line); `import ... as` keeps the base class out of
 # this module's namespace, where evaluate takes the first metric class it finds.
 import datasets
-import evaluate
 import numpy as np
 
 import hf_kd.evaluate_metrics.base as base
@@ -39,15 +38,13 @@ Returns:
 Examples:
     >>> sets = evaluate.load(hf_kd.metrics.module_path("prediction_set_metrics"))
     >>> sets.compute(predictions=[[[1, 1], [1, 0]], [[0, 1], [1, 1]]], references=[0, 1])
-    {'coverage': [1.0, 1.0], 'size': [1.5, 1.5], 'nestedness': [1.0, 0.75], 'fully_nested': 0.5, 'all_exit_coverage': 1.0}
+    {'coverage': [1.0, 1.0], 'size': [1.5, 1.5], 'nestedness': [1.0, 0.75], 'fully_nested': 0.5,
+     'all_exit_coverage': 1.0}
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class PredictionSetMetrics(base.HfKdMetric):
-    DESCRIPTION = _DESCRIPTION
-    CITATION = _CITATION
-    INPUTS_DESCRIPTION = _KWARGS_DESCRIPTION
+    DESCRIPTION, CITATION, INPUTS_DESCRIPTION = _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION
     # float64, not bool: casting to bool would turn scores into "non-zero = in the set" before hf_kd could reject them.
     FEATURES = datasets.Features(
         {"predictions": datasets.Sequence(base.PROBABILITIES), "references": base.CLASS_INDEX}

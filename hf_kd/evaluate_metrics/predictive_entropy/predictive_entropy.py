@@ -1,9 +1,9 @@
-"""Mean predictive entropy (the measure of Sultan, 2023) as an `evaluate` module: `hf_kd.metrics.predictive_entropy`."""
+"""Mean predictive entropy (the measure of Sultan, 2023) as an `evaluate` module:
+`hf_kd.metrics.predictive_entropy`."""
 
 # One import per line (evaluate reads the dependencies line by line); `import ... as` keeps the base class out of
 # this module's namespace, where evaluate takes the first metric class it finds.
 import datasets
-import evaluate
 
 import hf_kd.evaluate_metrics.base as base
 import hf_kd.metrics
@@ -37,11 +37,8 @@ Examples:
 """
 
 
-@evaluate.utils.file_utils.add_start_docstrings(_DESCRIPTION, _KWARGS_DESCRIPTION)
 class PredictiveEntropy(base.HfKdMetric):
-    DESCRIPTION = _DESCRIPTION
-    CITATION = _CITATION
-    INPUTS_DESCRIPTION = _KWARGS_DESCRIPTION
+    DESCRIPTION, CITATION, INPUTS_DESCRIPTION = _DESCRIPTION, _CITATION, _KWARGS_DESCRIPTION
     FEATURES = datasets.Features({"predictions": base.PROBABILITIES})
     REFERENCE_URLS = ["https://huggingface.co/papers/2301.12609"]
 
