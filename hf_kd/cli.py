@@ -3,6 +3,7 @@
     hf-kd evaluate  MODEL --dataset rotten_tomatoes --split test [--teacher T] [--update_card]
     hf-kd calibrate MODEL --dataset rotten_tomatoes [--split validation] [--eval_split test] [--output_dir OUT]
     hf-kd push      FOLDER --repo_id my-org/my-student [--private]
+    hf-kd push-metrics --namespace my-org [--metrics expected_calibration_error ...] [--private]
     hf-kd confidence-search STUDENT --teacher T --dataset rotten_tomatoes [--n_trials 8] [--kappa 0.05] --output_dir OUT
 
 `MODEL` is a local folder or a Hub id. Data comes from one of hf_kd's offline loaders (`--dataset`, split with
@@ -68,7 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-kd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{evaluate,calibrate,push,confidence-search}"
+        dest="command", required=True, metavar="{evaluate,calibrate,push,push-metrics,confidence-search}"
     )
 
     evaluate = commands.add_parser("evaluate", help="Uncertainty report (JSON + reliability diagram) of a model.")
@@ -113,6 +114,7 @@ def build_parser() -> argparse.ArgumentParser:
     push.add_argument("--repo_id", required=True, help="namespace/name on the Hub.")
     push.add_argument("--private", action="store_true", help="Create the repo private.")
     push.add_argument("--commit_message", default="Upload calibrated student with hf_kd")
+    _push_metrics_arguments(commands)
 
     search = commands.add_parser(
         "confidence-search",
@@ -410,6 +412,28 @@ def _push(opts) -> None:
     print(f"Pushed {opts.folder} to {opts.repo_id}: {info.commit_url}")
 
 
+def _push_metrics_arguments(commands) -> None:
+    from .metrics import EVALUATE_MODULES
+
+    parser = commands.add_parser(
+        "push-metrics", help="Publish hf_kd's evaluate metric modules as Hub metric repos (<namespace>/<metric>)."
+    )
+    parser.add_argument("--namespace", required=True, help="User or organisation the metric Spaces go to.")
+    parser.add_argument(
+        "--metrics", nargs="+", choices=EVALUATE_MODULES, default=None, metavar="NAME",
+        help=f"Modules to publish (default: all): {', '.join(EVALUATE_MODULES)}.",
+    )
+    parser.add_argument("--private", action="store_true", help="Create the Spaces private.")
+
+
+def _push_metrics(opts) -> None:
+    from .hub import push_metrics
+
+    for name, url in push_metrics(opts.namespace, opts.metrics, private=opts.private or None).items():
+        print(f"Pushed {name} to {opts.namespace}/{name} (load it with evaluate.load({opts.namespace + '/' + name!r})): "
+              f"{url}")
+
+
 def _confidence_search(opts) -> None:
     import copy
 
@@ -476,7 +500,8 @@ def main(argv: list[str] | None = None) -> int:
         if getattr(opts, name, None) is not None and getattr(opts, name) < 1:
             parser.error(f"--{name} must be >= 1, got {getattr(opts, name)}")
     command = {
-        "evaluate": _evaluate, "calibrate": _calibrate, "push": _push, "confidence-search": _confidence_search
+        "evaluate": _evaluate, "calibrate": _calibrate, "push": _push, "confidence-search": _confidence_search,
+        "push-metrics": _push_metrics,
     }[opts.command]
     try:
         command(opts)

@@ -14,6 +14,8 @@
   and the reports under `uncertainty/<name>/report.json`.
 - [`push_to_hub`] uploads a folder (student, tokenizer, card, plots) in one commit. The local folder is only read,
   so a failed push can simply be retried; the token never reaches a file, a card, a log or an error message.
+- [`push_metrics`] publishes hf_kd's `evaluate` modules (`hf_kd/evaluate_metrics/`) as Hub metric repos, the Spaces
+  that `evaluate.load("<namespace>/<name>")` reads.
 """
 
 from __future__ import annotations
@@ -37,6 +39,8 @@ from huggingface_hub.utils import validate_repo_id
 
 from .evaluation import RELIABILITY_DIAGRAM_FILENAME, REPORT_FILENAME, UncertaintyReport
 from .metric_keys import EXIT_METRICS, parse_exit_key
+from .metrics import EVALUATE_MODULES, module_path
+from .version import __version__
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +55,7 @@ __all__ = [
     "load_reports",
     "metrics_table",
     "pipeline_tag_of",
+    "push_metrics",
     "push_to_hub",
     "resolve_hub_id",
     "save_model_card",
@@ -1102,3 +1107,99 @@ def push_to_hub(
         ) from None
     logger.info("Pushed %d file(s) from %s to %s", len(operations), folder, repo_id)
     return info
+
+
+# What a metric Space holds besides the module script and its card: the widget evaluate's own metric Spaces run, and
+# the packages the script imports.
+_METRIC_SPACE_APP = """import evaluate
+from evaluate.utils import launch_gradio_widget
+
+module = evaluate.load("{repo_id}")
+launch_gradio_widget(module)
+"""
+
+
+def push_metrics(
+    namespace: str,
+    names: list[str] | tuple[str, ...] | None = None,
+    token: str | None = None,
+    private: bool | None = None,
+    commit_message: str = "Upload hf_kd evaluate metric module",
+) -> dict[str, str]:
+    r"""
+    Publish hf_kd's `evaluate` metric modules as Hub metric repos, so that `evaluate.load("<namespace>/<name>")` works
+    online.
+
+    `evaluate` reads a community metric from the Space `<namespace>/<name>` (`/spaces/<namespace>/<name>/resolve/main/
+    <name>.py`). Each module becomes such a Space (Gradio SDK), created if needed, with one commit holding the module
+    script `<name>.py` and its metric card `README.md` exactly as shipped in `hf_kd/evaluate_metrics/<name>/`, an
+    `app.py` (evaluate's metric widget) and a `requirements.txt` (`hf_kd[evaluate]` of this version or newer: the
+    script imports `hf_kd.metrics`). Pushing again commits only what changed. The token is handled as in
+    [`push_to_hub`]: sent in headers only and masked in error messages.
+
+    Args:
+        namespace (`str`):
+            The user or organisation the Spaces go to.
+        names (`list[str]`, *optional*):
+            Modules to publish, from `hf_kd.metrics.EVALUATE_MODULES`; defaults to all of them.
+        token (`str`, *optional*):
+            A Hub token with write access; defaults to `HF_TOKEN` or the token saved by `hf auth login`.
+        private (`bool`, *optional*):
+            Create the Spaces private (no effect on existing ones).
+        commit_message (`str`, *optional*, defaults to `"Upload hf_kd evaluate metric module"`):
+            The commit message.
+
+    Returns:
+        `dict[str, str]`: module name -> commit URL.
+
+    Raises:
+        `ValueError`: an unknown module name, or a namespace that makes an invalid repo id.
+        `RuntimeError`: the Hub refused a push (the message names the module and the step, and masks the token).
+
+    Example:
+
+    ```python
+    >>> from hf_kd.hub import push_metrics
+    >>> push_metrics("my-org", ["expected_calibration_error"])
+    >>> # then, anywhere: evaluate.load("my-org/expected_calibration_error")
+    ```
+    """
+    names = list(EVALUATE_MODULES if names is None else names)
+    folders = {name: Path(module_path(name)) for name in names}  # unknown names fail here, before anything is sent
+    for name in names:
+        try:
+            validate_repo_id(f"{namespace}/{name}")
+        except HFValidationError as error:
+            raise ValueError(
+                f"namespace {namespace!r} does not make a valid Hub repo id ({error}): expected a user or organisation "
+                "name (letters, digits, '-', '_' and '.')."
+            ) from None
+
+    from huggingface_hub import CommitOperationAdd, HfApi, get_token
+
+    resolved_token = token if token is not None else get_token()
+    api = HfApi(token=resolved_token)
+    requirements = f"evaluate>=0.4\nhf_kd[evaluate]>={__version__}\n"
+    urls = {}
+    for name, folder in folders.items():
+        repo_id = f"{namespace}/{name}"
+        operations = [
+            CommitOperationAdd(path_in_repo=f"{name}.py", path_or_fileobj=str(folder / f"{name}.py")),
+            CommitOperationAdd(path_in_repo="README.md", path_or_fileobj=str(folder / "README.md")),
+            CommitOperationAdd(path_in_repo="app.py", path_or_fileobj=_METRIC_SPACE_APP.format(repo_id=repo_id).encode()),
+            CommitOperationAdd(path_in_repo="requirements.txt", path_or_fileobj=requirements.encode()),
+        ]
+        step = "creating the Space"
+        try:
+            api.create_repo(repo_id, repo_type="space", space_sdk="gradio", private=private, exist_ok=True)
+            step = "committing the files"
+            info = api.create_commit(repo_id, operations, repo_type="space", commit_message=commit_message)
+        except Exception as error:
+            raise RuntimeError(
+                f"Pushing the metric module {name} to the Space {repo_id} failed while {step}: "
+                f"{_scrub(f'{type(error).__name__}: {error}', resolved_token)}"
+                + (f". Already pushed: {', '.join(urls)}." if urls else ". Nothing was pushed.")
+            ) from None
+        urls[name] = info.commit_url
+        logger.info("Pushed the evaluate module %s to the Space %s", name, repo_id)
+    return urls

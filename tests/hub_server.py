@@ -7,7 +7,9 @@ real Hub's rules that `base_model` and `datasets` are Hub ids, not local paths, 
 with `HF_HUB_DISABLE_XET=1`), `commit` (ndjson), repo info, tree, paths-info, refs, commits, branch and tag creation,
 and `resolve` with the
 headers `hf_hub_download` relies on (`X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size`, `X-Error-Code`,
-`Range`). Writes need `Authorization: Bearer <token>`; private repos also need it to be read.
+`Range`). Writes need `Authorization: Bearer <token>`; private repos also need it to be read. Model repos and Space
+repos (`repo_type="space"`, what `evaluate.load("<namespace>/<metric>")` reads from `/spaces/<id>/resolve/...`); a
+Space is held under the key `spaces/<namespace>/<name>` of `HubState.repos`.
 
 huggingface_hub reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` when it is imported, and the test suite runs offline, so
 clients of this server run in subprocesses started with [`hub_env`].
@@ -265,10 +267,11 @@ class _Handler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if match and method == "POST":
             return self._lfs_batch(match.group(1), json.loads(self._body()))
-        match = re.fullmatch(r"/api/models/([^/]+/[^/]+)(?:/(.*))?", path)
+        match = re.fullmatch(r"/api/(models|spaces)/([^/]+/[^/]+)(?:/(.*))?", path)
         if match:
-            return self._api(match.group(1), match.group(2) or "", query)
-        match = re.fullmatch(r"/([^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+            prefix = "spaces/" if match.group(1) == "spaces" else ""
+            return self._api(prefix + match.group(2), match.group(3) or "", query)
+        match = re.fullmatch(r"/((?:spaces/)?[^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if match and method in ("GET", "HEAD"):
             return self._resolve(*match.groups())
         return self._error(404, f"Not found: {method} {path}")
@@ -278,11 +281,15 @@ class _Handler(BaseHTTPRequestHandler):
     def _create_repo(self, request: dict):
         if not self._require_auth():
             return
-        if request.get("type", "model") != "model":
-            return self._error(400, "this test hub only hosts model repos")
+        repo_type = request.get("type", "model")
+        if repo_type not in ("model", "space"):
+            return self._error(400, "this test hub only hosts model and Space repos")
+        if repo_type == "space" and not request.get("sdk"):
+            return self._error(400, "a Space needs an sdk")
         repo_id = f"{request.get('organization') or USER}/{request['name']}"
         if not is_hub_id(repo_id):
             return self._error(400, f"Invalid repo name {repo_id!r}")
+        repo_id = ("spaces/" if repo_type == "space" else "") + repo_id
         endpoint = f"http://{self.headers.get('Host')}"
         if repo_id in self.state.repos:
             return self._send(409, {"error": "You already created this model repo", "url": f"{endpoint}/{repo_id}"})
@@ -297,6 +304,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._require_auth():
             return
         repo_id = f"{request.get('organization') or USER}/{request['name']}"
+        repo_id = ("spaces/" if request.get("type") == "space" else "") + repo_id
         if self.state.repos.pop(repo_id, None) is None:
             return self._error(404, f"Repository {repo_id} not found", "RepoNotFound")
         return self._send(200, {})
@@ -307,11 +315,12 @@ class _Handler(BaseHTTPRequestHandler):
         if readme is not None:
             match = _YAML_BLOCK.search(readme.content.decode("utf-8", "replace"))
             card_data = yaml.safe_load(match.group(2)) if match else None
+        repo_id = repo.repo_id.removeprefix("spaces/")
         return {
-            "_id": repo.repo_id,
-            "id": repo.repo_id,
-            "modelId": repo.repo_id,
-            "author": repo.repo_id.split("/")[0],
+            "_id": repo_id,
+            "id": repo_id,
+            "modelId": repo_id,
+            "author": repo_id.split("/")[0],
             "sha": commit.sha,
             "lastModified": commit.date,
             "private": repo.private,
