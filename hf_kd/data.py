@@ -351,7 +351,13 @@ def load_source(
         builder = DATA_FILE_BUILDERS[Path(next(iter(files.values()))).suffix.lower()]
         try:
             loaded = datasets.load_dataset(builder, data_files=files)
-        except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as error:
+        except ValueError as error:
+            if "corresponds to no data" in str(error):  # a file with a header and no rows
+                split = str(error).split('"')[1] if '"' in str(error) else "?"
+                raise ValueError(f"the {split} split is empty: its file {files.get(split)} has no rows") from None
+            where = "data file for split {!r}".format(*files) if len(files) == 1 else f"data files {files}"
+            raise ValueError(f"{where} could not be read as {builder} ({error!r}): {', '.join(files.values())}") from None
+        except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
             where = "data file for split {!r}".format(*files) if len(files) == 1 else f"data files {files}"
             raise ValueError(f"{where} could not be read as {builder} ({error!r}): {', '.join(files.values())}") from None
         for split in loaded.values():

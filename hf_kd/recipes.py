@@ -26,6 +26,7 @@ Pieces: [`DataArguments`] / [`ScriptArguments`] / [`MultiExitScriptArguments`] (
 training commands) and [`main_job_training_args`] (the optimiser settings of the main job, `trainers/main_job.py`).
 """
 
+import argparse
 import json
 import os
 import sys
@@ -479,7 +480,12 @@ def parse_args(argv: list[str] | None, dataclass_types: tuple[type, ...]) -> tup
             break
     if recipe is not None:
         argv = _recipe_flags(recipe) + argv
-    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
+    parser = HfArgumentParser(dataclass_types)
+    # For --help only (read above): SUPPRESS keeps it out of the namespace, so no extra output is returned.
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS, help="A YAML recipe (flag: value); the flags given here override it."
+    )
+    return parser.parse_args_into_dataclasses(args=argv)
 
 
 def _recipe_flags(path: str) -> list[str]:
