@@ -354,7 +354,10 @@ def load_source(
         except ValueError as error:
             if "corresponds to no data" in str(error):  # a file with a header and no rows
                 split = str(error).split('"')[1] if '"' in str(error) else "?"
-                raise ValueError(f"the {split} split is empty: its file {files.get(split)} has no rows") from None
+                raise ValueError(
+                    f"data file for split {split!r} could not be read as {builder}: it has no rows, so the {split} "
+                    f"split is empty: {files.get(split)}"
+                ) from None
             where = "data file for split {!r}".format(*files) if len(files) == 1 else f"data files {files}"
             raise ValueError(f"{where} could not be read as {builder} ({error!r}): {', '.join(files.values())}") from None
         except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
