@@ -50,9 +50,9 @@ from . import data
 from .checkpoints import resolve_resume_checkpoint
 from .evaluation import record_max_length
 from .metrics import make_compute_metrics
+from .modeling import MultiExitConfig, MultiExitForSequenceClassification
 from .offline_models import placed_model_kwargs
 from .options import BuiltinDataset, RecipeMethod, to_enum
-from .modeling import MultiExitConfig, MultiExitForSequenceClassification
 from .peft_utils import LoraArguments, get_peft_config
 from .trainer import (
     DistillConfig,
