@@ -9,6 +9,7 @@ the same path inside `datasets` after the download (the packaged CSV builder, co
 """
 
 import json
+from pathlib import Path
 
 import pytest
 import yaml
@@ -210,3 +211,21 @@ def test_training_command_help_lists_data_and_trainer_flags(capsys):
     out = capsys.readouterr().out
     for flag in ("--dataset_name", "--data_files", "--label_column", "--teacher_model_name_or_path", "--config"):
         assert flag in out, flag
+
+
+RECIPES = Path(__file__).resolve().parents[1] / "trainers" / "configs"
+
+
+@pytest.mark.parametrize("recipe", sorted(path.name for path in RECIPES.glob("*.yaml")))
+def test_every_yaml_recipe_parses_as_a_command(recipe):
+    """`hf-kd <command> --config trainers/configs/<recipe>` parses every recipe of the repository into its command's
+    dataclasses: the method's config (TinyBERTConfig for `method: tinybert`), flags after --config override it."""
+    from hf_kd import TinyBERTConfig
+    from hf_kd.recipes import COMMANDS, parse_args
+
+    command = COMMANDS["early-exit" if recipe.startswith("early_exit") else "distill"]
+    argv = ["--config", str(RECIPES / recipe), "--seed", "123"]
+    script_args, args, _lora = parse_args(argv, command.dataclass_types(argv))
+    assert args.output_dir.startswith("outputs/") and args.seed == 123 and script_args.model_name_or_path
+    method = yaml.safe_load((RECIPES / recipe).read_text()).get("method")
+    assert isinstance(args, TinyBERTConfig) == (method == "tinybert")
