@@ -22,7 +22,7 @@ https://huggingface.co/papers/2004.12993, https://huggingface.co/papers/2006.041
 Pieces: [`DataArguments`] / [`ScriptArguments`] / [`MultiExitScriptArguments`] (the recipes' own flags),
 [`load_splits`] (load, split, encode labels, cut and tokenize), [`label_kwargs`], [`build_trainer`],
 [`build_multi_exit_model`], [`finish`] (test metrics, save, card, `test_results.json`), [`run`], [`run_early_exit`],
-[`run_self_kd`], [`parse_args`] (a YAML recipe and flags through `HfArgumentParser`), [`COMMANDS`] (the `hf-kd`
+[`run_self_kd`], [`parse_args`] / [`expand_recipe`] (a YAML recipe and flags through `HfArgumentParser`), [`COMMANDS`] (the `hf-kd`
 training commands) and [`main_job_training_args`] (the optimiser settings of the main job, `trainers/main_job.py`).
 """
 
@@ -79,6 +79,7 @@ __all__ = [
     "label_kwargs",
     "load_splits",
     "main_job_training_args",
+    "expand_recipe",
     "parse_args",
     "run",
     "run_early_exit",
@@ -464,7 +465,19 @@ def parse_args(argv: list[str] | None, dataclass_types: tuple[type, ...]) -> tup
     Raises:
         `FileNotFoundError`: a recipe file that does not exist. `ValueError`: a recipe that is not a YAML mapping.
     """
-    argv = sys.argv[1:] if argv is None else list(argv)
+    parser = HfArgumentParser(dataclass_types)
+    # For --help only (expand_recipe reads it): SUPPRESS keeps it out of the namespace, so no extra output is returned.
+    parser.add_argument(
+        "--config", default=argparse.SUPPRESS, help="A YAML recipe (flag: value); the flags given here override it."
+    )
+    return parser.parse_args_into_dataclasses(args=expand_recipe(sys.argv[1:] if argv is None else argv))
+
+
+def expand_recipe(argv: list[str]) -> list[str]:
+    """`argv` with its YAML recipe (first argument ending in `.yaml` / `.yml`, or `--config PATH`) replaced by the
+    recipe's keys as flags, put first so that the other flags override them (a list value becomes several values, a
+    dict its JSON); the `deepspeed` launcher's `--local_rank=N` moved last."""
+    argv = list(argv)
     # The `deepspeed` launcher puts --local_rank=N before the script's own arguments.
     launcher = [a for a in argv if a.startswith("--local_rank=")]
     argv = [a for a in argv if not a.startswith("--local_rank=")] + launcher
@@ -478,47 +491,29 @@ def parse_args(argv: list[str] | None, dataclass_types: tuple[type, ...]) -> tup
         if arg.startswith("--config="):
             recipe, argv = arg.split("=", 1)[1], argv[:i] + argv[i + 1 :]
             break
-    if recipe is not None:
-        argv = _recipe_flags(recipe) + argv
-    parser = HfArgumentParser(dataclass_types)
-    # For --help only (read above): SUPPRESS keeps it out of the namespace, so no extra output is returned.
-    parser.add_argument(
-        "--config", default=argparse.SUPPRESS, help="A YAML recipe (flag: value); the flags given here override it."
-    )
-    return parser.parse_args_into_dataclasses(args=argv)
-
-
-def _recipe_flags(path: str) -> list[str]:
-    """The keys of a YAML recipe as command-line flags (a list becomes several values, a dict its JSON)."""
+    if recipe is None:
+        return argv
     import yaml
 
-    if not Path(path).is_file():
-        raise FileNotFoundError(f"recipe file not found: {path}")
-    with open(path) as f:
+    if not Path(recipe).is_file():
+        raise FileNotFoundError(f"recipe file not found: {recipe}")
+    with open(recipe) as f:
         config = yaml.safe_load(f)
     if not isinstance(config, dict):
-        raise ValueError(f"a recipe is a YAML mapping of flag: value, got {type(config).__name__} in {path}")
+        raise ValueError(f"a recipe is a YAML mapping of flag: value, got {type(config).__name__} in {recipe}")
     flags = []
     for key, value in config.items():
         if isinstance(value, list):
             flags += [f"--{key}", *map(str, value)]
         else:
             flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-    return flags
+    return flags + argv
 
 
 def distill_dataclass_types(argv: list[str]) -> tuple[type, ...]:
     """`(ScriptArguments, <the method's config>, LoraArguments)`: [`TinyBERTConfig`] for `--method tinybert` (on the
     command line or in the recipe), [`DistillConfig`] otherwise."""
-    argv = list(argv)
-    flags = list(argv)
-    if argv and argv[0].endswith((".yaml", ".yml")) and Path(argv[0]).is_file():
-        flags = _recipe_flags(argv[0]) + argv[1:]
-    for i, arg in enumerate(argv):
-        if arg == "--config" and i + 1 < len(argv) and Path(argv[i + 1]).is_file():
-            flags = _recipe_flags(argv[i + 1]) + argv
-        elif arg.startswith("--config=") and Path(arg.split("=", 1)[1]).is_file():
-            flags = _recipe_flags(arg.split("=", 1)[1]) + argv
+    flags = expand_recipe(argv)
     # The last --method wins, as in argparse; --method=x is read too.
     method = "kd"
     for i, arg in enumerate(flags):
