@@ -22,11 +22,19 @@ processes and, with a teacher, where its weights lived (`teacher_placement`). `-
 resumes from the newest complete checkpoint of `--output_dir`, or starts afresh (see trainers/distill.py).
 """
 
-from hf_kd import EarlyExitConfig  # noqa: F401
-from hf_kd.recipes import COMMANDS, build_multi_exit_model, run_early_exit  # noqa: F401
-from hf_kd.recipes import MultiExitScriptArguments as EarlyExitScriptArguments  # noqa: F401
+import sys
+
+from hf_kd import EarlyExitConfig
+from hf_kd.peft_utils import LoraArguments
+from hf_kd.recipes import COMMANDS, build_multi_exit_model, parse_args, run_early_exit
+from hf_kd.recipes import MultiExitScriptArguments as EarlyExitScriptArguments
 
 build_model, run = build_multi_exit_model, run_early_exit  # the names this script had
+
+
+def parse(argv=None, dataclass_types=(EarlyExitScriptArguments, EarlyExitConfig, LoraArguments)):
+    """Parse `[recipe.yaml] [--flag value ...]` ([`hf_kd.recipes.parse_args`]) into `dataclass_types`."""
+    return parse_args(sys.argv[1:] if argv is None else argv, dataclass_types)
 
 if __name__ == "__main__":
     COMMANDS["early-exit"].main()
