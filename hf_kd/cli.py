@@ -1,16 +1,27 @@
-"""`hf-kd`: evaluate, calibrate and push sequence classifiers from the command line.
+"""`hf-kd`: train, evaluate, calibrate and push sequence classifiers from the command line.
 
+    hf-kd distill     [--config] recipe.yaml [--flag value ...]   (--method erm | ls | kd | tinybert)
+    hf-kd early-exit  [--config] recipe.yaml [--flag value ...]
+    hf-kd self-kd     [--config] recipe.yaml [--flag value ...]
     hf-kd evaluate  MODEL --dataset rotten_tomatoes --split test [--teacher T] [--update_card]
     hf-kd calibrate MODEL --dataset rotten_tomatoes [--split validation] [--eval_split test] [--output_dir OUT]
     hf-kd push      FOLDER --repo_id my-org/my-student [--private]
     hf-kd push-metrics --namespace my-org [--metrics expected_calibration_error ...] [--private]
     hf-kd confidence-search STUDENT --teacher T --dataset rotten_tomatoes [--n_trials 8] [--kappa 0.05] --output_dir OUT
 
+The training commands take a YAML recipe (`trainers/configs/`) and/or flags, parsed by `HfArgumentParser` from the
+trainer's config (every `TrainingArguments` flag), the model and the data arguments (`hf_kd.recipes`), as `trl sft
+--config` does; run them under several processes with `accelerate launch -m hf_kd.cli distill ...` (DeepSpeed:
+`accelerate launch --config_file trainers/accelerate/deepspeed_zero3.yaml -m hf_kd.cli ...`). Each ends with the
+test-split metrics, the saved model and its card, and the push with `--push_to_hub`. `hf-kd <command> --help`
+lists the flags.
+
 `MODEL` is a local folder or a Hub id. Data comes from one of hf_kd's offline loaders (`--dataset`, split with
-`--split_seed`) or from JSON/CSV files (`--data_files validation=val.jsonl test=test.jsonl`) with a text column and an
-integer label column. `calibrate` fits a temperature on `--split`, folds it into the classifier, evaluates
-`--eval_split` before and after, and saves the calibrated model with its reports, plots, `calibration.json` and model
-card. `push` takes the token from `HF_TOKEN` or `hf auth login`, never from the command line. `confidence-search`
+`--split_seed`), from a Hub dataset id or a local dataset folder (`--dataset_name`, `--dataset_config`) or from local
+files (`--data_files validation=val.jsonl test=test.jsonl`: CSV, JSON lines or Parquet) with a text column and a label
+column of class ids or of label names (mapped through the model's `label2id`). `calibrate` fits a temperature on
+`--split`, folds it into the classifier, evaluates `--eval_split` before and after, and saves the calibrated model
+with its reports, plots, `calibration.json` and model card. `push` takes the token from `HF_TOKEN` or `hf auth login`, never from the command line. `confidence-search`
 distils the teacher into STUDENT once per configuration of the prediction-layer hyperparameters (optuna through
 `Trainer.hyperparameter_search`, baseline first) and writes the table of sigma (train and `--eval_split`) and accuracy,
 with its Pareto front and the configurations that preserve confidence (Vengertsev & Sherman 2024).
@@ -30,6 +41,14 @@ from .options import BuiltinDataset, CalibrationObjective
 
 DEFAULT_MAX_LENGTH = 128  # for a model that records no truncation length (config.hf_kd["max_length"])
 
+# The training commands: name -> (the module whose `COMMANDS[name]` is its `hf_kd.recipes.TrainingCommand`, help).
+# Imported only when the command runs (torch and transformers are slow to import). A new recipe module adds a line.
+TRAINING_COMMANDS = {
+    "distill": ("hf_kd.recipes", "Train a classifier: --method erm | ls | kd | tinybert."),
+    "early-exit": ("hf_kd.recipes", "Train a multi-exit classifier with EarlyExitTrainer (DeeBERT / PABEE)."),
+    "self-kd": ("hf_kd.recipes", "Self-knowledge distillation from lower layers (SelfKDTrainer, Park et al. 2024)."),
+}
+
 
 # --------------------------------------------------------------------------------------------------------------------
 # Argument parsing
@@ -43,14 +62,22 @@ def _data_arguments(parser: argparse.ArgumentParser) -> None:
         "--dataset", choices=[d.value for d in BuiltinDataset], help="One of hf_kd's offline data sets."
     )
     source.add_argument(
+        "--dataset_name", help="A built-in data set, a Hub dataset id or a local dataset folder (datasets.load_dataset)."
+    )
+    source.add_argument(
         "--data_files",
         nargs="+",
         metavar="SPLIT=PATH",
-        help="JSON/JSON-lines/CSV files per split, e.g. validation=val.jsonl test=test.jsonl.",
+        help="CSV / JSON lines / Parquet files per split, e.g. validation=val.jsonl test=test.jsonl.",
     )
+    group.add_argument("--dataset_config", default=None, help="Configuration (subset) of a --dataset_name.")
     group.add_argument("--text_column", default="text", help="Text column (default: text).")
     group.add_argument("--text_pair_column", default=None, help="Second text of a pair (NLI hypothesis).")
-    group.add_argument("--label_column", default="label", help="Integer class index column (default: label).")
+    group.add_argument(
+        "--label_column",
+        default="label",
+        help="Label column (default: label): class ids, or label names mapped through the model's label2id.",
+    )
     group.add_argument(
         "--max_length",
         type=int,
@@ -69,8 +96,12 @@ def build_parser() -> argparse.ArgumentParser:
         prog="hf-kd", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     commands = parser.add_subparsers(
-        dest="command", required=True, metavar="{evaluate,calibrate,push,push-metrics,confidence-search}"
+        dest="command", required=True, metavar="{" + ",".join([*TRAINING_COMMANDS, "evaluate", "calibrate", "push",
+                                                               "push-metrics", "confidence-search"]) + "}"
     )
+    for name, (_module, help_text) in TRAINING_COMMANDS.items():
+        # Listed for --help only: main() hands their arguments to HfArgumentParser (hf_kd.recipes.parse_args).
+        commands.add_parser(name, help=help_text + " `hf-kd " + name + " --help` lists the flags.", add_help=False)
 
     evaluate = commands.add_parser("evaluate", help="Uncertainty report (JSON + reliability diagram) of a model.")
     evaluate.add_argument("model", help="Local folder or Hub id of a sequence classifier.")
@@ -171,47 +202,48 @@ def _resolve_max_length(opts, config) -> int:
     return opts.max_length
 
 
-def _load_split(opts, split: str, tokenizer, num_labels: int):
-    """One tokenized split, checked against the model's number of labels."""
-    from .data import tokenize_dataset
+def _load_split(opts, split: str, tokenizer, num_labels: int, label2id: dict | None = None):
+    """One tokenized split, its labels checked against the model's number of labels (label names mapped through
+    `label2id`, the model's)."""
+    from datasets import DatasetDict
 
-    if opts.dataset is not None:
-        from . import data
+    from . import data
 
-        splits = data.BUILTIN_DATASETS[opts.dataset](seed=opts.split_seed)
+    name = opts.dataset or opts.dataset_name
+    if name is not None:
+        splits = data.load_source(name, opts.dataset_config, seed=opts.split_seed)
         if split not in splits:
-            raise ValueError(f"--dataset {opts.dataset} has splits {list(splits)}, not {split!r}")
+            flag = "--dataset" if opts.dataset else "--dataset_name"
+            raise ValueError(f"{flag} {name} has splits {list(splits)}, not {split!r}")
         dataset = splits[split]
     else:
         files = {}
         for item in opts.data_files:
-            name, sep, path = item.partition("=")
-            if not sep or not name or not path:
+            key, sep, path = item.partition("=")
+            if not sep or not key or not path:
                 raise ValueError(f"--data_files entries must look like SPLIT=PATH, got {item!r}")
-            files[name] = path
+            files[key] = path
         if split not in files:
             raise ValueError(f"--data_files has splits {sorted(files)}, not {split!r}: add {split}=PATH")
-        path = Path(files[split])
-        if not path.is_file():
-            raise FileNotFoundError(f"data file for split {split!r} not found: {path}")
-        kind = {".json": "json", ".jsonl": "json", ".csv": "csv"}.get(path.suffix)
-        if kind is None:
-            raise ValueError(f"data files must be .json, .jsonl or .csv, got {path}")
-        if path.stat().st_size == 0:
-            raise ValueError(f"data file for split {split!r} is empty: {path}")
-        import datasets
-
-        try:
-            dataset = datasets.load_dataset(kind, data_files={split: str(path)}, split=split)
-        except (StopIteration, ValueError, datasets.exceptions.DatasetGenerationError) as error:
-            raise ValueError(f"data file for split {split!r} could not be read as {kind} ({error!r}): {path}") from None
+        # Only this split's file is read: a broken file of another split fails the command that reads it.
+        dataset = data.load_source(data_files={split: files[split]})[split]
     if opts.max_samples is not None:
         if opts.max_samples < 1:
             raise ValueError(f"--max_samples must be >= 1, got {opts.max_samples}")
         # Rows of the built-in loaders are grouped by source (movie, topic): shuffle before cutting.
         dataset = dataset.shuffle(seed=opts.split_seed).select(range(min(opts.max_samples, len(dataset))))
+    if len(dataset) and opts.label_column in dataset.column_names and dataset.features[opts.label_column].dtype == "string":
+        # Label names: the model's label2id numbers them (names the model does not know are an error).
+        where = _describe(opts, split)
+        try:
+            dataset = data.encode_labels(
+                DatasetDict({where: dataset}), opts.label_column, (opts.text_column, opts.text_pair_column),
+                label2id=label2id or {}, output_column=None,
+            )[where]
+        except ValueError as error:
+            raise ValueError(f"{error}; the model's label2id is {label2id}") from None
     _check_labels(opts, dataset, split, num_labels)
-    return tokenize_dataset(dataset, tokenizer, opts.text_column, opts.text_pair_column, opts.max_length)
+    return data.tokenize_dataset(dataset, tokenizer, opts.text_column, opts.text_pair_column, opts.max_length)
 
 
 def _check_labels(opts, dataset, split: str, num_labels: int) -> None:
@@ -274,7 +306,7 @@ def _print_table(columns: dict[str, dict], n_bins: int) -> None:
 
 
 def _describe(opts, split: str) -> str:
-    return f"{opts.dataset or 'data_files'}/{split}"
+    return f"{opts.dataset or opts.dataset_name or 'data_files'}/{split}"
 
 
 def _save_model(model, tokenizer, output_dir: Path) -> None:
@@ -318,7 +350,7 @@ def _evaluate(opts) -> None:
         kept, output_dir = output_dir, _free_folder(output_dir)
     model, tokenizer = _load_model(opts.model)
     max_length = _resolve_max_length(opts, model.config)
-    dataset = _load_split(opts, opts.split, tokenizer, model.config.num_labels)
+    dataset = _load_split(opts, opts.split, tokenizer, model.config.num_labels, model.config.label2id)
     report = evaluate_uncertainty(
         model, dataset, teacher=opts.teacher, n_bins=opts.n_bins, batch_size=opts.batch_size,
         label_column=opts.label_column, split=opts.split,
@@ -371,8 +403,9 @@ def _calibrate(opts) -> None:
     num_labels = model.config.num_labels
     max_length = _resolve_max_length(opts, model.config)
     # Load everything first: bad data fails before anything is computed or written.
-    calibration_data = _load_split(opts, opts.split, tokenizer, num_labels)
-    eval_data = _load_split(opts, eval_split, tokenizer, num_labels) if eval_split else None
+    label2id = model.config.label2id
+    calibration_data = _load_split(opts, opts.split, tokenizer, num_labels, label2id)
+    eval_data = _load_split(opts, eval_split, tokenizer, num_labels, label2id) if eval_split else None
 
     result = calibrate_temperature(
         model, calibration_data, objective=opts.objective, n_bins=opts.n_bins, batch_size=opts.batch_size,
@@ -458,8 +491,8 @@ def _confidence_search(opts) -> None:
     train_opts = copy.copy(opts)
     train_opts.max_samples = opts.train_samples
     splits = {
-        "train": _load_split(train_opts, opts.train_split, tokenizer, num_labels),
-        "dev": _load_split(opts, opts.eval_split, tokenizer, num_labels),
+        "train": _load_split(train_opts, opts.train_split, tokenizer, num_labels, teacher_config.label2id),
+        "dev": _load_split(opts, opts.eval_split, tokenizer, num_labels, teacher_config.label2id),
     }
     if opts.label_column != "label":
         splits = {k: v.rename_column(opts.label_column, "label") for k, v in splits.items()}
@@ -492,8 +525,25 @@ def _confidence_search(opts) -> None:
     print(f"{result.summary()}\n\n{result.pareto_table()}\n\nWritten: {paths['markdown']}, {paths['json']}")
 
 
+def _train(name: str, argv: list[str]) -> int:
+    """Run the training command `name` on `argv` (a YAML recipe and/or flags, see `hf_kd.recipes.parse_args`)."""
+    import importlib
+
+    command = importlib.import_module(TRAINING_COMMANDS[name][0]).COMMANDS[name]
+    sys.argv = [f"hf-kd {name}", *argv]  # HfArgumentParser's usage line and --help name the command
+    try:
+        command.main(argv)
+    except (ValueError, TypeError, FileNotFoundError, ImportError, OSError) as error:
+        print(f"hf-kd {name}: error: {error}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     """Entry point of the `hf-kd` console script. Returns the exit status (0 on success, 1 on a handled error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv and argv[0] in TRAINING_COMMANDS:
+        return _train(argv[0], argv[1:])
     parser = build_parser()
     opts = parser.parse_args(argv)
     for name in ("batch_size", "n_bins", "max_length"):

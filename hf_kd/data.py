@@ -36,7 +36,12 @@ __all__ = [
     "FASHION_MNIST_MEAN",
     "FASHION_MNIST_STD",
     "NLI_LABELS",
+    "DATA_FILE_BUILDERS",
     "align_labels",
+    "encode_labels",
+    "load_source",
+    "parse_data_files",
+    "select_splits",
     "load_bbc_news",
     "load_chaosnli",
     "load_crowdflower_tweets",
@@ -271,6 +276,238 @@ BUILTIN_DATASETS = {
 }
 """The loader of each [`~hf_kd.options.BuiltinDataset`], called as `loader(seed=...)`; the keys compare equal to
 their strings (`BUILTIN_DATASETS["bbc_news"]` works)."""
+
+
+# ----- any source: a built-in loader, a Hub id or local folder, local files -----
+
+DATA_FILE_BUILDERS = {".csv": "csv", ".json": "json", ".jsonl": "json", ".parquet": "parquet"}
+"""The `datasets` builder of each data file suffix accepted by `data_files` (CSV, JSON / JSON lines, Parquet)."""
+
+
+def parse_data_files(items: list[str] | dict[str, str]) -> dict[str, str]:
+    """`["train=a.csv", "validation=b.csv"]` (the command line's `--data_files`) as `{"train": "a.csv", ...}`, each
+    file checked: it exists, is not empty, and has a suffix of [`DATA_FILE_BUILDERS`], the same for every split.
+
+    Raises:
+        `ValueError`: an entry that is not `SPLIT=PATH`, a split given twice, an empty file, an unknown suffix or
+            mixed suffixes.
+        `FileNotFoundError`: a file that does not exist.
+    """
+    if isinstance(items, dict):
+        files = {str(k): str(v) for k, v in items.items()}
+    else:
+        files = {}
+        for item in items:
+            name, sep, path = str(item).partition("=")
+            if not sep or not name or not path:
+                raise ValueError(f"data_files entries must look like SPLIT=PATH (e.g. train=train.csv), got {item!r}")
+            if name in files:
+                raise ValueError(f"data_files names split {name!r} twice ({files[name]} and {path})")
+            files[name] = path
+    if not files:
+        raise ValueError("data_files is empty: pass SPLIT=PATH entries, e.g. train=train.csv validation=val.csv")
+    builders = set()
+    for split, path in files.items():
+        file = Path(path)
+        if not file.is_file():
+            raise FileNotFoundError(f"data file for split {split!r} not found: {file}")
+        if file.suffix.lower() not in DATA_FILE_BUILDERS:
+            raise ValueError(f"data files must be {', '.join(DATA_FILE_BUILDERS)} files, got {file} (split {split!r})")
+        if file.stat().st_size == 0:
+            raise ValueError(f"data file for split {split!r} is empty: {file}")
+        builders.add(DATA_FILE_BUILDERS[file.suffix.lower()])
+    if len(builders) > 1:
+        raise ValueError(f"data files of one run must share a format, got {sorted(builders)}: {files}")
+    return files
+
+
+def load_source(
+    dataset_name: str | None = None,
+    dataset_config: str | None = None,
+    data_files: list[str] | dict[str, str] | None = None,
+    seed: int = 42,
+) -> DatasetDict:
+    """Every split of a data source, as `datasets` reads it (and caches it).
+
+    Exactly one source: `data_files` (local CSV / JSON lines / Parquet files per split, see [`parse_data_files`]), or
+    `dataset_name`: one of hf_kd's offline loaders by its [`~hf_kd.options.BuiltinDataset`] name (split with `seed`),
+    else anything [`datasets.load_dataset`] takes (a Hub dataset id, with its `dataset_config`, or a local folder laid
+    out like a Hub dataset repository). The datasets of a Hub id carry it as `info.dataset_name` (hf_kd's model cards
+    name it); local files carry none (the card says "Custom dataset").
+
+    Raises:
+        `ValueError`: no source or two; a Hub id that cannot be read, because the Hub is unreachable (offline) or the
+            id does not exist there (the message says how to pass local files); the errors of [`parse_data_files`].
+    """
+    import datasets
+
+    if (dataset_name is None) == (data_files is None):
+        raise ValueError(
+            "pass exactly one data source: dataset_name (a built-in data set, a Hub id or a folder) or data_files "
+            f"(SPLIT=PATH files); got dataset_name={dataset_name!r} and data_files={data_files!r}"
+        )
+    if data_files is not None:
+        files = parse_data_files(data_files)
+        builder = DATA_FILE_BUILDERS[Path(next(iter(files.values()))).suffix.lower()]
+        try:
+            loaded = datasets.load_dataset(builder, data_files=files)
+        except ValueError as error:
+            if "corresponds to no data" in str(error):  # a file with a header and no rows
+                split = str(error).split('"')[1] if '"' in str(error) else "?"
+                raise ValueError(
+                    f"data file for split {split!r} could not be read as {builder}: it has no rows, so the {split} "
+                    f"split is empty: {files.get(split)}"
+                ) from None
+            where = "data file for split {!r}".format(*files) if len(files) == 1 else f"data files {files}"
+            raise ValueError(f"{where} could not be read as {builder} ({error!r}): {', '.join(files.values())}") from None
+        except (StopIteration, datasets.exceptions.DatasetGenerationError) as error:
+            where = "data file for split {!r}".format(*files) if len(files) == 1 else f"data files {files}"
+            raise ValueError(f"{where} could not be read as {builder} ({error!r}): {', '.join(files.values())}") from None
+        for split in loaded.values():
+            split.info.dataset_name = None  # the builder's name ("csv") is no data set's name
+        return loaded
+    if dataset_name in BUILTIN_DATASETS:
+        return BUILTIN_DATASETS[dataset_name](seed=seed)
+    local_hint = (
+        "to train on local files pass --data_files train=train.csv validation=validation.csv test=test.csv "
+        f"(CSV, JSON lines or Parquet), or one of hf_kd's offline data sets {[d.value for d in BuiltinDataset]}"
+    )
+    try:
+        loaded = datasets.load_dataset(dataset_name, dataset_config)
+    except ConnectionError as error:  # offline (HF_HUB_OFFLINE / HF_DATASETS_OFFLINE) or no network, not cached
+        raise ValueError(
+            f"dataset {dataset_name!r} is not a local folder and the Hub is unreachable ({error}), and it is not in the "
+            f"datasets cache: {local_hint}"
+        ) from None
+    except datasets.exceptions.DatasetNotFoundError as error:
+        raise ValueError(f"dataset {dataset_name!r} was not found ({error}): {local_hint}") from None
+    if not isinstance(loaded, DatasetDict):
+        raise ValueError(f"dataset {dataset_name!r} loaded as a {type(loaded).__name__}, expected splits")
+    if not Path(dataset_name).exists():
+        for split in loaded.values():
+            split.info.dataset_name = dataset_name  # the Hub id, for the model card's `datasets`
+    return loaded
+
+
+def select_splits(
+    source: DatasetDict,
+    train_split: str = "train",
+    eval_split: str = "validation",
+    test_split: str = "test",
+    seed: int = 42,
+    validation_size: float = 0.1,
+    test_size: float = 0.2,
+) -> DatasetDict:
+    """`train`, `validation` and `test` from `source`'s splits of those names; a missing eval or test split is cut
+    from the train split by a seeded shuffle (`Dataset.train_test_split(seed=seed)`): `test_size` of the train rows
+    for test, then `validation_size` of the train rows for validation, so every process cuts the same rows.
+
+    Raises:
+        `ValueError`: no train split (the message lists the splits there are), an empty split, or fractions outside
+            [0, 1) summing to 1 or more.
+    """
+    _check_fractions(validation_size, test_size)
+    if train_split not in source:
+        raise ValueError(
+            f"the data has no train split {train_split!r}; its splits are {list(source)}: name one with "
+            "--dataset_train_split"
+        )
+    train = source[train_split]
+    chosen = {}
+    for role, name, fraction in (("test", test_split, test_size), ("validation", eval_split, validation_size)):
+        if name in source and name != train_split:
+            chosen[role] = source[name]
+            continue
+        if fraction == 0.0 or len(train) < 3:
+            raise ValueError(
+                f"the data has no {role} split {name!r} (splits: {list(source)}) and {len(train)} train rows to cut one "
+                f"from with {role}_size={fraction}: name an existing split or pass a {role} file"
+            )
+        # A fraction of the original train rows, whichever split was cut first.
+        cut = train.train_test_split(test_size=fraction * len(source[train_split]) / len(train), seed=seed)
+        train, chosen[role] = cut["train"], cut["test"]
+    splits = DatasetDict({"train": train, "validation": chosen["validation"], "test": chosen["test"]})
+    for role, split in splits.items():
+        if len(split) == 0:
+            raise ValueError(f"the {role} split is empty: it needs at least one row")
+    return splits
+
+
+def encode_labels(
+    splits: DatasetDict,
+    label_column: str = "label",
+    text_columns: tuple[str | None, ...] = ("text",),
+    label2id: dict[str, int] | None = None,
+    output_column: str | None = "label",
+) -> DatasetDict:
+    """Check the text and label columns and make the labels a [`~datasets.ClassLabel`] column named `output_column`.
+
+    Labels that are names (strings) become ids: through `label2id` when given (a trained model's), else in the sorted
+    order of the names in the `train` split (or the first split when there is none). Integer labels keep their values
+    (`ClassLabel` names `"0"`, `"1"`, ...). A `ClassLabel` column stays as it is.
+
+    Args:
+        splits ([`~datasets.DatasetDict`]): the splits, e.g. from [`select_splits`].
+        label_column (`str`, *optional*, defaults to `"label"`): the label column.
+        text_columns (`tuple`): the text columns every split must have (`None` entries are skipped).
+        label2id (`dict[str, int]`, *optional*): a model's mapping for label names.
+        output_column (`str`, *optional*, defaults to `"label"`): the name of the label column afterwards (an
+            existing column of that name that is not the label column is dropped: the trainers read `label`); `None`
+            keeps `label_column`.
+
+    Raises:
+        `ValueError`: a missing column (the message lists those there are), a missing label, label names unknown to
+            `label2id`, or eval / test labels that the train split never has.
+    """
+    for name, split in splits.items():
+        for column in (*text_columns, label_column):
+            if column is not None and column not in split.column_names:
+                flag = "--label_column" if column == label_column else "--text_column / --text_pair_column"
+                raise ValueError(
+                    f"the {name} split has no column {column!r}; its columns are {split.column_names}: name the "
+                    f"right one with {flag}"
+                )
+    reference = "train" if "train" in splits else next(iter(splits))
+    feature = splits[reference].features[label_column]
+    if isinstance(feature, ClassLabel):
+        names = feature.names
+    else:
+        values = {name: split[label_column] for name, split in splits.items()}
+        for name, column in values.items():
+            if any(value is None for value in column):
+                raise ValueError(f"the {name} split has rows without a label in column {label_column!r}")
+        strings = isinstance(values[reference][0], str)
+        if strings and label2id is not None:
+            names = [str(name) for name, _ in sorted(label2id.items(), key=lambda item: item[1])]
+            known, what = set(names), f"the model's labels {names} (config.label2id)"
+        elif strings:
+            names = sorted(set(values[reference]))
+            known, what = set(names), f"the {reference} split's labels {names}"
+        else:
+            top = len(label2id) - 1 if label2id is not None else max(values[reference])
+            names = [str(i) for i in range(top + 1)]
+            known = set(range(top + 1))
+            what = f"the model's class ids 0..{top}" if label2id is not None else f"the {reference} split's ids 0..{top}"
+        for name, column in values.items():
+            unknown = sorted(set(column) - known, key=str)
+            if unknown:
+                hint = "the model cannot predict them" if label2id is not None else (
+                    "a model trained on the train split cannot predict them: add rows with them to it")
+                raise ValueError(
+                    f"labels {unknown} of the {name} split are not among {what}: {hint} (or check --label_column)"
+                )
+        if label2id is not None and not strings:
+            names = [label for label, _ in sorted(label2id.items(), key=lambda item: item[1])]  # ids stay ids
+        splits = splits.cast_column(label_column, ClassLabel(names=[str(n) for n in names]))
+    if output_column is not None and label_column != output_column:
+        splits = DatasetDict(
+            {
+                name: (split.remove_columns(output_column) if output_column in split.column_names else split)
+                .rename_column(label_column, output_column)
+                for name, split in splits.items()
+            }
+        )
+    return splits
 
 
 # ----- human label distributions, from a folder the caller gives -----

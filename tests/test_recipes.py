@@ -64,13 +64,19 @@ def test_distill_recipe_under_accelerate_launch(tmp_path):
     assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3  # train, validation, test
 
 
-def test_recipe_rejects_unknown_method_and_dataset():
-    from hf_kd.recipes import ScriptArguments
+def test_recipe_rejects_unknown_method_and_dataset(tmp_path, monkeypatch):
+    """An unknown method fails when parsed. A dataset_name that is not built in is a Hub id (issue 20): offline and
+    not cached, loading it fails naming the built-in data sets and --data_files; a name and files together fail."""
+    from hf_kd.recipes import DataArguments, ScriptArguments, load_splits
 
     with pytest.raises(ValueError, match="method must be one of .*got 'distil'"):
         ScriptArguments(method="distil")
-    with pytest.raises(ValueError, match="dataset_name must be one of .*got 'imdb'"):
-        ScriptArguments(dataset_name="imdb")
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    with pytest.raises(ValueError, match=r"'imdb' is not a local folder and the Hub is unreachable .*--data_files "
+                                         r"train=train.csv.* \['rotten_tomatoes', 'crowdflower_tweets', 'bbc_news'\]"):
+        load_splits(ScriptArguments(dataset_name="imdb"), tiny_tokenizer(tmp_path))
+    with pytest.raises(ValueError, match="pass --dataset_name .* or --data_files .*, not both"):
+        DataArguments(dataset_name="imdb", data_files=["train=a.csv"])
 
 
 def test_load_splits_cuts_shuffled_rows_and_tokenizes(tmp_path):

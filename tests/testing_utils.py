@@ -385,3 +385,39 @@ def causal_lm(model_id: str = SMOLLM2):
     """The model in eval mode; tests must not modify it (copy it first: hf_kd.student.drop_layers copies)."""
     install_offline_models([model_id])
     return AutoModelForCausalLM.from_pretrained(model_id).eval()
+
+
+# ---- the hf-kd training commands (tests/test_cli_training.py, tests/distributed/) ------------------------------------
+
+
+def save_tiny_pair(tmp_path, num_labels=2):
+    """A tiny teacher (4 layers) and student (2 layers) with the tiny tokenizer, saved to `tmp_path/teacher` and
+    `tmp_path/student`; returns the two folders."""
+    tokenizer = tiny_tokenizer(tmp_path)
+    folders = tmp_path / "teacher", tmp_path / "student"
+    for folder, model in zip(folders, (tiny_bert(num_labels, layers=4, seed=7), tiny_bert(num_labels, seed=1))):
+        model.save_pretrained(folder)
+        tokenizer.save_pretrained(folder)
+    return folders
+
+
+def rotten_tomatoes_rows(split="train", n=60, seed=0) -> list[dict]:
+    """`n` real Rotten Tomatoes snippets of `split` (shuffled with `seed`) as rows `{"review": text, "sentiment":
+    "fresh" | "rotten"}`: a corpus slice with label names and non-default column names, for data-file tests."""
+    from hf_kd import data
+
+    rows = data.load_rotten_tomatoes()[split].shuffle(seed=seed).select(range(n))
+    names = rows.features["label"].names
+    return [{"review": text, "sentiment": names[label]} for text, label in zip(rows["text"], rows["label"])]
+
+
+def write_rows(path, rows: list[dict]):
+    """`rows` as a CSV (`.csv`) or JSON-lines (`.jsonl`) file at `path`; returns `path`."""
+    import pandas as pd
+
+    frame = pd.DataFrame(rows)
+    if str(path).endswith(".csv"):
+        frame.to_csv(path, index=False)
+    else:
+        frame.to_json(path, orient="records", lines=True)
+    return path

@@ -1,4 +1,5 @@
-"""Train a text classifier with one of the modes of Sultan (2023, https://huggingface.co/papers/2301.12609).
+"""Train a text classifier with one of the modes of Sultan (2023, https://huggingface.co/papers/2301.12609): the
+script form of `hf-kd distill` (the recipe is `hf_kd.recipes.run`; this file only calls it).
 
     --method erm   fine-tune with cross-entropy (also how a teacher is made)
     --method ls    cross-entropy with label smoothing (`--label_smoothing`, epsilon spread over all classes)
@@ -9,9 +10,10 @@
                    https://huggingface.co/papers/1909.10351; recipes trainers/configs/tinybert_*).
 
 Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is accepted, and with --method tinybert every
-flag of hf_kd.TinyBERTConfig. Examples:
+flag of hf_kd.TinyBERTConfig; the data flags are hf_kd.recipes.DataArguments' (`--dataset_name` a built-in data set,
+a Hub id or a folder; `--data_files train=... validation=...`; `--text_column`, `--label_column`, ...). Examples:
 
-    python trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml
+    python trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml      # = hf-kd distill --config <yaml>
     accelerate launch --multi_gpu --num_processes 2 trainers/distill.py trainers/configs/distill_rotten_tomatoes.yaml
     python trainers/distill.py --method erm --model_name_or_path sentence-transformers/all-MiniLM-L6-v2 \
         --output_dir outputs/teacher-l6 --num_train_epochs 2
@@ -24,73 +26,44 @@ Scaling out (README "Scaling out"; accelerate and DeepSpeed configs in trainers/
     python trainers/distill.py <yaml> --use_peft --lora_r 8 [--teacher_from_base_model]                 # LoRA student
 
 Test-split metrics (accuracy, ECE with 15 bins, NLL, Brier, mean entropy, and sigma for KD) are written to
-`<output_dir>/test_results.json` next to the saved model (an adapter with --use_peft), with the number of processes
-and, for KD, where the teacher's weights lived (`teacher_placement`); `--report_train_sigma` adds the training and
-validation splits' (sigma on the training set is the confidence-preservation property of Vengertsev & Sherman 2024).
+`<output_dir>/test_results.json` next to the saved model (an adapter with --use_peft) and its card, with the number of
+processes and, for KD, where the teacher's weights lived (`teacher_placement`); `--report_train_sigma` adds the
+training and validation splits' (sigma on the training set is the confidence-preservation property of Vengertsev &
+Sherman 2024).
 
 `--resume_from_checkpoint latest` resumes from the newest complete `checkpoint-<step>` of `--output_dir` (or starts
 afresh when there is none yet), so that one command line both starts and restarts a preemptible job; a path resumes
 from that checkpoint. Every file of the checkpoint is checked first (hf_kd.checkpoints.verify_checkpoint).
 """
 
-import json
 import sys
 
-from transformers import HfArgumentParser
-
-from hf_kd import DistillConfig
-from hf_kd.distributed import end_distributed
-from hf_kd.peft_utils import LoraArguments
-
-# The recipe itself is hf_kd.recipes (shared with trainers/early_exit.py, trainers/main_job.py and scripts/studies/);
-# its names stay importable from here.
+# The recipe itself is hf_kd.recipes (shared with `hf-kd distill`, trainers/early_exit.py, trainers/main_job.py and
+# scripts/studies/); its names stay importable from here.
+from hf_kd.peft_utils import LoraArguments  # noqa: F401
 from hf_kd.recipes import (  # noqa: F401
+    COMMANDS,
     DATASETS,
     DISTILL_METHODS,
     DataArguments,
     ScriptArguments,
     build_trainer,
+    distill_dataclass_types,
     finish,
     label_kwargs,
     load_splits,
+    parse_args,
     run,
 )
 
 
 def parse(argv=None, dataclass_types=None):
-    """Parse `[recipe.yaml] [--flag value ...]`: the YAML recipe's keys as flags, overridden by the flags after it.
-    `dataclass_types` defaults to `(ScriptArguments, <the method's config>, LoraArguments)`, the config being
-    `TinyBERTConfig` for `--method tinybert` and `DistillConfig` otherwise."""
+    """Parse `[recipe.yaml] [--flag value ...]` ([`hf_kd.recipes.parse_args`]). `dataclass_types` defaults to
+    `(ScriptArguments, <the method's config>, LoraArguments)`, the config being `TinyBERTConfig` for `--method
+    tinybert` and `DistillConfig` otherwise."""
     argv = sys.argv[1:] if argv is None else list(argv)
-    # The `deepspeed` launcher puts --local_rank=N before the script's own arguments.
-    launcher = [a for a in argv if a.startswith("--local_rank=")]
-    argv = [a for a in argv if not a.startswith("--local_rank=")] + launcher
-    if len(argv) >= 1 and argv[0].endswith((".yaml", ".yml")):
-        # YAML recipe first, command-line flags override it.
-        import yaml
-
-        with open(argv[0]) as f:
-            config = yaml.safe_load(f)
-        flags = []
-        for key, value in config.items():
-            if isinstance(value, list):
-                flags += [f"--{key}", *map(str, value)]
-            else:
-                flags += [f"--{key}", json.dumps(value) if isinstance(value, dict) else str(value)]
-        argv = flags + list(argv[1:])
-    if dataclass_types is None:
-        # The last --method wins, as in argparse; --method=x is read too.
-        method = "kd"
-        for i, arg in enumerate(argv):
-            if arg == "--method" and i + 1 < len(argv):
-                method = argv[i + 1]
-            elif arg.startswith("--method="):
-                method = arg.split("=", 1)[1]
-        config_class = DISTILL_METHODS.get(method, (DistillConfig,))[0]
-        dataclass_types = (ScriptArguments, config_class, LoraArguments)
-    return HfArgumentParser(dataclass_types).parse_args_into_dataclasses(args=argv)
+    return parse_args(argv, dataclass_types or distill_dataclass_types(argv))
 
 
 if __name__ == "__main__":
-    run(*parse())
-    end_distributed()
+    COMMANDS["distill"].main()
