@@ -2,17 +2,27 @@
 adapters, save/load with the Auto classes and trust_remote_code, and one SmolLM2 integration test."""
 
 import json
+import math
 import re
 
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel, LlamaConfig
+from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel, EvalPrediction, LlamaConfig
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from hf_kd import MultiExitCausalLMConfig, MultiExitForCausalLM
+from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitCausalLMConfig, MultiExitForCausalLM
+from hf_kd.metrics import lm_exit_token_statistics, lm_metrics, make_lm_exit_compute_metrics
 
-from .testing_utils import SMOLLM2, causal_lm, causal_lm_tokenizer, tiny_llama
+from .testing_utils import (
+    SMOLLM2,
+    causal_lm,
+    causal_lm_tokenizer,
+    lm_dataset,
+    pad_collator,
+    tiny_llama,
+    tiny_run_args,
+)
 
 
 def token_batch(seed=0, batch=2, seq=7, vocab=64):
@@ -210,3 +220,137 @@ def test_smollm2_by_hub_id_offline():
     assert torch.equal(out.logits, reference)
     # An early exit of an untrained model is a different (worse) predictor, but a real distribution over the vocab.
     assert not torch.allclose(out.exit_logits[0], out.logits) and torch.isfinite(out.exit_logits[0]).all()
+
+
+# --------------------------------------------------------------------------------------------------- EarlyExitTrainer
+
+
+def lm_exit_args(tmp_path, **kwargs):
+    defaults = dict(per_device_train_batch_size=4, per_device_eval_batch_size=4, learning_rate=1e-2)
+    defaults.update(kwargs)
+    return tiny_run_args(EarlyExitConfig, tmp_path, **defaults)
+
+
+def lm_exit_trainer(tmp_path, model, args, **kwargs):
+    return EarlyExitTrainer(
+        model=model, args=args, train_dataset=lm_dataset(8), eval_dataset=lm_dataset(6, seed=1),
+        data_collator=pad_collator, **kwargs,
+    )
+
+
+def naive_token_loss(student, source, labels, temperature, alpha):
+    """alpha T^2 KL(p_src^T || p^T) + (1 - alpha) CE, mean over the counted shifted tokens, written out."""
+    student, labels = student[:, :-1].reshape(-1, 64), labels[:, 1:].reshape(-1)
+    keep = labels != -100
+    student, labels = student[keep], labels[keep]
+    ce = F.cross_entropy(student, labels)
+    if source is None:
+        return ce
+    source = source[:, :-1].reshape(-1, 64)[keep]
+    p = F.softmax(source / temperature, -1)
+    kl = (p * (F.log_softmax(source / temperature, -1) - F.log_softmax(student / temperature, -1))).sum(-1).mean()
+    return alpha * temperature**2 * kl + (1 - alpha) * ce
+
+
+def test_early_exit_lm_loss_is_the_weighted_token_loss_of_each_exit():
+    torch.manual_seed(0)
+    exit_logits = [torch.randn(2, 6, 64, requires_grad=True) for _ in range(3)]
+    labels = token_batch(seq=6)
+    labels[1, :4] = -100
+    sources = [exit_logits[-1].detach(), exit_logits[-1].detach(), None]
+    loss, parts = EarlyExitTrainer.early_exit_lm_loss(exit_logits, labels, [0.2, 0.3, 0.5], sources, 2.0, 0.7)
+    expected = [naive_token_loss(z, s, labels, 2.0, 0.7) for z, s in zip(exit_logits, sources)]
+    for part, value in zip(parts, expected):
+        torch.testing.assert_close(part, value, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(loss, sum(w * v for w, v in zip([0.2, 0.3, 0.5], expected)), rtol=1e-5, atol=1e-6)
+    loss.backward()
+    assert all(z.grad is not None and z.grad.abs().sum() > 0 for z in exit_logits)
+    with pytest.raises(ValueError, match="got 3 exit logits, 2 weights and 3 soft targets"):
+        EarlyExitTrainer.early_exit_lm_loss(exit_logits, labels, [0.5, 0.5], sources)
+
+
+def test_lm_exit_metrics_are_lm_metrics_of_each_exit_against_the_final_exit():
+    torch.manual_seed(0)
+    exit_logits = [torch.randn(3, 6, 64) for _ in range(2)]
+    labels = token_batch(batch=3, seq=6)
+    labels[0, :2] = -100
+    statistics = lm_exit_token_statistics(exit_logits, labels)
+    assert statistics.shape == (3, 6, 2, 5) and torch.isnan(statistics[:, 0]).all()
+    results = make_lm_exit_compute_metrics()(EvalPrediction(predictions=statistics.numpy(), label_ids=labels.numpy()))
+    for i, logits in enumerate(exit_logits):
+        expected = lm_metrics(logits[:, :-1], labels[:, 1:], exit_logits[-1][:, :-1])
+        for name in ("perplexity", "token_accuracy", "token_ece", "token_entropy", "top1_agreement"):
+            assert results[f"exit_{i}_{name}"] == pytest.approx(expected[name], rel=1e-6)
+    assert results["exit_1_top1_agreement"] == 1.0 and results["ece_bins"] == 15.0
+    assert results["token_accuracy"] == results["exit_1_token_accuracy"] and "top1_agreement" not in results
+    with pytest.raises(ValueError, match="per-exit token statistics"):
+        make_lm_exit_compute_metrics()(EvalPrediction(predictions=statistics[:, :, 0].numpy(), label_ids=labels.numpy()))
+
+
+def test_lm_exits_train_distilled_from_the_final_exit_and_log_per_exit_metrics(tmp_path):
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=4), exit_layers=[1, 2])
+    before = {name: p.detach().clone() for name, p in model.named_parameters()}
+    trainer = lm_exit_trainer(tmp_path, model, lm_exit_args(tmp_path, distill_from="final_exit", alpha=0.8))
+    trainer.train()
+    history = trainer.state.log_history
+    evaluation = next(h for h in history if "eval_exit_0_token_accuracy" in h)
+    for i in range(3):
+        for name in ("perplexity", "token_accuracy", "token_ece", "token_entropy", "top1_agreement"):
+            assert math.isfinite(evaluation[f"eval_exit_{i}_{name}"])
+    assert evaluation["eval_exit_2_top1_agreement"] == 1.0 and 0 <= evaluation["eval_exit_0_top1_agreement"] <= 1
+    assert evaluation["eval_perplexity"] == evaluation["eval_exit_2_perplexity"]
+    assert any("exit_0_ce_loss" in h for h in history) and history[-1]["train_loss"] > 0
+    assert all(not torch.equal(before[name], p) for name, p in model.named_parameters())  # everything trains
+
+
+def test_freeze_backbone_trains_the_adapters_only_and_keeps_the_final_exit_bit_identical(tmp_path):
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=4), exit_layers=[1, 2], exit_adapter="low_rank",
+                                               exit_adapter_rank=4)
+    ids = token_batch()
+    model.eval()
+    with torch.no_grad():
+        reference = model(input_ids=ids)
+    backbone = {name: p.detach().clone() for name, p in model.backbone.named_parameters()}
+    args = lm_exit_args(tmp_path, distill_from="final_exit", alpha=1.0, freeze_backbone=True, weight_decay=0.1)
+    trainer = lm_exit_trainer(tmp_path, model, args)
+    trainer.train()
+    model.eval()
+    with torch.no_grad():
+        after = model(input_ids=ids)
+    assert torch.equal(after.logits, reference.logits)
+    assert all(torch.equal(backbone[name], p) for name, p in model.backbone.named_parameters())
+    assert all(torch.count_nonzero(model.exit_adapters[str(layer)].up.weight) > 0 for layer in (1, 2))
+    assert not torch.allclose(after.exit_logits[0], reference.exit_logits[0])
+    assert trainer._model_card_info()["hyperparameters"]["freeze_backbone"] is True
+
+
+def test_freeze_backbone_without_adapters_leaves_nothing_to_train(tmp_path):
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(), exit_layers=[2])
+    with pytest.raises(ValueError, match="freeze_backbone=True leaves nothing to train.*exit_adapter='low_rank'"):
+        lm_exit_trainer(tmp_path, model, lm_exit_args(tmp_path, freeze_backbone=True))
+
+
+def test_lm_exits_distilled_from_a_teacher(tmp_path):
+    teacher = tiny_llama(layers=3, seed=5)
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=4), exit_layers=[2])
+    trainer = lm_exit_trainer(
+        tmp_path, model, lm_exit_args(tmp_path, distill_from="teacher", alpha=1.0, eval_strategy="no"),
+        teacher_model=teacher,
+    )
+    batch = pad_collator([lm_dataset(8)[i] for i in range(4)])
+    with torch.no_grad():
+        teacher_logits = teacher(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"]).logits
+        out = model(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"])
+        loss = trainer.compute_loss(model, dict(batch))
+    expected = sum(0.5 * naive_token_loss(z, teacher_logits, batch["labels"], 2.0, 1.0) for z in out.exit_logits)
+    torch.testing.assert_close(loss, expected, rtol=1e-5, atol=1e-6)
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] > 0
+
+
+def test_lm_student_rejects_the_classifier_only_options(tmp_path):
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(), exit_layers=[2])
+    args = lm_exit_args(tmp_path, distill_from="teacher", cache_teacher_logits=True,
+                        teacher_logits_cache_dir=str(tmp_path / "cache"))
+    with pytest.raises(ValueError, match="cache_teacher_logits=True: DEDIER and the teacher logits cache"):
+        lm_exit_trainer(tmp_path, model, args, teacher_model=tiny_llama(seed=3))
