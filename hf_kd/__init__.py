@@ -1,7 +1,14 @@
 """hf_kd: distil, self-distil and early-exit Hugging Face models, and ship them calibrated."""
 
 from . import data, early_exit, losses, metrics, prediction_sets, self_kd
-from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
+from .calibration import (
+    CalibrationResult,
+    ExitCalibrationResult,
+    calibrate_exit_temperatures,
+    calibrate_temperature,
+    fit_temperature,
+    fold_temperature,
+)
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
 from .losses import kd_loss
@@ -38,6 +45,7 @@ from .version import __version__ as __version__
 
 __all__ = [
     "CalibrationResult",
+    "ExitCalibrationResult",
     "DistillConfig",
     "DistillTrainer",
     "EarlyExitConfig",
@@ -63,6 +71,7 @@ __all__ = [
     "TinyBERTConfig",
     "TinyBERTTrainer",
     "UncertaintyReport",
+    "calibrate_exit_temperatures",
     "calibrate_temperature",
     "data",
     "early_exit",

@@ -5,14 +5,29 @@ import json
 import math
 import re
 
+import datasets
 import pytest
 import torch
 from torch.nn import functional as F
 from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel, EvalPrediction, LlamaConfig
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
-from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitCausalLMConfig, MultiExitForCausalLM
-from hf_kd.metrics import lm_exit_token_statistics, lm_metrics, make_lm_exit_compute_metrics
+from hf_kd import (
+    EarlyExitConfig,
+    EarlyExitTrainer,
+    MultiExitCausalLMConfig,
+    MultiExitForCausalLM,
+    calibrate_exit_temperatures,
+    fit_temperature,
+)
+from hf_kd.metrics import (
+    brier_score,
+    expected_calibration_error,
+    lm_exit_token_statistics,
+    lm_metrics,
+    make_lm_exit_compute_metrics,
+    negative_log_likelihood,
+)
 
 from .testing_utils import (
     SMOLLM2,
@@ -354,3 +369,63 @@ def test_lm_student_rejects_the_classifier_only_options(tmp_path):
                         teacher_logits_cache_dir=str(tmp_path / "cache"))
     with pytest.raises(ValueError, match="cache_teacher_logits=True: DEDIER and the teacher logits cache"):
         lm_exit_trainer(tmp_path, model, args, teacher_model=tiny_llama(seed=3))
+
+
+# --------------------------------------------------------------------------------------------------- calibration
+
+
+def test_exit_temperatures_match_fit_temperature_on_the_full_logits():
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=4), exit_layers=[1, 2], exit_adapter="linear")
+    with torch.no_grad():
+        for parameter in model.exit_adapters.parameters():
+            parameter.normal_(std=0.05)
+        model.backbone.lm_head.weight.mul_(4.0)  # sharper exits
+    # Text sampled from the model's own final exit at temperature 2: the exits are overconfident on it, but it is
+    # predictable, so each fitted temperature is an interior optimum (on random tokens it would run to the bound).
+    torch.manual_seed(0)
+    prompts = torch.randint(3, 64, (12, 2))
+    ids = model.generate(prompts, do_sample=True, temperature=2.0, top_k=0, max_new_tokens=10, min_new_tokens=10,
+                         pad_token_id=0)
+    data = datasets.Dataset.from_dict(
+        {
+            "input_ids": ids.tolist(),
+            "attention_mask": torch.ones_like(ids).tolist(),
+            "labels": [[-100] * 2 + row[2:] for row in ids.tolist()],
+        }
+    )
+    result = calibrate_exit_temperatures(model, data, batch_size=5, chunk_size=7, calibrated_on="sampled text")
+    assert model.training  # the model's mode is restored
+
+    # Reference: every exit's full logits at the counted shifted positions, fitted by calibration.fit_temperature.
+    batch = pad_collator([data[i] for i in range(len(data))])
+    labels = batch.pop("labels")
+    with torch.no_grad():
+        exit_logits = model.eval()(**batch).exit_logits
+    counted = labels[:, 1:] != -100
+    targets = labels[:, 1:][counted]
+    assert result.num_tokens == int(counted.sum()) and result.exit_layers == [1, 2, 4]
+    assert result.calibrated_on == "sampled text" and result.n_bins == 15
+    for j, logits in enumerate(exit_logits):
+        z = logits[:, :-1][counted].double()
+        assert result.temperatures[j] == pytest.approx(fit_temperature(z, targets), rel=1e-3)
+        for metrics, temperature in ((result.before[j], 1.0), (result.after[j], result.temperatures[j])):
+            probs = torch.softmax(z / temperature, -1).numpy()
+            assert metrics["token_ece"] == pytest.approx(expected_calibration_error(probs, targets.numpy(), 15))
+            assert metrics["nll"] == pytest.approx(negative_log_likelihood(probs, targets.numpy()), rel=1e-6)
+            assert metrics["brier"] == pytest.approx(brier_score(probs, targets.numpy()), rel=1e-6)
+            assert metrics["token_accuracy"] == pytest.approx(float((z.argmax(-1) == targets).double().mean()))
+        assert result.after[j]["nll"] <= result.before[j]["nll"]
+    # Every exit is overconfident on text sampled at T = 2: interior temperatures above 1, not the bound.
+    assert all(1.2 < t < 10 for t in result.temperatures)
+
+
+def test_exit_calibration_bad_input():
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(), exit_layers=[2])
+    with pytest.raises(TypeError, match="needs a multi-exit causal LM"):
+        calibrate_exit_temperatures(tiny_llama(), lm_dataset(4))
+    with pytest.raises(ValueError, match="has no 'labels' column"):
+        calibrate_exit_temperatures(model, lm_dataset(4).remove_columns("labels"))
+    with pytest.raises(ValueError, match="no token is counted"):
+        calibrate_exit_temperatures(model, lm_dataset(4).map(lambda row: {"labels": [-100] * len(row["labels"])}))
+    with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0"):
+        calibrate_exit_temperatures(model, lm_dataset(4), chunk_size=0)
