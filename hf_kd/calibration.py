@@ -573,6 +573,7 @@ def calibrate_exit_temperatures(
     calibrated_on: str | None = None,
     max_iter: int = 50,
     chunk_size: int = 256,
+    temperatures: list[float] | None = None,
 ) -> ExitCalibrationResult:
     r"""
     Fit one temperature per exit of a multi-exit causal LM on held-out text: [`calibrate_temperature`] generalised to
@@ -600,6 +601,9 @@ def calibrate_exit_temperatures(
         max_iter (`int`, *optional*, defaults to `50`): maximum Newton steps per exit.
         chunk_size (`int`, *optional*, defaults to `256`): tokens per logits chunk (peak memory about four float64
             `(chunk_size, vocab)` tensors).
+        temperatures (`list[float]`, *optional*):
+            One temperature per exit to evaluate instead of fitting (e.g. a fit on validation text, evaluated on test
+            text): `after` then holds the metrics at these temperatures.
 
     Returns:
         [`ExitCalibrationResult`] with the temperatures and each exit's token ECE, NLL, Brier before and after, on
@@ -625,6 +629,13 @@ def calibrate_exit_temperatures(
             f"calibrate_exit_temperatures needs a multi-exit causal LM (MultiExitForCausalLM: config.exit_layers and "
             f"exit_logits_from_hidden), got {type(model).__name__}. For a classifier use calibrate_temperature."
         )
+    if temperatures is not None:
+        if len(temperatures) != len(exit_layers):
+            raise ValueError(
+                f"temperatures has {len(temperatures)} values but the model has {len(exit_layers)} exits "
+                f"(exit_layers={exit_layers})."
+            )
+        temperatures = [check_temperature(t, "temperatures[{}]".format(j)) for j, t in enumerate(temperatures)]
     if "labels" not in dataset.column_names:
         raise ValueError(
             f"the dataset has no 'labels' column (columns: {dataset.column_names}): calibration needs the next "
@@ -673,7 +684,7 @@ def calibrate_exit_temperatures(
     if targets.numel() == 0:
         raise ValueError("no token is counted (every label is -100): there is nothing to calibrate on")
 
-    temperatures, before, after = [], [], []
+    fitted, before, after = [], [], []
     head_dtype = next(model.backbone.lm_head.parameters()).dtype
     for layer in exit_layers:
         states = torch.cat(hidden[layer])
@@ -682,13 +693,16 @@ def calibrate_exit_temperatures(
             with torch.no_grad():
                 return model.exit_logits_from_hidden(chunk.to(device, head_dtype), layer).cpu()
 
-        temperature = _fit_token_temperature(head, states, targets, max_iter, chunk_size)
-        temperatures.append(temperature)
+        if temperatures is None:
+            temperature = _fit_token_temperature(head, states, targets, max_iter, chunk_size)
+        else:
+            temperature = temperatures[len(fitted)]
+        fitted.append(temperature)
         before.append(_token_calibration_metrics(head, states, targets, 1.0, n_bins, chunk_size))
         after.append(_token_calibration_metrics(head, states, targets, temperature, n_bins, chunk_size))
     return ExitCalibrationResult(
         exit_layers=exit_layers,
-        temperatures=temperatures,
+        temperatures=fitted,
         num_tokens=int(targets.numel()),
         n_bins=n_bins,
         before=before,

@@ -363,11 +363,33 @@ def test_lm_exits_distilled_from_a_teacher(tmp_path):
     assert trainer.state.log_history[-1]["train_loss"] > 0
 
 
-def test_lm_student_rejects_the_classifier_only_options(tmp_path):
+def test_lm_exits_distilled_from_a_cached_teacher_equal_the_online_teacher_at_full_top_k(tmp_path):
+    """With k = vocab the cached top-k loss is the online loss; then the cached run trains without a teacher forward."""
+    teacher = tiny_llama(layers=3, seed=5)
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=4), exit_layers=[2]).eval()
+    common = dict(distill_from="teacher", alpha=0.7, eval_strategy="no")
+    online = lm_exit_trainer(tmp_path, model, lm_exit_args(tmp_path, **common), teacher_model=teacher)
+    cached = lm_exit_trainer(
+        tmp_path, model, lm_exit_args(tmp_path, **common, cache_teacher_logits=True, lm_cache_top_k=64,
+                                      teacher_logits_cache_dir=str(tmp_path / "cache")),
+        teacher_model=teacher,
+    )
+    rows = [cached.eval_dataset[i] for i in range(4)]
+    assert "teacher_cache_index" in rows[0]
+    with torch.no_grad():
+        cached_loss = cached.compute_loss(model, cached.data_collator(rows))
+        online_loss = online.compute_loss(
+            model, pad_collator([{k: v for k, v in r.items() if k != "teacher_cache_index"} for r in rows])
+        )
+    torch.testing.assert_close(cached_loss, online_loss, rtol=1e-4, atol=1e-5)
+    cached.train()
+    assert cached.state.log_history[-1]["train_loss"] > 0
+
+
+def test_lm_student_rejects_dedier(tmp_path):
     model = MultiExitForCausalLM.from_backbone(tiny_llama(), exit_layers=[2])
-    args = lm_exit_args(tmp_path, distill_from="teacher", cache_teacher_logits=True,
-                        teacher_logits_cache_dir=str(tmp_path / "cache"))
-    with pytest.raises(ValueError, match="cache_teacher_logits=True: DEDIER and the teacher logits cache"):
+    args = lm_exit_args(tmp_path, distill_from="teacher", dedier=True)
+    with pytest.raises(ValueError, match="dedier=True re-weights classification examples"):
         lm_exit_trainer(tmp_path, model, args, teacher_model=tiny_llama(seed=3))
 
 
@@ -417,6 +439,14 @@ def test_exit_temperatures_match_fit_temperature_on_the_full_logits():
         assert result.after[j]["nll"] <= result.before[j]["nll"]
     # Every exit is overconfident on text sampled at T = 2: interior temperatures above 1, not the bound.
     assert all(1.2 < t < 10 for t in result.temperatures)
+    # Given temperatures are evaluated, not fitted (a validation fit reported on test text).
+    again = calibrate_exit_temperatures(model, data, temperatures=[2.0, 1.0, 3.0])
+    assert again.temperatures == [2.0, 1.0, 3.0]
+    for b, a in zip(again.before, result.before):
+        assert b == pytest.approx(a, rel=1e-6)
+    probs = torch.softmax(exit_logits[0][:, :-1][counted].double() / 2.0, -1).numpy()
+    assert again.after[0]["nll"] == pytest.approx(negative_log_likelihood(probs, targets.numpy()), rel=1e-6)
+    assert again.after[1] == pytest.approx(again.before[1], rel=1e-12)
 
 
 def test_exit_calibration_bad_input():
@@ -427,5 +457,9 @@ def test_exit_calibration_bad_input():
         calibrate_exit_temperatures(model, lm_dataset(4).remove_columns("labels"))
     with pytest.raises(ValueError, match="no token is counted"):
         calibrate_exit_temperatures(model, lm_dataset(4).map(lambda row: {"labels": [-100] * len(row["labels"])}))
+    with pytest.raises(ValueError, match=r"temperatures has 1 values but the model has 2 exits \(exit_layers=\[2, 4\]\)"):
+        calibrate_exit_temperatures(model, lm_dataset(4), temperatures=[1.0])
+    with pytest.raises(ValueError, match=r"temperatures\[1\] must be a finite number > 0, got 0"):
+        calibrate_exit_temperatures(model, lm_dataset(4), temperatures=[1.0, 0])
     with pytest.raises(ValueError, match="chunk_size must be an int >= 1, got 0"):
         calibrate_exit_temperatures(model, lm_dataset(4), chunk_size=0)

@@ -125,6 +125,12 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             train from them: later epochs and later runs never load the teacher.
         teacher_logits_cache_dir (`str`, *optional*):
             Where cached logits live. Defaults to `$HF_HOME/hf_kd/teacher_logits`.
+        lm_cache_top_k (`int`, *optional*, defaults to `64`):
+            With `cache_teacher_logits=True` and a causal-LM student ([`MultiExitForCausalLM`]): how many of the
+            teacher's largest logits are cached per completion token; every exit's loss is then
+            [`hf_kd.losses.sparse_lm_kd_loss`].
+        lm_cache_tail (`str` or [`~hf_kd.options.LMCacheTail`], *optional*, defaults to `"bucket"`):
+            The tail of that sparse loss: `"bucket"` or `"renormalise"` (see [`DistillConfig`]).
 
     Example:
 

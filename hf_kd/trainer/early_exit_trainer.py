@@ -6,11 +6,11 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..losses import kd_loss, lm_kd_loss
+from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
 from ..metrics import lm_exit_token_statistics, make_exit_compute_metrics, make_lm_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
 from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, capture_exit_features
-from ..teacher import TEACHER_LOGITS_COLUMN
+from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
 from .base_trainer import is_causal_lm
 from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
 from .early_exit_config import EarlyExitConfig
@@ -62,7 +62,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     by one ([`EarlyExitTrainer.early_exit_lm_loss`], [`hf_kd.losses.lm_kd_loss`]). `distill_from="final_exit"`
     distils the detached final exit into the earlier ones token by token (LayerSkip's early-exit loss, Elhoushi et
     al., 2024, https://huggingface.co/papers/2404.16710, with the final layer as teacher); `"teacher"` a causal-LM
-    teacher with the same vocabulary (online; its logits cache is for classifiers). With `args.freeze_backbone=True`
+    teacher with the same vocabulary, online or from its cached top-k logits per completion token
+    (`args.cache_teacher_logits`, `args.lm_cache_top_k`, [`hf_kd.losses.sparse_lm_kd_loss`]). With `args.freeze_backbone=True`
     only the exit adapters learn and the final exit is unchanged. At each evaluation the default `compute_metrics`
     ([`hf_kd.metrics.make_lm_exit_compute_metrics`]) logs the final exit's `perplexity`, `token_accuracy`,
     `token_ece`, `token_entropy`, and `exit_{i}_perplexity`, `exit_{i}_token_accuracy`, `exit_{i}_token_ece`,
@@ -126,7 +127,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     }
     # Kept through Trainer's column removal: the teacher's logits, the sample index (DEDIER's weights) and the group
     # ids (group metrics).
-    _extra_columns = (TEACHER_LOGITS_COLUMN, SAMPLE_INDEX_COLUMN, GROUP_COLUMN)
+    _extra_columns = (TEACHER_LOGITS_COLUMN, SAMPLE_INDEX_COLUMN, GROUP_COLUMN, TEACHER_CACHE_INDEX_COLUMN)
 
     def __init__(
         self,
@@ -149,11 +150,10 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             raise ValueError(f"A teacher was given but distill_from='{args.distill_from}': set distill_from='teacher'.")
 
         self._causal_lm = model is not None and is_causal_lm(model)
-        if self._causal_lm and (args.dedier or args.cache_teacher_logits):
+        if self._causal_lm and args.dedier:
             raise ValueError(
-                f"dedier={args.dedier} and cache_teacher_logits={args.cache_teacher_logits}: DEDIER and the teacher "
-                "logits cache of EarlyExitTrainer are for classifiers; a causal-LM multi-exit model distils from an "
-                "online teacher (distill_from='teacher') or from its final exit (distill_from='final_exit')."
+                "dedier=True re-weights classification examples by an early readout's errors: it is for classifiers, "
+                "not for a causal-LM multi-exit model."
             )
         if compute_metrics is None and self._causal_lm:
             compute_metrics = make_lm_exit_compute_metrics()
@@ -359,6 +359,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         temperature: float = 2.0,
         alpha: float = 0.5,
         num_items_in_batch: torch.Tensor | int | None = None,
+        lm_cache_tail: str = "bucket",
     ) -> tuple[torch.Tensor, list[torch.Tensor]]:
         r"""
         Weighted multi-exit token-level loss of a causal LM, `sum_i weights[i] * loss_i`, with `loss_i` the
@@ -370,8 +371,11 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             exit_logits (sequence of `torch.Tensor` of shape `(batch, seq, vocab)`): the exits' logits.
             labels (`torch.Tensor` of shape `(batch, seq)`): the model's labels, **not shifted**, `-100` ignored.
             weights (sequence of `float`): one weight per exit (normalised by the caller).
-            soft_targets (sequence of `torch.Tensor` of shape `(batch, seq, vocab)` or `None`):
-                Source logits per exit (detached), not shifted, or `None` for plain cross-entropy.
+            soft_targets (sequence of `torch.Tensor` of shape `(batch, seq, vocab)`, `tuple` or `None`):
+                Source logits per exit (detached), not shifted; or a cached teacher's top-k targets `(topk_ids,
+                topk_logits, logsumexp)` already aligned with the shifted labels (`(batch, seq - 1, k)`, `(batch,
+                seq - 1, k)`, `(batch, seq - 1)`), for [`hf_kd.losses.sparse_lm_kd_loss`] with tail
+                `lm_cache_tail`; or `None` for plain cross-entropy.
             temperature (`float`, *optional*, defaults to `2.0`), alpha (`float`, *optional*, defaults to `0.5`):
                 As in [`hf_kd.losses.lm_kd_loss`].
             num_items_in_batch (`int` or `torch.Tensor`, *optional*):
@@ -386,6 +390,14 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             )
         exit_losses = []
         for logits, source in zip(exit_logits, soft_targets):
+            if isinstance(source, tuple):
+                exit_losses.append(
+                    sparse_lm_kd_loss(
+                        logits[:, :-1], *source, labels[:, 1:], temperature=temperature, alpha=alpha,
+                        num_items_in_batch=num_items_in_batch, tail=lm_cache_tail,
+                    )
+                )
+                continue
             # alpha=0 against the exit's own detached logits is lm_kd_loss's plain next-token cross-entropy.
             source, exit_alpha = (logits.detach(), 0.0) if source is None else (source, alpha)
             exit_losses.append(
@@ -404,9 +416,13 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError("A causal-LM batch needs 'labels' (the input ids, -100 on tokens that do not count).")
+        cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
         exit_logits = self._exit_logits(model(**inputs))  # num_exits x (batch, seq, vocab)
         num_exits, distill_from = len(exit_logits), self.args.distill_from
-        if distill_from == "teacher":
+        if distill_from == "teacher" and cache_index is not None:  # cached run: no teacher forward
+            targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(exit_logits[-1].device))
+            soft_targets = [tuple(targets)] * num_exits
+        elif distill_from == "teacher":
             soft_targets = [self._batch_teacher_logits(inputs, None).to(exit_logits[-1].device)] * num_exits
         elif distill_from == "final_exit":
             soft_targets = [exit_logits[-1].detach()] * (num_exits - 1) + [None]
@@ -414,7 +430,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             soft_targets = [None] * num_exits
         T, alpha = self.args.temperature, self.args.alpha
         loss, exit_losses = self.early_exit_lm_loss(
-            exit_logits, labels, self.exit_loss_weights, soft_targets, T, alpha, num_items_in_batch
+            exit_logits, labels, self.exit_loss_weights, soft_targets, T, alpha, num_items_in_batch,
+            self.args.lm_cache_tail,
         )
         loss = self._scale_for_processes(loss, num_items_in_batch)
         mode = "train" if model.training else "eval"
