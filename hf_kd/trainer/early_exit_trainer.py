@@ -19,6 +19,14 @@ from .multi_exit_trainer import _MultiExitTrainer
 from .teacher_mixin import _TeacherMixin
 
 
+def _check_exit_inputs(exit_logits: Sequence, weights: Sequence, soft_targets: Sequence) -> None:
+    """One weight and one soft-target entry per exit, or a `ValueError` with the three lengths."""
+    if not len(exit_logits) == len(weights) == len(soft_targets):
+        raise ValueError(
+            f"got {len(exit_logits)} exit logits, {len(weights)} weights and {len(soft_targets)} soft targets"
+        )
+
+
 class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     r"""
     [`~transformers.Trainer`] that trains every exit of a multi-exit model jointly, as DeeBERT (Xin et al., 2020,
@@ -322,10 +330,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         Returns:
             `(loss, exit_losses)`: the scalar weighted loss and the per-exit losses (not weighted by `weights`).
         """
-        if not len(exit_logits) == len(weights) == len(soft_targets):
-            raise ValueError(
-                f"got {len(exit_logits)} exit logits, {len(weights)} weights and {len(soft_targets)} soft targets"
-            )
+        _check_exit_inputs(exit_logits, weights, soft_targets)
         exit_losses = []
         for logits, source in zip(exit_logits, soft_targets):
             if source is None:
@@ -384,10 +389,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         Returns:
             `(loss, exit_losses)`: the scalar weighted loss and the per-exit losses (not weighted by `weights`).
         """
-        if not len(exit_logits) == len(weights) == len(soft_targets):
-            raise ValueError(
-                f"got {len(exit_logits)} exit logits, {len(weights)} weights and {len(soft_targets)} soft targets"
-            )
+        _check_exit_inputs(exit_logits, weights, soft_targets)
         exit_losses = []
         for logits, source in zip(exit_logits, soft_targets):
             if isinstance(source, tuple):

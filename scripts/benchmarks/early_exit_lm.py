@@ -28,7 +28,8 @@ import tempfile
 import time
 from pathlib import Path
 
-from transformers import AutoTokenizer, TrainerCallback
+from _common import StepTimer
+from transformers import AutoTokenizer
 
 from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitForCausalLM, calibrate_exit_temperatures
 from hf_kd.calibration import _pad_lm_rows
@@ -37,17 +38,6 @@ from hf_kd.offline_models import install_offline_models
 
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 METRICS = ("token_accuracy", "top1_agreement", "token_ece", "perplexity")
-
-
-class StepTimer(TrainerCallback):
-    def __init__(self):
-        self.times, self._start = [], None
-
-    def on_step_begin(self, args, state, control, **kwargs):
-        self._start = time.perf_counter()
-
-    def on_step_end(self, args, state, control, **kwargs):
-        self.times.append(time.perf_counter() - self._start)
 
 
 def per_exit(metrics: dict, layers: list[int]) -> dict[int, dict[str, float]]:
