@@ -35,6 +35,7 @@ from .testing_utils import (
     causal_lm_tokenizer,
     lm_dataset,
     pad_collator,
+    require_peft,
     tiny_llama,
     tiny_run_args,
 )
@@ -384,6 +385,24 @@ def test_lm_exits_distilled_from_a_cached_teacher_equal_the_online_teacher_at_fu
     torch.testing.assert_close(cached_loss, online_loss, rtol=1e-4, atol=1e-5)
     cached.train()
     assert cached.state.log_history[-1]["train_loss"] > 0
+
+
+@require_peft
+def test_peft_lora_on_the_backbone_trains_the_exit_adapters_in_full(tmp_path):
+    from peft import LoraConfig
+
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(), exit_layers=[2], exit_adapter="low_rank",
+                                               exit_adapter_rank=4)
+    trainer = lm_exit_trainer(tmp_path, model, lm_exit_args(tmp_path, distill_from="final_exit", eval_strategy="no"),
+                              peft_config=LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    trainable = [name for name, p in trainer.model.named_parameters() if p.requires_grad]
+    assert any("lora_A" in name for name in trainable)
+    assert {name.split("exit_adapters.")[1] for name in trainable if "exit_adapters" in name} == {
+        "2.down.modules_to_save.default.weight", "2.up.modules_to_save.default.weight"
+    }
+    assert not any("lm_head" in name or "embed_tokens" in name for name in trainable)
+    trainer.train()
+    assert trainer.state.log_history[-1]["train_loss"] > 0
 
 
 def test_lm_student_rejects_dedier(tmp_path):

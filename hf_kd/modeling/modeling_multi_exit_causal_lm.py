@@ -156,14 +156,11 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
                 "Llama-family decoders (Llama, Qwen2, Mistral, SmolLM2)."
             )
         hidden_size = config.backbone_config.hidden_size
-        self.exit_adapters = None
+        # Keyed by exit layer; empty without adapters (a module either way, for PEFT's modules_to_save and the trainers).
+        self.exit_adapters = nn.ModuleDict()
         if config.exit_adapter is not None:
-            self.exit_adapters = nn.ModuleDict(
-                {
-                    str(layer): ExitAdapter(hidden_size, config.exit_adapter, config.exit_adapter_rank)
-                    for layer in config.exit_layers[:-1]  # the final exit stays the backbone's own output
-                }
-            )
+            for layer in config.exit_layers[:-1]:  # the final exit stays the backbone's own output
+                self.exit_adapters[str(layer)] = ExitAdapter(hidden_size, config.exit_adapter, config.exit_adapter_rank)
         self.post_init()
 
     @classmethod
@@ -248,7 +245,7 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
             computation.
         """
         self._check_exit_layer(exit_layer)
-        if self.exit_adapters is not None and exit_layer != self.config.exit_layers[-1]:
+        if str(exit_layer) in self.exit_adapters:
             hidden_states = self.exit_adapters[str(exit_layer)](hidden_states)
         return self.backbone.lm_head(self.backbone.model.norm(hidden_states))
 
