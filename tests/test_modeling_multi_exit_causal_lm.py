@@ -9,7 +9,15 @@ import datasets
 import pytest
 import torch
 from torch.nn import functional as F
-from transformers import AutoConfig, AutoModelForCausalLM, BertConfig, BertModel, EvalPrediction, LlamaConfig
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    BertConfig,
+    BertModel,
+    EvalPrediction,
+    LlamaConfig,
+    pipeline,
+)
 from transformers.dynamic_module_utils import get_class_from_dynamic_module
 
 from hf_kd import (
@@ -236,6 +244,13 @@ def test_smollm2_by_hub_id_offline():
     assert torch.equal(out.logits, reference)
     # An early exit of an untrained model is a different (worse) predictor, but a real distribution over the vocab.
     assert not torch.allclose(out.exit_logits[0], out.logits) and torch.isfinite(out.exit_logits[0]).all()
+    # generate and the text-generation pipeline are the backbone's, with its generation defaults.
+    assert model.generation_config.to_dict() == causal_lm(SMOLLM2).generation_config.to_dict()
+    chat = [{"role": "user", "content": "What is the capital of France?"}]
+    answer = pipeline("text-generation", model=model, tokenizer=tokenizer)(
+        chat, max_new_tokens=8, do_sample=False, return_full_text=False
+    )
+    assert answer[0]["generated_text"].startswith("The capital of France is Paris")
 
 
 # --------------------------------------------------------------------------------------------------- EarlyExitTrainer

@@ -13,6 +13,7 @@ This file imports only torch, transformers and its sibling configuration files, 
 
 from __future__ import annotations
 
+import copy
 import inspect
 import os
 from dataclasses import dataclass
@@ -219,11 +220,32 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
         with _without_zero3_init():
             model = cls(config)
         model.backbone.load_state_dict(backbone.state_dict())
+        if getattr(backbone, "generation_config", None) is not None:  # its generation defaults (EOS, sampling)
+            model.backbone.generation_config = copy.deepcopy(backbone.generation_config)
         return model.to(dtype=next(backbone.parameters()).dtype)
 
     def generate(self, *args, **kwargs):
         """The backbone's own `generate` (every token runs every layer)."""
         return self.backbone.generate(*args, **kwargs)
+
+    @classmethod
+    def can_generate(cls) -> bool:
+        """`True`: `generate` is the backbone's (so transformers' `pipeline("text-generation")` accepts the model)."""
+        return True
+
+    @property
+    def generation_config(self):
+        """The backbone's generation config (its EOS, BOS and pad tokens, its defaults): `generate` is its own."""
+        backbone = self._modules.get("backbone")
+        return None if backbone is None else backbone.generation_config
+
+    @generation_config.setter
+    def generation_config(self, value):
+        # PreTrainedModel.__init__ sets one from the wrapper's config before the backbone exists: the backbone keeps
+        # its own (built from the backbone config, or loaded with the weights).
+        backbone = self._modules.get("backbone")
+        if backbone is not None and value is not None:
+            backbone.generation_config = value
 
     def _check_exit_layer(self, exit_layer) -> None:
         if exit_layer not in self.config.exit_layers:
