@@ -156,6 +156,9 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
                 f"The backbone {type(self.backbone).__name__} lacks {missing}: MultiExitForCausalLM supports "
                 "Llama-family decoders (Llama, Qwen2, Mistral, SmolLM2)."
             )
+        # transformers renamed `past_key_values` to `cache` (5.x): forward passes the cache under the backbone's name.
+        parameters = inspect.signature(self.backbone.model.forward).parameters
+        self._cache_argument = "cache" if "cache" in parameters else "past_key_values"
         hidden_size = config.backbone_config.hidden_size
         # Keyed by exit layer; empty without adapters (a module either way, for PEFT's modules_to_save and the trainers).
         self.exit_adapters = nn.ModuleDict()
@@ -271,11 +274,6 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
             hidden_states = self.exit_adapters[str(exit_layer)](hidden_states)
         return self.backbone.lm_head(self.backbone.model.norm(hidden_states))
 
-    def _cache_argument(self) -> str:
-        # transformers renamed `past_key_values` to `cache` (5.x): pass the cache under the backbone's own name.
-        parameters = inspect.signature(self.backbone.model.forward).parameters
-        return "cache" if "cache" in parameters else "past_key_values"
-
     @can_return_tuple
     def forward(
         self,
@@ -315,7 +313,7 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
         output_hidden_states = (
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
-        kwargs[self._cache_argument()] = past_key_values
+        kwargs[self._cache_argument] = past_key_values
         outputs = self.backbone.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -361,7 +359,7 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
             loss=loss,
             logits=logits,
             exit_logits=exit_logits,
-            past_key_values=getattr(outputs, "cache", None) or getattr(outputs, "past_key_values", None),
+            past_key_values=getattr(outputs, self._cache_argument, None),
             hidden_states=outputs.hidden_states if output_hidden_states else None,
         )
 
