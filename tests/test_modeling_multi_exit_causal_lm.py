@@ -65,8 +65,9 @@ def tiny_backbone_config(layers=4):
 
 
 def test_config_adds_the_last_layer_and_stores_the_vocabulary():
-    config = MultiExitCausalLMConfig(backbone_config=tiny_backbone_config(), exit_layers=[3, 1, 1])
-    assert config.exit_layers == [1, 3, 4] and config.vocab_size == 64 and config.exit_adapter is None
+    config = MultiExitCausalLMConfig(backbone_config=tiny_backbone_config(), exit_layers=[1, 3])
+    assert config.exit_layers == [1, 3, 4]
+    assert MultiExitCausalLMConfig(backbone_config=tiny_backbone_config(), exit_layers=[1, 4]).exit_layers == [1, 4] and config.vocab_size == 64 and config.exit_adapter is None
     assert config.num_exits == 3 and config.normalized_exit_loss_weights == pytest.approx([1 / 3] * 3)
     assert MultiExitCausalLMConfig(backbone_config=tiny_backbone_config()).exit_layers == [1, 2, 3, 4]
 
@@ -77,6 +78,8 @@ def test_config_adds_the_last_layer_and_stores_the_vocabulary():
         ({"exit_layers": [0]}, "exit layer 0 is out of range"),
         ({"exit_layers": [5]}, r"exit layer 5 is out of range.*valid: 1..4"),
         ({"exit_layers": [1.5]}, "1-based integer layer indices, got 1.5"),
+        ({"exit_layers": [3, 1]}, r"increasing layer numbers without repeats, got \[3, 1\]; e.g. \[1, 3\]"),
+        ({"exit_layers": [2, 2]}, r"increasing layer numbers without repeats, got \[2, 2\]; e.g. \[2\]"),
         ({"exit_adapter": "mlp"}, r"exit_adapter must be one of \('linear', 'low_rank'\), got 'mlp'"),
         ({"exit_adapter_rank": 0}, "exit_adapter_rank must be an int >= 1, got 0"),
         ({"exit_layers": [1], "exit_loss_weights": [1.0]}, "1 weights but there are 2 exits"),

@@ -47,9 +47,10 @@ class MultiExitCausalLMConfig(_MultiExitConfigMixin, PreTrainedConfig):
             build a model; there is no default backbone.
         exit_layers (`list[int]`, *optional*, defaults to every layer `[1, ..., num_hidden_layers]`):
             1-based numbers of decoder layers after which an exit sits: exit `j` reads the output of layer
-            `exit_layers[j]`. Sorted and deduplicated; **the last layer is always added**, so `exit_layers[-1]` is
-            `num_hidden_layers` and the last exit is the backbone's own output (its logits are the backbone's,
-            bit for bit). Out-of-range or non-integer layers are an error.
+            `exit_layers[j]`. They must be increasing without repeats; **the last layer is always added** (when not
+            given), so `exit_layers[-1]` is `num_hidden_layers` and the last exit is the backbone's own output (its
+            logits are the backbone's, bit for bit). Unsorted, repeated, out-of-range or non-integer layers are an
+            error.
         exit_adapter ([`ExitAdapterType`] or `str`, *optional*):
             `None` (default): every exit is the backbone's final norm + LM head, shared (LayerSkip's choice: no new
             parameters, and the exits learn only by training the backbone). `"linear"` or `"low_rank"`: each early
@@ -106,7 +107,15 @@ class MultiExitCausalLMConfig(_MultiExitConfigMixin, PreTrainedConfig):
                     f"(missing {missing}, is_encoder_decoder={getattr(backbone_config, 'is_encoder_decoder', False)}):"
                     " a multi-exit causal LM needs a Llama-family decoder (Llama, Qwen2, Mistral, SmolLM2)."
                 )
-        self.exit_layers = exit_layers = _check_exit_layers(exit_layers, depth, unit="layer", owner="the backbone")
+        checked = _check_exit_layers(exit_layers, depth, unit="layer", owner="the backbone")
+        if exit_layers is not None and list(exit_layers) != sorted(set(exit_layers)):
+            # A list in another order or with repeats is probably a mistake (which exit is which?): say so, do not
+            # reorder it silently.
+            raise ValueError(
+                f"exit_layers must be increasing layer numbers without repeats, got {list(exit_layers)}; "
+                f"e.g. {sorted(set(exit_layers))}."
+            )
+        self.exit_layers = exit_layers = checked
         self.exit_adapter = None if exit_adapter is None else _check_option(ExitAdapterType, exit_adapter, "exit_adapter")
         if isinstance(exit_adapter_rank, bool) or not isinstance(exit_adapter_rank, int) or exit_adapter_rank < 1:
             raise ValueError(f"exit_adapter_rank must be an int >= 1, got {exit_adapter_rank!r}.")
