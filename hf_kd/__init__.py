@@ -1,7 +1,14 @@
 """hf_kd: distil, self-distil and early-exit Hugging Face models, and ship them calibrated."""
 
 from . import data, early_exit, losses, metrics, prediction_sets, self_kd
-from .calibration import CalibrationResult, calibrate_temperature, fit_temperature, fold_temperature
+from .calibration import (
+    CalibrationResult,
+    ExitCalibrationResult,
+    calibrate_exit_temperatures,
+    calibrate_temperature,
+    fit_temperature,
+    fold_temperature,
+)
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
 from .lm_data import LMDataCollator, lm_chat_dataset, lm_text_dataset, tokenize_lm_dataset
@@ -21,7 +28,9 @@ from .modeling import (
     KDLayerForImageClassification,
     KDLayerForSequenceClassification,
     KDLayerImageConfig,
+    MultiExitCausalLMConfig,
     MultiExitConfig,
+    MultiExitForCausalLM,
     MultiExitForImageClassification,
     MultiExitForSequenceClassification,
     MultiExitImageConfig,
@@ -44,6 +53,7 @@ from .version import __version__ as __version__
 
 __all__ = [
     "CalibrationResult",
+    "ExitCalibrationResult",
     "DistillConfig",
     "DistillTrainer",
     "EarlyExitConfig",
@@ -59,7 +69,9 @@ __all__ = [
     "LMLossParts",
     "LetKDConfig",
     "LetKDTrainer",
+    "MultiExitCausalLMConfig",
     "MultiExitConfig",
+    "MultiExitForCausalLM",
     "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
     "MultiExitImageConfig",
@@ -69,6 +81,7 @@ __all__ = [
     "TinyBERTConfig",
     "TinyBERTTrainer",
     "UncertaintyReport",
+    "calibrate_exit_temperatures",
     "calibrate_temperature",
     "data",
     "drop_layers",

@@ -6,6 +6,8 @@ folded into the classifier so that plain `transformers` gives calibrated probabi
   `log T` with L-BFGS on the cached logits.
 - [`calibrate_temperature`] runs the model once over a dataset, fits the temperature and reports the metrics before
   and after, on that same data.
+- [`calibrate_exit_temperatures`] does the same for every exit of a multi-exit causal LM, one temperature per exit
+  fitted on the next-token NLL of the completion tokens, with token ECE, NLL and Brier per exit before and after.
 - [`fold_temperature`] divides the final classification layer by the temperature: `logits / T = (W / T) x + b / T`,
   and records it in `model.config.hf_kd`, which `save_pretrained` writes to `config.json`.
 """
@@ -33,7 +35,7 @@ from .evaluation import (
     compute_logits,
     read_labels,
 )
-from .metrics import softmax
+from .metrics import _calibration_gaps, _confidence_bins, softmax
 from .options import CalibrationObjective, to_enum
 
 if TYPE_CHECKING:
@@ -43,6 +45,8 @@ if TYPE_CHECKING:
 __all__ = [
     "CalibrationObjective",
     "CalibrationResult",
+    "ExitCalibrationResult",
+    "calibrate_exit_temperatures",
     "calibrate_temperature",
     "find_classification_head",
     "fit_temperature",
@@ -435,3 +439,273 @@ def fold_temperature(
         "folded_into": name,
     }
     return model
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Early-exit causal LMs: one temperature per exit, fitted on next-token NLL
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class ExitCalibrationResult:
+    """
+    Outcome of [`calibrate_exit_temperatures`].
+
+    Args:
+        exit_layers (`list[int]`): the model's `config.exit_layers` (the final layer last).
+        temperatures (`list[float]`): one fitted temperature per exit; divide that exit's logits by it.
+        num_tokens (`int`): counted tokens of the calibration data (each exit is fitted on all of them).
+        n_bins (`int`): bins of the token ECE.
+        before (`list[dict[str, float]]`): per exit, at `T = 1`: `token_ece`, `nll` (mean next-token NLL, nats),
+            `brier` (multi-class Brier score over the vocabulary, `sum_k (p_k - y_k)^2`, mean over tokens),
+            `token_accuracy` and `mean_confidence` (mean top-1 probability).
+        after (`list[dict[str, float]]`): the same at the fitted temperatures (`token_accuracy` is unchanged).
+        calibrated_on (`str`, *optional*): description of the data.
+    """
+
+    exit_layers: list[int]
+    temperatures: list[float]
+    num_tokens: int
+    n_bins: int
+    before: list[dict[str, float]]
+    after: list[dict[str, float]]
+    calibrated_on: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _token_statistics_at(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, beta: float,
+                         chunk_size: int) -> tuple[float, float, float]:
+    """`(f, f', f'')` of the mean NLL `f(beta) = mean_i [logsumexp(beta z_i) - beta z_i[y_i]]` of the logits
+    `z = head(hidden)`, computed `chunk_size` tokens at a time (float64): `f' = mean(E_p[z] - z_y)`,
+    `f'' = mean(Var_p(z)) >= 0` with `p = softmax(beta z)`, so Newton's method on the convex `f` needs no line search
+    beyond a step-halving safeguard."""
+    total = first = second = 0.0
+    for start in range(0, hidden.shape[0], chunk_size):
+        z = head(hidden[start : start + chunk_size]).double()
+        gold = z.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1)
+        log_p = torch.log_softmax(beta * z, dim=-1)
+        p = log_p.exp()
+        mean_z = (p * z).sum(-1)
+        total += float((-log_p.gather(-1, targets[start : start + chunk_size, None]).squeeze(-1)).sum())
+        first += float((mean_z - gold).sum())
+        second += float(((p * z * z).sum(-1) - mean_z**2).sum())
+    n = hidden.shape[0]
+    return total / n, first / n, second / n
+
+
+def _fit_token_temperature(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, max_iter: int,
+                           chunk_size: int) -> float:
+    """The temperature minimising the mean next-token NLL of `head(hidden) / T` (Newton on `beta = 1 / T`)."""
+    low, high = 1.0 / MAX_TEMPERATURE, 1.0 / MIN_TEMPERATURE
+    beta = 1.0
+    value, gradient, curvature = _token_statistics_at(head, hidden, targets, beta, chunk_size)
+    for _ in range(max_iter):
+        if abs(gradient) < 1e-9 or curvature <= 0:
+            break
+        step = gradient / curvature
+        while True:  # halve the step until the NLL does not increase (Newton may overshoot far from the optimum)
+            candidate = min(max(beta - step, low), high)
+            new = _token_statistics_at(head, hidden, targets, candidate, chunk_size)
+            if new[0] <= value + 1e-12 or abs(step) < 1e-12:
+                break
+            step /= 2
+        converged = abs(candidate - beta) < 1e-7 * max(1.0, beta)
+        beta, (value, gradient, curvature) = candidate, new
+        if converged:
+            break
+    temperature = 1.0 / beta
+    if temperature <= MIN_TEMPERATURE * 1.0001 or temperature >= MAX_TEMPERATURE / 1.0001:
+        warnings.warn(
+            f"The fitted temperature hit the bound {temperature:.3g} (allowed [{MIN_TEMPERATURE}, {MAX_TEMPERATURE}]):"
+            " the calibration text is probably too small. Use more held-out text.",
+            stacklevel=3,
+        )
+    return temperature
+
+
+@torch.no_grad()
+def _token_calibration_metrics(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
+                               n_bins: int, chunk_size: int) -> dict[str, float]:
+    """Token ECE, NLL, Brier, accuracy and mean confidence of `softmax(head(hidden) / temperature)`."""
+    confidence, correct, nll, brier = [], [], [], []
+    for start in range(0, hidden.shape[0], chunk_size):
+        log_p = torch.log_softmax(head(hidden[start : start + chunk_size]).double() / temperature, dim=-1)
+        gold = targets[start : start + chunk_size, None]
+        p = log_p.exp()
+        top_p, top = p.max(dim=-1)
+        gold_p = p.gather(-1, gold).squeeze(-1)
+        confidence.append(top_p)
+        correct.append(top == gold.squeeze(-1))
+        nll.append(-log_p.gather(-1, gold).squeeze(-1))
+        brier.append((p * p).sum(-1) - 2 * gold_p + 1)
+    confidence, correct = torch.cat(confidence).numpy(), torch.cat(correct).numpy()
+    weights, gaps = _calibration_gaps(_confidence_bins(confidence, correct, n_bins))
+    return {
+        "token_ece": float(np.sum(weights * gaps)),
+        "nll": float(torch.cat(nll).mean()),
+        "brier": float(torch.cat(brier).mean()),
+        "token_accuracy": float(correct.mean()),
+        "mean_confidence": float(confidence.mean()),
+    }
+
+
+def _pad_lm_rows(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
+    """Right-pad `input_ids` (with `pad_token_id`), `attention_mask` (0) and `labels` (-100) of tokenized rows."""
+    width = max(len(row["input_ids"]) for row in rows)
+
+    def pad(key, value):
+        return torch.tensor([list(row[key]) + [value] * (width - len(row[key])) for row in rows])
+
+    batch = {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", -100)}
+    masks = [row.get("attention_mask", [1] * len(row["input_ids"])) for row in rows]
+    batch["attention_mask"] = torch.tensor([list(m) + [0] * (width - len(m)) for m in masks])
+    return batch
+
+
+def calibrate_exit_temperatures(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    n_bins: int = 15,
+    batch_size: int = 8,
+    data_collator: Callable | None = None,
+    calibrated_on: str | None = None,
+    max_iter: int = 50,
+    chunk_size: int = 256,
+    temperatures: list[float] | None = None,
+) -> ExitCalibrationResult:
+    r"""
+    Fit one temperature per exit of a multi-exit causal LM on held-out text: [`calibrate_temperature`] generalised to
+    exits and tokens (temperature scaling, Guo et al., 2017, https://huggingface.co/papers/1706.04599, with every
+    counted next-token prediction as one example).
+
+    The model runs once over `dataset` (no gradients); the raw output of each exit's layer at every counted position
+    (`labels[:, t + 1] != -100`, i.e. completion tokens) is kept, `(num_tokens, hidden)` per exit, not the
+    vocabulary-sized logits. Each exit's temperature then minimises its mean next-token NLL, by Newton's method on
+    `1 / T` (the NLL is convex in it), recomputing the exit's logits (`model.exit_logits_from_hidden`) `chunk_size`
+    tokens at a time. The model is not modified; a temperature outside `[0.01, 100]` is clamped with a warning.
+
+    Args:
+        model ([`MultiExitForCausalLM`]):
+            A model with `config.exit_layers`, `backbone.model.layers` and `exit_logits_from_hidden`.
+        dataset ([`~datasets.Dataset`]):
+            Tokenized held-out text with `input_ids`, `labels` (the input ids, `-100` on the prompt and padding;
+            not shifted) and optionally `attention_mask`, e.g. from [`hf_kd.lm_data.tokenize_lm_dataset`].
+        n_bins (`int`, *optional*, defaults to `15`): bins of the token ECE.
+        batch_size (`int`, *optional*, defaults to `8`): rows per forward pass.
+        data_collator (`Callable`, *optional*):
+            Turns a list of rows into a batch of tensors; defaults to right padding (the backbone's `pad_token_id`,
+            else 0; `labels` -100; `attention_mask` 0).
+        calibrated_on (`str`, *optional*): description of the data, stored in the result.
+        max_iter (`int`, *optional*, defaults to `50`): maximum Newton steps per exit.
+        chunk_size (`int`, *optional*, defaults to `256`): tokens per logits chunk (peak memory about four float64
+            `(chunk_size, vocab)` tensors).
+        temperatures (`list[float]`, *optional*):
+            One temperature per exit to evaluate instead of fitting (e.g. a fit on validation text, evaluated on test
+            text): `after` then holds the metrics at these temperatures.
+
+    Returns:
+        [`ExitCalibrationResult`] with the temperatures and each exit's token ECE, NLL, Brier before and after, on
+        `dataset` (report on other text for honest numbers).
+
+    Example:
+
+    ```python
+    >>> from hf_kd import calibrate_exit_temperatures
+    >>> result = calibrate_exit_temperatures(model, tokenized["validation"], calibrated_on="bbc/validation")
+    >>> result.temperatures, [m["token_ece"] for m in result.before], [m["token_ece"] for m in result.after]
+    ```
+    """
+    _check_dataset(dataset)
+    _check_n_bins(n_bins)
+    _check_batch_size(batch_size)
+    for name, value in (("max_iter", max_iter), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    exit_layers = list(getattr(getattr(model, "config", None), "exit_layers", None) or [])
+    if not exit_layers or not hasattr(model, "exit_logits_from_hidden"):
+        raise TypeError(
+            f"calibrate_exit_temperatures needs a multi-exit causal LM (MultiExitForCausalLM: config.exit_layers and "
+            f"exit_logits_from_hidden), got {type(model).__name__}. For a classifier use calibrate_temperature."
+        )
+    if temperatures is not None:
+        if len(temperatures) != len(exit_layers):
+            raise ValueError(
+                f"temperatures has {len(temperatures)} values but the model has {len(exit_layers)} exits "
+                f"(exit_layers={exit_layers})."
+            )
+        temperatures = [check_temperature(t, "temperatures[{}]".format(j)) for j, t in enumerate(temperatures)]
+    if "labels" not in dataset.column_names:
+        raise ValueError(
+            f"the dataset has no 'labels' column (columns: {dataset.column_names}): calibration needs the next "
+            "tokens, -100 on the tokens that do not count."
+        )
+    if data_collator is None:
+        pad_token_id = getattr(model.config.backbone_config, "pad_token_id", None) or 0
+
+        def data_collator(rows):
+            return _pad_lm_rows(rows, pad_token_id)
+
+    columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
+    layers = model.backbone.model.layers
+    captured: dict[int, torch.Tensor] = {}
+    # The raw output of each exit layer (the last layer's too: transformers returns it after the final norm).
+    hooks = [
+        layers[layer - 1].register_forward_hook(
+            lambda module, args, output, layer=layer: captured.__setitem__(
+                layer, output[0] if isinstance(output, tuple) else output
+            )
+        )
+        for layer in exit_layers
+    ]
+    hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in exit_layers}
+    targets = []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                rows = [dict(row) for row in dataset.select_columns(columns).select(
+                    range(start, min(start + batch_size, len(dataset))))]
+                batch = {k: v.to(device) for k, v in data_collator(rows).items()}
+                labels = batch.pop("labels")
+                model.backbone.model(**batch, use_cache=False)
+                counted = labels[:, 1:] != -100  # position t predicts token t + 1
+                targets.append(labels[:, 1:][counted].cpu())
+                for layer in exit_layers:
+                    hidden[layer].append(captured[layer][:, :-1][counted].float().cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    targets = torch.cat(targets).long()
+    if targets.numel() == 0:
+        raise ValueError("no token is counted (every label is -100): there is nothing to calibrate on")
+
+    fitted, before, after = [], [], []
+    head_dtype = next(model.backbone.lm_head.parameters()).dtype
+    for layer in exit_layers:
+        states = torch.cat(hidden[layer])
+
+        def head(chunk, layer=layer):
+            with torch.no_grad():
+                return model.exit_logits_from_hidden(chunk.to(device, head_dtype), layer).cpu()
+
+        if temperatures is None:
+            temperature = _fit_token_temperature(head, states, targets, max_iter, chunk_size)
+        else:
+            temperature = temperatures[len(fitted)]
+        fitted.append(temperature)
+        before.append(_token_calibration_metrics(head, states, targets, 1.0, n_bins, chunk_size))
+        after.append(_token_calibration_metrics(head, states, targets, temperature, n_bins, chunk_size))
+    return ExitCalibrationResult(
+        exit_layers=exit_layers,
+        temperatures=fitted,
+        num_tokens=int(targets.numel()),
+        n_bins=n_bins,
+        before=before,
+        after=after,
+        calibrated_on=calibrated_on,
+    )

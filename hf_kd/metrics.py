@@ -26,9 +26,11 @@ __all__ = [
     "expected_calibration_error",
     "group_accuracies",
     "human_distribution_divergence",
+    "lm_exit_token_statistics",
     "lm_metrics",
     "lm_token_statistics",
     "make_lm_compute_metrics",
+    "make_lm_exit_compute_metrics",
     "make_compute_metrics",
     "make_exit_compute_metrics",
     "maximum_calibration_error",
@@ -941,5 +943,70 @@ def make_lm_compute_metrics(n_bins: int = 15):
         counted = labels != -100
         counted[:, 0] = False  # the first token is never predicted
         return _lm_metrics_from_statistics(statistics[counted], n_bins)
+
+    return compute_metrics
+
+
+@torch.no_grad()
+def lm_exit_token_statistics(exit_logits, labels: torch.Tensor) -> torch.Tensor:
+    r"""
+    The [`lm_token_statistics`] of every exit of a multi-exit causal LM, each exit's `agreement` column being its
+    top-1 agreement with the **final exit** (the last of `exit_logits`): what [`make_lm_exit_compute_metrics`] reads.
+
+    Args:
+        exit_logits (sequence of `torch.Tensor` of shape `(batch, seq, vocab)`):
+            The exits' logits, shallowest first, the final exit last.
+        labels (`torch.Tensor` of shape `(batch, seq)`):
+            The model's own labels, **not shifted** (`labels[b, t]` is predicted at `t - 1`), `-100` where not counted.
+
+    Returns:
+        `torch.Tensor` of shape `(batch, seq, num_exits, 5)`, float32, aligned with `labels` as
+        [`preprocess_lm_logits_for_metrics`]: row `t` holds the statistics of the prediction of token `t`, row 0 is NaN.
+    """
+    final = exit_logits[-1][:, :-1]
+    statistics = torch.stack(
+        [lm_token_statistics(logits[:, :-1], labels[:, 1:], final) for logits in exit_logits], dim=2
+    )  # (batch, seq - 1, num_exits, 5)
+    first = torch.full_like(statistics[:, :1], float("nan"))
+    return torch.cat([first, statistics], dim=1)
+
+
+def make_lm_exit_compute_metrics(n_bins: int = 15):
+    """
+    Build the `compute_metrics` of [`EarlyExitTrainer`] for a multi-exit causal LM ([`MultiExitForCausalLM`]): its
+    `predictions` are the [`lm_exit_token_statistics`] `(N, seq, num_exits, 5)` and its `label_ids` the unshifted
+    labels `(N, seq)`, `-100` where not counted.
+
+    Returns the final exit's [`lm_metrics`] unprefixed (`perplexity`, `token_accuracy`, `token_ece`, `token_entropy`,
+    `ece_bins`) and, for every exit `i` (the final one last), `exit_{i}_perplexity`, `exit_{i}_token_accuracy`
+    (next-token accuracy), `exit_{i}_token_ece` (`n_bins` bins), `exit_{i}_token_entropy` and
+    `exit_{i}_top1_agreement` (the fraction of counted tokens whose top-1 token is the final exit's).
+
+    Args:
+        n_bins (`int`, *optional*, defaults to `15`): number of ECE bins.
+    """
+    _check_n_bins(n_bins)
+
+    def compute_metrics(eval_pred) -> dict[str, float]:
+        statistics = np.asarray(eval_pred.predictions)
+        labels = np.asarray(eval_pred.label_ids)
+        if statistics.ndim != 4 or statistics.shape[-1] != len(_LM_STATISTICS) or statistics.shape[:2] != labels.shape:
+            raise ValueError(
+                f"predictions must be the per-exit token statistics (N, seq, num_exits, {len(_LM_STATISTICS)}) of "
+                f"lm_exit_token_statistics, aligned with label_ids {labels.shape}; got {statistics.shape}."
+            )
+        counted = labels != -100
+        counted[:, 0] = False  # the first token is never predicted
+        counted_statistics = statistics[counted]  # (tokens, num_exits, 5)
+        num_exits = statistics.shape[2]
+        results = {}
+        for i in range(num_exits):
+            metrics = _lm_metrics_from_statistics(counted_statistics[:, i], n_bins)
+            bins = metrics.pop("ece_bins")
+            results.update({f"exit_{i}_{name}": value for name, value in metrics.items()})
+            if i == num_exits - 1:
+                results.update({name: value for name, value in metrics.items() if name != "top1_agreement"})
+                results["ece_bins"] = bins
+        return results
 
     return compute_metrics

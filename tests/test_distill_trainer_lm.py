@@ -19,6 +19,8 @@ from .testing_utils import (
     SMOLLM2,
     causal_lm,
     causal_lm_tokenizer,
+    lm_dataset,
+    pad_collator,
     require_peft,
     snapshot,
     tiny_bert,
@@ -31,28 +33,6 @@ VOCAB = 64
 
 def tiny_lm(layers=2, seed=0, vocab_size=VOCAB):
     return tiny_llama(layers=layers, seed=seed, vocab_size=vocab_size, tie_word_embeddings=False)
-
-
-def lm_dataset(n=8, seed=0, min_len=5, max_len=12):
-    """Rows of uneven length whose first `prompt` tokens are -100 (prompt); the first row is all labels (text)."""
-    rng = np.random.default_rng(seed)
-    rows = []
-    for i in range(n):
-        length = int(rng.integers(min_len, max_len + 1))
-        ids = rng.integers(3, VOCAB, size=length).tolist()
-        prompt = 0 if i == 0 else int(rng.integers(1, length - 1))
-        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
-    return datasets.Dataset.from_list(rows)
-
-
-def pad_collator(rows):
-    """Right padding: pad id 0, attention 0, label -100."""
-    width = max(len(r["input_ids"]) for r in rows)
-
-    def pad(key, value):
-        return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
-
-    return {"input_ids": pad("input_ids", 0), "attention_mask": pad("attention_mask", 0), "labels": pad("labels", -100)}
 
 
 def make_args(tmp_path, **kwargs):

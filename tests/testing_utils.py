@@ -370,6 +370,28 @@ def tiny_llama(layers=4, seed=0, vocab_size=64, tie_word_embeddings=True):
     return LlamaForCausalLM(config)
 
 
+def lm_dataset(n=8, seed=0, min_len=5, max_len=12, vocab_size=64):
+    """Rows of uneven length whose first `prompt` tokens are -100 (prompt); the first row is all labels (text)."""
+    rng = np.random.default_rng(seed)
+    rows = []
+    for i in range(n):
+        length = int(rng.integers(min_len, max_len + 1))
+        ids = rng.integers(3, vocab_size, size=length).tolist()
+        prompt = 0 if i == 0 else int(rng.integers(1, length - 1))
+        rows.append({"input_ids": ids, "attention_mask": [1] * length, "labels": [-100] * prompt + ids[prompt:]})
+    return datasets.Dataset.from_list(rows)
+
+
+def pad_collator(rows):
+    """Right padding: pad id 0, attention 0, label -100."""
+    width = max(len(r["input_ids"]) for r in rows)
+
+    def pad(key, value):
+        return torch.tensor([r[key] + [value] * (width - len(r[key])) for r in rows])
+
+    return {"input_ids": pad("input_ids", 0), "attention_mask": pad("attention_mask", 0), "labels": pad("labels", -100)}
+
+
 SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
 GEMMA3 = "google/gemma-3-270m"
 

@@ -11,15 +11,24 @@ Importing this package registers:
 - `KDLayerImageConfig` (`model_type="hf_kd_kd_layer_cnn"`) with `AutoConfig` and `KDLayerForImageClassification` with
   `AutoModelForImageClassification` (a CNN with letKD KD layers);
 
+- `MultiExitCausalLMConfig` (`model_type="hf_kd_multi_exit_causal_lm"`) with `AutoConfig` and `MultiExitForCausalLM`
+  with `AutoModelForCausalLM` (a Llama-family decoder with next-token exits);
+
 and marks all of them for `auto_map`, so a saved or pushed multi-exit model records its classes in config.json (and
 `save_pretrained` copies the modeling files next to the weights, for `trust_remote_code=True`).
 """
 
-from transformers import AutoConfig, AutoModelForImageClassification, AutoModelForSequenceClassification
+from transformers import (
+    AutoConfig,
+    AutoModelForCausalLM,
+    AutoModelForImageClassification,
+    AutoModelForSequenceClassification,
+)
 
 from .configuration_kd_layer import KDLayerConfig
 from .configuration_kd_layer_cnn import KDLayerImageConfig
 from .configuration_multi_exit import MultiExitConfig
+from .configuration_multi_exit_causal_lm import ExitAdapterType, MultiExitCausalLMConfig
 from .configuration_multi_exit_cnn import MultiExitImageConfig
 from .exit_laplace import KronPrior, LinkApprox, MultiExitLaplace
 from .exit_policies import EarlyExitPrediction, ExitPolicy
@@ -39,6 +48,12 @@ from .modeling_multi_exit import (
     MultiExitPreTrainedModel,
     MultiExitSequenceClassifierOutput,
 )
+from .modeling_multi_exit_causal_lm import (
+    ExitAdapter,
+    MultiExitCausalLMOutputWithPast,
+    MultiExitCausalLMPreTrainedModel,
+    MultiExitForCausalLM,
+)
 from .modeling_multi_exit_cnn import (
     MultiExitForImageClassification,
     MultiExitImageClassifierOutput,
@@ -55,6 +70,11 @@ AutoModelForImageClassification.register(MultiExitImageConfig, MultiExitForImage
 MultiExitImageConfig.register_for_auto_class()
 MultiExitForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
+AutoConfig.register(MultiExitCausalLMConfig.model_type, MultiExitCausalLMConfig, exist_ok=True)
+AutoModelForCausalLM.register(MultiExitCausalLMConfig, MultiExitForCausalLM, exist_ok=True)
+MultiExitCausalLMConfig.register_for_auto_class()
+MultiExitForCausalLM.register_for_auto_class("AutoModelForCausalLM")
+
 AutoConfig.register(KDLayerConfig.model_type, KDLayerConfig, exist_ok=True)
 AutoModelForSequenceClassification.register(KDLayerConfig, KDLayerForSequenceClassification, exist_ok=True)
 KDLayerConfig.register_for_auto_class()
@@ -67,6 +87,8 @@ KDLayerForImageClassification.register_for_auto_class("AutoModelForImageClassifi
 
 __all__ = [
     "EarlyExitPrediction",
+    "ExitAdapter",
+    "ExitAdapterType",
     "ExitPolicy",
     "KDLayer",
     "KDLayerConfig",
@@ -79,7 +101,11 @@ __all__ = [
     "KDLayerSequenceClassifierOutput",
     "KronPrior",
     "LinkApprox",
+    "MultiExitCausalLMConfig",
+    "MultiExitCausalLMOutputWithPast",
+    "MultiExitCausalLMPreTrainedModel",
     "MultiExitConfig",
+    "MultiExitForCausalLM",
     "MultiExitForImageClassification",
     "MultiExitForSequenceClassification",
     "MultiExitImageClassifierOutput",

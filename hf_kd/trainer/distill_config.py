@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..options import LMCacheTail, LMLossType, to_enum
+from ..options import LMLossType, to_enum
 from .teacher_config import _TeacherArguments
 
 
@@ -117,17 +117,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         default=128, metadata={"help": "Tokens processed at once by the causal-LM loss (memory only)."}
     )
 
-    lm_cache_top_k: int = field(
-        default=64,
-        metadata={"help": "Causal-LM students with cache_teacher_logits: the teacher's top-k logits cached per token."},
-    )
-    lm_cache_tail: str = field(
-        default="bucket",
-        metadata={
-            "help": "Tail of the cached causal-LM loss: bucket (one rest cell) or renormalise (top k only).",
-            "choices": [t.value for t in LMCacheTail],
-        },
-    )
+    # lm_cache_top_k and lm_cache_tail come from _TeacherArguments (EarlyExitConfig reads them too).
     lm_max_length: int = field(
         default=1024,
         metadata={
@@ -148,9 +138,6 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"beta must be in [0.0, 1.0], got {self.beta}")
         if isinstance(self.lm_chunk_size, bool) or not isinstance(self.lm_chunk_size, int) or self.lm_chunk_size < 1:
             raise ValueError(f"lm_chunk_size must be a positive int, got {self.lm_chunk_size!r}")
-        if isinstance(self.lm_cache_top_k, bool) or not isinstance(self.lm_cache_top_k, int) or self.lm_cache_top_k < 1:
-            raise ValueError(f"lm_cache_top_k must be an int >= 1, got {self.lm_cache_top_k!r}")
-        self.lm_cache_tail = to_enum(LMCacheTail, self.lm_cache_tail, "lm_cache_tail")
         if isinstance(self.lm_max_length, bool) or not isinstance(self.lm_max_length, int) or self.lm_max_length < 2:
             raise ValueError(f"lm_max_length must be an int >= 2 (tokens per row), got {self.lm_max_length!r}")
         if self.label_smoothing_factor != 0:

@@ -47,6 +47,13 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             against the model when the trainer is built. `None` uses the model's own
             `config.normalized_exit_loss_weights`, uniform unless the model was configured otherwise.
 
+        freeze_backbone (`bool`, *optional*, defaults to `False`):
+            Train the exits only: every parameter of `model.backbone` is frozen (`requires_grad=False`, left out of
+            the optimiser), so the final exit's outputs stay bit-identical to the untrained model's. For a
+            [`MultiExitForSequenceClassification`] the exit heads learn; for a [`MultiExitForCausalLM`] the exits
+            share the backbone's final norm and LM head, so only its per-exit adapters learn and a model without
+            adapters (`exit_adapter=None`) is an error.
+
     > Parameters that control distillation into the exits
 
     Args:
@@ -54,7 +61,9 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             Soft-target source of the exits. `"none"`: cross-entropy only. `"final_exit"`: self-distillation, every
             earlier exit learns from the model's own final exit (detached, so no gradient flows into it from the soft
             term), the final exit itself gets plain cross-entropy. `"teacher"`: every exit learns from an external
-            frozen teacher, handled exactly as by [`DistillTrainer`].
+            frozen teacher, handled exactly as by [`DistillTrainer`]. For a causal LM ([`MultiExitForCausalLM`]) the
+            losses are token-level on the completion tokens (labels shifted by one, `-100` ignored) with
+            [`hf_kd.losses.lm_kd_loss`]: `alpha * T^2 * KL(p_src^T || p_i^T) + (1 - alpha) * CE` per token.
         temperature (`float`, *optional*, defaults to `2.0`):
             Softmax temperature `T` of the soft targets; the soft term is scaled by `T^2`. Unused with `"none"`.
         alpha (`float`, *optional*, defaults to `0.5`):
@@ -116,6 +125,12 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             train from them: later epochs and later runs never load the teacher.
         teacher_logits_cache_dir (`str`, *optional*):
             Where cached logits live. Defaults to `$HF_HOME/hf_kd/teacher_logits`.
+        lm_cache_top_k (`int`, *optional*, defaults to `64`):
+            With `cache_teacher_logits=True` and a causal-LM student ([`MultiExitForCausalLM`]): how many of the
+            teacher's largest logits are cached per completion token; every exit's loss is then
+            [`hf_kd.losses.sparse_lm_kd_loss`].
+        lm_cache_tail (`str` or [`~hf_kd.options.LMCacheTail`], *optional*, defaults to `"bucket"`):
+            The tail of that sparse loss: `"bucket"` or `"renormalise"` (see [`DistillConfig`]).
 
     Example:
 
@@ -132,6 +147,14 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         metadata={
             "help": "Per-exit loss weights: 'uniform', 'linear' (proportional to exit depth) or one weight per exit "
             "('1,2,3'); normalised to sum to 1. Default: the model config's exit_loss_weights (uniform unless set).",
+        },
+    )
+
+    freeze_backbone: bool = field(
+        default=False,
+        metadata={
+            "help": "Freeze model.backbone and train the exits only (exit heads, or a causal LM's exit adapters); the "
+            "final exit's outputs stay unchanged.",
         },
     )
 

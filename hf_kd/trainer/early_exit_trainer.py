@@ -6,16 +6,25 @@ from typing import Any, Callable, Sequence
 import torch
 from torch import nn
 
-from ..losses import kd_loss
-from ..metrics import make_exit_compute_metrics
+from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
+from ..metrics import lm_exit_token_statistics, make_exit_compute_metrics, make_lm_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
 from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, capture_exit_features
-from ..teacher import TEACHER_LOGITS_COLUMN
+from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
+from .base_trainer import is_causal_lm
 from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
 from .early_exit_config import EarlyExitConfig
 from .full_pass import plain_loader
 from .multi_exit_trainer import _MultiExitTrainer
 from .teacher_mixin import _TeacherMixin
+
+
+def _check_exit_inputs(exit_logits: Sequence, weights: Sequence, soft_targets: Sequence) -> None:
+    """One weight and one soft-target entry per exit, or a `ValueError` with the three lengths."""
+    if not len(exit_logits) == len(weights) == len(soft_targets):
+        raise ValueError(
+            f"got {len(exit_logits)} exit logits, {len(weights)} weights and {len(soft_targets)} soft targets"
+        )
 
 
 class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
@@ -54,6 +63,20 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     `dedier_upweighted_fraction` and `dedier_readout_accuracy`. The trainer adds a `sample_index` column to the train
     set to look the weights up; they are saved in every checkpoint and restored exactly by `resume_from_checkpoint`.
     Evaluation losses are not weighted.
+
+    Early-exit LLMs: a [`MultiExitForCausalLM`] (any model whose class ends in `ForCausalLM` and whose output has
+    `exit_logits`, one `(batch, seq, vocab)` tensor per exit) trains on causal-LM data (`input_ids`, `labels` = the
+    input ids with `-100` on the prompt and padding) with token-level losses on the completion tokens, labels shifted
+    by one ([`EarlyExitTrainer.early_exit_lm_loss`], [`hf_kd.losses.lm_kd_loss`]). `distill_from="final_exit"`
+    distils the detached final exit into the earlier ones token by token (LayerSkip's early-exit loss, Elhoushi et
+    al., 2024, https://huggingface.co/papers/2404.16710, with the final layer as teacher); `"teacher"` a causal-LM
+    teacher with the same vocabulary, online or from its cached top-k logits per completion token
+    (`args.cache_teacher_logits`, `args.lm_cache_top_k`, [`hf_kd.losses.sparse_lm_kd_loss`]). With `args.freeze_backbone=True`
+    only the exit adapters learn and the final exit is unchanged. At each evaluation the default `compute_metrics`
+    ([`hf_kd.metrics.make_lm_exit_compute_metrics`]) logs the final exit's `perplexity`, `token_accuracy`,
+    `token_ece`, `token_entropy`, and `exit_{i}_perplexity`, `exit_{i}_token_accuracy`, `exit_{i}_token_ece`,
+    `exit_{i}_token_entropy` and `exit_{i}_top1_agreement` (with the final exit) for every exit. DEDIER and the
+    per-exit Laplace are for classifiers.
 
     After training, [`EarlyExitTrainer.fit_exit_laplace`] fits a last-layer Laplace approximation per exit (Meronen
     et al., WACV 2024, https://huggingface.co/papers/2302.06359) with a temperature and a prior chosen per exit on
@@ -112,7 +135,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     }
     # Kept through Trainer's column removal: the teacher's logits, the sample index (DEDIER's weights) and the group
     # ids (group metrics).
-    _extra_columns = (TEACHER_LOGITS_COLUMN, SAMPLE_INDEX_COLUMN, GROUP_COLUMN)
+    _extra_columns = (TEACHER_LOGITS_COLUMN, SAMPLE_INDEX_COLUMN, GROUP_COLUMN, TEACHER_CACHE_INDEX_COLUMN)
 
     def __init__(
         self,
@@ -134,7 +157,15 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         if teacher is not None and args.distill_from != "teacher":
             raise ValueError(f"A teacher was given but distill_from='{args.distill_from}': set distill_from='teacher'.")
 
-        if compute_metrics is None:
+        self._causal_lm = model is not None and is_causal_lm(model)
+        if self._causal_lm and args.dedier:
+            raise ValueError(
+                "dedier=True re-weights classification examples by an early readout's errors: it is for classifiers, "
+                "not for a causal-LM multi-exit model."
+            )
+        if compute_metrics is None and self._causal_lm:
+            compute_metrics = make_lm_exit_compute_metrics()
+        elif compute_metrics is None:
             compute_metrics = make_exit_compute_metrics(with_teacher=args.distill_from == "teacher")
         super().__init__(
             model=model,
@@ -150,6 +181,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
 
         config = self._check_multi_exit_config()
         self.exit_loss_weights = self._resolve_exit_loss_weights(args.exit_loss_weights, config)
+        if args.freeze_backbone:
+            self._freeze_backbone()
         if args.distill_from == "teacher":
             self._init_teacher(teacher, processing_class, teacher_processing_class)
         self._dedier = None
@@ -164,6 +197,25 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             self._dedier = DedierCallback(self, num_samples=len(self.train_dataset), seed=args.seed)
             self.add_callback(self._dedier)
             self._training_state_callbacks = (self._dedier,)
+
+    def _freeze_backbone(self) -> None:
+        """`requires_grad=False` on every parameter of `model.backbone` (the optimiser, built later, skips them);
+        an error when nothing is left to train."""
+        model = self.accelerator.unwrap_model(self.model)
+        backbone = getattr(model, "backbone", None)
+        if not isinstance(backbone, nn.Module):
+            raise TypeError(
+                f"freeze_backbone=True freezes `model.backbone`, but {type(model).__name__} has none: use an hf_kd "
+                "multi-exit model (MultiExitForSequenceClassification, MultiExitForCausalLM, ...)."
+            )
+        backbone.requires_grad_(False)
+        if not any(parameter.requires_grad for parameter in model.parameters()):
+            raise ValueError(
+                f"freeze_backbone=True leaves nothing to train in this {type(model).__name__}: its exits are the "
+                "backbone's own final norm and LM head (exit_adapter=None). Give the exits adapters "
+                "(MultiExitForCausalLM.from_backbone(..., exit_adapter='low_rank') or 'linear'), or train the backbone "
+                "with them (freeze_backbone=False)."
+            )
 
     @staticmethod
     def _resolve_exit_loss_weights(weights: str | list[float] | None, config) -> list[float]:
@@ -187,6 +239,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         """The teacher, the exits' weights and the loss settings, for the model card."""
         hyperparameters = {"exit_loss_weights": [round(w, 4) for w in self.exit_loss_weights]}
         hyperparameters["distill_from"] = str(self.args.distill_from)
+        if self.args.freeze_backbone:
+            hyperparameters["freeze_backbone"] = True
         if self.args.distill_from != "none":
             hyperparameters.update(temperature=self.args.temperature, alpha=self.args.alpha)
         if self.args.dedier:
@@ -276,10 +330,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         Returns:
             `(loss, exit_losses)`: the scalar weighted loss and the per-exit losses (not weighted by `weights`).
         """
-        if not len(exit_logits) == len(weights) == len(soft_targets):
-            raise ValueError(
-                f"got {len(exit_logits)} exit logits, {len(weights)} weights and {len(soft_targets)} soft targets"
-            )
+        _check_exit_inputs(exit_logits, weights, soft_targets)
         exit_losses = []
         for logits, source in zip(exit_logits, soft_targets):
             if source is None:
@@ -304,7 +355,101 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         loss = sum(w * exit_loss for w, exit_loss in zip(weights, exit_losses))
         return loss, exit_losses
 
+    @staticmethod
+    def early_exit_lm_loss(
+        exit_logits: Sequence[torch.Tensor],
+        labels: torch.Tensor,
+        weights: Sequence[float],
+        soft_targets: Sequence[torch.Tensor | None],
+        temperature: float = 2.0,
+        alpha: float = 0.5,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        lm_cache_tail: str = "bucket",
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        r"""
+        Weighted multi-exit token-level loss of a causal LM, `sum_i weights[i] * loss_i`, with `loss_i` the
+        [`hf_kd.losses.lm_kd_loss`] (forward KL) of exit `i` on the shifted logits and labels (position `t` predicts
+        `labels[:, t + 1]`): `alpha * T^2 * KL(p_src^T || p_i^T) + (1 - alpha) * CE` per counted token when exit `i`
+        has soft targets, the next-token cross-entropy when `soft_targets[i]` is `None`.
+
+        Args:
+            exit_logits (sequence of `torch.Tensor` of shape `(batch, seq, vocab)`): the exits' logits.
+            labels (`torch.Tensor` of shape `(batch, seq)`): the model's labels, **not shifted**, `-100` ignored.
+            weights (sequence of `float`): one weight per exit (normalised by the caller).
+            soft_targets (sequence of `torch.Tensor` of shape `(batch, seq, vocab)`, `tuple` or `None`):
+                Source logits per exit (detached), not shifted; or a cached teacher's top-k targets `(topk_ids,
+                topk_logits, logsumexp)` already aligned with the shifted labels (`(batch, seq - 1, k)`, `(batch,
+                seq - 1, k)`, `(batch, seq - 1)`), for [`hf_kd.losses.sparse_lm_kd_loss`] with tail
+                `lm_cache_tail`; or `None` for plain cross-entropy.
+            temperature (`float`, *optional*, defaults to `2.0`), alpha (`float`, *optional*, defaults to `0.5`):
+                As in [`hf_kd.losses.lm_kd_loss`].
+            num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+                Counted tokens of the accumulated batch; each loss is then `sum / num_items_in_batch`.
+
+        Returns:
+            `(loss, exit_losses)`: the scalar weighted loss and the per-exit losses (not weighted by `weights`).
+        """
+        _check_exit_inputs(exit_logits, weights, soft_targets)
+        exit_losses = []
+        for logits, source in zip(exit_logits, soft_targets):
+            if isinstance(source, tuple):
+                exit_losses.append(
+                    sparse_lm_kd_loss(
+                        logits[:, :-1], *source, labels[:, 1:], temperature=temperature, alpha=alpha,
+                        num_items_in_batch=num_items_in_batch, tail=lm_cache_tail,
+                    )
+                )
+                continue
+            # alpha=0 against the exit's own detached logits is lm_kd_loss's plain next-token cross-entropy.
+            source, exit_alpha = (logits.detach(), 0.0) if source is None else (source, alpha)
+            exit_losses.append(
+                lm_kd_loss(
+                    logits[:, :-1], source[:, :-1], labels[:, 1:], temperature=temperature, alpha=exit_alpha,
+                    num_items_in_batch=num_items_in_batch,
+                )
+            )
+        loss = sum(w * exit_loss for w, exit_loss in zip(weights, exit_losses))
+        return loss, exit_losses
+
+    def _compute_lm_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """`compute_loss` of a multi-exit causal LM: [`early_exit_lm_loss`] over the exits, rescaled for DDP; logs
+        each exit's next-token cross-entropy `exit_{i}_ce_loss` and returns, with `return_outputs`, the exits' token
+        statistics ([`hf_kd.metrics.lm_exit_token_statistics`]) instead of vocabulary-sized logits."""
+        labels = inputs.pop("labels", None)
+        if labels is None:
+            raise ValueError("A causal-LM batch needs 'labels' (the input ids, -100 on tokens that do not count).")
+        cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
+        exit_logits = self._exit_logits(model(**inputs))  # num_exits x (batch, seq, vocab)
+        num_exits, distill_from = len(exit_logits), self.args.distill_from
+        if distill_from == "teacher" and cache_index is not None:  # cached run: no teacher forward
+            targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(exit_logits[-1].device))
+            soft_targets = [tuple(targets)] * num_exits
+        elif distill_from == "teacher":
+            soft_targets = [self._batch_teacher_logits(inputs, None).to(exit_logits[-1].device)] * num_exits
+        elif distill_from == "final_exit":
+            soft_targets = [exit_logits[-1].detach()] * (num_exits - 1) + [None]
+        else:
+            soft_targets = [None] * num_exits
+        T, alpha = self.args.temperature, self.args.alpha
+        loss, exit_losses = self.early_exit_lm_loss(
+            exit_logits, labels, self.exit_loss_weights, soft_targets, T, alpha, num_items_in_batch,
+            self.args.lm_cache_tail,
+        )
+        loss = self._scale_for_processes(loss, num_items_in_batch)
+        mode = "train" if model.training else "eval"
+        with torch.no_grad():
+            for i, logits in enumerate(exit_logits):
+                ce = exit_losses[i] if soft_targets[i] is None and num_items_in_batch is None else None
+                if ce is None:
+                    ce = lm_kd_loss(logits[:, :-1], logits[:, :-1], labels[:, 1:], alpha=0.0)
+                self._metrics[mode][f"exit_{i}_ce_loss"].append(ce.detach())
+        if return_outputs:
+            return loss, {"exit_token_statistics": lm_exit_token_statistics(exit_logits, labels)}
+        return loss
+
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._causal_lm:
+            return self._compute_lm_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels", None)
         teacher_logits = inputs.pop(TEACHER_LOGITS_COLUMN, None)
         sample_index = inputs.pop(SAMPLE_INDEX_COLUMN, None)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from ..distributed import TEACHER_ZERO_STAGES
+from ..options import LMCacheTail, to_enum
 
 
 @dataclass
@@ -60,6 +61,17 @@ class _TeacherArguments:
     teacher_logits_cache_dir: str | None = field(
         default=None, metadata={"help": "Directory of the teacher logits cache (default $HF_HOME/hf_kd/teacher_logits)."}
     )
+    lm_cache_top_k: int = field(
+        default=64,
+        metadata={"help": "Causal-LM students with cache_teacher_logits: the teacher's top-k logits cached per token."},
+    )
+    lm_cache_tail: str = field(
+        default="bucket",
+        metadata={
+            "help": "Tail of the cached causal-LM loss: bucket (one rest cell) or renormalise (top k only).",
+            "choices": [t.value for t in LMCacheTail],
+        },
+    )
 
     def _teacher_post_init(self) -> None:
         # HfArgumentParser hands dict fields over as JSON strings.
@@ -71,6 +83,9 @@ class _TeacherArguments:
                 f"process; stages 1 and 2 partition optimizer states and gradients, which a teacher has none of), "
                 f"got {self.teacher_zero_stage}"
             )
+        if isinstance(self.lm_cache_top_k, bool) or not isinstance(self.lm_cache_top_k, int) or self.lm_cache_top_k < 1:
+            raise ValueError(f"lm_cache_top_k must be an int >= 1, got {self.lm_cache_top_k!r}")
+        self.lm_cache_tail = to_enum(LMCacheTail, self.lm_cache_tail, "lm_cache_tail")
         if self.teacher_from_base_model and self.teacher_model_name_or_path is not None:
             raise ValueError(
                 f"teacher_from_base_model=True uses the PEFT student's base model as the teacher, but "
