@@ -258,6 +258,227 @@ def test_peft_student_distilled_from_its_own_base_model(tmp_path):
     assert evaluation["eval_top1_agreement"] > 0.5  # two small steps away from its base model
 
 
+# ---- on-policy and sequence-level data (GKD) ------------------------------------------------------------------------
+
+
+def first_batches(data, sizes=(4, 4)):
+    """The collated micro-batches of `data`, in order, of `sizes` rows each."""
+    starts = np.cumsum((0,) + tuple(sizes))
+    return [pad_collator([data[i] for i in range(a, b)]) for a, b in zip(starts[:-1], starts[1:])]
+
+
+def generated_rows(trainer, batches):
+    """`trainer.get_batch_samples` on `batches` (as one optimizer step): the batches and `num_items_in_batch`."""
+    return trainer.get_batch_samples(iter(batches), len(batches), torch.device("cpu"))
+
+
+def greedy_completion(model, prompt, max_new_tokens, eos):
+    """`model`'s greedy completion of one unpadded `prompt`, up to and including its first `eos`."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        out = model.generate(input_ids=prompt[None], attention_mask=torch.ones_like(prompt)[None], do_sample=False,
+                             max_new_tokens=max_new_tokens, pad_token_id=0)[0, len(prompt):]
+    model.train(was_training)
+    hits = (out == eos).nonzero()
+    return out[: int(hits[0]) + 1] if len(hits) else out
+
+
+def row_prompt(batch, row):
+    """The prompt of `row`: its attended tokens before the first label != -100, at least one token."""
+    real = batch["attention_mask"][row].bool()
+    counted = (batch["labels"][row][real] != -100).nonzero()
+    return batch["input_ids"][row][real][: max(int(counted[0]), 1)]
+
+
+def assert_rebuilt_from(new, old, generator, max_new_tokens, eos):
+    """Each row of `new` is `old`'s prompt (unchanged) + `generator`'s greedy completion, labelled on the completion
+    only, right-padded (attention 0, label -100)."""
+    for row in range(old["input_ids"].shape[0]):
+        prompt = row_prompt(old, row)
+        completion = greedy_completion(generator, prompt, max_new_tokens, eos)
+        n, p = len(prompt) + len(completion), len(prompt)
+        torch.testing.assert_close(new["input_ids"][row, :p], prompt)
+        torch.testing.assert_close(new["input_ids"][row, p:n], completion)
+        assert (new["labels"][row, :p] == -100).all() and (new["labels"][row, n:] == -100).all()
+        torch.testing.assert_close(new["labels"][row, p:n], completion)
+        assert new["attention_mask"][row, :n].all() and not new["attention_mask"][row, n:].any()
+
+
+def test_lmbda_one_trains_on_the_students_own_completions(tmp_path):
+    """lmbda=1: every row becomes its prompt + the student's generation (labels on the generated tokens only, the
+    plain-text row 0 continuing its first token), and num_items_in_batch counts the generated tokens."""
+    args = make_args(tmp_path, lmbda=1.0, max_new_tokens=5, generation_temperature=0.0)
+    trainer = make_trainer(tmp_path, args=args)
+    batches = first_batches(lm_dataset(8))
+    new, num_items = generated_rows(trainer, batches)
+    assert trainer.model.training  # generation ran in eval mode, and the train mode is back
+    for old, rebuilt in zip(batches, new):
+        assert_rebuilt_from(rebuilt, old, trainer.model, 5, eos=2)
+    assert int(num_items) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in new)
+    assert not any(torch.equal(o["input_ids"], n["input_ids"]) for o, n in zip(batches, new))
+
+
+def test_seq_kd_trains_on_the_teachers_completions(tmp_path):
+    args = make_args(tmp_path, seq_kd=True, max_new_tokens=4, generation_temperature=0.0)
+    trainer = make_trainer(tmp_path, args=args)
+    batches = first_batches(lm_dataset(8))
+    new, num_items = generated_rows(trainer, batches)
+    for old, rebuilt in zip(batches, new):
+        assert_rebuilt_from(rebuilt, old, trainer.teacher_model, 4, eos=2)
+    assert int(num_items) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in new)
+
+
+def test_lmbda_zero_without_seq_kd_leaves_the_data_untouched(tmp_path):
+    trainer = make_trainer(tmp_path)
+    batches = first_batches(lm_dataset(8))
+    new, num_items = generated_rows(trainer, [dict(b) for b in batches])
+    for old, same in zip(batches, new):
+        assert same.keys() == old.keys() and all(torch.equal(same[k], old[k]) for k in old)
+    assert int(num_items) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    assert trainer._completion_source(0) is None
+
+
+def test_on_policy_gradient_is_exact_with_an_eos_first_row_and_accumulation(tmp_path):
+    """One SGD step on generated batches (2 micro-batches of 2, greedy completions, one row whose generation is its
+    EOS only) is the gradient of the mean loss over every generated token of the 4 rows: num_items_in_batch is
+    counted on the generated labels."""
+    data = lm_dataset(4, seed=3, min_len=4, max_len=10)
+    student = tiny_lm(seed=1)
+    # Row 2's greedy first token becomes the EOS: its generation is [EOS] (one counted token).
+    eos = int(greedy_completion(copy.deepcopy(student), row_prompt(first_batches(data, (4,))[0], 2), 1, -1)[0])
+    student.generation_config.eos_token_id = eos
+    args = make_args(
+        tmp_path, per_device_train_batch_size=2, gradient_accumulation_steps=2, max_steps=1, optim="sgd",
+        learning_rate=1.0, lr_scheduler_type="constant", max_grad_norm=0.0, weight_decay=0.0, alpha=0.6,
+        temperature=1.5, lmbda=1.0, max_new_tokens=6, generation_temperature=0.0,
+    )
+    trainer = make_trainer(tmp_path, args=args, student=student, train=data)
+    seen = []
+    get_batch_samples = trainer.get_batch_samples
+
+    def capture(*a, **k):
+        batches, num_items = get_batch_samples(*a, **k)
+        seen.append((batches, num_items))
+        return batches, num_items
+
+    trainer.get_batch_samples = capture
+    reference = copy.deepcopy(student)
+    before = snapshot(trainer.model)
+    trainer.train()
+    ((batches, num_items),) = seen
+    assert int(num_items) == sum(int((b["labels"][:, 1:] != -100).sum()) for b in batches)
+    assert any((b["labels"] != -100).sum(1).eq(1).any() for b in batches), "no EOS-only row"
+    teacher = trainer.teacher_model
+    for b in batches:
+        logits = reference(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        with torch.no_grad():
+            teacher_logits = teacher(input_ids=b["input_ids"], attention_mask=b["attention_mask"]).logits
+        lm_kd_loss(logits[:, :-1], teacher_logits[:, :-1], b["labels"][:, 1:], temperature=1.5, alpha=0.6,
+                   num_items_in_batch=num_items).backward()
+    for name, p in reference.named_parameters():
+        torch.testing.assert_close(before[name] - trainer.model.get_parameter(name).detach(), p.grad, atol=2e-5,
+                                   rtol=1e-4, msg=name)
+
+
+def test_on_policy_coin_is_reproducible_and_leaves_the_global_rng_alone(tmp_path):
+    """The coin of (seed, step, micro-batch) is the same for every trainer with that seed (so on every process),
+    comes up about lmbda of the time, and sampling draws from a forked RNG: the training RNG is untouched."""
+
+    def coins(seed, steps=200):
+        trainer = make_trainer(tmp_path, args=make_args(tmp_path, lmbda=0.3, seed=seed))
+        drawn = []
+        for step in range(steps):
+            trainer.state.global_step = step
+            drawn.append([trainer._completion_source(i) == "student" for i in range(2)])
+        return np.array(drawn)
+
+    first = coins(0)
+    assert (first == coins(0)).all() and not (first == coins(1)).all()
+    assert 0.2 < first.mean() < 0.4
+    trainer = make_trainer(tmp_path, args=make_args(tmp_path, lmbda=1.0, max_new_tokens=4))
+    state = torch.random.get_rng_state()
+    generated_rows(trainer, first_batches(lm_dataset(8)))
+    assert torch.equal(torch.random.get_rng_state(), state)
+
+
+def test_on_policy_run_resumed_from_a_checkpoint_gives_the_same_student(tmp_path):
+    """lmbda=0.5 with sampled completions and seq_kd, a student with dropout: three steps in one go equal one step, a
+    checkpoint, and two resumed steps (coins and samples are drawn again exactly, and sampling leaves the dropout's
+    random stream alone: Trainer restores that stream only after the first resumed step's batches are made)."""
+    data = lm_dataset(8, seed=5)
+    settings = dict(lmbda=0.5, seq_kd=True, max_new_tokens=4, per_device_train_batch_size=2,
+                    gradient_accumulation_steps=2, max_steps=3, seed=3)
+
+    def student(seed):
+        model = tiny_lm(seed=seed)
+        for layer in model.model.layers:
+            layer.self_attn.attention_dropout = 0.3
+        return model
+
+    straight = make_trainer(tmp_path / "a", args=make_args(tmp_path / "a", **settings), train=data, student=student(1))
+    straight.train()
+    on_policy = [e["on_policy"] for e in straight.state.log_history if "on_policy" in e]  # per step, of 2 batches
+    assert len(on_policy) == 3 and 0 < sum(on_policy) < 3, f"no mix of data sources {on_policy}: the coin is unseen"
+    args = make_args(tmp_path / "b", save_strategy="steps", save_steps=1, **settings)
+    make_trainer(tmp_path / "b", args=args, train=data, student=student(1)).train()
+    resumed = make_trainer(tmp_path / "b", args=args, train=data, student=student(7))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "out" / "checkpoint-1"))
+    for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+        torch.testing.assert_close(p, q, msg=name)
+
+
+@require_peft
+def test_seq_kd_with_the_base_model_teacher_generates_with_adapters_disabled(tmp_path):
+    from peft import LoraConfig
+
+    config = LoraConfig(r=4, lora_alpha=8, task_type="CAUSAL_LM", target_modules=["q_proj", "v_proj"])
+    args = make_args(tmp_path, teacher_from_base_model=True, seq_kd=True, max_new_tokens=4,
+                     generation_temperature=0.0)
+    base = tiny_lm(seed=1)
+    trainer = DistillTrainer(model=copy.deepcopy(base), args=args, train_dataset=lm_dataset(8),
+                             data_collator=pad_collator, peft_config=config)
+    with torch.no_grad():  # adapters that change the outputs
+        for name, p in trainer.model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    batches = first_batches(lm_dataset(8))
+    new, _ = generated_rows(trainer, batches)
+    assert trainer.model.training and any(not m.disable_adapters for m in trainer.model.modules()
+                                          if hasattr(m, "disable_adapters"))
+    for old, rebuilt in zip(batches, new):
+        assert_rebuilt_from(rebuilt, old, base, 4, eos=2)
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        ({"lmbda": 1.5}, "lmbda must be a number in [0.0, 1.0], got 1.5"),
+        ({"lmbda": -0.1}, "lmbda must be a number in [0.0, 1.0], got -0.1"),
+        ({"seq_kd": "yes"}, "seq_kd must be True or False, got 'yes'"),
+        ({"max_new_tokens": 0}, "max_new_tokens must be an int >= 1, got 0"),
+        ({"generation_temperature": -1.0}, "generation_temperature must be a number >= 0 (0: greedy), got -1.0"),
+        ({"lmbda": 0.5, "cache_teacher_logits": True}, "cache_teacher_logits=True cannot be combined with lmbda=0.5"),
+        ({"seq_kd": True, "cache_teacher_logits": True}, "cannot be combined with lmbda=0.0 / seq_kd=True"),
+    ],
+)
+def test_on_policy_settings_reject_bad_values(tmp_path, kwargs, message):
+    with pytest.raises(ValueError) as err:
+        make_args(tmp_path, **kwargs)
+    assert message in str(err.value)
+
+
+def test_on_policy_data_is_refused_for_classifiers_and_extra_token_inputs(tmp_path):
+    with pytest.raises(ValueError, match="lmbda=1.0 / seq_kd=False generate completions, which needs a causal-LM"):
+        DistillTrainer(model=tiny_bert(), args=make_args(tmp_path, lmbda=1.0), teacher_model=tiny_bert(),
+                       train_dataset=tiny_dataset(8))
+    trainer = make_trainer(tmp_path, args=make_args(tmp_path, lmbda=1.0, max_new_tokens=2))
+    batch = first_batches(lm_dataset(4), (4,))[0]
+    batch["position_ids"] = torch.arange(batch["input_ids"].shape[1]).expand_as(batch["input_ids"])
+    with pytest.raises(ValueError, match=r"per-token entries \['position_ids'\]"):
+        generated_rows(trainer, [batch])
+
+
 # ---- bad input ------------------------------------------------------------------------------------------------------
 
 

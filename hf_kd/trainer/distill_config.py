@@ -70,6 +70,24 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             `lm_` like the other causal-LM fields, and so that it does not clash with the recipes' `--max_length`,
             the classification truncation length.)
 
+    > Parameters that control on-policy and sequence-level data (causal-LM students; GKD, Agarwal et al., 2024,
+    > https://huggingface.co/papers/2306.13649)
+
+    Args:
+        lmbda (`float`, *optional*, defaults to `0.0`):
+            Fraction of training batches whose completions the **student** generates from the batch's prompts
+            (on-policy data, GKD's `lambda`), in `[0, 1]`: each micro-batch flips a coin that comes up with
+            probability `lmbda`. `0` trains on the dataset's completions only, `1` on the student's generations only.
+        seq_kd (`bool`, *optional*, defaults to `False`):
+            When a batch is not on-policy, the **teacher** generates its completions (sequence-level KD, Kim & Rush,
+            2016, https://huggingface.co/papers/1606.07947) instead of the dataset's being used.
+        max_new_tokens (`int`, *optional*, defaults to `128`):
+            Most tokens generated per completion (the end-of-sequence token included), at least 1.
+        generation_temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of those generations, `>= 0` (not the loss's `temperature`). The default samples
+            from the generating model's own distribution over the whole vocabulary (no top-k / top-p), which is what
+            on-policy means and what GKD does; `0` decodes greedily (deterministic completions).
+
     > Parameters that control the teacher logits cache
 
     Args:
@@ -126,6 +144,23 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         },
     )
 
+    # Parameters that control on-policy and sequence-level data
+    lmbda: float = field(
+        default=0.0,
+        metadata={"help": "Fraction in [0, 1] of training batches whose completions the student generates (on-policy)."},
+    )
+    seq_kd: bool = field(
+        default=False,
+        metadata={"help": "The teacher generates the completions of the batches that are not on-policy (sequence KD)."},
+    )
+    max_new_tokens: int = field(
+        default=128, metadata={"help": "Most tokens generated per completion (EOS included), at least 1."}
+    )
+    generation_temperature: float = field(
+        default=1.0,
+        metadata={"help": "Sampling temperature (>= 0) of the generated completions; 0 decodes greedily."},
+    )
+
     def __post_init__(self):
         super().__post_init__()
         self._teacher_post_init()
@@ -140,6 +175,22 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"lm_chunk_size must be a positive int, got {self.lm_chunk_size!r}")
         if isinstance(self.lm_max_length, bool) or not isinstance(self.lm_max_length, int) or self.lm_max_length < 2:
             raise ValueError(f"lm_max_length must be an int >= 2 (tokens per row), got {self.lm_max_length!r}")
+        if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:
+            raise ValueError(f"lmbda must be a number in [0.0, 1.0], got {self.lmbda!r}")
+        if not isinstance(self.seq_kd, bool):
+            raise ValueError(f"seq_kd must be True or False, got {self.seq_kd!r}")
+        if isinstance(self.max_new_tokens, bool) or not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        temperature = self.generation_temperature
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature >= 0:
+            raise ValueError(f"generation_temperature must be a number >= 0 (0: greedy), got {temperature!r}")
+        if self.cache_teacher_logits and (self.lmbda > 0 or self.seq_kd):
+            raise ValueError(
+                f"cache_teacher_logits=True cannot be combined with lmbda={self.lmbda} / seq_kd={self.seq_kd}: the "
+                "cache holds the teacher's logits of the dataset's completions, and generated completions are new at "
+                "every step. Train with a live teacher (cache_teacher_logits=False), or with lmbda=0 and "
+                "seq_kd=False."
+            )
         if self.label_smoothing_factor != 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not used by DistillTrainer: the teacher's "
