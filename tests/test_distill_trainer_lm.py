@@ -319,6 +319,16 @@ def test_lmbda_one_trains_on_the_students_own_completions(tmp_path):
     assert not any(torch.equal(o["input_ids"], n["input_ids"]) for o, n in zip(batches, new))
 
 
+def test_generated_rows_stay_within_lm_max_length(tmp_path):
+    """Generation is cut so that prompt + completion fits lm_max_length (the longest prompt sets the budget)."""
+    batches = first_batches(lm_dataset(8))
+    longest_prompt = max(len(row_prompt(b, r)) for b in batches for r in range(b["input_ids"].shape[0]))
+    args = make_args(tmp_path, lmbda=1.0, max_new_tokens=50, generation_temperature=0.0,
+                     lm_max_length=longest_prompt + 2)
+    new, _ = generated_rows(make_trainer(tmp_path, args=args), batches)
+    assert max(int(b["attention_mask"].sum(1).max()) for b in new) <= longest_prompt + 2
+
+
 def test_seq_kd_trains_on_the_teachers_completions(tmp_path):
     args = make_args(tmp_path, seq_kd=True, max_new_tokens=4, generation_temperature=0.0)
     trainer = make_trainer(tmp_path, args=args)

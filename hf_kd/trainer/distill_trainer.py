@@ -344,7 +344,8 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
 
         The prompt of a row is its (attended) tokens before its first counted label (`labels != -100`), and at least
         its first token (the first label is never predicted): a plain-text row, labelled throughout, continues its
-        first token. Prompts are left-padded for a batched `generate` of at most `args.max_new_tokens` tokens
+        first token. Prompts are left-padded for a batched `generate` of at most `args.max_new_tokens` tokens, and at
+        most `args.lm_max_length` minus the longest prompt's length (at least one), so rows stay within `lm_max_length`
         (sampling at `args.generation_temperature` over the whole vocabulary, greedy at 0; the model's other
         generation settings, e.g. its EOS ids, apply), with the model in eval mode and without gradients. The rows
         are rebuilt right-padded: prompt + generated tokens up to and including the first EOS (all of them if none),
@@ -390,6 +391,8 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         prompt_mask = torch.zeros_like(prompt_ids)
         for row, prompt in enumerate(prompts):  # left padding: every prompt ends where generation starts
             prompt_ids[row, width - len(prompt):], prompt_mask[row, width - len(prompt):] = prompt, 1
+        # Rows stay within lm_max_length (the longest prompt bounds the batch's budget); at least one new token.
+        max_new_tokens = min(self.args.max_new_tokens, max(self.args.lm_max_length - width, 1))
         temperature = self.args.generation_temperature
         sampling = {"do_sample": True, "temperature": temperature, "top_k": 0, "top_p": 1.0} if temperature > 0 else {
             "do_sample": False}
@@ -404,7 +407,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
                 if device.type != "cpu":
                     torch.get_device_module(device).manual_seed(seed)
                 sequences = model.generate(
-                    input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=self.args.max_new_tokens,
+                    input_ids=prompt_ids, attention_mask=prompt_mask, max_new_tokens=max_new_tokens,
                     pad_token_id=pad, synced_gpus=is_zero3_partitioned(model) and self.accelerator.num_processes > 1,
                     **sampling,
                 )
