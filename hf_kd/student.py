@@ -272,7 +272,8 @@ def make_student(
 
     Returns:
         `PreTrainedModel`: the student, with `student.config.hf_kd_kept_layers` set to the kept teacher indices (saved
-        in `config.json`, so a card or a later run can tell which layers it started from).
+        in `config.json`, so a card or a later run can tell which layers it started from), all of its weights trainable
+        even when the teacher is frozen.
 
     Example:
 
@@ -305,4 +306,6 @@ def make_student(
         keep = sorted(order[depth - num_layers :])
     student = drop_layers(teacher, keep)
     student.config.hf_kd_kept_layers = keep
+    # A teacher that a trainer already froze would pass requires_grad=False on to its copy: a student is trained.
+    student.requires_grad_(True)
     return student

@@ -180,3 +180,11 @@ def test_smollm2_student_with_half_the_layers_generates_and_reloads(tmp_path):
     assert reloaded.config.num_hidden_layers == 15 and reloaded.config.hf_kd_kept_layers == list(range(1, 30, 2))
     assert torch.equal(reloaded.generate(**inputs, **options), generated)
     assert sum(p.numel() for p in reloaded.parameters()) < 0.7 * sum(p.numel() for p in model.parameters())
+
+
+def test_make_student_of_a_frozen_teacher_is_trainable():
+    """A teacher frozen by an earlier trainer (requires_grad=False) still gives a student whose weights all train."""
+    teacher = tiny_llama(layers=4).requires_grad_(False)
+    student = make_student(teacher, 2)
+    assert all(p.requires_grad for p in student.parameters())
+    assert not any(p.requires_grad for p in teacher.parameters())
