@@ -63,6 +63,7 @@ def parse_args():
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
+    parser.add_argument("--name", default="lm_vs_trl", help="results go to <out>/<name>.json and <name>_table.md")
     parser.add_argument("--scratch", default="/tmp/hf_kd_bench_lm_vs_trl")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     return parser.parse_args()
@@ -297,13 +298,13 @@ def report(opts, prepared, runs, held_out, loss_profile) -> None:
                     "train_peak_over_start": s["train_peak_over_start_mb"] / base["train_peak_over_start_mb"],
                     "perplexity": s["perplexity"] / base["perplexity"],
                 }
-    settings = {k: v for k, v in vars(opts).items() if k not in ("worker", "out", "scratch")}
+    settings = {k: v for k, v in vars(opts).items() if k not in ("worker", "out", "scratch", "name")}
     settings |= {"torch": torch.__version__, "cpu_count": os.cpu_count(), **prepared}
     result = {"settings": settings, "summary": summary, "ratios": ratios, "held_out": held_out,
               "loss_profile_seconds": loss_profile, "runs": runs}
     folder = Path(opts.out)
     folder.mkdir(parents=True, exist_ok=True)
-    (folder / "lm_vs_trl.json").write_text(json.dumps(result, indent=2))
+    (folder / f"{opts.name}.json").write_text(json.dumps(result, indent=2))
     lines = [
         "| trainer | median s/step | student fwd | teacher fwd | loss (rest of compute_loss) | backward + optimiser "
         "| peak RSS (MB) | training adds (MB) | held-out perplexity | top-1 agreement |",
@@ -326,7 +327,7 @@ def report(opts, prepared, runs, held_out, loss_profile) -> None:
     lines += ["", "goal: step time <= 0.8, peak memory <= 0.7, perplexity <= 1", "",
               "| loss alone (fwd + bwd, interleaved in one process) | median s |", "|---|---|"]
     lines += [f"| {name} | {seconds:.3f} |" for name, seconds in loss_profile.items()]
-    (folder / "lm_vs_trl_table.md").write_text("\n".join(lines) + "\n")
+    (folder / f"{opts.name}_table.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
 
 
