@@ -477,7 +477,8 @@ def lm_held_out(students: dict, teacher, dataset, batch_size: int = 4) -> dict[s
             count += int(counted.sum())
             teacher_logits = teacher(input_ids=input_ids).logits[:, :-1]
             for name, model in students.items():
-                stats = lm_token_statistics(model(input_ids=input_ids).logits[:, :-1], labels, teacher_logits)
+                logits = teacher_logits if model is teacher else model(input_ids=input_ids).logits[:, :-1]
+                stats = lm_token_statistics(logits, labels, teacher_logits)
                 sums[name] += stats[counted][:, [2, 4]].double().sum(0)
     return {name: {"perplexity": math.exp(s[0].item() / count), "top1_agreement": s[1].item() / count,
                    "tokens": count} for name, s in sums.items()}
