@@ -319,7 +319,7 @@ def report(opts, prepared, runs, held_out, loss_profile) -> None:
             f"{s['train_peak_over_start_mb']:.0f} | {s['perplexity']:.2f} | {s['top1_agreement']:.3f} |"
         )
     for name in ("student_init", "teacher"):
-        lines.append(f"| ({name}, untrained reference) | - | - | - | - | - | - | - | {held_out[name]['perplexity']:.2f} "
+        lines.append(f"| ({name}, reference, not trained here) | - | - | - | - | - | - | - | {held_out[name]['perplexity']:.2f} "
                      f"| {held_out[name]['top1_agreement']:.3f} |")
     lines += ["", "| ratio to trl_gkd | step time | peak RSS | training adds | perplexity |", "|---|---|---|---|---|"]
     lines += [f"| {c} | {r['step_time']:.3f} | {r['peak_rss']:.3f} | {r['train_peak_over_start']:.3f} | "
