@@ -424,3 +424,61 @@ def test_accuracy(model, test, batch_size: int = 1000) -> float:
         rows = test[start : start + batch_size]
         correct += (model(pixel_values=rows["pixel_values"]).logits.argmax(-1) == rows["labels"]).sum().item()
     return correct / len(test)
+
+# --- Causal LMs (lm_vs_trl.py, lm_topk_cache.py) ------------------------------------------------------------
+
+SMOLLM2 = "HuggingFaceTB/SmolLM2-135M-Instruct"
+
+
+def article_messages(tokenizer, split: str, rows: int, length: int):
+    """`rows` BBC News articles of `split` ([`hf_kd.lm_data.lm_text_dataset`]) as chat `messages` (TRL's format) of
+    exactly `length` tokens each under `tokenizer`'s chat template, so that no batch is padded or truncated (TRL pads
+    and truncates on the left, hf_kd on the right: with equal lengths both see the same tokens at the same positions).
+
+    The user turn asks for an article with the article's headline (its first line); the assistant turn is the start of
+    the article's body, cut to the token budget. Nearly every token is a completion token: the logits dominate.
+    """
+    from datasets import Dataset
+
+    from hf_kd.lm_data import lm_text_dataset, tokenize_lm_example
+
+    kept = []
+    for text in lm_text_dataset()[split]["text"]:
+        headline, _, body = text.strip().partition("\n")
+        user = {"role": "user", "content": f"Write a BBC news article with the headline: {headline.strip()}"}
+        prompt = tokenizer.apply_chat_template([user], tokenize=False, add_generation_prompt=True)
+        budget = length - len(tokenizer(prompt, add_special_tokens=False)["input_ids"]) - 2  # "<|im_end|>", "\n"
+        body_ids = tokenizer(body.strip(), add_special_tokens=False)["input_ids"]
+        if budget < 16 or len(body_ids) < budget:
+            continue
+        messages = [user, {"role": "assistant", "content": tokenizer.decode(body_ids[:budget])}]
+        if len(tokenize_lm_example({"messages": messages}, tokenizer, max_length=10 * length)["input_ids"]) == length:
+            kept.append({"messages": messages})
+        if len(kept) == rows:
+            return Dataset.from_list(kept)
+    raise ValueError(f"only {len(kept)} articles of {split!r} give {length}-token conversations, {rows} asked")
+
+
+def lm_held_out(students: dict, teacher, dataset, batch_size: int = 4) -> dict[str, dict]:
+    """Held-out next-token metrics of each model of `students` on `dataset` (tokenized: `input_ids`, `labels`; all
+    rows the same length), one function for every trainer compared: `perplexity` (exp of the mean gold-token NLL over
+    the completion tokens) and `top1_agreement` with `teacher` ([`hf_kd.metrics.lm_token_statistics`])."""
+    import torch
+
+    from hf_kd.metrics import lm_token_statistics
+
+    sums = {name: torch.zeros(2, dtype=torch.float64) for name in students}
+    count = 0
+    with torch.no_grad():
+        for start in range(0, len(dataset), batch_size):
+            rows = dataset[start : start + batch_size]
+            input_ids, labels = torch.tensor(rows["input_ids"]), torch.tensor(rows["labels"])[:, 1:]
+            counted = labels != -100
+            count += int(counted.sum())
+            teacher_logits = teacher(input_ids=input_ids).logits[:, :-1]
+            for name, model in students.items():
+                logits = teacher_logits if model is teacher else model(input_ids=input_ids).logits[:, :-1]
+                stats = lm_token_statistics(logits, labels, teacher_logits)
+                sums[name] += stats[counted][:, [2, 4]].double().sum(0)
+    return {name: {"perplexity": math.exp(s[0].item() / count), "top1_agreement": s[1].item() / count,
+                   "tokens": count} for name, s in sums.items()}
