@@ -109,6 +109,10 @@ def parse_recipe(recipe: str):
     import early_exit
 
     path = str(ROOT / "trainers" / "configs" / f"{recipe}.yaml")
+    if recipe.startswith("distill_lm"):  # causal-LM recipes: trainers/distill_lm.py (tests/test_lm_recipes.py)
+        import distill_lm
+
+        return distill_lm.parse_lm([path])
     if recipe.startswith("early_exit"):
         return distill.parse([path], (early_exit.EarlyExitScriptArguments, early_exit.EarlyExitConfig, distill.LoraArguments))
     return distill.parse([path])
