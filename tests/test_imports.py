@@ -135,7 +135,8 @@ LAYERS = {
         "early_exit", "confidence_search", "hub", "data", "lm_data", "evaluate_metrics",
     ),
     3: ("trainer",),  # the trainer/config pairs
-    4: ("", "cli", "recipes"),  # entry points: the public API (hf_kd/__init__.py), the CLI, the recipes' shared code
+    # entry points: the public API (hf_kd/__init__.py), the CLI, the recipes' shared code (classifiers, causal LMs)
+    4: ("", "cli", "recipes", "lm_recipes"),
 }
 
 
