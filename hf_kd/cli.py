@@ -47,6 +47,7 @@ TRAINING_COMMANDS = {
     "distill": ("hf_kd.recipes", "Train a classifier: --method erm | ls | kd | tinybert."),
     "early-exit": ("hf_kd.recipes", "Train a multi-exit classifier with EarlyExitTrainer (DeeBERT / PABEE)."),
     "self-kd": ("hf_kd.recipes", "Self-knowledge distillation from lower layers (SelfKDTrainer, Park et al. 2024)."),
+    "distill-lm": ("hf_kd.lm_recipes", "Distil a causal LM token by token (DistillTrainer; --method kd | sft)."),
 }
 
 

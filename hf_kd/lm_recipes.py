@@ -10,10 +10,10 @@ of [`hf_kd.lm_data`] and writes its held-out metrics next to the saved student:
 - the data is `dataset`: `"text"` (BBC News articles, [`~hf_kd.lm_data.lm_text_dataset`]: every token is a
   completion token, held-out perplexity on articles never trained on) or a chat task with a gold answer, `"topic"`
   or `"sentiment"` ([`~hf_kd.lm_data.lm_chat_dataset`]: only the answer is a completion token), tokenized to
-  `max_length` tokens ([`~hf_kd.lm_data.tokenize_lm_dataset`]: longer texts are cut on the right);
+  [`DistillConfig`]`.lm_max_length` tokens ([`~hf_kd.lm_data.tokenize_lm_dataset`]: longer texts are cut on the right);
 - `method="kd"`: [`DistillTrainer`], `alpha * T^2 * D(p_T, p_S) + (1 - alpha) * CE` on the completion tokens
   (`loss_type`, `temperature`, `alpha`, the top-k cache `cache_teacher_logits` of [`DistillConfig`]); with the
-  on-policy fields of GKD (`lmbda`, `seq_kd`) where [`DistillConfig`] has them;
+  on-policy fields of GKD (`lmbda`, `seq_kd`);
 - `method="sft"`: the SFT-only baseline, the **same** trainer with `alpha = 0`: its gradient is exactly the
   completion-token cross-entropy that TRL's `SFTTrainer` minimises, and it shares everything else with `kd` (data,
   collator, optimiser, evaluation, card), so a KD-vs-SFT comparison differs in the loss only. With
@@ -24,15 +24,15 @@ The test split is evaluated once after training ([`lm_test_metrics`]): perplexit
 bins), mean entropy and top-1 agreement with the teacher, whose next-token predictions are computed once and kept
 (so a cached run, whose trainer never loads the teacher, still reports agreement).
 
-Pieces: [`LMScriptArguments`] (the recipe's own flags), [`LMLengthArguments`] (`max_length`, while
-[`DistillConfig`] has none of its own), [`lm_dataclass_types`], [`load_lm_splits`], [`build_lm_student`],
-[`lm_test_metrics`], [`generation_tokens_per_second`], [`count_parameters`], [`run_lm`] (all of it).
+Pieces: [`LMScriptArguments`] (the recipe's own flags), [`load_lm_splits`], [`build_lm_student`],
+[`lm_test_metrics`], [`generation_tokens_per_second`], [`count_parameters`], [`run_lm`] (all of it), [`COMMANDS`]
+(`hf-kd distill-lm`).
 """
 
 import json
 import os
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field
 
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
@@ -42,22 +42,21 @@ from .lm_data import LM_CHAT_TASKS, lm_chat_dataset, lm_text_dataset, tokenize_l
 from .metrics import _lm_metrics_from_statistics, lm_token_statistics
 from .offline_models import placed_model_kwargs
 from .options import StudentLayerRule, to_enum
+from .recipes import TrainingCommand
 from .student import make_student
 from .trainer import DistillConfig, DistillTrainer
 
 __all__ = [
+    "COMMANDS",
     "LM_DATASETS",
     "LM_METHODS",
-    "LMLengthArguments",
     "LMScriptArguments",
     "build_lm_student",
     "count_parameters",
     "generation_tokens_per_second",
-    "lm_dataclass_types",
     "lm_demo_training_args",
     "lm_test_metrics",
     "load_lm_splits",
-    "resolve_max_length",
     "run_lm",
 ]
 
@@ -119,33 +118,6 @@ class LMScriptArguments:
                 raise ValueError(f"{name} must be a positive int or None, got {value!r}")
         if self.calibration_samples < 1:
             raise ValueError(f"calibration_samples must be >= 1, got {self.calibration_samples}")
-
-
-@dataclass
-class LMLengthArguments:
-    """`max_length` of the LM recipe, parsed on its own while [`DistillConfig`] has no `max_length` field (when it
-    has one, that field is the recipe's: one flag, one meaning; see [`lm_dataclass_types`])."""
-
-    max_length: int = field(default=128, metadata={"help": "Tokens per example; longer texts are cut on the right."})
-
-
-def lm_dataclass_types() -> tuple:
-    """The dataclasses that `trainers/distill_lm.py` parses its YAML and flags into: `(LMScriptArguments,
-    DistillConfig)`, plus [`LMLengthArguments`] when [`DistillConfig`] has no `max_length` of its own."""
-    if "max_length" in {f.name for f in fields(DistillConfig)}:
-        return (LMScriptArguments, DistillConfig)
-    return (LMScriptArguments, DistillConfig, LMLengthArguments)
-
-
-def resolve_max_length(args: DistillConfig, length_args: LMLengthArguments | None = None) -> int:
-    """The recipe's `max_length`: [`DistillConfig`]'s when it has the field and it is set, else `length_args`'s (else
-    [`LMLengthArguments`]'s default)."""
-    value = getattr(args, "max_length", None)
-    if value is None:
-        value = (length_args or LMLengthArguments()).max_length
-    if isinstance(value, bool) or not isinstance(value, int) or value < 2:
-        raise ValueError(f"max_length must be an int >= 2, got {value!r}")
-    return value
 
 
 def load_lm_splits(script_args: LMScriptArguments, tokenizer, max_length: int):
@@ -279,7 +251,7 @@ def lm_demo_training_args(output_dir: str, teacher: str, seed: int, max_steps: i
     )
 
 
-def run_lm(script_args: LMScriptArguments, args: DistillConfig, max_length: int, teacher_top1: list | None = None):
+def run_lm(script_args: LMScriptArguments, args: DistillConfig, teacher_top1: list | None = None):
     """
     Train a causal-LM student by the recipe, evaluate it on the test split, save student, tokenizer,
     `test_results.json` and the model card (its `model-index` carries the test metrics); return the test metrics.
@@ -289,8 +261,8 @@ def run_lm(script_args: LMScriptArguments, args: DistillConfig, max_length: int,
 
     Args:
         script_args ([`LMScriptArguments`]): model, student, data and method.
-        args ([`DistillConfig`]): training and distillation arguments; `method="sft"` sets `alpha = 0`.
-        max_length (`int`): tokens per example ([`resolve_max_length`]).
+        args ([`DistillConfig`]): training and distillation arguments (`lm_max_length`: tokens per example);
+            `method="sft"` sets `alpha = 0`.
         teacher_top1 (`list`, *optional*): the teacher's test-split top-1 tokens from [`lm_test_metrics`] (batch size
             `args.per_device_eval_batch_size`), to skip the teacher's forward pass here.
 
@@ -312,7 +284,7 @@ def run_lm(script_args: LMScriptArguments, args: DistillConfig, max_length: int,
     tokenizer = AutoTokenizer.from_pretrained(
         script_args.model_name_or_path, **placed_model_kwargs(script_args.model_name_or_path)
     )
-    splits = load_lm_splits(script_args, tokenizer, max_length)
+    splits = load_lm_splits(script_args, tokenizer, args.lm_max_length)
     student = build_lm_student(script_args, splits["train"])
     collator = DataCollatorForSeq2Seq(tokenizer)
     trainer = DistillTrainer(
@@ -337,9 +309,20 @@ def run_lm(script_args: LMScriptArguments, args: DistillConfig, max_length: int,
         summary = {"method": script_args.method, "model": script_args.model_name_or_path,
                    "teacher": args.teacher_model_name_or_path, "student_layers": script_args.student_layers,
                    "student_rule": str(script_args.student_rule), "dataset": script_args.dataset,
-                   "max_length": max_length, "alpha": args.alpha, "temperature": args.temperature,
+                   "lm_max_length": args.lm_max_length, "alpha": args.alpha, "temperature": args.temperature,
                    "train_split_tokens": sum(sum(1 for t in row[1:] if t != -100) for row in splits["train"]["labels"]),
                    "num_processes": trainer.accelerator.num_processes}
         with open(os.path.join(args.output_dir, "test_results.json"), "w") as f:
             json.dump({**summary, **metrics}, f, indent=2)
     return metrics
+
+
+COMMANDS = {
+    "distill-lm": TrainingCommand(
+        "Distil a causal LM (DistillTrainer, token-level KD; --method kd | sft).",
+        lambda argv: (LMScriptArguments, DistillConfig),
+        run_lm,
+    ),
+}
+"""`hf-kd distill-lm` (listed in `hf_kd.cli`): a YAML recipe (`trainers/configs/distill_lm_*.yaml`) and/or flags into
+[`LMScriptArguments`] and [`DistillConfig`], then [`run_lm`]."""

@@ -5,18 +5,14 @@ import json
 import os
 import subprocess
 import sys
-from dataclasses import fields
 from pathlib import Path
 
 import pytest
 
 from hf_kd import DistillConfig
 from hf_kd.lm_recipes import (
-    LMLengthArguments,
     LMScriptArguments,
     build_lm_student,
-    lm_dataclass_types,
-    resolve_max_length,
     run_lm,
 )
 
@@ -24,7 +20,6 @@ from .testing_utils import SMOLLM2, causal_lm_tokenizer, tiny_llama
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "trainers" / "configs").glob("distill_lm_*.yaml"))
-HAS_ON_POLICY = "lmbda" in {f.name for f in fields(DistillConfig)}
 
 
 def parse_lm(argv):
@@ -45,14 +40,14 @@ def tiny_teacher_dir(tmp_path):
     return path
 
 
-def tiny_args(tmp_path, teacher_dir, method, **kwargs):
+def tiny_args(tmp_path, teacher_dir, method, lm_max_length=24, **kwargs):
     script = LMScriptArguments(model_name_or_path=str(teacher_dir), method=method, student_layers=2, dataset="text",
                                max_train_samples=8, max_eval_samples=4)
     args = DistillConfig(
         output_dir=str(tmp_path / method), teacher_model_name_or_path=str(teacher_dir), max_steps=2,
         per_device_train_batch_size=4, per_device_eval_batch_size=2, learning_rate=1e-3, report_to="none",
         save_strategy="no", use_cpu=True, cache_teacher_logits=True,
-        teacher_logits_cache_dir=str(tmp_path / "cache"), **kwargs,
+        teacher_logits_cache_dir=str(tmp_path / "cache"), lm_max_length=lm_max_length, **kwargs,
     )
     return script, args
 
@@ -60,7 +55,7 @@ def tiny_args(tmp_path, teacher_dir, method, **kwargs):
 @pytest.mark.parametrize("method", ["kd", "sft"])
 def test_recipe_end_to_end_on_a_tiny_llama(tmp_path, tiny_teacher_dir, method):
     script, args = tiny_args(tmp_path, tiny_teacher_dir, method, alpha=0.7)
-    metrics = run_lm(script, args, max_length=24)
+    metrics = run_lm(script, args)
     assert set(metrics) >= {"test_perplexity", "test_top1_agreement", "test_token_ece", "test_token_accuracy"}
     assert metrics["test_perplexity"] > 1 and 0 <= metrics["test_top1_agreement"] <= 1
     out = tmp_path / method
@@ -81,18 +76,16 @@ def test_kd_and_sft_differ_in_the_loss_only(tmp_path, tiny_teacher_dir):
     for name, method, alpha in (("kd", "kd", 1.0), ("kd_again", "kd", 1.0), ("sft", "sft", 1.0)):
         script, args = tiny_args(tmp_path / name, tiny_teacher_dir, method, alpha=alpha)
         args.teacher_logits_cache_dir = str(tmp_path / "cache")
-        results[name] = run_lm(script, args, max_length=24)["test_perplexity"]
+        results[name] = run_lm(script, args)["test_perplexity"]
     assert results["kd"] == pytest.approx(results["kd_again"], rel=1e-5)
     assert results["kd"] != pytest.approx(results["sft"], rel=1e-5)
 
 
 @pytest.mark.parametrize("recipe", [path.name for path in RECIPES])
 def test_every_lm_recipe_parses(recipe):
-    if "on_policy" in recipe and not HAS_ON_POLICY:
-        pytest.skip("DistillConfig has no on-policy fields (lmbda, seq_kd, max_new_tokens) in this checkout yet")
-    script_args, args, max_length = parse_lm([str(ROOT / "trainers" / "configs" / recipe)])
+    script_args, args = parse_lm([str(ROOT / "trainers" / "configs" / recipe)])
     assert args.output_dir.startswith("outputs/") and script_args.model_name_or_path and args.teacher_model_name_or_path
-    assert script_args.student_layers == 15 and max_length >= 64
+    assert script_args.student_layers == 15 and args.lm_max_length >= 64
     assert script_args.method == ("sft" if "sft" in recipe else "kd")
     if "on_policy" in recipe:
         assert args.lmbda == 0.5
@@ -103,25 +96,28 @@ def test_lm_recipes_include_kd_sft_and_on_policy():
 
 
 def test_flags_override_the_yaml():
-    script_args, args, max_length = parse_lm(
-        [str(ROOT / "trainers" / "configs" / "distill_lm_smollm2_kd.yaml"), "--max_length", "48", "--method", "sft",
+    script_args, args = parse_lm(
+        [str(ROOT / "trainers" / "configs" / "distill_lm_smollm2_kd.yaml"), "--lm_max_length", "48", "--method", "sft",
          "--student_rule", "block_influence"]
     )
-    assert (max_length, script_args.method, str(script_args.student_rule)) == (48, "sft", "block_influence")
+    assert (args.lm_max_length, script_args.method, str(script_args.student_rule)) == (48, "sft", "block_influence")
 
 
-def test_max_length_has_one_field():
-    """`max_length` is parsed once: from DistillConfig when it has the field, else from LMLengthArguments."""
-    names = [f.name for cls in lm_dataclass_types() for f in fields(cls)]
-    assert names.count("max_length") == 1
-    args = DistillConfig(output_dir="x")
-    if getattr(args, "max_length", None) is None:
-        assert resolve_max_length(args) == 128
-        assert resolve_max_length(args, LMLengthArguments(max_length=48)) == 48
-        with pytest.raises(ValueError, match="max_length must be an int >= 2, got 1"):
-            resolve_max_length(args, LMLengthArguments(max_length=1))
-    else:
-        assert resolve_max_length(args, LMLengthArguments(max_length=48)) == args.max_length
+def test_distill_lm_is_an_hf_kd_command(tmp_path, tiny_teacher_dir, capsys):
+    """`hf-kd distill-lm <yaml> --flags` runs the same recipe as trainers/distill_lm.py, from the installed package."""
+    from hf_kd.cli import main
+
+    code = main(["distill-lm", str(ROOT / "trainers" / "configs" / "distill_lm_smollm2_sft.yaml"),
+                 "--model_name_or_path", str(tiny_teacher_dir), "--teacher_model_name_or_path", str(tiny_teacher_dir),
+                 "--student_layers", "2", "--lm_max_length", "16", "--max_train_samples", "8", "--max_eval_samples",
+                 "4", "--max_steps", "1", "--per_device_train_batch_size", "4", "--output_dir", str(tmp_path / "out"),
+                 "--teacher_logits_cache_dir", str(tmp_path / "cache"), "--use_cpu", "true"])
+    assert code == 0, capsys.readouterr().err
+    results = json.loads((tmp_path / "out" / "test_results.json").read_text())
+    assert results["method"] == "sft" and results["lm_max_length"] == 16 and results["student_layers"] == 2
+    with pytest.raises(SystemExit):  # argparse's usage error, exit status 2
+        main(["distill-lm", "--method", "distil", "--model_name_or_path", "m"])
+    assert "--method: invalid choice: 'distil' (choose from 'kd', 'sft')" in capsys.readouterr().err
 
 
 def test_bad_recipe_inputs_are_named():
@@ -145,7 +141,7 @@ def test_student_deeper_than_its_model_is_refused(tiny_teacher_dir):
 def test_recipe_needs_a_teacher(tmp_path, tiny_teacher_dir):
     script = LMScriptArguments(model_name_or_path=str(tiny_teacher_dir), method="sft")
     with pytest.raises(ValueError, match="teacher_model_name_or_path is required by the LM recipe"):
-        run_lm(script, DistillConfig(output_dir=str(tmp_path / "out"), report_to="none"), max_length=16)
+        run_lm(script, DistillConfig(output_dir=str(tmp_path / "out"), report_to="none", lm_max_length=16))
 
 
 @pytest.mark.slow
@@ -157,11 +153,11 @@ def test_distill_lm_under_accelerate_launch(tmp_path, tiny_teacher_dir):
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", "1", "trainers/distill_lm.py",
            "trainers/configs/distill_lm_smollm2_kd.yaml", "--model_name_or_path", str(tiny_teacher_dir),
            "--teacher_model_name_or_path", str(tiny_teacher_dir), "--student_layers", "3", "--student_rule",
-           "block_influence", "--calibration_samples", "4", "--max_length", "16", "--max_train_samples", "8",
+           "block_influence", "--calibration_samples", "4", "--lm_max_length", "16", "--max_train_samples", "8",
            "--max_eval_samples", "4", "--max_steps", "2", "--per_device_train_batch_size", "4", "--output_dir",
            str(tmp_path / "out"), "--teacher_logits_cache_dir", str(tmp_path / "cache"), "--use_cpu", "true"]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-6000:]
     results = json.loads((tmp_path / "out" / "test_results.json").read_text())
-    assert results["method"] == "kd" and results["student_rule"] == "block_influence" and results["max_length"] == 16
+    assert results["method"] == "kd" and results["student_rule"] == "block_influence" and results["lm_max_length"] == 16
     assert len(json.loads((tmp_path / "out" / "config.json").read_text())["hf_kd_kept_layers"]) == 3

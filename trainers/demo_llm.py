@@ -72,7 +72,7 @@ def training_args(opts, output_dir: str, method: str) -> DistillConfig:
     return lm_demo_training_args(
         output_dir, TEACHER, opts.seed, opts.steps, opts.batch_size, opts.learning_rate,
         str(Path(opts.output_dir) / "teacher_logits_cache"), temperature=opts.temperature,
-        alpha=opts.alpha if method == "kd" else 0.0,
+        alpha=opts.alpha if method == "kd" else 0.0, lm_max_length=opts.max_length,
     )
 
 
@@ -126,8 +126,7 @@ def main(argv=None) -> dict:
             f"KD (forward KL to the cached top-64 teacher, T={opts.temperature:g}, alpha={opts.alpha:g})")
         print(f"[{step}/4] {what}: {opts.steps} steps x {opts.batch_size} articles x {opts.max_length} tokens")
         start = time.perf_counter()
-        run_lm(LMScriptArguments(**script, method=method), training_args(opts, str(out / method), method),
-               opts.max_length, teacher_top1)
+        run_lm(LMScriptArguments(**script, method=method), training_args(opts, str(out / method), method), teacher_top1)
         stages[f"train {method}"] = time.perf_counter() - start
         score(f"student ({depth}) after {method.upper()}", AutoModelForCausalLM.from_pretrained(out / method), teacher_top1)
 

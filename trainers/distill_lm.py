@@ -4,7 +4,7 @@
     --method sft   the SFT-only baseline: the same trainer with alpha = 0 (completion-token cross-entropy only)
 
 Every flag of hf_kd.DistillConfig (so of transformers.TrainingArguments) is accepted, plus the recipe's own
-(hf_kd.lm_recipes.LMScriptArguments: --student_layers, --student_rule, --dataset, --max_length, ...). Examples:
+(hf_kd.lm_recipes.LMScriptArguments: --student_layers, --student_rule, --dataset, ...; --lm_max_length is DistillConfig's). Examples:
 
     python trainers/distill_lm.py trainers/configs/distill_lm_smollm2_kd.yaml
     python trainers/distill_lm.py trainers/configs/distill_lm_smollm2_sft.yaml --max_steps 20
@@ -17,18 +17,15 @@ teacher) go to `<output_dir>/test_results.json` next to the saved student, its t
 
 import sys
 
-from distill import parse  # trainers/distill.py: YAML recipe first, flags override it
-
-from hf_kd.distributed import end_distributed
-from hf_kd.lm_recipes import lm_dataclass_types, resolve_max_length, run_lm
+from hf_kd.lm_recipes import COMMANDS
+from hf_kd.recipes import parse_args
 
 
 def parse_lm(argv=None):
-    """`(script_args, distill_config, max_length)` of `[recipe.yaml] [--flag value ...]`."""
-    script_args, args, *length_args = parse(sys.argv[1:] if argv is None else argv, lm_dataclass_types())
-    return script_args, args, resolve_max_length(args, *length_args)
+    """`(script_args, distill_config)` of `[recipe.yaml] [--flag value ...]` ([`hf_kd.recipes.parse_args`])."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return parse_args(argv, COMMANDS["distill-lm"].dataclass_types(argv))
 
 
 if __name__ == "__main__":
-    run_lm(*parse_lm())
-    end_distributed()
+    COMMANDS["distill-lm"].main()

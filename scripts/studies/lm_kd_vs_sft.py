@@ -72,9 +72,9 @@ def main(argv=None):
             args = lm_demo_training_args(
                 str(out / f"{method}-{seed}"), TEACHER, seed, opts.steps, opts.batch_size, opts.learning_rate,
                 str(out / "teacher_logits_cache"), temperature=opts.temperature,
-                alpha=opts.alpha if method == "kd" else 0.0,
+                alpha=opts.alpha if method == "kd" else 0.0, lm_max_length=opts.max_length,
             )
-            metrics = run_lm(LMScriptArguments(**script, method=method), args, opts.max_length, teacher_top1)
+            metrics = run_lm(LMScriptArguments(**script, method=method), args, teacher_top1)
             run = {"seed": seed, "method": method, "settings": settings, **metrics,
                    "wall_seconds": time.perf_counter() - start, "cpu_seconds": time.process_time() - cpu}
             done.append(run)
