@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from .checkpoints import resolve_resume_checkpoint
 from .lm_data import LM_CHAT_TASKS, lm_chat_dataset, lm_text_dataset, tokenize_lm_dataset
-from .metrics import _lm_metrics_from_statistics, lm_token_statistics
+from .metrics import lm_metrics_from_token_statistics, lm_token_statistics
 from .offline_models import placed_model_kwargs
 from .options import StudentLayerRule, to_enum
 from .recipes import TrainingCommand
@@ -200,7 +200,7 @@ def lm_test_metrics(model, dataset, collator, batch_size: int = 8, teacher_top1:
         statistics.append(stats[labels != -100].cpu())
         top1.append(predicted.cpu())
     model.train(was_training)
-    return _lm_metrics_from_statistics(torch.cat(statistics).numpy(), 15), top1
+    return lm_metrics_from_token_statistics(torch.cat(statistics).numpy()), top1
 
 
 @torch.no_grad()
