@@ -7,9 +7,13 @@ real Hub's rules that `base_model` and `datasets` are Hub ids, not local paths, 
 with `HF_HUB_DISABLE_XET=1`), `commit` (ndjson), repo info, tree, paths-info, refs, commits, branch and tag creation,
 and `resolve` with the
 headers `hf_hub_download` relies on (`X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size`, `X-Error-Code`,
-`Range`). Writes need `Authorization: Bearer <token>`; private repos also need it to be read. Model repos and Space
-repos (`repo_type="space"`, what `evaluate.load("<namespace>/<metric>")` reads from `/spaces/<id>/resolve/...`); a
-Space is held under the key `spaces/<namespace>/<name>` of `HubState.repos`.
+`Range`). Writes need `Authorization: Bearer <token>`; private repos also need it to be read. Model repos, Space
+repos (`repo_type="space"`, what `evaluate.load("<namespace>/<metric>")` reads from `/spaces/<id>/resolve/...`) and
+dataset repos (`repo_type="dataset"`, what `datasets.load_dataset("<namespace>/<name>")` reads through HfFileSystem:
+`GET /api/datasets/<id>` and `/revision/<sha>`, `/tree/<sha>[/<dir>]`, then `HEAD` of `README.md`, `<name>.py`,
+`.huggingface.yaml`, `dataset_infos.json` (404s it expects) and `HEAD`/`GET` of the data files under
+`/datasets/<id>/resolve/<sha>/...`); a Space is held under the key `spaces/<namespace>/<name>` of `HubState.repos`,
+a dataset repo under `datasets/<namespace>/<name>` (`REPO_PREFIXES`).
 
 huggingface_hub reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` when it is imported, and the test suite runs offline, so
 clients of this server run in subprocesses started with [`hub_env`].
