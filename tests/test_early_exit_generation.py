@@ -249,6 +249,21 @@ def test_model_fit_exit_thresholds_is_stored_saved_and_used(tmp_path):
                        out.sequences)
 
 
+def test_fit_from_texts_tokenizes_them_and_counts_non_padding_tokens():
+    def tokenizer(texts, padding, return_tensors):  # one id per character, right-padded with 0
+        width = max(len(text) for text in texts)
+        ids = [[3 + ord(c) % 61 for c in text] + [0] * (width - len(text)) for text in texts]
+        return {"input_ids": torch.tensor(ids), "attention_mask": (torch.tensor(ids) > 0).long()}
+
+    model = expressive_model(exit_layers=[2], identity_after=2)
+    texts = ["the quick brown fox jumps over the lazy dog"] * 3 + ["a short one"]
+    fit = fit_exit_thresholds(model, texts, epsilon=0.05, delta=0.1, tokenizer=tokenizer)
+    assert fit.num_tokens == 3 * 43 + 11 and fit.thresholds == {2: 0.0}
+    as_lists = fit_exit_thresholds(model, [tokenizer([t], True, "pt")["input_ids"][0].tolist() for t in texts],
+                                   epsilon=0.05, delta=0.1)
+    assert as_lists == fit
+
+
 def test_fit_on_an_untrained_exit_certifies_only_high_thresholds():
     model = expressive_model(exit_layers=[1])
     calibration = torch.randint(3, 64, (16, 32), generator=torch.Generator().manual_seed(2))
