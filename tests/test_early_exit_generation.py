@@ -66,11 +66,32 @@ def test_self_speculative_is_greedy_with_left_padded_batches(exit_layer, num_dra
     out = self_speculative_generate(
         model, ids, mask, exit_layer=exit_layer, max_new_tokens=16, num_draft_tokens=num_draft_tokens
     )
-    assert torch.equal(out.sequences, greedy(model, ids, mask, 16))
-    # Each verification pass adds its accepted drafts and one token; the first token comes from the prompt's pass.
-    assert out.num_verify_passes == len(out.accepted_per_step)
-    assert 1 + sum(a + 1 for a in out.accepted_per_step) == 16
-    assert all(0 <= a <= num_draft_tokens for a in out.accepted_per_step)
+    reference = greedy(model, ids, mask, 16, eos_token_id=[])
+    assert torch.equal(out.sequences, greedy(model, ids, mask, 16)) and not torch.equal(out.sequences, reference)
+    assert torch.equal(
+        self_speculative_generate(model, ids, mask, exit_layer=exit_layer, max_new_tokens=16,
+                                  num_draft_tokens=num_draft_tokens, eos_token_id=[]).sequences,
+        reference,
+    )
+    # Each verification pass adds a row's accepted drafts and one token (the first token comes from the prompt's
+    # pass), until the row has 16 tokens (the last pass may overshoot: the extra tokens are dropped) or its EOS.
+    assert out.accepted_per_step.shape == (3, out.num_verify_passes)
+    assert ((out.accepted_per_step >= -1) & (out.accepted_per_step <= num_draft_tokens)).all()
+    for row, sequence in zip(out.accepted_per_step.tolist(), out.sequences):
+        produced = 1 + sum(a + 1 for a in row if a >= 0)
+        assert produced >= 16 or 2 in sequence[PROMPT_LEN:produced + PROMPT_LEN]
+        assert produced < 16 + num_draft_tokens + 1
+
+
+def test_self_speculative_rows_keep_their_own_acceptance():
+    """Rows that accept fewer drafts than another row in the same pass leave rejected drafts as holes in the cache."""
+    model = expressive_model()
+    ids, mask = left_padded_prompts()
+    out = self_speculative_generate(model, ids, mask, exit_layer=3, max_new_tokens=20, num_draft_tokens=3,
+                                    eos_token_id=[])
+    assert torch.equal(out.sequences, greedy(model, ids, mask, 20, eos_token_id=[]))
+    differs = [len(set(column) - {-1}) > 1 for column in out.accepted_per_step.T.tolist()]
+    assert any(differs)
 
 
 def test_self_speculative_batch_of_one_and_varied_acceptance():
@@ -78,7 +99,7 @@ def test_self_speculative_batch_of_one_and_varied_acceptance():
     ids, mask = left_padded_prompts(batch=1, seed=3)
     out = self_speculative_generate(model, ids, mask, exit_layer=3, max_new_tokens=24, num_draft_tokens=3)
     assert torch.equal(out.sequences, greedy(model, ids, mask, 24))
-    assert len(set(out.accepted_per_step)) > 1  # some drafts rejected, some accepted: the cache was cropped
+    assert len(set(out.accepted_per_step[0].tolist())) > 1  # some drafts rejected, some accepted: the cache was cropped
 
 
 def test_all_drafts_accepted_when_the_later_layers_add_nothing():
@@ -86,14 +107,14 @@ def test_all_drafts_accepted_when_the_later_layers_add_nothing():
     ids, mask = left_padded_prompts()
     out = self_speculative_generate(model, ids, mask, exit_layer=2, max_new_tokens=13, num_draft_tokens=4)
     assert torch.equal(out.sequences, greedy(model, ids, mask, 13))
-    assert out.accepted_per_step == [4, 4, 1]  # 1 + 5 + 5 + 2 tokens: the last cycle drafts only what is left
+    assert out.accepted_per_step.tolist() == [[4, 4, 1]] * 3  # 1 + 5 + 5 + 2 tokens: the last cycle drafts only the rest
     assert out.layers_run == 4 * (5 + 5 + 2)
 
 
 def test_verification_never_recomputes_the_draft_layers():
     """Every layer sees each position once per cycle: layers 1..E in the draft, E+1..L in verification."""
     model = expressive_model()
-    ids, mask = left_padded_prompts()
+    ids, mask = left_padded_prompts(batch=1)
     positions = [0] * 4
     hooks = [
         layer.register_forward_hook(lambda module, args, output, i=i: positions.__setitem__(i, positions[i] + args[0].shape[1]))
@@ -106,7 +127,7 @@ def test_verification_never_recomputes_the_draft_layers():
     assert positions == [PROMPT_LEN + per_layer] * 4
     # A pass after `n` tokens runs min(3, 12 - n - 1) drafts and the token before them through every layer.
     tokens, expected = 1, 0
-    for accepted in out.accepted_per_step:
+    for accepted in out.accepted_per_step[0].tolist():
         expected += min(3, 12 - tokens - 1) + 1
         tokens += accepted + 1
     assert per_layer == expected

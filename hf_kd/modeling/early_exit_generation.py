@@ -46,9 +46,9 @@ class EarlyExitGenerateOutput(ModelOutput):
             Decoder-layer evaluations per row after the prompt's pass: one layer applied to one token position counts
             1 (drafts that verification rejects and deferred KV computation included; the prompt's pass, the same for
             every method, excluded). Plain greedy decoding of `n` tokens costs `num_layers * (n - 1)`.
-        accepted_per_step (`list[int]`, *optional*):
-            [`self_speculative_generate`] only: per verification pass, how many drafted tokens were accepted (the
-            pass adds that many plus one token).
+        accepted_per_step (`torch.LongTensor` of shape `(batch_size, num_verify_passes)`, *optional*):
+            [`self_speculative_generate`] only: per row and verification pass, how many drafted tokens were accepted
+            (the pass adds that many plus one token to the row); `-1` where the row had already finished.
         num_verify_passes (`int`, *optional*): [`self_speculative_generate`] only: the number of verification passes.
     """
 
@@ -143,9 +143,10 @@ class _Stopping:
         self.pad = pad if pad is not None else (eos[0] if eos else 0)
         self.done = torch.zeros(batch_size, dtype=torch.bool, device=device)
 
-    def update(self, tokens: torch.Tensor) -> None:
-        """Mark the rows whose new tokens `(batch, n)` hold an EOS."""
-        self.done |= torch.isin(tokens, self.eos).any(-1)
+    def update(self, tokens: torch.Tensor, kept: torch.Tensor | None = None) -> None:
+        """Mark the rows whose new tokens `(batch, n)` (those where `kept`, when given) hold an EOS."""
+        is_eos = torch.isin(tokens, self.eos)
+        self.done |= (is_eos if kept is None else is_eos & kept).any(-1)
 
     def finish(self, prompt: torch.LongTensor, new: torch.LongTensor) -> torch.LongTensor:
         """`prompt` then `new` `(batch, n)`, with the pad token after each row's first EOS, cut where every row ended."""
@@ -158,7 +159,10 @@ class _Stopping:
         return torch.cat([prompt, new], dim=-1)
 
 
-def _prepare(model, input_ids, attention_mask, max_new_tokens: int):
+def _prepare(model, input_ids, attention_mask, max_new_tokens: int, slots_per_token: int = 1) -> torch.Tensor:
+    """Checks the inputs; returns which cache slots hold real tokens, `(batch, prompt_len + max_new_tokens *
+    slots_per_token + 1)`: the prompt's attention mask, then True for the slots of generated tokens (a generator that
+    leaves holes in the cache marks them False itself)."""
     _check_backbone(model)
     if input_ids.ndim != 2:
         raise ValueError(f"input_ids must be (batch_size, seq_len), got shape {tuple(input_ids.shape)}.")
@@ -168,8 +172,9 @@ def _prepare(model, input_ids, attention_mask, max_new_tokens: int):
         attention_mask = torch.ones_like(input_ids)
     if bool((attention_mask[:, -1] == 0).any()):
         raise ValueError("Early-exit generation needs left padding: the last prompt position of a row is padding.")
-    # Every slot after the prompt holds a generated (real) token.
-    new_slots = torch.ones(input_ids.shape[0], max_new_tokens + 1, dtype=torch.bool, device=input_ids.device)
+    new_slots = torch.ones(
+        input_ids.shape[0], max_new_tokens * slots_per_token + 1, dtype=torch.bool, device=input_ids.device
+    )
     return torch.cat([attention_mask.bool(), new_slots], dim=-1)
 
 
@@ -208,9 +213,12 @@ def self_speculative_generate(
        correction, or a bonus token when all `k` drafts are accepted), and crops the KV cache of every layer back to
        the accepted tokens.
 
-    Batches: the rows of a batch accept the **minimum** of their acceptance lengths (over the rows that have not yet
-    emitted EOS), so every row's cache keeps the same length and one pass serves the whole batch. A row that could
-    have accepted more loses nothing but speed: the token it gets instead is its own verified next token.
+    Batches: every row keeps its **own** acceptance length; one pass serves the whole batch, and the cache keeps one
+    length, that of the longest acceptance among the rows still running. A row that accepted fewer drafts leaves its
+    rejected drafts' slots in the cache as padding (masked keys, skipped by the position ids, as left padding is), so
+    rows drift apart by up to `k` tokens per cycle and the batch ends when its slowest row does. (Accepting the
+    minimum across rows would keep the cache dense but, with weak drafts, a batch of 8 almost never accepts a
+    draft.)
 
     Args:
         model ([`MultiExitForCausalLM`]): in eval mode; its backbone must use sdpa or eager attention.
@@ -231,18 +239,26 @@ def self_speculative_generate(
         raise ValueError(f"exit_layer must be an early exit (< {depth}) to draft with, got {exit_layer}.")
     if not isinstance(num_draft_tokens, int) or num_draft_tokens < 1:
         raise ValueError(f"num_draft_tokens must be an int >= 1, got {num_draft_tokens!r}.")
-    valid = _prepare(model, input_ids, attention_mask, max_new_tokens + num_draft_tokens)
-    stopping = _Stopping(model, input_ids.shape[0], input_ids.device, eos_token_id, pad_token_id)
+    # A cycle moves the cache by at most k + 1 slots and gives every running row at least one token.
+    valid = _prepare(model, input_ids, attention_mask, max_new_tokens, slots_per_token=num_draft_tokens + 1)
+    batch, device = input_ids.shape[0], input_ids.device
+    stopping = _Stopping(model, batch, device, eos_token_id, pad_token_id)
     embed = model.backbone.model.embed_tokens
 
     cache, token = _prefill(model, input_ids, valid)
-    generated = [token[:, None]]
-    stopping.update(generated[0])
-    num_tokens, slot = 1, input_ids.shape[1]  # `slot`: the cache position of `token`, not yet in any layer's cache
+    # Row r's tokens so far are tokens[r, :count[r]]; rows run ahead of each other by up to k tokens.
+    tokens = torch.full((batch, max_new_tokens + num_draft_tokens + 1), stopping.pad, dtype=torch.long, device=device)
+    tokens[:, 0] = token
+    count = torch.ones(batch, dtype=torch.long, device=device)
+    stopping.update(token[:, None])
+    slot = input_ids.shape[1]  # the cache slot of `token`, the last token of each row, not yet in any layer's cache
     accepted_per_step, layers_run = [], 0
-    while num_tokens < max_new_tokens and not bool(stopping.done.all()):
-        # A cycle adds at most k + 1 tokens: never draft past max_new_tokens.
-        k = min(num_draft_tokens, max_new_tokens - num_tokens - 1)
+    while True:
+        running = ~stopping.done & (count < max_new_tokens)
+        if not bool(running.any()):
+            break
+        # A cycle adds at most k + 1 tokens to a row: never draft past the longest remaining budget.
+        k = min(num_draft_tokens, int((max_new_tokens - count[running]).max()) - 1)
         drafts, hidden_at_exit = [], []
         current = token
         for i in range(k + 1):
@@ -256,23 +272,31 @@ def self_speculative_generate(
         layers_run += depth * (k + 1)
 
         drafted = torch.stack(drafts, dim=1) if drafts else verified[:, :0]
-        per_row = (drafted == verified[:, :k]).long().cumprod(-1).sum(-1)
-        active = ~stopping.done
-        accepted = int(per_row[active].min())
-        new = torch.cat([drafted[:, :accepted], verified[:, accepted : accepted + 1]], dim=1)
-        # Every layer now caches x, d_1..d_k: keep x, d_1..d_accepted.
-        if accepted < k:
-            cache.crop(accepted - k)
-        generated.append(new)
-        stopping.update(new)
-        accepted_per_step.append(accepted)
-        num_tokens += accepted + 1
-        slot += accepted + 1
-        token = new[:, -1]
+        accepted = (drafted == verified[:, :k]).long().cumprod(-1).sum(-1)  # (batch,) leading drafts verified
+        longest = int(accepted[running].max())
+        accepted = accepted.clamp(max=longest)  # finished rows do not hold the cache
+        # Every layer caches x, d_1..d_k: nothing past the longest acceptance is kept. A row that accepted fewer
+        # leaves its rejected drafts in the cache as padding (masked; position ids skip them), so that every row
+        # keeps its own acceptance and one cache length serves the batch.
+        if longest < k:
+            cache.crop(longest - k)
+        offsets = torch.arange(1, longest + 1, device=device)
+        valid[:, slot + 1 : slot + longest + 1] = offsets <= accepted[:, None]
+        # Row r gains verified[r, :accepted[r] + 1]: its accepted drafts (equal to the verified tokens) and the final
+        # exit's next token.
+        kept = (torch.arange(longest + 1, device=device) <= accepted[:, None]) & running[:, None]
+        for j in range(longest + 1):
+            rows = kept[:, j].nonzero().squeeze(-1)
+            tokens[rows, count[rows] + j] = verified[rows, j]
+        stopping.update(verified[:, : longest + 1], kept)
+        count += (accepted + 1) * running
+        accepted_per_step.append(torch.where(running, accepted, -1))
+        slot += longest + 1
+        token = verified.gather(1, accepted[:, None]).squeeze(1)
     return EarlyExitGenerateOutput(
-        sequences=stopping.finish(input_ids, torch.cat(generated, dim=1)),
+        sequences=stopping.finish(input_ids, tokens[:, :max_new_tokens]),
         layers_run=layers_run,
-        accepted_per_step=accepted_per_step,
+        accepted_per_step=torch.stack(accepted_per_step, dim=1) if accepted_per_step else tokens[:, :0],
         num_verify_passes=len(accepted_per_step),
     )
 

@@ -119,7 +119,7 @@ def main():
             if method == "hf_kd self_speculative":
                 steps = out.accepted_per_step
                 row["verify_passes"] = out.num_verify_passes
-                row["mean_accepted_drafts"] = sum(steps) / len(steps)
+                row["mean_accepted_drafts"] = float(steps[steps >= 0].float().mean())
                 row["layers_run_per_row"] = out.layers_run
                 row["greedy_layers_per_row"] = model.config.exit_layers[-1] * (sequences.shape[1] - prompt_len - 1)
             results.append(row)
@@ -127,7 +127,7 @@ def main():
 
     print()
     print(f"| setting | method | new tokens | s (median of {args.repeats}) | tokens/s | identical to greedy | "
-          "drafts accepted per pass (of k) | layer evaluations per row (greedy's) |")
+          "drafts accepted per row and pass (of k) | layer evaluations per row (greedy's) |")
     print("|---|---|---|---|---|---|---|---|")
     for row in results:
         accepted = f"{row['mean_accepted_drafts']:.2f} of {args.num_draft_tokens}" if "verify_passes" in row else ""
