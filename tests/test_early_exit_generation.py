@@ -321,6 +321,7 @@ def test_generate_dispatches_and_defaults_to_the_backbone():
         ({"early_exit": "self_speculative", "exit_layer": 4}, r"must be an early exit \(< 4\)"),
         ({"early_exit": "confident"}, r"needs per-exit confidence thresholds: .*model.fit_exit_thresholds"),
         ({"early_exit": "confident", "thresholds": {4: 0.5}}, "the last layer \\(4\\) always exits"),
+        ({"early_exit": "confident", "thresholds": {}}, "No exit has a threshold: the fit certified none"),
         ({"early_exit": "self_speculative", "exit_layer": 2, "do_sample": True}, "decodes greedily only"),
         ({"early_exit": "confident", "num_beams": 2}, r"does not support \['num_beams'\]"),
     ],

@@ -309,7 +309,12 @@ def _exit_settings(model, thresholds, temperatures) -> tuple[dict[int, float], d
     depth = model.config.exit_layers[-1]
     if thresholds is None:
         thresholds = model.config.exit_thresholds
-    if not thresholds:
+    if thresholds == {}:
+        raise ValueError(
+            "No exit has a threshold: the fit certified none (each early exit disagrees with the final exit too often "
+            "for this epsilon and delta), so every token would run every layer; use generate() without early_exit."
+        )
+    if thresholds is None:
         raise ValueError(
             "early_exit='confident' needs per-exit confidence thresholds: pass thresholds={exit_layer: threshold} or "
             "fit them first with model.fit_exit_thresholds(calibration_texts, epsilon=..., delta=..., tokenizer=...)."
