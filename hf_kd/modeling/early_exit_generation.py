@@ -216,7 +216,8 @@ def self_speculative_generate(
     Batches: every row keeps its **own** acceptance length; one pass serves the whole batch, and the cache keeps one
     length, that of the longest acceptance among the rows still running. A row that accepted fewer drafts leaves its
     rejected drafts' slots in the cache as padding (masked keys, skipped by the position ids, as left padding is), so
-    rows drift apart by up to `k` tokens per cycle and the batch ends when its slowest row does. (Accepting the
+    rows drift apart by up to `k` tokens per cycle, the batch ends when its slowest row does, and the cache can hold up
+    to `k + 1` slots per generated token. (Accepting the
     minimum across rows would keep the cache dense but, with weak drafts, a batch of 8 almost never accepts a
     draft.)
 
