@@ -204,6 +204,16 @@ def test_confident_mixed_exits_match_the_reference_and_run_the_deferred_layers()
     assert out.layers_run == 4 * 15 - 3
 
 
+def test_confident_batch_leaves_an_exit_only_when_every_row_is_confident():
+    model = expressive_model()
+    ids, mask = left_padded_prompts()
+    thresholds = {1: 0.2, 2: 0.15, 3: 0.15}
+    out = confident_generate(model, ids, mask, thresholds=thresholds, max_new_tokens=16, eos_token_id=[])
+    sequences, exits = naive_confident(model, ids, mask, thresholds, 16)
+    assert torch.equal(out.sequences, sequences)
+    assert out.exit_layers.tolist() == [exits] * 3 and len(set(exits)) >= 3
+
+
 def test_confident_uses_per_exit_temperatures():
     model = expressive_model()
     ids, mask = left_padded_prompts(batch=1)
