@@ -149,26 +149,25 @@ def test_self_speculative_stops_at_eos_like_generate():
 
 
 def naive_confident(model, ids, mask, thresholds, max_new_tokens):
-    """Reference: each step recomputes the whole sequence through every layer, then applies the same exit rule (the
-    first exit where every row is confident) to the last position; no cache, no deferral."""
+    """Reference: each step recomputes the whole sequence through every layer, then gives each row the token of its
+    first exit whose confidence clears the threshold (the final exit otherwise); no cache, no deferral."""
     depth = model.config.exit_layers[-1]
     sequences, exits = ids, []
     for step in range(max_new_tokens):
         position_ids = (mask.cumsum(-1) - 1).clamp(min=0)
         hidden = model.backbone(input_ids=sequences, attention_mask=mask, position_ids=position_ids,
                                 output_hidden_states=True).hidden_states
-        token, exit_layer = None, depth
-        for layer in sorted(thresholds) if step else []:
+        token = model.backbone.lm_head(hidden[depth][:, -1]).argmax(-1)  # hidden[depth] is already normed
+        exit_layer = torch.full_like(token, depth)
+        for layer in sorted(thresholds, reverse=True) if step else []:  # the first confident exit wins: last write
             logits = model.exit_logits_from_hidden(hidden[layer][:, -1], layer)
-            if (torch.softmax(logits, -1).amax(-1) >= thresholds[layer]).all():
-                token, exit_layer = logits.argmax(-1), layer
-                break
-        if token is None:
-            token = model.backbone.lm_head(hidden[depth][:, -1]).argmax(-1)  # hidden[depth] is already normed
+            confident = torch.softmax(logits, -1).amax(-1) >= thresholds[layer]
+            token = torch.where(confident, logits.argmax(-1), token)
+            exit_layer = torch.where(confident, layer, exit_layer)
         sequences = torch.cat([sequences, token[:, None]], dim=1)
         mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
         exits.append(exit_layer)
-    return sequences, exits
+    return sequences, torch.stack(exits, dim=1)
 
 
 def test_confident_with_thresholds_that_never_fire_is_greedy():
@@ -187,7 +186,7 @@ def test_confident_always_exiting_matches_the_from_scratch_reference(thresholds)
     out = confident_generate(model, ids, mask, thresholds=thresholds, max_new_tokens=10, eos_token_id=[])
     sequences, exits = naive_confident(model, ids, mask, thresholds, 10)
     assert torch.equal(out.sequences, sequences)
-    assert out.exit_layers[0].tolist() == exits == [4] + [next(iter(thresholds))] * 9
+    assert torch.equal(out.exit_layers, exits) and exits[0].tolist() == [4] + [next(iter(thresholds))] * 9
 
 
 def test_confident_mixed_exits_match_the_reference_and_run_the_deferred_layers():
@@ -198,20 +197,26 @@ def test_confident_mixed_exits_match_the_reference_and_run_the_deferred_layers()
     out = confident_generate(model, ids, mask, thresholds=thresholds, max_new_tokens=16, eos_token_id=[])
     sequences, exits = naive_confident(model, ids, mask, thresholds, 16)
     assert torch.equal(out.sequences, sequences)
-    assert out.exit_layers[0].tolist() == exits == [4, 1, 1, 4, 3, 3, 3, 1, 3, 4, 4, 1, 4, 4, 4, 1]
+    assert out.exit_layers.tolist() == exits.tolist() == [[4, 1, 1, 4, 3, 3, 3, 1, 3, 4, 4, 1, 4, 4, 4, 1]]
     # The 15 input tokens after the prompt each run every layer exactly once (the skipped ones deferred to a later
     # pass), except the 3 layers the last one still owes: it left at exit 1 after a token that ran them all.
     assert out.layers_run == 4 * 15 - 3
 
 
-def test_confident_batch_leaves_an_exit_only_when_every_row_is_confident():
+def test_confident_rows_of_a_batch_exit_on_their_own():
     model = expressive_model()
     ids, mask = left_padded_prompts()
     thresholds = {1: 0.2, 2: 0.15, 3: 0.15}
     out = confident_generate(model, ids, mask, thresholds=thresholds, max_new_tokens=16, eos_token_id=[])
     sequences, exits = naive_confident(model, ids, mask, thresholds, 16)
-    assert torch.equal(out.sequences, sequences)
-    assert out.exit_layers.tolist() == [exits] * 3 and len(set(exits)) >= 3
+    assert torch.equal(out.sequences, sequences) and torch.equal(out.exit_layers, exits)
+    assert any(len(set(column)) > 1 for column in exits.T.tolist())  # rows left at different exits in one pass
+    # A row's output does not depend on the batch: each row alone (its padding dropped) gives the same tokens.
+    for row in range(3):
+        alone = ids[row : row + 1, mask[row].bool()]
+        single = confident_generate(model, alone, None, thresholds=thresholds, max_new_tokens=16, eos_token_id=[])
+        assert torch.equal(single.sequences[0, alone.shape[1] :], out.sequences[row, PROMPT_LEN:])
+        assert torch.equal(single.exit_layers[0], out.exit_layers[row])
 
 
 def test_confident_uses_per_exit_temperatures():

@@ -40,12 +40,12 @@ class EarlyExitGenerateOutput(ModelOutput):
             the pad token, and generation stops once every row has emitted EOS (or after `max_new_tokens`).
         exit_layers (`torch.LongTensor` of shape `(batch_size, new_len)`, *optional*):
             [`confident_generate`] only: the layer whose exit chose each generated token (the first token comes from
-            the prompt's full pass, so its entry is the last layer). Rows of a batch leave together (see
-            [`confident_generate`]), so every row holds the same layers.
+            the prompt's full pass, so its entry is the last layer).
         layers_run (`int`):
-            Decoder-layer evaluations per row after the prompt's pass: one layer applied to one token position counts
-            1 (drafts that verification rejects and deferred KV computation included; the prompt's pass, the same for
-            every method, excluded). Plain greedy decoding of `n` tokens costs `num_layers * (n - 1)`.
+            Decoder-layer evaluations per row after the prompt's pass (every row of a batch runs the same ones): one
+            layer applied to one token position counts 1 (drafts that verification rejects and deferred KV
+            computation included; the prompt's pass, the same for every method, excluded). Plain greedy decoding of
+            `n` tokens costs `num_layers * (n - 1)`.
         accepted_per_step (`torch.LongTensor` of shape `(batch_size, num_verify_passes)`, *optional*):
             [`self_speculative_generate`] only: per row and verification pass, how many drafted tokens were accepted
             (the pass adds that many plus one token to the row); `-1` where the row had already finished.
@@ -361,8 +361,10 @@ def confident_generate(
     difference from greedy decoding of the full model is which exit chose each token. The deferred work is not saved
     (`layers_run` counts it): it runs in parallel with the next token, one pass instead of two.
 
-    Batches: a batch leaves at an exit only when every row that has not emitted EOS is confident there (one pass
-    serves all rows, and the caches of all rows keep the same length); `exit_layers` is then the same for every row.
+    Batches: each row takes its token at its own first confident exit, so a row's output does not depend on the other
+    rows. One pass serves the batch and runs layers until every row still running has chosen: a row that chose
+    earlier keeps going through those layers with the others (which computes its KV entries there), and the layers
+    after the batch's last decision are deferred for all rows alike.
 
     Args:
         model ([`MultiExitForCausalLM`]): in eval mode; its backbone must use sdpa or eager attention.
@@ -387,7 +389,7 @@ def confident_generate(
     exit_points = sorted(thresholds)
 
     cache, token = _prefill(model, input_ids, valid)
-    generated, exits = [token], [depth]
+    generated, exits = [token], [torch.full_like(token, depth)]
     stopping.update(token[:, None])
     slot, layers_run = input_ids.shape[1], 0  # `slot`: the cache position of `token`
     # Tokens that left early and still owe layers their KV entries: (hidden states (batch, n, hidden) after their last
@@ -396,6 +398,8 @@ def confident_generate(
     pending: list[tuple[torch.Tensor, int]] = []
     while len(generated) < max_new_tokens and not bool(stopping.done.all()):
         hidden, start, done = model.backbone.model.embed_tokens(token[:, None]), slot, 0
+        # Each row takes its token at its own first confident exit; finished rows have nothing to decide.
+        decided, exit_layer = stopping.done.clone(), torch.full_like(token, depth)
         while True:
             while pending and pending[-1][1] == done:  # the owed layers come next: the pending tokens join here
                 block, _ = pending.pop()
@@ -405,24 +409,26 @@ def confident_generate(
             layers_run += (stop - done) * hidden.shape[1]
             done = stop
             if done == depth:
-                token = model.exit_logits_from_hidden(hidden[:, -1], depth).argmax(-1)
+                token = torch.where(decided, token, model.exit_logits_from_hidden(hidden[:, -1], depth).argmax(-1))
                 break
             if done in thresholds:
                 logits = model.exit_logits_from_hidden(hidden[:, -1], done)
                 confidence = torch.softmax(logits.float() / temperatures.get(done, 1.0), dim=-1).amax(-1)
-                if bool((confidence[~stopping.done] >= thresholds[done]).all()):
-                    token = logits.argmax(-1)
+                leaving = ~decided & (confidence >= thresholds[done])
+                token = torch.where(leaving, logits.argmax(-1), token)
+                exit_layer = torch.where(leaving, done, exit_layer)
+                decided |= leaving
+                if bool(decided.all()):
                     pending.append((hidden, done))
                     break
         generated.append(token)
-        exits.append(done)
+        exits.append(exit_layer)
         stopping.update(token[:, None])
         slot += 1
     sequences = stopping.finish(input_ids, torch.stack(generated, dim=1))
-    exit_layers = torch.tensor(exits, device=input_ids.device).expand(input_ids.shape[0], -1)
     return EarlyExitGenerateOutput(
         sequences=sequences,
-        exit_layers=exit_layers[:, : sequences.shape[1] - input_ids.shape[1]],
+        exit_layers=torch.stack(exits, dim=1)[:, : sequences.shape[1] - input_ids.shape[1]],
         layers_run=layers_run,
     )
 
