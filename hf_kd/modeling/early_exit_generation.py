@@ -526,8 +526,10 @@ def fit_exit_thresholds(
     exit's: the tokens that would leave at `e` with another prediction than the full model. Each exit's threshold is
     the smallest of `grid` certified by [`learn_then_test_threshold`] (fixed-sequence testing, binomial p-values) at
     level `delta / num_early_exits` (Bonferroni across exits): with probability at least `1 - delta` over the
-    calibration text, **every** exit's risk is at most `epsilon`. The guarantee is per token and teacher-forced (the
-    prefix is the calibration text); it bounds each exit's disagreement rate, not a whole generated sequence's.
+    calibration text, **every** exit's risk is at most `epsilon`; a token leaves at one exit only, so the rate of tokens
+    on which the whole cascade disagrees with the final exit is then at most `num_early_exits * epsilon` (pass
+    `epsilon / num_early_exits` for a cascade-level `epsilon`). The guarantee is per token and teacher-forced (the
+    prefix is the calibration text); it does not bound the divergence of a whole generated sequence.
 
     Args:
         model ([`MultiExitForCausalLM`]): the model (not modified; [`MultiExitForCausalLM.fit_exit_thresholds`]
