@@ -1,18 +1,18 @@
 """The LLM demo: distil SmolLM2-135M-Instruct into a 15-layer student on BBC News articles, against the SFT baseline.
 
     python trainers/demo_llm.py                          # `make demo-llm` (after set-up), offline, 2 CPU cores
-    python trainers/demo_llm.py --steps 100 --output_dir outputs/demo_llm_long
+    python trainers/demo_llm.py --steps 200 --output_dir outputs/demo_llm_long
 
 Steps: (1) the teacher, HuggingFaceTB/SmolLM2-135M-Instruct (30 layers); (2) the pruned student, every other
 teacher layer (15 of 30, hf_kd.student.make_student), untrained; (3) that student after `--steps` steps of SFT (the
 completion-token cross-entropy alone: hf_kd.lm_recipes, method sft, alpha 0); (4) the same student after the same
 steps on the same tokens with KD (method kd: forward KL to the teacher's cached top-64 next-token distributions,
-alpha 1, T 1; one teacher pass over the training rows, shared with (3)). Data: hf_kd.lm_data.lm_text_dataset, BBC
-News articles split by article, each cut to its first `--max_length` tokens; every token counts. Each model is scored
-on `--eval_samples` held-out test articles (perplexity, top-1 agreement with the teacher, token ECE with 15 bins)
-and on greedy generation speed (batch 1, the fixed PROMPTS, exactly `--max_new_tokens` new tokens each).
-Writes `<output_dir>/results.json` (and the SFT and KD students in `<output_dir>/sft`, `<output_dir>/kd`), prints
-the table.
+T 1, mixed half and half with the cross-entropy, alpha 0.5; one teacher pass over the training rows, shared with
+(3)). Data: hf_kd.lm_data.lm_text_dataset, BBC News articles split by article, each cut to its first
+`--max_length` tokens; every token counts. Each model is scored on `--eval_samples` held-out test articles
+(perplexity, top-1 agreement with the teacher, token ECE with 15 bins) and on greedy generation speed (batch 1,
+the fixed PROMPTS, exactly `--max_new_tokens` new tokens each). Writes `<output_dir>/results.json` (and the SFT
+and KD students in `<output_dir>/sft`, `<output_dir>/kd`), prints the table.
 """
 
 import argparse
@@ -55,12 +55,12 @@ def parse_args(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/demo_llm")
     parser.add_argument("--student_layers", type=int, default=15)
-    parser.add_argument("--steps", type=int, default=20, help="Training steps of SFT and of KD (equal tokens).")
+    parser.add_argument("--steps", type=int, default=60, help="Training steps of SFT and of KD (equal tokens).")
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=64, help="Tokens per article.")
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--alpha", type=float, default=1.0, help="KD's weight of the soft term.")
+    parser.add_argument("--alpha", type=float, default=0.5, help="KD's weight of the soft term (the rest: cross-entropy).")
     parser.add_argument("--eval_samples", type=int, default=32, help="Held-out test articles scored.")
     parser.add_argument("--max_new_tokens", type=int, default=16)
     parser.add_argument("--seed", type=int, default=42)

@@ -41,12 +41,12 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="outputs/lm_kd_vs_sft")
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--steps", type=int, default=15)
+    parser.add_argument("--steps", type=int, default=60)
     parser.add_argument("--batch_size", type=int, default=4)
     parser.add_argument("--max_length", type=int, default=64)
     parser.add_argument("--learning_rate", type=float, default=2e-4)
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--alpha", type=float, default=1.0)
+    parser.add_argument("--alpha", type=float, default=0.5)
     parser.add_argument("--eval_samples", type=int, default=32)
     parser.add_argument("--top_k", type=int, default=64, help="the teacher cache's k; 0: a live teacher, full logits")
     parser.add_argument("--methods", nargs="+", default=["sft", "kd"], choices=["sft", "kd"])
@@ -87,6 +87,8 @@ def main(argv=None):
 
     by = {(run["seed"], run["method"]): run for run in done}
     seeds = [s for s in opts.seeds if (s, "sft") in by and (s, "kd") in by]
+    if not seeds:  # one method only (--methods): the runs above are the result
+        return
     ppl_teacher = teacher_metrics["perplexity"]
     lines = ["| seed | ppl SFT | ppl KD | agreement SFT | agreement KD | gap closed by KD |", "|---|---:|---:|---:|---:|---:|"]
     gaps = []
