@@ -75,16 +75,15 @@ def _cuts(offsets: Sequence[Sequence[int]], side: str, length: int | None) -> tu
     after it, and the text length the tokens cover. Zero-width tokens (special tokens: BOS, EOS) are skipped.
 
     A cut after token `i` needs the next token to start where `i` ends: byte-level tokenizers give the pieces of one
-    multi-byte character overlapping offsets (an emoji over three tokens, each `(c, c + 1)`), and no cut falls
-    inside them. A gap between tokens (characters no token covers) or tokens that do not start at 0 mean the
+    multi-byte character overlapping offsets (SmolLM2 spells " 🤗" `ĠðŁ` `(c, c + 2)`, `¤` and `Ĺ` `(c + 1, c + 2)`),
+    and no cut falls inside them. A gap between tokens (characters no token covers) or tokens that do not start at 0 mean the
     offsets do not tile the text, which this method needs: an error."""
     tokens = [(i, int(s), int(e)) for i, (s, e) in enumerate(offsets) if e > s]
     if not tokens:
         raise ValueError(f"The {side} tokenization has no token covering any character (empty text?)")
-    cuts = {tokens[0][1]: tokens[0][0]}
     if tokens[0][1] != 0:
         raise ValueError(f"The {side} tokens start at character {tokens[0][1]}, not 0: the offsets do not tile the text")
-    reach = 0
+    cuts, reach = {0: tokens[0][0]}, 0
     for (i, _, end), following in zip(tokens, tokens[1:] + [None]):
         reach = max(reach, end)
         if following is None:

@@ -355,6 +355,10 @@ class TestDistillTrainer:
         assert all("kd_loss" in log for log in trainer.state.log_history if "loss" in log)
         if loss == "hybrid":
             assert len(trainer._shared_vocabulary[0]) == 46145
+        else:  # evaluation: the student's LM metrics, no top1_agreement (the teacher predicts over another vocabulary)
+            metrics = trainer.evaluate(eval_dataset=chat_data(2))
+            assert np.isfinite(metrics["eval_loss"]) and metrics["eval_perplexity"] > 1
+            assert "eval_top1_agreement" not in metrics
 
     def test_exact_under_gradient_accumulation(self, tmp_path, smol, gemma, teacher):
         """Two micro-batches with the accumulated batch's token count sum to the loss of the whole batch."""

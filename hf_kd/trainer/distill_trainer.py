@@ -55,7 +55,10 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     `args.beta`), at temperature `args.temperature` on both sides. The loss is normalised by the number of completion
     tokens of the whole accumulated batch (`num_items_in_batch`, counted over the shifted labels), so it is exact under
     gradient accumulation and data parallelism. The teacher must be a causal LM with the same vocabulary (an error
-    naming both vocabulary sizes and tokenizers otherwise). It runs live at every step, or with
+    naming both vocabulary sizes and tokenizers otherwise), unless `args.cross_tokenizer` is `"uld"` or `"hybrid"`:
+    then each text is tokenised by both tokenizers, the tokens are aligned into spans covering the same characters
+    and the span distributions are compared with [`hf_kd.losses.uld_loss`] / [`hf_kd.losses.hybrid_loss`]
+    ([`hf_kd.cross_tokenizer`], [`~DistillTrainer._compute_cross_tokenizer_loss`]). It runs live at every step, or with
     `args.cache_teacher_logits` once per dataset: each completion token's top `args.lm_cache_top_k` teacher logits are
     cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
     (tail `args.lm_cache_tail`; a cached evaluation logs `top1_agreement` from the cached top-1 ids, the cache's
@@ -93,7 +96,9 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             The teacher, or its Hub id / path. Defaults to `args.teacher_model_name_or_path`. May be omitted when every
             dataset already carries a `teacher_logits` column.
         teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
-            The teacher's tokenizer, used to compare vocabularies. Loaded from the teacher's id when that is a string.
+            The teacher's tokenizer, used to compare vocabularies, and with `args.cross_tokenizer` to tokenise each
+            text for the teacher. Loaded from the teacher's id when that is a string (with `cross_tokenizer`, also
+            from a teacher module's `config._name_or_path`).
         data_collator (`Callable`, *optional*):
             Defaults to Trainer's; for a causal-LM student to [`hf_kd.lm_data.LMDataCollator`] padding with
             `processing_class`'s pad token (its EOS token when it has none; the student's `config.pad_token_id`
@@ -179,6 +184,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             teacher_processing_class = self._cross_tokenizer_set_up(
                 model, teacher, processing_class, teacher_processing_class, args
             )
+            self._teacher_tokenizer = teacher_processing_class  # evaluate / predict tokenise their data with it too
         if self._causal_lm and args.cross_tokenizer is not None:
             # Both tokenizers read each text; the rows carry the teacher's ids and the aligned completion spans.
             train_dataset, eval_dataset = (
@@ -265,6 +271,14 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
                 )
             self._shared_vocabulary = (student_ids, teacher_ids)
         return teacher_processing_class
+
+    def _prepare_lm_data(self, dataset, split: str):
+        """Data in TRL's formats given to `evaluate` / `predict`: with `args.cross_tokenizer`, tokenised by both
+        tokenizers like the datasets given at init ([`_prepare_cross_tokenizer_dataset`])."""
+        if self.args.cross_tokenizer is None:
+            return super()._prepare_lm_data(dataset, split)
+        return _prepare_cross_tokenizer_dataset(dataset, split, self.processing_class, self._teacher_tokenizer,
+                                                self.args)
 
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
