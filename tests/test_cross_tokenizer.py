@@ -261,6 +261,18 @@ class TestRows:
         assert row["input_ids"][s0:s1] == [smol.eos_token_id] and row["teacher_input_ids"][t0:t1] == [
             gemma.eos_token_id]
 
+    def test_chat_row(self, smol, gemma):
+        """Conversational data: the teacher reads the student's rendered template; the spans are the assistant turn
+        (its end-of-turn tokens included, spelled as text by the teacher)."""
+        messages = [{"role": "user", "content": "Is it blue? 🤔"}, {"role": "assistant", "content": "Yes, naïvely."}]
+        row = tokenize_cross_tokenizer_example({"messages": messages}, smol, gemma, 128)
+        assert {k: row[k] for k in ("input_ids", "labels")} == {
+            k: v for k, v in tokenize_lm_example({"messages": messages}, smol, 128).items() if k != "attention_mask"}
+        starts, ends = row["student_span_starts"], row["student_span_ends"]
+        student_text = smol.decode(row["input_ids"][starts[0] : ends[-1]])
+        teacher_text = gemma.decode(row["teacher_input_ids"][row["teacher_span_starts"][0] : row["teacher_span_ends"][-1]])
+        assert student_text == teacher_text == "Yes, naïvely.<|im_end|>\n"
+
     def test_text_row_and_truncation(self, smol, gemma):
         example = {"text": TEXTS[2]}
         full = tokenize_cross_tokenizer_example(example, smol, gemma, 1024)
