@@ -21,6 +21,7 @@ from .metrics import (
     preprocess_lm_logits_for_metrics,
 )
 from .modeling import (
+    EarlyExitGenerateOutput,
     EarlyExitPrediction,
     ExitPolicy,
     KDLayer,
@@ -35,6 +36,9 @@ from .modeling import (
     MultiExitForSequenceClassification,
     MultiExitImageConfig,
     MultiExitLaplace,
+    confident_generate,
+    fit_exit_thresholds,
+    self_speculative_generate,
 )
 from .student import drop_layers, make_student
 from .trainer import (
@@ -57,6 +61,7 @@ __all__ = [
     "DistillConfig",
     "DistillTrainer",
     "EarlyExitConfig",
+    "EarlyExitGenerateOutput",
     "EarlyExitPrediction",
     "EarlyExitTrainer",
     "ExitPolicy",
@@ -83,11 +88,13 @@ __all__ = [
     "UncertaintyReport",
     "calibrate_exit_temperatures",
     "calibrate_temperature",
+    "confident_generate",
     "cross_tokenizer",
     "data",
     "drop_layers",
     "early_exit",
     "evaluate_uncertainty",
+    "fit_exit_thresholds",
     "fit_temperature",
     "fold_temperature",
     "generate_model_card",
@@ -107,6 +114,7 @@ __all__ = [
     "preprocess_lm_logits_for_metrics",
     "push_to_hub",
     "self_kd",
+    "self_speculative_generate",
     "sparse_lm_kd_loss",
     "tokenize_lm_dataset",
     "uld_loss",

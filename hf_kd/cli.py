@@ -233,7 +233,9 @@ def _load_split(opts, split: str, tokenizer, num_labels: int, label2id: dict | N
             raise ValueError(f"--max_samples must be >= 1, got {opts.max_samples}")
         # Rows of the built-in loaders are grouped by source (movie, topic): shuffle before cutting.
         dataset = dataset.shuffle(seed=opts.split_seed).select(range(min(opts.max_samples, len(dataset))))
-    if len(dataset) and opts.label_column in dataset.column_names and dataset.features[opts.label_column].dtype == "string":
+    feature = dataset.features.get(opts.label_column)
+    # Arrow has three string types: Parquet written by pandas >= 3 holds `large_string`, not `string`.
+    if len(dataset) and getattr(feature, "dtype", None) in ("string", "large_string", "string_view"):
         # Label names: the model's label2id numbers them (names the model does not know are an error).
         where = _describe(opts, split)
         try:

@@ -39,7 +39,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq
 
 from .checkpoints import resolve_resume_checkpoint
 from .lm_data import LM_CHAT_TASKS, lm_chat_dataset, lm_text_dataset, tokenize_lm_dataset
-from .metrics import _lm_metrics_from_statistics, lm_token_statistics
+from .metrics import lm_metrics_from_token_statistics, lm_token_statistics
 from .offline_models import placed_model_kwargs
 from .options import StudentLayerRule, to_enum
 from .recipes import TrainingCommand
@@ -200,7 +200,7 @@ def lm_test_metrics(model, dataset, collator, batch_size: int = 8, teacher_top1:
         statistics.append(stats[labels != -100].cpu())
         top1.append(predicted.cpu())
     model.train(was_training)
-    return _lm_metrics_from_statistics(torch.cat(statistics).numpy(), 15), top1
+    return lm_metrics_from_token_statistics(torch.cat(statistics).numpy()), top1
 
 
 @torch.no_grad()
@@ -240,15 +240,17 @@ def lm_demo_training_args(output_dir: str, teacher: str, seed: int, max_steps: i
     run on the same data), no evaluation or checkpoint during training, a log every 10 steps.
 
     Args:
-        kwargs: further [`DistillConfig`] fields (`temperature`, `alpha`, `loss_type`).
+        kwargs: further [`DistillConfig`] fields (`temperature`, `alpha`, `loss_type`), or other values for the
+            ones above (`cache_teacher_logits=False` for a live teacher, `lm_cache_top_k`).
     """
-    return DistillConfig(
+    settings = dict(
         output_dir=output_dir, teacher_model_name_or_path=teacher, cache_teacher_logits=True, lm_cache_top_k=64,
         teacher_logits_cache_dir=cache_dir, max_steps=max_steps, learning_rate=learning_rate, warmup_steps=0.1,
         per_device_train_batch_size=batch_size, per_device_eval_batch_size=8, eval_strategy="no",
         save_strategy="no", logging_steps=10, seed=seed, report_to="none",
-        dataloader_pin_memory=torch.accelerator.is_available(), **kwargs,
+        dataloader_pin_memory=torch.accelerator.is_available(),
     )
+    return DistillConfig(**{**settings, **kwargs})
 
 
 def run_lm(script_args: LMScriptArguments, args: DistillConfig, teacher_top1: list | None = None):

@@ -28,6 +28,7 @@ __all__ = [
     "human_distribution_divergence",
     "lm_exit_token_statistics",
     "lm_metrics",
+    "lm_metrics_from_token_statistics",
     "lm_token_statistics",
     "make_lm_compute_metrics",
     "make_lm_exit_compute_metrics",
@@ -832,8 +833,19 @@ def lm_token_statistics(
     return torch.stack([top_log_prob.exp(), correct, nll, entropy, agreement], dim=-1)
 
 
-def _lm_metrics_from_statistics(statistics: np.ndarray, n_bins: int) -> dict[str, float]:
-    """[`lm_metrics`] from the `(num_tokens, 5)` [`lm_token_statistics`] of the counted tokens."""
+def lm_metrics_from_token_statistics(statistics: np.ndarray, n_bins: int = 15) -> dict[str, float]:
+    """
+    [`lm_metrics`] from the per-token statistics of the counted tokens, so that a caller can evaluate batch by batch
+    and keep only `(num_tokens, 5)` floats instead of vocabulary-sized logits.
+
+    Args:
+        statistics (`np.ndarray` of shape `(num_tokens, 5)`): rows of [`lm_token_statistics`] of counted tokens only
+            (`labels != -100`), concatenated over batches; an all-NaN agreement column leaves `top1_agreement` out.
+        n_bins (`int`, *optional*, defaults to `15`): number of ECE bins.
+
+    Returns:
+        `dict[str, float]`: as [`lm_metrics`].
+    """
     if len(statistics) == 0:
         raise ValueError("no token is counted (every label is -100): there is nothing to evaluate")
     confidence, correct, nll, entropy, agreement = (statistics[:, i].astype(np.float64) for i in range(5))
@@ -882,7 +894,7 @@ def lm_metrics(student_logits, labels, teacher_logits=None, n_bins: int = 15) ->
     statistics = lm_token_statistics(
         torch.as_tensor(student_logits), labels, None if teacher_logits is None else torch.as_tensor(teacher_logits)
     )
-    return _lm_metrics_from_statistics(statistics[labels != -100].numpy(), n_bins)
+    return lm_metrics_from_token_statistics(statistics[labels != -100].numpy(), n_bins)
 
 
 def preprocess_lm_logits_for_metrics(logits, labels: torch.Tensor) -> torch.Tensor:
@@ -942,7 +954,7 @@ def make_lm_compute_metrics(n_bins: int = 15):
             )
         counted = labels != -100
         counted[:, 0] = False  # the first token is never predicted
-        return _lm_metrics_from_statistics(statistics[counted], n_bins)
+        return lm_metrics_from_token_statistics(statistics[counted], n_bins)
 
     return compute_metrics
 
@@ -1001,7 +1013,7 @@ def make_lm_exit_compute_metrics(n_bins: int = 15):
         num_exits = statistics.shape[2]
         results = {}
         for i in range(num_exits):
-            metrics = _lm_metrics_from_statistics(counted_statistics[:, i], n_bins)
+            metrics = lm_metrics_from_token_statistics(counted_statistics[:, i], n_bins)
             bins = metrics.pop("ece_bins")
             results.update({f"exit_{i}_{name}": value for name, value in metrics.items()})
             if i == num_exits - 1:

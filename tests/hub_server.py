@@ -7,9 +7,13 @@ real Hub's rules that `base_model` and `datasets` are Hub ids, not local paths, 
 with `HF_HUB_DISABLE_XET=1`), `commit` (ndjson), repo info, tree, paths-info, refs, commits, branch and tag creation,
 and `resolve` with the
 headers `hf_hub_download` relies on (`X-Repo-Commit`, `ETag`, `X-Linked-Etag`, `X-Linked-Size`, `X-Error-Code`,
-`Range`). Writes need `Authorization: Bearer <token>`; private repos also need it to be read. Model repos and Space
-repos (`repo_type="space"`, what `evaluate.load("<namespace>/<metric>")` reads from `/spaces/<id>/resolve/...`); a
-Space is held under the key `spaces/<namespace>/<name>` of `HubState.repos`.
+`Range`). Writes need `Authorization: Bearer <token>`; private repos also need it to be read. Model repos, Space
+repos (`repo_type="space"`, what `evaluate.load("<namespace>/<metric>")` reads from `/spaces/<id>/resolve/...`) and
+dataset repos (`repo_type="dataset"`, what `datasets.load_dataset("<namespace>/<name>")` reads through HfFileSystem:
+`GET /api/datasets/<id>` and `/revision/<sha>`, `/tree/<sha>[/<dir>]`, then `HEAD` of `README.md`, `<name>.py`,
+`.huggingface.yaml`, `dataset_infos.json` (404s it expects) and `HEAD`/`GET` of the data files under
+`/datasets/<id>/resolve/<sha>/...`); a Space is held under the key `spaces/<namespace>/<name>` of `HubState.repos`,
+a dataset repo under `datasets/<namespace>/<name>` (`REPO_PREFIXES`).
 
 huggingface_hub reads `HF_ENDPOINT` and `HF_HUB_OFFLINE` when it is imported, and the test suite runs offline, so
 clients of this server run in subprocesses started with [`hub_env`].
@@ -32,6 +36,8 @@ from urllib.parse import parse_qs, unquote, urlparse
 import yaml
 
 USER = "hfkd-test"
+# Where each repo type lives in `HubState.repos` and in URLs (`/api/spaces/...`, `/datasets/<id>/resolve/...`).
+REPO_PREFIXES = {"model": "", "space": "spaces/", "dataset": "datasets/"}
 LFS_EXTENSIONS = (".safetensors", ".bin", ".pt", ".pth", ".onnx", ".h5", ".msgpack", ".zip", ".gz", ".png")
 LFS_MIN_SIZE = 10 * 2**20
 _YAML_BLOCK = re.compile(r"^(\s*---(?:\r\n|\r|\n))([\S\s]*?)((?:\r\n|\r|\n)---[ \t]*(\r\n|\n|$))")
@@ -264,14 +270,14 @@ class _Handler(BaseHTTPRequestHandler):
         match = re.fullmatch(r"/lfs/([0-9a-f]{64})(/verify)?", path)
         if match:
             return self._lfs_object(match.group(1), verify=bool(match.group(2)))
-        match = re.fullmatch(r"/([^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
+        match = re.fullmatch(r"/((?:spaces/|datasets/)?[^/]+/[^/]+)\.git/info/lfs/objects/batch", path)
         if match and method == "POST":
             return self._lfs_batch(match.group(1), json.loads(self._body()))
-        match = re.fullmatch(r"/api/(models|spaces)/([^/]+/[^/]+)(?:/(.*))?", path)
+        match = re.fullmatch(r"/api/(models|spaces|datasets)/([^/]+/[^/]+)(?:/(.*))?", path)
         if match:
-            prefix = "spaces/" if match.group(1) == "spaces" else ""
+            prefix = "" if match.group(1) == "models" else match.group(1) + "/"
             return self._api(prefix + match.group(2), match.group(3) or "", query)
-        match = re.fullmatch(r"/((?:spaces/)?[^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
+        match = re.fullmatch(r"/((?:spaces/|datasets/)?[^/]+/[^/]+)/resolve/([^/]+)/(.+)", path)
         if match and method in ("GET", "HEAD"):
             return self._resolve(*match.groups())
         return self._error(404, f"Not found: {method} {path}")
@@ -282,17 +288,18 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._require_auth():
             return
         repo_type = request.get("type", "model")
-        if repo_type not in ("model", "space"):
-            return self._error(400, "this test hub only hosts model and Space repos")
+        if repo_type not in REPO_PREFIXES:
+            return self._error(400, f"unknown repo type {repo_type!r}")
         if repo_type == "space" and not request.get("sdk"):
             return self._error(400, "a Space needs an sdk")
         repo_id = f"{request.get('organization') or USER}/{request['name']}"
         if not is_hub_id(repo_id):
             return self._error(400, f"Invalid repo name {repo_id!r}")
-        repo_id = ("spaces/" if repo_type == "space" else "") + repo_id
+        repo_id = REPO_PREFIXES[repo_type] + repo_id
         endpoint = f"http://{self.headers.get('Host')}"
         if repo_id in self.state.repos:
-            return self._send(409, {"error": "You already created this model repo", "url": f"{endpoint}/{repo_id}"})
+            return self._send(409, {"error": f"You already created this {repo_type} repo",
+                                    "url": f"{endpoint}/{repo_id}"})
         private = request.get("private") or request.get("visibility") == "private"
         repo = Repo(repo_id, bool(private))
         self.state.repos[repo_id] = repo
@@ -304,7 +311,7 @@ class _Handler(BaseHTTPRequestHandler):
         if not self._require_auth():
             return
         repo_id = f"{request.get('organization') or USER}/{request['name']}"
-        repo_id = ("spaces/" if request.get("type") == "space" else "") + repo_id
+        repo_id = REPO_PREFIXES.get(request.get("type") or "model", "") + repo_id
         if self.state.repos.pop(repo_id, None) is None:
             return self._error(404, f"Repository {repo_id} not found", "RepoNotFound")
         return self._send(200, {})
@@ -315,7 +322,7 @@ class _Handler(BaseHTTPRequestHandler):
         if readme is not None:
             match = _YAML_BLOCK.search(readme.content.decode("utf-8", "replace"))
             card_data = yaml.safe_load(match.group(2)) if match else None
-        repo_id = repo.repo_id.removeprefix("spaces/")
+        repo_id = repo.repo_id.removeprefix("spaces/").removeprefix("datasets/")
         return {
             "_id": repo_id,
             "id": repo_id,
@@ -388,7 +395,7 @@ class _Handler(BaseHTTPRequestHandler):
             return self._preupload(repo, unquote(parts[1]), json.loads(self._body()))
         if method == "POST" and parts[0] == "commit":
             return self._commit(repo, unquote("/".join(parts[1:])), self._body())
-        return self._error(404, f"Not found: {method} /api/models/{repo_id}/{rest}")
+        return self._error(404, f"Not found: {method} /api/.../{repo_id}/{rest}")
 
     def _tree(self, commit: Commit, prefix: str, recursive: str) -> list[dict]:
         prefix = prefix.strip("/")

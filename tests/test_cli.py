@@ -103,6 +103,30 @@ class TestEvaluate:
                      "--max_length", "42"]) == 0
         assert "Truncation: 42 tokens." in capsys.readouterr().out
 
+    def test_label_names_in_parquet_large_string(self, model_dir, data, tmp_path):
+        """Label names in a Parquet file written by pandas (>= 3: Arrow `large_string` columns, not `string`) map
+        through the model's label2id like names in JSON lines: the report equals the one of the integer labels."""
+        import pandas as pd
+        import pyarrow.parquet as pq
+        from transformers import AutoConfig
+
+        config = AutoConfig.from_pretrained(model_dir)
+        config.id2label, config.label2id = {0: "neg", 1: "pos"}, {"neg": 0, "pos": 1}
+        config.save_pretrained(model_dir)
+        rows = pd.read_json(data["test"], lines=True)
+        rows["label"] = rows["label"].map({0: "neg", 1: "pos"})
+        rows.to_parquet(tmp_path / "test.parquet", index=False)
+        rows.to_json(tmp_path / "names.jsonl", orient="records", lines=True)
+        assert str(pq.read_schema(tmp_path / "test.parquet").field("label").type) == "large_string"
+        reports = {}
+        for name, path in (("ids", data["test"]), ("parquet", tmp_path / "test.parquet"),
+                           ("jsonl", tmp_path / "names.jsonl")):
+            out = tmp_path / f"report-{name}"
+            assert main(["evaluate", str(model_dir), "--data_files", f"test={path}", "--output_dir", str(out)]) == 0
+            reports[name] = json.loads((out / "report.json").read_text())
+        assert reports["parquet"]["num_examples"] == 30
+        assert reports["parquet"]["metrics"] == reports["jsonl"]["metrics"] == reports["ids"]["metrics"]
+
     def test_existing_report_is_not_overwritten_silently(self, model_dir, data, capsys):
         folder = model_dir / "uncertainty"
         assert main(["evaluate", str(model_dir), *files_args(data, test="test"), "--update_card"]) == 0

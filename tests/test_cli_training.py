@@ -1,14 +1,14 @@
 """The `hf-kd` training commands (`hf-kd distill`, `early-exit`, `self-kd`; hf_kd.recipes) on real data offline:
 CSV and JSON-lines files written from a slice of Rotten Tomatoes with label names, a local folder laid out like a Hub
-dataset repository, hf_kd's built-in loaders; and their bad input. Tiny models, a few dozen rows.
-
-A Hub dataset id served by tests/hub_server.py is not tested: that server answers the model API only
-(`/api/models/...`, `/resolve` without a prefix), while `datasets.load_dataset("org/name")` asks for
-`/api/datasets/org/name/revision/main`, its tree and `datasets/`-prefixed `/resolve` URLs. The folder test below takes
-the same path inside `datasets` after the download (the packaged CSV builder, configs read from the README's YAML).
+dataset repository, a Hub dataset id served by the local Hub (tests/hub_server.py), hf_kd's built-in loaders; and their
+bad input. Tiny models, a few dozen rows.
 """
 
 import json
+import os
+import subprocess
+import sys
+import textwrap
 from pathlib import Path
 
 import pytest
@@ -19,6 +19,7 @@ from transformers import AutoConfig
 from hf_kd import MultiExitConfig
 from hf_kd.cli import main
 
+from .hub_server import HubServer, hub_env
 from .testing_utils import rotten_tomatoes_rows, save_tiny_pair, tiny_tokenizer, write_rows
 
 RUN = ["--max_length", "32", "--num_train_epochs", "1", "--per_device_train_batch_size", "16", "--use_cpu", "true",
@@ -133,6 +134,86 @@ def test_dataset_folder_laid_out_like_a_hub_repo(tmp_path, corpus):
                                        label_column="sentiment", dataset_eval_split="dev"), tiny_tokenizer(tmp_path))
     assert [len(splits[s]) for s in ("train", "validation", "test")] == [18, 2, 20]
     assert splits["test"]["review"] == [row["review"] for row in corpus["test"][:20]]
+
+
+HUB_TOKEN = "hf_hfkdTestSecretToken0123456789abcdefXYZ"
+
+# Run in a fresh process: huggingface_hub and datasets read HF_ENDPOINT, HF_HUB_OFFLINE, HF_DATASETS_OFFLINE and the
+# cache folders when they are imported, and this suite runs offline. Upload the dataset folder as a dataset repo, then
+# `hf-kd distill --dataset_name <repo>` and `hf-kd evaluate --dataset_name <repo>`.
+DISTILL_FROM_HUB = """
+import json, sys
+import datasets, huggingface_hub
+from huggingface_hub import HfApi
+from hf_kd.cli import main
+
+folder, repo_id, distill, evaluate = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), json.loads(sys.argv[4])
+api = HfApi()
+api.create_repo(repo_id, repo_type="dataset")
+api.upload_folder(folder_path=folder, repo_id=repo_id, repo_type="dataset")
+status = main(distill) or main(evaluate)
+print(json.dumps({"status": status, "endpoint": huggingface_hub.constants.ENDPOINT,
+                  "datasets_cache": str(datasets.config.HF_DATASETS_CACHE)}))
+sys.exit(status)
+"""
+
+
+def test_distill_on_a_hub_dataset_id_then_evaluate(tmp_path, corpus):
+    """`hf-kd distill --dataset_name hfkd-test/<name>` on a dataset repo of the local Hub: Parquet files of real Rotten
+    Tomatoes rows per split (pandas writes their strings as `large_string`), label names in `sentiment`, read by
+    datasets.load_dataset through HfFileSystem; then `hf-kd evaluate --dataset_name` on its test split. The Hub id
+    becomes the card's `datasets`; the label names the model's id2label. Online only in the subprocess."""
+    import pandas as pd
+    import pyarrow.parquet as pq
+
+    teacher, student = save_tiny_pair(tmp_path)
+    config = AutoConfig.from_pretrained(teacher)
+    config.id2label, config.label2id = {0: "fresh", 1: "rotten"}, {"fresh": 0, "rotten": 1}
+    config.save_pretrained(teacher)
+    folder = tmp_path / "dataset" / "data"
+    folder.mkdir(parents=True)
+    for split in ("train", "validation", "test"):
+        pd.DataFrame(corpus[split]).to_parquet(folder / f"{split}.parquet", index=False)
+    assert str(pq.read_schema(folder / "test.parquet").field("sentiment").type) == "large_string"
+    repo_id, out = "hfkd-test/rotten-tomatoes-slice", tmp_path / "out"
+    columns = ["--dataset_name", repo_id, "--text_column", "review", "--label_column", "sentiment"]
+    distill = ["distill", "--method", "kd", "--model_name_or_path", str(student), "--teacher_model_name_or_path",
+               str(teacher), *columns, "--output_dir", str(out), "--cache_teacher_logits", "false", *RUN,
+               "--max_steps", "2"]
+    evaluate = ["evaluate", str(out), *columns, "--split", "test"]
+
+    hub = HubServer(HUB_TOKEN)
+    try:
+        env = hub_env(hub, tmp_path / "home", HUB_TOKEN)
+        env.update(HF_DATASETS_OFFLINE="0", HF_DATASETS_CACHE=str(tmp_path / "home" / "datasets_cache"))
+        result = subprocess.run(
+            [sys.executable, "-c", textwrap.dedent(DISTILL_FROM_HUB), str(folder.parent), repo_id,
+             json.dumps(distill), json.dumps(evaluate)],
+            env=env, cwd=Path(__file__).resolve().parents[1], capture_output=True, text=True, timeout=600,
+        )
+        assert result.returncode == 0, result.stderr[-5000:]
+        requests = list(hub.state.requests)
+    finally:
+        hub.shutdown()
+    ran = json.loads(result.stdout.strip().splitlines()[-1])
+    assert ran == {"status": 0, "endpoint": hub.url, "datasets_cache": str(tmp_path / "home" / "datasets_cache")}
+    # What datasets asked the Hub: the repo's info and tree, and the Parquet files under /datasets/<id>/resolve/.
+    asked = {(method, path.split("?")[0]) for method, path, status in requests if status == 200}
+    assert ("GET", f"/api/datasets/{repo_id}") in asked
+    assert any(m == "GET" and p.startswith(f"/api/datasets/{repo_id}/tree/") for m, p in asked)
+    for split in ("train", "validation", "test"):
+        assert any(m == "GET" and p.startswith(f"/datasets/{repo_id}/resolve/") and p.endswith(f"data/{split}.parquet")
+                   for m, p in asked), split
+    assert not any(path.startswith("/api/models/") for _, path, _ in requests)  # the student and teacher are local
+    assert os.environ["HF_HUB_OFFLINE"] == os.environ["HF_DATASETS_OFFLINE"] == "1"  # this process stays offline
+
+    results = json.loads((out / "test_results.json").read_text())
+    assert results["method"] == "kd" and 0 <= results["test_accuracy"] <= 1 and results["epoch"] > 0
+    assert AutoConfig.from_pretrained(out).id2label == {0: "fresh", 1: "rotten"}
+    assert ModelCard.load(out / "README.md").data.datasets == [repo_id]
+    report = json.loads((out / "uncertainty" / "test" / "report.json").read_text())
+    assert report["num_examples"] == 24 and 0 <= report["metrics"]["accuracy"] <= 1
+    assert report["metrics"]["accuracy"] == pytest.approx(results["test_accuracy"])
 
 
 # ---- bad input: exit status 1 and one line naming the bad value ------------------------------------------------------

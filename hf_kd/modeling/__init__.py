@@ -30,6 +30,13 @@ from .configuration_kd_layer_cnn import KDLayerImageConfig
 from .configuration_multi_exit import MultiExitConfig
 from .configuration_multi_exit_causal_lm import ExitAdapterType, MultiExitCausalLMConfig
 from .configuration_multi_exit_cnn import MultiExitImageConfig
+from .early_exit_generation import (
+    EarlyExitGenerateOutput,
+    ExitThresholdFit,
+    confident_generate,
+    fit_exit_thresholds,
+    self_speculative_generate,
+)
 from .exit_laplace import KronPrior, LinkApprox, MultiExitLaplace
 from .exit_policies import EarlyExitPrediction, ExitPolicy
 from .kd_layer import KDLayer
@@ -86,10 +93,12 @@ KDLayerImageConfig.register_for_auto_class()
 KDLayerForImageClassification.register_for_auto_class("AutoModelForImageClassification")
 
 __all__ = [
+    "EarlyExitGenerateOutput",
     "EarlyExitPrediction",
     "ExitAdapter",
     "ExitAdapterType",
     "ExitPolicy",
+    "ExitThresholdFit",
     "KDLayer",
     "KDLayerConfig",
     "KDLayerForImageClassification",
@@ -114,4 +123,7 @@ __all__ = [
     "MultiExitLaplace",
     "MultiExitPreTrainedModel",
     "MultiExitSequenceClassifierOutput",
+    "confident_generate",
+    "fit_exit_thresholds",
+    "self_speculative_generate",
 ]

@@ -35,6 +35,23 @@ class ExitAdapterType(str, Enum):
     `2 * hidden * rank` parameters per exit."""
 
 
+def _check_exit_values(values, exit_layers, name: str, low: float, high: float | None) -> dict[str, float] | None:
+    """`values` `{exit_layer: value}` with string keys (JSON's), each layer an exit and each value in `[low, high]`
+    (`(low, inf)` when `high` is `None`)."""
+    if values is None:
+        return None
+    checked = {}
+    for layer, value in dict(values).items():
+        if exit_layers is not None and int(layer) not in exit_layers:
+            raise ValueError(f"{name} has layer {layer}, which is not an exit: exit_layers={exit_layers}.")
+        number = isinstance(value, (int, float)) and not isinstance(value, bool)
+        if not number or not (low <= value <= high if high is not None else value > low):
+            allowed = f"[{low}, {high}]" if high is not None else f"> {low}"
+            raise ValueError(f"{name}[{layer}] must be a number {allowed}, got {value!r}.")
+        checked[str(int(layer))] = float(value)
+    return checked
+
+
 class MultiExitCausalLMConfig(_MultiExitConfigMixin, PreTrainedConfig):
     r"""
     Configuration of a [`MultiExitForCausalLM`]: a Llama-family decoder with next-token exits after the layers listed
@@ -63,6 +80,13 @@ class MultiExitCausalLMConfig(_MultiExitConfigMixin, PreTrainedConfig):
             Non-negative weight of each exit's loss, one per exit (the final one included), normalised to sum to 1.
         initializer_range (`float`, *optional*):
             Standard deviation of the adapters' normal initialisation. Defaults to the backbone's, else 0.02.
+        exit_thresholds (`dict[int, float]`, *optional*):
+            Confidence threshold in `[0, 1]` per early exit layer, for `generate(early_exit="confident")`; usually
+            set by [`MultiExitForCausalLM.fit_exit_thresholds`] (Learn-then-Test). Stored with string keys, as JSON
+            writes them.
+        exit_temperatures (`dict[int, float]`, *optional*):
+            Temperature (> 0) per exit layer that divides the exit's logits before its confidence is computed, in
+            `fit_exit_thresholds` and `generate(early_exit="confident")`; `1.0` for an exit not listed.
         kwargs:
             Passed to [`PreTrainedConfig`].
 
@@ -91,6 +115,8 @@ class MultiExitCausalLMConfig(_MultiExitConfigMixin, PreTrainedConfig):
         exit_adapter_rank=64,
         exit_loss_weights=None,
         initializer_range=None,
+        exit_thresholds=None,
+        exit_temperatures=None,
         **kwargs,
     ):
         self.backbone_config = backbone_config = _as_backbone_config(backbone_config)
@@ -124,6 +150,8 @@ class MultiExitCausalLMConfig(_MultiExitConfigMixin, PreTrainedConfig):
         if initializer_range is None:
             initializer_range = getattr(backbone_config, "initializer_range", None) or 0.02
         self.initializer_range = initializer_range
+        self.exit_thresholds = _check_exit_values(exit_thresholds, exit_layers, "exit_thresholds", 0.0, 1.0)
+        self.exit_temperatures = _check_exit_values(exit_temperatures, exit_layers, "exit_temperatures", 0.0, None)
         # The trainers and metrics read a causal LM's vocabulary from `config.vocab_size`.
         kwargs.pop("vocab_size", None)
         self.vocab_size = getattr(backbone_config, "vocab_size", None)

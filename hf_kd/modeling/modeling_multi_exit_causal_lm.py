@@ -5,7 +5,7 @@ own final norm and (tied) LM head, `lm_head(norm(h))`, optionally after a small 
 exits of LayerSkip (Elhoushi et al., 2024, https://huggingface.co/papers/2404.16710) and CALM (Schuster et al., 2022,
 https://huggingface.co/papers/2207.07061). The last exit is the backbone's own output. Training the exits (per-exit
 losses, distillation from the final exit or a teacher, a frozen backbone) is [`hf_kd.EarlyExitTrainer`]'s job;
-generation that skips layers operates on `model.backbone` and `model.exit_logits_from_hidden`.
+generation that skips layers (`generate(early_exit=...)`) is in the sibling `early_exit_generation.py`.
 
 This file imports only torch, transformers and its sibling configuration files, so a saved model loads with
 `trust_remote_code=True` where hf_kd is not installed.
@@ -28,6 +28,12 @@ from transformers.utils import ModelOutput
 from transformers.utils.generic import can_return_tuple
 
 from .configuration_multi_exit_causal_lm import ExitAdapterType, MultiExitCausalLMConfig
+from .early_exit_generation import (
+    ExitThresholdFit,
+    confident_generate,
+    fit_exit_thresholds,
+    self_speculative_generate,
+)
 from .modeling_multi_exit import _without_zero3_init
 
 
@@ -127,7 +133,9 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
     - `model.config.exit_layers`: sorted 1-based layer numbers after which an exit sits, **the last layer included**;
     - [`~MultiExitForCausalLM.exit_logits_from_hidden`]: an exit's logits from the (pre-norm) output of its layer.
 
-    `generate` is the backbone's own.
+    `generate` is the backbone's own, or with `early_exit=` greedy decoding that skips layers: `"self_speculative"`
+    (LayerSkip, lossless) or `"confident"` (CALM, with thresholds from
+    [`~MultiExitForCausalLM.fit_exit_thresholds`]).
 
     Args:
         config ([`MultiExitCausalLMConfig`]): the backbone config and the exits.
@@ -227,9 +235,89 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
             model.backbone.generation_config = copy.deepcopy(backbone.generation_config)
         return model.to(dtype=next(backbone.parameters()).dtype)
 
-    def generate(self, *args, **kwargs):
-        """The backbone's own `generate` (every token runs every layer)."""
-        return self.backbone.generate(*args, **kwargs)
+    def generate(
+        self,
+        *args,
+        early_exit: str | None = None,
+        exit_layer: int | None = None,
+        num_draft_tokens: int = 4,
+        thresholds: dict[int, float] | None = None,
+        temperatures: dict[int, float] | None = None,
+        **kwargs,
+    ):
+        """
+        Generate text. Without `early_exit` this is the backbone's own `generate` (every token runs every layer, all
+        of transformers' options). With it, greedy decoding that skips layers:
+
+        - `"self_speculative"`: [`self_speculative_generate`] (LayerSkip): layers `1..exit_layer` draft
+          `num_draft_tokens` tokens that the remaining layers verify; the output is exactly greedy decoding's.
+        - `"confident"`: [`confident_generate`] (CALM): each token leaves at the first exit whose confidence clears
+          its threshold (`thresholds`, else `config.exit_thresholds`), the skipped layers' KV computed later.
+
+        Args:
+            args, kwargs: for the backbone's `generate`; with `early_exit`, only `input_ids` (first positional or
+                keyword), `attention_mask` (left padding), `max_new_tokens`, `eos_token_id`, `pad_token_id` and
+                `do_sample=False`.
+            early_exit (`str`, *optional*): `None`, `"self_speculative"` or `"confident"`.
+            exit_layer (`int`, *optional*): the draft exit of `"self_speculative"` (an early exit of the model).
+            num_draft_tokens (`int`, *optional*, defaults to `4`): tokens drafted per cycle by `"self_speculative"`.
+            thresholds (`dict[int, float]`, *optional*), temperatures (`dict[int, float]`, *optional*):
+                per-exit confidence thresholds and temperatures of `"confident"` (default: the config's).
+
+        Returns:
+            The backbone's `generate` output, or [`EarlyExitGenerateOutput`] with `early_exit`.
+        """
+        if early_exit is None:
+            return self.backbone.generate(*args, **kwargs)
+        methods = {"self_speculative": self_speculative_generate, "confident": confident_generate}
+        if early_exit not in methods:
+            raise ValueError(f"early_exit must be None or one of {sorted(methods)}, got {early_exit!r}.")
+        if kwargs.pop("do_sample", False):
+            raise ValueError(
+                f"early_exit={early_exit!r} decodes greedily only: drop do_sample=True (sampling is available without "
+                "early_exit, through the backbone's generate)."
+            )
+        if args:
+            if "input_ids" in kwargs or len(args) > 1:
+                raise ValueError("With early_exit pass input_ids once, as the only positional argument.")
+            kwargs["input_ids"] = args[0]
+        accepted = {"input_ids", "attention_mask", "max_new_tokens", "eos_token_id", "pad_token_id"}
+        unsupported = sorted(set(kwargs) - accepted)
+        if unsupported:
+            raise ValueError(
+                f"generate(early_exit={early_exit!r}) does not support {unsupported}; it accepts {sorted(accepted)} "
+                "(greedy decoding)."
+            )
+        if "input_ids" not in kwargs:
+            raise ValueError("generate(early_exit=...) needs input_ids.")
+        kwargs.setdefault("max_new_tokens", self.generation_config.max_new_tokens or 20)
+        if early_exit == "self_speculative":
+            if exit_layer is None:
+                raise ValueError(
+                    f"early_exit='self_speculative' needs exit_layer, one of the early exits {self.config.exit_layers[:-1]}."
+                )
+            return self_speculative_generate(self, exit_layer=exit_layer, num_draft_tokens=num_draft_tokens, **kwargs)
+        return confident_generate(self, thresholds=thresholds, temperatures=temperatures, **kwargs)
+
+    def fit_exit_thresholds(self, texts_or_input_ids, epsilon: float, delta: float, **kwargs) -> ExitThresholdFit:
+        """
+        Fit per-exit confidence thresholds with [`fit_exit_thresholds`] (Learn-then-Test: with probability at least
+        `1 - delta`, each early exit's rate of tokens leaving there with another prediction than the final exit is at
+        most `epsilon`) and store them as `config.exit_thresholds` (and the temperatures used as
+        `config.exit_temperatures`), which `save_pretrained` keeps and `generate(early_exit="confident")` reads.
+
+        Args:
+            texts_or_input_ids, epsilon, delta, kwargs: see [`fit_exit_thresholds`] (`tokenizer` for texts).
+
+        Returns:
+            [`ExitThresholdFit`].
+        """
+        fit = fit_exit_thresholds(self, texts_or_input_ids, epsilon, delta, **kwargs)
+        self.config.exit_thresholds = {str(layer): value for layer, value in fit.thresholds.items()}
+        self.config.exit_temperatures = (
+            None if fit.temperatures is None else {str(layer): value for layer, value in fit.temperatures.items()}
+        )
+        return fit
 
     @classmethod
     def can_generate(cls) -> bool:

@@ -48,12 +48,14 @@ def main(argv=None):
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--alpha", type=float, default=1.0)
     parser.add_argument("--eval_samples", type=int, default=32)
+    parser.add_argument("--top_k", type=int, default=64, help="the teacher cache's k; 0: a live teacher, full logits")
+    parser.add_argument("--methods", nargs="+", default=["sft", "kd"], choices=["sft", "kd"])
     opts = parser.parse_args(argv)
     out = Path(opts.output_dir)
     out.mkdir(parents=True, exist_ok=True)
     runs_path = out / "runs.jsonl"
     done = [json.loads(line) for line in runs_path.read_text().splitlines()] if runs_path.exists() else []
-    settings = {k: v for k, v in vars(opts).items() if k not in ("output_dir", "seeds")}
+    settings = {k: v for k, v in vars(opts).items() if k not in ("output_dir", "seeds", "methods")}
     done = [run for run in done if run["settings"] == settings]
 
     script = dict(model_name_or_path=TEACHER, student_layers=15, dataset="text",
@@ -65,7 +67,7 @@ def main(argv=None):
     )
     print(f"teacher: perplexity {teacher_metrics['perplexity']:.3f}", flush=True)
     for seed in opts.seeds:
-        for method in ("sft", "kd"):
+        for method in opts.methods:
             if any(run["seed"] == seed and run["method"] == method for run in done):
                 continue
             start, cpu = time.perf_counter(), time.process_time()
@@ -73,6 +75,7 @@ def main(argv=None):
                 str(out / f"{method}-{seed}"), TEACHER, seed, opts.steps, opts.batch_size, opts.learning_rate,
                 str(out / "teacher_logits_cache"), temperature=opts.temperature,
                 alpha=opts.alpha if method == "kd" else 0.0, lm_max_length=opts.max_length,
+                cache_teacher_logits=opts.top_k > 0, lm_cache_top_k=max(opts.top_k, 1),
             )
             metrics = run_lm(LMScriptArguments(**script, method=method), args, teacher_top1)
             run = {"seed": seed, "method": method, "settings": settings, **metrics,
