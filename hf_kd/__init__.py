@@ -1,6 +1,6 @@
 """hf_kd: distil, self-distil and early-exit Hugging Face models, and ship them calibrated."""
 
-from . import data, early_exit, losses, metrics, prediction_sets, self_kd
+from . import cross_tokenizer, data, early_exit, losses, metrics, prediction_sets, self_kd
 from .calibration import (
     CalibrationResult,
     ExitCalibrationResult,
@@ -12,7 +12,7 @@ from .calibration import (
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
 from .lm_data import LMDataCollator, lm_chat_dataset, lm_text_dataset, tokenize_lm_dataset
-from .losses import LMLossParts, kd_loss, lm_kd_loss, sparse_lm_kd_loss
+from .losses import LMLossParts, hybrid_loss, kd_loss, lm_kd_loss, sparse_lm_kd_loss, uld_loss
 from .metrics import (
     lm_metrics,
     make_compute_metrics,
@@ -89,6 +89,7 @@ __all__ = [
     "calibrate_exit_temperatures",
     "calibrate_temperature",
     "confident_generate",
+    "cross_tokenizer",
     "data",
     "drop_layers",
     "early_exit",
@@ -97,6 +98,7 @@ __all__ = [
     "fit_temperature",
     "fold_temperature",
     "generate_model_card",
+    "hybrid_loss",
     "kd_loss",
     "lm_chat_dataset",
     "lm_kd_loss",
@@ -115,5 +117,6 @@ __all__ = [
     "self_speculative_generate",
     "sparse_lm_kd_loss",
     "tokenize_lm_dataset",
+    "uld_loss",
     "update_model_card",
 ]

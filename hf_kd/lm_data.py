@@ -40,6 +40,7 @@ __all__ = [
     "load_bbc_news_articles",
     "tokenize_lm_dataset",
     "tokenize_lm_example",
+    "lm_example_pieces",
 ]
 
 LM_CHAT_TASKS = ("summarize", "topic", "sentiment")
@@ -287,6 +288,48 @@ def _check_completion_messages(messages: list, name: str) -> None:
         raise ValueError(f"{name} has an empty assistant turn (empty completions are not allowed): {messages!r}")
 
 
+def lm_example_pieces(example: dict, tokenizer) -> tuple[list[tuple[str, bool]], bool] | None:
+    """The text of one example in TRL's formats as `(text, is_completion)` pieces, in order, and whether the first
+    piece is tokenised with the tokenizer's special tokens (and EOS appended to the last): `text` is one completion
+    piece (special tokens), standard `prompt` + `completion` two pieces (special tokens), conversational data the
+    pieces of the rendered chat template ([`_chat_segments`], no special tokens). `None` for prompt-only data.
+    [`tokenize_lm_example`] tokenises these pieces one by one, and so does
+    [`hf_kd.cross_tokenizer.tokenize_cross_tokenizer_example`] with two tokenizers.
+
+    Raises:
+        `ValueError`: no format field, an empty text or completion, mixed standard / conversational fields, or a
+        conversational example without a chat template.
+    """
+    if "text" in example:
+        if not str(example["text"]).strip():
+            raise ValueError("text is empty: an empty document has no token to train on")
+        return [(str(example["text"]), True)], True
+    if "messages" in example:
+        _check_completion_messages(example["messages"], "messages")
+        return _chat_segments(tokenizer, example["messages"], 0, all_assistant_turns=True), False
+    if "prompt" in example and example.get("completion") is not None:
+        prompt, completion = example["prompt"], example["completion"]
+        if isinstance(prompt, str) != isinstance(completion, str):
+            raise ValueError(
+                "prompt and completion must both be strings (standard) or both lists of messages (conversational), "
+                f"got {type(prompt).__name__} and {type(completion).__name__}"
+            )
+        if isinstance(prompt, str):
+            if not completion.strip():
+                raise ValueError(f"completion is empty for the prompt {prompt[:80]!r}...: nothing to train on")
+            # Prompt and completion are tokenised apart, as at generation time (the model continues the prompt's
+            # tokens), and the completion ends with EOS (as TRL appends it) so that the model learns to stop.
+            return [(prompt, False), (completion, True)], True
+        _check_completion_messages(completion, "completion")
+        return _chat_segments(tokenizer, prompt + completion, len(prompt), all_assistant_turns=False), False
+    if "prompt" in example:
+        return None
+    raise ValueError(
+        "An example needs a 'text', 'messages' or 'prompt' (with or without 'completion') field, as TRL's "
+        f"SFTTrainer expects; got fields {sorted(example)}"
+    )
+
+
 def tokenize_lm_example(example: dict, tokenizer, max_length: int = 1024) -> dict:
     """Token ids and labels of one example in any of TRL's dataset formats (see [`tokenize_lm_dataset`])."""
     if not isinstance(max_length, int) or max_length < 2:
@@ -302,28 +345,8 @@ def tokenize_lm_example(example: dict, tokenizer, max_length: int = 1024) -> dic
         ids = ids[:max_length]
         return {"input_ids": ids, "attention_mask": [1] * len(ids), "labels": list(ids)}
 
-    if "messages" in example:
-        _check_completion_messages(example["messages"], "messages")
-        pieces = _chat_segments(tokenizer, example["messages"], 0, all_assistant_turns=True)
-        special = False
-    elif "prompt" in example and example.get("completion") is not None:
-        prompt, completion = example["prompt"], example["completion"]
-        if isinstance(prompt, str) != isinstance(completion, str):
-            raise ValueError(
-                "prompt and completion must both be strings (standard) or both lists of messages (conversational), "
-                f"got {type(prompt).__name__} and {type(completion).__name__}"
-            )
-        if isinstance(prompt, str):
-            if not completion.strip():
-                raise ValueError(f"completion is empty for the prompt {prompt[:80]!r}...: nothing to train on")
-            # Prompt and completion are tokenised apart, as at generation time (the model continues the prompt's
-            # tokens), and the completion ends with EOS (as TRL appends it) so that the model learns to stop.
-            pieces, special = [(prompt, False), (completion, True)], True
-        else:
-            _check_completion_messages(completion, "completion")
-            pieces = _chat_segments(tokenizer, prompt + completion, len(prompt), all_assistant_turns=False)
-            special = False
-    elif "prompt" in example:
+    pieces = lm_example_pieces(example, tokenizer)
+    if pieces is None:  # prompt-only
         prompt = example["prompt"]
         if isinstance(prompt, str):
             ids = tokenizer(prompt)["input_ids"]
@@ -334,12 +357,7 @@ def tokenize_lm_example(example: dict, tokenizer, max_length: int = 1024) -> dic
         if len(ids) > max_length:
             raise ValueError(f"The prompt has {len(ids)} tokens, more than max_length={max_length}")
         return {"input_ids": ids, "attention_mask": [1] * len(ids)}
-    else:
-        raise ValueError(
-            "An example needs a 'text', 'messages' or 'prompt' (with or without 'completion') field, as TRL's "
-            f"SFTTrainer expects; got fields {sorted(example)}"
-        )
-
+    pieces, special = pieces
     ids, labels = [], []
     for index, (text, is_completion) in enumerate(pieces):
         piece = tokenizer(text, add_special_tokens=special and index == 0)["input_ids"] if text else []

@@ -31,13 +31,16 @@ __all__ = [
     "LMLossParts",
     "LMLossType",
     "dedier_weights",
+    "hybrid_loss",
     "kd_layer_loss",
     "kd_loss",
     "label_smoothing_targets",
     "lm_kd_loss",
     "self_kd_loss",
     "soft_cross_entropy",
+    "span_log_probs",
     "sparse_lm_kd_loss",
+    "uld_loss",
 ]
 
 def _upcast(x: torch.Tensor) -> torch.Tensor:
@@ -1181,3 +1184,175 @@ def sparse_lm_kd_loss(
         )
 
     return _chunked_token_loss(student_logits, None, rows, chunk_loss, options, chunk_size, num_items_in_batch)
+
+
+# ----- cross-tokenizer distillation (ULD, hybrid) -----
+
+
+def span_log_probs(
+    logits: torch.Tensor,
+    input_ids: torch.Tensor,
+    span_starts: torch.Tensor,
+    span_ends: torch.Tensor,
+    temperature: float = 1.0,
+) -> torch.Tensor:
+    """
+    The log-probability vector a causal LM gives each aligned span of its own tokens (the spans of
+    [`hf_kd.cross_tokenizer.align_token_spans`]), by the chain rule, as TRL's GOLD does with
+    `uld_token_merge_strategy="bayesian"`.
+
+    A span of tokens `[a, b)` gets `log p(. | x_<b-1) + sum_{k=a}^{b-2} log p(x_k | x_<k)`: the full next-token
+    distribution of its **last** token (the logits at position `b - 2`, conditioned on the span's earlier tokens as
+    they are in the text) plus the sequence log-probability of those earlier tokens. Entry `v` is then the log of the
+    probability of the span's text minus its last token followed by token `v`, and the entry of the actual last token
+    is the log-probability of the whole span: the vector sums to `p(earlier tokens) <= 1` (not renormalised, so that
+    a span the model finds unlikely keeps a small mass). A one-token span is the plain next-token distribution.
+    (GOLD's default, `"observed"`, takes the distribution at the span's first position instead, which in its code is
+    the logits *at* the first token, i.e. the prediction of the token after it.)
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, seq, vocab)`):
+            The model's logits; position `t` predicts token `t + 1`.
+        input_ids (`torch.Tensor` of shape `(batch, seq)`):
+            The tokens the logits were computed on.
+        span_starts, span_ends (`torch.Tensor` of shape `(batch, spans)`):
+            Token index of each span's first token and one past its last (`1 <= start < end <= seq`: the first token
+            of a row has no prediction); `-1` marks padding (rows with fewer spans), skipped.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            The logits are divided by it before the softmax (every factor of the chain rule).
+
+    Returns:
+        `torch.Tensor` of shape `(num_spans, vocab)`, float32 or wider: one row per valid span, in row-major
+        `(batch, spans)` order.
+    """
+    _check_tensors(logits=logits, input_ids=input_ids, span_starts=span_starts, span_ends=span_ends)
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    valid = span_starts >= 0
+    rows, spans = valid.nonzero(as_tuple=True)
+    starts, ends = span_starts[rows, spans], span_ends[rows, spans]
+    if ((starts < 1) | (ends <= starts) | (ends > logits.shape[1])).any():
+        raise ValueError(
+            f"spans must satisfy 1 <= start < end <= seq ({logits.shape[1]}): the first token of a row has no "
+            "prediction"
+        )
+    scaled = _upcast(logits) / temperature
+    # log p(x_k | x_<k) of every token k >= 1 (0 at k = 0), cumulated along the row: a span's earlier tokens are a
+    # difference of two prefix sums. The log-normaliser is computed once per position (no (seq, vocab) log-softmax).
+    normaliser = torch.logsumexp(scaled[:, :-1], dim=-1)
+    token = scaled[:, :-1].gather(-1, input_ids[:, 1:, None]).squeeze(-1) - normaliser
+    prefix = F.pad(token, (1, 0)).cumsum(-1)  # prefix[:, k] = sum of token log-probs of tokens 1..k
+    earlier = prefix[rows, ends - 2] - prefix[rows, starts - 1]
+    last = scaled[rows, ends - 2] - normaliser[rows, ends - 2, None]
+    return last + earlier[:, None]
+
+
+def _sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:
+    """Per-row `sum |sort_desc(p_S) - sort_desc(p_T)|`, the smaller vocabulary padded with zeros."""
+    student_sorted = student_probs.sort(dim=-1, descending=True).values
+    teacher_sorted = teacher_probs.sort(dim=-1, descending=True).values
+    width = max(student_sorted.shape[-1], teacher_sorted.shape[-1])
+    student_sorted = F.pad(student_sorted, (0, width - student_sorted.shape[-1]))
+    teacher_sorted = F.pad(teacher_sorted, (0, width - teacher_sorted.shape[-1]))
+    return (student_sorted - teacher_sorted).abs().sum(-1)
+
+
+def uld_loss(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    Universal Logit Distillation (Boizard et al., 2024, https://huggingface.co/papers/2402.12030): a distance between
+    next-token distributions over two **different** vocabularies. Both probability vectors are sorted in descending
+    order, the shorter one is padded with zeros, and the loss of a span is the L1 distance
+    `sum_i |sort(p_S)_i - sort(p_T)_i|` (the closed form of the Wasserstein-1 distance the paper bounds). It matches
+    the *shape* of the teacher's distribution (how peaked it is), not which token gets which mass.
+
+    Args:
+        student_log_probs (`torch.Tensor` of shape `(spans, student_vocab)`):
+            Log-probabilities of each aligned span under the student ([`span_log_probs`]; rows need not sum to one).
+        teacher_log_probs (`torch.Tensor` of shape `(spans, teacher_vocab)`):
+            The teacher's, same spans in the same order (no gradient is needed through it).
+        reduction (`str`, *optional*, defaults to `"mean"`):
+            `"mean"` over spans, `"sum"` or `"none"` (one value per span).
+        num_items_in_batch (`int` or `torch.Tensor`, *optional*):
+            With `"mean"`: the sum is divided by it instead (exact under gradient accumulation).
+
+    Returns:
+        `torch.Tensor`: a scalar, or `(spans,)` with `reduction="none"`.
+    """
+    _check_tensors(student_log_probs=student_log_probs, teacher_log_probs=teacher_log_probs)
+    _check_reduction(reduction, num_items_in_batch)
+    if student_log_probs.dim() != 2 or teacher_log_probs.dim() != 2 or len(student_log_probs) != len(teacher_log_probs):
+        raise ValueError(
+            "student_log_probs and teacher_log_probs must be (spans, vocab) with the same number of spans, got "
+            f"{tuple(student_log_probs.shape)} and {tuple(teacher_log_probs.shape)}"
+        )
+    per_span = _sorted_l1(_upcast(student_log_probs).exp(), _upcast(teacher_log_probs).exp())
+    return _reduce(per_span, torch.ones_like(per_span, dtype=torch.bool), reduction, num_items_in_batch)
+
+
+def hybrid_loss(
+    student_log_probs: torch.Tensor,
+    teacher_log_probs: torch.Tensor,
+    student_ids: torch.Tensor,
+    teacher_ids: torch.Tensor,
+    shared_weight: float = 0.5,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    Cross-tokenizer loss that is exact where the two vocabularies agree (the hybrid of TRL's GOLD,
+    `uld_use_hybrid_loss=True`): per span,
+    `shared_weight * KL(q_T || q_S) + (1 - shared_weight) * ULD(rest_S, rest_T)`, where `q` is a model's
+    distribution restricted to the shared tokens and renormalised (so the forward KL compares like with like,
+    token by token) and `rest` its probabilities outside the shared tokens, compared by sorted L1 as in [`uld_loss`]
+    (not renormalised: the rest also carries how much mass each side puts outside the shared vocabulary).
+
+    GOLD uses a generalised JSD on the shared part and, by default, weights `|shared| / teacher_vocab` and its
+    complement; here the shared part is the forward KL of [`lm_kd_loss`]'s default and the weights are fixed (`0.5`
+    each by default), since with a 262k-token teacher the adaptive weight would make the exact part ~10 % of the loss.
+
+    Args:
+        student_log_probs (`torch.Tensor` of shape `(spans, student_vocab)`), teacher_log_probs (`torch.Tensor`
+            of shape `(spans, teacher_vocab)`): as in [`uld_loss`].
+        student_ids, teacher_ids (`torch.Tensor` of shape `(shared,)`):
+            The shared vocabulary: `student_ids[i]` and `teacher_ids[i]` are the same token
+            ([`hf_kd.cross_tokenizer.shared_vocabulary_map`]); at least one pair, each id at most once.
+        shared_weight (`float`, *optional*, defaults to `0.5`):
+            Weight in `[0, 1]` of the exact KL on the shared tokens; `1 - shared_weight` weighs ULD on the rest.
+        reduction, num_items_in_batch: as in [`uld_loss`].
+
+    Returns:
+        `torch.Tensor`: a scalar, or `(spans,)` with `reduction="none"`.
+    """
+    _check_tensors(
+        student_log_probs=student_log_probs, teacher_log_probs=teacher_log_probs, student_ids=student_ids,
+        teacher_ids=teacher_ids,
+    )
+    _check_reduction(reduction, num_items_in_batch)
+    if not 0.0 <= shared_weight <= 1.0:
+        raise ValueError(f"shared_weight must be in [0, 1], got {shared_weight}")
+    if student_ids.dim() != 1 or student_ids.shape != teacher_ids.shape or len(student_ids) == 0:
+        raise ValueError(
+            "student_ids and teacher_ids must be 1-d, of the same length and not empty (the shared vocabulary), got "
+            f"{tuple(student_ids.shape)} and {tuple(teacher_ids.shape)}: with no shared token use uld_loss"
+        )
+    if len(student_log_probs) != len(teacher_log_probs):
+        raise ValueError(
+            f"student_log_probs and teacher_log_probs must have the same spans, got {len(student_log_probs)} and "
+            f"{len(teacher_log_probs)}"
+        )
+    log_s, log_t = _upcast(student_log_probs), _upcast(teacher_log_probs)
+    student_ids, teacher_ids = student_ids.to(log_s.device), teacher_ids.to(log_t.device)
+    shared_s = log_s[:, student_ids].log_softmax(-1)
+    shared_t = log_t[:, teacher_ids].log_softmax(-1)
+    kl = (shared_t.exp() * (shared_t - shared_s)).sum(-1)
+    rest_s = torch.ones(log_s.shape[-1], dtype=torch.bool, device=log_s.device)
+    rest_t = torch.ones(log_t.shape[-1], dtype=torch.bool, device=log_t.device)
+    rest_s[student_ids], rest_t[teacher_ids] = False, False
+    rest = _sorted_l1(log_s[:, rest_s].exp(), log_t[:, rest_t].exp())
+    per_span = shared_weight * kl + (1 - shared_weight) * rest
+    return _reduce(per_span, torch.ones_like(per_span, dtype=torch.bool), reduction, num_items_in_batch)

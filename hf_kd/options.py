@@ -20,6 +20,7 @@ __all__ = [
     "BuiltinDataset",
     "CalibrationObjective",
     "CoverageRule",
+    "CrossTokenizerLoss",
     "DedierReadoutOptimizer",
     "DistillDivergence",
     "DistillFrom",
@@ -126,6 +127,19 @@ class LMCacheTail(StrEnum):
     RENORMALISE = "renormalise"
     """Both distributions restricted to the top-k tokens and renormalised (a different objective, not an
     approximation of the full loss)."""
+
+
+class CrossTokenizerLoss(StrEnum):
+    """The token-level loss of [`hf_kd.DistillTrainer`] between a causal-LM teacher and student with **different**
+    tokenizers (`DistillConfig.cross_tokenizer`, see [`hf_kd.cross_tokenizer`]), on aligned text spans."""
+
+    ULD = "uld"
+    """Universal Logit Distillation (Boizard et al., 2024, https://huggingface.co/papers/2402.12030): L1 distance
+    between the sorted probability vectors ([`hf_kd.losses.uld_loss`])."""
+    HYBRID = "hybrid"
+    """Exact forward KL on the tokens both vocabularies share (renormalised) plus ULD on the rest
+    ([`hf_kd.losses.hybrid_loss`], TRL GOLD's hybrid)."""
+
 
 # ----- early exits ([`EarlyExitConfig`]) ------------------------------------------------------------------------------
 

@@ -382,7 +382,8 @@ def check_lm_vocabularies(
             f"Student and teacher vocabularies differ: student vocab_size={sizes[0]} (tokenizer {name(student_tokenizer)}"
             f", {lengths[0]} tokens), teacher vocab_size={sizes[1]} (tokenizer {name(teacher_tokenizer)}, "
             f"{lengths[1]} tokens). Token-level distillation of causal LMs needs one vocabulary on both sides: "
-            "distil between models of one family (same tokenizer)."
+            "distil between models of one family (same tokenizer), or distil across tokenizers on aligned text "
+            "spans with DistillConfig(cross_tokenizer=\"uld\" | \"hybrid\") (hf_kd.cross_tokenizer)."
         )
 
 

@@ -2,7 +2,7 @@ from dataclasses import dataclass, field
 
 from transformers import TrainingArguments
 
-from ..options import LMLossType, to_enum
+from ..options import CrossTokenizerLoss, LMLossType, to_enum
 from .teacher_config import _TeacherArguments
 
 
@@ -69,6 +69,24 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             completion token, is refused with an error naming the row. Pre-tokenized data is used as is. (Named
             `lm_` like the other causal-LM fields, and so that it does not clash with the recipes' `--max_length`,
             the classification truncation length.)
+
+    > Parameters that control distillation across tokenizers (causal-LM students; [`hf_kd.cross_tokenizer`])
+
+    Args:
+        cross_tokenizer (`str` or [`~hf_kd.options.CrossTokenizerLoss`], *optional*):
+            Distil a causal-LM teacher whose tokenizer differs from the student's (e.g. `google/gemma-3-270m` into
+            `HuggingFaceTB/SmolLM2-135M-Instruct`). `None` (default): a different vocabulary is an error. `"uld"`:
+            each text is tokenised by both tokenizers with offsets, the tokens are aligned into spans covering the same
+            characters, and the student's span distributions are pulled to the teacher's by Universal Logit
+            Distillation (Boizard et al., 2024, https://huggingface.co/papers/2402.12030;
+            [`hf_kd.losses.uld_loss`]). `"hybrid"`: exact KL on the tokens both vocabularies share plus ULD on the rest
+            ([`hf_kd.losses.hybrid_loss`]). Needs fast tokenizers on both sides (the teacher's from
+            `teacher_processing_class` or saved with the teacher), data in TRL's formats (or rows already carrying the
+            [`hf_kd.cross_tokenizer.CROSS_TOKENIZER_COLUMNS`]); not supported yet with `cache_teacher_logits`,
+            `lmbda > 0`, `seq_kd` or `teacher_from_base_model`, and `loss_type` must stay `"forward_kl"`.
+        cross_tokenizer_shared_weight (`float`, *optional*, defaults to `0.5`):
+            With `cross_tokenizer="hybrid"`: the weight in `[0, 1]` of the exact KL on the shared tokens;
+            `1 - cross_tokenizer_shared_weight` weighs ULD on the rest.
 
     > Parameters that control on-policy and sequence-level data (causal-LM students; GKD, Agarwal et al., 2024,
     > https://huggingface.co/papers/2306.13649)
@@ -144,6 +162,20 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         },
     )
 
+    # Parameters that control distillation across tokenizers
+    cross_tokenizer: str | None = field(
+        default=None,
+        metadata={
+            "help": "Causal-LM teacher with another tokenizer: uld (Universal Logit Distillation on aligned spans) or "
+            "hybrid (exact KL on the shared tokens + ULD on the rest). Default: a vocabulary mismatch is an error.",
+            "choices": [t.value for t in CrossTokenizerLoss],
+        },
+    )
+    cross_tokenizer_shared_weight: float = field(
+        default=0.5,
+        metadata={"help": "cross_tokenizer='hybrid': weight in [0, 1] of the exact KL on the shared tokens."},
+    )
+
     # Parameters that control on-policy and sequence-level data
     lmbda: float = field(
         default=0.0,
@@ -191,6 +223,26 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
                 "every step. Train with a live teacher (cache_teacher_logits=False), or with lmbda=0 and "
                 "seq_kd=False."
             )
+        self.cross_tokenizer = to_enum(CrossTokenizerLoss, self.cross_tokenizer, "cross_tokenizer", allow_none=True)
+        weight = self.cross_tokenizer_shared_weight
+        if isinstance(weight, bool) or not isinstance(weight, (int, float)) or not 0.0 <= weight <= 1.0:
+            raise ValueError(f"cross_tokenizer_shared_weight must be a number in [0.0, 1.0], got {weight!r}")
+        if self.cross_tokenizer is not None:
+            unsupported = [
+                name for name, on in (
+                    ("cache_teacher_logits=True", self.cache_teacher_logits), (f"lmbda={self.lmbda}", self.lmbda > 0),
+                    ("seq_kd=True", self.seq_kd), (f"loss_type={str(self.loss_type)!r}", self.loss_type != "forward_kl"),
+                    ("teacher_from_base_model=True", self.teacher_from_base_model),
+                ) if on
+            ]
+            if unsupported:
+                raise ValueError(
+                    f"cross_tokenizer={str(self.cross_tokenizer)!r} is not supported yet with {', '.join(unsupported)}: "
+                    "the teacher runs live on its own tokenization of the dataset's text (no cache of its logits, no "
+                    "generated completions, a teacher of its own with another tokenizer), and the loss is ULD / hybrid, "
+                    "not loss_type's divergence. Use cache_teacher_logits=False, lmbda=0, seq_kd=False, "
+                    "loss_type='forward_kl', teacher_from_base_model=False."
+                )
         if self.label_smoothing_factor != 0:
             raise ValueError(
                 f"label_smoothing_factor={self.label_smoothing_factor} is not used by DistillTrainer: the teacher's "

@@ -7,11 +7,23 @@ import numpy as np
 import torch
 from torch import nn
 
+from ..cross_tokenizer import (
+    CROSS_TOKENIZER_COLUMNS,
+    CrossTokenizerCollator,
+    check_offset_tokenizer,
+    shared_vocabulary_map,
+    tokenize_cross_tokenizer_dataset,
+)
 from ..distributed import is_zero3_partitioned
-from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
+from ..losses import hybrid_loss, kd_loss, lm_kd_loss, span_log_probs, sparse_lm_kd_loss, uld_loss
 from ..metrics import make_compute_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
 from ..peft_utils import BaseModelTeacher
-from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
+from ..teacher import (
+    TEACHER_CACHE_INDEX_COLUMN,
+    TEACHER_LOGITS_COLUMN,
+    load_teacher_tokenizer,
+    teacher_logits_for_batch,
+)
 from .base_trainer import _BaseTrainer, default_lm_data_collator, is_causal_lm, prepare_lm_dataset
 from .distill_config import DistillConfig
 from .teacher_mixin import _TeacherMixin
@@ -43,7 +55,10 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     `args.beta`), at temperature `args.temperature` on both sides. The loss is normalised by the number of completion
     tokens of the whole accumulated batch (`num_items_in_batch`, counted over the shifted labels), so it is exact under
     gradient accumulation and data parallelism. The teacher must be a causal LM with the same vocabulary (an error
-    naming both vocabulary sizes and tokenizers otherwise). It runs live at every step, or with
+    naming both vocabulary sizes and tokenizers otherwise), unless `args.cross_tokenizer` is `"uld"` or `"hybrid"`:
+    then each text is tokenised by both tokenizers, the tokens are aligned into spans covering the same characters
+    and the span distributions are compared with [`hf_kd.losses.uld_loss`] / [`hf_kd.losses.hybrid_loss`]
+    ([`hf_kd.cross_tokenizer`], [`~DistillTrainer._compute_cross_tokenizer_loss`]). It runs live at every step, or with
     `args.cache_teacher_logits` once per dataset: each completion token's top `args.lm_cache_top_k` teacher logits are
     cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
     (tail `args.lm_cache_tail`; a cached evaluation logs `top1_agreement` from the cached top-1 ids, the cache's
@@ -81,7 +96,9 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             The teacher, or its Hub id / path. Defaults to `args.teacher_model_name_or_path`. May be omitted when every
             dataset already carries a `teacher_logits` column.
         teacher_processing_class (`PreTrainedTokenizerBase`, *optional*):
-            The teacher's tokenizer, used to compare vocabularies. Loaded from the teacher's id when that is a string.
+            The teacher's tokenizer, used to compare vocabularies, and with `args.cross_tokenizer` to tokenise each
+            text for the teacher. Loaded from the teacher's id when that is a string (with `cross_tokenizer`, also
+            from a teacher module's `config._name_or_path`).
         data_collator (`Callable`, *optional*):
             Defaults to Trainer's; for a causal-LM student to [`hf_kd.lm_data.LMDataCollator`] padding with
             `processing_class`'s pad token (its EOS token when it has none; the student's `config.pad_token_id`
@@ -115,7 +132,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     """
 
     _tag_names = ["hf_kd", "distillation"]
-    _extra_columns = (TEACHER_LOGITS_COLUMN, TEACHER_CACHE_INDEX_COLUMN)
+    _extra_columns = (TEACHER_LOGITS_COLUMN, TEACHER_CACHE_INDEX_COLUMN, *CROSS_TOKENIZER_COLUMNS)
     _config_class = DistillConfig  # what `args` must be: each method's own config
     _name = "Knowledge distillation"
     _paper = {
@@ -162,6 +179,23 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
                 f"lmbda={args.lmbda} makes the student generate completions, but the student "
                 f"({type(model).__name__}) has no generate() method: use a transformers ...ForCausalLM student."
             )
+        self._shared_vocabulary = None  # cross_tokenizer="hybrid": (student_ids, teacher_ids) of the shared tokens
+        if args.cross_tokenizer is not None:
+            teacher_processing_class = self._cross_tokenizer_set_up(
+                model, teacher, processing_class, teacher_processing_class, args
+            )
+            self._teacher_tokenizer = teacher_processing_class  # evaluate / predict tokenise their data with it too
+        if self._causal_lm and args.cross_tokenizer is not None:
+            # Both tokenizers read each text; the rows carry the teacher's ids and the aligned completion spans.
+            train_dataset, eval_dataset = (
+                _prepare_cross_tokenizer_dataset(data, split, processing_class, teacher_processing_class, args)
+                for data, split in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset"))
+            )
+            if data_collator is None:
+                data_collator = default_lm_data_collator(processing_class, model)
+            teacher_tokenizer = getattr(teacher_processing_class, "tokenizer", teacher_processing_class)
+            pad = next((i for i in (teacher_tokenizer.pad_token_id, teacher_tokenizer.eos_token_id) if i is not None), 0)
+            data_collator = CrossTokenizerCollator(data_collator, pad)
         if self._causal_lm:
             # Data in TRL's SFTTrainer formats is tokenized here (completion-only labels), before any check reads it.
             train_dataset = prepare_lm_dataset(train_dataset, "train_dataset", processing_class, args.lm_max_length)
@@ -190,10 +224,70 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             # batch over the shifted labels (it does for a model whose own loss shifts; a custom student may not).
             self._loss_shifts_labels = True
 
+    def _cross_tokenizer_set_up(self, model, teacher, processing_class, teacher_processing_class, args):
+        """
+        Checks of `args.cross_tokenizer` before any data is read: a causal-LM student, a teacher, two fast tokenizers
+        (the teacher's given, or saved with the teacher's id / `config._name_or_path`), and for `"hybrid"` a shared
+        vocabulary (kept in `self._shared_vocabulary`). Returns the teacher's tokenizer.
+        """
+        name = f"cross_tokenizer={str(args.cross_tokenizer)!r}"
+        if not self._causal_lm:
+            raise ValueError(
+                f"{name} distils causal LMs with different tokenizers; the student ({type(model).__name__}) is not a "
+                "causal LM (...ForCausalLM)."
+            )
+        if teacher is None:
+            raise ValueError(f"{name} needs a teacher: pass teacher_model or set teacher_model_name_or_path.")
+        if teacher_processing_class is None:
+            source = teacher if isinstance(teacher, str) else getattr(getattr(teacher, "config", None), "_name_or_path", "")
+            if source:
+                try:
+                    teacher_processing_class = load_teacher_tokenizer(str(source), self._teacher_hub_kwargs(args))
+                except (OSError, ValueError):  # a name_or_path that is no longer there: same error as no tokenizer
+                    teacher_processing_class = None
+            if teacher_processing_class is None:
+                raise ValueError(
+                    f"{name} needs the teacher's tokenizer to tokenize each text for it, and none is available: pass "
+                    f"teacher_processing_class=AutoTokenizer.from_pretrained(<teacher id>) (no tokenizer was saved with "
+                    f"the teacher {source or type(teacher).__name__!r})."
+                )
+        if processing_class is None:
+            raise ValueError(
+                f"{name} needs the student's tokenizer (processing_class=...) to tokenize each text and align it with "
+                "the teacher's tokens."
+            )
+        check_offset_tokenizer(processing_class, "student")
+        check_offset_tokenizer(teacher_processing_class, "teacher")
+        if args.cross_tokenizer == "hybrid":
+            student_ids, teacher_ids = shared_vocabulary_map(
+                getattr(processing_class, "tokenizer", processing_class),
+                getattr(teacher_processing_class, "tokenizer", teacher_processing_class),
+            )
+            if len(student_ids) == 0:
+                raise ValueError(
+                    f"{name} needs tokens both vocabularies share (the exact KL part), but the student's tokenizer "
+                    f"{getattr(processing_class, 'name_or_path', '')!r} and the teacher's "
+                    f"{getattr(teacher_processing_class, 'name_or_path', '')!r} share none: use cross_tokenizer='uld'."
+                )
+            self._shared_vocabulary = (student_ids, teacher_ids)
+        return teacher_processing_class
+
+    def _prepare_lm_data(self, dataset, split: str):
+        """Data in TRL's formats given to `evaluate` / `predict`: with `args.cross_tokenizer`, tokenised by both
+        tokenizers like the datasets given at init ([`_prepare_cross_tokenizer_dataset`])."""
+        if self.args.cross_tokenizer is None:
+            return super()._prepare_lm_data(dataset, split)
+        return _prepare_cross_tokenizer_dataset(dataset, split, self.processing_class, self._teacher_tokenizer,
+                                                self.args)
+
     def _model_card_info(self) -> dict[str, Any]:
         """The teacher and the loss settings, for the model card (see [`_BaseTrainer.create_model_card`])."""
         hyperparameters = {"temperature": self.args.temperature, "alpha": self.args.alpha}
-        if self._causal_lm:
+        if self.args.cross_tokenizer is not None:
+            hyperparameters["cross_tokenizer"] = str(self.args.cross_tokenizer)
+            if self.args.cross_tokenizer == "hybrid":
+                hyperparameters["cross_tokenizer_shared_weight"] = self.args.cross_tokenizer_shared_weight
+        elif self._causal_lm:
             hyperparameters["loss_type"] = str(self.args.loss_type)
             if self.args.loss_type == "jsd":
                 hyperparameters["beta"] = self.args.beta
@@ -202,6 +296,8 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     # ---- loss ------------------------------------------------------------------------------------------------------
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self._causal_lm and self.args.cross_tokenizer is not None:
+            return self._compute_cross_tokenizer_loss(model, inputs, return_outputs, num_items_in_batch)
         if self._causal_lm:
             return self._compute_lm_loss(model, inputs, return_outputs, num_items_in_batch)
         labels = inputs.pop("labels", None)
@@ -290,6 +386,56 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
         return loss
 
+
+    def _compute_cross_tokenizer_loss(self, model, inputs, return_outputs, num_items_in_batch):
+        """
+        `compute_loss` with `args.cross_tokenizer` (a teacher with another tokenizer, [`hf_kd.cross_tokenizer`]):
+
+        `(alpha * T^2 * sum_spans D(span_T, span_S) + (1 - alpha) * sum_tokens CE) / num_items_in_batch`
+
+        where the spans are the batch's aligned completion spans, each side's span distribution is
+        [`hf_kd.losses.span_log_probs`] at temperature `T` (chain rule: the span's last-token distribution times the
+        probability of its earlier tokens), `D` is [`hf_kd.losses.uld_loss`] or [`hf_kd.losses.hybrid_loss`], and
+        CE is the student's token cross-entropy on its completion tokens (shifted labels). Both sums are divided by
+        the same `num_items_in_batch`, the student's completion tokens of the whole accumulated batch (Trainer's count),
+        so the loss is exact under gradient accumulation and data parallelism, as the same-tokenizer path; the soft
+        term is then a per-student-token sum (spans merge tokens, so there are at most as many spans as tokens).
+        Logged: `kd_loss` (mean `D` per span) and `ce_loss` (mean CE per token) of this batch.
+
+        Returns the loss and, with `return_outputs`, `{"logits"}` (the student's: the teacher's are over another
+        vocabulary and positions, so no `top1_agreement` is logged).
+        """
+        labels = inputs.pop("labels")
+        teacher_ids, teacher_mask = inputs.pop("teacher_input_ids"), inputs.pop("teacher_attention_mask")
+        student_starts, student_ends, teacher_starts, teacher_ends = (
+            inputs.pop(name) for name in CROSS_TOKENIZER_COLUMNS[1:]
+        )
+        student_logits = model(**inputs).logits
+        teacher_logits = teacher_logits_for_batch(
+            self._load_teacher(), {"input_ids": teacher_ids, "attention_mask": teacher_mask}
+        ).to(student_logits.device)
+        args = self.args
+        T, alpha = args.temperature, args.alpha
+        student_spans = span_log_probs(student_logits, inputs["input_ids"], student_starts, student_ends, T)
+        teacher_spans = span_log_probs(teacher_logits, teacher_ids.to(teacher_logits.device), teacher_starts,
+                                       teacher_ends, T)
+        if args.cross_tokenizer == "hybrid":
+            kd = hybrid_loss(student_spans, teacher_spans, *self._shared_vocabulary,
+                             shared_weight=args.cross_tokenizer_shared_weight, reduction="sum")
+        else:
+            kd = uld_loss(student_spans, teacher_spans, reduction="sum")
+        shifted = labels[:, 1:].to(student_logits.device)
+        ce = nn.functional.cross_entropy(
+            student_logits[:, :-1].flatten(0, 1).float(), shifted.flatten(), ignore_index=-100, reduction="sum"
+        )
+        tokens = (shifted != -100).sum()
+        normaliser = tokens.clamp_min(1) if num_items_in_batch is None else num_items_in_batch
+        loss = (alpha * T**2 * kd + (1 - alpha) * ce) / normaliser
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["kd_loss"].append(kd.detach() / max(len(student_spans), 1))
+        self._metrics[mode]["ce_loss"].append(ce.detach() / tokens.clamp_min(1))
+        loss = self._scale_for_processes(loss, num_items_in_batch)
+        return (loss, {"logits": student_logits}) if return_outputs else loss
 
     # ---- on-policy and sequence-level data (GKD) -------------------------------------------------------------------
 
@@ -437,3 +583,43 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             return teacher.peft_model, teacher.peft_model.disable_adapter(), teacher.peft_model.training
         model = self.accelerator.unwrap_model(teacher)
         return model, contextlib.nullcontext(), model.training
+
+
+def _prepare_cross_tokenizer_dataset(dataset, split: str, processing_class, teacher_processing_class, args):
+    """
+    A causal-LM dataset for `args.cross_tokenizer`: data in TRL's formats is tokenised by both tokenizers with its
+    completion spans aligned ([`hf_kd.cross_tokenizer.tokenize_cross_tokenizer_dataset`], student rows cut to
+    `args.lm_max_length`); rows that already carry [`hf_kd.cross_tokenizer.CROSS_TOKENIZER_COLUMNS`] are used as
+    they are; a dict of datasets is prepared per name.
+
+    Raises:
+        `ValueError`: pre-tokenized rows without the teacher's columns, naming them.
+    """
+    import datasets
+
+    if isinstance(dataset, dict) and not isinstance(dataset, datasets.DatasetDict):
+        return {
+            name: _prepare_cross_tokenizer_dataset(d, f"{split}[{name!r}]", processing_class, teacher_processing_class,
+                                                   args)
+            for name, d in dataset.items()
+        }
+    if not isinstance(dataset, datasets.Dataset):
+        return dataset
+    columns = dataset.column_names
+    if "input_ids" in columns:
+        missing = [c for c in CROSS_TOKENIZER_COLUMNS if c not in columns]
+        if missing:
+            raise ValueError(
+                f"{split} is pre-tokenized (input_ids) but cross_tokenizer={str(args.cross_tokenizer)!r} also needs the "
+                f"teacher's tokens and the aligned spans, and it lacks {missing}: give the text in one of TRL's "
+                "formats (text, messages, prompt + completion) so that the trainer tokenizes it with both tokenizers, "
+                "or build the rows with hf_kd.cross_tokenizer.tokenize_cross_tokenizer_dataset."
+            )
+        return dataset
+    try:
+        tokenized = tokenize_cross_tokenizer_dataset(dataset, processing_class, teacher_processing_class,
+                                                     args.lm_max_length)
+    except ValueError as error:
+        raise ValueError(f"{split}: {error} (the trainer's tokenization: DistillConfig.lm_max_length)") from None
+    # As prepare_lm_dataset: only what the collator reads (a class label column would reach the student's forward).
+    return tokenized.select_columns(["input_ids", "attention_mask", "labels", *CROSS_TOKENIZER_COLUMNS])

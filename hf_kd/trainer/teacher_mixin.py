@@ -163,14 +163,20 @@ class _TeacherMixin:
     def _has_teacher_logits(dataset) -> bool:
         return dataset is not None and TEACHER_LOGITS_COLUMN in getattr(dataset, "column_names", ())
 
+    @staticmethod
+    def _teacher_hub_kwargs(args) -> dict:
+        """The Hub keyword arguments of `args.teacher_model_init_kwargs` that also apply to the teacher's config and
+        tokenizer files."""
+        return {
+            k: v
+            for k, v in (args.teacher_model_init_kwargs or {}).items()
+            if k in ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code")
+        }
+
     def _check_teacher_compatibility(self, teacher, processing_class, teacher_processing_class):
         """Label space and vocabulary checks, from configs and tokenizers only (teacher weights are not loaded)."""
         student_config = self.accelerator.unwrap_model(self.model).config
-        hub_kwargs = {
-            k: v
-            for k, v in (self.args.teacher_model_init_kwargs or {}).items()
-            if k in ("revision", "cache_dir", "token", "local_files_only", "trust_remote_code")
-        }
+        hub_kwargs = self._teacher_hub_kwargs(self.args)
         if isinstance(teacher, nn.Module):
             teacher_config = teacher.config
         else:
@@ -195,7 +201,9 @@ class _TeacherMixin:
                     "a causal-LM teacher's next-token distribution must be over the student's own vocabulary."
                 )
             self._teacher_config = teacher_config
-            check_lm_vocabularies(student_config, teacher_config, student_tokenizer, teacher_processing_class)
+            # cross_tokenizer (DistillConfig): another vocabulary is what the cross-tokenizer loss is for.
+            if getattr(self.args, "cross_tokenizer", None) is None:
+                check_lm_vocabularies(student_config, teacher_config, student_tokenizer, teacher_processing_class)
             return None
         check_label_spaces(student_config, teacher_config)
         # A student with default LABEL_i names passes check_label_spaces: the datasets' label names are checked
