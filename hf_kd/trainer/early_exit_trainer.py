@@ -5,7 +5,10 @@ from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
+from ..calibration import fit_exit_temperature
 from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
 from ..metrics import lm_exit_token_statistics, make_exit_compute_metrics, make_lm_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
@@ -13,7 +16,7 @@ from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, captur
 from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
 from .base_trainer import is_causal_lm
 from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
-from .early_exit_config import EarlyExitConfig
+from .early_exit_config import FITTED, EarlyExitConfig
 from .full_pass import plain_loader
 from .multi_exit_trainer import _MultiExitTrainer
 from .teacher_mixin import _TeacherMixin
@@ -25,6 +28,42 @@ def _check_exit_inputs(exit_logits: Sequence, weights: Sequence, soft_targets: S
         raise ValueError(
             f"got {len(exit_logits)} exit logits, {len(weights)} weights and {len(soft_targets)} soft targets"
         )
+
+
+class FinalExitTemperatureCallback(TrainerCallback, ExportableState):
+    """
+    Holds the temperature fitted for `final_exit_temperature="fitted"`: at the start of training the final exit's
+    temperature is fitted on the trainer's `eval_dataset` ([`hf_kd.calibration.fit_exit_temperature`]) and logged;
+    it is the callback's [`~transformers.ExportableState`], so every checkpoint's `trainer_state.json` records it and
+    [`EarlyExitTrainer`] restores it on `resume_from_checkpoint` (the soft targets of a resumed run must be those of
+    the interrupted one, even though the backbone, hence a refit, may have changed since).
+    """
+
+    missing_state_message = (
+        "it was not saved by a final_exit_temperature='fitted' run, so its fitted final-exit temperature is unknown"
+    )
+
+    def __init__(self, trainer: EarlyExitTrainer):
+        self.trainer = trainer
+        self.temperature: float | None = None
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        if self.temperature is None:  # a resumed run keeps the restored value
+            trainer = self.trainer
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            self.temperature = fit_exit_temperature(model, trainer.eval_dataset,
+                                                    batch_size=args.per_device_eval_batch_size)
+            trainer.log({"final_exit_temperature": self.temperature})
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"temperature": self.temperature}}
+
+    def load_state(self, state: dict) -> None:
+        """Restore the fitted temperature from [`~FinalExitTemperatureCallback.state`]'s output."""
+        temperature = state["attributes"]["temperature"]
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"the fitted final-exit temperature must be a number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
 
 
 class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
@@ -197,6 +236,22 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             self._dedier = DedierCallback(self, num_samples=len(self.train_dataset), seed=args.seed)
             self.add_callback(self._dedier)
             self._training_state_callbacks = (self._dedier,)
+        self._final_exit_temperature = None
+        if args.final_exit_temperature == FITTED:
+            if not self._causal_lm:
+                raise ValueError(
+                    "final_exit_temperature='fitted' fits the next-token temperature of a causal LM's final exit; for "
+                    "a classifier, fit it with hf_kd.calibrate_temperature on held-out data and pass the float."
+                )
+            if self.eval_dataset is None or isinstance(self.eval_dataset, dict):
+                raise ValueError(
+                    "final_exit_temperature='fitted' fits the final exit's temperature on the eval set before "
+                    "training: pass one eval_dataset (held-out text, not a dict of datasets), or give the temperature "
+                    "as a float."
+                )
+            self._final_exit_temperature = FinalExitTemperatureCallback(self)
+            self.add_callback(self._final_exit_temperature)
+            self._training_state_callbacks += (self._final_exit_temperature,)
 
     def _freeze_backbone(self) -> None:
         """`requires_grad=False` on every parameter of `model.backbone` (the optimiser, built later, skips them);
@@ -243,6 +298,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             hyperparameters["freeze_backbone"] = True
         if self.args.distill_from != "none":
             hyperparameters.update(temperature=self.args.temperature, alpha=self.args.alpha)
+        if self.final_exit_temperature is not None:
+            hyperparameters["final_exit_temperature"] = round(self.final_exit_temperature, 4)
         if self.args.dedier:
             hyperparameters.update(
                 dedier_layer=self.args.dedier_layer,
@@ -285,6 +342,25 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         loaders = [plain_loader(self, d, batch_size or self.args.per_device_eval_batch_size, "exit Laplace")
                    for d in (train_dataset, eval_dataset)]
         return model.fit_exit_laplace(*loaders, **kwargs)
+
+    @property
+    def final_exit_temperature(self) -> float | None:
+        """The temperature dividing the final exit's logits in the exits' targets: `args.final_exit_temperature` as a
+        float, the fitted value with `"fitted"` (`None` until training starts), `None` for the raw final exit."""
+        if self._final_exit_temperature is not None:
+            return self._final_exit_temperature.temperature
+        return self.args.final_exit_temperature
+
+    def _final_exit_targets(self, final_logits: torch.Tensor) -> torch.Tensor:
+        """The detached final-exit logits that the earlier exits learn from, divided by [`final_exit_temperature`]
+        when there is one (left untouched otherwise, so that `None` is the raw final exit bit for bit)."""
+        targets = final_logits.detach()
+        if self.args.final_exit_temperature is None:
+            return targets
+        temperature = self.final_exit_temperature
+        if temperature is None:
+            raise RuntimeError("final_exit_temperature='fitted' is fitted when training starts: call train() first.")
+        return targets / temperature
 
     @property
     def dedier_weights(self) -> torch.Tensor | None:
@@ -427,7 +503,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         elif distill_from == "teacher":
             soft_targets = [self._batch_teacher_logits(inputs, None).to(exit_logits[-1].device)] * num_exits
         elif distill_from == "final_exit":
-            soft_targets = [exit_logits[-1].detach()] * (num_exits - 1) + [None]
+            soft_targets = [self._final_exit_targets(exit_logits[-1])] * (num_exits - 1) + [None]
         else:
             soft_targets = [None] * num_exits
         T, alpha = self.args.temperature, self.args.alpha
@@ -476,7 +552,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             soft_targets = [teacher_logits] * num_exits
         elif distill_from == "final_exit":
             # Self-distillation: the final exit teaches the earlier ones but receives no gradient from them.
-            soft_targets = [exit_logits[-1].detach()] * (num_exits - 1) + [None]
+            soft_targets = [self._final_exit_targets(exit_logits[-1])] * (num_exits - 1) + [None]
         else:
             soft_targets = [None] * num_exits
         if labels is None and distill_from != "teacher":
