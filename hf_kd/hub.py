@@ -72,6 +72,8 @@ CALIBRATION_FILENAME = "calibration.json"
 EXIT_CALIBRATION_FILENAME = "exit_calibration.json"
 """[`hf_kd.ExitCalibrationResult`] of an early-exit causal LM's per-exit temperatures, next to `config.json`; the
 per-exit token reliability diagrams lie in `exit_calibration/exit_{i}_reliability.png`."""
+EXIT_RELIABILITY_DIAGRAM = "exit_calibration/exit_{}_reliability.png"
+"""Where a saved folder keeps exit `i`'s token reliability diagram (`.format(i)`), relative to its card."""
 EXIT_CALIBRATION_METRICS = ("token_ece", "nll", "brier")
 """The per-exit next-token metrics, before and after temperature scaling, that a card's model-index reports."""
 # `exit_{i}_uncalibrated_{metric}` / `exit_{i}_calibrated_{metric}`: the model-index keys of those metrics.
@@ -992,6 +994,9 @@ def update_model_card(
     exit_calibration = None
     if (folder / EXIT_CALIBRATION_FILENAME).is_file():
         exit_calibration = json.loads((folder / EXIT_CALIBRATION_FILENAME).read_text(encoding="utf-8"))
+        diagrams = [EXIT_RELIABILITY_DIAGRAM.format(i) for i in range(len(exit_calibration["exit_layers"]))]
+        if all((folder / path).is_file() for path in diagrams):
+            exit_calibration["reliability_diagrams"] = diagrams
 
     # "local checkpoint" (what a card records for a teacher given as a path) is not a Hub id, so it renders as such.
     teacher = teacher_model if teacher_model is not None else old_meta.get("teacher_model")

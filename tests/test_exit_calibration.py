@@ -231,3 +231,45 @@ def test_fitted_final_exit_temperature_is_fitted_once_and_kept_on_resume(tmp_pat
     with pytest.raises(ValueError, match="has no FinalExitTemperatureCallback state"):
         lm_trainer(tmp_path / "plain", multi_exit_llama(), fitted).train(
             resume_from_checkpoint=str(tmp_path / "plain" / "out" / "checkpoint-1"))
+
+
+# ------------------------------------------------------------------------------------------------- the model card
+
+
+def test_calibrated_exits_go_to_the_card_with_their_reliability_diagrams(tmp_path):
+    pytest.importorskip("matplotlib")
+    from huggingface_hub import ModelCard
+
+    from hf_kd import update_model_card
+
+    args = lm_args(tmp_path, freeze_backbone=True, final_exit_temperature=2.0, max_steps=1, eval_strategy="no")
+    trainer = lm_trainer(tmp_path, multi_exit_llama(), args, eval_dataset=sampled_text(seed=1))
+    trainer.train()
+    result = trainer.calibrate_exits(calibrated_on="sampled text")
+    assert trainer.exit_calibration is result and len(result.temperatures) == 3
+    trainer.save_model()
+    out = tmp_path / "out"
+    assert json.loads((out / "exit_calibration.json").read_text())["temperatures"] == result.temperatures
+    for i in range(3):
+        assert (out / "exit_calibration" / f"exit_{i}_reliability.png").stat().st_size > 0
+
+    def check(card):
+        results = {r.metric_type: r for r in card.data.eval_results if r.metric_type.startswith("exit_")}
+        assert len(results) == 3 * 3 * 2  # exits x (ECE, NLL, Brier) x (before, after)
+        for i in range(3):
+            for metric in ("token_ece", "nll", "brier"):
+                before, after = results[f"exit_{i}_uncalibrated_{metric}"], results[f"exit_{i}_calibrated_{metric}"]
+                assert before.metric_value == round(result.before[i][metric], 4) and before.dataset_split == "eval"
+                assert after.metric_value == round(result.after[i][metric], 4)
+            assert results[f"exit_{i}_calibrated_token_ece"].metric_args == {"n_bins": 15}
+        assert card.data.hf_kd["exit_calibration"]["temperatures"] == [round(t, 4) for t in result.temperatures]
+        assert card.data.hf_kd["hyperparameters"]["final_exit_temperature"] == 2.0
+        assert "### Confidence of the exits" in card.text and "of sampled text" in card.text
+        for i in range(3):
+            assert f"](exit_calibration/exit_{i}_reliability.png)" in card.text
+
+    check(ModelCard.load(out / "README.md"))
+    update_model_card(out)  # re-rendered from the folder: exit_calibration.json is read back
+    check(ModelCard.load(out / "README.md"))
+    with pytest.raises(TypeError, match="for a classifier use"):
+        EarlyExitTrainer(model=tiny_multi_exit(), args=lm_args(tmp_path / "c", eval_strategy="no")).calibrate_exits()

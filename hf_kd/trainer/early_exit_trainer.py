@@ -1,6 +1,8 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
@@ -8,7 +10,9 @@ from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
 
-from ..calibration import fit_exit_temperature
+from ..calibration import ExitCalibrationResult, calibrate_exit_temperatures, fit_exit_temperature
+from ..hub import EXIT_CALIBRATION_FILENAME, EXIT_RELIABILITY_DIAGRAM
+from ..import_utils import is_matplotlib_available
 from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
 from ..metrics import lm_exit_token_statistics, make_exit_compute_metrics, make_lm_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
@@ -27,6 +31,26 @@ def _check_exit_inputs(exit_logits: Sequence, weights: Sequence, soft_targets: S
     if not len(exit_logits) == len(weights) == len(soft_targets):
         raise ValueError(
             f"got {len(exit_logits)} exit logits, {len(weights)} weights and {len(soft_targets)} soft targets"
+        )
+
+
+def _save_exit_calibration(result: ExitCalibrationResult, split: str, folder) -> None:
+    """`folder/exit_calibration.json` (the result and its model-index `split`) and, with matplotlib, each exit's token reliability diagram before and after its
+    temperature ([`hf_kd.plots.plot_reliability_diagram`])."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EXIT_CALIBRATION_FILENAME).write_text(json.dumps({**result.to_dict(), "split": split}, indent=2),
+                                                    encoding="utf-8")
+    if not is_matplotlib_available():
+        return
+    from ..plots import plot_reliability_diagram
+
+    for i, (layer, temperature) in enumerate(zip(result.exit_layers, result.temperatures)):
+        bins = result.reliability[i]
+        plot_reliability_diagram(
+            {"before (T = 1)": bins["before"], f"after (T = {temperature:.3f})": bins["after"]},
+            folder / EXIT_RELIABILITY_DIAGRAM.format(i),
+            title=f"Exit {i} (layer {layer}): next-token reliability",
         )
 
 
@@ -236,6 +260,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             self._dedier = DedierCallback(self, num_samples=len(self.train_dataset), seed=args.seed)
             self.add_callback(self._dedier)
             self._training_state_callbacks = (self._dedier,)
+        self.exit_calibration: ExitCalibrationResult | None = None
+        self._exit_calibration_split = None
         self._final_exit_temperature = None
         if args.final_exit_temperature == FITTED:
             if not self._causal_lm:
@@ -300,6 +326,13 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             hyperparameters.update(temperature=self.args.temperature, alpha=self.args.alpha)
         if self.final_exit_temperature is not None:
             hyperparameters["final_exit_temperature"] = round(self.final_exit_temperature, 4)
+        info = {}
+        if self.exit_calibration is not None:
+            info["exit_calibration"] = {**self.exit_calibration.to_dict(), "split": self._exit_calibration_split}
+            if is_matplotlib_available():
+                info["exit_calibration"]["reliability_diagrams"] = [
+                    EXIT_RELIABILITY_DIAGRAM.format(i) for i in range(len(self.exit_calibration.exit_layers))
+                ]
         if self.args.dedier:
             hyperparameters.update(
                 dedier_layer=self.args.dedier_layer,
@@ -309,7 +342,55 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         laplace = getattr(self.accelerator.unwrap_model(self.model), "exit_laplace", None)
         if laplace is not None:
             hyperparameters["exit_laplace"] = laplace.card_summary()
-        return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
+        return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters, **info}
+
+    def calibrate_exits(self, eval_dataset=None, calibrated_on: str | None = None, n_bins: int = 15,
+                        split: str | None = None) -> ExitCalibrationResult:
+        r"""
+        Fit one temperature per exit of a multi-exit causal LM on held-out text and report each exit's next-token
+        confidence before and after ([`hf_kd.calibrate_exit_temperatures`]; temperature scaling, Guo et al., 2017,
+        https://huggingface.co/papers/1706.04599).
+
+        The result is kept as `trainer.exit_calibration`; from then on every saved model folder and checkpoint gets
+        `exit_calibration.json`, one token reliability diagram per exit (`exit_calibration/exit_{i}_reliability.png`,
+        before and after side by side; needs matplotlib) and a card whose model-index holds every exit's token ECE,
+        NLL and Brier score before and after ([`hf_kd.hub.build_eval_results`]), with a table and the diagrams
+        linked. The model is not modified: the temperatures are for dividing each exit's logits.
+
+        Args:
+            eval_dataset (`datasets.Dataset`, *optional*): the held-out text (defaults to the trainer's
+                `eval_dataset`), with `input_ids`, unshifted `labels` (`-100` where not counted) and optionally
+                `attention_mask`.
+            calibrated_on (`str`, *optional*): description of the text, for the card.
+            n_bins (`int`, *optional*, defaults to `15`): bins of the token ECE.
+            split (`str`, *optional*): the model-index split of the numbers; `"eval"` for the trainer's
+                `eval_dataset`, `"calibration"` for another dataset.
+
+        Returns:
+            [`hf_kd.ExitCalibrationResult`].
+        """
+        if not self._causal_lm:
+            raise TypeError(
+                "calibrate_exits fits next-token temperatures of a multi-exit causal LM; for a classifier use "
+                "fit_exit_laplace or hf_kd.calibrate_temperature."
+            )
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None or isinstance(dataset, dict):
+            raise ValueError("calibrate_exits needs one held-out dataset: pass eval_dataset= (not a dict of them).")
+        model = self.accelerator.unwrap_model(self.model)
+        self.exit_calibration = calibrate_exit_temperatures(
+            model, dataset, n_bins=n_bins, batch_size=self.args.per_device_eval_batch_size,
+            calibrated_on=calibrated_on,
+        )
+        self._exit_calibration_split = split or ("eval" if eval_dataset is None else "calibration")
+        return self.exit_calibration
+
+    def create_model_card(self, *args, output_dir=None, **kwargs) -> None:
+        # The card links the per-exit reliability diagrams: write them (and the numbers) into the card's folder first.
+        if self.exit_calibration is not None and self.args.should_save:
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            _save_exit_calibration(self.exit_calibration, self._exit_calibration_split, folder)
+        super().create_model_card(*args, output_dir=output_dir, **kwargs)
 
     def fit_exit_laplace(
         self, train_dataset=None, eval_dataset=None, batch_size: int | None = None, **kwargs
