@@ -207,6 +207,8 @@ def test_fitted_final_exit_temperature_is_fitted_once_and_kept_on_resume(tmp_pat
     expected = fit_exit_temperature(model, eval_data, batch_size=4)
     trainer = lm_trainer(tmp_path, model, args, eval_dataset=eval_data)
     assert trainer.final_exit_temperature is None
+    trainer.evaluate()  # an evaluation before training needs the targets: it fits the temperature
+    assert trainer.final_exit_temperature == pytest.approx(expected, rel=1e-12)
     trainer.train()
     assert trainer.final_exit_temperature == pytest.approx(expected, rel=1e-12) and 1.2 < expected < 10
     assert any(h.get("final_exit_temperature") == trainer.final_exit_temperature for h in trainer.state.log_history)

@@ -56,8 +56,9 @@ def _save_exit_calibration(result: ExitCalibrationResult, split: str, folder) ->
 
 class FinalExitTemperatureCallback(TrainerCallback, ExportableState):
     """
-    Holds the temperature fitted for `final_exit_temperature="fitted"`: at the start of training the final exit's
-    temperature is fitted on the trainer's `eval_dataset` ([`hf_kd.calibration.fit_exit_temperature`]) and logged;
+    Holds the temperature fitted for `final_exit_temperature="fitted"`: at the start of training (or at an evaluation
+    before it) the final exit's temperature is fitted on the trainer's `eval_dataset`
+    ([`hf_kd.calibration.fit_exit_temperature`]), and logged when training starts;
     it is the callback's [`~transformers.ExportableState`], so every checkpoint's `trainer_state.json` records it and
     [`EarlyExitTrainer`] restores it on `resume_from_checkpoint` (the soft targets of a resumed run must be those of
     the interrupted one, even though the backbone, hence a refit, may have changed since).
@@ -71,13 +72,18 @@ class FinalExitTemperatureCallback(TrainerCallback, ExportableState):
         self.trainer = trainer
         self.temperature: float | None = None
 
-    def on_train_begin(self, args, state, control, **kwargs):
-        if self.temperature is None:  # a resumed run keeps the restored value
+    def fit(self) -> float:
+        """The temperature, fitted now unless already fitted or restored from a checkpoint."""
+        if self.temperature is None:
             trainer = self.trainer
             model = trainer.accelerator.unwrap_model(trainer.model)
             self.temperature = fit_exit_temperature(model, trainer.eval_dataset,
-                                                    batch_size=args.per_device_eval_batch_size)
-            trainer.log({"final_exit_temperature": self.temperature})
+                                                    batch_size=trainer.args.per_device_eval_batch_size)
+        return self.temperature
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run has its value restored by now and keeps it; either way the run's log records it.
+        self.trainer.log({"final_exit_temperature": self.fit()})
 
     def state(self) -> dict:
         return {"args": {}, "attributes": {"temperature": self.temperature}}
@@ -139,7 +145,11 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     ([`hf_kd.metrics.make_lm_exit_compute_metrics`]) logs the final exit's `perplexity`, `token_accuracy`,
     `token_ece`, `token_entropy`, and `exit_{i}_perplexity`, `exit_{i}_token_accuracy`, `exit_{i}_token_ece`,
     `exit_{i}_token_entropy` and `exit_{i}_top1_agreement` (with the final exit) for every exit. DEDIER and the
-    per-exit Laplace are for classifiers.
+    per-exit Laplace are for classifiers. With `args.final_exit_temperature` the exits learn from a
+    temperature-calibrated final exit ("Knowledge Distillation Using Early Exit LLMs: experiments on confidence
+    scoring"; `"fitted"`: fitted on the eval set when training starts and kept in checkpoints); after training,
+    [`EarlyExitTrainer.calibrate_exits`] fits one temperature per exit and puts every exit's token ECE, NLL and Brier
+    score before and after, and its token reliability diagram, into the saved folder and its card.
 
     After training, [`EarlyExitTrainer.fit_exit_laplace`] fits a last-layer Laplace approximation per exit (Meronen
     et al., WACV 2024, https://huggingface.co/papers/2302.06359) with a temperature and a prior chosen per exit on
@@ -427,7 +437,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     @property
     def final_exit_temperature(self) -> float | None:
         """The temperature dividing the final exit's logits in the exits' targets: `args.final_exit_temperature` as a
-        float, the fitted value with `"fitted"` (`None` until training starts), `None` for the raw final exit."""
+        float, the fitted value with `"fitted"` (`None` until training or an evaluation starts), `None` for the raw
+        final exit."""
         if self._final_exit_temperature is not None:
             return self._final_exit_temperature.temperature
         return self.args.final_exit_temperature
@@ -438,9 +449,10 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         targets = final_logits.detach()
         if self.args.final_exit_temperature is None:
             return targets
-        temperature = self.final_exit_temperature
-        if temperature is None:
-            raise RuntimeError("final_exit_temperature='fitted' is fitted when training starts: call train() first.")
+        # "fitted": normally fitted at on_train_begin; an evaluation before training fits it here.
+        temperature = self.args.final_exit_temperature
+        if self._final_exit_temperature is not None:
+            temperature = self._final_exit_temperature.fit()
         return targets / temperature
 
     @property
