@@ -932,11 +932,12 @@ def update_model_card(
     Reads, in this order: the existing card (its metadata: `base_model`, the `hf_kd` trainer, method, paper id,
     template, teacher and hyperparameters, tags, license, language, the `model-index` dataset; and the method's paper
     as the card cites it), `config.json` (`architectures`: the model's task, see [`pipeline_tag_of`];
-    `hf_kd.temperature`: the temperature folded into the weights, the source of truth), `calibration.json` (the fit's before/after on the calibration data, used
-    when its temperature matches), `exit_calibration.json` (an early-exit causal LM's per-exit temperatures, see
-    [`generate_model_card`]'s `exit_calibration`), and every report under `uncertainty/<name>/report.json`. Reports of the model as it
-    is (same folded temperature) give the `model-index` and the metrics table; reports of the uncalibrated model
-    (no temperature) feed the before/after table. Without any current report the existing `model-index` is kept.
+    `hf_kd.temperature`: the temperature folded into the weights, the source of truth), `calibration.json` (the fit's
+    before/after on the calibration data, used when its temperature matches), `exit_calibration.json` (an early-exit
+    causal LM's per-exit temperatures, see [`generate_model_card`]'s `exit_calibration`; its diagrams when all are
+    there), and every report under `uncertainty/<name>/report.json`. Reports of the model as it is (same folded
+    temperature) give the `model-index` and the metrics table; reports of the uncalibrated model (no temperature)
+    feed the before/after table. Without any current report the existing `model-index` is kept.
 
     Args:
         folder (`str` or `os.PathLike`):

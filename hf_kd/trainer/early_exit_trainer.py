@@ -35,8 +35,8 @@ def _check_exit_inputs(exit_logits: Sequence, weights: Sequence, soft_targets: S
 
 
 def _save_exit_calibration(result: ExitCalibrationResult, split: str, folder) -> None:
-    """`folder/exit_calibration.json` (the result and its model-index `split`) and, with matplotlib, each exit's token reliability diagram before and after its
-    temperature ([`hf_kd.plots.plot_reliability_diagram`])."""
+    """`folder/exit_calibration.json` (the result and its model-index `split`) and, with matplotlib, each exit's token
+    reliability diagram before and after its temperature ([`hf_kd.plots.plot_reliability_diagram`])."""
     folder = Path(folder)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / EXIT_CALIBRATION_FILENAME).write_text(json.dumps({**result.to_dict(), "split": split}, indent=2),
@@ -58,10 +58,10 @@ class FinalExitTemperatureCallback(TrainerCallback, ExportableState):
     """
     Holds the temperature fitted for `final_exit_temperature="fitted"`: at the start of training (or at an evaluation
     before it) the final exit's temperature is fitted on the trainer's `eval_dataset`
-    ([`hf_kd.calibration.fit_exit_temperature`]), and logged when training starts;
-    it is the callback's [`~transformers.ExportableState`], so every checkpoint's `trainer_state.json` records it and
-    [`EarlyExitTrainer`] restores it on `resume_from_checkpoint` (the soft targets of a resumed run must be those of
-    the interrupted one, even though the backbone, hence a refit, may have changed since).
+    ([`hf_kd.calibration.fit_exit_temperature`]), and logged when training starts. It is the callback's
+    [`~transformers.ExportableState`], so every checkpoint's `trainer_state.json` records it and [`EarlyExitTrainer`]
+    restores it on `resume_from_checkpoint`: the soft targets of a resumed run must be those of the interrupted one,
+    although the backbone, hence a refit, may have changed since.
     """
 
     missing_state_message = (

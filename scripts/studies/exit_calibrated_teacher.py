@@ -109,7 +109,8 @@ def main():
         del trainer, model
 
     layers = list(results["variants"]["raw"]["test"])
-    print(f"\nfinal-exit temperature fitted on validation: {results['variants']['calibrated']['final_exit_temperature']:.4f}")
+    fitted = results["variants"]["calibrated"]["final_exit_temperature"]
+    print(f"\nfinal-exit temperature fitted on validation: {fitted:.4f}")
     print("\n| variant | exit layer | top-1 agreement | token accuracy | perplexity | T (exit) | ECE before | ECE after "
           "| NLL before | NLL after | Brier before | Brier after |")
     print("|---" * 12 + "|")
