@@ -6,6 +6,7 @@ from .calibration import (
     ExitCalibrationResult,
     calibrate_exit_temperatures,
     calibrate_temperature,
+    fit_exit_temperature,
     fit_temperature,
     fold_temperature,
 )
@@ -94,6 +95,7 @@ __all__ = [
     "drop_layers",
     "early_exit",
     "evaluate_uncertainty",
+    "fit_exit_temperature",
     "fit_exit_thresholds",
     "fit_temperature",
     "fold_temperature",

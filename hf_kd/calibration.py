@@ -17,7 +17,7 @@ from __future__ import annotations
 import math
 import numbers
 import warnings
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from typing import TYPE_CHECKING, Any, Callable
 
 import numpy as np
@@ -35,7 +35,7 @@ from .evaluation import (
     compute_logits,
     read_labels,
 )
-from .metrics import _calibration_gaps, _confidence_bins, softmax
+from .metrics import softmax, token_calibration_metrics, token_calibration_statistics
 from .options import CalibrationObjective, to_enum
 
 if TYPE_CHECKING:
@@ -49,6 +49,7 @@ __all__ = [
     "calibrate_exit_temperatures",
     "calibrate_temperature",
     "find_classification_head",
+    "fit_exit_temperature",
     "fit_temperature",
     "fit_temperature_to_distributions",
     "fold_temperature",
@@ -461,6 +462,9 @@ class ExitCalibrationResult:
             `token_accuracy` and `mean_confidence` (mean top-1 probability).
         after (`list[dict[str, float]]`): the same at the fitted temperatures (`token_accuracy` is unchanged).
         calibrated_on (`str`, *optional*): description of the data.
+        reliability (`list[dict[str, dict]]`): per exit, `{"before": bins, "after": bins}`, the
+            [`hf_kd.metrics.reliability_bins`] of the top-1 next-token confidence (lists, `None` for an empty bin),
+            for [`hf_kd.plots.plot_reliability_diagram`].
     """
 
     exit_layers: list[int]
@@ -470,6 +474,7 @@ class ExitCalibrationResult:
     before: list[dict[str, float]]
     after: list[dict[str, float]]
     calibrated_on: str | None = None
+    reliability: list[dict[str, dict]] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -525,30 +530,19 @@ def _fit_token_temperature(head: Callable, hidden: torch.Tensor, targets: torch.
     return temperature
 
 
-@torch.no_grad()
 def _token_calibration_metrics(head: Callable, hidden: torch.Tensor, targets: torch.Tensor, temperature: float,
-                               n_bins: int, chunk_size: int) -> dict[str, float]:
-    """Token ECE, NLL, Brier, accuracy and mean confidence of `softmax(head(hidden) / temperature)`."""
-    confidence, correct, nll, brier = [], [], [], []
-    for start in range(0, hidden.shape[0], chunk_size):
-        log_p = torch.log_softmax(head(hidden[start : start + chunk_size]).double() / temperature, dim=-1)
-        gold = targets[start : start + chunk_size, None]
-        p = log_p.exp()
-        top_p, top = p.max(dim=-1)
-        gold_p = p.gather(-1, gold).squeeze(-1)
-        confidence.append(top_p)
-        correct.append(top == gold.squeeze(-1))
-        nll.append(-log_p.gather(-1, gold).squeeze(-1))
-        brier.append((p * p).sum(-1) - 2 * gold_p + 1)
-    confidence, correct = torch.cat(confidence).numpy(), torch.cat(correct).numpy()
-    weights, gaps = _calibration_gaps(_confidence_bins(confidence, correct, n_bins))
-    return {
-        "token_ece": float(np.sum(weights * gaps)),
-        "nll": float(torch.cat(nll).mean()),
-        "brier": float(torch.cat(brier).mean()),
-        "token_accuracy": float(correct.mean()),
-        "mean_confidence": float(confidence.mean()),
-    }
+                               n_bins: int, chunk_size: int) -> tuple[dict[str, float], dict[str, list]]:
+    """[`hf_kd.metrics.token_calibration_metrics`] of `softmax(head(hidden) / temperature)`, `chunk_size` tokens at
+    a time; the reliability bins as JSON-ready lists (`None` for an empty bin)."""
+    chunks = [
+        token_calibration_statistics(head(hidden[start : start + chunk_size]), targets[start : start + chunk_size],
+                                     temperature)
+        for start in range(0, hidden.shape[0], chunk_size)
+    ]
+    statistics = {key: torch.cat([chunk[key] for chunk in chunks]) for key in chunks[0]}
+    metrics, bins = token_calibration_metrics(statistics, n_bins)
+    return metrics, {key: [None if math.isnan(v) else v for v in np.asarray(values, dtype=float).tolist()]
+                     for key, values in bins.items()}
 
 
 def _pad_lm_rows(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
@@ -562,6 +556,124 @@ def _pad_lm_rows(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]
     masks = [row.get("attention_mask", [1] * len(row["input_ids"])) for row in rows]
     batch["attention_mask"] = torch.tensor([list(m) + [0] * (width - len(m)) for m in masks])
     return batch
+
+
+def _check_exit_calibration_args(model: nn.Module, dataset, batch_size: int, max_iter: int,
+                                 chunk_size: int) -> list[int]:
+    """The model's `config.exit_layers`, after checking the arguments shared by the exit calibrations."""
+    _check_dataset(dataset)
+    _check_batch_size(batch_size)
+    for name, value in (("max_iter", max_iter), ("chunk_size", chunk_size)):
+        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
+    exit_layers = list(getattr(getattr(model, "config", None), "exit_layers", None) or [])
+    if not exit_layers or not hasattr(model, "exit_logits_from_hidden"):
+        raise TypeError(
+            f"calibrating the exits needs a multi-exit causal LM (MultiExitForCausalLM: config.exit_layers and "
+            f"exit_logits_from_hidden), got {type(model).__name__}. For a classifier use calibrate_temperature."
+        )
+    if "labels" not in dataset.column_names:
+        raise ValueError(
+            f"the dataset has no 'labels' column (columns: {dataset.column_names}): calibration needs the next "
+            "tokens, -100 on the tokens that do not count."
+        )
+    return exit_layers
+
+
+def _exit_hidden_states(model: nn.Module, dataset, layers: list[int], batch_size: int,
+                        data_collator: Callable | None) -> tuple[dict[int, torch.Tensor], torch.Tensor]:
+    """One pass of the backbone over `dataset` (no gradients, eval mode, the mode restored): the raw output of each
+    of `layers` at every counted position, `(num_tokens, hidden)` float32 on the CPU per layer, and the targets
+    `(num_tokens,)`. Only the hidden states are kept, not the vocabulary-sized logits."""
+    if data_collator is None:
+        pad_token_id = getattr(model.config.backbone_config, "pad_token_id", None) or 0
+
+        def data_collator(rows):
+            return _pad_lm_rows(rows, pad_token_id)
+
+    columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
+    decoder_layers = model.backbone.model.layers
+    captured: dict[int, torch.Tensor] = {}
+    # The raw output of each exit layer (the last layer's too: transformers returns it after the final norm).
+    hooks = [
+        decoder_layers[layer - 1].register_forward_hook(
+            lambda module, args, output, layer=layer: captured.__setitem__(
+                layer, output[0] if isinstance(output, tuple) else output
+            )
+        )
+        for layer in layers
+    ]
+    hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in layers}
+    targets = []
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    try:
+        with torch.no_grad():
+            for start in range(0, len(dataset), batch_size):
+                rows = [dict(row) for row in dataset.select_columns(columns).select(
+                    range(start, min(start + batch_size, len(dataset))))]
+                batch = {k: v.to(device) for k, v in data_collator(rows).items()}
+                labels = batch.pop("labels")
+                model.backbone.model(**batch, use_cache=False)
+                counted = labels[:, 1:] != -100  # position t predicts token t + 1
+                targets.append(labels[:, 1:][counted].cpu())
+                for layer in layers:
+                    hidden[layer].append(captured[layer][:, :-1][counted].float().cpu())
+    finally:
+        for hook in hooks:
+            hook.remove()
+        model.train(was_training)
+    targets = torch.cat(targets).long()
+    if targets.numel() == 0:
+        raise ValueError("no token is counted (every label is -100): there is nothing to calibrate on")
+    return {layer: torch.cat(states) for layer, states in hidden.items()}, targets
+
+
+def _exit_head(model: nn.Module, layer: int) -> Callable[[torch.Tensor], torch.Tensor]:
+    """The logits of the exit at `layer` from its layer's raw output, on the CPU (no gradients)."""
+    device = next(model.parameters()).device
+    head_dtype = next(model.backbone.lm_head.parameters()).dtype
+
+    def head(chunk):
+        with torch.no_grad():
+            return model.exit_logits_from_hidden(chunk.to(device, head_dtype), layer).cpu()
+
+    return head
+
+
+def fit_exit_temperature(
+    model: nn.Module,
+    dataset: datasets.Dataset,
+    exit_index: int = -1,
+    batch_size: int = 8,
+    data_collator: Callable | None = None,
+    max_iter: int = 50,
+    chunk_size: int = 256,
+) -> float:
+    r"""
+    Fit the temperature of one exit of a multi-exit causal LM (by default the final exit) on held-out text, as
+    [`calibrate_exit_temperatures`] does for every exit, running the backbone once and keeping only that exit's
+    hidden states. [`EarlyExitTrainer`] calls it for `final_exit_temperature="fitted"`.
+
+    Args:
+        model ([`MultiExitForCausalLM`]): see [`calibrate_exit_temperatures`].
+        dataset ([`~datasets.Dataset`]): tokenized held-out text with `input_ids`, `labels` (unshifted, `-100`
+            where not counted) and optionally `attention_mask`.
+        exit_index (`int`, *optional*, defaults to `-1`): the exit, an index into `config.exit_layers` (`-1`: final).
+        batch_size, data_collator, max_iter, chunk_size: as in [`calibrate_exit_temperatures`].
+
+    Returns:
+        `float`: the temperature minimising the exit's mean next-token NLL, in `[0.01, 100]`.
+    """
+    exit_layers = _check_exit_calibration_args(model, dataset, batch_size, max_iter, chunk_size)
+    if isinstance(exit_index, bool) or not isinstance(exit_index, int) or not -len(exit_layers) <= exit_index < len(
+        exit_layers
+    ):
+        raise ValueError(f"exit_index must index exit_layers={exit_layers}, got {exit_index!r}")
+    layer = exit_layers[exit_index]
+    hidden, targets = _exit_hidden_states(model, dataset, [layer], batch_size, data_collator)
+    return _fit_token_temperature(_exit_head(model, layer), hidden[layer], targets, max_iter, chunk_size)
 
 
 def calibrate_exit_temperatures(
@@ -617,18 +729,8 @@ def calibrate_exit_temperatures(
     >>> result.temperatures, [m["token_ece"] for m in result.before], [m["token_ece"] for m in result.after]
     ```
     """
-    _check_dataset(dataset)
     _check_n_bins(n_bins)
-    _check_batch_size(batch_size)
-    for name, value in (("max_iter", max_iter), ("chunk_size", chunk_size)):
-        if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be an int >= 1, got {value!r}")
-    exit_layers = list(getattr(getattr(model, "config", None), "exit_layers", None) or [])
-    if not exit_layers or not hasattr(model, "exit_logits_from_hidden"):
-        raise TypeError(
-            f"calibrate_exit_temperatures needs a multi-exit causal LM (MultiExitForCausalLM: config.exit_layers and "
-            f"exit_logits_from_hidden), got {type(model).__name__}. For a classifier use calibrate_temperature."
-        )
+    exit_layers = _check_exit_calibration_args(model, dataset, batch_size, max_iter, chunk_size)
     if temperatures is not None:
         if len(temperatures) != len(exit_layers):
             raise ValueError(
@@ -636,70 +738,21 @@ def calibrate_exit_temperatures(
                 f"(exit_layers={exit_layers})."
             )
         temperatures = [check_temperature(t, "temperatures[{}]".format(j)) for j, t in enumerate(temperatures)]
-    if "labels" not in dataset.column_names:
-        raise ValueError(
-            f"the dataset has no 'labels' column (columns: {dataset.column_names}): calibration needs the next "
-            "tokens, -100 on the tokens that do not count."
-        )
-    if data_collator is None:
-        pad_token_id = getattr(model.config.backbone_config, "pad_token_id", None) or 0
+    hidden, targets = _exit_hidden_states(model, dataset, exit_layers, batch_size, data_collator)
 
-        def data_collator(rows):
-            return _pad_lm_rows(rows, pad_token_id)
-
-    columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
-    layers = model.backbone.model.layers
-    captured: dict[int, torch.Tensor] = {}
-    # The raw output of each exit layer (the last layer's too: transformers returns it after the final norm).
-    hooks = [
-        layers[layer - 1].register_forward_hook(
-            lambda module, args, output, layer=layer: captured.__setitem__(
-                layer, output[0] if isinstance(output, tuple) else output
-            )
-        )
-        for layer in exit_layers
-    ]
-    hidden: dict[int, list[torch.Tensor]] = {layer: [] for layer in exit_layers}
-    targets = []
-    was_training = model.training
-    model.eval()
-    device = next(model.parameters()).device
-    try:
-        with torch.no_grad():
-            for start in range(0, len(dataset), batch_size):
-                rows = [dict(row) for row in dataset.select_columns(columns).select(
-                    range(start, min(start + batch_size, len(dataset))))]
-                batch = {k: v.to(device) for k, v in data_collator(rows).items()}
-                labels = batch.pop("labels")
-                model.backbone.model(**batch, use_cache=False)
-                counted = labels[:, 1:] != -100  # position t predicts token t + 1
-                targets.append(labels[:, 1:][counted].cpu())
-                for layer in exit_layers:
-                    hidden[layer].append(captured[layer][:, :-1][counted].float().cpu())
-    finally:
-        for hook in hooks:
-            hook.remove()
-        model.train(was_training)
-    targets = torch.cat(targets).long()
-    if targets.numel() == 0:
-        raise ValueError("no token is counted (every label is -100): there is nothing to calibrate on")
-
-    fitted, before, after = [], [], []
-    head_dtype = next(model.backbone.lm_head.parameters()).dtype
-    for layer in exit_layers:
-        states = torch.cat(hidden[layer])
-
-        def head(chunk, layer=layer):
-            with torch.no_grad():
-                return model.exit_logits_from_hidden(chunk.to(device, head_dtype), layer).cpu()
-
+    fitted, before, after, reliability = [], [], [], []
+    for j, layer in enumerate(exit_layers):
+        head = _exit_head(model, layer)
         if temperatures is None:
-            temperature = _fit_token_temperature(head, states, targets, max_iter, chunk_size)
+            temperature = _fit_token_temperature(head, hidden[layer], targets, max_iter, chunk_size)
         else:
-            temperature = temperatures[len(fitted)]
+            temperature = temperatures[j]
         fitted.append(temperature)
-        before.append(_token_calibration_metrics(head, states, targets, 1.0, n_bins, chunk_size))
-        after.append(_token_calibration_metrics(head, states, targets, temperature, n_bins, chunk_size))
+        raw, raw_bins = _token_calibration_metrics(head, hidden[layer], targets, 1.0, n_bins, chunk_size)
+        scaled, scaled_bins = _token_calibration_metrics(head, hidden[layer], targets, temperature, n_bins, chunk_size)
+        before.append(raw)
+        after.append(scaled)
+        reliability.append({"before": raw_bins, "after": scaled_bins})
     return ExitCalibrationResult(
         exit_layers=exit_layers,
         temperatures=fitted,
@@ -708,4 +761,5 @@ def calibrate_exit_temperatures(
         before=before,
         after=after,
         calibrated_on=calibrated_on,
+        reliability=reliability,
     )

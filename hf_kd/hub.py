@@ -46,10 +46,12 @@ logger = logging.getLogger(__name__)
 
 __all__ = [
     "CALIBRATION_FILENAME",
+    "EXIT_CALIBRATION_FILENAME",
     "REPORTS_DIR",
     "TASKS",
     "before_after_table",
     "build_eval_results",
+    "exit_calibration_table",
     "generate_model_card",
     "layer_selection_table",
     "load_reports",
@@ -67,6 +69,15 @@ REPORTS_DIR = "uncertainty"
 """Reports live in `<model folder>/uncertainty/<name>/` (`report.json` and the two PNGs)."""
 CALIBRATION_FILENAME = "calibration.json"
 """[`hf_kd.CalibrationResult`] of the temperature folded into the model, next to `config.json`."""
+EXIT_CALIBRATION_FILENAME = "exit_calibration.json"
+"""[`hf_kd.ExitCalibrationResult`] of an early-exit causal LM's per-exit temperatures, next to `config.json`; the
+per-exit token reliability diagrams lie in `exit_calibration/exit_{i}_reliability.png`."""
+EXIT_RELIABILITY_DIAGRAM = "exit_calibration/exit_{}_reliability.png"
+"""Where a saved folder keeps exit `i`'s token reliability diagram (`.format(i)`), relative to its card."""
+EXIT_CALIBRATION_METRICS = ("token_ece", "nll", "brier")
+"""The per-exit next-token metrics, before and after temperature scaling, that a card's model-index reports."""
+# `exit_{i}_uncalibrated_{metric}` / `exit_{i}_calibrated_{metric}`: the model-index keys of those metrics.
+_EXIT_CALIBRATION_KEY = re.compile(rf"exit_\d+_(un)?calibrated_({'|'.join(EXIT_CALIBRATION_METRICS)})")
 
 # Hub task (`pipeline_tag`) -> its name in the model-index and its card template in hf_kd.model_cards. A task's
 # template extends `base_model_card.md` (the sections every card has) with the task's blocks; a new task adds a line here, its
@@ -260,6 +271,7 @@ def build_eval_results(
     dataset_name: str,
     dataset_config: str | None = None,
     task_type: str = "text-classification",
+    exit_calibration: Mapping[str, Any] | None = None,
 ) -> list[EvalResult]:
     r"""
     Build the `EvalResult`s of a model card's `model-index`: one per metric per split. This is the only place hf_kd
@@ -284,6 +296,11 @@ def build_eval_results(
             Dataset configuration name (the Hub requires a string).
         task_type (`str`, *optional*, defaults to `"text-classification"`):
             Hub task id, e.g. [`pipeline_tag_of`] the model; a task of [`TASKS`] also gets its readable name.
+        exit_calibration (`Mapping[str, Any]`, *optional*):
+            An early-exit causal LM's per-exit temperature scaling ([`hf_kd.ExitCalibrationResult`]`.to_dict()`,
+            optionally with `split`, default `"calibration"`): every exit's token ECE, NLL and Brier score before
+            (`exit_{i}_uncalibrated_{metric}`) and after (`exit_{i}_calibrated_{metric}`) its temperature, on that
+            split.
 
     Returns:
         `list[huggingface_hub.EvalResult]`.
@@ -300,10 +317,29 @@ def build_eval_results(
         raise TypeError(
             f"metrics_by_split must be a mapping {{split: metrics}}, got {type(metrics_by_split).__name__}"
         )
+    by_split = {split: [(metric, metric, readable) for metric, readable in METRIC_NAMES.items()]
+                for split in metrics_by_split}
+    metrics_by_split = {split: _as_metrics(split, metrics) for split, metrics in metrics_by_split.items()}
+    if exit_calibration:
+        split = str(exit_calibration.get("split") or "calibration")
+        metrics = metrics_by_split.setdefault(split, {})
+        by_split.setdefault(split, [])
+        metrics.setdefault("ece_bins", exit_calibration["n_bins"])
+        layers = exit_calibration["exit_layers"]
+        for i, layer in enumerate(layers):
+            for metric in EXIT_CALIBRATION_METRICS:
+                for when, values in (("uncalibrated", exit_calibration["before"]),
+                                     ("calibrated", exit_calibration["after"])):
+                    key = f"exit_{i}_{when}_{metric}"
+                    metrics[key] = values[i][metric]
+                    # No temperature in the name: a refit must overwrite these entries, not add new ones.
+                    how = "before" if when == "uncalibrated" else "after"
+                    by_split[split].append(
+                        (key, metric, f"{METRIC_NAMES[metric]}, exit {i} (layer {layer}), {how} temperature scaling")
+                    )
     results = []
     for split, metrics in metrics_by_split.items():
-        metrics = _as_metrics(split, metrics)
-        entries = [(metric, metric, readable) for metric, readable in METRIC_NAMES.items()]
+        entries = by_split[split]
         # Per-exit metrics: only the Laplace-calibrated ones (`exit_{i}_laplace_{metric}`) go to the model-index.
         calibrated = [(key, parsed) for key in metrics if (parsed := parse_exit_key(key)) and parsed[1]]
         for key, (exit_index, _, metric) in sorted(calibrated, key=lambda e: (e[1][0], EXIT_METRICS.index(e[1][2]))):
@@ -337,6 +373,8 @@ def _metrics_from_eval_results(eval_results: list[EvalResult] | None) -> dict[st
     """Inverse of [`build_eval_results`] (for a card re-rendered without new reports)."""
     by_split: dict[str, dict[str, float]] = {}
     for result in eval_results or []:
+        if _EXIT_CALIBRATION_KEY.fullmatch(result.metric_type):
+            continue  # rebuilt from exit_calibration.json
         metrics = by_split.setdefault(result.dataset_split or "eval", {})
         metrics[result.metric_type] = result.metric_value
         if result.metric_args and "n_bins" in result.metric_args:
@@ -404,6 +442,20 @@ def exit_metrics_table(metrics: Mapping[str, float]) -> str | None:
         for c in columns
     ]
     rows = [[str(i)] + [_cell(exits[i].get(c)) for c in columns] for i in sorted(exits)]
+    return _markdown_table(header, rows)
+
+
+def exit_calibration_table(exit_calibration: Mapping[str, Any]) -> str:
+    """A markdown table of an early-exit causal LM's per-exit temperature scaling ([`hf_kd.ExitCalibrationResult`]
+    as a dict): one row per exit with its layer, temperature, and token ECE, NLL and Brier score before -> after."""
+    n_bins = exit_calibration.get("n_bins")
+    header = ["exit", "layer", "T"] + [_row_name(m, n_bins) + " (before -> after)" for m in EXIT_CALIBRATION_METRICS]
+    rows = [
+        [str(i), str(layer), _cell(exit_calibration["temperatures"][i])]
+        + [f"{_cell(exit_calibration['before'][i][m])} -> {_cell(exit_calibration['after'][i][m])}"
+           for m in EXIT_CALIBRATION_METRICS]
+        for i, layer in enumerate(exit_calibration["exit_layers"])
+    ]
     return _markdown_table(header, rows)
 
 
@@ -559,6 +611,7 @@ def generate_model_card(
     calibration: Mapping[str, Any] | None = None,
     uncalibrated_metrics: Mapping[str, Mapping[str, float] | UncertaintyReport] | None = None,
     reliability_diagram: str | None = None,
+    exit_calibration: Mapping[str, Any] | None = None,
     hub_model_id: str | None = None,
     tags: list[str] | None = None,
     license: str | None = None,
@@ -619,6 +672,12 @@ def generate_model_card(
             Metrics of the model before calibration per split, for the before/after table.
         reliability_diagram (`str`, *optional*):
             Path of the reliability diagram relative to the card (e.g. `"uncertainty/test/reliability_diagram.png"`).
+        exit_calibration (`Mapping[str, Any]`, *optional*):
+            An early-exit causal LM's per-exit temperatures ([`hf_kd.ExitCalibrationResult`]`.to_dict()`), with
+            optionally `split` (the model-index split, default `"calibration"`) and `reliability_diagrams` (one path
+            per exit, relative to the card). Each exit's token ECE, NLL and Brier score before and after go to the
+            model-index ([`build_eval_results`]) and to a table, the temperatures to `hf_kd.exit_calibration`, and
+            the diagrams are linked. The temperatures are not folded into the model.
         hub_model_id (`str`, *optional*):
             Repo id used in the quick-start snippet (defaults to `model_name`).
         tags (`list[str]`, *optional*):
@@ -667,7 +726,8 @@ def generate_model_card(
     template = template if template is not None else task_template
     _template_text(template)  # fails early, and clearly, for a missing template
     metrics_by_split = {str(k): _as_metrics(str(k), v) for k, v in (metrics_by_split or {}).items()}
-    eval_results = build_eval_results(metrics_by_split, dataset_type, dataset_name, dataset_config, pipeline_tag)
+    eval_results = build_eval_results(metrics_by_split, dataset_type, dataset_name, dataset_config, pipeline_tag,
+                                      exit_calibration)
 
     calibration = dict(calibration) if calibration else None
     if calibration is not None:
@@ -710,6 +770,13 @@ def generate_model_card(
             key: calibration[key] for key in ("temperature", "calibrated_on", "objective") if calibration.get(key)
         }
         hf_kd_meta["calibration"]["method"] = "temperature_scaling"
+    if exit_calibration:
+        hf_kd_meta["exit_calibration"] = {
+            "method": "temperature_scaling",
+            "exit_layers": list(exit_calibration["exit_layers"]),
+            "temperatures": [round(float(t), 4) for t in exit_calibration["temperatures"]],
+            **{k: exit_calibration[k] for k in ("calibrated_on", "num_tokens") if exit_calibration.get(k)},
+        }
 
     all_tags = ["hf_kd"]
     for tag in list(tags or []) + (["calibrated", "temperature-scaling"] if calibration is not None else []):
@@ -783,6 +850,8 @@ def generate_model_card(
         calibration_tables=calibration_tables,
         exit_tables=exit_tables,
         exit_laplace=exit_laplace,
+        exit_calibration=exit_calibration,
+        exit_calibration_table=exit_calibration_table(exit_calibration) if exit_calibration else None,
         metrics_table=metrics_table(metrics_by_split) if metrics_by_split else None,
         dataset_name=dataset_name,
         n_bins=n_bins,
@@ -863,10 +932,12 @@ def update_model_card(
     Reads, in this order: the existing card (its metadata: `base_model`, the `hf_kd` trainer, method, paper id,
     template, teacher and hyperparameters, tags, license, language, the `model-index` dataset; and the method's paper
     as the card cites it), `config.json` (`architectures`: the model's task, see [`pipeline_tag_of`];
-    `hf_kd.temperature`: the temperature folded into the weights, the source of truth), `calibration.json` (the fit's before/after on the calibration data, used
-    when its temperature matches), and every report under `uncertainty/<name>/report.json`. Reports of the model as it
-    is (same folded temperature) give the `model-index` and the metrics table; reports of the uncalibrated model
-    (no temperature) feed the before/after table. Without any current report the existing `model-index` is kept.
+    `hf_kd.temperature`: the temperature folded into the weights, the source of truth), `calibration.json` (the fit's
+    before/after on the calibration data, used when its temperature matches), `exit_calibration.json` (an early-exit
+    causal LM's per-exit temperatures, see [`generate_model_card`]'s `exit_calibration`; its diagrams when all are
+    there), and every report under `uncertainty/<name>/report.json`. Reports of the model as it is (same folded
+    temperature) give the `model-index` and the metrics table; reports of the uncalibrated model (no temperature)
+    feed the before/after table. Without any current report the existing `model-index` is kept.
 
     Args:
         folder (`str` or `os.PathLike`):
@@ -921,6 +992,13 @@ def update_model_card(
             if report.split == "test":
                 break
 
+    exit_calibration = None
+    if (folder / EXIT_CALIBRATION_FILENAME).is_file():
+        exit_calibration = json.loads((folder / EXIT_CALIBRATION_FILENAME).read_text(encoding="utf-8"))
+        diagrams = [EXIT_RELIABILITY_DIAGRAM.format(i) for i in range(len(exit_calibration["exit_layers"]))]
+        if all((folder / path).is_file() for path in diagrams):
+            exit_calibration["reliability_diagrams"] = diagrams
+
     # "local checkpoint" (what a card records for a teacher given as a path) is not a Hub id, so it renders as such.
     teacher = teacher_model if teacher_model is not None else old_meta.get("teacher_model")
     card = generate_model_card(
@@ -941,6 +1019,7 @@ def update_model_card(
         calibration=calibration,
         uncalibrated_metrics=before,
         reliability_diagram=diagram,
+        exit_calibration=exit_calibration,
         hub_model_id=hub_model_id,
         tags=[t for t in (old.tags or []) if t not in ("calibrated", "temperature-scaling")],
         license=old.license,

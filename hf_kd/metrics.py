@@ -23,6 +23,7 @@ __all__ = [
     "brier_score",
     "classification_metrics",
     "confidence_preservation",
+    "exit_calibration_report",
     "expected_calibration_error",
     "group_accuracies",
     "human_distribution_divergence",
@@ -41,6 +42,8 @@ __all__ = [
     "preprocess_lm_logits_for_metrics",
     "reliability_bins",
     "softmax",
+    "token_calibration_metrics",
+    "token_calibration_statistics",
 ]
 
 # The `evaluate` modules shipped in hf_kd/evaluate_metrics/, each named after the function it wraps.
@@ -1022,3 +1025,116 @@ def make_lm_exit_compute_metrics(n_bins: int = 15):
         return results
 
     return compute_metrics
+
+
+# --------------------------------------------------------------------------------------------------------------------
+# Next-token calibration of the exits of an early-exit causal LM, before and after temperature scaling
+# --------------------------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def token_calibration_statistics(logits: torch.Tensor, targets: torch.Tensor,
+                                 temperature: float = 1.0) -> dict[str, torch.Tensor]:
+    r"""
+    Per-token calibration statistics of `p = softmax(logits / temperature)` (float64), from which
+    [`token_calibration_metrics`] computes the ECE, NLL and Brier score. Chunks of tokens can be processed separately
+    and their statistics concatenated: the metrics of the concatenation are those of the whole.
+
+    Args:
+        logits (`torch.Tensor` of shape `(num_tokens, vocab)`):
+            One row per counted next-token prediction (already shifted: row `n` predicts `targets[n]`).
+        targets (`torch.Tensor` of shape `(num_tokens,)`):
+            The gold next tokens, in `[0, vocab)`.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Divides the logits (temperature scaling, Guo et al., 2017, https://huggingface.co/papers/1706.04599).
+
+    Returns:
+        `dict[str, torch.Tensor]`, each of shape `(num_tokens,)`, on the CPU: `confidence` (top-1 probability),
+        `correct` (bool: the top-1 token, the first on ties, is the target), `nll` (`-log p[y]`, nats) and `brier`
+        (the full-vocabulary Brier score `sum_k (p_k - onehot(y)_k)^2 = sum_k p_k^2 - 2 p_y + 1`, in `[0, 2]`).
+    """
+    if logits.ndim != 2 or targets.shape != logits.shape[:1]:
+        raise ValueError(
+            f"logits must be (num_tokens, vocab) and targets (num_tokens,), got {tuple(logits.shape)} and "
+            f"{tuple(targets.shape)}"
+        )
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    log_p = torch.log_softmax(logits.double() / temperature, dim=-1)
+    p = log_p.exp()
+    gold = targets.long().to(logits.device)[:, None]
+    confidence, top = p.max(dim=-1)
+    # The full-vocabulary Brier score, not the top-label one (`(conf - correct)^2`): it is the proper scoring rule of
+    # the whole next-token distribution, the one that brier_score reports for classifiers; the top-label view is what
+    # the ECE and the reliability diagrams already show.
+    return {
+        "confidence": confidence.cpu(),
+        "correct": (top == gold.squeeze(-1)).cpu(),
+        "nll": (-log_p.gather(-1, gold).squeeze(-1)).cpu(),
+        "brier": ((p * p).sum(-1) - 2 * p.gather(-1, gold).squeeze(-1) + 1).cpu(),
+    }
+
+
+def token_calibration_metrics(statistics: dict[str, torch.Tensor],
+                              n_bins: int = 15) -> tuple[dict[str, float], dict[str, np.ndarray]]:
+    r"""
+    Next-token calibration metrics from [`token_calibration_statistics`] (possibly concatenated over chunks).
+
+    Args:
+        statistics (`dict[str, torch.Tensor]`): `confidence`, `correct`, `nll`, `brier`, each `(num_tokens,)`.
+        n_bins (`int`, *optional*, defaults to `15`): equal-width confidence bins of the ECE (as
+            [`reliability_bins`]; Guo et al., 2017, https://huggingface.co/papers/1706.04599).
+
+    Returns:
+        `(metrics, bins)`: `metrics` holds `token_ece`, `nll` (mean, nats), `brier` (mean full-vocabulary Brier
+        score), `token_accuracy` and `mean_confidence` as floats; `bins` is the [`reliability_bins`] output of the
+        top-1 confidences, for a token reliability diagram ([`hf_kd.plots.plot_reliability_diagram`]).
+    """
+    _check_n_bins(n_bins)
+    confidence = statistics["confidence"].double().numpy()
+    correct = statistics["correct"].numpy()
+    if confidence.size == 0:
+        raise ValueError("no token to compute calibration metrics on")
+    bins = _confidence_bins(confidence, correct, n_bins)
+    weights, gaps = _calibration_gaps(bins)
+    metrics = {
+        "token_ece": float(np.sum(weights * gaps)),
+        "nll": float(statistics["nll"].double().mean()),
+        "brier": float(statistics["brier"].double().mean()),
+        "token_accuracy": float(correct.mean()),
+        "mean_confidence": float(confidence.mean()),
+    }
+    return metrics, bins
+
+
+def exit_calibration_report(exit_logits, targets: torch.Tensor, temperatures, n_bins: int = 15) -> list[dict]:
+    r"""
+    Per-exit next-token calibration of an early-exit causal LM before and after temperature scaling: for every exit,
+    the token ECE, NLL and full-vocabulary Brier score at `T = 1` and at its temperature (Guo et al., 2017,
+    https://huggingface.co/papers/1706.04599; per-exit temperatures as in "Knowledge Distillation Using Early Exit
+    LLMs: experiments on confidence scoring"). [`hf_kd.calibration.calibrate_exit_temperatures`] fits the
+    temperatures and returns the same numbers without holding vocabulary-sized logits in memory.
+
+    Args:
+        exit_logits (sequence of `torch.Tensor` of shape `(num_tokens, vocab)`):
+            Each exit's logits at the counted positions, shallowest exit first, already aligned with `targets`
+            (for a batch `(batch, seq, vocab)` and unshifted labels: `logits[:, :-1][labels[:, 1:] != -100]`).
+        targets (`torch.Tensor` of shape `(num_tokens,)`): the gold next tokens.
+        temperatures (sequence of `float`): one temperature `> 0` per exit (fitted on held-out text).
+        n_bins (`int`, *optional*, defaults to `15`): bins of the token ECE.
+
+    Returns:
+        `list[dict]`, one per exit: `temperature`, `before` and `after` (the [`token_calibration_metrics`] at `T = 1`
+        and at `temperature`), `reliability_before` and `reliability_after` (their bins).
+    """
+    if len(exit_logits) != len(temperatures):
+        raise ValueError(f"got {len(exit_logits)} exits but {len(temperatures)} temperatures")
+    report = []
+    for logits, temperature in zip(exit_logits, temperatures):
+        before, bins_before = token_calibration_metrics(token_calibration_statistics(logits, targets, 1.0), n_bins)
+        after, bins_after = token_calibration_metrics(
+            token_calibration_statistics(logits, targets, temperature), n_bins
+        )
+        report.append({"temperature": float(temperature), "before": before, "after": after,
+                       "reliability_before": bins_before, "reliability_after": bins_after})
+    return report

@@ -425,8 +425,9 @@ class _BaseTrainer(Trainer):
             self._signature_columns += list(self._extra_columns)
 
     def _model_card_info(self) -> dict[str, Any]:
-        """Method-specific card fields: `teacher_model` (id or path), `hyperparameters` (a dict) and `layer_selection`
-        (self-distillation's source-layer selection, see [`hf_kd.hub.generate_model_card`])."""
+        """Method-specific card fields: `teacher_model` (id or path), `hyperparameters` (a dict), `layer_selection`
+        (self-distillation's source-layer selection) and `exit_calibration` (an early-exit causal LM's per-exit
+        temperatures), see [`hf_kd.hub.generate_model_card`]."""
         return {}
 
     def latest_eval_metrics(self) -> dict[str, dict[str, float]]:
@@ -513,6 +514,7 @@ class _BaseTrainer(Trainer):
             dataset_name=dataset_name or "Custom dataset",
             datasets=dataset_name,
             calibration=calibration,
+            exit_calibration=info.get("exit_calibration"),
             hub_model_id=self.args.hub_model_id,
             tags=list(self._tag_names) + tags,
             license=license,

@@ -25,6 +25,25 @@ def parse_exit_loss_weights(weights, name: str):
     return weights
 
 
+FITTED = "fitted"
+
+
+def parse_final_exit_temperature(value) -> None | str | float:
+    """`None`, `"fitted"`, or a finite float `> 0` (given as a number or, on the command line, a string such as
+    `"1.5"`); a `ValueError` naming `final_exit_temperature` otherwise."""
+    if value is None or value == FITTED:
+        return value
+    try:
+        temperature = float(value)
+    except (TypeError, ValueError):
+        raise ValueError(
+            f"final_exit_temperature must be None, '{FITTED}' or a number > 0, got {value!r}"
+        ) from None
+    if isinstance(value, bool) or not (math.isfinite(temperature) and temperature > 0):
+        raise ValueError(f"final_exit_temperature must be a finite number > 0 (or None or '{FITTED}'), got {value!r}")
+    return temperature
+
+
 @dataclass
 class EarlyExitConfig(TrainingArguments, _TeacherArguments):
     r"""
@@ -68,6 +87,18 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             Softmax temperature `T` of the soft targets; the soft term is scaled by `T^2`. Unused with `"none"`.
         alpha (`float`, *optional*, defaults to `0.5`):
             Weight of the soft term in `[0, 1]`; `1 - alpha` weighs the cross-entropy. Unused with `"none"`.
+        final_exit_temperature (`float` or `str`, *optional*):
+            With `distill_from="final_exit"` only: the exits learn from the final exit's logits divided by this
+            temperature, i.e. from a temperature-calibrated final exit rather than the raw one ("Knowledge
+            Distillation Using Early Exit LLMs: experiments on confidence scoring"; temperature scaling, Guo et al.,
+            2017, https://huggingface.co/papers/1706.04599). The targets are then `softmax(z_final /
+            final_exit_temperature / temperature)`: the calibration first, the distillation temperature on top.
+            `None` (the default): the raw final exit. A float `> 0`: that temperature (`1.0` is bit-identical to
+            `None`). `"fitted"`: before training, the final exit's temperature is fitted on the trainer's
+            `eval_dataset` (next-token NLL of a causal LM, [`hf_kd.calibration.fit_exit_temperature`]; NLL of the
+            labels for a classifier, [`hf_kd.calibration.calibrate_temperature`]); the value is logged as
+            `final_exit_temperature`, saved in every checkpoint's `trainer_state.json` and reused, not refitted, by
+            `resume_from_checkpoint`. The final exit itself still trains on plain cross-entropy.
 
     > Parameters that control DEDIER re-weighting (Tiwari et al., WACV 2024, https://huggingface.co/papers/2310.18590)
 
@@ -175,6 +206,15 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         metadata={"help": "Weight in [0, 1] of the soft term; 1 - alpha weighs cross-entropy with the labels."},
     )
 
+    # None first: HfArgumentParser then reads the flag as a `str` ("fitted", or "1.5" parsed in __post_init__).
+    final_exit_temperature: None | str | float = field(
+        default=None,
+        metadata={
+            "help": "distill_from='final_exit' only: divide the final exit's logits by this temperature (> 0) to form "
+            "the exits' targets, or 'fitted' to fit it on the eval set before training. Default: the raw final exit.",
+        },
+    )
+
     # Parameters that control DEDIER re-weighting
     dedier: bool = field(
         default=False,
@@ -225,6 +265,12 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
                 f"cache_teacher_logits={self.cache_teacher_logits} and "
                 f"teacher_from_base_model={self.teacher_from_base_model} are only used with distill_from='teacher', "
                 f"got distill_from='{self.distill_from}'"
+            )
+        self.final_exit_temperature = parse_final_exit_temperature(self.final_exit_temperature)
+        if self.final_exit_temperature is not None and self.distill_from != "final_exit":
+            raise ValueError(
+                f"final_exit_temperature={self.final_exit_temperature!r} scales the final exit's logits into the "
+                f"exits' targets and needs distill_from='final_exit', got distill_from='{self.distill_from}'"
             )
         self._dedier_post_init()
         if self.label_smoothing_factor != 0:

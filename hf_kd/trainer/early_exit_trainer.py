@@ -1,11 +1,18 @@
 from __future__ import annotations
 
 import contextlib
+import json
+from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
 from torch import nn
+from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
+from ..calibration import ExitCalibrationResult, calibrate_exit_temperatures, fit_exit_temperature
+from ..hub import EXIT_CALIBRATION_FILENAME, EXIT_RELIABILITY_DIAGRAM
+from ..import_utils import is_matplotlib_available
 from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
 from ..metrics import lm_exit_token_statistics, make_exit_compute_metrics, make_lm_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
@@ -13,7 +20,7 @@ from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, captur
 from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
 from .base_trainer import is_causal_lm
 from .dedier import GROUP_COLUMN, SAMPLE_INDEX_COLUMN, DedierCallback, with_sample_index
-from .early_exit_config import EarlyExitConfig
+from .early_exit_config import FITTED, EarlyExitConfig
 from .full_pass import plain_loader
 from .multi_exit_trainer import _MultiExitTrainer
 from .teacher_mixin import _TeacherMixin
@@ -25,6 +32,68 @@ def _check_exit_inputs(exit_logits: Sequence, weights: Sequence, soft_targets: S
         raise ValueError(
             f"got {len(exit_logits)} exit logits, {len(weights)} weights and {len(soft_targets)} soft targets"
         )
+
+
+def _save_exit_calibration(result: ExitCalibrationResult, split: str, folder) -> None:
+    """`folder/exit_calibration.json` (the result and its model-index `split`) and, with matplotlib, each exit's token
+    reliability diagram before and after its temperature ([`hf_kd.plots.plot_reliability_diagram`])."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / EXIT_CALIBRATION_FILENAME).write_text(json.dumps({**result.to_dict(), "split": split}, indent=2),
+                                                    encoding="utf-8")
+    if not is_matplotlib_available():
+        return
+    from ..plots import plot_reliability_diagram
+
+    for i, (layer, temperature) in enumerate(zip(result.exit_layers, result.temperatures)):
+        bins = result.reliability[i]
+        plot_reliability_diagram(
+            {"before (T = 1)": bins["before"], f"after (T = {temperature:.3f})": bins["after"]},
+            folder / EXIT_RELIABILITY_DIAGRAM.format(i),
+            title=f"Exit {i} (layer {layer}): next-token reliability",
+        )
+
+
+class FinalExitTemperatureCallback(TrainerCallback, ExportableState):
+    """
+    Holds the temperature fitted for `final_exit_temperature="fitted"`: at the start of training (or at an evaluation
+    before it) the final exit's temperature is fitted on the trainer's `eval_dataset`
+    ([`hf_kd.calibration.fit_exit_temperature`]), and logged when training starts. It is the callback's
+    [`~transformers.ExportableState`], so every checkpoint's `trainer_state.json` records it and [`EarlyExitTrainer`]
+    restores it on `resume_from_checkpoint`: the soft targets of a resumed run must be those of the interrupted one,
+    although the backbone, hence a refit, may have changed since.
+    """
+
+    missing_state_message = (
+        "it was not saved by a final_exit_temperature='fitted' run, so its fitted final-exit temperature is unknown"
+    )
+
+    def __init__(self, trainer: EarlyExitTrainer):
+        self.trainer = trainer
+        self.temperature: float | None = None
+
+    def fit(self) -> float:
+        """The temperature, fitted now unless already fitted or restored from a checkpoint."""
+        if self.temperature is None:
+            trainer = self.trainer
+            model = trainer.accelerator.unwrap_model(trainer.model)
+            self.temperature = fit_exit_temperature(model, trainer.eval_dataset,
+                                                    batch_size=trainer.args.per_device_eval_batch_size)
+        return self.temperature
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        # A resumed run has its value restored by now and keeps it; either way the run's log records it.
+        self.trainer.log({"final_exit_temperature": self.fit()})
+
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {"temperature": self.temperature}}
+
+    def load_state(self, state: dict) -> None:
+        """Restore the fitted temperature from [`~FinalExitTemperatureCallback.state`]'s output."""
+        temperature = state["attributes"]["temperature"]
+        if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) or not temperature > 0:
+            raise ValueError(f"the fitted final-exit temperature must be a number > 0, got {temperature!r}")
+        self.temperature = float(temperature)
 
 
 class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
@@ -76,7 +145,11 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     ([`hf_kd.metrics.make_lm_exit_compute_metrics`]) logs the final exit's `perplexity`, `token_accuracy`,
     `token_ece`, `token_entropy`, and `exit_{i}_perplexity`, `exit_{i}_token_accuracy`, `exit_{i}_token_ece`,
     `exit_{i}_token_entropy` and `exit_{i}_top1_agreement` (with the final exit) for every exit. DEDIER and the
-    per-exit Laplace are for classifiers.
+    per-exit Laplace are for classifiers. With `args.final_exit_temperature` the exits learn from a
+    temperature-calibrated final exit ("Knowledge Distillation Using Early Exit LLMs: experiments on confidence
+    scoring"; `"fitted"`: fitted on the eval set when training starts and kept in checkpoints); after training,
+    [`EarlyExitTrainer.calibrate_exits`] fits one temperature per exit and puts every exit's token ECE, NLL and Brier
+    score before and after, and its token reliability diagram, into the saved folder and its card.
 
     After training, [`EarlyExitTrainer.fit_exit_laplace`] fits a last-layer Laplace approximation per exit (Meronen
     et al., WACV 2024, https://huggingface.co/papers/2302.06359) with a temperature and a prior chosen per exit on
@@ -197,6 +270,24 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             self._dedier = DedierCallback(self, num_samples=len(self.train_dataset), seed=args.seed)
             self.add_callback(self._dedier)
             self._training_state_callbacks = (self._dedier,)
+        self.exit_calibration: ExitCalibrationResult | None = None
+        self._exit_calibration_split = None
+        self._final_exit_temperature = None
+        if args.final_exit_temperature == FITTED:
+            if not self._causal_lm:
+                raise ValueError(
+                    "final_exit_temperature='fitted' fits the next-token temperature of a causal LM's final exit; for "
+                    "a classifier, fit it with hf_kd.calibrate_temperature on held-out data and pass the float."
+                )
+            if self.eval_dataset is None or isinstance(self.eval_dataset, dict):
+                raise ValueError(
+                    "final_exit_temperature='fitted' fits the final exit's temperature on the eval set before "
+                    "training: pass one eval_dataset (held-out text, not a dict of datasets), or give the temperature "
+                    "as a float."
+                )
+            self._final_exit_temperature = FinalExitTemperatureCallback(self)
+            self.add_callback(self._final_exit_temperature)
+            self._training_state_callbacks += (self._final_exit_temperature,)
 
     def _freeze_backbone(self) -> None:
         """`requires_grad=False` on every parameter of `model.backbone` (the optimiser, built later, skips them);
@@ -243,6 +334,15 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             hyperparameters["freeze_backbone"] = True
         if self.args.distill_from != "none":
             hyperparameters.update(temperature=self.args.temperature, alpha=self.args.alpha)
+        if self.final_exit_temperature is not None:
+            hyperparameters["final_exit_temperature"] = round(self.final_exit_temperature, 4)
+        info = {}
+        if self.exit_calibration is not None:
+            info["exit_calibration"] = {**self.exit_calibration.to_dict(), "split": self._exit_calibration_split}
+            if is_matplotlib_available():
+                info["exit_calibration"]["reliability_diagrams"] = [
+                    EXIT_RELIABILITY_DIAGRAM.format(i) for i in range(len(self.exit_calibration.exit_layers))
+                ]
         if self.args.dedier:
             hyperparameters.update(
                 dedier_layer=self.args.dedier_layer,
@@ -252,7 +352,55 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         laplace = getattr(self.accelerator.unwrap_model(self.model), "exit_laplace", None)
         if laplace is not None:
             hyperparameters["exit_laplace"] = laplace.card_summary()
-        return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters}
+        return {"teacher_model": self._teacher_name(), "hyperparameters": hyperparameters, **info}
+
+    def calibrate_exits(self, eval_dataset=None, calibrated_on: str | None = None, n_bins: int = 15,
+                        split: str | None = None) -> ExitCalibrationResult:
+        r"""
+        Fit one temperature per exit of a multi-exit causal LM on held-out text and report each exit's next-token
+        confidence before and after ([`hf_kd.calibrate_exit_temperatures`]; temperature scaling, Guo et al., 2017,
+        https://huggingface.co/papers/1706.04599).
+
+        The result is kept as `trainer.exit_calibration`; from then on every saved model folder and checkpoint gets
+        `exit_calibration.json`, one token reliability diagram per exit (`exit_calibration/exit_{i}_reliability.png`,
+        before and after side by side; needs matplotlib) and a card whose model-index holds every exit's token ECE,
+        NLL and Brier score before and after ([`hf_kd.hub.build_eval_results`]), with a table and the diagrams
+        linked. The model is not modified: the temperatures are for dividing each exit's logits.
+
+        Args:
+            eval_dataset (`datasets.Dataset`, *optional*): the held-out text (defaults to the trainer's
+                `eval_dataset`), with `input_ids`, unshifted `labels` (`-100` where not counted) and optionally
+                `attention_mask`.
+            calibrated_on (`str`, *optional*): description of the text, for the card.
+            n_bins (`int`, *optional*, defaults to `15`): bins of the token ECE.
+            split (`str`, *optional*): the model-index split of the numbers; `"eval"` for the trainer's
+                `eval_dataset`, `"calibration"` for another dataset.
+
+        Returns:
+            [`hf_kd.ExitCalibrationResult`].
+        """
+        if not self._causal_lm:
+            raise TypeError(
+                "calibrate_exits fits next-token temperatures of a multi-exit causal LM; for a classifier use "
+                "fit_exit_laplace or hf_kd.calibrate_temperature."
+            )
+        dataset = self.eval_dataset if eval_dataset is None else eval_dataset
+        if dataset is None or isinstance(dataset, dict):
+            raise ValueError("calibrate_exits needs one held-out dataset: pass eval_dataset= (not a dict of them).")
+        model = self.accelerator.unwrap_model(self.model)
+        self.exit_calibration = calibrate_exit_temperatures(
+            model, dataset, n_bins=n_bins, batch_size=self.args.per_device_eval_batch_size,
+            calibrated_on=calibrated_on,
+        )
+        self._exit_calibration_split = split or ("eval" if eval_dataset is None else "calibration")
+        return self.exit_calibration
+
+    def create_model_card(self, *args, output_dir=None, **kwargs) -> None:
+        # The card links the per-exit reliability diagrams: write them (and the numbers) into the card's folder first.
+        if self.exit_calibration is not None and self.args.should_save:
+            folder = output_dir if output_dir is not None else self.args.output_dir
+            _save_exit_calibration(self.exit_calibration, self._exit_calibration_split, folder)
+        super().create_model_card(*args, output_dir=output_dir, **kwargs)
 
     def fit_exit_laplace(
         self, train_dataset=None, eval_dataset=None, batch_size: int | None = None, **kwargs
@@ -285,6 +433,27 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         loaders = [plain_loader(self, d, batch_size or self.args.per_device_eval_batch_size, "exit Laplace")
                    for d in (train_dataset, eval_dataset)]
         return model.fit_exit_laplace(*loaders, **kwargs)
+
+    @property
+    def final_exit_temperature(self) -> float | None:
+        """The temperature dividing the final exit's logits in the exits' targets: `args.final_exit_temperature` as a
+        float, the fitted value with `"fitted"` (`None` until training or an evaluation starts), `None` for the raw
+        final exit."""
+        if self._final_exit_temperature is not None:
+            return self._final_exit_temperature.temperature
+        return self.args.final_exit_temperature
+
+    def _final_exit_targets(self, final_logits: torch.Tensor) -> torch.Tensor:
+        """The detached final-exit logits that the earlier exits learn from, divided by [`final_exit_temperature`]
+        when there is one (left untouched otherwise, so that `None` is the raw final exit bit for bit)."""
+        targets = final_logits.detach()
+        if self.args.final_exit_temperature is None:
+            return targets
+        # "fitted": normally fitted at on_train_begin; an evaluation before training fits it here.
+        temperature = self.args.final_exit_temperature
+        if self._final_exit_temperature is not None:
+            temperature = self._final_exit_temperature.fit()
+        return targets / temperature
 
     @property
     def dedier_weights(self) -> torch.Tensor | None:
@@ -427,7 +596,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         elif distill_from == "teacher":
             soft_targets = [self._batch_teacher_logits(inputs, None).to(exit_logits[-1].device)] * num_exits
         elif distill_from == "final_exit":
-            soft_targets = [exit_logits[-1].detach()] * (num_exits - 1) + [None]
+            soft_targets = [self._final_exit_targets(exit_logits[-1])] * (num_exits - 1) + [None]
         else:
             soft_targets = [None] * num_exits
         T, alpha = self.args.temperature, self.args.alpha
@@ -476,7 +645,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             soft_targets = [teacher_logits] * num_exits
         elif distill_from == "final_exit":
             # Self-distillation: the final exit teaches the earlier ones but receives no gradient from them.
-            soft_targets = [exit_logits[-1].detach()] * (num_exits - 1) + [None]
+            soft_targets = [self._final_exit_targets(exit_logits[-1])] * (num_exits - 1) + [None]
         else:
             soft_targets = [None] * num_exits
         if labels is None and distill_from != "teacher":
