@@ -35,6 +35,7 @@ from .evaluation import (
     compute_logits,
     read_labels,
 )
+from .lm_data import LMDataCollator
 from .metrics import softmax, token_calibration_metrics, token_calibration_statistics
 from .options import CalibrationObjective, to_enum
 
@@ -545,19 +546,6 @@ def _token_calibration_metrics(head: Callable, hidden: torch.Tensor, targets: to
                      for key, values in bins.items()}
 
 
-def _pad_lm_rows(rows: list[dict], pad_token_id: int) -> dict[str, torch.Tensor]:
-    """Right-pad `input_ids` (with `pad_token_id`), `attention_mask` (0) and `labels` (-100) of tokenized rows."""
-    width = max(len(row["input_ids"]) for row in rows)
-
-    def pad(key, value):
-        return torch.tensor([list(row[key]) + [value] * (width - len(row[key])) for row in rows])
-
-    batch = {"input_ids": pad("input_ids", pad_token_id), "labels": pad("labels", -100)}
-    masks = [row.get("attention_mask", [1] * len(row["input_ids"])) for row in rows]
-    batch["attention_mask"] = torch.tensor([list(m) + [0] * (width - len(m)) for m in masks])
-    return batch
-
-
 def _check_exit_calibration_args(model: nn.Module, dataset, batch_size: int, max_iter: int,
                                  chunk_size: int) -> list[int]:
     """The model's `config.exit_layers`, after checking the arguments shared by the exit calibrations."""
@@ -586,10 +574,7 @@ def _exit_hidden_states(model: nn.Module, dataset, layers: list[int], batch_size
     of `layers` at every counted position, `(num_tokens, hidden)` float32 on the CPU per layer, and the targets
     `(num_tokens,)`. Only the hidden states are kept, not the vocabulary-sized logits."""
     if data_collator is None:
-        pad_token_id = getattr(model.config.backbone_config, "pad_token_id", None) or 0
-
-        def data_collator(rows):
-            return _pad_lm_rows(rows, pad_token_id)
+        data_collator = LMDataCollator(getattr(model.config.backbone_config, "pad_token_id", None) or 0)
 
     columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
     decoder_layers = model.backbone.model.layers

@@ -35,8 +35,8 @@ import torch
 from transformers import AutoTokenizer
 
 from hf_kd import EarlyExitConfig, EarlyExitTrainer, MultiExitForCausalLM, calibrate_exit_temperatures
-from hf_kd.calibration import _pad_lm_rows
-from hf_kd.lm_data import lm_text_dataset, tokenize_lm_dataset
+from hf_kd.lm_data import LMDataCollator
+from hf_kd.lm_recipes import LMScriptArguments, load_lm_splits
 from hf_kd.offline_models import install_offline_models
 from hf_kd.plots import plot_reliability_diagram
 
@@ -70,17 +70,10 @@ def main():
 
     install_offline_models([SMOLLM2])
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    text = lm_text_dataset()
-    columns = ["input_ids", "attention_mask", "labels"]
-    splits = {
-        name: tokenize_lm_dataset(text[name].select(range(rows)), tokenizer, max_length=opts.max_length)
-        .select_columns(columns)
-        for name, rows in (("train", opts.train_rows), ("validation", opts.eval_rows), ("test", opts.eval_rows))
-    }
-    pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
-
-    def collator(rows):
-        return _pad_lm_rows(rows, pad_id)
+    data = LMScriptArguments(model_name_or_path=SMOLLM2, dataset="text", max_train_samples=opts.train_rows,
+                             max_eval_samples=opts.eval_rows)
+    splits = load_lm_splits(data, tokenizer, opts.max_length)
+    collator = LMDataCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
 
     work = Path(tempfile.mkdtemp(prefix="exit_calibrated_teacher_"))
     figures = Path(opts.json).with_suffix("")
