@@ -29,6 +29,7 @@ from .options import (
 )
 
 __all__ = [
+    "LMHeadInputs",
     "LMLossParts",
     "LMLossType",
     "dedier_weights",
