@@ -45,6 +45,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, set_seed
 
+from . import data
 from .calibration import ExitCalibrationResult, calibrate_exit_temperatures
 from .checkpoints import resolve_resume_checkpoint
 from .hub import _markdown_table
@@ -90,22 +91,43 @@ LM_DATASETS = ("text",) + tuple(task for task in LM_CHAT_TASKS if task != "summa
 @dataclass
 class LMDataArguments:
     """The data flags of the causal-LM recipes (`hf-kd distill-lm`, `hf-kd early-exit-lm`), read by
-    [`load_lm_splits`].
+    [`load_lm_splits`]: one of hf_kd's offline corpora, a Hub dataset id or folder, or local files.
 
     Args:
-        dataset (`str`, *optional*, defaults to `"text"`):
-            `"text"` (BBC News articles, every token counted) or a chat task with a gold answer, `"topic"` or
-            `"sentiment"` (only the answer counted); see [`LM_DATASETS`].
+        dataset (`str`, *optional*):
+            hf_kd's offline corpora: `"text"` (BBC News articles, every token counted; the default when neither
+            `dataset_name` nor `data_files` is given) or a chat task with a gold answer, `"topic"` or `"sentiment"`
+            (only the answer counted); see [`LM_DATASETS`].
+        dataset_name (`str`, *optional*):
+            A Hub dataset id or a local dataset folder ([`datasets.load_dataset`], through [`hf_kd.data.load_source`])
+            in one of TRL's formats ([`~hf_kd.lm_data.tokenize_lm_dataset`]: `text`, `messages`, or `prompt` +
+            `completion`).
+        dataset_config (`str`, *optional*): the configuration (subset) of a `dataset_name`.
+        data_files (`list[str]`, *optional*):
+            Local files instead: `SPLIT=PATH` entries (`train=a.jsonl validation=b.jsonl`), CSV, JSON lines or Parquet,
+            in one of TRL's formats. A source without a `validation` or `test` split gets one cut from `train` by a
+            shuffle seeded with `split_seed` (10% and 20% of its rows, [`hf_kd.data.select_splits`]).
         max_words (`int`, *optional*): chat tasks: keep the first `max_words` words of each article or review.
         max_train_samples (`int`, *optional*): use the first N training rows (all when `None`).
         max_eval_samples (`int`, *optional*): use the first N validation and N test rows (all when `None`).
         split_seed (`int`, *optional*, defaults to `42`): seed of the train/validation/test split.
     """
 
-    dataset: str = field(
-        default="text",
-        metadata={"help": "text (BBC News articles), topic or sentiment (chat tasks with a gold answer).",
-                  "choices": list(LM_DATASETS)},
+    dataset: str | None = field(
+        default=None,
+        metadata={"help": "hf_kd's offline corpora: text (BBC News articles; the default without --dataset_name or "
+                  "--data_files), topic or sentiment (chat tasks with a gold answer).", "choices": list(LM_DATASETS)},
+    )
+    dataset_name: str | None = field(
+        default=None,
+        metadata={"help": "A Hub dataset id or a local dataset folder in one of TRL's formats (text, messages, "
+                  "prompt + completion)."},
+    )
+    dataset_config: str | None = field(default=None, metadata={"help": "Configuration (subset) of --dataset_name."})
+    data_files: list[str] | None = field(
+        default=None,
+        metadata={"help": "Local files instead: SPLIT=PATH ... (CSV, JSON lines or Parquet) in one of TRL's formats; "
+                  "a missing validation or test split is cut from train."},
     )
     max_words: int | None = field(
         default=None, metadata={"help": "Chat tasks: keep the first max_words words of each article or review."}
@@ -115,10 +137,23 @@ class LMDataArguments:
     split_seed: int = field(default=42, metadata={"help": "Seed of the train/validation/test split."})
 
     def __post_init__(self):
-        if self.dataset not in LM_DATASETS:
+        given = {name: getattr(self, name) for name in ("dataset", "dataset_name", "data_files")
+                 if getattr(self, name) is not None}
+        if len(given) > 1:
+            raise ValueError(f"pass one data source, got {' and '.join(f'{k}={v!r}' for k, v in given.items())}")
+        if not given:
+            self.dataset = "text"
+        if self.dataset is not None and self.dataset not in LM_DATASETS:
             raise ValueError(f"dataset must be one of {LM_DATASETS}, got {self.dataset!r}")
+        if self.dataset_config is not None and self.dataset_name is None:
+            raise ValueError(f"dataset_config={self.dataset_config!r} is a configuration of a dataset_name: pass one")
         for name in ("max_train_samples", "max_eval_samples", "max_words"):
             _check_positive_int(self, name)
+
+    @property
+    def source(self) -> str:
+        """The data's name for reports and cards: `dataset`, `dataset_name`, or `"data_files"`."""
+        return self.dataset or self.dataset_name or "data_files"
 
 
 def _check_positive_int(arguments, name: str) -> None:
@@ -166,19 +201,33 @@ class LMScriptArguments(LMDataArguments):
 
 
 def load_lm_splits(script_args: LMDataArguments, tokenizer, max_length: int):
-    """The recipe's data: `train`, `validation`, `test` tokenized to `max_length` ([`tokenize_lm_dataset`]), cut to
-    `max_train_samples` / `max_eval_samples` rows, with the columns `input_ids`, `attention_mask`, `labels` (`-100`
-    on prompt tokens)."""
+    """The recipe's data: `train`, `validation`, `test` of `script_args`'s source (an offline corpus, a Hub id or
+    folder, local files; a missing validation or test split cut from train), cut to `max_train_samples` /
+    `max_eval_samples` rows, tokenized to `max_length` ([`tokenize_lm_dataset`]), with the columns `input_ids`,
+    `attention_mask`, `labels` (`-100` on prompt tokens).
+
+    Raises:
+        `ValueError`: a source that cannot be read, no train split, an empty split, rows in no TRL format, prompt-only
+        data, a prompt too long for `max_length`.
+    """
     if script_args.dataset == "text":
         splits = lm_text_dataset(seed=script_args.split_seed)
-    else:
+    elif script_args.dataset is not None:
         splits = lm_chat_dataset(script_args.dataset, seed=script_args.split_seed, max_words=script_args.max_words)
+    else:
+        source = data.load_source(script_args.dataset_name, script_args.dataset_config, script_args.data_files,
+                                  seed=script_args.split_seed)
+        if "train" not in source:  # said here: select_splits' message names a flag these recipes do not have
+            raise ValueError(f"the data has no train split; its splits are {list(source)}")
+        splits = data.select_splits(source, seed=script_args.split_seed)
     limits = {"train": script_args.max_train_samples, "validation": script_args.max_eval_samples,
               "test": script_args.max_eval_samples}
     for split, limit in limits.items():
         if limit is not None:
             splits[split] = splits[split].select(range(min(limit, len(splits[split]))))
     splits = tokenize_lm_dataset(splits, tokenizer, max_length=max_length)
+    if "labels" not in splits["train"].column_names:
+        raise ValueError(f"{script_args.source} is prompt-only data (no completion, no text): nothing to train on")
     return splits.select_columns(["input_ids", "attention_mask", "labels"])
 
 
@@ -355,7 +404,7 @@ def run_lm(script_args: LMScriptArguments, args: DistillConfig, teacher_top1: li
         tokenizer.save_pretrained(args.output_dir)
         summary = {"method": script_args.method, "model": script_args.model_name_or_path,
                    "teacher": args.teacher_model_name_or_path, "student_layers": script_args.student_layers,
-                   "student_rule": str(script_args.student_rule), "dataset": script_args.dataset,
+                   "student_rule": str(script_args.student_rule), "dataset": script_args.source,
                    "lm_max_length": args.lm_max_length, "alpha": args.alpha, "temperature": args.temperature,
                    "train_split_tokens": sum(sum(1 for t in row[1:] if t != -100) for row in splits["train"]["labels"]),
                    "num_processes": trainer.accelerator.num_processes}
@@ -559,7 +608,7 @@ def run_early_exit_lm(script_args: EarlyExitLMScriptArguments, args: EarlyExitCo
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    described = (f"{script_args.dataset}/validation ({len(splits['validation'])} rows of at most "
+    described = (f"{script_args.source}/validation ({len(splits['validation'])} rows of at most "
                  f"{script_args.lm_max_length} tokens)")
     calibration = trainer.calibrate_exits(calibrated_on=described)
     layers, temperatures = calibration.exit_layers, calibration.temperatures
@@ -581,7 +630,7 @@ def run_early_exit_lm(script_args: EarlyExitLMScriptArguments, args: EarlyExitCo
     if trainer.is_world_process_zero():
         tokenizer.save_pretrained(args.output_dir)
         summary = {
-            "method": "early_exit_lm", "model": name, "exit_layers": layers, "dataset": script_args.dataset,
+            "method": "early_exit_lm", "model": name, "exit_layers": layers, "dataset": script_args.source,
             "lm_max_length": script_args.lm_max_length, "distill_from": str(args.distill_from),
             "freeze_backbone": args.freeze_backbone, "exit_temperatures": temperatures,
             "exit_thresholds": None if fit is None else {str(k): v for k, v in fit.thresholds.items()},

@@ -14,10 +14,11 @@ from transformers import AutoModelForCausalLM
 
 from hf_kd import EarlyExitConfig, MultiExitForCausalLM
 from hf_kd.cli import main
+from hf_kd.lm_data import lm_text_dataset
 from hf_kd.lm_recipes import COMMANDS, EarlyExitLMScriptArguments
 from hf_kd.recipes import parse_args
 
-from .testing_utils import SMOLLM2, causal_lm_tokenizer, tiny_llama
+from .testing_utils import SMOLLM2, causal_lm_tokenizer, tiny_llama, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPE = ROOT / "trainers" / "configs" / "early_exit_lm_smollm2.yaml"
@@ -107,14 +108,16 @@ def test_frozen_backbone_self_distilled_exits_calibrated_and_thresholded(tmp_pat
     assert table[3].endswith("| - |")  # no threshold for the final exit
 
 
-def test_trained_backbone_from_a_cached_teacher_without_thresholds(tmp_path, backbone_dir, capsys):
-    """Shared-head exits (no adapter), backbone trained, every exit distilled from a teacher's cached top-k logits;
-    no --exit_epsilon: no thresholds, temperatures still in the config."""
+def test_trained_backbone_from_a_cached_teacher_on_data_files_without_thresholds(tmp_path, backbone_dir, capsys):
+    """Shared-head exits (no adapter), backbone trained, every exit distilled from a teacher's cached top-k logits,
+    on a JSON-lines file of real articles (validation and test cut from it); no --exit_epsilon: no thresholds,
+    temperatures still in the config."""
+    train = write_rows(tmp_path / "train.jsonl", [{"text": t} for t in lm_text_dataset()["train"]["text"][:20]])
     out, cache = tmp_path / "out", tmp_path / "cache"
     run_ok(["early-exit-lm", "--model_name_or_path", str(backbone_dir), "--exit_layers", "2",
             "--distill_from", "teacher", "--teacher_model_name_or_path", str(backbone_dir),
             "--cache_teacher_logits", "true", "--teacher_logits_cache_dir", str(cache), "--lm_cache_top_k", "8",
-            "--output_dir", str(out), *RUN], capsys)
+            "--data_files", f"train={train}", "--output_dir", str(out), *RUN], capsys)
     model = AutoModelForCausalLM.from_pretrained(out)
     assert model.config.exit_layers == [2, 4] and model.config.exit_thresholds is None
     assert set(model.config.exit_temperatures) == {"2", "4"}
@@ -125,6 +128,7 @@ def test_trained_backbone_from_a_cached_teacher_without_thresholds(tmp_path, bac
     assert list(cache.glob("*.safetensors"))  # the teacher's top-k targets were cached
     results = json.loads((out / "test_results.json").read_text())
     assert results["distill_from"] == "teacher" and results["exit_thresholds"] is None
+    assert results["dataset"] == "data_files"
 
 
 def test_recipe_parses_with_its_exits_and_thresholds():
