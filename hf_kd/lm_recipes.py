@@ -478,8 +478,10 @@ class EarlyExitLMScriptArguments(LMDataArguments):
             raise ValueError("model_name_or_path must name a causal LM (a Hub id or a folder), got an empty value")
         if self.exit_adapter is not None:
             self.exit_adapter = to_enum(ExitAdapterType, self.exit_adapter, "exit_adapter")
-        for name in ("exit_adapter_rank", "lm_max_length"):
-            _check_positive_int(self, name)
+        _check_positive_int(self, "exit_adapter_rank")
+        if isinstance(self.lm_max_length, bool) or not isinstance(self.lm_max_length, int) or self.lm_max_length < 2:
+            # One token predicts nothing: a next-token example needs two.
+            raise ValueError(f"lm_max_length must be an int >= 2, got {self.lm_max_length!r}")
         if (self.exit_epsilon is None) != (self.exit_delta is None):
             raise ValueError(
                 f"exit_epsilon and exit_delta go together (the thresholds' guarantee needs both), got "
@@ -495,6 +497,14 @@ def build_multi_exit_lm(script_args: EarlyExitLMScriptArguments) -> MultiExitFor
     """Exits on `script_args.model_name_or_path` ([`MultiExitForCausalLM.from_backbone`], loaded offline when
     [`hf_kd.offline_models`] placed it), after `exit_layers`, with `exit_adapter` adapters of rank
     `exit_adapter_rank`.
+
+    Args:
+        script_args ([`EarlyExitLMScriptArguments`]): `model_name_or_path`, `exit_layers` (`None`: every layer),
+            `exit_adapter` (`None`: shared final norm and LM head), `exit_adapter_rank` (default `64`).
+
+    Returns:
+        [`MultiExitForCausalLM`] in training mode with the backbone's weights and dtype; `config.exit_layers` ends
+        with the last layer; untrained adapters are the identity.
 
     Raises:
         `ValueError`: an exit layer out of range (named, with the backbone's depth), a model that is not a
@@ -512,6 +522,11 @@ def check_threshold_data(model: MultiExitForCausalLM, input_ids: list, epsilon: 
     Fail before training when [`~hf_kd.modeling.fit_exit_thresholds`] would fail after it: the calibration rows
     `input_ids` (every token counts) must hold at least [`~hf_kd.modeling.early_exit_generation.min_calibration_tokens`]
     `(epsilon, delta / number of early exits)` tokens, and the model needs an early exit.
+
+    Args:
+        model ([`MultiExitForCausalLM`]): read for `config.exit_layers` only.
+        input_ids (`list[list[int]]`): the calibration rows (the test split's), unpadded.
+        epsilon (`float`), delta (`float`): `--exit_epsilon`, `--exit_delta`, each in `(0, 1)`.
 
     Raises:
         `ValueError`: naming the token count, `epsilon`, `delta` and the tokens needed.
@@ -541,6 +556,15 @@ def exit_summary_table(exit_layers: list[int], temperatures: list[float], metric
     `trainer.evaluate(test, metric_key_prefix="test")`), its token ECE before -> after the temperature
     (`test_calibration`: [`calibrate_exit_temperatures`] on the test split at those temperatures) and its confidence
     threshold (`-` for an exit without one: the final exit, or an exit no threshold was certified for).
+
+    Args:
+        exit_layers (`list[int]`), temperatures (`list[float]`): one per exit, the final exit last.
+        metrics (`dict`): with `test_exit_{i}_top1_agreement` and `test_exit_{i}_token_accuracy` for every exit `i`.
+        test_calibration ([`ExitCalibrationResult`]): its `before` / `after` token ECE per exit, and `n_bins`.
+        thresholds (`dict[int, float]`, *optional*): per early exit layer ([`ExitThresholdFit`]`.thresholds`).
+
+    Returns:
+        `str`: a markdown table, one row per exit.
     """
     rows = []
     for i, layer in enumerate(exit_layers):

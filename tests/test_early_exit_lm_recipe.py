@@ -153,6 +153,7 @@ def test_default_backbone_is_smollm2():
         (["--exit_epsilon", "1.5", "--exit_delta", "0.1"], "exit_epsilon must be in (0, 1), got 1.5"),
         (["--exit_epsilon", "0.1", "--exit_delta", "0"], "exit_delta must be in (0, 1), got 0.0"),
         (["--exit_epsilon", "0.1"], "exit_epsilon and exit_delta go together"),
+        (["--lm_max_length", "1"], "lm_max_length must be an int >= 2, got 1"),
         # 4 test rows of at most 24 tokens; 2 early exits at delta 0.01 / 2 need log(0.005) / log(0.99) = 528.
         (["--exit_epsilon", "0.01", "--exit_delta", "0.01"], "too few to fit thresholds with exit_epsilon=0.01 and "
                                                             "exit_delta=0.01: with 2 early exits each needs n >= "
