@@ -3,6 +3,8 @@
     hf-kd distill     [--config] recipe.yaml [--flag value ...]   (--method erm | ls | kd | tinybert)
     hf-kd early-exit  [--config] recipe.yaml [--flag value ...]
     hf-kd self-kd     [--config] recipe.yaml [--flag value ...]
+    hf-kd distill-lm  [--config] recipe.yaml [--flag value ...]   (--method kd | sft)
+    hf-kd early-exit-lm [--config] recipe.yaml [--flag value ...] (--exit_layers, --exit_epsilon, --exit_delta)
     hf-kd evaluate  MODEL --dataset rotten_tomatoes --split test [--teacher T] [--update_card]
     hf-kd calibrate MODEL --dataset rotten_tomatoes [--split validation] [--eval_split test] [--output_dir OUT]
     hf-kd push      FOLDER --repo_id my-org/my-student [--private]
@@ -48,6 +50,7 @@ TRAINING_COMMANDS = {
     "early-exit": ("hf_kd.recipes", "Train a multi-exit classifier with EarlyExitTrainer (DeeBERT / PABEE)."),
     "self-kd": ("hf_kd.recipes", "Self-knowledge distillation from lower layers (SelfKDTrainer, Park et al. 2024)."),
     "distill-lm": ("hf_kd.lm_recipes", "Distil a causal LM token by token (DistillTrainer; --method kd | sft)."),
+    "early-exit-lm": ("hf_kd.lm_recipes", "Train, calibrate and threshold the exits of a causal LM (EarlyExitTrainer)."),
 }
 
 

@@ -300,14 +300,16 @@ RECIPES = Path(__file__).resolve().parents[1] / "trainers" / "configs"
 @pytest.mark.parametrize("recipe", sorted(path.name for path in RECIPES.glob("*.yaml")))
 def test_every_yaml_recipe_parses_as_a_command(recipe):
     """`hf-kd <command> --config trainers/configs/<recipe>` parses every recipe of the repository into its command's
-    dataclasses (`distill-lm` for the causal-LM recipes): the method's config (TinyBERTConfig for `method: tinybert`),
-    flags after --config override it."""
+    dataclasses (`distill-lm` and `early-exit-lm` for the causal-LM recipes): the method's config (TinyBERTConfig for
+    `method: tinybert`), flags after --config override it."""
     from hf_kd import TinyBERTConfig
     from hf_kd.lm_recipes import COMMANDS as LM_COMMANDS
     from hf_kd.recipes import COMMANDS, parse_args
 
     if recipe.startswith("distill_lm"):
         command = LM_COMMANDS["distill-lm"]
+    elif recipe.startswith("early_exit_lm"):
+        command = LM_COMMANDS["early-exit-lm"]
     else:
         command = COMMANDS["early-exit" if recipe.startswith("early_exit") else "distill"]
     argv = ["--config", str(RECIPES / recipe), "--seed", "123"]

@@ -10,13 +10,16 @@ from pathlib import Path
 import pytest
 
 from hf_kd import DistillConfig
+from hf_kd.lm_data import lm_text_dataset
 from hf_kd.lm_recipes import (
+    LMDataArguments,
     LMScriptArguments,
     build_lm_student,
+    load_lm_splits,
     run_lm,
 )
 
-from .testing_utils import SMOLLM2, causal_lm_tokenizer, tiny_llama
+from .testing_utils import SMOLLM2, causal_lm_tokenizer, tiny_llama, write_rows
 
 ROOT = Path(__file__).resolve().parents[1]
 RECIPES = sorted((ROOT / "trainers" / "configs").glob("distill_lm_*.yaml"))
@@ -161,3 +164,67 @@ def test_distill_lm_under_accelerate_launch(tmp_path, tiny_teacher_dir):
     results = json.loads((tmp_path / "out" / "test_results.json").read_text())
     assert results["method"] == "kd" and results["student_rule"] == "block_influence" and results["lm_max_length"] == 16
     assert len(json.loads((tmp_path / "out" / "config.json").read_text())["hf_kd_kept_layers"]) == 3
+
+
+# ---- the data sources of both LM commands (LMDataArguments): offline corpora, local files, dataset folders ----------
+
+
+@pytest.fixture(scope="module")
+def bbc_rows():
+    """30 real BBC News articles (the `text` corpus's first training rows), as TRL's `text` format."""
+    return [{"text": text} for text in lm_text_dataset()["train"]["text"][:30]]
+
+
+def test_data_files_in_text_format_get_missing_splits_cut_from_train(tmp_path, bbc_rows):
+    train = write_rows(tmp_path / "train.jsonl", bbc_rows)
+    tokenizer = causal_lm_tokenizer(SMOLLM2)
+    args = LMDataArguments(data_files=[f"train={train}"], split_seed=3)
+    assert args.dataset is None and args.source == "data_files"
+    splits = load_lm_splits(args, tokenizer, 32)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [21, 3, 6]  # 10% and 20% of 30 rows
+    rows = {s: {tuple(ids) for ids in splits[s]["input_ids"]} for s in splits}
+    assert not rows["train"] & rows["test"] and not rows["train"] & rows["validation"]
+    assert all(len(ids) == 32 for ids in splits["train"]["input_ids"])  # articles cut to max_length
+    assert splits["test"]["labels"] == splits["test"]["input_ids"]  # text: every token counts
+    again = load_lm_splits(LMDataArguments(data_files=[f"train={train}"], split_seed=3), tokenizer, 32)
+    assert again["test"]["input_ids"] == splits["test"]["input_ids"]  # the cut is seeded
+
+
+def test_prompt_completion_files_and_a_dataset_folder(tmp_path, bbc_rows):
+    """Standard prompt + completion rows (only the completion counts), per split from files; the same rows as a local
+    dataset folder (`--dataset_name <folder>`, read by datasets.load_dataset), whose missing validation split is cut."""
+    pairs = [{"prompt": " ".join(row["text"].split()[:8]), "completion": " " + " ".join(row["text"].split()[8:20])}
+             for row in bbc_rows]
+    files = [f"{split}={write_rows(tmp_path / f'{split}.jsonl', pairs[a:b])}"
+             for split, a, b in (("train", 0, 20), ("validation", 20, 25), ("test", 25, 30))]
+    tokenizer = causal_lm_tokenizer(SMOLLM2)
+    splits = load_lm_splits(LMDataArguments(data_files=files, max_eval_samples=4), tokenizer, 64)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [20, 4, 4]
+    prompt = tokenizer(pairs[25]["prompt"])["input_ids"]
+    row = splits["test"][0]
+    assert row["input_ids"][: len(prompt)] == prompt and row["labels"][: len(prompt)] == [-100] * len(prompt)
+    assert row["labels"][len(prompt):] == row["input_ids"][len(prompt):] and row["input_ids"][-1] == tokenizer.eos_token_id
+
+    folder = tmp_path / "folder"
+    folder.mkdir()
+    write_rows(folder / "train.jsonl", pairs[:20])
+    write_rows(folder / "test.jsonl", pairs[25:])
+    args = LMDataArguments(dataset_name=str(folder))
+    assert args.source == str(folder)
+    splits = load_lm_splits(args, tokenizer, 64)
+    assert [len(splits[s]) for s in ("train", "validation", "test")] == [18, 2, 5]  # validation: 10% of train
+
+
+def test_bad_data_sources_are_named(tmp_path, bbc_rows):
+    assert LMDataArguments().dataset == "text"  # the offline BBC articles without another source
+    with pytest.raises(ValueError, match=r"pass one data source, got dataset='topic' and data_files=\['train=a.jsonl'\]"):
+        LMDataArguments(dataset="topic", data_files=["train=a.jsonl"])
+    with pytest.raises(ValueError, match="dataset_config='wikitext-2' is a configuration of a dataset_name"):
+        LMDataArguments(dataset_config="wikitext-2")
+    tokenizer = causal_lm_tokenizer(SMOLLM2)
+    prompts = write_rows(tmp_path / "train.jsonl", [{"prompt": row["text"][:40]} for row in bbc_rows])
+    with pytest.raises(ValueError, match="data_files is prompt-only data .*nothing to train on"):
+        load_lm_splits(LMDataArguments(data_files=[f"train={prompts}"]), tokenizer, 64)
+    other = write_rows(tmp_path / "dev.jsonl", bbc_rows)
+    with pytest.raises(ValueError, match=r"the data has no train split; its splits are \['dev'\]"):
+        load_lm_splits(LMDataArguments(data_files=[f"dev={other}"]), tokenizer, 64)

@@ -119,6 +119,11 @@ def parse_recipe(recipe: str):
         import distill_lm
 
         return (*distill_lm.parse_lm([path]), None)  # no LoRA arguments
+    if recipe.startswith("early_exit_lm"):  # `hf-kd early-exit-lm` (tests/test_early_exit_lm_recipe.py), no script
+        from hf_kd.lm_recipes import COMMANDS
+        from hf_kd.recipes import parse_args
+
+        return (*parse_args([path], COMMANDS["early-exit-lm"].dataclass_types([path])), None)  # no LoRA arguments
     if recipe.startswith("early_exit"):
         return distill.parse([path], (early_exit.EarlyExitScriptArguments, early_exit.EarlyExitConfig, distill.LoraArguments))
     return distill.parse([path])
