@@ -26,7 +26,7 @@ bins), mean entropy and top-1 agreement with the teacher, whose next-token predi
 
 `hf-kd early-exit-lm` ([`run_early_exit_lm`]) is the early-exit recipe on the same data: exits on a causal LM
 ([`~hf_kd.modeling.MultiExitForCausalLM`]) trained by [`EarlyExitTrainer`], one temperature per exit fitted on the
-validation split ([`EarlyExitTrainer.calibrate_exits`]), optionally confidence thresholds certified on the test split
+validation split ([`EarlyExitTrainer.calibrate_exits`]), optionally confidence thresholds certified on a held-out half of the validation split
 ([`~hf_kd.modeling.fit_exit_thresholds`], Learn-then-Test), the model saved with its card and a per-exit table
 printed.
 
@@ -441,7 +441,8 @@ class EarlyExitLMScriptArguments(LMDataArguments):
             flag as `hf-kd distill-lm`'s (there a [`DistillConfig`] field).
         exit_epsilon (`float`, *optional*), exit_delta (`float`, *optional*):
             Both or neither, each in `(0, 1)`. With them, after training, per-exit confidence thresholds for
-            `generate(early_exit="confident")` are fitted by Learn-then-Test on the test split
+            `generate(early_exit="confident")` are fitted by Learn-then-Test on the second half of the validation
+            split (the temperatures on the first)
             ([`~hf_kd.modeling.fit_exit_thresholds`]): with probability at least `1 - exit_delta`, every early exit's
             rate of tokens leaving there with another prediction than the final exit is at most `exit_epsilon`.
     """
@@ -464,7 +465,7 @@ class EarlyExitLMScriptArguments(LMDataArguments):
     )
     exit_epsilon: float | None = field(
         default=None,
-        metadata={"help": "With --exit_delta: fit confidence thresholds (Learn-then-Test, on the test split) so that "
+        metadata={"help": "With --exit_delta: fit confidence thresholds (Learn-then-Test, on half the validation split) so that "
                   "each early exit disagrees with the final exit on at most this rate of tokens, in (0, 1)."},
     )
     exit_delta: float | None = field(
@@ -525,7 +526,7 @@ def check_threshold_data(model: MultiExitForCausalLM, input_ids: list, epsilon: 
 
     Args:
         model ([`MultiExitForCausalLM`]): read for `config.exit_layers` only.
-        input_ids (`list[list[int]]`): the calibration rows (the test split's), unpadded.
+        input_ids (`list[list[int]]`): the calibration rows (the second half of the validation split), unpadded.
         epsilon (`float`), delta (`float`): `--exit_epsilon`, `--exit_delta`, each in `(0, 1)`.
 
     Raises:
@@ -541,7 +542,7 @@ def check_threshold_data(model: MultiExitForCausalLM, input_ids: list, epsilon: 
     needed, tokens = min_calibration_tokens(epsilon, level), sum(len(row) for row in input_ids)
     if tokens < needed:
         raise ValueError(
-            f"the test split has {tokens} tokens, too few to fit thresholds with exit_epsilon={epsilon} and "
+            f"the threshold rows (the second half of the validation split) have {tokens} tokens, too few to fit thresholds with exit_epsilon={epsilon} and "
             f"exit_delta={delta}: with {len(early_exits)} early exits each needs n >= log({level:.4g}) / "
             f"log(1 - {epsilon}) = {needed} tokens. Raise --max_eval_samples or --lm_max_length, or exit_epsilon or "
             "exit_delta"
@@ -597,16 +598,16 @@ def run_early_exit_lm(script_args: EarlyExitLMScriptArguments, args: EarlyExitCo
     4. The test split: `trainer.evaluate` (each exit's perplexity, token accuracy, ECE, top-1 agreement with the
        final exit, into the card), and every exit's token ECE at T = 1 and at its validation temperature
        ([`calibrate_exit_temperatures`] with `temperatures=`).
-    5. With `exit_epsilon` / `exit_delta`: [`MultiExitForCausalLM.fit_exit_thresholds`] on the test split's tokens
-       (Learn-then-Test, Angelopoulos et al., 2021, https://huggingface.co/papers/2110.01052), stored in
-       `config.exit_thresholds`. The test split, not the validation split: the guarantee holds for a confidence
-       score fixed before the calibration data is seen, and the temperatures were fitted on validation. None of
-       the reported test metrics depends on the thresholds.
+    5. With `exit_epsilon` / `exit_delta`: [`MultiExitForCausalLM.fit_exit_thresholds`] (Learn-then-Test,
+       Angelopoulos et al., 2021, https://huggingface.co/papers/2110.01052), stored in `config.exit_thresholds`.
+       The validation split is then cut in two halves: the temperatures of step 3 are fitted on the first, the
+       thresholds certified on the second, because the guarantee holds for a confidence score fixed before the
+       thresholds' data is seen; the test split is never used to fit anything.
     6. Save model (`AutoModelForCausalLM.from_pretrained(output_dir)` with hf_kd imported, or
        `trust_remote_code=True` without it), tokenizer, card and `test_results.json`; print the table
        ([`exit_summary_table`]).
 
-    A too-small test split for the thresholds and an exit layer out of range fail before training.
+    Too few threshold rows (half the validation split) and an exit layer out of range fail before training.
 
     Args:
         script_args ([`EarlyExitLMScriptArguments`]): backbone, exits, data, thresholds.
@@ -622,8 +623,15 @@ def run_early_exit_lm(script_args: EarlyExitLMScriptArguments, args: EarlyExitCo
     with args.main_process_first(desc="loading and tokenizing the data"):
         splits = load_lm_splits(script_args, tokenizer, script_args.lm_max_length)
     model = build_multi_exit_lm(script_args)
+    temperature_rows = threshold_rows = splits["validation"]
     if script_args.exit_epsilon is not None:
-        check_threshold_data(model, splits["test"]["input_ids"], script_args.exit_epsilon, script_args.exit_delta)
+        # Two disjoint halves of the validation split: the thresholds' guarantee holds for a confidence score fixed
+        # before their data is seen, so the temperatures (part of that score) are fitted on the first half and the
+        # thresholds certified on the second; the test split stays untouched for the reported numbers.
+        half = len(splits["validation"]) // 2
+        temperature_rows = splits["validation"].select(range(half))
+        threshold_rows = splits["validation"].select(range(half, len(splits["validation"])))
+        check_threshold_data(model, threshold_rows["input_ids"], script_args.exit_epsilon, script_args.exit_delta)
     collator = LMDataCollator.for_tokenizer(tokenizer)
     trainer = EarlyExitTrainer(
         model=model, args=args, train_dataset=splits["train"], eval_dataset=splits["validation"],
@@ -632,9 +640,11 @@ def run_early_exit_lm(script_args: EarlyExitLMScriptArguments, args: EarlyExitCo
     trainer.train(resume_from_checkpoint=resolve_resume_checkpoint(args.resume_from_checkpoint, args.output_dir))
 
     model = trainer.accelerator.unwrap_model(trainer.model)
-    described = (f"{script_args.source}/validation ({len(splits['validation'])} rows of at most "
+    first = " (its first half; the second certifies the thresholds)" if threshold_rows is not temperature_rows else ""
+    described = (f"{script_args.source}/validation{first} ({len(temperature_rows)} rows of at most "
                  f"{script_args.lm_max_length} tokens)")
-    calibration = trainer.calibrate_exits(calibrated_on=described)
+    calibration = trainer.calibrate_exits(temperature_rows, calibrated_on=described,
+                                          split="eval" if not first else "calibration")
     layers, temperatures = calibration.exit_layers, calibration.temperatures
     # In the config, generate(early_exit="confident") and fit_exit_thresholds divide each exit's logits by its own.
     model.config.exit_temperatures = {str(layer): t for layer, t in zip(layers, temperatures)}
@@ -648,7 +658,7 @@ def run_early_exit_lm(script_args: EarlyExitLMScriptArguments, args: EarlyExitCo
         metrics[f"test_exit_{i}_calibrated_token_ece"] = test_calibration.after[i]["token_ece"]
     fit = None
     if script_args.exit_epsilon is not None:
-        fit = model.fit_exit_thresholds(splits["test"]["input_ids"], script_args.exit_epsilon, script_args.exit_delta,
+        fit = model.fit_exit_thresholds(threshold_rows["input_ids"], script_args.exit_epsilon, script_args.exit_delta,
                                         batch_size=args.per_device_eval_batch_size)
     trainer.save_model(args.output_dir)  # weights, config (temperatures, thresholds), card, exit_calibration/
     if trainer.is_world_process_zero():
