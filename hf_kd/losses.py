@@ -30,6 +30,7 @@ from .options import (
 __all__ = [
     "LMLossParts",
     "LMLossType",
+    "cached_span_log_probs",
     "dedier_weights",
     "hybrid_loss",
     "kd_layer_loss",
@@ -1245,6 +1246,89 @@ def span_log_probs(
     earlier = prefix[rows, ends - 2] - prefix[rows, starts - 1]
     last = scaled[rows, ends - 2] - normaliser[rows, ends - 2, None]
     return last + earlier[:, None]
+
+
+def cached_span_log_probs(
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprobs: torch.Tensor,
+    token_logprobs: torch.Tensor,
+    span_starts: torch.Tensor,
+    span_ends: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
+    """
+    [`span_log_probs`] of a teacher from its cached sparse logits (the cross-tokenizer cache of
+    [`hf_kd.teacher.compute_teacher_lm_top_k`] with `span_tensors=True`) instead of its full logits: the teacher's
+    side of [`uld_loss`] / [`hybrid_loss`] in a cached run (ULD, Boizard et al., 2024,
+    https://huggingface.co/papers/2402.12030).
+
+    A span of tokens `[a, b)` reads two things at the cache's temperature: the realised tokens' log-probabilities
+    `token_logprobs[a - 1 .. b - 3]` (the chain rule's earlier factors: stored for every token, so this sum is
+    **exact**), and the distribution at position `b - 2`, of which the cache holds the top `k` log-probabilities and
+    the log of the mass left outside them (`tail_logprobs`). That distribution is rebuilt over the whole vocabulary:
+    the top-k entries exact, and the tail mass **spread evenly** over the `vocab - k` other tokens. Each of those
+    tokens gets `tail / (vocab - k)`, never more than the smallest top-k probability (every tail token is below it,
+    so their mean is too): the rebuilt vector sorts as the true one does in its first `k` entries, which is what
+    ULD's sorted L1 compares, and it keeps the true total mass. The alternative, the tail as one bucket entry, would
+    be a probability as large as the whole tail (sorted among the top tokens when the tail is heavy), against a
+    student whose tail tokens are each small. With `k = vocab` the result is [`span_log_probs`] of the full logits
+    (up to the cache's float16 rounding of the top-k log-probabilities).
+
+    Args:
+        topk_ids (`torch.Tensor` of shape `(batch, seq, k)`, integer):
+            The teacher's top-k token ids at each position (position `t` predicts token `t + 1`), read at the
+            positions the spans use only.
+        topk_logprobs (`torch.Tensor` of shape `(batch, seq, k)`):
+            Their log-probabilities at the temperature of the cache pass.
+        tail_logprobs (`torch.Tensor` of shape `(batch, seq)`):
+            Log of the probability mass outside the top k at each position.
+        token_logprobs (`torch.Tensor` of shape `(batch, seq)`):
+            Log-probability of the realised next token at each position.
+        span_starts, span_ends (`torch.Tensor` of shape `(batch, spans)`):
+            As in [`span_log_probs`] (`1 <= start < end <= seq + 1`, `-1` for padding).
+        vocab_size (`int`):
+            The teacher's vocabulary (the width of its logits), `>= k`.
+
+    Returns:
+        `torch.Tensor` of shape `(num_spans, vocab_size)`, float32: one row per valid span, in row-major
+        `(batch, spans)` order, as [`span_log_probs`] returns.
+    """
+    _check_tensors(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprobs=tail_logprobs,
+                   token_logprobs=token_logprobs, span_starts=span_starts, span_ends=span_ends)
+    k = topk_ids.shape[-1]
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 3:
+        raise ValueError(
+            f"topk_ids and topk_logprobs must both have shape (batch, seq, k), got {tuple(topk_ids.shape)} and "
+            f"{tuple(topk_logprobs.shape)}"
+        )
+    if tail_logprobs.shape != topk_ids.shape[:2] or token_logprobs.shape != topk_ids.shape[:2]:
+        raise ValueError(
+            f"tail_logprobs and token_logprobs must have shape {tuple(topk_ids.shape[:2])}, got "
+            f"{tuple(tail_logprobs.shape)} and {tuple(token_logprobs.shape)}"
+        )
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"The cached top-k must have 1 <= k <= vocab_size = {vocab_size} tokens, got k = {k}")
+    valid = span_starts >= 0
+    rows, spans = valid.nonzero(as_tuple=True)
+    starts, ends = span_starts[rows, spans], span_ends[rows, spans]
+    seq = topk_ids.shape[1]
+    if ((starts < 1) | (ends <= starts) | (ends > seq + 1)).any():
+        raise ValueError(
+            f"spans must satisfy 1 <= start < end <= seq + 1 ({seq + 1}): the first token of a row has no prediction"
+        )
+    # As span_log_probs: the earlier tokens' log-probs are a difference of prefix sums along the row.
+    prefix = F.pad(token_logprobs.float(), (1, 0)).cumsum(-1)  # prefix[:, t] = sum of positions 0..t-1
+    earlier = prefix[rows, ends - 2] - prefix[rows, starts - 1]
+    last = ends - 2
+    spread = tail_logprobs[rows, last].float() - math.log(vocab_size - k) if k < vocab_size else None
+    out = topk_logprobs.new_empty(len(rows), vocab_size, dtype=torch.float32)
+    if spread is None:  # k = vocab: the top k is the whole distribution, every entry is overwritten below
+        out.fill_(-math.inf)
+    else:
+        out.copy_(spread[:, None].expand_as(out))
+    out.scatter_(-1, topk_ids[rows, last].long(), topk_logprobs[rows, last].float())
+    return out + earlier[:, None]
 
 
 def _sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

@@ -82,8 +82,14 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             [`hf_kd.losses.uld_loss`]). `"hybrid"`: exact KL on the tokens both vocabularies share plus ULD on the rest
             ([`hf_kd.losses.hybrid_loss`]). Needs fast tokenizers on both sides (the teacher's from
             `teacher_processing_class` or saved with the teacher), data in TRL's formats (or rows already carrying the
-            [`hf_kd.cross_tokenizer.CROSS_TOKENIZER_COLUMNS`]); not supported yet with `cache_teacher_logits`,
-            `lmbda > 0`, `seq_kd` or `teacher_from_base_model`, and `loss_type` must stay `"forward_kl"`.
+            [`hf_kd.cross_tokenizer.CROSS_TOKENIZER_COLUMNS`]); not supported yet with `lmbda > 0`, `seq_kd` or
+            `teacher_from_base_model`, and `loss_type` must stay `"forward_kl"`. With `cache_teacher_logits=True` one
+            teacher pass stores, at each teacher position the span distributions read, its top `lm_cache_top_k`
+            log-probabilities at `temperature`, the log of the rest of the mass and the log-probability of the
+            realised next token (`6 * k + 12` bytes per teacher token; the key adds the teacher's tokenizer and
+            `temperature`); the loss rebuilds each span's distribution with the rest spread evenly over the other
+            teacher tokens ([`hf_kd.losses.cached_span_log_probs`]), and a cached run never loads the teacher.
+            `lm_cache_top_k` is then bounded by the teacher's vocabulary, and `lm_cache_tail` must stay `"bucket"`.
         cross_tokenizer_shared_weight (`float`, *optional*, defaults to `0.5`):
             With `cross_tokenizer="hybrid"`: the weight in `[0, 1]` of the exact KL on the shared tokens;
             `1 - cross_tokenizer_shared_weight` weighs ULD on the rest.
@@ -230,7 +236,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         if self.cross_tokenizer is not None:
             unsupported = [
                 name for name, on in (
-                    ("cache_teacher_logits=True", self.cache_teacher_logits), (f"lmbda={self.lmbda}", self.lmbda > 0),
+                    (f"lmbda={self.lmbda}", self.lmbda > 0),
                     ("seq_kd=True", self.seq_kd), (f"loss_type={str(self.loss_type)!r}", self.loss_type != "forward_kl"),
                     ("teacher_from_base_model=True", self.teacher_from_base_model),
                 ) if on
@@ -238,10 +244,15 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             if unsupported:
                 raise ValueError(
                     f"cross_tokenizer={str(self.cross_tokenizer)!r} is not supported yet with {', '.join(unsupported)}: "
-                    "the teacher runs live on its own tokenization of the dataset's text (no cache of its logits, no "
-                    "generated completions, a teacher of its own with another tokenizer), and the loss is ULD / hybrid, "
-                    "not loss_type's divergence. Use cache_teacher_logits=False, lmbda=0, seq_kd=False, "
-                    "loss_type='forward_kl', teacher_from_base_model=False."
+                    "the teacher reads its own tokenization of the dataset's text (no generated completions, a "
+                    "teacher of its own with another tokenizer), and the loss is ULD / hybrid, not loss_type's "
+                    "divergence. Use lmbda=0, seq_kd=False, loss_type='forward_kl', teacher_from_base_model=False."
+                )
+            if self.cache_teacher_logits and self.lm_cache_tail != "bucket":
+                raise ValueError(
+                    f"lm_cache_tail={str(self.lm_cache_tail)!r} is for the same-tokenizer sparse loss; with "
+                    f"cross_tokenizer={str(self.cross_tokenizer)!r} the cached teacher's mass outside its top k is "
+                    "spread over its other tokens (hf_kd.losses.cached_span_log_probs): keep lm_cache_tail='bucket'."
                 )
         if self.label_smoothing_factor != 0:
             raise ValueError(
