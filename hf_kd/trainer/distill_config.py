@@ -57,7 +57,9 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         lm_cache_top_k (`int`, *optional*, defaults to `64`):
             With `cache_teacher_logits=True` and a causal-LM student: how many of the teacher's largest logits are
             cached per completion token (`6 * k + 4` bytes per token on disk); the loss is then
-            [`hf_kd.losses.sparse_lm_kd_loss`]. At least 1 and at most the vocabulary size.
+            [`hf_kd.losses.sparse_lm_kd_loss`]. At least 1 and at most the vocabulary size. With `cross_tokenizer`:
+            per teacher token at the aligned spans' positions (`6 * k + 12` bytes), at most the **teacher's**
+            vocabulary size.
         lm_cache_tail (`str` or [`~hf_kd.options.LMCacheTail`], *optional*, defaults to `"bucket"`):
             How that sparse loss treats the tokens outside the top k: `"bucket"` (one "rest" cell holding their mass,
             on both sides) or `"renormalise"` (both distributions restricted to the top k and renormalised).
@@ -118,7 +120,9 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         cache_teacher_logits (`bool`, *optional*, defaults to `False`):
             Run the teacher once over each dataset, store its logits on disk (keyed by teacher weights and data) and
             train from them: later epochs and later runs never load the teacher. A dataset that already has a
-            `teacher_logits` column is used as is, cache or not.
+            `teacher_logits` column is used as is, cache or not. Causal-LM students cache the top `lm_cache_top_k`
+            logits per completion token; with `cross_tokenizer` the teacher's at its own span positions (see
+            `cross_tokenizer`).
         teacher_logits_cache_dir (`str`, *optional*):
             Where cached logits live. Defaults to `$HF_HOME/hf_kd/teacher_logits`.
 
