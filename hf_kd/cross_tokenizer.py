@@ -30,7 +30,7 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .losses import cached_span_log_probs, hybrid_loss, span_log_probs, uld_loss
+from .losses import cached_span_log_probs, cached_span_top_k, cached_uld_loss, hybrid_loss, span_log_probs, uld_loss
 
 __all__ = [
     "CROSS_TOKENIZER_COLUMNS",
@@ -38,6 +38,8 @@ __all__ = [
     "CrossTokenizerCollator",
     "align_token_spans",
     "cached_span_log_probs",
+    "cached_span_top_k",
+    "cached_uld_loss",
     "check_offset_tokenizer",
     "hybrid_loss",
     "shared_vocabulary_map",

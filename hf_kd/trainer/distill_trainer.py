@@ -18,6 +18,8 @@ from ..cross_tokenizer import (
 from ..distributed import is_zero3_partitioned
 from ..losses import (
     cached_span_log_probs,
+    cached_span_top_k,
+    cached_uld_loss,
     hybrid_loss,
     kd_loss,
     lm_kd_loss,
@@ -415,8 +417,9 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
 
         In a cached run (`args.cache_teacher_logits`; the batch has a `teacher_cache_index`) the teacher is never run:
         its span distributions come from the cache of its top `args.lm_cache_top_k` log-probabilities at the span
-        positions ([`hf_kd.losses.cached_span_log_probs`]: the chain-rule factors exact, the mass outside the top k
-        spread evenly over the other teacher tokens), and are compared by the same `D`.
+        positions, the chain-rule factors exact ([`hf_kd.losses.cached_span_top_k`]). ULD compares the sorted top k
+        and the tail masses as one bucket ([`hf_kd.losses.cached_uld_loss`]); the hybrid loss gets a dense vector with
+        the teacher's tail spread evenly over its other tokens ([`hf_kd.losses.cached_span_log_probs`]).
 
         Returns the loss and, with `return_outputs`, `{"logits"}` (the student's: the teacher's are over another
         vocabulary and positions, so no `top1_agreement` is logged).
@@ -441,15 +444,18 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             device = student_logits.device
             teacher_starts, teacher_ends = teacher_starts.to(device), teacher_ends.to(device)
             counted = span_token_mask(teacher_starts, teacher_ends, teacher_ids.shape[1])[:, 1:]
-            cached = self._cached_lm_fields(cache_index, counted, ("topk_ids", "topk_logprobs", "tail_logprobs",
-                                                                   "token_logprobs"))
-            teacher_spans = cached_span_log_probs(
-                cached["topk_ids"], cached["topk_logprobs"], cached["tail_logprobs"], cached["token_logprobs"],
-                teacher_starts, teacher_ends, self._lm_top_k["vocab_size"],
-            )
+            names = ("topk_ids", "topk_logprobs", "tail_logprobs", "token_logprobs")
+            cached = [self._cached_lm_fields(cache_index, counted, names)[name] for name in names]
+            if args.cross_tokenizer == "hybrid":  # a value per teacher token: the tail spread over the others
+                teacher_spans = cached_span_log_probs(*cached, teacher_starts, teacher_ends,
+                                                      self._lm_top_k["vocab_size"])
+            else:  # ULD needs only the sorted top k and the tail mass (one bucket)
+                teacher_spans = cached_span_top_k(*cached, teacher_starts, teacher_ends)
         if args.cross_tokenizer == "hybrid":
             kd = hybrid_loss(student_spans, teacher_spans, *self._shared_vocabulary,
                              shared_weight=args.cross_tokenizer_shared_weight, reduction="sum")
+        elif cache_index is not None:
+            kd = cached_uld_loss(student_spans, teacher_spans[1], teacher_spans[2], reduction="sum")
         else:
             kd = uld_loss(student_spans, teacher_spans, reduction="sum")
         shifted = labels[:, 1:].to(student_logits.device)
