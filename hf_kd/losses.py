@@ -1281,7 +1281,8 @@ def cached_span_top_k(
     token_logprobs: torch.Tensor,
     span_starts: torch.Tensor,
     span_ends: torch.Tensor,
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    far_tail_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """
     [`span_log_probs`] of a teacher from its cached sparse logits (the cross-tokenizer cache of
     [`hf_kd.teacher.compute_teacher_lm_top_k`] with `span_tensors=True`), kept sparse: for each span, its top-k entries
@@ -1304,10 +1305,13 @@ def cached_span_top_k(
             Log-probability of the realised next token at each position.
         span_starts, span_ends (`torch.Tensor` of shape `(batch, spans)`):
             As in [`span_log_probs`] (`1 <= start < end <= seq + 1`, `-1` for padding).
+        far_tail_logprobs (`torch.Tensor` of shape `(batch, seq)`, *optional*):
+            Log of the mass of the tokens ranked at or below the student's vocabulary size (for [`cached_uld_loss`]).
 
     Returns:
-        `(ids, log_probs, tail)`: `(num_spans, k)` int64, `(num_spans, k)` and `(num_spans,)` float32, one row per
-        valid span in row-major `(batch, spans)` order.
+        `(ids, log_probs, tail, far_tail)`: `(num_spans, k)` int64, `(num_spans, k)`, `(num_spans,)` and
+        `(num_spans,)` (`None` without `far_tail_logprobs`) float32, one row per valid span in row-major
+        `(batch, spans)` order.
     """
     rows, starts, ends = _check_cached_spans(topk_ids, topk_logprobs, tail_logprobs, token_logprobs, span_starts,
                                              span_ends)
@@ -1315,8 +1319,9 @@ def cached_span_top_k(
     prefix = F.pad(token_logprobs.float(), (1, 0)).cumsum(-1)  # prefix[:, t] = sum of positions 0..t-1
     earlier = prefix[rows, ends - 2] - prefix[rows, starts - 1]
     last = ends - 2
+    far = None if far_tail_logprobs is None else far_tail_logprobs[rows, last].float() + earlier
     return (topk_ids[rows, last].long(), topk_logprobs[rows, last].float() + earlier[:, None],
-            tail_logprobs[rows, last].float() + earlier)
+            tail_logprobs[rows, last].float() + earlier, far)
 
 
 def cached_span_log_probs(
@@ -1349,7 +1354,7 @@ def cached_span_log_probs(
     k = topk_ids.shape[-1] if topk_ids.dim() == 3 else 0
     if not 1 <= k <= vocab_size:
         raise ValueError(f"The cached top-k must have 1 <= k <= vocab_size = {vocab_size} tokens, got k = {k}")
-    ids, log_probs, tail = cached_span_top_k(topk_ids, topk_logprobs, tail_logprobs, token_logprobs, span_starts,
+    ids, log_probs, tail, _ = cached_span_top_k(topk_ids, topk_logprobs, tail_logprobs, token_logprobs, span_starts,
                                              span_ends)
     out = log_probs.new_empty(len(ids), vocab_size)
     if k == vocab_size:  # the top k is the whole distribution: every entry is overwritten below
@@ -1363,6 +1368,7 @@ def cached_uld_loss(
     student_log_probs: torch.Tensor,
     teacher_top_log_probs: torch.Tensor,
     teacher_tail_log_mass: torch.Tensor,
+    teacher_far_log_mass: torch.Tensor | None = None,
     reduction: str = "mean",
     num_items_in_batch: int | torch.Tensor | None = None,
 ) -> torch.Tensor:
@@ -1377,6 +1383,11 @@ def cached_uld_loss(
     The bucket term is a lower bound of the true `sum_{i > k} |sort(p_S)_i - sort(p_T)_i|` (the L1 of two sequences is
     at least the difference of their sums), equal to it when one tail lies above the other rank by rank: the loss is
     never above [`uld_loss`] of the full distributions, and equals it with `k` = the teacher's vocabulary (no tail).
+    With `teacher_far_log_mass`, the teacher's mass at sorted ranks past the student's vocabulary `V_S` (0-based
+    ranks `>= V_S`, where the zero-padded student has nothing, so the L1 there is exactly that mass), the bucket is
+    split there and the bound tightens to `|sum_{k < i <= V_S} sort(p_S)_i - (tail_T - far_T)| + far_T` (`k < V_S`;
+    with `k >= V_S` the student has no tail and the tail term is exactly `tail_T`). Without it a teacher whose tail
+    is spread over more tokens than the student has (a flat teacher, a high temperature) is undercounted.
     Spreading the tail evenly over the teacher's other tokens instead ([`cached_span_log_probs`]) compares the
     student's decaying tail with a flat one and overstates the loss (by 23 % at `k = 64` on gemma-3-270m into a SmolLM2
     student, against -0.6 % for this bucket: docs/methods/cross_tokenizer.md).
@@ -1386,6 +1397,8 @@ def cached_uld_loss(
         teacher_top_log_probs (`torch.Tensor` of shape `(spans, k)`): the teacher's top-k span log-probabilities
             (any order).
         teacher_tail_log_mass (`torch.Tensor` of shape `(spans,)`): the log of the teacher's span mass outside them.
+        teacher_far_log_mass (`torch.Tensor` of shape `(spans,)`, *optional*): the log of the teacher's span mass at
+            sorted ranks `>= student_vocab` (part of the tail when `k < student_vocab`).
         reduction, num_items_in_batch: as in [`uld_loss`].
 
     Returns:
@@ -1393,10 +1406,13 @@ def cached_uld_loss(
     """
     _check_tensors(student_log_probs=student_log_probs, teacher_top_log_probs=teacher_top_log_probs,
                    teacher_tail_log_mass=teacher_tail_log_mass)
+    if teacher_far_log_mass is not None:
+        _check_tensors(teacher_far_log_mass=teacher_far_log_mass)
     _check_reduction(reduction, num_items_in_batch)
     n = len(student_log_probs)
     if (student_log_probs.dim() != 2 or teacher_top_log_probs.dim() != 2 or len(teacher_top_log_probs) != n
-            or teacher_tail_log_mass.shape != (n,)):
+            or teacher_tail_log_mass.shape != (n,)
+            or (teacher_far_log_mass is not None and teacher_far_log_mass.shape != (n,))):
         raise ValueError(
             "student_log_probs (spans, vocab), teacher_top_log_probs (spans, k) and teacher_tail_log_mass (spans,) "
             f"must have the same spans, got {tuple(student_log_probs.shape)}, {tuple(teacher_top_log_probs.shape)} "
@@ -1407,7 +1423,15 @@ def cached_uld_loss(
     student_sorted = F.pad(student_sorted, (0, max(k - student_sorted.shape[-1], 0)))  # a smaller student vocabulary
     teacher_sorted = _upcast(teacher_top_log_probs).exp().sort(dim=-1, descending=True).values
     top = (student_sorted[:, :k] - teacher_sorted).abs().sum(-1)
-    tail = (student_sorted[:, k:].sum(-1) - _upcast(teacher_tail_log_mass).exp()).abs()
+    teacher_tail = _upcast(teacher_tail_log_mass).exp()
+    student_vocab = student_log_probs.shape[-1]
+    if k >= student_vocab:  # the student has no tail: the L1 over the teacher's is its mass, exactly
+        tail = teacher_tail
+    elif teacher_far_log_mass is None:
+        tail = (student_sorted[:, k:].sum(-1) - teacher_tail).abs()
+    else:
+        far = _upcast(teacher_far_log_mass).exp()
+        tail = (student_sorted[:, k:].sum(-1) - (teacher_tail - far)).abs() + far
     per_span = top + tail
     return _reduce(per_span, torch.ones_like(per_span, dtype=torch.bool), reduction, num_items_in_batch)
 

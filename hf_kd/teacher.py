@@ -720,10 +720,10 @@ def compute_teacher_logits(
 # --------------------------------------------------------------------------------------------------------------------
 
 LM_TOP_K_TENSORS = ("topk_ids", "topk_logprobs", "logsumexp", "offsets")
-LM_TOP_K_SPAN_TENSORS = ("token_logprobs", "tail_logprobs")
-"""The two tensors a cross-tokenizer cache file holds besides [`LM_TOP_K_TENSORS`] (`span_tensors=True` in
-[`compute_teacher_lm_top_k`]): per cached token, the log-probability of the realised next token and the log of the mass
-outside the top k, both float32."""
+LM_TOP_K_SPAN_TENSORS = ("token_logprobs", "tail_logprobs", "far_tail_logprobs")
+"""The three tensors a cross-tokenizer cache file holds besides [`LM_TOP_K_TENSORS`] (`span_tensors=...` in
+[`compute_teacher_lm_top_k`]): per cached token, the log-probability of the realised next token, the log of the mass
+outside the top k, and the log of the mass at ranks `>= span_tensors` (the student's vocabulary size), all float32."""
 
 
 def lm_top_k_data_key(data_key: str, top_k: int) -> str:
@@ -790,6 +790,15 @@ def save_lm_top_k(path: Path, top_k: dict[str, torch.Tensor], teacher_key: str, 
     save_file_atomically({name: top_k[name] for name in names}, path, metadata)
 
 
+def _far_tail(logits: torch.Tensor, rank: int, chunk: int = 64) -> torch.Tensor:
+    """`logsumexp` of each row's logits ranked `rank` or lower (0-based ranks `>= rank`; `-inf` when there are
+    none), a few rows at a time (a full sort of 262,144 logits per token is what it costs)."""
+    if rank >= logits.shape[-1]:
+        return logits.new_full(logits.shape[:1], float("-inf"))
+    out = [torch.logsumexp(rows.sort(dim=-1, descending=True).values[:, rank:], dim=-1) for rows in logits.split(chunk)]
+    return torch.cat(out) if out else logits.new_zeros(0)
+
+
 # Log-probabilities are clamped to this floor before they are stored: a log-prob below float16's range stays finite
 # (it is ~0 in probability anyway), and an empty tail (k = vocab) is a finite log(0) that a 0 * log term keeps at 0.
 _LOG_PROB_FLOOR = -60000.0
@@ -805,7 +814,7 @@ def compute_teacher_lm_top_k(
     top_k: int,
     desc: str = "Teacher top-k logits",
     temperature: float = 1.0,
-    span_tensors: bool = False,
+    span_tensors: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     One gradient-free pass of a causal-LM teacher over a tokenized `dataset` (`input_ids`, `labels`, optionally
@@ -819,12 +828,14 @@ def compute_teacher_lm_top_k(
     are `log-prob + logsumexp`. That is `6 * k + 4` bytes per completion token, stored flat in row order with per-row
     `offsets` (no padding).
 
-    With `span_tensors=True` (the cross-tokenizer cache of [`hf_kd.trainer.DistillTrainer`], whose "labels" are the
-    teacher's own tokens inside the aligned completion spans) two float32 tensors more, 8 bytes per token, make the
-    span distributions of [`~hf_kd.losses.cached_span_log_probs`] exact where they can be: `token_logprobs`, the
-    log-probability at `temperature` of the realised next token `labels[t + 1]` (the chain rule's factor, exact
-    whether or not the token is in the top k), and `tail_logprobs`, the log of the tempered mass outside the top k
-    (summed in float32 over the full vocabulary, not `1 -` the rounded top-k mass).
+    With `span_tensors=R` (the cross-tokenizer cache of [`hf_kd.trainer.DistillTrainer`], whose "labels" are the
+    teacher's own tokens inside the aligned completion spans; `R` is the student's vocabulary size) three float32
+    tensors more, 12 bytes per token, for [`~hf_kd.losses.cached_span_top_k`] and [`~hf_kd.losses.cached_uld_loss`]:
+    `token_logprobs`, the log-probability at `temperature` of the realised next token `labels[t + 1]` (the chain
+    rule's factor, exact whether or not the token is in the top k), `tail_logprobs`, the log of the tempered mass
+    outside the top k (summed in float32 over the full vocabulary, not `1 -` the rounded top-k mass), and
+    `far_tail_logprobs`, the log of the tempered mass of the tokens ranked `R` or lower (0-based ranks `>= R`: the
+    sorted places a student with `R` tokens has no probability at, which ULD compares exactly).
 
     Args:
         teacher (`nn.Module`): the causal LM, frozen.
@@ -835,11 +846,12 @@ def compute_teacher_lm_top_k(
         top_k (`int`): logits kept per token, `1 <= top_k <= vocab`.
         desc (`str`, *optional*): the progress bar's label.
         temperature (`float`, *optional*, defaults to `1.0`): the logits are divided by it before everything.
-        span_tensors (`bool`, *optional*, defaults to `False`): also compute [`LM_TOP_K_SPAN_TENSORS`].
+        span_tensors (`int`, *optional*): the student's vocabulary size `R`: also compute [`LM_TOP_K_SPAN_TENSORS`].
 
     Returns:
         `dict` with `topk_ids` `(tokens, k)`, `topk_logprobs` `(tokens, k)`, `logsumexp` `(tokens,)`, `offsets`
-        `(rows + 1,)` (int64), and with `span_tensors` `token_logprobs`, `tail_logprobs` `(tokens,)`, on the CPU.
+        `(rows + 1,)` (int64), and with `span_tensors` the three of [`LM_TOP_K_SPAN_TENSORS`] `(tokens,)`, on the
+        CPU.
     """
     from tqdm.auto import tqdm
 
@@ -860,18 +872,20 @@ def compute_teacher_lm_top_k(
         fields["topk_ids"].append(indices.int().cpu())
         fields["topk_logprobs"].append((values - token_lse[:, None]).clamp(min=_LOG_PROB_FLOOR).half().cpu())
         fields["logsumexp"].append(token_lse.cpu())
-        if span_tensors:
+        if span_tensors is not None:
             targets = labels.to(logits.device)[counted].long()
             realised = token_logits.gather(-1, targets[:, None]).squeeze(-1) - token_lse
+            far = _far_tail(token_logits, span_tensors) - token_lse
             # The tail in place of the logits (not needed again): the top-k cells masked out, the rest summed.
             tail = torch.logsumexp(token_logits.scatter_(-1, indices, float("-inf")), dim=-1) - token_lse
             fields["token_logprobs"].append(realised.clamp(min=_LOG_PROB_FLOOR).cpu())
             fields["tail_logprobs"].append(tail.clamp(min=_LOG_PROB_FLOOR).cpu())
+            fields["far_tail_logprobs"].append(far.clamp(min=_LOG_PROB_FLOOR).cpu())
         counts.append(counted.sum(1).cpu())
     counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.long().cumsum(0)])
     empty = {"topk_ids": torch.zeros(0, top_k, dtype=torch.int32), "topk_logprobs": torch.zeros(0, top_k).half()}
-    names = ("topk_ids", "topk_logprobs", "logsumexp", *(LM_TOP_K_SPAN_TENSORS if span_tensors else ()))
+    names = ("topk_ids", "topk_logprobs", "logsumexp", *(LM_TOP_K_SPAN_TENSORS if span_tensors is not None else ()))
     out = {name: torch.cat(fields[name]) if fields[name] else empty.get(name, torch.zeros(0)) for name in names}
     out["offsets"] = offsets
     return out

@@ -418,7 +418,8 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         In a cached run (`args.cache_teacher_logits`; the batch has a `teacher_cache_index`) the teacher is never run:
         its span distributions come from the cache of its top `args.lm_cache_top_k` log-probabilities at the span
         positions, the chain-rule factors exact ([`hf_kd.losses.cached_span_top_k`]). ULD compares the sorted top k
-        and the tail masses as one bucket ([`hf_kd.losses.cached_uld_loss`]); the hybrid loss gets a dense vector with
+        exactly and the tail masses as buckets ([`hf_kd.losses.cached_uld_loss`]: a lower bound, with the teacher's
+        mass past the student's vocabulary size exact); the hybrid loss gets a dense vector with
         the teacher's tail spread evenly over its other tokens ([`hf_kd.losses.cached_span_log_probs`]).
 
         Returns the loss and, with `return_outputs`, `{"logits"}` (the student's: the teacher's are over another
@@ -444,18 +445,19 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             device = student_logits.device
             teacher_starts, teacher_ends = teacher_starts.to(device), teacher_ends.to(device)
             counted = span_token_mask(teacher_starts, teacher_ends, teacher_ids.shape[1])[:, 1:]
-            names = ("topk_ids", "topk_logprobs", "tail_logprobs", "token_logprobs")
-            cached = [self._cached_lm_fields(cache_index, counted, names)[name] for name in names]
+            names = ("topk_ids", "topk_logprobs", "tail_logprobs", "token_logprobs", "far_tail_logprobs")
+            fields = self._cached_lm_fields(cache_index, counted, names)
+            cached = [fields[name] for name in names[:4]]
             if args.cross_tokenizer == "hybrid":  # a value per teacher token: the tail spread over the others
                 teacher_spans = cached_span_log_probs(*cached, teacher_starts, teacher_ends,
                                                       self._lm_top_k["vocab_size"])
-            else:  # ULD needs only the sorted top k and the tail mass (one bucket)
-                teacher_spans = cached_span_top_k(*cached, teacher_starts, teacher_ends)
+            else:  # ULD needs only the sorted top k and the tail masses (buckets)
+                teacher_spans = cached_span_top_k(*cached, teacher_starts, teacher_ends, fields["far_tail_logprobs"])
         if args.cross_tokenizer == "hybrid":
             kd = hybrid_loss(student_spans, teacher_spans, *self._shared_vocabulary,
                              shared_weight=args.cross_tokenizer_shared_weight, reduction="sum")
         elif cache_index is not None:
-            kd = cached_uld_loss(student_spans, teacher_spans[1], teacher_spans[2], reduction="sum")
+            kd = cached_uld_loss(student_spans, *teacher_spans[1:], reduction="sum")
         else:
             kd = uld_loss(student_spans, teacher_spans, reduction="sum")
         shifted = labels[:, 1:].to(student_logits.device)

@@ -350,8 +350,9 @@ class _TeacherMixin:
         options. Same tokenizer: the rows themselves (inputs and completion labels), at temperature 1 (the loss
         tempers the cached logits). Cross-tokenizer: the teacher's rows (`teacher_input_ids`) with "labels" equal to
         its tokens inside the aligned spans ([`hf_kd.cross_tokenizer.span_token_mask`]), so that the pass stores the
-        positions [`hf_kd.losses.span_log_probs`] reads, at `args.temperature` and with the two span tensors: the key
-        adds the teacher's tokenizer and the temperature (a cached chain-rule factor is a tempered log-prob).
+        positions [`hf_kd.losses.span_log_probs`] reads, at `args.temperature` and with the three span tensors: the key
+        adds the teacher's tokenizer, the temperature (a cached chain-rule factor is a tempered log-prob) and the
+        student's vocabulary size (the rank past which the far tail is summed).
         """
         if not self._cross_tokenizer_cache():
             columns = [c for c in (*TEACHER_INPUT_NAMES, "labels") if c in dataset.column_names]
@@ -365,10 +366,11 @@ class _TeacherMixin:
             return {"input_ids": ids.tolist(), "labels": torch.where(mask, ids, -100).tolist()}
 
         view = dataset.select_columns(columns).map(teacher_row, remove_columns=columns, desc="Teacher cache rows")
-        temperature = self.args.temperature
-        extra = f":cross-tokenizer:{tokenizer_fingerprint(self._teacher_tokenizer)}:T={float(temperature)!r}"
+        temperature, student_vocab = self.args.temperature, self._student_lm_vocab_size()
+        extra = (f":cross-tokenizer:{tokenizer_fingerprint(self._teacher_tokenizer)}:T={float(temperature)!r}"
+                 f":far-rank={student_vocab}")
         collator = LMDataCollator(self.data_collator.collator.teacher_pad_token_id)
-        return view, columns, collator, extra, {"temperature": temperature, "span_tensors": True}
+        return view, columns, collator, extra, {"temperature": temperature, "span_tensors": student_vocab}
 
     def _with_lm_top_k(self, dataset, split: str):
         """
