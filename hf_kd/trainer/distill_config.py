@@ -58,7 +58,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             With `cache_teacher_logits=True` and a causal-LM student: how many of the teacher's largest logits are
             cached per completion token (`6 * k + 4` bytes per token on disk); the loss is then
             [`hf_kd.losses.sparse_lm_kd_loss`]. At least 1 and at most the vocabulary size. With `cross_tokenizer`:
-            per teacher token at the aligned spans' positions (`6 * k + 12` bytes), at most the **teacher's**
+            per teacher token at the aligned spans' positions (`6 * k + 16` bytes), at most the **teacher's**
             vocabulary size.
         lm_cache_tail (`str` or [`~hf_kd.options.LMCacheTail`], *optional*, defaults to `"bucket"`):
             How that sparse loss treats the tokens outside the top k: `"bucket"` (one "rest" cell holding their mass,
@@ -87,10 +87,13 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             [`hf_kd.cross_tokenizer.CROSS_TOKENIZER_COLUMNS`]); not supported yet with `lmbda > 0`, `seq_kd` or
             `teacher_from_base_model`, and `loss_type` must stay `"forward_kl"`. With `cache_teacher_logits=True` one
             teacher pass stores, at each teacher position the span distributions read, its top `lm_cache_top_k`
-            log-probabilities at `temperature`, the log of the rest of the mass and the log-probability of the
-            realised next token (`6 * k + 12` bytes per teacher token; the key adds the teacher's tokenizer and
-            `temperature`); the loss rebuilds each span's distribution with the rest spread evenly over the other
-            teacher tokens ([`hf_kd.losses.cached_span_log_probs`]), and a cached run never loads the teacher.
+            log-probabilities at `temperature`, the log of the rest of the mass, of the mass past the student's
+            vocabulary size and the log-probability of the realised next token (`6 * k + 16` bytes per teacher token;
+            the key adds the teacher's tokenizer, `temperature` and the student's vocabulary size); a cached run never
+            loads the teacher. The chain rule's factors are then exact; `"uld"` compares the tail masses as buckets
+            ([`hf_kd.losses.cached_uld_loss`], a lower bound of the live loss) and `"hybrid"` spreads the teacher's
+            tail evenly over its other tokens ([`hf_kd.losses.cached_span_log_probs`]); both equal the live loss
+            with `lm_cache_top_k` = the teacher's vocabulary (docs/methods/cross_tokenizer.md).
             `lm_cache_top_k` is then bounded by the teacher's vocabulary, and `lm_cache_tail` must stay `"bucket"`.
         cross_tokenizer_shared_weight (`float`, *optional*, defaults to `0.5`):
             With `cross_tokenizer="hybrid"`: the weight in `[0, 1]` of the exact KL on the shared tokens;

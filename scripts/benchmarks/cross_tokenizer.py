@@ -193,7 +193,7 @@ def train(config: str, opts, smol, gemma, smol_model, gemma_model) -> dict:
             "cache_pass_seconds": round(setup_seconds, 2), "teacher_loaded_during_training": False,
             "cache_top_k": opts.cache_top_k, "cache_file_bytes": path.stat().st_size, "cached_teacher_tokens": tokens,
             "bytes_per_cached_teacher_token": round(path.stat().st_size / tokens, 1),
-            "formula_bytes_per_teacher_token": 6 * opts.cache_top_k + 12,
+            "formula_bytes_per_teacher_token": 6 * opts.cache_top_k + 16,
             "student_completion_tokens": sum(sum(1 for x in row["labels"][1:] if x != -100)
                                              for row in trainer.train_dataset),
         })
@@ -217,7 +217,7 @@ def markdown(result: dict) -> str:
     cached = {name: row for name, row in result["training"].items() if "cache_file_bytes" in row}
     if cached:
         lines += ["", "| configuration | k | cache pass (s) | file bytes | cached teacher tokens | bytes / teacher "
-                  "token (6k + 12) | first-step kd_loss vs live |", "|---|---|---|---|---|---|---|"]
+                  "token (6k + 16) | first-step kd_loss vs live |", "|---|---|---|---|---|---|---|"]
         for name, row in cached.items():
             lines.append(
                 f"| {name} | {row['cache_top_k']} | {row['cache_pass_seconds']} | {row['cache_file_bytes']} | "
