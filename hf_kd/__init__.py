@@ -13,7 +13,7 @@ from .calibration import (
 from .evaluation import UncertaintyReport, evaluate_uncertainty
 from .hub import generate_model_card, push_to_hub, update_model_card
 from .lm_data import LMDataCollator, lm_chat_dataset, lm_text_dataset, tokenize_lm_dataset
-from .losses import LMLossParts, hybrid_loss, kd_loss, lm_kd_loss, sparse_lm_kd_loss, uld_loss
+from .losses import LMHeadInputs, LMLossParts, hybrid_loss, kd_loss, lm_kd_loss, sparse_lm_kd_loss, uld_loss
 from .metrics import (
     lm_metrics,
     make_compute_metrics,
@@ -72,6 +72,7 @@ __all__ = [
     "KDLayerForSequenceClassification",
     "KDLayerImageConfig",
     "LMDataCollator",
+    "LMHeadInputs",
     "LMLossParts",
     "LetKDConfig",
     "LetKDTrainer",

@@ -11,6 +11,7 @@ of them take the same two arguments that control how per-item losses are reduced
 """
 
 import math
+from collections.abc import Callable
 from typing import NamedTuple
 
 import torch
@@ -28,6 +29,7 @@ from .options import (
 )
 
 __all__ = [
+    "LMHeadInputs",
     "LMLossParts",
     "LMLossType",
     "cached_span_log_probs",
@@ -674,15 +676,17 @@ class LMLossParts(NamedTuple):
 
 
 def _lm_chunk(
-    student_logits: torch.Tensor,
-    teacher_logits: torch.Tensor,
-    rows: tuple[torch.Tensor, torch.Tensor],
+    student_rows: Callable[[], torch.Tensor],
+    teacher_rows: Callable[[], torch.Tensor],
     targets: torch.Tensor,
     options: tuple,
     needs_grad: tuple[bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor | None]:
-    """Sums of the divergence and of the cross-entropy over the rows `rows` = (batch indices, positions) of the
-    logits, and the gradients of `alpha T^2 divergence + (1 - alpha) CE` w.r.t. those rows.
+    """Sums of the divergence and of the cross-entropy over one chunk of counted rows, and the gradients of
+    `alpha T^2 divergence + (1 - alpha) CE` w.r.t. the chunk's student and teacher logits.
+
+    `student_rows()` and `teacher_rows()` return the chunk's `(N, V)` logits in float32 (or wider): callables, so that
+    this function holds the only reference and can free each one as soon as it is used.
 
     `options` is `(loss_type, beta, temperature, alpha, parts)`: with `parts` both sums are computed whatever
     `alpha` (for the logged loss parts), else only the terms `alpha` weighs. Returns `(divergence_sum,
@@ -703,7 +707,7 @@ def _lm_chunk(
     """
     loss_type, beta, temperature, alpha, parts = options
     need_student, need_teacher = needs_grad
-    student = _upcast(student_logits[rows])
+    student = student_rows()
     divergence_sum = cross_entropy_sum = student.new_zeros(())
     grad_student = grad_teacher = None
     log_s = None
@@ -718,7 +722,7 @@ def _lm_chunk(
             grad_student[torch.arange(grad_student.shape[0], device=grad_student.device), targets] -= 1.0
             grad_student.mul_(1.0 - alpha)
         del log_q
-    teacher = _upcast(teacher_logits[rows])
+    teacher = teacher_rows()
     teacher_finite = torch.isfinite(teacher).all()
     if not with_divergence:
         return divergence_sum, cross_entropy_sum, teacher_finite, grad_student, grad_teacher
@@ -774,42 +778,112 @@ def _lm_chunk(
     return divergence.sum(), cross_entropy_sum, teacher_finite, grad_student, grad_teacher
 
 
+class LMHeadInputs(NamedTuple):
+    """
+    The logits of a causal LM given as what makes them, `hidden_states @ weight.T`, for [`lm_kd_loss`] and
+    [`sparse_lm_kd_loss`] to project chunk by chunk: the full `(batch, seq, vocab)` logits, and their gradient, are
+    then never made (the "fused linear" loss of Liger-Kernel and of TRL's `DistillationTrainer`, here without
+    recomputing the projection in backward).
+
+    Attributes:
+        hidden_states (`torch.Tensor` of shape `(batch, seq, hidden)`):
+            The final hidden states (after the model's final norm), what the LM head reads.
+        weight (`torch.Tensor` of shape `(vocab, hidden)`):
+            The LM head's weight (`model.get_output_embeddings().weight`; tied to the input embeddings in many
+            models, which is fine: its gradient reaches the shared parameter). A head with a bias, logit soft-capping or
+            logit scaling is not a plain `hidden @ weight.T` and cannot be given this way.
+    """
+
+    hidden_states: torch.Tensor
+    weight: torch.Tensor
+
+
+def _check_head_inputs(name: str, value) -> None:
+    """`TypeError`/`ValueError` naming `name` unless `value` is a tensor, or an [`LMHeadInputs`] of a 3-D
+    `hidden_states` and a 2-D `weight` with the same hidden size."""
+    if not isinstance(value, LMHeadInputs):
+        _check_tensors(**{name: value})
+        return
+    _check_tensors(**{f"{name}.hidden_states": value.hidden_states, f"{name}.weight": value.weight})
+    hidden, weight = value
+    if hidden.dim() != 3 or weight.dim() != 2 or hidden.shape[-1] != weight.shape[-1]:
+        raise ValueError(
+            f"{name} must be LMHeadInputs(hidden_states of shape (batch, seq, hidden), weight of shape (vocab, hidden)), "
+            f"got {tuple(hidden.shape)} and {tuple(weight.shape)}"
+        )
+
+
+def _logits_shape(value) -> tuple[int, ...]:
+    """The `(batch, seq, vocab)` shape of logits given as a tensor or as [`LMHeadInputs`]."""
+    if isinstance(value, LMHeadInputs):
+        return (*value.hidden_states.shape[:2], value.weight.shape[0])
+    return tuple(value.shape)
+
+
+def _logits_dtype(value) -> torch.dtype:
+    return value.hidden_states.dtype if isinstance(value, LMHeadInputs) else value.dtype
+
+
 class _ChunkedTokenLoss(torch.autograd.Function):
     """
     `alpha T^2 sum_i D_i + (1 - alpha) sum_i CE_i` over the counted positions, computed `chunk_size` rows at a time
     by `chunk_loss` ([`_lm_chunk`] for [`lm_kd_loss`], [`_sparse_lm_chunk`] for [`sparse_lm_kd_loss`]); also returns
     the two sums (non-differentiable, for the logged loss parts) and whether the teacher's rows were finite.
 
+    Each side comes as logits `(batch, seq, vocab)` with `head=None`, or as hidden states `(batch, seq, hidden)` with
+    the LM head's `(vocab, hidden)` weight as `head` ([`LMHeadInputs`]), projected here one chunk of rows at a time.
     The gradient of each chunk is computed in closed form right after its loss and written into one buffer shaped
-    like the input logits; `backward` only scales that buffer. So the float32 intermediates of a chunk are freed
-    before the next chunk starts: nothing of size `(batch, seq, vocab)` is kept for backward except the gradient
-    itself, which autograd needs in any case. (Plain autograd through the chunks keeps every chunk's intermediates
-    until backward, i.e. several full-size float32 tensors; checkpointing each chunk frees them but runs every
-    chunk's forward twice: see docs/benchmarks/lm_kd_loss.md.)
+    like the input (with a head: `grad_rows @ head` into the hidden states' buffer, and `grad_rows.T @ rows` added
+    to the head's); `backward` only scales those buffers. So the float32 intermediates of a chunk are freed before
+    the next chunk starts: nothing of size `(batch, seq, vocab)` is kept for backward except the logits' gradient
+    itself, which autograd needs in any case, and with a head not even that. (Plain autograd through the chunks keeps
+    every chunk's intermediates until backward, i.e. several full-size float32 tensors; checkpointing each chunk frees
+    them but runs every chunk's forward twice: see docs/benchmarks/lm_kd_loss.md.)
     """
 
     @staticmethod
-    def forward(ctx, student_logits, teacher_logits, rows, chunk_loss, weights, chunk_size, grad_enabled):
+    def forward(ctx, student, student_head, teacher, teacher_head, rows, chunk_loss, weights, chunk_size, grad_enabled):
         # forward always runs with grad mode off: whether the caller records a graph comes in as `grad_enabled`.
-        # `teacher_logits` is None for the sparse loss (its cached targets never get a gradient).
-        needs_grad = tuple(need and grad_enabled for need in ctx.needs_input_grad[:2])
-        gradients = [None, None]
-        dtype = torch.promote_types(student_logits.dtype, torch.float32)
-        sums = student_logits.new_zeros(2, dtype=dtype)  # divergence, cross-entropy
-        teacher_finite = torch.ones((), dtype=torch.bool, device=student_logits.device)
+        # `teacher` is None for the sparse loss (its cached targets never get a gradient).
+        sides = ((student, student_head), (teacher, teacher_head))
+        needs = ctx.needs_input_grad
+        needs_grad = tuple(grad_enabled and (needs[2 * i] or needs[2 * i + 1]) for i in range(2))
+        gradients = [None] * 4  # student, student_head, teacher, teacher_head
+        dtype = torch.promote_types(student.dtype, torch.float32)
+        sums = student.new_zeros(2, dtype=dtype)  # divergence, cross-entropy
+        teacher_finite = torch.ones((), dtype=torch.bool, device=student.device)
         batch_index, position_index = rows
         for start in range(0, batch_index.shape[0], chunk_size):
             chunk = slice(start, start + chunk_size)
             chunk_rows = (batch_index[chunk], position_index[chunk])
-            divergence, cross_entropy, finite, *grads = chunk_loss(chunk_rows, chunk, needs_grad)
+
+            def gather(side, chunk_rows=chunk_rows):
+                values, head = side
+                values = values[chunk_rows]
+                # The projection in the model's dtype, as its own LM head would compute it, then upcast.
+                return _upcast(values if head is None else F.linear(values, head))
+
+            divergence, cross_entropy, finite, *grads = chunk_loss(
+                lambda: gather(sides[0]), (lambda: gather(sides[1])) if teacher is not None else None, chunk,
+                needs_grad,
+            )
             sums[0] += divergence
             sums[1] += cross_entropy
             teacher_finite &= finite
-            for i, (logits, grad) in enumerate(zip((student_logits, teacher_logits), grads)):
-                if grad is not None:
-                    if gradients[i] is None:  # allocated at the first chunk: no counted token, no buffer
-                        gradients[i] = torch.zeros_like(logits, memory_format=torch.contiguous_format)
-                    gradients[i][chunk_rows] = grad.to(gradients[i].dtype)
+            for i, ((values, head), grad) in enumerate(zip(sides, grads)):
+                if grad is None:
+                    continue
+                if needs[2 * i]:  # the logits' (or hidden states') buffer, allocated at the first counted chunk
+                    if gradients[2 * i] is None:
+                        gradients[2 * i] = torch.zeros_like(values, memory_format=torch.contiguous_format)
+                    gradients[2 * i][chunk_rows] = (grad if head is None else grad.to(head.dtype) @ head).to(values.dtype)
+                if head is not None and needs[2 * i + 1]:
+                    if gradients[2 * i + 1] is None:  # summed over the chunks in float32 at least (bf16 sums drift)
+                        gradients[2 * i + 1] = torch.zeros_like(head, dtype=torch.promote_types(head.dtype, dtype))
+                    gradients[2 * i + 1].addmm_(grad.T, values[chunk_rows].to(grad.dtype))
+        for i in (1, 3):
+            if gradients[i] is not None:
+                gradients[i] = gradients[i].to(sides[i // 2][1].dtype)
         ctx.save_for_backward(*gradients)
         ctx.mark_non_differentiable(sums, teacher_finite)
         return weights[0] * sums[0] + weights[1] * sums[1], sums, teacher_finite
@@ -819,16 +893,21 @@ class _ChunkedTokenLoss(torch.autograd.Function):
         # In place: a scaled copy would be one more (batch, seq, vocab) tensor. The buffers are this graph's own and
         # are freed with it; a second backward through the same graph is refused by autograd's saved-tensor checks.
         gradients = [None if g is None else g.mul_(grad_total.to(g.dtype)) for g in ctx.saved_tensors]
-        return gradients[0], gradients[1], None, None, None, None, None
+        return (*gradients, None, None, None, None, None)
 
 
 def _chunked_token_loss(student_logits, teacher_logits, rows, chunk_loss, options, chunk_size, num_items_in_batch):
-    """Run [`_ChunkedTokenLoss`] and normalise: the loss (`sum / num_items_in_batch`, or / the number of counted
-    rows), with `options[-1]` (`return_parts`) an [`LMLossParts`]. Raises on non-finite teacher rows."""
+    """Run [`_ChunkedTokenLoss`] on logits given as tensors or [`LMHeadInputs`] (`teacher_logits` None for the sparse
+    loss) and normalise: the loss (`sum / num_items_in_batch`, or / the number of counted rows), with `options[-1]`
+    (`return_parts`) an [`LMLossParts`]. Raises on non-finite teacher rows."""
     _, _, temperature, alpha, parts = options
+
+    def split(logits):
+        return (logits.hidden_states, logits.weight) if isinstance(logits, LMHeadInputs) else (logits, None)
+
     total, sums, teacher_finite = _ChunkedTokenLoss.apply(
-        student_logits, teacher_logits, rows, chunk_loss, (alpha * temperature**2, 1.0 - alpha), chunk_size,
-        torch.is_grad_enabled(),
+        *split(student_logits), *split(teacher_logits), rows, chunk_loss, (alpha * temperature**2, 1.0 - alpha),
+        chunk_size, torch.is_grad_enabled(),
     )
     if not teacher_finite.item():
         raise ValueError(
@@ -960,26 +1039,27 @@ def lm_kd_loss(
     ```
     """
     loss_type = _check_lm_loss_options(loss_type, beta, temperature, alpha, chunk_size)
-    _check_tensors(student_logits=student_logits, teacher_logits=teacher_logits, labels=labels)
-    for name, logits in (("student_logits", student_logits), ("teacher_logits", teacher_logits)):
-        if logits.dim() != 3:
-            raise ValueError(f"{name} must have shape (batch, seq, vocab), got {tuple(logits.shape)}")
-    if student_logits.shape[:2] != teacher_logits.shape[:2]:
+    _check_head_inputs("student_logits", student_logits)
+    _check_head_inputs("teacher_logits", teacher_logits)
+    _check_tensors(labels=labels)
+    student_shape, teacher_shape = _logits_shape(student_logits), _logits_shape(teacher_logits)
+    for name, shape in (("student_logits", student_shape), ("teacher_logits", teacher_shape)):
+        if len(shape) != 3:
+            raise ValueError(f"{name} must have shape (batch, seq, vocab), got {shape}")
+    if student_shape[:2] != teacher_shape[:2]:
         raise ValueError(
-            "student_logits and teacher_logits must have the same (batch, seq), got "
-            f"{tuple(student_logits.shape)} and {tuple(teacher_logits.shape)}"
+            f"student_logits and teacher_logits must have the same (batch, seq), got {student_shape} and {teacher_shape}"
         )
-    vocab = student_logits.shape[-1]
-    if teacher_logits.shape[-1] != vocab:
+    vocab = student_shape[-1]
+    if teacher_shape[-1] != vocab:
         raise ValueError(
-            f"The student's vocabulary has {vocab} entries and the teacher's {teacher_logits.shape[-1]}: token-level "
+            f"The student's vocabulary has {vocab} entries and the teacher's {teacher_shape[-1]}: token-level "
             "distillation needs the same vocabulary (same tokenizer) on both sides. Distil between models of one "
             "family, or pad the smaller embedding matrix if one tokenizer only extends the other."
         )
-    if labels.shape != student_logits.shape[:2]:
+    if tuple(labels.shape) != student_shape[:2]:
         raise ValueError(
-            f"labels must have shape {tuple(student_logits.shape[:2])} (the logits' batch and seq), got "
-            f"{tuple(labels.shape)}"
+            f"labels must have shape {student_shape[:2]} (the logits' batch and seq), got {tuple(labels.shape)}"
         )
     _check_class_labels(labels, vocab)
 
@@ -987,8 +1067,8 @@ def lm_kd_loss(
     targets = labels[rows].long()
     options = (loss_type, float(beta), float(temperature), float(alpha), bool(return_parts))
 
-    def chunk_loss(chunk_rows, chunk, needs_grad):
-        return _lm_chunk(student_logits, teacher_logits, chunk_rows, targets[chunk], options, needs_grad)
+    def chunk_loss(student_rows, teacher_rows, chunk, needs_grad):
+        return _lm_chunk(student_rows, teacher_rows, targets[chunk], options, needs_grad)
 
     return _chunked_token_loss(student_logits, teacher_logits, rows, chunk_loss, options, chunk_size,
                                num_items_in_batch)
@@ -1010,8 +1090,7 @@ def _sparse_divergence(log_t: torch.Tensor, log_s: torch.Tensor, loss_type: LMLo
 
 
 def _sparse_lm_chunk(
-    student_logits: torch.Tensor,
-    rows: tuple[torch.Tensor, torch.Tensor],
+    student_rows: Callable[[], torch.Tensor],
     targets: torch.Tensor,
     topk_ids: torch.Tensor,
     teacher_cells: torch.Tensor,
@@ -1019,7 +1098,8 @@ def _sparse_lm_chunk(
     needs_grad: tuple[bool, bool],
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None, None]:
     """[`_lm_chunk`] of [`sparse_lm_kd_loss`]: the sums of the divergence on the partition and of the cross-entropy
-    over the rows `rows`, and the gradient w.r.t. those student rows, `(N, V)` in float32.
+    over one chunk of counted rows, and the gradient w.r.t. the chunk's student logits `student_rows()`, `(N, V)` in
+    float32.
 
     `topk_ids` `(N, k)` and `teacher_cells` `(N, C)` are this chunk's: the teacher's top-k ids and its cell logits
     (`C = k + 1` with the bucket tail, its last cell the rest; `C = k` otherwise). The divergence's gradient w.r.t.
@@ -1029,7 +1109,7 @@ def _sparse_lm_chunk(
     """
     loss_type, beta, temperature, alpha, parts = options
     need_student = needs_grad[0]
-    student = _upcast(student_logits[rows])
+    student = student_rows()
     divergence_sum = cross_entropy_sum = student.new_zeros(())
     grad_student = None
     if alpha < 1 or parts:
@@ -1044,7 +1124,7 @@ def _sparse_lm_chunk(
     if not (alpha > 0 or parts):
         return divergence_sum, cross_entropy_sum, finite, grad_student, None
     need_student = need_student and alpha > 0  # a divergence computed for the logged parts only has no gradient
-    k = topk_ids.shape[-1]
+    k, vocab = topk_ids.shape[-1], student.shape[-1]
     cells = [student.gather(-1, topk_ids)]
     outside = None
     if teacher_cells.shape[-1] > k:  # the bucket tail: the student's rest cell, exact and with a stable gradient
@@ -1060,7 +1140,7 @@ def _sparse_lm_chunk(
     if need_student:
         grad_cells = grad_cells * (alpha * temperature**2)
         if outside is None:
-            grad = cells[0].new_zeros(cells[0].shape[0], student_logits.shape[-1])
+            grad = cells[0].new_zeros(cells[0].shape[0], vocab)
         else:
             grad = outside.sub_(cells[1]).exp_().mul_(grad_cells[:, k:])  # 0 at the top-k ids (exp(-inf))
         grad.scatter_add_(-1, topk_ids, grad_cells[:, :k])
@@ -1143,11 +1223,12 @@ def sparse_lm_kd_loss(
     """
     loss_type = _check_lm_loss_options(loss_type, beta, temperature, alpha, chunk_size)
     tail = to_enum(LMCacheTail, tail, "tail")
-    _check_tensors(student_logits=student_logits, topk_ids=topk_ids, topk_logits=topk_logits,
-                   teacher_logsumexp=teacher_logsumexp, labels=labels)
-    if student_logits.dim() != 3:
-        raise ValueError(f"student_logits must have shape (batch, seq, vocab), got {tuple(student_logits.shape)}")
-    vocab, grid = student_logits.shape[-1], tuple(student_logits.shape[:2])
+    _check_head_inputs("student_logits", student_logits)
+    _check_tensors(topk_ids=topk_ids, topk_logits=topk_logits, teacher_logsumexp=teacher_logsumexp, labels=labels)
+    shape = _logits_shape(student_logits)
+    if len(shape) != 3:
+        raise ValueError(f"student_logits must have shape (batch, seq, vocab), got {shape}")
+    vocab, grid = shape[-1], shape[:2]
     if topk_ids.dim() != 3 or tuple(topk_ids.shape[:2]) != grid or topk_ids.shape != topk_logits.shape:
         raise ValueError(
             f"topk_ids and topk_logits must both have shape {grid + ('k',)}, got {tuple(topk_ids.shape)} and "
@@ -1170,7 +1251,7 @@ def sparse_lm_kd_loss(
     if ((ids < 0) | (ids >= vocab)).any():
         raise ValueError(f"topk_ids at counted positions must be in [0, {vocab}), got values outside it")
     # The teacher's cells, (N, k) or (N, k + 1): small, computed once for all the chunks.
-    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    dtype = torch.promote_types(_logits_dtype(student_logits), torch.float32)
     teacher_cells = topk_logits[rows].detach().to(dtype)
     if tail is LMCacheTail.BUCKET and k < vocab:
         lse = teacher_logsumexp[rows].detach().to(dtype)
@@ -1181,10 +1262,8 @@ def sparse_lm_kd_loss(
         teacher_cells = torch.cat([teacher_cells, (lse + rest.log())[:, None]], dim=-1)
     options = (loss_type, float(beta), float(temperature), float(alpha), bool(return_parts))
 
-    def chunk_loss(chunk_rows, chunk, needs_grad):
-        return _sparse_lm_chunk(
-            student_logits, chunk_rows, targets[chunk], ids[chunk], teacher_cells[chunk], options, needs_grad
-        )
+    def chunk_loss(student_rows, teacher_rows, chunk, needs_grad):
+        return _sparse_lm_chunk(student_rows, targets[chunk], ids[chunk], teacher_cells[chunk], options, needs_grad)
 
     return _chunked_token_loss(student_logits, None, rows, chunk_loss, options, chunk_size, num_items_in_batch)
 

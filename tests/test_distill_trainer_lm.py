@@ -972,3 +972,66 @@ def test_lm_fields_parse_next_to_the_recipes_data_arguments():
         args=["--output_dir", "out", "--max_length", "32", "--lm_max_length", "256", "--report_to", "none"]
     )
     assert data.max_length == 32 and config.lm_max_length == 256
+
+
+# ---- the LM heads run inside the loss (lm_fused_head) ----------------------------------------------------------------
+
+
+def _head_calls(model):
+    """A list that grows by one at every call of `model`'s LM head."""
+    calls = []
+    model.get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("cached", [False, True])
+def test_fused_heads_train_like_full_logits_without_running_the_heads(tmp_path, cached):
+    """lm_fused_head=None (the default, fused where possible) and False train the same student (same losses, same
+    weights up to float rounding); fused, neither model's LM head runs in a training step, so no (batch, seq, vocab)
+    logits exist; evaluation still runs the heads (its metrics read the logits)."""
+    runs = {}
+    for setting in (None, False):
+        extra = dict(cache_teacher_logits=True, lm_cache_top_k=8, teacher_logits_cache_dir=str(tmp_path / "cache"),
+                     lm_cache_tail="bucket") if cached else {}
+        # SGD: Adam's g / sqrt(v) would blow float rounding of near-zero gradients up to full-size steps.
+        args = make_args(tmp_path / str(setting), lm_fused_head=setting, max_steps=2, alpha=0.6, temperature=1.5,
+                         optim="sgd", learning_rate=0.5, **extra)
+        teacher = tiny_lm(layers=3, seed=0)
+        trainer = make_trainer(tmp_path, args=args, teacher=teacher if not cached else saved_teacher(tmp_path))
+        student_calls, teacher_calls = _head_calls(trainer.model), _head_calls(teacher)
+        trainer.train()
+        runs[setting] = trainer
+        losses = [e["loss"] for e in trainer.state.log_history if "loss" in e]
+        if setting is None:
+            assert student_calls == [] and teacher_calls == []
+            fused_losses = losses
+        else:
+            assert student_calls and (cached or teacher_calls)
+            assert losses == pytest.approx(fused_losses, rel=1e-5)
+        metrics = trainer.evaluate()
+        assert math.isfinite(metrics["eval_perplexity"]) and "eval_top1_agreement" in metrics
+    assert student_calls  # evaluation made full logits
+    for (name, fused), full in zip(runs[None].model.named_parameters(), runs[False].model.parameters()):
+        torch.testing.assert_close(fused, full, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_head_required_but_impossible_is_an_error_and_default_falls_back(tmp_path, caplog):
+    student = tiny_lm(seed=1)
+    student.lm_head = torch.nn.Linear(32, VOCAB, bias=True)  # a head with a bias is not hidden @ weight.T
+    trainer = make_trainer(tmp_path, args=make_args(tmp_path / "required", lm_fused_head=True, max_steps=1),
+                           student=copy.deepcopy(student))
+    with pytest.raises(ValueError, match=r"lm_fused_head=True, but the student's LM head .*has a bias.*"
+                                         r"lm_fused_head=None"):
+        trainer.train()
+    trainer = make_trainer(tmp_path, args=make_args(tmp_path / "auto", max_steps=2), student=student)
+    teacher_calls, student_calls = _head_calls(trainer.teacher_model), _head_calls(trainer.model)
+    with caplog.at_level("INFO", logger="hf_kd.trainer.distill_trainer"):
+        trainer.train()
+    assert student_calls and not teacher_calls  # each model decided on its own
+    assert "The student's LM head makes full logits (its LM head has a bias)" in caplog.text
+    assert "The teacher's LM head runs inside the loss" in caplog.text
+
+
+def test_lm_fused_head_rejects_other_values(tmp_path):
+    with pytest.raises(ValueError, match="lm_fused_head must be None .*, True or False, got 'yes'"):
+        make_args(tmp_path, lm_fused_head="yes")

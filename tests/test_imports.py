@@ -132,7 +132,7 @@ LAYERS = {
     ),
     2: (  # services: teacher loading, data, calibration, reports, cards, method math that needs a teacher
         "teacher", "distributed", "peft_utils", "tinybert", "kd_layer_targets", "evaluation", "calibration", "plots",
-        "early_exit", "confidence_search", "hub", "data", "lm_data", "cross_tokenizer", "evaluate_metrics",
+        "early_exit", "confidence_search", "hub", "data", "lm_data", "cross_tokenizer", "evaluate_metrics", "lm_head",
     ),
     3: ("trainer",),  # the trainer/config pairs
     # entry points: the public API (hf_kd/__init__.py), the CLI, the recipes' shared code (classifiers, causal LMs)

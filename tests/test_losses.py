@@ -749,9 +749,9 @@ def test_sparse_loss_runs_chunk_by_chunk_without_gradients_under_no_grad(monkeyp
     chunks = []
     original = losses._sparse_lm_chunk
 
-    def spy(student_logits, rows, *args):
-        chunks.append((rows[0].shape[0], args[-1]))
-        return original(student_logits, rows, *args)
+    def spy(student_rows, targets, *args):
+        chunks.append((targets.shape[0], args[-1]))
+        return original(student_rows, targets, *args)
 
     monkeypatch.setattr(losses, "_sparse_lm_chunk", spy)
     sparse_lm_kd_loss(student.clone().requires_grad_(), *top, labels, chunk_size=4)
@@ -807,3 +807,98 @@ def test_return_parts_equal_the_alpha_one_and_zero_calls_and_leave_the_loss_unch
     empty = (sparse_lm_kd_loss(student, *_top_k(teacher, 4), masked, return_parts=True) if sparse
              else lm_kd_loss(student, teacher, masked, return_parts=True))
     assert empty.loss.item() == empty.kd.item() == empty.ce.item() == 0.0
+
+
+# ----- logits given as hidden states and LM head (LMHeadInputs): projected chunk by chunk -----
+
+from hf_kd.losses import LMHeadInputs  # noqa: E402
+
+
+def _head_case(seed, batch=3, seq=5, hidden=6, vocab=11, dtype=torch.float64):
+    generator = torch.Generator().manual_seed(seed)
+    student_hidden = torch.randn(batch, seq, hidden, generator=generator, dtype=dtype)
+    teacher_hidden = torch.randn(batch, seq, hidden, generator=generator, dtype=dtype)
+    student_head = torch.randn(vocab, hidden, generator=generator, dtype=dtype)
+    teacher_head = torch.randn(vocab, hidden, generator=generator, dtype=dtype)
+    labels = torch.randint(0, vocab, (batch, seq), generator=generator)
+    labels[0, :2] = -100  # a prompt
+    labels[2, -1] = -100  # padding
+    return student_hidden, student_head, teacher_hidden, teacher_head, labels
+
+
+@pytest.mark.parametrize("loss_type", ["forward_kl", "reverse_kl", "jsd"])
+@pytest.mark.parametrize("chunk_size,temperature,alpha", [(1, 2.0, 0.6), (4, 1.0, 1.0), (1000, 1.5, 0.0)])
+def test_lm_loss_on_head_inputs_equals_the_loss_on_their_logits(loss_type, chunk_size, temperature, alpha):
+    """The projection inside the loss changes nothing: same value, same gradients w.r.t. the hidden states and both
+    heads as autograd through F.linear and lm_kd_loss on the full logits."""
+    tensors = _head_case(seed=11)
+    options = dict(loss_type=loss_type, beta=0.3, temperature=temperature, alpha=alpha, return_parts=True)
+    ref = [t.clone().requires_grad_() for t in tensors[:4]]
+    expected = lm_kd_loss(F.linear(ref[0], ref[1]), F.linear(ref[2], ref[3]), tensors[4], **options)
+    (3.0 * expected.loss).backward()
+    leaves = [t.clone().requires_grad_() for t in tensors[:4]]
+    got = lm_kd_loss(LMHeadInputs(*leaves[:2]), LMHeadInputs(*leaves[2:]), tensors[4], chunk_size=chunk_size, **options)
+    (3.0 * got.loss).backward()
+    for a, b in zip(got, expected):
+        torch.testing.assert_close(a, b)
+    for leaf, reference in zip(leaves, ref):
+        torch.testing.assert_close(leaf.grad, reference.grad)
+    assert not leaves[0].grad[tensors[4] == -100].any()
+
+
+def test_lm_loss_mixes_head_inputs_and_logits_and_skips_frozen_heads(monkeypatch):
+    """A student given as hidden states + head against teacher logits (the trainer's cached / live mix); a frozen
+    (detached) head gets no gradient buffer, and no (batch, seq, vocab) tensor is made for the student."""
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = _head_case(seed=12, dtype=torch.float32)
+    teacher_logits = F.linear(teacher_hidden, teacher_head)
+    hidden = student_hidden.clone().requires_grad_()
+    expected_hidden = student_hidden.clone().requires_grad_()
+    lm_kd_loss(F.linear(expected_hidden, student_head), teacher_logits, labels, alpha=0.5).backward()
+    made = []
+    zeros_like = torch.zeros_like
+    monkeypatch.setattr(torch, "zeros_like", lambda t, **kw: made.append(tuple(t.shape)) or zeros_like(t, **kw))
+    lm_kd_loss(LMHeadInputs(hidden, student_head), teacher_logits, labels, alpha=0.5, chunk_size=4).backward()
+    torch.testing.assert_close(hidden.grad, expected_hidden.grad)
+    assert made == [tuple(hidden.shape)]  # the hidden states' buffer only: no head buffer, no logits buffer
+
+
+@pytest.mark.parametrize("tail", ["bucket", "renormalise"])
+@pytest.mark.parametrize("alpha", [1.0, 0.4])
+def test_sparse_loss_on_head_inputs_equals_the_loss_on_their_logits(tail, alpha):
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = _head_case(seed=13)
+    top = _top_k(F.linear(teacher_hidden, teacher_head), 4)
+    options = dict(loss_type="jsd", beta=0.4, temperature=1.5, alpha=alpha, tail=tail)
+    ref_hidden, ref_head = student_hidden.clone().requires_grad_(), student_head.clone().requires_grad_()
+    expected = sparse_lm_kd_loss(F.linear(ref_hidden, ref_head), *top, labels, **options)
+    expected.backward()
+    hidden, head = student_hidden.clone().requires_grad_(), student_head.clone().requires_grad_()
+    got = sparse_lm_kd_loss(LMHeadInputs(hidden, head), *top, labels, chunk_size=3, **options)
+    got.backward()
+    torch.testing.assert_close(got, expected)
+    torch.testing.assert_close(hidden.grad, ref_hidden.grad)
+    torch.testing.assert_close(head.grad, ref_head.grad)
+
+
+def test_lm_loss_on_bfloat16_head_inputs_sums_the_head_gradient_in_float32():
+    student_hidden, student_head, teacher_hidden, teacher_head, labels = _head_case(
+        seed=14, batch=4, seq=16, hidden=8, vocab=32, dtype=torch.float32
+    )
+    teacher_logits = F.linear(teacher_hidden, teacher_head)
+    hidden32, head32 = student_hidden.clone().requires_grad_(), student_head.clone().requires_grad_()
+    lm_kd_loss(LMHeadInputs(hidden32, head32), teacher_logits, labels, chunk_size=2).backward()
+    hidden, head = student_hidden.bfloat16().requires_grad_(), student_head.bfloat16().requires_grad_()
+    loss = lm_kd_loss(LMHeadInputs(hidden, head), teacher_logits, labels, chunk_size=2)
+    loss.backward()
+    assert loss.dtype == torch.float32 and head.grad.dtype == hidden.grad.dtype == torch.bfloat16
+    torch.testing.assert_close(head.grad.float(), head32.grad, rtol=0.05, atol=0.02)
+    torch.testing.assert_close(hidden.grad.float(), hidden32.grad, rtol=0.05, atol=0.02)
+
+
+def test_head_inputs_bad_shapes_are_named():
+    hidden, head, _, _, labels = _head_case(seed=15)
+    with pytest.raises(ValueError, match=r"student_logits must be LMHeadInputs.*\(3, 5, 6\) and \(11, 7\)"):
+        lm_kd_loss(LMHeadInputs(hidden, torch.randn(11, 7, dtype=hidden.dtype)), F.linear(hidden, head), labels)
+    with pytest.raises(TypeError, match=r"teacher_logits.weight must be a torch.Tensor"):
+        lm_kd_loss(F.linear(hidden, head), LMHeadInputs(hidden, head.tolist()), labels)
+    with pytest.raises(ValueError, match=r"vocabulary has 11 entries and the teacher's 9"):
+        lm_kd_loss(LMHeadInputs(hidden, head), LMHeadInputs(hidden, head[:9]), labels)

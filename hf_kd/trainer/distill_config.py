@@ -54,6 +54,16 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             KL, `0.5` the Jensen-Shannon divergence). Ignored by the other loss types.
         lm_chunk_size (`int`, *optional*, defaults to `128`):
             Tokens processed at once by the causal-LM loss (memory only: the loss does not depend on it).
+        lm_fused_head (`bool` or `None`, *optional*, defaults to `None`):
+            Whether the causal-LM loss runs the models' LM heads itself, one chunk of completion tokens at a time
+            ([`hf_kd.lm_head.lm_head_skipped`], [`hf_kd.losses.LMHeadInputs`]): the student's and the live teacher's
+            `(batch, seq, vocab)` logits and the logits' gradient are then never made, and the heads run on the
+            completion tokens only. Same loss and gradients up to float rounding. `None`: for each model whose head
+            allows it ([`hf_kd.lm_head.lm_head_unsupported_reason`]: a bias-free `nn.Linear` head of a transformers
+            `...ForCausalLM` without logit soft-capping or scaling, not ZeRO-3-partitioned), the others get full logits
+            (logged once). `True`: both models must allow it (an error naming the reason otherwise). `False`: full
+            logits, as the models' own forward makes them. Evaluation always computes full logits (the metrics read
+            them).
         lm_cache_top_k (`int`, *optional*, defaults to `64`):
             With `cache_teacher_logits=True` and a causal-LM student: how many of the teacher's largest logits are
             cached per completion token (`6 * k + 4` bytes per token on disk); the loss is then
@@ -166,6 +176,14 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         default=128, metadata={"help": "Tokens processed at once by the causal-LM loss (memory only)."}
     )
 
+    lm_fused_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LMs: the loss runs the LM heads chunk by chunk on completion tokens, so no (batch, seq, "
+            "vocab) logits are made in training. None: where the model allows it; True: required; False: never."
+        },
+    )
+
     # lm_cache_top_k and lm_cache_tail come from _TeacherArguments (EarlyExitConfig reads them too).
     lm_max_length: int = field(
         default=1024,
@@ -218,6 +236,8 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             raise ValueError(f"beta must be in [0.0, 1.0], got {self.beta}")
         if isinstance(self.lm_chunk_size, bool) or not isinstance(self.lm_chunk_size, int) or self.lm_chunk_size < 1:
             raise ValueError(f"lm_chunk_size must be a positive int, got {self.lm_chunk_size!r}")
+        if self.lm_fused_head not in (None, True, False):
+            raise ValueError(f"lm_fused_head must be None (where possible), True or False, got {self.lm_fused_head!r}")
         if isinstance(self.lm_max_length, bool) or not isinstance(self.lm_max_length, int) or self.lm_max_length < 2:
             raise ValueError(f"lm_max_length must be an int >= 2 (tokens per row), got {self.lm_max_length!r}")
         if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:

@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import contextlib
+import logging
 from typing import Any, Callable
 
 import numpy as np
@@ -16,7 +17,9 @@ from ..cross_tokenizer import (
     tokenize_cross_tokenizer_dataset,
 )
 from ..distributed import is_zero3_partitioned
+from ..lm_head import lm_head_skipped, lm_head_unsupported_reason
 from ..losses import (
+    LMHeadInputs,
     cached_span_log_probs,
     cached_span_top_k,
     cached_uld_loss,
@@ -38,6 +41,8 @@ from ..teacher import (
 from .base_trainer import _BaseTrainer, default_lm_data_collator, is_causal_lm, prepare_lm_dataset
 from .distill_config import DistillConfig
 from .teacher_mixin import _TeacherMixin
+
+logger = logging.getLogger(__name__)
 
 
 class DistillTrainer(_TeacherMixin, _BaseTrainer):
@@ -193,6 +198,7 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
                 f"({type(model).__name__}) has no generate() method: use a transformers ...ForCausalLM student."
             )
         self._shared_vocabulary = None  # cross_tokenizer="hybrid": (student_ids, teacher_ids) of the shared tokens
+        self._lm_fused_heads = {}  # (side, id(model)) -> whether the loss runs that model's LM head (_lm_fused_head)
         if args.cross_tokenizer is not None:
             teacher_processing_class = self._cross_tokenizer_set_up(
                 model, teacher, processing_class, teacher_processing_class, args
@@ -369,36 +375,80 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         """
         labels = inputs.pop("labels")
         cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
-        student_logits = model(**inputs).logits  # no labels: the model does not compute its own loss
+        # Training: the heads run inside the loss where the models allow it (no (batch, seq, vocab) tensors);
+        # evaluation needs the full logits for its metrics.
+        fused = not return_outputs and self._lm_fused_head(model, "student")
+        student = self._lm_outputs(model, inputs, fused)  # no labels: the model does not compute its own loss
+        device = student.hidden_states.device if fused else student.device
         args = self.args
         options = {
             "loss_type": args.loss_type, "beta": args.beta, "temperature": args.temperature, "alpha": args.alpha,
             "num_items_in_batch": num_items_in_batch, "chunk_size": args.lm_chunk_size, "return_parts": True,
         }
         # One pass gives the loss and its two logged parts (three calls cost three times the loss on vocab-sized logits).
+        teacher = None
         if cache_index is None:
-            teacher_logits = self._batch_teacher_logits(inputs, None).to(student_logits.device)
-            parts = lm_kd_loss(student_logits[:, :-1], teacher_logits[:, :-1], labels[:, 1:], **options)
+            fused_teacher = not return_outputs and self._lm_fused_head(self._load_teacher(), "teacher")
+            teacher = self._lm_teacher_outputs(inputs, fused_teacher)
+            parts = lm_kd_loss(_shifted(student, device), _shifted(teacher, device), labels[:, 1:], **options)
         else:  # cached run: the teacher's top-k logits of these rows' completion tokens, no teacher forward
-            teacher_logits = None
-            targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(student_logits.device))
-            parts = sparse_lm_kd_loss(student_logits[:, :-1], *targets, labels[:, 1:], **options, tail=args.lm_cache_tail)
+            targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(device))
+            parts = sparse_lm_kd_loss(
+                _shifted(student, device), *targets, labels[:, 1:], **options, tail=args.lm_cache_tail
+            )
         mode = "train" if model.training else "eval"
         self._metrics[mode]["kd_loss"].append(parts.kd)
         self._metrics[mode]["ce_loss"].append(parts.ce)
         loss = parts.loss
         loss = self._scale_for_processes(loss, num_items_in_batch)
-        if return_outputs:
-            if teacher_logits is None:
+        if return_outputs:  # never fused: `student` and `teacher` are full logits
+            if teacher is None:
                 # Cached run: no full teacher logits, but the cache's first top-k id is the teacher's top-1 token,
                 # enough for top1_agreement ([`preprocess_lm_logits_for_metrics`] reads integer (batch, seq) ids).
                 # Laid out like the logits (position t predicts t + 1); -1 where nothing is counted.
-                top1 = torch.full_like(labels, -1, device=student_logits.device)
-                top1[:, :-1] = torch.where(labels[:, 1:].to(top1.device) != -100, targets[0][..., 0], -1)
-                return loss, {"logits": student_logits, "teacher_top1": top1}
-            return loss, {"logits": student_logits, TEACHER_LOGITS_COLUMN: teacher_logits}
+                top1 = torch.full_like(labels, -1, device=device)
+                top1[:, :-1] = torch.where(labels[:, 1:].to(device) != -100, targets[0][..., 0], -1)
+                return loss, {"logits": student, "teacher_top1": top1}
+            return loss, {"logits": student, TEACHER_LOGITS_COLUMN: teacher.to(device)}
         return loss
 
+
+    def _lm_fused_head(self, model, side: str) -> bool:
+        """Whether the loss runs `model`'s LM head itself (`side`: `"student"` or `"teacher"`), by
+        `args.lm_fused_head` and [`hf_kd.lm_head.lm_head_unsupported_reason`]; decided once per model and side, the
+        reason for full logits logged once (or raised, with `lm_fused_head=True`)."""
+        key = (side, id(model))
+        decided = self._lm_fused_heads.get(key)
+        if decided is None:
+            setting = self.args.lm_fused_head
+            reason = "lm_fused_head=False" if setting is False else lm_head_unsupported_reason(model)
+            if reason is not None and setting is True:
+                raise ValueError(
+                    f"lm_fused_head=True, but the {side}'s LM head cannot run inside the loss: {reason}. Set "
+                    "lm_fused_head=None (full logits for that model) or False."
+                )
+            decided = self._lm_fused_heads[key] = reason is None
+            if self.args.should_log:
+                logger.info(f"The {side}'s LM head " + ("runs inside the loss" if decided else f"makes full logits ({reason})"))
+        return decided
+
+    @staticmethod
+    def _lm_outputs(model, inputs: dict, fused: bool) -> torch.Tensor | LMHeadInputs:
+        """`model`'s logits `(batch, seq, vocab)`, or with `fused` its final hidden states and LM head weight."""
+        if not fused:
+            return model(**inputs).logits
+        with lm_head_skipped(model) as head:
+            return LMHeadInputs(model(**inputs).logits, head.weight)
+
+    def _lm_teacher_outputs(self, inputs: dict, fused: bool) -> torch.Tensor | LMHeadInputs:
+        """The live teacher's logits for this batch (no gradient), or with `fused` its hidden states and (detached)
+        head weight."""
+        if not fused:
+            return self._batch_teacher_logits(inputs, None)
+        teacher = self._load_teacher()
+        with lm_head_skipped(teacher) as head:
+            hidden = teacher_logits_for_batch(teacher, inputs, self._token_id_map)
+        return LMHeadInputs(hidden, head.weight.detach())
 
     def _compute_cross_tokenizer_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """
@@ -619,6 +669,13 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             return teacher.peft_model, teacher.peft_model.disable_adapter(), teacher.peft_model.training
         model = self.accelerator.unwrap_model(teacher)
         return model, contextlib.nullcontext(), model.training
+
+
+def _shifted(outputs: torch.Tensor | LMHeadInputs, device) -> torch.Tensor | LMHeadInputs:
+    """Positions `0 .. seq - 2` of logits or [`LMHeadInputs`] (each predicts the label one position on), on `device`."""
+    if isinstance(outputs, LMHeadInputs):
+        return LMHeadInputs(outputs.hidden_states[:, :-1].to(device), outputs.weight.to(device))
+    return outputs[:, :-1].to(device)
 
 
 def _prepare_cross_tokenizer_dataset(dataset, split: str, processing_class, teacher_processing_class, args):

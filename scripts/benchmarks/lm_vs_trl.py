@@ -5,7 +5,9 @@ Same student, teacher, data, sequence length, batch, steps, optimiser, seed and 
   trl_gkd         trl.experimental.gkd.GKDTrainer, beta=0, lmbda=0, seq_kd=False: supervised forward KL
                   KL(p_T || p_S) on the dataset's completions, full-vocabulary log_softmax of both models' logits
   hf_kd           hf_kd.DistillTrainer, loss_type="forward_kl", alpha=1, temperature=1 (the same objective),
-                  live teacher, chunked hf_kd.losses.lm_kd_loss
+                  live teacher, chunked hf_kd.losses.lm_kd_loss with the LM heads run inside it (lm_fused_head,
+                  the default: neither model makes (batch, seq, vocab) logits)
+  hf_kd_full_logits  the same with lm_fused_head=False: both models make full logits, the loss reads them
   hf_kd_cached    the same with cache_teacher_logits=True, lm_cache_top_k=--top_k (bucket tail): the teacher's
                   top-k logits are cached by an untimed run first; a cached run never loads the teacher
 
@@ -46,7 +48,7 @@ from pathlib import Path
 from _common import SMOLLM2, PeakRSS, StepTimer, article_messages, forwarded_args, launch_worker, lm_held_out
 
 ROOT = Path(__file__).resolve().parents[2]
-CONFIGS = ("trl_gkd", "hf_kd", "hf_kd_cached")
+CONFIGS = ("trl_gkd", "hf_kd", "hf_kd_full_logits", "hf_kd_cached")
 WORKERS = CONFIGS + ("prepare", "evaluate", "loss_profile")
 
 
@@ -151,6 +153,8 @@ def train_worker(opts) -> dict:
         teacher = SMOLLM2 if cached else AutoModelForCausalLM.from_pretrained(SMOLLM2).eval()
         if not cached:
             phases.hook(teacher, "teacher_forward")
+        if config == "hf_kd_full_logits":
+            cache["lm_fused_head"] = False
         args = DistillConfig(**common, loss_type="forward_kl", alpha=1.0, temperature=1.0, **cache)
         trainer = DistillTrainer(model=student, args=args, teacher_model=teacher,
                                  train_dataset=tokenize_lm_dataset(train, tokenizer, max_length=opts.max_length),
@@ -234,42 +238,63 @@ def evaluate_worker(opts) -> dict:
 
 def loss_profile_worker(opts) -> dict:
     """The one part of a step that differs between the trainers, alone and interleaved in one process (so that the
-    machine's load hits the variants alike): forward + backward of the loss on float32 logits of the benchmark's
-    shape `(batch, max_length - 1, 49,152)`, the counted tokens those of the training batch. Variants: TRL's
-    `GKDTrainer.generalized_jsd_loss` (beta=0: full-tensor log_softmax of both logits, `kl_div`, masked select);
-    one call of `hf_kd.losses.lm_kd_loss` (chunked); and `DistillTrainer._compute_lm_loss` as it runs the loss:
-    that call plus two more under `no_grad` to log `kd_loss` and `ce_loss`. Median seconds over `--repeats * 3`
-    rounds."""
+    machine's load hits the variants alike), forward + backward, with the counted tokens of the training batch:
+
+    - from float32 logits of the benchmark's shape `(batch, max_length - 1, 49,152)`: TRL's
+      `GKDTrainer.generalized_jsd_loss` (beta=0: full-tensor log_softmax of both logits, `kl_div`, masked select)
+      and one call of `hf_kd.losses.lm_kd_loss` (chunked);
+    - from the final hidden states `(batch, max_length - 1, 576)` and SmolLM2's LM head `(49,152, 576)` (the
+      student's with a gradient, the teacher's without), i.e. the heads included, as a training step runs them: both
+      heads then TRL's loss; both heads then `lm_kd_loss` (`lm_fused_head=False`); `lm_kd_loss` on
+      `LMHeadInputs`, the heads run chunk by chunk inside the loss (`lm_fused_head`, the default).
+
+    Median seconds over `--repeats * 3` rounds."""
     import torch
+    import torch.nn.functional as F
     from transformers import AutoTokenizer, DataCollatorForSeq2Seq
     from trl.experimental.gkd import GKDTrainer
 
     from hf_kd.lm_data import tokenize_lm_dataset
-    from hf_kd.losses import lm_kd_loss
+    from hf_kd.losses import LMHeadInputs, lm_kd_loss
 
     torch.set_num_threads(opts.threads)
     tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
     rows = tokenize_lm_dataset(datasets(opts, tokenizer), tokenizer, max_length=opts.max_length)
     labels = DataCollatorForSeq2Seq(tokenizer)(list(rows.select(range(opts.batch_size))))["labels"][:, 1:]
     generator = torch.Generator().manual_seed(0)
-    shape = (*labels.shape, 49152)
-    student, teacher = (3 * torch.randn(shape, generator=generator) for _ in range(2))
+    student, teacher = (3 * torch.randn((*labels.shape, 49152), generator=generator) for _ in range(2))
+    hidden_student, hidden_teacher = (torch.randn((*labels.shape, 576), generator=generator) for _ in range(2))
+    head_student, head_teacher = (torch.randn(49152, 576, generator=generator) / 24 for _ in range(2))
+    options = dict(loss_type="forward_kl", alpha=1.0, temperature=1.0)
 
     def trl():
         s = student.clone().requires_grad_()
         GKDTrainer.generalized_jsd_loss(s, teacher, labels, beta=0.0).backward()
 
-    def hf_kd(logged=False):
+    def hf_kd():
         s = student.clone().requires_grad_()
-        lm_kd_loss(s, teacher, labels, loss_type="forward_kl", alpha=1.0, temperature=1.0).backward()
-        if logged:
-            with torch.no_grad():
-                for alpha in (1.0, 0.0):
-                    lm_kd_loss(s, teacher, labels, loss_type="forward_kl", alpha=alpha, temperature=1.0)
+        lm_kd_loss(s, teacher, labels, **options).backward()
 
-    # The trainer logs kd and ce from the one pass (`return_parts=True`); before that it evaluated the loss twice more
-    # under no_grad for logging. The third variant keeps that cost measured next to the fix.
-    variants = {"trl_gkd_loss": trl, "hf_kd_lm_kd_loss": hf_kd, "hf_kd_three_passes_pre_fix": lambda: hf_kd(True)}
+    def leaves():
+        return hidden_student.clone().requires_grad_(), head_student.clone().requires_grad_()
+
+    def heads_then(loss):
+        h, w = leaves()
+        with torch.no_grad():
+            t = F.linear(hidden_teacher, head_teacher)
+        loss(F.linear(h, w), t).backward()
+
+    def fused():
+        h, w = leaves()
+        lm_kd_loss(LMHeadInputs(h, w), LMHeadInputs(hidden_teacher, head_teacher), labels, **options).backward()
+
+    variants = {
+        "trl_gkd_loss": trl,
+        "hf_kd_lm_kd_loss": hf_kd,
+        "trl_heads_and_loss": lambda: heads_then(lambda s, t: GKDTrainer.generalized_jsd_loss(s, t, labels, beta=0.0)),
+        "hf_kd_heads_then_lm_kd_loss": lambda: heads_then(lambda s, t: lm_kd_loss(s, t, labels, **options)),
+        "hf_kd_fused_heads_lm_kd_loss": fused,
+    }
     times = {name: [] for name in variants}
     for _ in range(3 * opts.repeats + 1):
         for name, run in variants.items():
