@@ -21,6 +21,7 @@ Functions here are pure (tokenizers and lists in, lists and tensors out); the lo
 
 from __future__ import annotations
 
+import hashlib
 import json
 import re
 from dataclasses import dataclass
@@ -29,18 +30,23 @@ from typing import NamedTuple, Sequence
 
 import torch
 
-from .losses import hybrid_loss, span_log_probs, uld_loss
+from .losses import cached_span_log_probs, cached_span_top_k, cached_uld_loss, hybrid_loss, span_log_probs, uld_loss
 
 __all__ = [
     "CROSS_TOKENIZER_COLUMNS",
     "AlignedSpan",
     "CrossTokenizerCollator",
     "align_token_spans",
+    "cached_span_log_probs",
+    "cached_span_top_k",
+    "cached_uld_loss",
     "check_offset_tokenizer",
     "hybrid_loss",
     "shared_vocabulary_map",
     "span_log_probs",
+    "span_token_mask",
     "token_bytes",
+    "tokenizer_fingerprint",
     "tokenize_cross_tokenizer_dataset",
     "tokenize_cross_tokenizer_example",
     "uld_loss",
@@ -424,3 +430,36 @@ class CrossTokenizerCollator:
         for name in CROSS_TOKENIZER_COLUMNS[1:]:
             batch[name] = pad([row[name] for row in extra], -1)
         return batch
+
+
+# ----- the teacher's top-k cache (cache_teacher_logits) -----
+
+
+def span_token_mask(span_starts: torch.Tensor, span_ends: torch.Tensor, length: int) -> torch.Tensor:
+    """
+    Which tokens of each row lie inside one of its aligned spans: `True` at token `i` of row `r` when
+    `span_starts[r, j] <= i < span_ends[r, j]` for some span `j` (`-1` entries, padding, mark none).
+
+    Shifted by one, `mask[:, 1:]`, it marks the positions whose prediction [`span_log_probs`] reads (position `t`
+    predicts token `t + 1`): the chain rule's earlier factors and each span's last distribution. Those are the
+    positions the cross-tokenizer teacher cache stores, as "completion tokens" of the teacher's row.
+
+    Args:
+        span_starts, span_ends (`torch.Tensor` of shape `(batch, spans)`): one side's span columns
+            ([`CrossTokenizerCollator`]'s `teacher_span_starts` / `teacher_span_ends`).
+        length (`int`): tokens per row (the padded row length).
+
+    Returns:
+        `torch.Tensor` of shape `(batch, length)`, bool.
+    """
+    positions = torch.arange(length, device=span_starts.device)
+    inside = (span_starts[:, :, None] <= positions) & (positions < span_ends[:, :, None]) & (span_starts[:, :, None] >= 0)
+    return inside.any(1)
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    """A SHA-256 of a fast tokenizer's full definition (its `tokenizer.json`: model, normaliser, pre-tokenizer, added
+    tokens), part of the cross-tokenizer cache key: the teacher's ids of a text, and so its cached logits, depend on
+    it."""
+    tokenizer = getattr(tokenizer, "tokenizer", tokenizer)
+    return hashlib.sha256(tokenizer.backend_tokenizer.to_str().encode()).hexdigest()

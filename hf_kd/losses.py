@@ -32,6 +32,9 @@ __all__ = [
     "LMHeadInputs",
     "LMLossParts",
     "LMLossType",
+    "cached_span_log_probs",
+    "cached_span_top_k",
+    "cached_uld_loss",
     "dedier_weights",
     "hybrid_loss",
     "kd_layer_loss",
@@ -1324,6 +1327,192 @@ def span_log_probs(
     earlier = prefix[rows, ends - 2] - prefix[rows, starts - 1]
     last = scaled[rows, ends - 2] - normaliser[rows, ends - 2, None]
     return last + earlier[:, None]
+
+
+def _check_cached_spans(topk_ids, topk_logprobs, tail_logprobs, token_logprobs, span_starts, span_ends):
+    """Shape checks of [`cached_span_top_k`]; returns the valid spans' `(rows, starts, ends)`."""
+    _check_tensors(topk_ids=topk_ids, topk_logprobs=topk_logprobs, tail_logprobs=tail_logprobs,
+                   token_logprobs=token_logprobs, span_starts=span_starts, span_ends=span_ends)
+    if topk_ids.shape != topk_logprobs.shape or topk_ids.dim() != 3:
+        raise ValueError(
+            f"topk_ids and topk_logprobs must both have shape (batch, seq, k), got {tuple(topk_ids.shape)} and "
+            f"{tuple(topk_logprobs.shape)}"
+        )
+    if tail_logprobs.shape != topk_ids.shape[:2] or token_logprobs.shape != topk_ids.shape[:2]:
+        raise ValueError(
+            f"tail_logprobs and token_logprobs must have shape {tuple(topk_ids.shape[:2])}, got "
+            f"{tuple(tail_logprobs.shape)} and {tuple(token_logprobs.shape)}"
+        )
+    rows, spans = (span_starts >= 0).nonzero(as_tuple=True)
+    starts, ends = span_starts[rows, spans], span_ends[rows, spans]
+    seq = topk_ids.shape[1]
+    if ((starts < 1) | (ends <= starts) | (ends > seq + 1)).any():
+        raise ValueError(
+            f"spans must satisfy 1 <= start < end <= seq + 1 ({seq + 1}): the first token of a row has no prediction"
+        )
+    return rows, starts, ends
+
+
+def cached_span_top_k(
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprobs: torch.Tensor,
+    token_logprobs: torch.Tensor,
+    span_starts: torch.Tensor,
+    span_ends: torch.Tensor,
+    far_tail_logprobs: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor | None]:
+    """
+    [`span_log_probs`] of a teacher from its cached sparse logits (the cross-tokenizer cache of
+    [`hf_kd.teacher.compute_teacher_lm_top_k`] with `span_tensors=True`), kept sparse: for each span, its top-k entries
+    and the log of its mass outside them (ULD, Boizard et al., 2024, https://huggingface.co/papers/2402.12030).
+
+    A span of tokens `[a, b)` reads the realised tokens' log-probabilities `token_logprobs[a - 1 .. b - 3]` (the chain
+    rule's earlier factors: stored for every token, so this sum is **exact**) and, at position `b - 2`, the top-k
+    log-probabilities and the log of the rest of the mass; each gets the earlier factors added, as in
+    [`span_log_probs`].
+
+    Args:
+        topk_ids (`torch.Tensor` of shape `(batch, seq, k)`, integer):
+            The teacher's top-k token ids at each position (position `t` predicts token `t + 1`), read at the
+            positions the spans use only.
+        topk_logprobs (`torch.Tensor` of shape `(batch, seq, k)`):
+            Their log-probabilities at the temperature of the cache pass.
+        tail_logprobs (`torch.Tensor` of shape `(batch, seq)`):
+            Log of the probability mass outside the top k at each position.
+        token_logprobs (`torch.Tensor` of shape `(batch, seq)`):
+            Log-probability of the realised next token at each position.
+        span_starts, span_ends (`torch.Tensor` of shape `(batch, spans)`):
+            As in [`span_log_probs`] (`1 <= start < end <= seq + 1`, `-1` for padding).
+        far_tail_logprobs (`torch.Tensor` of shape `(batch, seq)`, *optional*):
+            Log of the mass of the tokens ranked at or below the student's vocabulary size (for [`cached_uld_loss`]).
+
+    Returns:
+        `(ids, log_probs, tail, far_tail)`: `(num_spans, k)` int64, `(num_spans, k)`, `(num_spans,)` and
+        `(num_spans,)` (`None` without `far_tail_logprobs`) float32, one row per valid span in row-major
+        `(batch, spans)` order.
+    """
+    rows, starts, ends = _check_cached_spans(topk_ids, topk_logprobs, tail_logprobs, token_logprobs, span_starts,
+                                             span_ends)
+    # As span_log_probs: the earlier tokens' log-probs are a difference of prefix sums along the row.
+    prefix = F.pad(token_logprobs.float(), (1, 0)).cumsum(-1)  # prefix[:, t] = sum of positions 0..t-1
+    earlier = prefix[rows, ends - 2] - prefix[rows, starts - 1]
+    last = ends - 2
+    far = None if far_tail_logprobs is None else far_tail_logprobs[rows, last].float() + earlier
+    return (topk_ids[rows, last].long(), topk_logprobs[rows, last].float() + earlier[:, None],
+            tail_logprobs[rows, last].float() + earlier, far)
+
+
+def cached_span_log_probs(
+    topk_ids: torch.Tensor,
+    topk_logprobs: torch.Tensor,
+    tail_logprobs: torch.Tensor,
+    token_logprobs: torch.Tensor,
+    span_starts: torch.Tensor,
+    span_ends: torch.Tensor,
+    vocab_size: int,
+) -> torch.Tensor:
+    """
+    [`cached_span_top_k`] made dense over the teacher's whole vocabulary, the teacher's side of [`hybrid_loss`] in a
+    cached run (Boizard et al., 2024, https://huggingface.co/papers/2402.12030, with GOLD's hybrid): the top-k
+    entries exact and the tail mass **spread evenly** over the `vocab_size - k` other tokens (`tail / (vocab - k)`
+    each: never above the smallest top-k probability, since every tail token is below it, so the vector sorts as the
+    true one in its first `k` places and keeps the true total mass). The hybrid loss needs a value per token for its
+    token-by-token KL on the shared vocabulary; [`cached_uld_loss`] needs none. With `k = vocab_size` the result is
+    [`span_log_probs`] of the full logits (up to the cache's float16 rounding of the top-k log-probabilities).
+
+    Args:
+        topk_ids, topk_logprobs, tail_logprobs, token_logprobs, span_starts, span_ends: as in [`cached_span_top_k`].
+        vocab_size (`int`):
+            The teacher's vocabulary (the width of its logits), `>= k`.
+
+    Returns:
+        `torch.Tensor` of shape `(num_spans, vocab_size)`, float32: one row per valid span, in row-major
+        `(batch, spans)` order, as [`span_log_probs`] returns.
+    """
+    k = topk_ids.shape[-1] if topk_ids.dim() == 3 else 0
+    if not 1 <= k <= vocab_size:
+        raise ValueError(f"The cached top-k must have 1 <= k <= vocab_size = {vocab_size} tokens, got k = {k}")
+    ids, log_probs, tail, _ = cached_span_top_k(topk_ids, topk_logprobs, tail_logprobs, token_logprobs, span_starts,
+                                             span_ends)
+    out = log_probs.new_empty(len(ids), vocab_size)
+    if k == vocab_size:  # the top k is the whole distribution: every entry is overwritten below
+        out.fill_(-math.inf)
+    else:
+        out.copy_((tail - math.log(vocab_size - k))[:, None].expand_as(out))
+    return out.scatter_(-1, ids, log_probs)
+
+
+def cached_uld_loss(
+    student_log_probs: torch.Tensor,
+    teacher_top_log_probs: torch.Tensor,
+    teacher_tail_log_mass: torch.Tensor,
+    teacher_far_log_mass: torch.Tensor | None = None,
+    reduction: str = "mean",
+    num_items_in_batch: int | torch.Tensor | None = None,
+) -> torch.Tensor:
+    """
+    [`uld_loss`] (Boizard et al., 2024, https://huggingface.co/papers/2402.12030) against a teacher known by its top
+    `k` probabilities and the mass of the rest (a cached run, [`cached_span_top_k`]). The sorted L1 is split at rank
+    `k`: the first `k` places compare exactly (the teacher's top k sorted are its first `k` sorted entries), and the
+    rest compares the two **tail masses** as one bucket,
+
+    `sum_{i <= k} |sort(p_S)_i - sort(p_T)_i| + |sum_{i > k} sort(p_S)_i - tail_T|`.
+
+    The bucket term is a lower bound of the true `sum_{i > k} |sort(p_S)_i - sort(p_T)_i|` (the L1 of two sequences is
+    at least the difference of their sums), equal to it when one tail lies above the other rank by rank: the loss is
+    never above [`uld_loss`] of the full distributions, and equals it with `k` = the teacher's vocabulary (no tail).
+    With `teacher_far_log_mass`, the teacher's mass at sorted ranks past the student's vocabulary `V_S` (0-based
+    ranks `>= V_S`, where the zero-padded student has nothing, so the L1 there is exactly that mass), the bucket is
+    split there and the bound tightens to `|sum_{k < i <= V_S} sort(p_S)_i - (tail_T - far_T)| + far_T` (`k < V_S`;
+    with `k >= V_S` the student has no tail and the tail term is exactly `tail_T`). Without it a teacher whose tail
+    is spread over more tokens than the student has (a flat teacher, a high temperature) is undercounted.
+    Spreading the tail evenly over the teacher's other tokens instead ([`cached_span_log_probs`]) compares the
+    student's decaying tail with a flat one and overstates the loss (by 23 % at `k = 64` on gemma-3-270m into a SmolLM2
+    student, against -0.6 % for this bucket: docs/methods/cross_tokenizer.md).
+
+    Args:
+        student_log_probs (`torch.Tensor` of shape `(spans, student_vocab)`): as in [`uld_loss`].
+        teacher_top_log_probs (`torch.Tensor` of shape `(spans, k)`): the teacher's top-k span log-probabilities
+            (any order).
+        teacher_tail_log_mass (`torch.Tensor` of shape `(spans,)`): the log of the teacher's span mass outside them.
+        teacher_far_log_mass (`torch.Tensor` of shape `(spans,)`, *optional*): the log of the teacher's span mass at
+            sorted ranks `>= student_vocab` (part of the tail when `k < student_vocab`).
+        reduction, num_items_in_batch: as in [`uld_loss`].
+
+    Returns:
+        `torch.Tensor`: a scalar, or `(spans,)` with `reduction="none"`.
+    """
+    _check_tensors(student_log_probs=student_log_probs, teacher_top_log_probs=teacher_top_log_probs,
+                   teacher_tail_log_mass=teacher_tail_log_mass)
+    if teacher_far_log_mass is not None:
+        _check_tensors(teacher_far_log_mass=teacher_far_log_mass)
+    _check_reduction(reduction, num_items_in_batch)
+    n = len(student_log_probs)
+    if (student_log_probs.dim() != 2 or teacher_top_log_probs.dim() != 2 or len(teacher_top_log_probs) != n
+            or teacher_tail_log_mass.shape != (n,)
+            or (teacher_far_log_mass is not None and teacher_far_log_mass.shape != (n,))):
+        raise ValueError(
+            "student_log_probs (spans, vocab), teacher_top_log_probs (spans, k) and teacher_tail_log_mass (spans,) "
+            f"must have the same spans, got {tuple(student_log_probs.shape)}, {tuple(teacher_top_log_probs.shape)} "
+            f"and {tuple(teacher_tail_log_mass.shape)}"
+        )
+    k = teacher_top_log_probs.shape[-1]
+    student_sorted = _upcast(student_log_probs).exp().sort(dim=-1, descending=True).values
+    student_sorted = F.pad(student_sorted, (0, max(k - student_sorted.shape[-1], 0)))  # a smaller student vocabulary
+    teacher_sorted = _upcast(teacher_top_log_probs).exp().sort(dim=-1, descending=True).values
+    top = (student_sorted[:, :k] - teacher_sorted).abs().sum(-1)
+    teacher_tail = _upcast(teacher_tail_log_mass).exp()
+    student_vocab = student_log_probs.shape[-1]
+    if k >= student_vocab:  # the student has no tail: the L1 over the teacher's is its mass, exactly
+        tail = teacher_tail
+    elif teacher_far_log_mass is None:
+        tail = (student_sorted[:, k:].sum(-1) - teacher_tail).abs()
+    else:
+        far = _upcast(teacher_far_log_mass).exp()
+        tail = (student_sorted[:, k:].sum(-1) - (teacher_tail - far)).abs() + far
+    per_span = top + tail
+    return _reduce(per_span, torch.ones_like(per_span, dtype=torch.bool), reduction, num_items_in_batch)
 
 
 def _sorted_l1(student_probs: torch.Tensor, teacher_probs: torch.Tensor) -> torch.Tensor:

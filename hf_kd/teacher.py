@@ -720,6 +720,10 @@ def compute_teacher_logits(
 # --------------------------------------------------------------------------------------------------------------------
 
 LM_TOP_K_TENSORS = ("topk_ids", "topk_logprobs", "logsumexp", "offsets")
+LM_TOP_K_SPAN_TENSORS = ("token_logprobs", "tail_logprobs", "far_tail_logprobs")
+"""The three tensors a cross-tokenizer cache file holds besides [`LM_TOP_K_TENSORS`] (`span_tensors=...` in
+[`compute_teacher_lm_top_k`]): per cached token, the log-probability of the realised next token, the log of the mass
+outside the top k, and the log of the mass at ranks `>= span_tensors` (the student's vocabulary size), all float32."""
 
 
 def lm_top_k_data_key(data_key: str, top_k: int) -> str:
@@ -728,16 +732,26 @@ def lm_top_k_data_key(data_key: str, top_k: int) -> str:
     return f"{data_key}:lm-top{top_k}"
 
 
-def load_lm_top_k(path: Path, teacher_key: str, data_key: str, num_rows: int, top_k: int, vocab_size: int):
+def load_lm_top_k(
+    path: Path,
+    teacher_key: str,
+    data_key: str,
+    num_rows: int,
+    top_k: int,
+    vocab_size: int,
+    span_tensors: bool = False,
+):
     """
     The top-k teacher logits of a causal-LM dataset written by [`save_lm_top_k`], `None` if the file is absent.
 
     Returns a dict of CPU tensors: `topk_ids` `(tokens, k)` int32, `topk_logprobs` `(tokens, k)` float16 (log-probs at
-    temperature 1), `logsumexp` `(tokens,)` float32 (of all the teacher's logits) and `offsets` `(rows + 1,)` int64
-    (row `r`'s completion tokens are `offsets[r]:offsets[r + 1]`, in position order).
+    the temperature of the pass, 1 for the same-tokenizer cache), `logsumexp` `(tokens,)` float32 (of all the teacher's
+    logits) and `offsets` `(rows + 1,)` int64 (row `r`'s completion tokens are `offsets[r]:offsets[r + 1]`, in position
+    order); with `span_tensors=True` (the cross-tokenizer cache) also [`LM_TOP_K_SPAN_TENSORS`], `(tokens,)` each.
 
     A damaged (checksum), misplaced (metadata) or inconsistent file is a `ValueError` naming it
-    ([`load_verified_file`]).
+    ([`load_verified_file`]). `vocab_size` is the vocabulary of the model whose logits were cached (the student's,
+    which equals the teacher's, or with `cross_tokenizer` the teacher's).
     """
     if not path.exists():
         return None
@@ -749,8 +763,9 @@ def load_lm_top_k(path: Path, teacher_key: str, data_key: str, num_rows: int, to
             f"The causal-LM top-k teacher logits cache file {path} {reason}. It was not used; delete it to recompute it."
         )
 
-    if sorted(tensors) != sorted(LM_TOP_K_TENSORS):
-        raise bad(f"holds the tensors {sorted(tensors)}, not {sorted(LM_TOP_K_TENSORS)}")
+    names = LM_TOP_K_TENSORS + (LM_TOP_K_SPAN_TENSORS if span_tensors else ())
+    if sorted(tensors) != sorted(names):
+        raise bad(f"holds the tensors {sorted(tensors)}, not {sorted(names)}")
     ids, logprobs, lse, offsets = (tensors[name] for name in LM_TOP_K_TENSORS)
     tokens = int(offsets[-1]) if offsets.numel() else -1
     if offsets.shape != (num_rows + 1,) or ids.shape != (tokens, top_k) or logprobs.shape != ids.shape:
@@ -758,10 +773,11 @@ def load_lm_top_k(path: Path, teacher_key: str, data_key: str, num_rows: int, to
             f"has inconsistent shapes (offsets {tuple(offsets.shape)} for {num_rows} rows, ids {tuple(ids.shape)}, "
             f"log-probs {tuple(logprobs.shape)}, k = {top_k})"
         )
-    if lse.shape != (tokens,) or not torch.isfinite(lse).all() or not torch.isfinite(logprobs).all():
+    per_token = [lse] + [tensors[name] for name in LM_TOP_K_SPAN_TENSORS if span_tensors]
+    if any(t.shape != (tokens,) or not torch.isfinite(t).all() for t in per_token) or not torch.isfinite(logprobs).all():
         raise bad("holds non-finite or misshapen log-probabilities")
     if ids.numel() and (int(ids.min()) < 0 or int(ids.max()) >= vocab_size):
-        raise bad(f"holds token ids outside the student's vocabulary [0, {vocab_size})")
+        raise bad(f"holds token ids outside the vocabulary [0, {vocab_size})")
     return tensors
 
 
@@ -770,7 +786,22 @@ def save_lm_top_k(path: Path, top_k: dict[str, torch.Tensor], teacher_key: str, 
     k = top_k["topk_ids"].shape[-1]
     rows = top_k["offsets"].shape[0] - 1
     metadata = {"teacher": teacher_key, "data": data_key, "rows": str(rows), "top_k": str(k)}
-    save_file_atomically({name: top_k[name] for name in LM_TOP_K_TENSORS}, path, metadata)
+    names = [name for name in LM_TOP_K_TENSORS + LM_TOP_K_SPAN_TENSORS if name in top_k]
+    save_file_atomically({name: top_k[name] for name in names}, path, metadata)
+
+
+def _far_tail(logits: torch.Tensor, rank: int, chunk: int = 64) -> torch.Tensor:
+    """`logsumexp` of each row's logits ranked `rank` or lower (0-based ranks `>= rank`; `-inf` when there are
+    none), a few rows at a time (a full sort of 262,144 logits per token is what it costs)."""
+    if rank >= logits.shape[-1]:
+        return logits.new_full(logits.shape[:1], float("-inf"))
+    out = [torch.logsumexp(rows.sort(dim=-1, descending=True).values[:, rank:], dim=-1) for rows in logits.split(chunk)]
+    return torch.cat(out) if out else logits.new_zeros(0)
+
+
+# Log-probabilities are clamped to this floor before they are stored: a log-prob below float16's range stays finite
+# (it is ~0 in probability anyway), and an empty tail (k = vocab) is a finite log(0) that a 0 * log term keeps at 0.
+_LOG_PROB_FLOOR = -60000.0
 
 
 @torch.no_grad()
@@ -782,6 +813,8 @@ def compute_teacher_lm_top_k(
     device: torch.device,
     top_k: int,
     desc: str = "Teacher top-k logits",
+    temperature: float = 1.0,
+    span_tensors: int | None = None,
 ) -> dict[str, torch.Tensor]:
     """
     One gradient-free pass of a causal-LM teacher over a tokenized `dataset` (`input_ids`, `labels`, optionally
@@ -789,37 +822,70 @@ def compute_teacher_lm_top_k(
     needs.
 
     A completion token is a position `t` whose shifted label `labels[t + 1]` is not `-100` (the logits at `t` predict
-    it). For each one: the ids of the teacher's `top_k` largest logits (int32), their log-probabilities at temperature
-    1 (`logit - logsumexp`, float16: near 0, where the top tokens are, float16 is most precise) and the `logsumexp` of
-    all the logits (float32), so that the top-k logits are `log-prob + logsumexp`. That is `6 * k + 4` bytes per
-    completion token, stored flat in row order with per-row `offsets` (no padding).
+    it). For each one: the ids of the teacher's `top_k` largest logits (int32), their log-probabilities at
+    `temperature` (`logit / T - logsumexp(logits / T)`, float16: near 0, where the top tokens are, float16 is most
+    precise) and the `logsumexp` of all the logits divided by `temperature` (float32), so that the top-k tempered logits
+    are `log-prob + logsumexp`. That is `6 * k + 4` bytes per completion token, stored flat in row order with per-row
+    `offsets` (no padding).
+
+    With `span_tensors=R` (the cross-tokenizer cache of [`hf_kd.trainer.DistillTrainer`], whose "labels" are the
+    teacher's own tokens inside the aligned completion spans; `R` is the student's vocabulary size) three float32
+    tensors more, 12 bytes per token, for [`~hf_kd.losses.cached_span_top_k`] and [`~hf_kd.losses.cached_uld_loss`]:
+    `token_logprobs`, the log-probability at `temperature` of the realised next token `labels[t + 1]` (the chain
+    rule's factor, exact whether or not the token is in the top k), `tail_logprobs`, the log of the tempered mass
+    outside the top k (summed in float32 over the full vocabulary, not `1 -` the rounded top-k mass), and
+    `far_tail_logprobs`, the log of the tempered mass of the tokens ranked `R` or lower (0-based ranks `>= R`: the
+    sorted places a student with `R` tokens has no probability at, which ULD compares exactly).
+
+    Args:
+        teacher (`nn.Module`): the causal LM, frozen.
+        dataset ([`~datasets.Dataset`]): tokenized rows, read in order.
+        collator (`Callable`): pads a list of rows into a batch (e.g. [`hf_kd.lm_data.LMDataCollator`]).
+        batch_size (`int`): rows per forward.
+        device (`torch.device`): where the teacher runs.
+        top_k (`int`): logits kept per token, `1 <= top_k <= vocab`.
+        desc (`str`, *optional*): the progress bar's label.
+        temperature (`float`, *optional*, defaults to `1.0`): the logits are divided by it before everything.
+        span_tensors (`int`, *optional*): the student's vocabulary size `R`: also compute [`LM_TOP_K_SPAN_TENSORS`].
 
     Returns:
         `dict` with `topk_ids` `(tokens, k)`, `topk_logprobs` `(tokens, k)`, `logsumexp` `(tokens,)`, `offsets`
-        `(rows + 1,)` (int64), on the CPU.
+        `(rows + 1,)` (int64), and with `span_tensors` the three of [`LM_TOP_K_SPAN_TENSORS`] `(tokens,)`, on the
+        CPU.
     """
     from tqdm.auto import tqdm
 
     columns = [c for c in ("input_ids", "attention_mask", "labels") if c in dataset.column_names]
     rows = dataset.select_columns(columns)
-    ids, logprobs, lse, counts = [], [], [], []
+    fields = {name: [] for name in ("topk_ids", "topk_logprobs", "logsumexp", *LM_TOP_K_SPAN_TENSORS)}
+    counts = []
     for start in tqdm(range(0, len(rows), batch_size), desc=desc, unit="batch", leave=False):
         batch = collator([rows[i] for i in range(start, min(start + batch_size, len(rows)))])
         labels = batch["labels"][:, 1:]
         inputs = {k: v.to(device) for k, v in batch.items() if k in TEACHER_INPUT_NAMES}
         logits = teacher_logits_for_batch(teacher, inputs)[:, :-1]
         counted = (labels != -100).to(logits.device)
-        token_logits = logits[counted].float()  # (tokens, vocab), row-major: each row's tokens in position order
+        # (tokens, vocab), row-major: each row's tokens in position order
+        token_logits = logits[counted].float() / temperature
         token_lse = torch.logsumexp(token_logits, dim=-1)
         values, indices = token_logits.topk(top_k, dim=-1)
-        ids.append(indices.int().cpu())
-        # Clamped so that a log-prob below float16's range stays finite (it is then ~0 in probability anyway).
-        logprobs.append((values - token_lse[:, None]).clamp(min=-60000.0).half().cpu())
-        lse.append(token_lse.cpu())
+        fields["topk_ids"].append(indices.int().cpu())
+        fields["topk_logprobs"].append((values - token_lse[:, None]).clamp(min=_LOG_PROB_FLOOR).half().cpu())
+        fields["logsumexp"].append(token_lse.cpu())
+        if span_tensors is not None:
+            targets = labels.to(logits.device)[counted].long()
+            realised = token_logits.gather(-1, targets[:, None]).squeeze(-1) - token_lse
+            far = _far_tail(token_logits, span_tensors) - token_lse
+            # The tail in place of the logits (not needed again): the top-k cells masked out, the rest summed.
+            tail = torch.logsumexp(token_logits.scatter_(-1, indices, float("-inf")), dim=-1) - token_lse
+            fields["token_logprobs"].append(realised.clamp(min=_LOG_PROB_FLOOR).cpu())
+            fields["tail_logprobs"].append(tail.clamp(min=_LOG_PROB_FLOOR).cpu())
+            fields["far_tail_logprobs"].append(far.clamp(min=_LOG_PROB_FLOOR).cpu())
         counts.append(counted.sum(1).cpu())
     counts = torch.cat(counts) if counts else torch.zeros(0, dtype=torch.long)
     offsets = torch.cat([torch.zeros(1, dtype=torch.long), counts.long().cumsum(0)])
-    if not ids:
-        ids, logprobs, lse = [torch.zeros(0, top_k, dtype=torch.int32)], [torch.zeros(0, top_k).half()], [torch.zeros(0)]
-    return {"topk_ids": torch.cat(ids), "topk_logprobs": torch.cat(logprobs), "logsumexp": torch.cat(lse),
-            "offsets": offsets}
+    empty = {"topk_ids": torch.zeros(0, top_k, dtype=torch.int32), "topk_logprobs": torch.zeros(0, top_k).half()}
+    names = ("topk_ids", "topk_logprobs", "logsumexp", *(LM_TOP_K_SPAN_TENSORS if span_tensors is not None else ()))
+    out = {name: torch.cat(fields[name]) if fields[name] else empty.get(name, torch.zeros(0)) for name in names}
+    out["offsets"] = offsets
+    return out

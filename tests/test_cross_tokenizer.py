@@ -1,6 +1,9 @@
 """Distillation across tokenizers (issue 19): span alignment, shared vocabulary, ULD / hybrid losses, the rows and the
 DistillTrainer path, with the real Gemma-3 (SentencePiece) and SmolLM2 (byte-level BPE) tokenizers and tiny models."""
 
+import copy
+import math
+
 import datasets
 import numpy as np
 import pytest
@@ -15,12 +18,20 @@ from hf_kd.cross_tokenizer import (
     CrossTokenizerCollator,
     align_token_spans,
     shared_vocabulary_map,
+    span_token_mask,
     token_bytes,
     tokenize_cross_tokenizer_dataset,
     tokenize_cross_tokenizer_example,
 )
 from hf_kd.lm_data import LMDataCollator, tokenize_lm_example
-from hf_kd.losses import hybrid_loss, span_log_probs, uld_loss
+from hf_kd.losses import (
+    cached_span_log_probs,
+    cached_span_top_k,
+    cached_uld_loss,
+    hybrid_loss,
+    span_log_probs,
+    uld_loss,
+)
 
 from .testing_utils import GEMMA3, SMOLLM2, causal_lm_tokenizer, tiny_llama
 
@@ -346,11 +357,13 @@ def teacher(gemma):
     return tiny_lm(len(gemma), seed=0).eval()
 
 
-def make_trainer(tmp_path, smol, gemma, teacher, args=None, train=None, **kwargs):
+def make_trainer(tmp_path, smol, gemma, teacher, args=None, train=None, model=None, **kwargs):
+    kwargs.setdefault("teacher_processing_class", gemma)
     return DistillTrainer(
-        model=tiny_lm(len(smol), seed=1), args=args if args is not None else make_args(tmp_path),
+        model=model if model is not None else tiny_lm(len(smol), seed=1),
+        args=args if args is not None else make_args(tmp_path),
         teacher_model=teacher, train_dataset=train if train is not None else chat_data(),
-        processing_class=smol, teacher_processing_class=gemma, **kwargs,
+        processing_class=smol, **kwargs,
     )
 
 
@@ -423,7 +436,8 @@ class TestErrors:
     @pytest.mark.parametrize(
         "kwargs, match",
         [
-            ({"cache_teacher_logits": True}, "not supported yet with cache_teacher_logits=True"),
+            ({"cache_teacher_logits": True, "lm_cache_tail": "renormalise"},
+             "lm_cache_tail='renormalise' is for the same-tokenizer sparse loss.*keep lm_cache_tail='bucket'"),
             ({"lmbda": 0.5}, "not supported yet with lmbda=0.5"),
             ({"seq_kd": True}, "not supported yet with seq_kd=True"),
             ({"loss_type": "jsd"}, "not supported yet with loss_type='jsd'"),
@@ -434,3 +448,279 @@ class TestErrors:
     def test_config(self, tmp_path, kwargs, match):
         with pytest.raises(ValueError, match=match):
             make_args(tmp_path, **kwargs)
+
+
+# ---- the teacher's top-k cache (cache_teacher_logits) ------------------------------------------------------------
+
+
+def sparse_teacher(logits, ids, k, T):
+    """What the cross-tokenizer cache stores, per position (all positions), from full logits: the top-k ids and
+    log-probs at T, the log of the rest of the mass and the realised next token's log-prob."""
+    logp = torch.log_softmax(logits / T, -1)
+    values, top = logp[:, :-1].topk(k, -1)
+    rest = logp[:, :-1].scatter(-1, top, -math.inf).logsumexp(-1)
+    token = logp[:, :-1].gather(-1, ids[:, 1:, None]).squeeze(-1)
+    return top, values, rest, token
+
+
+class TestCachedSpanLogProbs:
+    SPANS = ([[1, 2, 5], [3, 4, -1]], [[2, 5, 7], [4, 6, -1]])
+
+    def test_with_the_whole_vocabulary_it_is_span_log_probs(self):
+        torch.manual_seed(3)
+        logits, ids = torch.randn(2, 7, 11) * 2, torch.randint(0, 11, (2, 7))
+        starts, ends = (torch.tensor(x) for x in self.SPANS)
+        top, values, rest, token = sparse_teacher(logits, ids, 11, 1.5)
+        got = cached_span_log_probs(top, values, rest, token, starts, ends, 11)
+        torch.testing.assert_close(got, span_log_probs(logits, ids, starts, ends, 1.5))
+
+    def test_top_k_and_chain_rule_exact_tail_spread_evenly(self):
+        torch.manual_seed(4)
+        logits, ids = torch.randn(2, 7, 11) * 2, torch.randint(0, 11, (2, 7))
+        starts, ends = (torch.tensor(x) for x in self.SPANS)
+        full = span_log_probs(logits, ids, starts, ends, 2.0)
+        top, values, rest, token = sparse_teacher(logits, ids, 3, 2.0)
+        got = cached_span_log_probs(top, values, rest, token, starts, ends, 11)
+        rows, spans = (starts >= 0).nonzero(as_tuple=True)
+        last_top = top[rows, ends[rows, spans] - 2]
+        torch.testing.assert_close(got.gather(-1, last_top), full.gather(-1, last_top))  # top-k entries exact
+        torch.testing.assert_close(got.exp().sum(-1), full.exp().sum(-1))  # same mass: p(earlier tokens)
+        outside = torch.ones_like(got, dtype=torch.bool).scatter(-1, last_top, False)
+        tail = got[outside].view(len(got), 8)
+        assert (tail == tail[:, :1]).all()  # spread evenly over the 8 other tokens
+        assert (tail[:, 0] <= got.gather(-1, last_top).min(-1).values).all()  # never above a top-k entry
+
+    def test_bad_shapes_and_k(self):
+        top, values = torch.zeros(1, 3, 2, dtype=torch.long), torch.zeros(1, 3, 2)
+        with pytest.raises(ValueError, match="1 <= k <= vocab_size = 1"):
+            cached_span_log_probs(top, values, torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[1]]),
+                                  torch.tensor([[2]]), 1)
+        with pytest.raises(ValueError, match="tail_logprobs and token_logprobs must have shape"):
+            cached_span_log_probs(top, values, torch.zeros(1, 2), torch.zeros(1, 3), torch.tensor([[1]]),
+                                  torch.tensor([[2]]), 5)
+        with pytest.raises(ValueError, match="1 <= start < end <= seq"):
+            cached_span_log_probs(top, values, torch.zeros(1, 3), torch.zeros(1, 3), torch.tensor([[0]]),
+                                  torch.tensor([[2]]), 5)
+
+    def test_cached_uld_is_uld_without_a_tail_and_a_lower_bound_with_one(self):
+        torch.manual_seed(5)
+        logits, ids = torch.randn(2, 7, 23) * 3, torch.randint(0, 23, (2, 7))
+        starts, ends = (torch.tensor(x) for x in self.SPANS)
+        teacher = span_log_probs(logits, ids, starts, ends, 1.0)
+        student = torch.log_softmax(torch.randn(len(teacher), 9) * 2, -1)  # a smaller vocabulary, as SmolLM2's
+        full = uld_loss(student, teacher, reduction="none")
+        _, top, tail, _ = cached_span_top_k(*sparse_teacher(logits, ids, 23, 1.0), starts, ends)
+        torch.testing.assert_close(cached_uld_loss(student, top, tail, reduction="none"), full)
+        for k in (1, 4, 12):
+            _, top, tail, _ = cached_span_top_k(*sparse_teacher(logits, ids, k, 1.0), starts, ends)
+            got = cached_uld_loss(student, top, tail, reduction="none")
+            # sorted L1 on the first k places + the two tail masses compared as one bucket
+            p_s = student.exp().sort(-1, descending=True).values
+            p_s = torch.nn.functional.pad(p_s, (0, max(k - 9, 0)))
+            p_t = teacher.exp().sort(-1, descending=True).values
+            direct = (p_s[:, :k] - p_t[:, :k]).abs().sum(-1) + (p_s[:, k:].sum(-1) - p_t[:, k:].sum(-1)).abs()
+            torch.testing.assert_close(got, direct)
+            assert (got <= full + 1e-6).all()
+            # a strict bound while both tails have tokens; past the student's 9 tokens its tail is empty: exact
+            assert (got < full - 1e-4).any() if k < 9 else torch.allclose(got, full)
+        assert cached_uld_loss(student, top, tail, num_items_in_batch=10).item() == pytest.approx(
+            got.sum().item() / 10, rel=1e-5)
+
+    def test_far_tail_splits_the_bucket_at_the_student_vocabulary(self):
+        """With the teacher's mass past the student's 9 sorted places (where the student has none) the bound is
+        tighter, still below uld_loss, and equals the direct formula."""
+        torch.manual_seed(6)
+        logits, ids = torch.randn(2, 7, 23) * 0.5, torch.randint(0, 23, (2, 7))  # flat: much mass past rank 9
+        starts, ends = (torch.tensor(x) for x in self.SPANS)
+        teacher = span_log_probs(logits, ids, starts, ends, 1.0)
+        student = torch.log_softmax(torch.randn(len(teacher), 9) * 2, -1)
+        full = uld_loss(student, teacher, reduction="none")
+        logp = torch.log_softmax(logits, -1)[:, :-1]
+        far = logp.sort(-1, descending=True).values[..., 9:].logsumexp(-1)
+        _, top, tail, far_tail = cached_span_top_k(*sparse_teacher(logits, ids, 4, 1.0), starts, ends, far)
+        bucket = cached_uld_loss(student, top, tail, reduction="none")
+        split = cached_uld_loss(student, top, tail, far_tail, reduction="none")
+        p_s = student.exp().sort(-1, descending=True).values
+        p_t = teacher.exp().sort(-1, descending=True).values
+        direct = ((p_s[:, :4] - p_t[:, :4]).abs().sum(-1) + (p_s[:, 4:].sum(-1) - p_t[:, 4:9].sum(-1)).abs()
+                  + p_t[:, 9:].sum(-1))
+        torch.testing.assert_close(split, direct)
+        assert (bucket <= split + 1e-6).all() and (split <= full + 1e-6).all() and (split > bucket + 1e-3).any()
+
+    def test_cached_uld_gradient_reaches_the_student(self):
+        logits = torch.randn(3, 8, requires_grad=True)
+        top = torch.log_softmax(torch.randn(3, 20), -1).topk(4, -1).values
+        cached_uld_loss(torch.log_softmax(logits, -1), top, torch.log1p(-top.exp().sum(-1))).backward()
+        assert logits.grad.abs().sum() > 0
+
+    def test_span_token_mask(self):
+        mask = span_token_mask(torch.tensor([[1, 3, -1], [2, -1, -1]]), torch.tensor([[3, 4, -1], [5, -1, -1]]), 6)
+        assert mask.int().tolist() == [[0, 1, 1, 1, 0, 0], [0, 0, 1, 1, 1, 0]]
+
+
+def cache_args(tmp_path, cache="cache", **kwargs):
+    return make_args(tmp_path, cache_teacher_logits=True, teacher_logits_cache_dir=str(tmp_path / cache), **kwargs)
+
+
+def loss_pair(live, cached):
+    """The live and the cached trainer's loss on the same rows (the cached batch carries the cache index)."""
+    rows = [cached.train_dataset[i] for i in (2, 0, 3, 1)]
+    batch = cached.data_collator(rows)
+    assert batch["teacher_cache_index"].tolist() == [2, 0, 3, 1]
+    live_batch = live.data_collator([{k: v for k, v in row.items() if k != "teacher_cache_index"} for row in rows])
+    with torch.no_grad():
+        return live.compute_loss(live.model, live_batch), cached.compute_loss(cached.model, batch)
+
+
+@pytest.fixture(scope="module")
+def saved_teacher(tmp_path_factory, teacher, gemma):
+    folder = tmp_path_factory.mktemp("teacher")
+    teacher.save_pretrained(folder)
+    gemma.save_pretrained(folder)
+    return str(folder)
+
+
+def forbid_the_teacher(monkeypatch):
+    """Any teacher load or forward from here on fails the test."""
+    import hf_kd.trainer.distill_trainer as distill_trainer
+    import hf_kd.trainer.teacher_mixin as teacher_mixin
+
+    def no_teacher(*args, **kwargs):
+        raise AssertionError("a cached run must not load or run the teacher")
+
+    monkeypatch.setattr(teacher_mixin, "load_teacher", no_teacher)
+    monkeypatch.setattr(teacher_mixin, "compute_teacher_lm_top_k", no_teacher)
+    monkeypatch.setattr(distill_trainer, "teacher_logits_for_batch", no_teacher)
+
+
+class TestTeacherCache:
+    @pytest.mark.parametrize("loss", ["uld", "hybrid"])
+    def test_k_equal_to_the_teacher_vocabulary_is_the_live_loss(self, tmp_path_factory, smol, gemma, teacher, loss):
+        """k = the teacher's 262,144 tokens (more than the student's 49,152): the cached loss is the live one, at
+        T != 1 (the cache is tempered). Both parametrisations read one cache: uld / hybrid is not in its key."""
+        tmp_path = tmp_path_factory.getbasetemp() / "full_vocab"
+        options = dict(cross_tokenizer=loss, temperature=2.0, alpha=0.7)
+        live = make_trainer(tmp_path, smol, gemma, teacher, args=make_args(tmp_path, **options))
+        cached = make_trainer(tmp_path, smol, gemma, teacher, model=live.model,
+                              args=cache_args(tmp_path, lm_cache_top_k=teacher.config.vocab_size, **options))
+        expected, got = loss_pair(live, cached)
+        # Only the top-k log-probs' float16 rounding in the file separates them.
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-5)
+
+    @pytest.mark.parametrize("loss", ["uld", "hybrid"])
+    def test_k_64_against_the_live_loss(self, tmp_path, smol, gemma, teacher, loss):
+        """The approximation at k = 64 on the tiny random teacher, close to uniform over 262,144 tokens (nearly all
+        its mass outside its top 64; the figures are in docs/methods/cross_tokenizer.md). ULD's bucket tail is a
+        lower bound; the hybrid's spread tail is near a flat tail's truth."""
+        live = make_trainer(tmp_path, smol, gemma, teacher, args=make_args(tmp_path, cross_tokenizer=loss, alpha=1.0))
+        cached = make_trainer(tmp_path, smol, gemma, teacher, model=live.model,
+                              args=cache_args(tmp_path, lm_cache_top_k=64, cross_tokenizer=loss, alpha=1.0))
+        expected, got = loss_pair(live, cached)
+        relative = got.item() / expected.item() - 1
+        print(f"{loss}: k = 64 cached / live kd loss - 1 = {relative:.2e}")
+        if loss == "uld":  # a lower bound; tight here: every student tail token is above every teacher tail token
+            assert -0.01 < relative <= 1e-6
+        else:
+            assert 0 < abs(relative) < 0.01
+
+    def test_cached_run_never_loads_the_teacher(self, tmp_path, smol, gemma, saved_teacher, monkeypatch):
+        first = make_trainer(tmp_path, smol, gemma, saved_teacher, args=cache_args(tmp_path, lm_cache_top_k=8),
+                             eval_dataset=chat_data(2))
+        files = sorted((tmp_path / "cache").glob("*.safetensors"))
+        assert len(files) == 2 and first.train_dataset["teacher_cache_index"] == [0, 1, 2, 3]
+        assert first.eval_dataset["teacher_cache_index"] == [4, 5]
+        stamps = [f.stat().st_mtime_ns for f in files]
+        forbid_the_teacher(monkeypatch)
+        student = tiny_lm(len(smol), seed=1)
+        before = copy.deepcopy(student.state_dict())
+        trainer = make_trainer(tmp_path, smol, gemma, saved_teacher, model=student, eval_dataset=chat_data(2),
+                               args=cache_args(tmp_path, lm_cache_top_k=8, eval_strategy="epoch"))
+        trainer.train()
+        assert trainer.teacher_model is None and trainer.teacher_placement["kind"] == "none"
+        assert any(not torch.equal(before[k], v) for k, v in student.state_dict().items())
+        logs = [log for log in trainer.state.log_history if "kd_loss" in log]
+        assert logs and all(math.isfinite(log["kd_loss"]) and log["kd_loss"] >= 0 for log in logs)
+        assert any("eval_perplexity" in log for log in trainer.state.log_history)
+        assert sorted((tmp_path / "cache").glob("*.safetensors")) == files  # nothing recomputed or rewritten
+        assert [f.stat().st_mtime_ns for f in files] == stamps
+
+    def test_resumed_cached_run_gives_the_same_student(self, tmp_path, smol, gemma, saved_teacher, monkeypatch):
+        """A cached run stopped after its first checkpoint and resumed (the cache read again, the teacher never
+        loaded) ends with the student of the uninterrupted run."""
+        data = chat_data(8)
+        straight = make_trainer(tmp_path / "a", smol, gemma, saved_teacher, train=data,
+                                args=cache_args(tmp_path, max_steps=3, lm_cache_top_k=8))
+        straight.train()
+        args = cache_args(tmp_path, max_steps=3, lm_cache_top_k=8, save_strategy="steps", save_steps=1,
+                          output_dir=str(tmp_path / "b"))
+        forbid_the_teacher(monkeypatch)  # the cache written by the straight run serves both
+        make_trainer(tmp_path / "b", smol, gemma, saved_teacher, train=data, args=args).train()
+        resumed = make_trainer(tmp_path / "b", smol, gemma, saved_teacher, train=data, args=args,
+                               model=tiny_lm(len(smol), seed=7))
+        resumed.train(resume_from_checkpoint=str(tmp_path / "b" / "checkpoint-1"))
+        assert resumed.teacher_model is None
+        for (name, p), q in zip(straight.model.named_parameters(), resumed.model.parameters()):
+            torch.testing.assert_close(p, q, msg=name)
+
+    def test_file_size_is_six_k_plus_sixteen_bytes_per_teacher_span_token(self, tmp_path, smol, gemma, teacher):
+        trainer = make_trainer(tmp_path, smol, gemma, teacher, args=cache_args(tmp_path, lm_cache_top_k=16))
+        rows = trainer.train_dataset
+        tokens = sum(int(span_token_mask(torch.tensor([row["teacher_span_starts"]]),
+                                         torch.tensor([row["teacher_span_ends"]]),
+                                         len(row["teacher_input_ids"])).sum()) for row in rows)
+        assert tokens == sum(len(row["student_span_starts"]) for row in rows)  # here one teacher token per span
+        (path,) = (tmp_path / "cache").glob("*.safetensors")
+        payload = tokens * (6 * 16 + 16) + 8 * (len(rows) + 1)
+        assert payload <= path.stat().st_size <= payload + 1024  # + the safetensors header
+
+    def test_key_holds_the_temperature_and_the_teacher_tokenizer(self, tmp_path, smol, gemma, teacher):
+        first = make_trainer(tmp_path, smol, gemma, teacher,
+                             args=cache_args(tmp_path, lm_cache_top_k=4, temperature=1.0))
+        make_trainer(tmp_path, smol, gemma, teacher, args=cache_args(tmp_path, lm_cache_top_k=4, temperature=2.0))
+        assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 2
+        # Another teacher tokenizer giving these rows the same ids (a token added that no row uses) is another key.
+        other = copy.deepcopy(gemma)
+        other.add_tokens(["<never-in-the-data>"])
+        trainer = make_trainer(tmp_path, smol, gemma, teacher, teacher_processing_class=other,
+                               args=cache_args(tmp_path, lm_cache_top_k=4, temperature=1.0))
+        assert trainer.train_dataset["teacher_input_ids"] == first.train_dataset["teacher_input_ids"]
+        assert len(list((tmp_path / "cache").glob("*.safetensors"))) == 3
+
+    def test_damaged_cache_file_is_an_error_naming_it(self, tmp_path, smol, gemma, teacher):
+        make_trainer(tmp_path, smol, gemma, teacher, args=cache_args(tmp_path, lm_cache_top_k=4))
+        (path,) = (tmp_path / "cache").glob("*.safetensors")
+        raw = bytearray(path.read_bytes())
+        raw[-3] ^= 0xFF
+        path.write_bytes(bytes(raw))
+        with pytest.raises(ValueError, match=f"{path}.*sha256 checksum.*It was not used; delete it to recompute it"):
+            make_trainer(tmp_path, smol, gemma, teacher, args=cache_args(tmp_path, lm_cache_top_k=4))
+
+    def test_a_same_tokenizer_file_is_not_read_as_a_cross_tokenizer_one(self, tmp_path, smol, gemma, teacher):
+        """A file that lacks the span tensors (e.g. renamed from a same-tokenizer cache) is refused, not misread."""
+        from safetensors.torch import load_file
+
+        from hf_kd.teacher import LM_TOP_K_TENSORS, save_file_atomically
+
+        make_trainer(tmp_path, smol, gemma, teacher, args=cache_args(tmp_path, lm_cache_top_k=4))
+        (path,) = (tmp_path / "cache").glob("*.safetensors")
+        from safetensors import safe_open
+
+        with safe_open(str(path), framework="pt") as f:
+            metadata = {k: v for k, v in f.metadata().items() if k != "sha256"}
+        tensors = load_file(path)
+        save_file_atomically({k: tensors[k] for k in LM_TOP_K_TENSORS}, path, metadata)
+        with pytest.raises(ValueError, match=f"{path} holds the tensors .* not .*tail_logprobs"):
+            make_trainer(tmp_path, smol, gemma, teacher, args=cache_args(tmp_path, lm_cache_top_k=4))
+
+    def test_top_k_larger_than_the_teacher_vocabulary(self, tmp_path, smol, gemma, teacher, monkeypatch):
+        import hf_kd.trainer.teacher_mixin as teacher_mixin
+
+        def no_pass(*args, **kwargs):
+            raise AssertionError("the error must come before the teacher pass")
+
+        monkeypatch.setattr(teacher_mixin, "compute_teacher_lm_top_k", no_pass)
+        vocab = teacher.config.vocab_size
+        with pytest.raises(ValueError, match=f"lm_cache_top_k={vocab + 1} is larger than the teacher's vocabulary "
+                                             f"\\({vocab} tokens\\): choose 1 <= lm_cache_top_k <= {vocab}"):
+            make_trainer(tmp_path, smol, gemma, teacher, args=cache_args(tmp_path, lm_cache_top_k=vocab + 1))
+        assert not (tmp_path / "cache").exists()

@@ -67,7 +67,9 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         lm_cache_top_k (`int`, *optional*, defaults to `64`):
             With `cache_teacher_logits=True` and a causal-LM student: how many of the teacher's largest logits are
             cached per completion token (`6 * k + 4` bytes per token on disk); the loss is then
-            [`hf_kd.losses.sparse_lm_kd_loss`]. At least 1 and at most the vocabulary size.
+            [`hf_kd.losses.sparse_lm_kd_loss`]. At least 1 and at most the vocabulary size. With `cross_tokenizer`:
+            per teacher token at the aligned spans' positions (`6 * k + 16` bytes), at most the **teacher's**
+            vocabulary size.
         lm_cache_tail (`str` or [`~hf_kd.options.LMCacheTail`], *optional*, defaults to `"bucket"`):
             How that sparse loss treats the tokens outside the top k: `"bucket"` (one "rest" cell holding their mass,
             on both sides) or `"renormalise"` (both distributions restricted to the top k and renormalised).
@@ -92,8 +94,17 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             [`hf_kd.losses.uld_loss`]). `"hybrid"`: exact KL on the tokens both vocabularies share plus ULD on the rest
             ([`hf_kd.losses.hybrid_loss`]). Needs fast tokenizers on both sides (the teacher's from
             `teacher_processing_class` or saved with the teacher), data in TRL's formats (or rows already carrying the
-            [`hf_kd.cross_tokenizer.CROSS_TOKENIZER_COLUMNS`]); not supported yet with `cache_teacher_logits`,
-            `lmbda > 0`, `seq_kd` or `teacher_from_base_model`, and `loss_type` must stay `"forward_kl"`.
+            [`hf_kd.cross_tokenizer.CROSS_TOKENIZER_COLUMNS`]); not supported yet with `lmbda > 0`, `seq_kd` or
+            `teacher_from_base_model`, and `loss_type` must stay `"forward_kl"`. With `cache_teacher_logits=True` one
+            teacher pass stores, at each teacher position the span distributions read, its top `lm_cache_top_k`
+            log-probabilities at `temperature`, the log of the rest of the mass, of the mass past the student's
+            vocabulary size and the log-probability of the realised next token (`6 * k + 16` bytes per teacher token;
+            the key adds the teacher's tokenizer, `temperature` and the student's vocabulary size); a cached run never
+            loads the teacher. The chain rule's factors are then exact; `"uld"` compares the tail masses as buckets
+            ([`hf_kd.losses.cached_uld_loss`], a lower bound of the live loss) and `"hybrid"` spreads the teacher's
+            tail evenly over its other tokens ([`hf_kd.losses.cached_span_log_probs`]); both equal the live loss
+            with `lm_cache_top_k` = the teacher's vocabulary (docs/methods/cross_tokenizer.md).
+            `lm_cache_top_k` is then bounded by the teacher's vocabulary, and `lm_cache_tail` must stay `"bucket"`.
         cross_tokenizer_shared_weight (`float`, *optional*, defaults to `0.5`):
             With `cross_tokenizer="hybrid"`: the weight in `[0, 1]` of the exact KL on the shared tokens;
             `1 - cross_tokenizer_shared_weight` weighs ULD on the rest.
@@ -122,7 +133,9 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         cache_teacher_logits (`bool`, *optional*, defaults to `False`):
             Run the teacher once over each dataset, store its logits on disk (keyed by teacher weights and data) and
             train from them: later epochs and later runs never load the teacher. A dataset that already has a
-            `teacher_logits` column is used as is, cache or not.
+            `teacher_logits` column is used as is, cache or not. Causal-LM students cache the top `lm_cache_top_k`
+            logits per completion token; with `cross_tokenizer` the teacher's at its own span positions (see
+            `cross_tokenizer`).
         teacher_logits_cache_dir (`str`, *optional*):
             Where cached logits live. Defaults to `$HF_HOME/hf_kd/teacher_logits`.
 
@@ -250,7 +263,7 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         if self.cross_tokenizer is not None:
             unsupported = [
                 name for name, on in (
-                    ("cache_teacher_logits=True", self.cache_teacher_logits), (f"lmbda={self.lmbda}", self.lmbda > 0),
+                    (f"lmbda={self.lmbda}", self.lmbda > 0),
                     ("seq_kd=True", self.seq_kd), (f"loss_type={str(self.loss_type)!r}", self.loss_type != "forward_kl"),
                     ("teacher_from_base_model=True", self.teacher_from_base_model),
                 ) if on
@@ -258,10 +271,15 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
             if unsupported:
                 raise ValueError(
                     f"cross_tokenizer={str(self.cross_tokenizer)!r} is not supported yet with {', '.join(unsupported)}: "
-                    "the teacher runs live on its own tokenization of the dataset's text (no cache of its logits, no "
-                    "generated completions, a teacher of its own with another tokenizer), and the loss is ULD / hybrid, "
-                    "not loss_type's divergence. Use cache_teacher_logits=False, lmbda=0, seq_kd=False, "
-                    "loss_type='forward_kl', teacher_from_base_model=False."
+                    "the teacher reads its own tokenization of the dataset's text (no generated completions, a "
+                    "teacher of its own with another tokenizer), and the loss is ULD / hybrid, not loss_type's "
+                    "divergence. Use lmbda=0, seq_kd=False, loss_type='forward_kl', teacher_from_base_model=False."
+                )
+            if self.cache_teacher_logits and self.lm_cache_tail != "bucket":
+                raise ValueError(
+                    f"lm_cache_tail={str(self.lm_cache_tail)!r} is for the same-tokenizer sparse loss; with "
+                    f"cross_tokenizer={str(self.cross_tokenizer)!r} the cached teacher's mass outside its top k is "
+                    "spread over its other tokens (hf_kd.losses.cached_span_log_probs): keep lm_cache_tail='bucket'."
                 )
         if self.label_smoothing_factor != 0:
             raise ValueError(

@@ -13,11 +13,23 @@ from ..cross_tokenizer import (
     CrossTokenizerCollator,
     check_offset_tokenizer,
     shared_vocabulary_map,
+    span_token_mask,
     tokenize_cross_tokenizer_dataset,
 )
 from ..distributed import is_zero3_partitioned
 from ..lm_head import lm_head_skipped, lm_head_unsupported_reason
-from ..losses import LMHeadInputs, hybrid_loss, kd_loss, lm_kd_loss, span_log_probs, sparse_lm_kd_loss, uld_loss
+from ..losses import (
+    LMHeadInputs,
+    cached_span_log_probs,
+    cached_span_top_k,
+    cached_uld_loss,
+    hybrid_loss,
+    kd_loss,
+    lm_kd_loss,
+    span_log_probs,
+    sparse_lm_kd_loss,
+    uld_loss,
+)
 from ..metrics import make_compute_metrics, make_lm_compute_metrics, preprocess_lm_logits_for_metrics
 from ..peft_utils import BaseModelTeacher
 from ..teacher import (
@@ -62,7 +74,9 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     naming both vocabulary sizes and tokenizers otherwise), unless `args.cross_tokenizer` is `"uld"` or `"hybrid"`:
     then each text is tokenised by both tokenizers, the tokens are aligned into spans covering the same characters
     and the span distributions are compared with [`hf_kd.losses.uld_loss`] / [`hf_kd.losses.hybrid_loss`]
-    ([`hf_kd.cross_tokenizer`], [`~DistillTrainer._compute_cross_tokenizer_loss`]). It runs live at every step, or with
+    ([`hf_kd.cross_tokenizer`], [`~DistillTrainer._compute_cross_tokenizer_loss`]; with `args.cache_teacher_logits`
+    the teacher's top-k at its span positions is cached once, as below, and a cached run never loads it). It runs live
+    at every step, or with
     `args.cache_teacher_logits` once per dataset: each completion token's top `args.lm_cache_top_k` teacher logits are
     cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
     (tail `args.lm_cache_tail`; a cached evaluation logs `top1_agreement` from the cached top-1 ids, the cache's
@@ -451,6 +465,13 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         term is then a per-student-token sum (spans merge tokens, so there are at most as many spans as tokens).
         Logged: `kd_loss` (mean `D` per span) and `ce_loss` (mean CE per token) of this batch.
 
+        In a cached run (`args.cache_teacher_logits`; the batch has a `teacher_cache_index`) the teacher is never run:
+        its span distributions come from the cache of its top `args.lm_cache_top_k` log-probabilities at the span
+        positions, the chain-rule factors exact ([`hf_kd.losses.cached_span_top_k`]). ULD compares the sorted top k
+        exactly and the tail masses as buckets ([`hf_kd.losses.cached_uld_loss`]: a lower bound, with the teacher's
+        mass past the student's vocabulary size exact); the hybrid loss gets a dense vector with
+        the teacher's tail spread evenly over its other tokens ([`hf_kd.losses.cached_span_log_probs`]).
+
         Returns the loss and, with `return_outputs`, `{"logits"}` (the student's: the teacher's are over another
         vocabulary and positions, so no `top1_agreement` is logged).
         """
@@ -459,18 +480,34 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         student_starts, student_ends, teacher_starts, teacher_ends = (
             inputs.pop(name) for name in CROSS_TOKENIZER_COLUMNS[1:]
         )
+        cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
         student_logits = model(**inputs).logits
-        teacher_logits = teacher_logits_for_batch(
-            self._load_teacher(), {"input_ids": teacher_ids, "attention_mask": teacher_mask}
-        ).to(student_logits.device)
         args = self.args
         T, alpha = args.temperature, args.alpha
         student_spans = span_log_probs(student_logits, inputs["input_ids"], student_starts, student_ends, T)
-        teacher_spans = span_log_probs(teacher_logits, teacher_ids.to(teacher_logits.device), teacher_starts,
-                                       teacher_ends, T)
+        if cache_index is None:
+            teacher_logits = teacher_logits_for_batch(
+                self._load_teacher(), {"input_ids": teacher_ids, "attention_mask": teacher_mask}
+            ).to(student_logits.device)
+            teacher_spans = span_log_probs(teacher_logits, teacher_ids.to(teacher_logits.device), teacher_starts,
+                                           teacher_ends, T)
+        else:  # cached run: the teacher's span distributions from its cached top-k (already at T), no teacher forward
+            device = student_logits.device
+            teacher_starts, teacher_ends = teacher_starts.to(device), teacher_ends.to(device)
+            counted = span_token_mask(teacher_starts, teacher_ends, teacher_ids.shape[1])[:, 1:]
+            names = ("topk_ids", "topk_logprobs", "tail_logprobs", "token_logprobs", "far_tail_logprobs")
+            fields = self._cached_lm_fields(cache_index, counted, names)
+            cached = [fields[name] for name in names[:4]]
+            if args.cross_tokenizer == "hybrid":  # a value per teacher token: the tail spread over the others
+                teacher_spans = cached_span_log_probs(*cached, teacher_starts, teacher_ends,
+                                                      self._lm_top_k["vocab_size"])
+            else:  # ULD needs only the sorted top k and the tail masses (buckets)
+                teacher_spans = cached_span_top_k(*cached, teacher_starts, teacher_ends, fields["far_tail_logprobs"])
         if args.cross_tokenizer == "hybrid":
             kd = hybrid_loss(student_spans, teacher_spans, *self._shared_vocabulary,
                              shared_weight=args.cross_tokenizer_shared_weight, reduction="sum")
+        elif cache_index is not None:
+            kd = cached_uld_loss(student_spans, *teacher_spans[1:], reduction="sum")
         else:
             kd = uld_loss(student_spans, teacher_spans, reduction="sum")
         shifted = labels[:, 1:].to(student_logits.device)

@@ -15,9 +15,12 @@ import logging
 import torch
 from torch import nn
 
+from ..cross_tokenizer import CROSS_TOKENIZER_COLUMNS, span_token_mask, tokenizer_fingerprint
 from ..distributed import is_zero3_partitioned, prepare_deepspeed_teacher, teacher_placement
+from ..lm_data import LMDataCollator
 from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model, warn_if_base_head_untrained
 from ..teacher import (
+    LM_TOP_K_SPAN_TENSORS,
     TEACHER_CACHE_INDEX_COLUMN,
     TEACHER_INPUT_NAMES,
     TEACHER_LOGITS_COLUMN,
@@ -65,6 +68,7 @@ class _TeacherMixin:
     _logits_cache = None
     _teacher_placement = None
     _teacher_config = None
+    _teacher_tokenizer = None  # cross_tokenizer: the teacher's own tokenizer (DistillTrainer sets it)
 
     @staticmethod
     def _resolve_teacher(teacher_model, args):
@@ -98,12 +102,16 @@ class _TeacherMixin:
         self._lm_top_k = None  # the causal-LM top-k cache of every split, once loaded (see _with_lm_top_k)
         vocab_size = self._student_lm_vocab_size()
         if self.args.cache_teacher_logits and vocab_size is not None:
+            whose = "student's"
+            if self._cross_tokenizer_cache():
+                # The cache holds the teacher's logits over its own vocabulary (the width of its logits).
+                whose, vocab_size = "teacher's", self._teacher_config.vocab_size
             if self.args.lm_cache_top_k > vocab_size:
                 raise ValueError(
-                    f"lm_cache_top_k={self.args.lm_cache_top_k} is larger than the student's vocabulary "
+                    f"lm_cache_top_k={self.args.lm_cache_top_k} is larger than the {whose} vocabulary "
                     f"({vocab_size} tokens): choose 1 <= lm_cache_top_k <= {vocab_size}."
                 )
-            self._lm_top_k = {"paths": {}, "parts": [], "rows": 0, "tokens": 0}
+            self._lm_top_k = {"paths": {}, "parts": [], "rows": 0, "tokens": 0, "vocab_size": vocab_size}
             # The collator never sees the index column (a user's collator may drop unknown keys): it is carried past it.
             self.data_collator = _WithCacheIndex(self.data_collator)
         if self.args.cache_teacher_logits:
@@ -331,36 +339,71 @@ class _TeacherMixin:
                 self._logits_cache.save(path, logits, data_key)
         return dataset.add_column(TEACHER_LOGITS_COLUMN, logits.tolist())
 
+    def _cross_tokenizer_cache(self) -> bool:
+        """Whether the top-k cache is the cross-tokenizer one (`args.cross_tokenizer`, [`DistillConfig`] only): the
+        teacher's logits on its own tokens, at the positions its aligned spans read."""
+        return getattr(self.args, "cross_tokenizer", None) is not None
+
+    def _lm_cache_view(self, dataset):
+        """
+        What the top-k cache pass reads of `dataset`, its key's columns, the collator of the pass and the pass's
+        options. Same tokenizer: the rows themselves (inputs and completion labels), at temperature 1 (the loss
+        tempers the cached logits). Cross-tokenizer: the teacher's rows (`teacher_input_ids`) with "labels" equal to
+        its tokens inside the aligned spans ([`hf_kd.cross_tokenizer.span_token_mask`]), so that the pass stores the
+        positions [`hf_kd.losses.span_log_probs`] reads, at `args.temperature` and with the three span tensors: the key
+        adds the teacher's tokenizer, the temperature (a cached chain-rule factor is a tempered log-prob) and the
+        student's vocabulary size (the rank past which the far tail is summed).
+        """
+        if not self._cross_tokenizer_cache():
+            columns = [c for c in (*TEACHER_INPUT_NAMES, "labels") if c in dataset.column_names]
+            return dataset.select_columns(columns), columns, self.data_collator.collator, "", {}
+        columns = ["teacher_input_ids", "teacher_span_starts", "teacher_span_ends"]
+
+        def teacher_row(row):
+            ids = torch.tensor(row["teacher_input_ids"])
+            mask = span_token_mask(torch.tensor([row["teacher_span_starts"]]), torch.tensor([row["teacher_span_ends"]]),
+                                   len(ids))[0]
+            return {"input_ids": ids.tolist(), "labels": torch.where(mask, ids, -100).tolist()}
+
+        view = dataset.select_columns(columns).map(teacher_row, remove_columns=columns, desc="Teacher cache rows")
+        temperature, student_vocab = self.args.temperature, self._student_lm_vocab_size()
+        extra = (f":cross-tokenizer:{tokenizer_fingerprint(self._teacher_tokenizer)}:T={float(temperature)!r}"
+                 f":far-rank={student_vocab}")
+        collator = LMDataCollator(self.data_collator.collator.teacher_pad_token_id)
+        return view, columns, collator, extra, {"temperature": temperature, "span_tensors": student_vocab}
+
     def _with_lm_top_k(self, dataset, split: str):
         """
         Causal-LM students: return `dataset` with a `teacher_cache_index` column pointing each row at its completion
         tokens' cached top-k teacher logits ([`hf_kd.teacher.compute_teacher_lm_top_k`]), computed on a cache miss
         (the teacher is then loaded; every process runs the whole pass, the main process writes the file). The splits'
-        caches are kept in memory one after the other, so the index is unique across splits.
+        caches are kept in memory one after the other, so the index is unique across splits. With `cross_tokenizer`
+        the cached tokens are the teacher's ([`~_TeacherMixin._lm_cache_view`]).
         """
         if dataset is None:
             return dataset
         import datasets
 
-        if not isinstance(dataset, datasets.Dataset) or "labels" not in dataset.column_names:
+        cross = self._cross_tokenizer_cache()
+        needed = ["labels", *CROSS_TOKENIZER_COLUMNS] if cross else ["labels"]
+        if not isinstance(dataset, datasets.Dataset) or any(c not in dataset.column_names for c in needed):
             raise TypeError(
                 f"cache_teacher_logits with a causal-LM student needs a tokenized datasets.Dataset with 'input_ids' "
-                f"and 'labels' for the {split} split, got {type(dataset).__name__} with columns "
+                f"and {needed} for the {split} split, got {type(dataset).__name__} with columns "
                 f"{getattr(dataset, 'column_names', None)}."
             )
         store, top_k = self._lm_top_k, self.args.lm_cache_top_k
-        columns = [c for c in (*TEACHER_INPUT_NAMES, "labels") if c in dataset.column_names]
-        data_key = lm_top_k_data_key(dataset_fingerprint(dataset, columns), top_k)
+        view, columns, collator, extra, options = self._lm_cache_view(dataset)
+        data_key = lm_top_k_data_key(dataset_fingerprint(dataset, columns) + extra, top_k)
         path = self._logits_cache.path_for(data_key, None)
         if path not in store["paths"]:
-            teacher_key, vocab_size = self._logits_cache.teacher_key, self._student_lm_vocab_size()
-            cached = load_lm_top_k(path, teacher_key, data_key, len(dataset), top_k, vocab_size)
+            teacher_key, vocab_size = self._logits_cache.teacher_key, store["vocab_size"]
+            cached = load_lm_top_k(path, teacher_key, data_key, len(dataset), top_k, vocab_size, span_tensors=cross)
             if cached is None:
                 with self._student_gathered_for_base_teacher():
                     cached = compute_teacher_lm_top_k(
-                        self._load_teacher(), dataset.select_columns(columns), self.data_collator.collator,
-                        self.args.per_device_eval_batch_size, self.args.device, top_k,
-                        desc=f"Teacher top-{top_k} logits ({split})",
+                        self._load_teacher(), view, collator, self.args.per_device_eval_batch_size, self.args.device,
+                        top_k, desc=f"Teacher top-{top_k} logits ({split})", **options,
                     )
                 if self.args.should_save:
                     save_lm_top_k(path, cached, teacher_key, data_key)
@@ -374,21 +417,21 @@ class _TeacherMixin:
                 [fields[0]["offsets"][:1]]
                 + [part["offsets"][1:] + base for (_, base, _), part in zip(store["parts"], fields)]
             )
-            for name in ("topk_ids", "topk_logprobs", "logsumexp"):
+            for name in ("topk_ids", "topk_logprobs", "logsumexp", *(LM_TOP_K_SPAN_TENSORS if cross else ())):
                 store[name] = torch.cat([part[name] for part in fields])
         if TEACHER_CACHE_INDEX_COLUMN in dataset.column_names:
             dataset = dataset.remove_columns(TEACHER_CACHE_INDEX_COLUMN)
         first = store["paths"][path]
         return dataset.add_column(TEACHER_CACHE_INDEX_COLUMN, list(range(first, first + len(dataset))))
 
-    def _cached_lm_top_k(self, index: torch.Tensor, labels: torch.Tensor):
+    def _cached_lm_fields(self, index: torch.Tensor, counted: torch.Tensor, names) -> dict[str, torch.Tensor]:
         """
-        The cached teacher targets of a causal-LM batch, laid out like its shifted `labels` `(batch, seq)`:
-        `topk_ids` `(batch, seq, k)` (int64), `topk_logits` `(batch, seq, k)` and `logsumexp` `(batch, seq)` (float32),
-        zero at the positions that do not count, for [`hf_kd.losses.sparse_lm_kd_loss`].
+        The cached fields `names` of a batch's rows (`index`, the `teacher_cache_index` column `(batch,)`), laid out
+        like `counted` `(batch, seq)`, the positions the cache holds (shifted labels `!= -100`; with `cross_tokenizer`
+        the teacher's span positions): `(batch, seq, k)` or `(batch, seq)`, on `counted`'s device, zero elsewhere.
+        Integer fields come as int64, float fields as float32.
         """
         store = self._lm_top_k
-        counted = labels != -100
         index = index.cpu().long()
         counts = counted.sum(1).cpu()
         starts, ends = store["offsets"][index], store["offsets"][index + 1]
@@ -400,15 +443,26 @@ class _TeacherMixin:
                 "(e.g. truncate) between the cache pass and training."
             )
         tokens = torch.cat([torch.arange(int(a), int(b)) for a, b in zip(starts, ends)])
-        k, device = store["topk_ids"].shape[-1], labels.device
-        lse = store["logsumexp"][tokens].to(device)
-        ids = torch.zeros(*labels.shape, k, dtype=torch.long, device=device)
-        logits = torch.zeros(*labels.shape, k, device=device)
-        logsumexp = torch.zeros(labels.shape, device=device)
-        ids[counted] = store["topk_ids"][tokens].to(device).long()
-        logits[counted] = store["topk_logprobs"][tokens].to(device).float() + lse[:, None]
-        logsumexp[counted] = lse
-        return ids, logits, logsumexp
+        device = counted.device
+        out = {}
+        for name in names:
+            values = store[name][tokens].to(device)
+            values = values.long() if not values.is_floating_point() else values.float()
+            out[name] = values.new_zeros(*counted.shape, *values.shape[1:])
+            out[name][counted] = values
+        return out
+
+    def _cached_lm_top_k(self, index: torch.Tensor, labels: torch.Tensor):
+        """
+        The cached teacher targets of a causal-LM batch, laid out like its shifted `labels` `(batch, seq)`:
+        `topk_ids` `(batch, seq, k)` (int64), `topk_logits` `(batch, seq, k)` and `logsumexp` `(batch, seq)` (float32),
+        zero at the positions that do not count, for [`hf_kd.losses.sparse_lm_kd_loss`].
+        """
+        counted = labels != -100
+        fields = self._cached_lm_fields(index, counted, ("topk_ids", "topk_logprobs", "logsumexp"))
+        logsumexp = fields["logsumexp"]
+        logits = torch.where(counted[..., None], fields["topk_logprobs"] + logsumexp[..., None], 0.0)
+        return fields["topk_ids"], logits, logsumexp
 
     def _student_gathered_for_base_teacher(self):
         """Context for a cache pass of the base-model teacher. A student partitioned by ZeRO-3 at load time

@@ -21,6 +21,12 @@ rebuilt identically for each configuration:
   same_kd        DistillTrainer, teacher SmolLM2-135M-Instruct (same tokenizer), forward KL (lm_kd_loss)
   uld            DistillTrainer, teacher gemma-3-270m, cross_tokenizer="uld"
   hybrid         DistillTrainer, teacher gemma-3-270m, cross_tokenizer="hybrid" (shared weight 0.5)
+  uld_cached     uld with cache_teacher_logits=True, lm_cache_top_k=`--cache_top_k`: one teacher pass over the
+  hybrid_cached  training rows before training (timed apart, `cache_pass_seconds`), then steps without the teacher;
+                 the cache (a fresh folder under `--scratch`) is reported as file bytes, cached teacher tokens and
+                 bytes per cached teacher token. `kd_loss_first_step_vs_live`: the relative difference of the
+                 first step's logged kd_loss from the live configuration's (the same student, batch and teacher
+                 before any update: only the top-k approximation differs), when that configuration ran too.
 
 Step time: median over the steps after the first. Held-out perplexity: the trained student on the first `--eval_rows`
 validation articles (student tokens, cut to 128), exp of the mean next-token NLL. The configurations run one after
@@ -30,11 +36,17 @@ not run here.
 Run (the defaults are the published run's; writes <out>/<name>.json and <name>.md):
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. python scripts/benchmarks/cross_tokenizer.py
+
+The cache figures (docs/benchmarks/cross_tokenizer_cache.*; `--align_rows 0` skips part 1):
+
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. python scripts/benchmarks/cross_tokenizer.py \
+        --align_rows 0 --configs uld uld_cached hybrid hybrid_cached --name cross_tokenizer_cache
 """
 
 import argparse
 import json
 import math
+import shutil
 import statistics
 import time
 from pathlib import Path
@@ -44,7 +56,7 @@ from _common import SMOLLM2, StepTimer
 
 ROOT = Path(__file__).resolve().parents[2]
 GEMMA3 = "google/gemma-3-270m"
-CONFIGS = ("ce", "same_kd", "uld", "hybrid")
+CONFIGS = ("ce", "same_kd", "uld", "hybrid", "uld_cached", "hybrid_cached")
 
 
 def parse_args():
@@ -58,6 +70,7 @@ def parse_args():
     parser.add_argument("--student_layers", type=int, default=26)
     parser.add_argument("--eval_rows", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--cache_top_k", type=int, default=64, help="lm_cache_top_k of the *_cached configurations")
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     parser.add_argument("--name", default="cross_tokenizer")
@@ -153,29 +166,64 @@ def train(config: str, opts, smol, gemma, smol_model, gemma_model) -> dict:
             trainer = DistillTrainer(model=student, args=args, teacher_model=smol_model, train_dataset=data,
                                      processing_class=smol, callbacks=[timer])
         else:
-            args = DistillConfig(**common, **kd, cross_tokenizer=config)
+            cache = {}
+            if config.endswith("_cached"):
+                folder = Path(opts.scratch) / f"{config}_cache"
+                shutil.rmtree(folder, ignore_errors=True)  # a fresh cache: the pass below is timed
+                cache = dict(cache_teacher_logits=True, lm_cache_top_k=opts.cache_top_k,
+                             teacher_logits_cache_dir=str(folder))
+            args = DistillConfig(**common, **kd, **cache, cross_tokenizer=config.removesuffix("_cached"))
+            start = time.perf_counter()
             trainer = DistillTrainer(model=student, args=args, teacher_model=gemma_model, train_dataset=data,
                                      processing_class=smol, teacher_processing_class=gemma, callbacks=[timer])
+            setup_seconds = time.perf_counter() - start
     trainer.train()
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    return {
+    logs = [log for log in trainer.state.log_history if "loss" in log]
+    losses = [log["loss"] for log in logs]
+    out = {
         "step_seconds_median": round(statistics.median(timer.times[1:]), 3),
         "first_loss": losses[0], "last_loss": losses[-1],
+        "first_kd_loss": logs[0].get("kd_loss"),
         "held_out_perplexity": round(held_out_perplexity(student, smol, opts.eval_rows), 3),
     }
+    if config.endswith("_cached"):
+        (path,) = Path(args.teacher_logits_cache_dir).glob("*.safetensors")
+        tokens = trainer._lm_top_k["tokens"]
+        out.update({
+            "cache_pass_seconds": round(setup_seconds, 2), "teacher_loaded_during_training": False,
+            "cache_top_k": opts.cache_top_k, "cache_file_bytes": path.stat().st_size, "cached_teacher_tokens": tokens,
+            "bytes_per_cached_teacher_token": round(path.stat().st_size / tokens, 1),
+            "formula_bytes_per_teacher_token": 6 * opts.cache_top_k + 16,
+            "student_completion_tokens": sum(sum(1 for x in row["labels"][1:] if x != -100)
+                                             for row in trainer.train_dataset),
+        })
+    return out
 
 
 def markdown(result: dict) -> str:
-    align = result["alignment"]
-    lines = ["| rows | student row (s / 1,000) | cross-tokenizer row (s / 1,000) | align_token_spans alone, full "
-             "articles (s / 1,000) |", "|---|---|---|---|"]
-    per = align["seconds_per_1000_rows"]
-    lines.append(f"| {align['rows']} | {per['student_row']} | {per['cross_row']} | {per['align_only_full_articles']} |")
-    lines += ["", "| configuration | step (s, median) | first loss | last loss | held-out perplexity |",
+    lines = []
+    align = result.get("alignment")
+    if align:
+        lines += ["| rows | student row (s / 1,000) | cross-tokenizer row (s / 1,000) | align_token_spans alone, full "
+                  "articles (s / 1,000) |", "|---|---|---|---|"]
+        per = align["seconds_per_1000_rows"]
+        lines += [f"| {align['rows']} | {per['student_row']} | {per['cross_row']} | "
+                  f"{per['align_only_full_articles']} |", ""]
+    lines += ["| configuration | step (s, median) | first loss | last loss | held-out perplexity |",
               "|---|---|---|---|---|"]
     for name, row in result["training"].items():
         lines.append(f"| {name} | {row['step_seconds_median']} | {row['first_loss']:.4f} | {row['last_loss']:.4f} | "
                      f"{row['held_out_perplexity']} |")
+    cached = {name: row for name, row in result["training"].items() if "cache_file_bytes" in row}
+    if cached:
+        lines += ["", "| configuration | k | cache pass (s) | file bytes | cached teacher tokens | bytes / teacher "
+                  "token (6k + 16) | first-step kd_loss vs live |", "|---|---|---|---|---|---|---|"]
+        for name, row in cached.items():
+            lines.append(
+                f"| {name} | {row['cache_top_k']} | {row['cache_pass_seconds']} | {row['cache_file_bytes']} | "
+                f"{row['cached_teacher_tokens']} | {row['bytes_per_cached_teacher_token']} "
+                f"({row['formula_bytes_per_teacher_token']}) | {row.get('kd_loss_first_step_vs_live', 'n/a')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -189,8 +237,10 @@ def main():
 
     install_offline_models([SMOLLM2, GEMMA3])
     smol, gemma = AutoTokenizer.from_pretrained(SMOLLM2), AutoTokenizer.from_pretrained(GEMMA3)
-    result = {"options": vars(opts), "alignment": alignment_cost(opts, smol, gemma), "training": {}}
-    print(json.dumps(result["alignment"], indent=1), flush=True)
+    result = {"options": vars(opts), "training": {}}
+    if opts.align_rows > 0:
+        result["alignment"] = alignment_cost(opts, smol, gemma)
+        print(json.dumps(result["alignment"], indent=1), flush=True)
     smol_model = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
     gemma_model = AutoModelForCausalLM.from_pretrained(GEMMA3, dtype=torch.float32).eval()
     before = make_student(smol_model, opts.student_layers)
@@ -198,6 +248,10 @@ def main():
     for config in opts.configs:
         result["training"][config] = train(config, opts, smol, gemma, smol_model, gemma_model)
         print(config, result["training"][config], flush=True)
+    for config, row in result["training"].items():
+        live = result["training"].get(config.removesuffix("_cached"))
+        if config.endswith("_cached") and live is not None:
+            row["kd_loss_first_step_vs_live"] = round(row["first_kd_loss"] / live["first_kd_loss"] - 1, 5)
     out = Path(opts.out)
     out.mkdir(parents=True, exist_ok=True)
     (out / f"{opts.name}.json").write_text(json.dumps(result, indent=1) + "\n")
