@@ -197,6 +197,25 @@ _LM_FORMAT_COLUMNS = ("text", "messages", "prompt")
 _LM_TOKENIZED_COLUMNS = ("input_ids", "attention_mask", "labels")
 
 
+def map_datasets(dataset, split: str, prepare):
+    """`prepare(dataset, split)` on a `datasets.Dataset`, on each of a dict of them (the split named
+    `split[name]`); anything else (a torch dataset, a stream, `None`) as it is."""
+    import datasets
+
+    if isinstance(dataset, dict) and not isinstance(dataset, datasets.DatasetDict):
+        return {name: map_datasets(d, f"{split}[{name!r}]", prepare) for name, d in dataset.items()}
+    return prepare(dataset, split) if isinstance(dataset, datasets.Dataset) else dataset
+
+
+def tokenized_by_trainer(split: str, tokenize):
+    """`tokenize()`, its `ValueError` naming the split and the length option (the trainer tokenizes the user's rows,
+    so the error must say which rows and which setting)."""
+    try:
+        return tokenize()
+    except ValueError as error:
+        raise ValueError(f"{split}: {error} (the trainer's tokenization: DistillConfig.lm_max_length)") from None
+
+
 def prepare_lm_dataset(dataset, split: str, tokenizer, max_length: int):
     """
     A causal-LM student's dataset as the trainer reads it: a `datasets.Dataset` in one of TRL's `SFTTrainer` formats
@@ -210,29 +229,25 @@ def prepare_lm_dataset(dataset, split: str, tokenizer, max_length: int):
         `ValueError`: data in a TRL format without a tokenizer, or a row `tokenize_lm_dataset` refuses (named with its
         split and row).
     """
-    import datasets
 
-    if isinstance(dataset, dict) and not isinstance(dataset, datasets.DatasetDict):
-        return {name: prepare_lm_dataset(d, f"{split}[{name!r}]", tokenizer, max_length) for name, d in dataset.items()}
-    if not isinstance(dataset, datasets.Dataset):
-        return dataset
-    columns = dataset.column_names
-    found = [column for column in _LM_FORMAT_COLUMNS if column in columns]
-    if "input_ids" in columns or not found:
-        return dataset
-    if tokenizer is None:
-        raise ValueError(
-            f"{split} has a {found[0]!r} column (TRL's dataset format) and no 'input_ids': pass "
-            "processing_class=<the student's tokenizer> so that the trainer tokenizes it, or tokenize it yourself "
-            "(hf_kd.lm_data.tokenize_lm_dataset)."
+    def prepare(dataset, split):
+        found = [column for column in _LM_FORMAT_COLUMNS if column in dataset.column_names]
+        if "input_ids" in dataset.column_names or not found:
+            return dataset
+        if tokenizer is None:
+            raise ValueError(
+                f"{split} has a {found[0]!r} column (TRL's dataset format) and no 'input_ids': pass "
+                "processing_class=<the student's tokenizer> so that the trainer tokenizes it, or tokenize it yourself "
+                "(hf_kd.lm_data.tokenize_lm_dataset)."
+            )
+        from ..lm_data import tokenize_lm_dataset
+
+        tokenized = tokenized_by_trainer(
+            split, lambda: tokenize_lm_dataset(dataset, getattr(tokenizer, "tokenizer", tokenizer), max_length)
         )
-    from ..lm_data import tokenize_lm_dataset
+        return tokenized.select_columns([c for c in _LM_TOKENIZED_COLUMNS if c in tokenized.column_names])
 
-    try:
-        tokenized = tokenize_lm_dataset(dataset, getattr(tokenizer, "tokenizer", tokenizer), max_length)
-    except ValueError as error:
-        raise ValueError(f"{split}: {error} (the trainer's tokenization: DistillConfig.lm_max_length)") from None
-    return tokenized.select_columns([c for c in _LM_TOKENIZED_COLUMNS if c in tokenized.column_names])
+    return map_datasets(dataset, split, prepare)
 
 
 def default_lm_data_collator(tokenizer, model):

@@ -38,7 +38,14 @@ from ..teacher import (
     load_teacher_tokenizer,
     teacher_logits_for_batch,
 )
-from .base_trainer import _BaseTrainer, default_lm_data_collator, is_causal_lm, prepare_lm_dataset
+from .base_trainer import (
+    _BaseTrainer,
+    default_lm_data_collator,
+    is_causal_lm,
+    map_datasets,
+    prepare_lm_dataset,
+    tokenized_by_trainer,
+)
 from .distill_config import DistillConfig
 from .teacher_mixin import _TeacherMixin
 
@@ -688,31 +695,23 @@ def _prepare_cross_tokenizer_dataset(dataset, split: str, processing_class, teac
     Raises:
         `ValueError`: pre-tokenized rows without the teacher's columns, naming them.
     """
-    import datasets
 
-    if isinstance(dataset, dict) and not isinstance(dataset, datasets.DatasetDict):
-        return {
-            name: _prepare_cross_tokenizer_dataset(d, f"{split}[{name!r}]", processing_class, teacher_processing_class,
-                                                   args)
-            for name, d in dataset.items()
-        }
-    if not isinstance(dataset, datasets.Dataset):
-        return dataset
-    columns = dataset.column_names
-    if "input_ids" in columns:
-        missing = [c for c in CROSS_TOKENIZER_COLUMNS if c not in columns]
-        if missing:
-            raise ValueError(
-                f"{split} is pre-tokenized (input_ids) but cross_tokenizer={str(args.cross_tokenizer)!r} also needs the "
-                f"teacher's tokens and the aligned spans, and it lacks {missing}: give the text in one of TRL's "
-                "formats (text, messages, prompt + completion) so that the trainer tokenizes it with both tokenizers, "
-                "or build the rows with hf_kd.cross_tokenizer.tokenize_cross_tokenizer_dataset."
-            )
-        return dataset
-    try:
-        tokenized = tokenize_cross_tokenizer_dataset(dataset, processing_class, teacher_processing_class,
-                                                     args.lm_max_length)
-    except ValueError as error:
-        raise ValueError(f"{split}: {error} (the trainer's tokenization: DistillConfig.lm_max_length)") from None
-    # As prepare_lm_dataset: only what the collator reads (a class label column would reach the student's forward).
-    return tokenized.select_columns(["input_ids", "attention_mask", "labels", *CROSS_TOKENIZER_COLUMNS])
+    def prepare(dataset, split):
+        columns = dataset.column_names
+        if "input_ids" in columns:
+            missing = [c for c in CROSS_TOKENIZER_COLUMNS if c not in columns]
+            if missing:
+                raise ValueError(
+                    f"{split} is pre-tokenized (input_ids) but cross_tokenizer={str(args.cross_tokenizer)!r} also "
+                    f"needs the teacher's tokens and the aligned spans, and it lacks {missing}: give the text in one "
+                    "of TRL's formats (text, messages, prompt + completion) so that the trainer tokenizes it with both "
+                    "tokenizers, or build the rows with hf_kd.cross_tokenizer.tokenize_cross_tokenizer_dataset."
+                )
+            return dataset
+        tokenized = tokenized_by_trainer(split, lambda: tokenize_cross_tokenizer_dataset(
+            dataset, processing_class, teacher_processing_class, args.lm_max_length
+        ))
+        # As prepare_lm_dataset: only what the collator reads (a class label column would reach the student's forward).
+        return tokenized.select_columns(["input_ids", "attention_mask", "labels", *CROSS_TOKENIZER_COLUMNS])
+
+    return map_datasets(dataset, split, prepare)
