@@ -83,11 +83,12 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
     and the span distributions are compared with [`hf_kd.losses.uld_loss`] / [`hf_kd.losses.hybrid_loss`]
     ([`hf_kd.cross_tokenizer`], [`~DistillTrainer._compute_cross_tokenizer_loss`]; with `args.cache_teacher_logits`
     the teacher's top-k at its span positions is cached once, as below, and a cached run never loads it). It runs live
-    at every step, or with
-    `args.cache_teacher_logits` once per dataset: each completion token's top `args.lm_cache_top_k` teacher logits are
-    cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss is [`hf_kd.losses.sparse_lm_kd_loss`]
-    (tail `args.lm_cache_tail`; a cached evaluation logs `top1_agreement` from the cached top-1 ids, the cache's
-    first top-k id).
+    at every step, or with `args.cache_teacher_logits` once per dataset: each completion token's top
+    `args.lm_cache_top_k` teacher logits are cached on disk ([`hf_kd.teacher.compute_teacher_lm_top_k`]) and the loss
+    is [`hf_kd.losses.sparse_lm_kd_loss`] (tail `args.lm_cache_tail`; a cached evaluation logs `top1_agreement` from
+    the cached top-1 ids, the cache's first top-k id). In training the loss runs the models' LM heads itself, chunk by
+    chunk on the completion tokens, wherever a model allows it (`args.lm_fused_head`, [`hf_kd.lm_head`],
+    [`hf_kd.losses.LMHeadInputs`]): no `(batch, seq, vocab)` logits are made.
     Data: as for TRL's `SFTTrainer`, a dataset with a `text`, `messages` or `prompt` + `completion` column (strings or
     lists of messages) is tokenized by the trainer with `processing_class` ([`hf_kd.lm_data.tokenize_lm_dataset`]:
     completion-only labels, rows cut on the right to `args.lm_max_length` tokens, a prompt that leaves no completion token
