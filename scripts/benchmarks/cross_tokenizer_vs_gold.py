@@ -22,8 +22,9 @@ weights). Configurations:
   hf_kd_hybrid     hf_kd.DistillTrainer, cross_tokenizer="hybrid", cross_tokenizer_shared_weight=0.5
 
 What still differs between the two (by design of each library, not settable) is listed in
-docs/benchmarks/cross_tokenizer_vs_gold.md: the loss normalisation, the shared vocabulary of the hybrid, the KL on
-renormalised vs raw shared probabilities, and when the teacher's text is tokenised.
+docs/benchmarks/cross_tokenizer_vs_gold.md: GOLD's pairing of positions (without its span alignment), the loss
+normalisation, the shared vocabulary of the hybrid, the KL on renormalised vs raw shared probabilities, and when the
+teacher's text is tokenised.
 
 GOLDTrainer's train sampler is TRL's `RepeatSampler(shuffle=True)`; it is replaced here by a sequential sampler (a
 subclass overriding `_get_train_sampler`, nothing else) so that both trainers see the same rows in the same order.
@@ -80,7 +81,7 @@ def parse_args():
     parser.add_argument("--temperature", type=float, default=1.0)
     parser.add_argument("--student_layers", type=int, default=26)
     parser.add_argument("--eval_rows", type=int, default=16)
-    parser.add_argument("--repeats", type=int, default=1)
+    parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
