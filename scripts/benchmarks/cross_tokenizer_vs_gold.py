@@ -44,6 +44,8 @@ top-1 agreement is with the full 30-layer SmolLM2-135M-Instruct, the student's p
 teacher has another vocabulary), and `cross_tokenizer.held_out_perplexity` (the first 8 validation articles as plain
 text, 128 tokens each: the figure of docs/methods/cross_tokenizer.md). First and last logged training loss
 (each library's own objective and normalisation: compare the trend, not the values across libraries).
+Last, the ULD loss alone (`loss_profile_worker`: hf_kd's span log-probs + `uld_loss` against GOLD's positional
+softmax + sort + L1, forward + backward on random logits of the run's shapes; `--worker loss_profile` runs it alone).
 
 Run (writes docs/benchmarks/<--name>.json and <--name>_table.md, discussed in docs/benchmarks/cross_tokenizer_vs_gold.md):
 
@@ -65,7 +67,7 @@ from lm_vs_trl import PhaseTimer
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("trl_gold", "hf_kd_uld", "hf_kd_hybrid", "trl_gold_hybrid")
 PAIRS = {"hf_kd_uld": "trl_gold", "hf_kd_hybrid": "trl_gold_hybrid"}
-WORKERS = CONFIGS + ("prepare", "evaluate")
+WORKERS = CONFIGS + ("prepare", "evaluate", "loss_profile")
 
 
 def parse_args():
@@ -291,7 +293,68 @@ def evaluate_worker(opts) -> dict:
     return result
 
 
-def report(opts, prepared, runs, failures, held_out) -> None:
+def loss_profile_worker(opts) -> dict:
+    """The ULD loss alone, forward + backward, on random float32 logits of the benchmark's shapes (`--batch_size`
+    rows of `--max_length` student and 122 teacher positions, the last 47 of each scored, one token per span: the
+    measured run's averages), interleaved, median of 5: hf_kd's `span_log_probs` (both sides, over the whole rows) +
+    `uld_loss`; the teacher's `span_log_probs` alone over the whole row and over the row cut to the positions the spans
+    read; `uld_loss` alone (from the span log-probs); GOLD's positional ULD (per row: softmax of the answer slices,
+    sort, zero-pad, L1, as `ULDLoss._compute_distillation_loss` with `use_extended_uld=False`)."""
+    import torch
+    import torch.nn.functional as F
+
+    from hf_kd.losses import span_log_probs, uld_loss
+
+    torch.set_num_threads(opts.threads)
+    generator = torch.Generator().manual_seed(0)
+    rows, s_len, t_len, spans, s_vocab, t_vocab = opts.batch_size, opts.max_length, 122, 47, 49152, 262144
+    student = 3 * torch.randn(rows, s_len, s_vocab, generator=generator)
+    teacher = 3 * torch.randn(rows, t_len, t_vocab, generator=generator)
+    s_ids = torch.randint(0, s_vocab, (rows, s_len), generator=generator)
+    t_ids = torch.randint(0, t_vocab, (rows, t_len), generator=generator)
+    s_starts = torch.arange(s_len - spans, s_len).expand(rows, spans).contiguous()
+    t_starts = torch.arange(t_len - spans, t_len).expand(rows, spans).contiguous()
+    cut = t_len - spans - 1
+
+    def hf_kd():
+        x = student.clone().requires_grad_()
+        s = span_log_probs(x, s_ids, s_starts, s_starts + 1)
+        uld_loss(s, span_log_probs(teacher, t_ids, t_starts, t_starts + 1), reduction="sum").backward()
+
+    teacher_spans = span_log_probs(teacher, t_ids, t_starts, t_starts + 1)
+
+    def uld_alone():
+        x = student.clone().requires_grad_()
+        s = span_log_probs(x, s_ids, s_starts, s_starts + 1).detach().requires_grad_()
+        uld_loss(s, teacher_spans, reduction="sum").backward()
+
+    def gold():
+        x, losses = student.clone().requires_grad_(), []
+        for row in range(rows):
+            p_s = F.softmax(x[row, s_len - spans - 1 : s_len - 1], -1)
+            p_t = F.softmax(teacher[row, cut : t_len - 1], -1)
+            p_s = F.pad(p_s.sort(-1, descending=True).values, (0, t_vocab - s_vocab))
+            losses.append(F.l1_loss(p_s, p_t.sort(-1, descending=True).values, reduction="sum") / spans)
+        torch.stack(losses).mean().backward()
+
+    variants = {
+        "hf_kd_span_log_probs_and_uld_loss": hf_kd,
+        "hf_kd_teacher_span_log_probs_whole_row": lambda: span_log_probs(teacher, t_ids, t_starts, t_starts + 1),
+        "hf_kd_teacher_span_log_probs_cut_row": lambda: span_log_probs(teacher[:, cut:], t_ids[:, cut:],
+                                                                       t_starts - cut, t_starts + 1 - cut),
+        "hf_kd_uld_loss_alone": uld_alone,
+        "trl_gold_positional_uld": gold,
+    }
+    times = {name: [] for name in variants}
+    for _ in range(6):
+        for name, run in variants.items():
+            start = time.perf_counter()
+            run()
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t[1:]) for name, t in times.items()}
+
+
+def report(opts, prepared, runs, failures, held_out, loss_profile) -> None:
     import torch
     import transformers
     import trl
@@ -324,8 +387,8 @@ def report(opts, prepared, runs, failures, held_out) -> None:
     settings = {k: v for k, v in vars(opts).items() if k not in ("worker", "out", "scratch", "name")}
     settings |= {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
                  "cpu_count": os.cpu_count(), **prepared}
-    result = {"settings": settings, "summary": summary, "ratios": ratios, "held_out": held_out, "runs": runs,
-              "failures": failures}
+    result = {"settings": settings, "summary": summary, "ratios": ratios, "held_out": held_out,
+              "loss_profile_seconds": loss_profile, "runs": runs, "failures": failures}
     folder = Path(opts.out)
     folder.mkdir(parents=True, exist_ok=True)
     (folder / f"{opts.name}.json").write_text(json.dumps(result, indent=2) + "\n")
@@ -350,6 +413,8 @@ def report(opts, prepared, runs, failures, held_out) -> None:
               "|---|---|---|---|---|---|"]
     lines += [f"| {c} | {r['step_time']:.3f} | {r['peak_rss']:.3f} | {r['train_peak_over_start']:.3f} | "
               f"{r['perplexity']:.4f} | {r['text_perplexity']:.4f} |" for c, r in ratios.items()]
+    lines += ["", "| the ULD loss alone (fwd + bwd, random logits, interleaved) | median s |", "|---|---|"]
+    lines += [f"| {name} | {seconds:.3f} |" for name, seconds in loss_profile.items()]
     for config, error in failures.items():
         lines += ["", f"{config} failed: {error.strip().splitlines()[-1]}"]
     (folder / f"{opts.name}_table.md").write_text("\n".join(lines) + "\n")
@@ -359,7 +424,8 @@ def report(opts, prepared, runs, failures, held_out) -> None:
 def main():
     opts = parse_args()
     if opts.worker:
-        worker = {"prepare": prepare_worker, "evaluate": evaluate_worker}.get(opts.worker, train_worker)
+        worker = {"prepare": prepare_worker, "evaluate": evaluate_worker, "loss_profile": loss_profile_worker}.get(
+            opts.worker, train_worker)
         print(json.dumps(worker(opts)))
         return
 
@@ -389,7 +455,8 @@ def main():
                   f"{result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     held_out = launch_worker(__file__, "evaluate", args, env)
-    report(opts, prepared, runs, failures, held_out)
+    loss_profile = launch_worker(__file__, "loss_profile", args, env)
+    report(opts, prepared, runs, failures, held_out, loss_profile)
 
 
 if __name__ == "__main__":
