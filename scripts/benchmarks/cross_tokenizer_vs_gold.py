@@ -60,9 +60,9 @@ import time
 import traceback
 from pathlib import Path
 
-from _common import SMOLLM2, PeakRSS, StepTimer, article_messages, forwarded_args, launch_worker, lm_held_out
+from _common import SMOLLM2, article_messages, forwarded_args, launch_worker, lm_held_out
 from cross_tokenizer import GEMMA3, held_out_perplexity
-from lm_vs_trl import PhaseTimer
+from lm_vs_trl import PhaseTimer, timed_training
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("trl_gold", "hf_kd_uld", "hf_kd_hybrid", "trl_gold_hybrid")
@@ -152,9 +152,8 @@ def load(opts):
 
 
 def train_worker(opts) -> dict:
-    import psutil
     import torch
-    from transformers import AutoModelForCausalLM, TrainerCallback
+    from transformers import AutoModelForCausalLM
 
     config, scratch = opts.worker, Path(opts.scratch)
     smol, gemma, teacher, train = load(opts)
@@ -165,27 +164,11 @@ def train_worker(opts) -> dict:
     start = time.perf_counter()
     trainer = build_trainer(config, opts, student, teacher, smol, gemma, train)
     init_seconds = time.perf_counter() - start
-    phases.wrap(trainer)
-    timer = StepTimer()
-
-    class ResetAfterWarmup(TrainerCallback):
-        def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == opts.warmup:
-                phases.reset()
-
-    trainer.add_callback(timer)
-    trainer.add_callback(ResetAfterWarmup())
-    rss_before = psutil.Process().memory_info().rss / 2**20
-    with PeakRSS() as memory:
-        trainer.train()
-    timed = timer.times[opts.warmup:]
+    measured = timed_training(trainer, phases, opts.warmup)
     logs = [log for log in trainer.state.log_history if "loss" in log]
     trainer.model.save_pretrained(scratch / f"trained_{config}")
     out = {
-        "config": config, "seconds_per_step": statistics.median(timed), "step_times": timer.times,
-        "phases_per_step": {k: v / len(timed) for k, v in phases.totals.items()},
-        "peak_rss_mb": memory.peak_mb, "rss_before_train_mb": rss_before,
-        "train_peak_over_start_mb": memory.peak_mb - rss_before, "trainer_init_seconds": init_seconds,
+        "config": config, **measured, "trainer_init_seconds": init_seconds,
         "losses": [log["loss"] for log in logs],
         "kd_losses": [log.get("kd_loss") for log in logs], "ce_losses": [log.get("ce_loss") for log in logs],
     }

@@ -117,7 +117,7 @@ class PhaseTimer:
 
 def train_worker(opts) -> dict:
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq, TrainerCallback
+    from transformers import AutoModelForCausalLM, AutoTokenizer, DataCollatorForSeq2Seq
 
     from hf_kd.lm_data import tokenize_lm_dataset
 
@@ -159,29 +159,38 @@ def train_worker(opts) -> dict:
         trainer = DistillTrainer(model=student, args=args, teacher_model=teacher,
                                  train_dataset=tokenize_lm_dataset(train, tokenizer, max_length=opts.max_length),
                                  processing_class=tokenizer, data_collator=DataCollatorForSeq2Seq(tokenizer))
+    measured = timed_training(trainer, phases, opts.warmup)
+    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
+    trainer.model.save_pretrained(scratch / f"trained_{config}")
+    return {"config": config, **measured, "losses": losses}
+
+
+def timed_training(trainer, phases: PhaseTimer, warmup: int) -> dict:
+    """`trainer.train()` timed: the median seconds per step after `warmup` steps and every step's time, the phases
+    per step after warm-up (`phases` already hooked on the models), the peak RSS during training and what training
+    adds to the RSS it started from."""
+    import psutil
+    from transformers import TrainerCallback
+
     phases.wrap(trainer)
     timer = StepTimer()
 
     class ResetAfterWarmup(TrainerCallback):
         def on_step_end(self, args, state, control, **kwargs):
-            if state.global_step == opts.warmup:
+            if state.global_step == warmup:
                 phases.reset()
 
     trainer.add_callback(timer)
     trainer.add_callback(ResetAfterWarmup())
-    import psutil
-
     rss_before = psutil.Process().memory_info().rss / 2**20
     with PeakRSS() as memory:
         trainer.train()
-    timed = timer.times[opts.warmup:]
-    losses = [log["loss"] for log in trainer.state.log_history if "loss" in log]
-    trainer.model.save_pretrained(scratch / f"trained_{config}")
+    timed = timer.times[warmup:]
     return {
-        "config": config, "seconds_per_step": statistics.median(timed), "step_times": timer.times,
+        "seconds_per_step": statistics.median(timed), "step_times": timer.times,
         "phases_per_step": {k: v / len(timed) for k, v in phases.totals.items()},
         "peak_rss_mb": memory.peak_mb, "rss_before_train_mb": rss_before,
-        "train_peak_over_start_mb": memory.peak_mb - rss_before, "losses": losses,
+        "train_peak_over_start_mb": memory.peak_mb - rss_before,
     }
 
 
