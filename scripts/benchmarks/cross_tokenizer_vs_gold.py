@@ -62,7 +62,7 @@ from pathlib import Path
 
 from _common import SMOLLM2, article_messages, forwarded_args, launch_worker, lm_held_out
 from cross_tokenizer import GEMMA3, held_out_perplexity
-from lm_vs_trl import PhaseTimer, timed_training
+from lm_vs_trl import PhaseTimer, rounds_summary, step_cells, timed_training
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("trl_gold", "hf_kd_uld", "hf_kd_hybrid", "trl_gold_hybrid")
@@ -347,12 +347,8 @@ def report(opts, prepared, runs, failures, held_out, loss_profile) -> None:
         if not results:
             continue
         summary[config] = {
-            "seconds_per_step": statistics.median(r["seconds_per_step"] for r in results),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-            "train_peak_over_start_mb": max(r["train_peak_over_start_mb"] for r in results),
+            **rounds_summary(results),
             "trainer_init_seconds": statistics.median(r["trainer_init_seconds"] for r in results),
-            "phases_per_step": {k: statistics.median(r["phases_per_step"][k] for r in results)
-                                for k in results[0]["phases_per_step"]},
             "first_loss": results[-1]["losses"][0], "last_loss": results[-1]["losses"][-1],
             **held_out.get(f"trained_{config}", {}),
         }
@@ -381,12 +377,8 @@ def report(opts, prepared, runs, failures, held_out, loss_profile) -> None:
         "|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config, s in summary.items():
-        p = s["phases_per_step"]
-        loss = p["compute_loss"] - p["student_forward"] - p["teacher_forward"]
         lines.append(
-            f"| {config} | {s['seconds_per_step']:.2f} | {p['student_forward']:.2f} | {p['teacher_forward']:.2f} | "
-            f"{loss:.2f} | {s['seconds_per_step'] - p['compute_loss']:.2f} | {s['peak_rss_mb']:.0f} | "
-            f"{s['train_peak_over_start_mb']:.0f} | {s['first_loss']:.4f} | {s['last_loss']:.4f} | "
+            f"{step_cells(config, s)} {s['first_loss']:.4f} | {s['last_loss']:.4f} | "
             f"{s.get('perplexity', float('nan')):.2f} | {s.get('text_perplexity', float('nan')):.2f} |"
         )
     init = held_out.get("student_init", {})

@@ -75,7 +75,7 @@ def main():
     data = LMScriptArguments(model_name_or_path=SMOLLM2, dataset="text", max_train_samples=opts.train_rows,
                              max_eval_samples=opts.eval_rows)
     splits = load_lm_splits(data, tokenizer, opts.max_length)
-    collator = LMDataCollator(tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0)
+    collator = LMDataCollator.for_tokenizer(tokenizer)
 
     work = Path(tempfile.mkdtemp(prefix="early_exit_lm_"))
 

@@ -165,6 +165,29 @@ def train_worker(opts) -> dict:
     return {"config": config, **measured, "losses": losses}
 
 
+def rounds_summary(results: list[dict]) -> dict:
+    """One trainer's rounds of [`timed_training`] in one: the median step time and phases, the largest peaks."""
+    return {
+        "seconds_per_step": statistics.median(r["seconds_per_step"] for r in results),
+        "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
+        "train_peak_over_start_mb": max(r["train_peak_over_start_mb"] for r in results),
+        "phases_per_step": {k: statistics.median(r["phases_per_step"][k] for r in results)
+                            for k in results[0]["phases_per_step"]},
+    }
+
+
+def step_cells(config: str, s: dict) -> str:
+    """The first eight cells of a results-table row from a [`rounds_summary`]: trainer, s/step, student forward,
+    teacher forward, the rest of compute_loss, backward + optimiser, peak RSS, what training adds (then `|`)."""
+    p = s["phases_per_step"]
+    loss = p["compute_loss"] - p["student_forward"] - p["teacher_forward"]
+    return (
+        f"| {config} | {s['seconds_per_step']:.2f} | {p['student_forward']:.2f} | {p['teacher_forward']:.2f} | "
+        f"{loss:.2f} | {s['seconds_per_step'] - p['compute_loss']:.2f} | {s['peak_rss_mb']:.0f} | "
+        f"{s['train_peak_over_start_mb']:.0f} |"
+    )
+
+
 def timed_training(trainer, phases: PhaseTimer, warmup: int) -> dict:
     """`trainer.train()` timed: the median seconds per step after `warmup` steps and every step's time, the phases
     per step after warm-up (`phases` already hooked on the models), the peak RSS during training and what training
@@ -316,16 +339,7 @@ def loss_profile_worker(opts) -> dict:
 def report(opts, prepared, runs, held_out, loss_profile) -> None:
     import torch
 
-    summary = {}
-    for config, results in runs.items():
-        summary[config] = {
-            "seconds_per_step": statistics.median(r["seconds_per_step"] for r in results),
-            "peak_rss_mb": max(r["peak_rss_mb"] for r in results),
-            "train_peak_over_start_mb": max(r["train_peak_over_start_mb"] for r in results),
-            "phases_per_step": {k: statistics.median(r["phases_per_step"][k] for r in results)
-                                for k in results[0]["phases_per_step"]},
-            **held_out[f"trained_{config}"],
-        }
+    summary = {config: {**rounds_summary(results), **held_out[f"trained_{config}"]} for config, results in runs.items()}
     ratios = {}
     if "trl_gkd" in summary:
         base = summary["trl_gkd"]
@@ -351,13 +365,7 @@ def report(opts, prepared, runs, held_out, loss_profile) -> None:
         "|---|---|---|---|---|---|---|---|---|---|",
     ]
     for config, s in summary.items():
-        p = s["phases_per_step"]
-        loss = p["compute_loss"] - p["student_forward"] - p["teacher_forward"]
-        lines.append(
-            f"| {config} | {s['seconds_per_step']:.2f} | {p['student_forward']:.2f} | {p['teacher_forward']:.2f} | "
-            f"{loss:.2f} | {s['seconds_per_step'] - p['compute_loss']:.2f} | {s['peak_rss_mb']:.0f} | "
-            f"{s['train_peak_over_start_mb']:.0f} | {s['perplexity']:.2f} | {s['top1_agreement']:.3f} |"
-        )
+        lines.append(f"{step_cells(config, s)} {s['perplexity']:.2f} | {s['top1_agreement']:.3f} |")
     for name in ("student_init", "teacher"):
         lines.append(f"| ({name}, reference, not trained here) | - | - | - | - | - | - | - | {held_out[name]['perplexity']:.2f} "
                      f"| {held_out[name]['top1_agreement']:.3f} |")
