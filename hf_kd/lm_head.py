@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from .distributed import is_zero3_partitioned
+from .modeling.modeling_multi_exit_causal_lm import MultiExitForCausalLM
 from .peft_utils import is_peft_model
 
 __all__ = ["lm_head_skipped", "lm_head_unsupported_reason"]
@@ -35,10 +36,12 @@ _LOGIT_TRANSFORMS = {"final_logit_softcapping": (None,), "logit_scale": (None, 1
 
 def _causal_lm(model: nn.Module) -> nn.Module:
     """The transformers model under the wrappers hf_kd meets: a base-model teacher (`peft_model`), DDP and DeepSpeed
-    engines (`module`), PEFT (`get_base_model()`)."""
+    engines (`module`), PEFT (`get_base_model()`), and [`MultiExitForCausalLM`] (its `backbone`, whose head makes the
+    final logits and every exit's: `lm_head(norm(adapter(h)))`)."""
     model = getattr(model, "peft_model", model)
     model = getattr(model, "module", model)
-    return model.get_base_model() if is_peft_model(model) else model
+    model = model.get_base_model() if is_peft_model(model) else model
+    return model.backbone if isinstance(model, MultiExitForCausalLM) else model
 
 
 def lm_head_unsupported_reason(model: nn.Module) -> str | None:
@@ -104,7 +107,8 @@ class _SkippedHead(nn.Module):
 def lm_head_skipped(model: nn.Module) -> Iterator[nn.Linear]:
     """
     Within the block, `model(**inputs).logits` are the final hidden states `(batch, seq, hidden)` instead of the
-    logits `(batch, seq, vocab)`: the LM head is replaced by a module that returns its input and put back on exit
+    logits `(batch, seq, vocab)` (and, for a [`MultiExitForCausalLM`], each of its `exit_logits` the normed hidden
+    states its exit projects, `norm(adapter(h))`): the LM head is replaced by a module that returns its input and put back on exit
     (also on error). The model's parameters do not change, so optimizers, DDP buckets and checkpoints see the same
     model.
 

@@ -42,6 +42,7 @@ __all__ = [
     "label_smoothing_targets",
     "lm_kd_loss",
     "self_kd_loss",
+    "shifted_logits",
     "soft_cross_entropy",
     "span_log_probs",
     "sparse_lm_kd_loss",
@@ -796,6 +797,23 @@ class LMHeadInputs(NamedTuple):
 
     hidden_states: torch.Tensor
     weight: torch.Tensor
+
+
+def shifted_logits(logits: torch.Tensor | LMHeadInputs, device=None) -> torch.Tensor | LMHeadInputs:
+    """
+    Positions `0 .. seq - 2` of a causal LM's logits, each of which predicts the label one position on: what the
+    token losses take with `labels[:, 1:]`.
+
+    Args:
+        logits (`torch.Tensor` of shape `(batch, seq, vocab)` or [`LMHeadInputs`]): the logits, or what makes them.
+        device (`torch.device` or `str`, *optional*): where to put the result (default: where it is).
+
+    Returns:
+        The same kind as `logits`, `(batch, seq - 1, ...)`; an [`LMHeadInputs`] keeps its `weight` whole.
+    """
+    if isinstance(logits, LMHeadInputs):
+        return LMHeadInputs(logits.hidden_states[:, :-1].to(device), logits.weight.to(device))
+    return logits[:, :-1].to(device)
 
 
 def _check_head_inputs(name: str, value) -> None:

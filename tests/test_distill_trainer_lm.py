@@ -1025,7 +1025,7 @@ def test_fused_head_required_but_impossible_is_an_error_and_default_falls_back(t
         trainer.train()
     trainer = make_trainer(tmp_path, args=make_args(tmp_path / "auto", max_steps=2), student=student)
     teacher_calls, student_calls = _head_calls(trainer.teacher_model), _head_calls(trainer.model)
-    with caplog.at_level("INFO", logger="hf_kd.trainer.distill_trainer"):
+    with caplog.at_level("INFO", logger="hf_kd.trainer.teacher_mixin"):
         trainer.train()
     assert student_calls and not teacher_calls  # each model decided on its own
     assert "The student's LM head makes full logits (its LM head has a bias)" in caplog.text

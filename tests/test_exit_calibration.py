@@ -193,7 +193,7 @@ def test_final_exit_temperature_changes_the_exits_targets(tmp_path):
     labels = batch.pop("labels")
     exit_logits = model(**batch).exit_logits
     targets = exit_logits[-1].detach() / 2.0
-    expected, _ = EarlyExitTrainer.early_exit_lm_loss(
+    expected, _, _ = EarlyExitTrainer.early_exit_lm_loss(
         exit_logits, labels, [1 / 3] * 3, [targets, targets, None], temperature=2.0, alpha=0.7
     )
     torch.testing.assert_close(two, expected)

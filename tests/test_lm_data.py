@@ -13,6 +13,7 @@ from hf_kd.lm_data import (
     load_bbc_news_articles,
     tokenize_lm_dataset,
     tokenize_lm_example,
+    tokenized_fingerprint,
 )
 
 from .testing_utils import causal_lm, causal_lm_tokenizer
@@ -149,6 +150,34 @@ def test_tokenize_lm_dataset_replaces_format_columns_and_names_bad_rows():
         tokenize_lm_dataset(bad, tokenizer)
     with pytest.raises(ValueError, match=r"needs a 'text', 'messages' or 'prompt'.*\['completion'\]"):
         tokenize_lm_dataset(Dataset.from_dict({"completion": ["x"]}), tokenizer)
+
+
+def test_tokenized_fingerprint_follows_everything_the_ids_depend_on():
+    """The tokenising map's fingerprint is given, not hashed by datasets (which pickles the tokenizers), and changes
+    with the data, the tokenizer's vocabulary or chat template, the settings and the code; a slow tokenizer leaves the
+    hashing to datasets."""
+    data = Dataset.from_dict({"text": ["the film is good", "a film"]})
+    tokenizer = tiny_chat_tokenizer()
+    base = tokenized_fingerprint(data, [tokenizer], [__file__], max_length=8)
+    assert base == tokenized_fingerprint(data, [tiny_chat_tokenizer()], [__file__], max_length=8)
+    assert len(base) == 64
+    others = [
+        tokenized_fingerprint(Dataset.from_dict({"text": ["the film is bad", "a film"]}), [tokenizer], [__file__],
+                              max_length=8),
+        tokenized_fingerprint(data, [tiny_chat_tokenizer(chat_template=CHATML + " ")], [__file__], max_length=8),
+        tokenized_fingerprint(data, [tiny_chat_tokenizer(bos=True)], [__file__], max_length=8),
+        tokenized_fingerprint(data, [tokenizer], [__file__], max_length=9),
+        tokenized_fingerprint(data, [tokenizer], [tokenize_lm_dataset.__code__.co_filename], max_length=8),
+    ]
+    assert len({base, *others}) == 6
+    out = tokenize_lm_dataset(data, tokenizer, max_length=8)
+    assert out._fingerprint == tokenized_fingerprint(data, [tokenizer], [tokenize_lm_dataset.__code__.co_filename],
+                                                     max_length=8)
+
+    class Slow:  # no backend_tokenizer: a slow (Python) tokenizer
+        init_kwargs = {}
+
+    assert tokenized_fingerprint(data, [Slow()], [__file__]) is None
 
 
 # ----- builders on the real corpora -----

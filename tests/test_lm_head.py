@@ -69,12 +69,26 @@ def test_heads_that_are_not_a_plain_projection_are_named():
     assert "not one of transformers' ...ForCausalLM" in lm_head_unsupported_reason(nn.Linear(2, 2))
 
 
-def test_multi_exit_causal_lm_is_not_skipped():
-    """hf_kd's own multi-exit LM uses the head for every exit: its forward must keep it."""
+def test_multi_exit_causal_lm_skips_the_shared_head_of_every_exit():
+    """hf_kd's multi-exit LM projects every exit with its backbone's head: skipped, the final logits and each exit's
+    are the normed hidden states that head reads (adapters applied), and the head is put back."""
     from hf_kd.modeling import MultiExitForCausalLM
 
-    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=2), exit_layers=[1])
-    assert "MultiExitForCausalLM is not one of transformers'" in lm_head_unsupported_reason(model)
+    torch.manual_seed(0)
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=3), exit_layers=[1, 2], exit_adapter="linear").eval()
+    for adapter in model.exit_adapters.values():  # not the identity, so that the adapters must be applied
+        nn.init.normal_(adapter.up.weight, std=0.5)
+    ids = torch.randint(3, 64, (2, 7))
+    outputs = model(input_ids=ids)
+    assert lm_head_unsupported_reason(model) is None
+    head = model.backbone.lm_head
+    with lm_head_skipped(model) as skipped:
+        hidden = model(input_ids=ids)
+    assert skipped is head and model.backbone.lm_head is head
+    assert hidden.logits.shape == (2, 7, 32) and len(hidden.exit_logits) == 3
+    torch.testing.assert_close(F.linear(hidden.logits, head.weight), outputs.logits)
+    for exit_hidden, exit_logits in zip(hidden.exit_logits, outputs.exit_logits):
+        torch.testing.assert_close(F.linear(exit_hidden, head.weight), exit_logits)
 
 
 @require_peft

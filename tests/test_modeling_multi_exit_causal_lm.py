@@ -292,7 +292,7 @@ def test_early_exit_lm_loss_is_the_weighted_token_loss_of_each_exit():
     labels = token_batch(seq=6)
     labels[1, :4] = -100
     sources = [exit_logits[-1].detach(), exit_logits[-1].detach(), None]
-    loss, parts = EarlyExitTrainer.early_exit_lm_loss(exit_logits, labels, [0.2, 0.3, 0.5], sources, 2.0, 0.7)
+    loss, parts, _ = EarlyExitTrainer.early_exit_lm_loss(exit_logits, labels, [0.2, 0.3, 0.5], sources, 2.0, 0.7)
     expected = [naive_token_loss(z, s, labels, 2.0, 0.7) for z, s in zip(exit_logits, sources)]
     for part, value in zip(parts, expected):
         torch.testing.assert_close(part, value, rtol=1e-5, atol=1e-6)
@@ -403,6 +403,65 @@ def test_lm_exits_distilled_from_a_cached_teacher_equal_the_online_teacher_at_fu
     torch.testing.assert_close(cached_loss, online_loss, rtol=1e-4, atol=1e-5)
     cached.train()
     assert cached.state.log_history[-1]["train_loss"] > 0
+
+
+def _lm_head_calls(model):
+    """A list that grows by one at every call of `model`'s LM head (a multi-exit model's is its backbone's)."""
+    calls = []
+    getattr(model, "backbone", model).get_output_embeddings().register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+@pytest.mark.parametrize("distill_from", ["final_exit", "final_exit_one_exit", "teacher", "cached_teacher", "none"])
+def test_fused_head_trains_the_exits_like_full_logits_without_running_the_head(tmp_path, distill_from):
+    """lm_fused_head=None (the default: the loss runs the shared head on every exit's normed hidden states) and False
+    (full logits per exit) train the same model: same logged losses and per-exit cross-entropies, same weights up to
+    float rounding, the backbone and its tied head included; fused, no LM head runs in a training step (with one early
+    exit the final exit's targets are projected inside its loss, with several once for all)."""
+    runs = {}
+    exit_layers = [2] if distill_from == "final_exit_one_exit" else [1, 2]
+    distill_from = distill_from.removesuffix("_one_exit")
+    for setting in (None, False):
+        torch.manual_seed(0)
+        model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=4), exit_layers=exit_layers, exit_adapter="linear")
+        for adapter in model.exit_adapters.values():  # not the identity: the adapters' gradients must be right too
+            torch.nn.init.normal_(adapter.up.weight, std=0.1)
+        teacher = tiny_llama(layers=3, seed=5)
+        options = {"final_exit": dict(final_exit_temperature=2.0), "none": {},
+                   "teacher": dict(teacher=teacher), "cached_teacher": dict(
+                       teacher=teacher, cache_teacher_logits=True, lm_cache_top_k=8,
+                       teacher_logits_cache_dir=str(tmp_path / "cache"))}[distill_from]
+        teacher_kwargs = {"teacher_model": options.pop("teacher")} if "teacher" in options else {}
+        # SGD: Adam's g / sqrt(v) would blow float rounding of near-zero gradients up to full-size steps.
+        args = lm_exit_args(tmp_path / str(setting), distill_from=distill_from.removeprefix("cached_"), alpha=0.6,
+                            temperature=1.5, lm_fused_head=setting, max_steps=2, optim="sgd", learning_rate=0.5,
+                            eval_strategy="no", logging_steps=1, **options)
+        trainer = lm_exit_trainer(tmp_path, model, args, **teacher_kwargs)
+        student_calls, teacher_calls = _lm_head_calls(model), _lm_head_calls(teacher)
+        trainer.train()
+        logs = [{k: v for k, v in e.items() if k == "loss" or k.endswith("_ce_loss")}
+                for e in trainer.state.log_history if "loss" in e]
+        runs[setting] = model
+        if setting is None:
+            assert student_calls == [] and teacher_calls == []
+            fused_logs = logs
+        else:
+            assert student_calls and (distill_from != "teacher" or teacher_calls)
+            assert [sorted(e) for e in logs] == [sorted(e) for e in fused_logs]
+            for full, fused in zip(logs, fused_logs):
+                assert full == pytest.approx(fused, rel=1e-5)
+        metrics = trainer.evaluate()  # evaluation runs the head: its metrics read the logits
+        assert math.isfinite(metrics["eval_exit_0_perplexity"])
+    for (name, fused), full in zip(runs[None].named_parameters(), runs[False].parameters()):
+        torch.testing.assert_close(fused, full, atol=1e-5, rtol=1e-4, msg=name)
+
+
+def test_fused_head_required_but_impossible_is_an_error(tmp_path):
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=2), exit_layers=[1])
+    model.backbone.lm_head = torch.nn.Linear(32, 64, bias=True)  # a head with a bias is not hidden @ weight.T
+    trainer = lm_exit_trainer(tmp_path, model, lm_exit_args(tmp_path, lm_fused_head=True, max_steps=1))
+    with pytest.raises(ValueError, match=r"lm_fused_head=True, but the student's LM head .*has a bias"):
+        trainer.train()
 
 
 @require_peft

@@ -172,19 +172,8 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
     beta: float = field(
         default=0.5, metadata={"help": "Weight in [0, 1] of the teacher in the mixture of loss_type='jsd'."}
     )
-    lm_chunk_size: int = field(
-        default=128, metadata={"help": "Tokens processed at once by the causal-LM loss (memory only)."}
-    )
-
-    lm_fused_head: bool | None = field(
-        default=None,
-        metadata={
-            "help": "Causal LMs: the loss runs the LM heads chunk by chunk on completion tokens, so no (batch, seq, "
-            "vocab) logits are made in training. None: where the model allows it; True: required; False: never."
-        },
-    )
-
-    # lm_cache_top_k and lm_cache_tail come from _TeacherArguments (EarlyExitConfig reads them too).
+    # lm_chunk_size, lm_fused_head, lm_cache_top_k and lm_cache_tail come from _TeacherArguments (EarlyExitConfig
+    # reads them too).
     lm_max_length: int = field(
         default=1024,
         metadata={
@@ -234,10 +223,6 @@ class DistillConfig(TrainingArguments, _TeacherArguments):
         self.loss_type = to_enum(LMLossType, self.loss_type, "loss_type")
         if not 0.0 <= self.beta <= 1.0:
             raise ValueError(f"beta must be in [0.0, 1.0], got {self.beta}")
-        if isinstance(self.lm_chunk_size, bool) or not isinstance(self.lm_chunk_size, int) or self.lm_chunk_size < 1:
-            raise ValueError(f"lm_chunk_size must be a positive int, got {self.lm_chunk_size!r}")
-        if self.lm_fused_head not in (None, True, False):
-            raise ValueError(f"lm_fused_head must be None (where possible), True or False, got {self.lm_fused_head!r}")
         if isinstance(self.lm_max_length, bool) or not isinstance(self.lm_max_length, int) or self.lm_max_length < 2:
             raise ValueError(f"lm_max_length must be an int >= 2 (tokens per row), got {self.lm_max_length!r}")
         if isinstance(self.lmbda, bool) or not isinstance(self.lmbda, (int, float)) or not 0.0 <= self.lmbda <= 1.0:

@@ -17,7 +17,7 @@ from ..cross_tokenizer import (
     tokenize_cross_tokenizer_dataset,
 )
 from ..distributed import is_zero3_partitioned
-from ..lm_head import lm_head_skipped, lm_head_unsupported_reason
+from ..lm_head import lm_head_skipped
 from ..losses import (
     LMHeadInputs,
     cached_span_log_probs,
@@ -26,6 +26,7 @@ from ..losses import (
     hybrid_loss,
     kd_loss,
     lm_kd_loss,
+    shifted_logits,
     span_log_probs,
     sparse_lm_kd_loss,
     uld_loss,
@@ -206,7 +207,6 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
                 f"({type(model).__name__}) has no generate() method: use a transformers ...ForCausalLM student."
             )
         self._shared_vocabulary = None  # cross_tokenizer="hybrid": (student_ids, teacher_ids) of the shared tokens
-        self._lm_fused_heads = {}  # (side, id(model)) -> whether the loss runs that model's LM head (_lm_fused_head)
         if args.cross_tokenizer is not None:
             teacher_processing_class = self._cross_tokenizer_set_up(
                 model, teacher, processing_class, teacher_processing_class, args
@@ -398,11 +398,12 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
         if cache_index is None:
             fused_teacher = not return_outputs and self._lm_fused_head(self._load_teacher(), "teacher")
             teacher = self._lm_teacher_outputs(inputs, fused_teacher)
-            parts = lm_kd_loss(_shifted(student, device), _shifted(teacher, device), labels[:, 1:], **options)
+            parts = lm_kd_loss(shifted_logits(student, device), shifted_logits(teacher, device), labels[:, 1:],
+                               **options)
         else:  # cached run: the teacher's top-k logits of these rows' completion tokens, no teacher forward
             targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(device))
             parts = sparse_lm_kd_loss(
-                _shifted(student, device), *targets, labels[:, 1:], **options, tail=args.lm_cache_tail
+                shifted_logits(student, device), *targets, labels[:, 1:], **options, tail=args.lm_cache_tail
             )
         mode = "train" if model.training else "eval"
         self._metrics[mode]["kd_loss"].append(parts.kd)
@@ -420,26 +421,6 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             return loss, {"logits": student, TEACHER_LOGITS_COLUMN: teacher.to(device)}
         return loss
 
-
-    def _lm_fused_head(self, model, side: str) -> bool:
-        """Whether the loss runs `model`'s LM head itself (`side`: `"student"` or `"teacher"`), by
-        `args.lm_fused_head` and [`hf_kd.lm_head.lm_head_unsupported_reason`]; decided once per model and side, the
-        reason for full logits logged once (or raised, with `lm_fused_head=True`)."""
-        key = (side, id(model))
-        decided = self._lm_fused_heads.get(key)
-        if decided is None:
-            setting = self.args.lm_fused_head
-            reason = "lm_fused_head=False" if setting is False else lm_head_unsupported_reason(model)
-            if reason is not None and setting is True:
-                raise ValueError(
-                    f"lm_fused_head=True, but the {side}'s LM head cannot run inside the loss: {reason}. Set "
-                    "lm_fused_head=None (full logits for that model) or False."
-                )
-            decided = self._lm_fused_heads[key] = reason is None
-            if self.args.should_log:
-                logger.info(f"The {side}'s LM head " + ("runs inside the loss" if decided else f"makes full logits ({reason})"))
-        return decided
-
     @staticmethod
     def _lm_outputs(model, inputs: dict, fused: bool) -> torch.Tensor | LMHeadInputs:
         """`model`'s logits `(batch, seq, vocab)`, or with `fused` its final hidden states and LM head weight."""
@@ -447,16 +428,6 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             return model(**inputs).logits
         with lm_head_skipped(model) as head:
             return LMHeadInputs(model(**inputs).logits, head.weight)
-
-    def _lm_teacher_outputs(self, inputs: dict, fused: bool) -> torch.Tensor | LMHeadInputs:
-        """The live teacher's logits for this batch (no gradient), or with `fused` its hidden states and (detached)
-        head weight."""
-        if not fused:
-            return self._batch_teacher_logits(inputs, None)
-        teacher = self._load_teacher()
-        with lm_head_skipped(teacher) as head:
-            hidden = teacher_logits_for_batch(teacher, inputs, self._token_id_map)
-        return LMHeadInputs(hidden, head.weight.detach())
 
     def _compute_cross_tokenizer_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """
@@ -677,13 +648,6 @@ class DistillTrainer(_TeacherMixin, _BaseTrainer):
             return teacher.peft_model, teacher.peft_model.disable_adapter(), teacher.peft_model.training
         model = self.accelerator.unwrap_model(teacher)
         return model, contextlib.nullcontext(), model.training
-
-
-def _shifted(outputs: torch.Tensor | LMHeadInputs, device) -> torch.Tensor | LMHeadInputs:
-    """Positions `0 .. seq - 2` of logits or [`LMHeadInputs`] (each predicts the label one position on), on `device`."""
-    if isinstance(outputs, LMHeadInputs):
-        return LMHeadInputs(outputs.hidden_states[:, :-1].to(device), outputs.weight.to(device))
-    return outputs[:, :-1].to(device)
 
 
 def _prepare_cross_tokenizer_dataset(dataset, split: str, processing_class, teacher_processing_class, args):

@@ -162,6 +162,16 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
             [`hf_kd.losses.sparse_lm_kd_loss`].
         lm_cache_tail (`str` or [`~hf_kd.options.LMCacheTail`], *optional*, defaults to `"bucket"`):
             The tail of that sparse loss: `"bucket"` or `"renormalise"` (see [`DistillConfig`]).
+        lm_chunk_size (`int`, *optional*, defaults to `128`):
+            Causal-LM exits: tokens processed at once by each exit's token loss (memory only).
+        lm_fused_head (`bool` or `None`, *optional*, defaults to `None`):
+            Causal-LM exits: whether the loss runs the shared LM head itself, one chunk of completion tokens at a
+            time, on every exit's normed hidden state ([`hf_kd.lm_head.lm_head_skipped`],
+            [`hf_kd.losses.LMHeadInputs`]), so that training never makes a `(batch, seq, vocab)` logits tensor (nor
+            its gradient) per exit, nor for a live teacher. Same loss and gradients up to float rounding. `None`:
+            wherever the backbone's head allows it (a bias-free `nn.Linear` without logit soft-capping or scaling, not
+            ZeRO-3-partitioned; the reason for full logits logged once); `True`: required (an error naming the reason
+            otherwise); `False`: full logits. Evaluation always computes full logits (the metrics read them).
 
     Example:
 

@@ -6,6 +6,7 @@ from pathlib import Path
 from typing import Any, Callable, Sequence
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers import TrainerCallback
 from transformers.trainer_callback import ExportableState
@@ -13,7 +14,8 @@ from transformers.trainer_callback import ExportableState
 from ..calibration import ExitCalibrationResult, calibrate_exit_temperatures, fit_exit_temperature
 from ..hub import EXIT_CALIBRATION_FILENAME, EXIT_RELIABILITY_DIAGRAM
 from ..import_utils import is_matplotlib_available
-from ..losses import kd_loss, lm_kd_loss, sparse_lm_kd_loss
+from ..lm_head import lm_head_skipped
+from ..losses import LMHeadInputs, kd_loss, lm_kd_loss, shifted_logits, sparse_lm_kd_loss
 from ..metrics import lm_exit_token_statistics, make_exit_compute_metrics, make_lm_exit_compute_metrics
 from ..modeling import MultiExitForSequenceClassification
 from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, capture_exit_features
@@ -445,7 +447,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
 
     def _final_exit_targets(self, final_logits: torch.Tensor) -> torch.Tensor:
         """The detached final-exit logits that the earlier exits learn from, divided by [`final_exit_temperature`]
-        when there is one (left untouched otherwise, so that `None` is the raw final exit bit for bit)."""
+        when there is one (left untouched otherwise, so that `None` is the raw final exit bit for bit). Also used
+        on the final exit's hidden states, which the head maps linearly to the logits."""
         targets = final_logits.detach()
         if self.args.final_exit_temperature is None:
             return targets
@@ -526,15 +529,16 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
 
     @staticmethod
     def early_exit_lm_loss(
-        exit_logits: Sequence[torch.Tensor],
+        exit_logits: Sequence[torch.Tensor | LMHeadInputs],
         labels: torch.Tensor,
         weights: Sequence[float],
-        soft_targets: Sequence[torch.Tensor | None],
+        soft_targets: Sequence[torch.Tensor | LMHeadInputs | tuple | None],
         temperature: float = 2.0,
         alpha: float = 0.5,
         num_items_in_batch: torch.Tensor | int | None = None,
         lm_cache_tail: str = "bucket",
-    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        chunk_size: int = 128,
+    ) -> tuple[torch.Tensor, list[torch.Tensor], list[torch.Tensor]]:
         r"""
         Weighted multi-exit token-level loss of a causal LM, `sum_i weights[i] * loss_i`, with `loss_i` the
         [`hf_kd.losses.lm_kd_loss`] (forward KL) of exit `i` on the shifted logits and labels (position `t` predicts
@@ -542,76 +546,110 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         has soft targets, the next-token cross-entropy when `soft_targets[i]` is `None`.
 
         Args:
-            exit_logits (sequence of `torch.Tensor` of shape `(batch, seq, vocab)`): the exits' logits.
+            exit_logits (sequence of `torch.Tensor` of shape `(batch, seq, vocab)` or [`hf_kd.losses.LMHeadInputs`]):
+                The exits' logits, or their normed hidden states `(batch, seq, hidden)` with the LM head's weight
+                (the loss then projects `chunk_size` counted tokens at a time and never makes the logits).
             labels (`torch.Tensor` of shape `(batch, seq)`): the model's labels, **not shifted**, `-100` ignored.
             weights (sequence of `float`): one weight per exit (normalised by the caller).
-            soft_targets (sequence of `torch.Tensor` of shape `(batch, seq, vocab)`, `tuple` or `None`):
-                Source logits per exit (detached), not shifted; or a cached teacher's top-k targets `(topk_ids,
-                topk_logits, logsumexp)` already aligned with the shifted labels (`(batch, seq - 1, k)`, `(batch,
-                seq - 1, k)`, `(batch, seq - 1)`), for [`hf_kd.losses.sparse_lm_kd_loss`] with tail
-                `lm_cache_tail`; or `None` for plain cross-entropy.
+            soft_targets (sequence of `torch.Tensor` of shape `(batch, seq, vocab)`, `LMHeadInputs`, `tuple` or `None`):
+                Source logits per exit (detached), not shifted, or [`~hf_kd.losses.LMHeadInputs`] that make them; or a
+                cached teacher's top-k targets `(topk_ids, topk_logits, logsumexp)` already aligned with the shifted
+                labels (`(batch, seq - 1, k)`, `(batch, seq - 1, k)`, `(batch, seq - 1)`), for
+                [`hf_kd.losses.sparse_lm_kd_loss`] with tail `lm_cache_tail`; or `None` for plain cross-entropy.
             temperature (`float`, *optional*, defaults to `2.0`), alpha (`float`, *optional*, defaults to `0.5`):
                 As in [`hf_kd.losses.lm_kd_loss`].
             num_items_in_batch (`int` or `torch.Tensor`, *optional*):
                 Counted tokens of the accumulated batch; each loss is then `sum / num_items_in_batch`.
+            lm_cache_tail (`str`, *optional*, defaults to `"bucket"`): the tail of the cached loss.
+            chunk_size (`int`, *optional*, defaults to `128`): counted tokens processed at once (memory only).
 
         Returns:
-            `(loss, exit_losses)`: the scalar weighted loss and the per-exit losses (not weighted by `weights`).
+            `(loss, exit_losses, exit_cross_entropies)`: the scalar weighted loss, the per-exit losses (not weighted
+            by `weights`), and each exit's mean next-token cross-entropy over this call's counted tokens (detached;
+            from the same pass over the tokens as its loss).
         """
         _check_exit_inputs(exit_logits, weights, soft_targets)
-        exit_losses = []
+        counted = labels[:, 1:] != -100
+        options = {"temperature": temperature, "num_items_in_batch": num_items_in_batch, "chunk_size": chunk_size}
+        exit_losses, exit_cross_entropies = [], []
         for logits, source in zip(exit_logits, soft_targets):
-            if isinstance(source, tuple):
-                exit_losses.append(
-                    sparse_lm_kd_loss(
-                        logits[:, :-1], *source, labels[:, 1:], temperature=temperature, alpha=alpha,
-                        num_items_in_batch=num_items_in_batch, tail=lm_cache_tail,
-                    )
-                )
+            logits = shifted_logits(logits)
+            if source is None:
+                # alpha=0 is lm_kd_loss's plain cross-entropy: the source is never read (nor, for LMHeadInputs,
+                # projected), so the exit's own detached inputs stand in for it.
+                fused = isinstance(logits, LMHeadInputs)
+                detached = LMHeadInputs(*(t.detach() for t in logits)) if fused else logits.detach()
+                loss = lm_kd_loss(logits, detached, labels[:, 1:], alpha=0.0, **options)
+                # loss = sum(CE) / num_items_in_batch; the logged figure is the mean over this call's tokens.
+                scale = 1.0 if num_items_in_batch is None else num_items_in_batch / counted.sum().clamp(min=1)
+                exit_losses.append(loss)
+                exit_cross_entropies.append((loss * scale).detach())
                 continue
-            # alpha=0 against the exit's own detached logits is lm_kd_loss's plain next-token cross-entropy.
-            source, exit_alpha = (logits.detach(), 0.0) if source is None else (source, alpha)
-            exit_losses.append(
-                lm_kd_loss(
-                    logits[:, :-1], source[:, :-1], labels[:, 1:], temperature=temperature, alpha=exit_alpha,
-                    num_items_in_batch=num_items_in_batch,
+            if isinstance(source, tuple) and not isinstance(source, LMHeadInputs):
+                parts = sparse_lm_kd_loss(
+                    logits, *source, labels[:, 1:], alpha=alpha, tail=lm_cache_tail, return_parts=True, **options
                 )
-            )
+            else:
+                parts = lm_kd_loss(logits, shifted_logits(source), labels[:, 1:], alpha=alpha, return_parts=True,
+                                   **options)
+            exit_losses.append(parts.loss)
+            exit_cross_entropies.append(parts.ce)
         loss = sum(w * exit_loss for w, exit_loss in zip(weights, exit_losses))
-        return loss, exit_losses
+        return loss, exit_losses, exit_cross_entropies
 
     def _compute_lm_loss(self, model, inputs, return_outputs, num_items_in_batch):
         """`compute_loss` of a multi-exit causal LM: [`early_exit_lm_loss`] over the exits, rescaled for DDP; logs
         each exit's next-token cross-entropy `exit_{i}_ce_loss` and returns, with `return_outputs`, the exits' token
-        statistics ([`hf_kd.metrics.lm_exit_token_statistics`]) instead of vocabulary-sized logits."""
+        statistics ([`hf_kd.metrics.lm_exit_token_statistics`]) instead of vocabulary-sized logits.
+
+        In training, where the backbone's head allows it (`args.lm_fused_head`), the shared LM head is skipped in the
+        forward and every exit (and a live teacher) reaches the loss as its normed hidden states with the head's
+        weight ([`hf_kd.losses.LMHeadInputs`]): no `(batch, seq, vocab)` tensor per exit."""
         labels = inputs.pop("labels", None)
         if labels is None:
             raise ValueError("A causal-LM batch needs 'labels' (the input ids, -100 on tokens that do not count).")
         cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
-        exit_logits = self._exit_logits(model(**inputs))  # num_exits x (batch, seq, vocab)
+        fused = not return_outputs and self._lm_fused_head(model, "student")
+        with lm_head_skipped(model) if fused else contextlib.nullcontext() as head:
+            exit_logits = self._exit_logits(model(**inputs))  # num_exits x (batch, seq, vocab), fused: hidden
+        if fused:
+            exit_logits = [LMHeadInputs(hidden, head.weight) for hidden in exit_logits]
+        final = exit_logits[-1]
+        device = final.hidden_states.device if fused else final.device
         num_exits, distill_from = len(exit_logits), self.args.distill_from
         if distill_from == "teacher" and cache_index is not None:  # cached run: no teacher forward
-            targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(exit_logits[-1].device))
+            targets = self._cached_lm_top_k(cache_index, labels[:, 1:].to(device))
             soft_targets = [tuple(targets)] * num_exits
         elif distill_from == "teacher":
-            soft_targets = [self._batch_teacher_logits(inputs, None).to(exit_logits[-1].device)] * num_exits
+            fused_teacher = not return_outputs and self._lm_fused_head(self._load_teacher(), "teacher")
+            teacher = self._lm_teacher_outputs(inputs, fused_teacher)
+            teacher = LMHeadInputs(*(t.to(device) for t in teacher)) if fused_teacher else teacher.to(device)
+            soft_targets = [teacher] * num_exits
         elif distill_from == "final_exit":
-            soft_targets = [self._final_exit_targets(exit_logits[-1])] * (num_exits - 1) + [None]
+            # The final exit teaches the earlier ones but receives no gradient from them (nor does the shared head
+            # through the targets).
+            if fused and num_exits == 2:
+                # One early exit: its loss projects the targets chunk by chunk, (h / T) W^T = (h W^T) / T.
+                source = LMHeadInputs(self._final_exit_targets(final.hidden_states), final.weight.detach())
+            elif fused:
+                # Several early exits read the same targets: project them once (one (batch, seq, vocab) tensor
+                # without gradient) rather than once in every exit's loss (+14% CPU per step with two exits,
+                # docs/benchmarks/early_exit_lm.md).
+                with torch.no_grad():
+                    source = self._final_exit_targets(F.linear(final.hidden_states, final.weight))
+            else:
+                source = self._final_exit_targets(final)
+            soft_targets = [source] * (num_exits - 1) + [None]
         else:
             soft_targets = [None] * num_exits
-        T, alpha = self.args.temperature, self.args.alpha
-        loss, exit_losses = self.early_exit_lm_loss(
-            exit_logits, labels, self.exit_loss_weights, soft_targets, T, alpha, num_items_in_batch,
-            self.args.lm_cache_tail,
+        loss, _, exit_cross_entropies = self.early_exit_lm_loss(
+            exit_logits, labels, self.exit_loss_weights, soft_targets, self.args.temperature, self.args.alpha,
+            num_items_in_batch, self.args.lm_cache_tail, self.args.lm_chunk_size,
         )
         loss = self._scale_for_processes(loss, num_items_in_batch)
         mode = "train" if model.training else "eval"
-        with torch.no_grad():
-            for i, logits in enumerate(exit_logits):
-                ce = exit_losses[i] if soft_targets[i] is None and num_items_in_batch is None else None
-                if ce is None:
-                    ce = lm_kd_loss(logits[:, :-1], logits[:, :-1], labels[:, 1:], alpha=0.0)
-                self._metrics[mode][f"exit_{i}_ce_loss"].append(ce.detach())
+        for i, cross_entropy in enumerate(exit_cross_entropies):
+            self._metrics[mode][f"exit_{i}_ce_loss"].append(cross_entropy)
         if return_outputs:
             return loss, {"exit_token_statistics": lm_exit_token_statistics(exit_logits, labels)}
         return loss

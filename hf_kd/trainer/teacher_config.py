@@ -1,4 +1,4 @@
-"""`_TeacherArguments`: the teacher and teacher-logits-cache fields shared by [`DistillConfig`] and
+"""`_TeacherArguments`: the teacher, teacher-logits-cache and causal-LM loss fields shared by [`DistillConfig`] and
 [`EarlyExitConfig`].
 
 A plain dataclass, not a [`~transformers.TrainingArguments`]: configs list it after `TrainingArguments`
@@ -73,6 +73,18 @@ class _TeacherArguments:
         },
     )
 
+    # Parameters of the causal-LM loss (DistillTrainer's student, EarlyExitTrainer's exits)
+    lm_chunk_size: int = field(
+        default=128, metadata={"help": "Tokens processed at once by the causal-LM loss (memory only)."}
+    )
+    lm_fused_head: bool | None = field(
+        default=None,
+        metadata={
+            "help": "Causal LMs: the loss runs the LM heads chunk by chunk on completion tokens, so no (batch, seq, "
+            "vocab) logits are made in training. None: where the model allows it; True: required; False: never."
+        },
+    )
+
     def _teacher_post_init(self) -> None:
         # HfArgumentParser hands dict fields over as JSON strings.
         if isinstance(self.teacher_model_init_kwargs, str):
@@ -86,6 +98,10 @@ class _TeacherArguments:
         if isinstance(self.lm_cache_top_k, bool) or not isinstance(self.lm_cache_top_k, int) or self.lm_cache_top_k < 1:
             raise ValueError(f"lm_cache_top_k must be an int >= 1, got {self.lm_cache_top_k!r}")
         self.lm_cache_tail = to_enum(LMCacheTail, self.lm_cache_tail, "lm_cache_tail")
+        if isinstance(self.lm_chunk_size, bool) or not isinstance(self.lm_chunk_size, int) or self.lm_chunk_size < 1:
+            raise ValueError(f"lm_chunk_size must be a positive int, got {self.lm_chunk_size!r}")
+        if self.lm_fused_head not in (None, True, False):
+            raise ValueError(f"lm_fused_head must be None (where possible), True or False, got {self.lm_fused_head!r}")
         if self.teacher_from_base_model and self.teacher_model_name_or_path is not None:
             raise ValueError(
                 f"teacher_from_base_model=True uses the PEFT student's base model as the teacher, but "

@@ -18,6 +18,8 @@ from torch import nn
 from ..cross_tokenizer import CROSS_TOKENIZER_COLUMNS, span_token_mask, tokenizer_fingerprint
 from ..distributed import is_zero3_partitioned, prepare_deepspeed_teacher, teacher_placement
 from ..lm_data import LMDataCollator
+from ..lm_head import lm_head_skipped, lm_head_unsupported_reason
+from ..losses import LMHeadInputs
 from ..peft_utils import BaseModelTeacher, frozen_tensors, is_peft_model, warn_if_base_head_untrained
 from ..teacher import (
     LM_TOP_K_SPAN_TENSORS,
@@ -69,6 +71,7 @@ class _TeacherMixin:
     _teacher_placement = None
     _teacher_config = None
     _teacher_tokenizer = None  # cross_tokenizer: the teacher's own tokenizer (DistillTrainer sets it)
+    _lm_fused_heads = None  # {(side, id(model)): whether the loss runs that model's LM head}, see _lm_fused_head
 
     @staticmethod
     def _resolve_teacher(teacher_model, args):
@@ -284,6 +287,37 @@ class _TeacherMixin:
                 )
             teacher_logits = teacher_logits_for_batch(self._load_teacher(), inputs, self._token_id_map)
         return teacher_logits
+
+    def _lm_fused_head(self, model, side: str) -> bool:
+        """Whether the loss runs `model`'s LM head itself (`side`: `"student"` or `"teacher"`), by
+        `args.lm_fused_head` and [`hf_kd.lm_head.lm_head_unsupported_reason`]; decided once per model and side, the
+        reason for full logits logged once (or raised, with `lm_fused_head=True`)."""
+        if self._lm_fused_heads is None:
+            self._lm_fused_heads = {}
+        key = (side, id(model))
+        decided = self._lm_fused_heads.get(key)
+        if decided is None:
+            setting = self.args.lm_fused_head
+            reason = "lm_fused_head=False" if setting is False else lm_head_unsupported_reason(model)
+            if reason is not None and setting is True:
+                raise ValueError(
+                    f"lm_fused_head=True, but the {side}'s LM head cannot run inside the loss: {reason}. Set "
+                    "lm_fused_head=None (full logits for that model) or False."
+                )
+            decided = self._lm_fused_heads[key] = reason is None
+            if self.args.should_log:
+                logger.info(f"The {side}'s LM head " + ("runs inside the loss" if decided else f"makes full logits ({reason})"))
+        return decided
+
+    def _lm_teacher_outputs(self, inputs: dict, fused: bool) -> torch.Tensor | LMHeadInputs:
+        """The live teacher's logits for this batch (no gradient), or with `fused` its hidden states and (detached)
+        head weight."""
+        if not fused:
+            return self._batch_teacher_logits(inputs, None)
+        teacher = self._load_teacher()
+        with lm_head_skipped(teacher) as head:
+            hidden = teacher_logits_for_batch(teacher, inputs, self._token_id_map)
+        return LMHeadInputs(hidden, head.weight.detach())
 
     def with_teacher_logits(self, dataset, split: str = "dataset"):
         """Return `dataset` with a `teacher_logits` column `(num_rows, num_labels)`, from the cache when possible.

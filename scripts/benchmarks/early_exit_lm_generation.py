@@ -11,10 +11,13 @@ backbone's final norm + LM head, no adapter), float32, chat prompts left-padded:
 - batch `--batch-size` (all prompts at once): plain greedy vs hf_kd self-speculative (transformers' assisted
   generation takes batch 1 only).
 
-With `--confident-exits`, also CALM-style `generate(early_exit="confident")` with those untrained exits: thresholds
-fitted by `model.fit_exit_thresholds` (Learn-then-Test at `--epsilon`, `--delta`) on `--calibration-rows` BBC News
-validation articles (128 tokens each), then batch-1 generation next to greedy: tokens/s, where each token left, and
-whether the text stays greedy's (it need not: confident decoding is not lossless).
+With `--confident-exits`, also CALM-style `generate(early_exit="confident")` with those untrained exits, one point of
+a curve per `--epsilon` value: thresholds fitted by `model.fit_exit_thresholds` (Learn-then-Test at that epsilon and
+`--delta`) on `--calibration-rows` BBC News validation articles (128 tokens each), then batch-1 generation next to
+greedy: tokens/s, layers per token, where each token left, whether the text stays greedy's (it need not: confident
+decoding is not lossless), and, from one teacher-forced pass of the full model over each generated text, the share of
+new tokens that differ from the full model's greedy choice after the same prefix and the text's perplexity under the
+full model (greedy's own text as the reference).
 
 Each figure is new tokens per second (tokens up to each row's EOS, or `--max-new-tokens`), the median of `--repeats`
 interleaved runs after one warm-up; every method's token ids are checked against plain greedy's. The exits are
@@ -26,11 +29,12 @@ Run (prints a markdown table and writes --json; docs/benchmarks/early_exit_lm_ge
         python scripts/benchmarks/early_exit_lm_generation.py --json docs/benchmarks/early_exit_lm_generation.json
     OMP_NUM_THREADS=1 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 PYTHONPATH=. \\
         python scripts/benchmarks/early_exit_lm_generation.py --confident-exits 8 15 26 --skip-speculative \\
-        --json docs/benchmarks/early_exit_lm_confident.json
+        --epsilon 0.02 0.05 0.1 0.2 0.3 --batch1-prompts 4 --repeats 2 --json docs/benchmarks/early_exit_lm_confident.json
 """
 
 import argparse
 import json
+import math
 import platform
 import statistics
 import time
@@ -133,46 +137,90 @@ def speculative_section(args, tokenizer, chats: list[str]) -> list[dict]:
     return results
 
 
+def full_model_scores(model, sequences: torch.Tensor, prompt_len: int, eos: int) -> dict:
+    """The full model (the backbone, every layer) teacher-forced on one generated row `(1, len)`: over the new tokens
+    up to the first EOS, how many differ from the full model's greedy choice after the same prefix, and their summed
+    negative log-likelihood under the full model (for the perplexity of the generated text)."""
+    tokens = new_tokens(sequences, prompt_len, eos)
+    with torch.no_grad():
+        logits = model.backbone(input_ids=sequences[:, : prompt_len + tokens]).logits[0, prompt_len - 1 : -1].float()
+    generated = sequences[0, prompt_len : prompt_len + tokens]
+    nll = torch.nn.functional.cross_entropy(logits, generated, reduction="sum")
+    return {"tokens": tokens, "disagreements": int((logits.argmax(-1) != generated).sum()), "nll": float(nll)}
+
+
 def confident_section(args, tokenizer, chats: list[str]) -> dict:
-    """Learn-then-Test thresholds for `--confident-exits` on BBC News text, then confident decoding vs greedy."""
+    """Confident decoding against greedy, one point per `--epsilon`: Learn-then-Test thresholds for
+    `--confident-exits` fitted on BBC News text, then batch-1 generation of the first `--batch1-prompts` prompts;
+    tokens/s, layers per token, disagreement with the full model and perplexity of the text under it."""
     model = MultiExitForCausalLM.from_backbone(SMOLLM2, exit_layers=args.confident_exits).eval()
     articles = lm_text_dataset()["validation"]["text"][: args.calibration_rows]
     calibration = tokenizer(articles, truncation=True, max_length=128, padding=True, return_tensors="pt")
-    start = time.perf_counter()
-    fit = model.fit_exit_thresholds(calibration["input_ids"], epsilon=args.epsilon, delta=args.delta,
-                                    attention_mask=calibration["attention_mask"], batch_size=4)
-    fit_seconds = time.perf_counter() - start
-    print(f"fit ({fit.num_tokens} tokens, {fit_seconds:.1f} s): thresholds {fit.thresholds}, calibration "
-          f"disagreement {fit.disagreement}")
+    eos, depth = tokenizer.eos_token_id, model.config.exit_layers[-1]
     greedy = dict(do_sample=False, max_new_tokens=args.max_new_tokens, pad_token_id=tokenizer.pad_token_id)
-    methods = {
-        "greedy": lambda inputs: model.generate(**inputs, **greedy),
-        "hf_kd confident": lambda inputs: model.generate(**inputs, early_exit="confident",
-                                                         max_new_tokens=args.max_new_tokens,
-                                                         pad_token_id=tokenizer.pad_token_id),
+    points = []
+    for epsilon in args.epsilon:
+        start = time.perf_counter()
+        fit = model.fit_exit_thresholds(calibration["input_ids"], epsilon=epsilon, delta=args.delta,
+                                        attention_mask=calibration["attention_mask"], batch_size=4)
+        fit_seconds = time.perf_counter() - start
+        print(f"epsilon {epsilon}: fit ({fit.num_tokens} tokens, {fit_seconds:.1f} s): thresholds {fit.thresholds}, "
+              f"calibration disagreement {fit.disagreement}", flush=True)
+        methods = {
+            "greedy": lambda inputs: model.generate(**inputs, **greedy),
+            "hf_kd confident": lambda inputs: model.generate(**inputs, early_exit="confident",
+                                                             max_new_tokens=args.max_new_tokens,
+                                                             pad_token_id=tokenizer.pad_token_id),
+        }
+        rows = []
+        for i in range(args.batch1_prompts):
+            inputs = tokenizer([chats[i]], return_tensors="pt")
+            prompt_len = inputs["input_ids"].shape[1]
+            outputs, seconds = timed(methods, inputs, args.repeats)
+            reference, out = outputs["greedy"], outputs["hf_kd confident"]
+            generated, exits = out.sequences[0, prompt_len:], out.exit_layers[0].tolist()
+            same = (generated[: reference.shape[1] - prompt_len] == reference[0, prompt_len : prompt_len + len(generated)])
+            rows.append({
+                "prompt": i,
+                "greedy_tokens_per_s": new_tokens(reference, prompt_len, eos) / seconds["greedy"],
+                "confident_tokens_per_s": new_tokens(out.sequences, prompt_len, eos) / seconds["hf_kd confident"],
+                "identical_to_greedy": torch.equal(out.sequences, reference),
+                "tokens_before_first_difference": int(same.long().cumprod(0).sum()),
+                "exit_layer_counts": {layer: exits.count(layer) for layer in sorted(set(exits))},
+                "layers_run": out.layers_run, "greedy_layers": depth * (new_tokens(reference, prompt_len, eos) - 1),
+                "confident_full_model": full_model_scores(model, out.sequences, prompt_len, eos),
+                "greedy_full_model": full_model_scores(model, reference, prompt_len, eos),
+            })
+            print(json.dumps(rows[-1]), flush=True)
+        points.append({"epsilon": epsilon, "thresholds": fit.thresholds, "disagreement": fit.disagreement,
+                       "num_tokens": fit.num_tokens, "fit_seconds": fit_seconds, "prompts": rows,
+                       "summary": curve_point(rows)})
+    return {"delta": args.delta, "exits": model.config.exit_layers, "points": points}
+
+
+def curve_point(rows: list[dict]) -> dict:
+    """One point of the confident-decoding curve from its prompts: tokens/s of both methods (summed tokens over
+    summed seconds), layers per new token, the token disagreement with the full model and the perplexity of the
+    generated text under the full model, for confident decoding and for greedy (the reference)."""
+    def pooled(key):
+        scores = [r[key] for r in rows]
+        tokens = sum(s["tokens"] for s in scores)
+        return sum(s["disagreements"] for s in scores) / tokens, math.exp(sum(s["nll"] for s in scores) / tokens)
+
+    seconds = {m: sum(r["confident_full_model" if m == "confident" else "greedy_full_model"]["tokens"]
+                      / r[f"{m}_tokens_per_s"] for r in rows) for m in ("confident", "greedy")}
+    confident_tokens = sum(r["confident_full_model"]["tokens"] for r in rows)
+    greedy_tokens = sum(r["greedy_full_model"]["tokens"] for r in rows)
+    disagreement, perplexity = pooled("confident_full_model")
+    _, greedy_perplexity = pooled("greedy_full_model")
+    return {
+        "confident_tokens_per_s": confident_tokens / seconds["confident"],
+        "greedy_tokens_per_s": greedy_tokens / seconds["greedy"],
+        "layers_per_token": sum(r["layers_run"] for r in rows) / sum(max(r["confident_full_model"]["tokens"] - 1, 1)
+                                                                      for r in rows),
+        "disagreement_with_full_model": disagreement, "perplexity_under_full_model": perplexity,
+        "greedy_perplexity_under_full_model": greedy_perplexity,
     }
-    rows = []
-    for i in range(args.batch1_prompts):
-        inputs = tokenizer([chats[i]], return_tensors="pt")
-        prompt_len = inputs["input_ids"].shape[1]
-        outputs, seconds = timed(methods, inputs, args.repeats)
-        reference, out = outputs["greedy"][0, prompt_len:], outputs["hf_kd confident"]
-        generated = out.sequences[0, prompt_len:]
-        same = (generated[: len(reference)] == reference[: len(generated)]).long().cumprod(0).sum()
-        exits = out.exit_layers[0].tolist()
-        rows.append({
-            "prompt": i,
-            "greedy_tokens_per_s": len(reference) / seconds["greedy"],
-            "confident_tokens_per_s": len(generated) / seconds["hf_kd confident"],
-            "identical_to_greedy": torch.equal(out.sequences, outputs["greedy"]),
-            "tokens_before_first_difference": int(same),
-            "exit_layer_counts": {layer: exits.count(layer) for layer in sorted(set(exits))},
-            "layers_run": out.layers_run,
-            "greedy_layers": model.config.exit_layers[-1] * (len(reference) - 1),
-        })
-        print(json.dumps(rows[-1]))
-    return {"thresholds": fit.thresholds, "disagreement": fit.disagreement, "num_tokens": fit.num_tokens,
-            "fit_seconds": fit_seconds, "epsilon": args.epsilon, "delta": args.delta, "prompts": rows}
 
 
 def main():
@@ -185,7 +233,8 @@ def main():
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--confident-exits", type=int, nargs="*", help="also time confident decoding with these exits")
     parser.add_argument("--skip-speculative", action="store_true", help="only the confident-decoding part")
-    parser.add_argument("--epsilon", type=float, default=0.1)
+    parser.add_argument("--epsilon", type=float, nargs="+", default=[0.1],
+                        help="one point of the confident-decoding curve per value")
     parser.add_argument("--delta", type=float, default=0.1)
     parser.add_argument("--calibration-rows", type=int, default=16)
     parser.add_argument("--json", help="write the figures here")

@@ -8,7 +8,10 @@ Modes:
 - `on_policy`: `lmbda=1`, greedy student generations stopping at a frequent token, so the generated lengths differ by
   row and process and `num_items_in_batch` must be counted on the generated labels;
 - `zero3`: DeepSpeed ZeRO-3 (student and teacher sharded), `lmbda=0.5` with sampled generations and several EOS ids,
-  so the processes finish generating at different steps (`generate(synced_gpus=True)`).
+  so the processes finish generating at different steps (`generate(synced_gpus=True)`);
+- `early_exit`: an `EarlyExitTrainer` run instead, a `MultiExitForCausalLM` student (exit after layer 1 with an
+  adapter) distilled from its final exit, the shared LM head run inside the loss (`lm_fused_head`'s default): under
+  DDP the skipped head's weight must still count as used.
 
 Each process writes `rank<k>.json` (per-step loss and gradient norm; per step, each micro-batch's data source, token
 count and longest completion; the teacher placement) and the main process saves the final student in `<out>/student`.
@@ -25,7 +28,13 @@ import torch
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
-from hf_kd import DistillConfig, DistillTrainer  # noqa: E402
+from hf_kd import (  # noqa: E402
+    DistillConfig,
+    DistillTrainer,
+    EarlyExitConfig,
+    EarlyExitTrainer,
+    MultiExitForCausalLM,
+)
 from hf_kd.distributed import end_distributed  # noqa: E402
 from tests.testing_utils import tiny_llama  # noqa: E402
 
@@ -81,20 +90,29 @@ def main(out_dir: str, mode: str) -> None:
     # One global micro-batch of 4 rows: 4 on 1 process, 2 on each of 2.
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     per_device = 4 // world_size
-    args = DistillConfig(
+    common = dict(
         output_dir=str(out / "run"), per_device_train_batch_size=per_device, gradient_accumulation_steps=2, num_train_epochs=2,
         learning_rate=1e-2, logging_steps=1, save_strategy="no", report_to="none", use_cpu=True, seed=0,
         ddp_backend="gloo" if world_size > 1 else None, alpha=0.5, temperature=2.0,
-        deepspeed=str(ROOT / "trainers" / "deepspeed" / "zero3.json") if mode == "zero3" else None, **generation,
     )
-    trainer = DistillTrainer(model=student, args=args, teacher_model=teacher, train_dataset=data, data_collator=collate)
+    if mode == "early_exit":
+        student = MultiExitForCausalLM.from_backbone(student, exit_layers=[1], exit_adapter="linear")
+        args = EarlyExitConfig(**common, distill_from="final_exit")
+        trainer = EarlyExitTrainer(model=student, args=args, train_dataset=data, data_collator=collate)
+    else:
+        args = DistillConfig(
+            **common, deepspeed=str(ROOT / "trainers" / "deepspeed" / "zero3.json") if mode == "zero3" else None,
+            **generation,
+        )
+        trainer = DistillTrainer(model=student, args=args, teacher_model=teacher, train_dataset=data,
+                                 data_collator=collate)
     generated = []
     get_batch_samples = trainer.get_batch_samples
 
     def recording(*a, **k):
         batches, num_items = get_batch_samples(*a, **k)
         generated.append({
-            "sources": [trainer._completion_source(i) for i in range(len(batches))],
+            "sources": [trainer._completion_source(i) for i in range(len(batches))] if mode != "early_exit" else [],
             "num_items": int(num_items),
             "local_items": [int((b["labels"][:, 1:] != -100).sum()) for b in batches],
             # The longest completion of each micro-batch: for a generated one, the generation steps this process took.

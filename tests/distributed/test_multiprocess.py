@@ -88,12 +88,13 @@ def run_lm(out, mode, processes):
 
 
 @pytest.mark.multiprocess
-@pytest.mark.parametrize("mode", ["supervised", "on_policy"])
+@pytest.mark.parametrize("mode", ["supervised", "on_policy", "early_exit"])
 def test_causal_lm_ddp_matches_one_process(tmp_path, mode):
     """A causal-LM student on 2 DDP processes (2 rows each per micro-batch, 2 accumulated) takes the steps of 1 process
     on the same global batch: every step's loss and gradient norm within 1e-5, the final weights within 1e-5. Each
     process counts another number of completion tokens (uneven rows; on-policy, greedy generations of uneven length,
-    counted after generation), so this holds only if num_items_in_batch is the count over both processes."""
+    counted after generation), so this holds only if num_items_in_batch is the count over both processes.
+    `early_exit`: the same for EarlyExitTrainer's multi-exit student, its shared head run inside the loss."""
     from safetensors.torch import load_file
 
     (one,) = run_lm(tmp_path / "one", mode, 1)
