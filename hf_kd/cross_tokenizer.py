@@ -393,10 +393,10 @@ def tokenize_cross_tokenizer_dataset(dataset, student_tokenizer, teacher_tokeniz
             raise ValueError(f"Row {index}: {error}") from None
 
     consumed = [c for c in ("text", "messages", "prompt", "completion") if c in dataset.column_names]
-    from . import lm_data
+    from .lm_data import tokenized_fingerprint
 
-    fingerprint = lm_data.tokenized_fingerprint(dataset, [student_tokenizer, teacher_tokenizer],
-                                                [__file__, lm_data.__file__], max_length=max_length)
+    fingerprint = tokenized_fingerprint(dataset, [student_tokenizer, teacher_tokenizer], (__file__,),
+                                        max_length=max_length)
     return dataset.map(tokenize, with_indices=True, remove_columns=consumed, desc="Tokenizing (two tokenizers)",
                        new_fingerprint=fingerprint)
 

@@ -389,11 +389,12 @@ def _module_source_digest(*paths: str) -> str:
     return digest.hexdigest()
 
 
-def tokenized_fingerprint(dataset: Dataset, tokenizers: list, sources: list[str], **settings) -> str | None:
+def tokenized_fingerprint(dataset: Dataset, tokenizers: list, sources: tuple[str, ...] = (), **settings) -> str | None:
     """
     The `new_fingerprint` of a tokenising `dataset.map`: a SHA-256 of the dataset's own fingerprint, each tokenizer's
     full definition (its `tokenizer.json` and init arguments: chat template, BOS / EOS handling), the hf_kd source
-    files that tokenise (`sources`) and `settings` (e.g. `max_length`).
+    that tokenises (this module, which every tokenising map of hf_kd runs, and `sources`) and `settings` (e.g.
+    `max_length`).
 
     Without it `datasets` hashes the map function by pickling its closure, tokenizers included: seconds per call for
     Gemma 3's 262,144-token vocabulary (most of a cross-tokenizer trainer's set-up, measured in the tests).
@@ -401,7 +402,7 @@ def tokenized_fingerprint(dataset: Dataset, tokenizers: list, sources: list[str]
     Args:
         dataset ([`~datasets.Dataset`]): the dataset about to be mapped.
         tokenizers (`list`): the tokenizers (or processors holding one as `.tokenizer`) the map function uses.
-        sources (`list[str]`): paths of the hf_kd modules whose code the map runs.
+        sources (`tuple[str, ...]`, *optional*): paths of other hf_kd modules whose code the map runs.
         settings: other values the map's result depends on (JSON-serialisable, or by their `str`).
 
     Returns:
@@ -416,7 +417,7 @@ def tokenized_fingerprint(dataset: Dataset, tokenizers: list, sources: list[str]
         digest.update(backend.to_str().encode())
         digest.update(json.dumps(tokenizer.init_kwargs, sort_keys=True, default=str).encode())
         digest.update(str(getattr(tokenizer, "chat_template", None)).encode())
-    digest.update(_module_source_digest(*sources).encode())
+    digest.update(_module_source_digest(__file__, *sources).encode())
     digest.update(json.dumps(settings, sort_keys=True, default=str).encode())
     return digest.hexdigest()
 
@@ -481,7 +482,7 @@ def tokenize_lm_dataset(dataset: Dataset | DatasetDict, tokenizer, max_length: i
     def run(split: Dataset) -> Dataset:
         consumed = [column for column in format_columns if column in split.column_names]
         return split.map(tokenize, with_indices=True, remove_columns=consumed, desc="Tokenizing",
-                         new_fingerprint=tokenized_fingerprint(split, [tokenizer], [__file__], max_length=max_length))
+                         new_fingerprint=tokenized_fingerprint(split, [tokenizer], max_length=max_length))
 
     if isinstance(dataset, DatasetDict):
         return DatasetDict({name: run(split) for name, split in dataset.items()})

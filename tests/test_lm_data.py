@@ -158,26 +158,26 @@ def test_tokenized_fingerprint_follows_everything_the_ids_depend_on():
     hashing to datasets."""
     data = Dataset.from_dict({"text": ["the film is good", "a film"]})
     tokenizer = tiny_chat_tokenizer()
-    base = tokenized_fingerprint(data, [tokenizer], [__file__], max_length=8)
-    assert base == tokenized_fingerprint(data, [tiny_chat_tokenizer()], [__file__], max_length=8)
+    base = tokenized_fingerprint(data, [tokenizer], (__file__,), max_length=8)
+    assert base == tokenized_fingerprint(data, [tiny_chat_tokenizer()], (__file__,), max_length=8)
     assert len(base) == 64
     others = [
-        tokenized_fingerprint(Dataset.from_dict({"text": ["the film is bad", "a film"]}), [tokenizer], [__file__],
+        tokenized_fingerprint(Dataset.from_dict({"text": ["the film is bad", "a film"]}), [tokenizer], (__file__,),
                               max_length=8),
-        tokenized_fingerprint(data, [tiny_chat_tokenizer(chat_template=CHATML + " ")], [__file__], max_length=8),
-        tokenized_fingerprint(data, [tiny_chat_tokenizer(bos=True)], [__file__], max_length=8),
-        tokenized_fingerprint(data, [tokenizer], [__file__], max_length=9),
-        tokenized_fingerprint(data, [tokenizer], [tokenize_lm_dataset.__code__.co_filename], max_length=8),
+        tokenized_fingerprint(data, [tiny_chat_tokenizer(chat_template=CHATML + " ")], (__file__,), max_length=8),
+        tokenized_fingerprint(data, [tiny_chat_tokenizer(bos=True)], (__file__,), max_length=8),
+        tokenized_fingerprint(data, [tokenizer], (__file__,), max_length=9),
+        tokenized_fingerprint(data, [tokenizer], (), max_length=8),
     ]
     assert len({base, *others}) == 6
     out = tokenize_lm_dataset(data, tokenizer, max_length=8)
-    assert out._fingerprint == tokenized_fingerprint(data, [tokenizer], [tokenize_lm_dataset.__code__.co_filename],
+    assert out._fingerprint == tokenized_fingerprint(data, [tokenizer], (),
                                                      max_length=8)
 
     class Slow:  # no backend_tokenizer: a slow (Python) tokenizer
         init_kwargs = {}
 
-    assert tokenized_fingerprint(data, [Slow()], [__file__]) is None
+    assert tokenized_fingerprint(data, [Slow()], (__file__,)) is None
 
 
 # ----- builders on the real corpora -----
