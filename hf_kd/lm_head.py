@@ -108,9 +108,9 @@ def lm_head_skipped(model: nn.Module) -> Iterator[nn.Linear]:
     """
     Within the block, `model(**inputs).logits` are the final hidden states `(batch, seq, hidden)` instead of the
     logits `(batch, seq, vocab)` (and, for a [`MultiExitForCausalLM`], each of its `exit_logits` the normed hidden
-    states its exit projects, `norm(adapter(h))`): the LM head is replaced by a module that returns its input and put back on exit
-    (also on error). The model's parameters do not change, so optimizers, DDP buckets and checkpoints see the same
-    model.
+    states its exit projects, `norm(adapter(h))`): the LM head is replaced by a module that returns its input and put
+    back on exit (also on error). The model's parameters do not change, so optimizers, DDP buckets and checkpoints see
+    the same model.
 
     Args:
         model (`nn.Module`): a causal LM for which [`lm_head_unsupported_reason`] is `None` (else `ValueError` with

@@ -167,8 +167,10 @@ class EarlyExitConfig(TrainingArguments, _TeacherArguments):
         lm_fused_head (`bool` or `None`, *optional*, defaults to `None`):
             Causal-LM exits: whether the loss runs the shared LM head itself, one chunk of completion tokens at a
             time, on every exit's normed hidden state ([`hf_kd.lm_head.lm_head_skipped`],
-            [`hf_kd.losses.LMHeadInputs`]), so that training never makes a `(batch, seq, vocab)` logits tensor (nor
-            its gradient) per exit, nor for a live teacher. Same loss and gradients up to float rounding. `None`:
+            [`hf_kd.losses.LMHeadInputs`]), so that training makes no `(batch, seq, vocab)` logits tensor (nor its
+            gradient) per exit, nor for a live teacher; only `distill_from="final_exit"` with several early exits
+            projects the final exit's targets once for all of them (one such tensor, without gradient). Same loss
+            and gradients up to float rounding. `None`:
             wherever the backbone's head allows it (a bias-free `nn.Linear` without logit soft-capping or scaling, not
             ZeRO-3-partitioned; the reason for full logits logged once); `True`: required (an error naming the reason
             otherwise); `False`: full logits. Evaluation always computes full logits (the metrics read them).
