@@ -137,6 +137,18 @@ def interleaved(configs, repeats: int, run) -> dict[str, list[dict]]:
     return runs
 
 
+def alternating(configs, repeats: int, run, describe) -> dict[str, list[dict]]:
+    """`run(config)` for every config, `repeats` rounds, the order reversed every other round (ABC, CBA, ...) so that
+    no config always runs first or last; prints `describe(result)` after each run."""
+    runs = {config: [] for config in configs}
+    for repeat in range(repeats):
+        for config in configs if repeat % 2 == 0 else configs[::-1]:
+            result = run(config)
+            runs[config].append(result)
+            print(f"round {repeat} {config:<24} {describe(result)}", flush=True)
+    return runs
+
+
 def median_summary(runs: dict[str, list[dict]]) -> dict[str, dict]:
     """Per config: the median over repeats of seconds per step and the largest peak RSS."""
     return {config: {"seconds_per_step": statistics.median(r["seconds_per_step"] for r in results),

@@ -36,7 +36,7 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import SMOLLM2, PeakRSS, forwarded_args, launch_worker
+from _common import SMOLLM2, PeakRSS, alternating, forwarded_args, launch_worker
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("final_exit", "final_exit_full_logits", "cached", "cached_full_logits")
@@ -159,14 +159,9 @@ def main():
                                       "threads", "scratch"]) + ["--exit_layers", *map(str, opts.exit_layers)]
     prepared = launch_worker(script, "prepare", forwarded, env)
     print(f"cache filled: {prepared}", flush=True)
-    runs = {config: [] for config in opts.configs}
-    for repeat in range(opts.repeats):
-        order = opts.configs if repeat % 2 == 0 else opts.configs[::-1]
-        for config in order:
-            result = launch_worker(script, config, forwarded, env)
-            runs[config].append(result)
-            print(f"round {repeat} {config:<24} {result['seconds_per_step']:.2f} s/step, "
-                  f"{result['cpu_seconds_per_step']:.2f} CPU s/step, peak {result['peak_rss_mb']:.0f} MB", flush=True)
+    runs = alternating(opts.configs, opts.repeats, lambda config: launch_worker(script, config, forwarded, env),
+                       lambda r: f"{r['seconds_per_step']:.2f} s/step, {r['cpu_seconds_per_step']:.2f} CPU s/step, "
+                                 f"peak {r['peak_rss_mb']:.0f} MB")
     summary = {}
     for config, results in runs.items():
         step, cpu = (statistics.median(r[key] for r in results) for key in ("seconds_per_step", "cpu_seconds_per_step"))

@@ -45,7 +45,16 @@ import statistics
 import time
 from pathlib import Path
 
-from _common import SMOLLM2, PeakRSS, StepTimer, article_messages, forwarded_args, launch_worker, lm_held_out
+from _common import (
+    SMOLLM2,
+    PeakRSS,
+    StepTimer,
+    alternating,
+    article_messages,
+    forwarded_args,
+    launch_worker,
+    lm_held_out,
+)
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("trl_gkd", "hf_kd", "hf_kd_full_logits", "hf_kd_cached")
@@ -396,15 +405,10 @@ def main():
            "OMP_NUM_THREADS": str(opts.threads), "PYTHONPATH": str(ROOT)}
     prepared = launch_worker(__file__, "prepare", args, env)
     print("prepared", prepared, flush=True)
-    runs = {config: [] for config in opts.configs}
-    for repeat in range(opts.repeats):
-        order = opts.configs if repeat % 2 == 0 else opts.configs[::-1]
-        for config in order:
-            result = launch_worker(__file__, config, args, env)
-            runs[config].append(result)
-            print(f"repeat {repeat} {config:<13} {result['seconds_per_step']:.2f} s/step  peak "
-                  f"{result['peak_rss_mb']:.0f} MB (+{result['train_peak_over_start_mb']:.0f})  "
-                  f"phases {({k: round(v, 2) for k, v in result['phases_per_step'].items()})}", flush=True)
+    runs = alternating(opts.configs, opts.repeats, lambda config: launch_worker(__file__, config, args, env),
+                       lambda r: f"{r['seconds_per_step']:.2f} s/step  peak {r['peak_rss_mb']:.0f} MB "
+                                 f"(+{r['train_peak_over_start_mb']:.0f})  "
+                                 f"phases {({k: round(v, 2) for k, v in r['phases_per_step'].items()})}")
     held_out = launch_worker(__file__, "evaluate", args, env)
     loss_profile = launch_worker(__file__, "loss_profile", args + ["--repeats", str(opts.repeats)], env)
     report(opts, prepared, runs, held_out, loss_profile)
