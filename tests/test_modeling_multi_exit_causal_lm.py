@@ -456,6 +456,72 @@ def test_fused_head_trains_the_exits_like_full_logits_without_running_the_head(t
         torch.testing.assert_close(fused, full, atol=1e-5, rtol=1e-4, msg=name)
 
 
+def _layer_calls(layers):
+    """A list that grows by one at every call of any of `layers`."""
+    calls = []
+    for layer in layers:
+        layer.register_forward_hook(lambda *_: calls.append(1))
+    return calls
+
+
+def test_forward_up_to_an_early_exit_is_the_full_forwards_exits_without_the_later_layers():
+    torch.manual_seed(0)
+    model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=4), exit_layers=[1, 2], exit_adapter="linear").eval()
+    for adapter in model.exit_adapters.values():
+        torch.nn.init.normal_(adapter.up.weight, std=0.3)
+    ids, mask = token_batch(), torch.ones(2, 7, dtype=torch.long)
+    mask[0, :2] = 0  # left padding: the cut forward must build the same attention mask
+    later_calls = _layer_calls(model.backbone.model.layers[2:])
+    with torch.no_grad():
+        cut = model(input_ids=ids, attention_mask=mask, last_layer=2)
+        assert later_calls == []
+        full = model(input_ids=ids, attention_mask=mask)
+    assert len(cut.exit_logits) == 2 and torch.equal(cut.logits, cut.exit_logits[-1])
+    for got, expected in zip(cut.exit_logits, full.exit_logits):
+        torch.testing.assert_close(got, expected)
+    assert len(model.backbone.model.layers) == 4 and not isinstance(model.backbone.model.norm, torch.nn.Identity)
+    for kwargs, match in (({"last_layer": 3}, "not an exit"), ({"last_layer": 4}, "is the last layer"),
+                          ({"last_layer": 2, "labels": ids}, "labels is not supported"),
+                          ({"last_layer": 2, "use_cache": True}, "use_cache=False")):
+        with pytest.raises(ValueError, match=match):
+            model(input_ids=ids, **kwargs)
+
+
+@pytest.mark.parametrize("distill_from", ["cached_teacher", "none"])
+def test_frozen_early_exits_train_without_the_layers_after_the_last_one(tmp_path, distill_from):
+    """freeze_backbone=True, the final exit weighted 0 and not the teacher: the training forward stops at the last
+    early exit (no later layer runs in a training step) and trains exactly what the full forward trains."""
+    runs = {}
+    for cut in (True, False):
+        torch.manual_seed(0)
+        model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=4), exit_layers=[1, 2], exit_adapter="low_rank",
+                                                   exit_adapter_rank=4)
+        options = dict(distill_from="none") if distill_from == "none" else dict(
+            distill_from="teacher", cache_teacher_logits=True, lm_cache_top_k=8,
+            teacher_logits_cache_dir=str(tmp_path / "cache"))
+        teacher = {"teacher_model": tiny_llama(layers=3, seed=5)} if distill_from != "none" else {}
+        args = lm_exit_args(tmp_path / str(cut), freeze_backbone=True, exit_loss_weights=[1.0, 1.0, 0.0], alpha=0.7,
+                            max_steps=2, optim="sgd", learning_rate=0.5, eval_strategy="no", logging_steps=1, **options)
+        trainer = lm_exit_trainer(tmp_path, model, args, **teacher)
+        assert trainer._last_trained_layer == 2
+        if not cut:
+            trainer._last_trained_layer = None
+        later_calls = _layer_calls(model.backbone.model.layers[2:])
+        trainer.train()
+        assert (later_calls == []) is cut
+        runs[cut] = (model, [e for e in trainer.state.log_history if "loss" in e])
+    (cut_model, cut_logs), (full_model, full_logs) = runs[True], runs[False]
+    assert [e["loss"] for e in cut_logs] == pytest.approx([e["loss"] for e in full_logs], rel=1e-5)
+    assert all("exit_2_ce_loss" not in e and "exit_1_ce_loss" in e for e in cut_logs)
+    assert all("exit_2_ce_loss" in e for e in full_logs)
+    for (name, p), q in zip(cut_model.named_parameters(), full_model.parameters()):
+        torch.testing.assert_close(p, q, atol=1e-6, rtol=1e-5, msg=name)
+    assert any(not torch.equal(p, torch.zeros_like(p)) for p in cut_model.exit_adapters.parameters())
+    args = lm_exit_args(tmp_path / "final", freeze_backbone=True, exit_loss_weights=[1.0, 1.0, 0.0],
+                        distill_from="final_exit", eval_strategy="no")
+    assert lm_exit_trainer(tmp_path, cut_model, args)._last_trained_layer is None  # the final exit teaches
+
+
 def test_fused_head_required_but_impossible_is_an_error(tmp_path):
     model = MultiExitForCausalLM.from_backbone(tiny_llama(layers=2), exit_layers=[1])
     model.backbone.lm_head = torch.nn.Linear(32, 64, bias=True)  # a head with a bias is not hidden @ weight.T

@@ -362,6 +362,48 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
             hidden_states = self.exit_adapters[str(exit_layer)](hidden_states)
         return self.backbone.lm_head(self.backbone.model.norm(hidden_states))
 
+    def _forward_up_to(self, last_layer, input_ids, attention_mask, position_ids, inputs_embeds, labels, use_cache,
+                       past_key_values, logits_to_keep, output_exit_logits, output_hidden_states, kwargs):
+        """`forward(last_layer=...)`: the backbone's own forward (its mask, position and rotary code) with its layer
+        list cut after `last_layer` and its final norm made the identity for the call, the raw outputs of the exit
+        layers read by forward hooks of ours. (Not `output_hidden_states`: transformers installs its recording hooks
+        once, on the layers present at the first call, which would then be the cut list.)"""
+        self._check_exit_layer(last_layer)
+        depth = self.config.backbone_config.num_hidden_layers
+        if last_layer == depth:
+            raise ValueError(f"last_layer={last_layer} is the last layer: call the model without last_layer.")
+        for name, value in (("labels", labels), ("past_key_values", past_key_values)):
+            if value is not None:
+                raise ValueError(f"last_layer={last_layer} computes the early exits only: {name} is not supported.")
+        if use_cache or not output_exit_logits or output_hidden_states:
+            raise ValueError(
+                f"last_layer={last_layer} needs use_cache=False, output_exit_logits=True and no output_hidden_states."
+            )
+        decoder = self.backbone.model
+        layers, norm = decoder.layers, decoder.norm
+        exit_layers = [layer for layer in self.config.exit_layers if layer <= last_layer]
+        raw = {}
+
+        def keep_output(layer):
+            def hook(module, args, output):
+                raw[layer] = output[0] if isinstance(output, tuple) else output
+
+            return hook
+
+        handles = [layers[layer - 1].register_forward_hook(keep_output(layer)) for layer in exit_layers]
+        decoder.layers, decoder.norm = nn.ModuleList(list(layers)[:last_layer]), nn.Identity()
+        try:
+            decoder(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                    inputs_embeds=inputs_embeds, use_cache=False, output_hidden_states=False, output_attentions=False,
+                    return_dict=True, **kwargs)
+        finally:
+            decoder.layers, decoder.norm = layers, norm
+            for handle in handles:
+                handle.remove()
+        keep = slice(-logits_to_keep, None) if logits_to_keep else slice(None)
+        exit_logits = tuple(self.exit_logits_from_hidden(raw[layer][:, keep], layer) for layer in exit_layers)
+        return MultiExitCausalLMOutputWithPast(logits=exit_logits[-1], exit_logits=exit_logits)
+
     @can_return_tuple
     def forward(
         self,
@@ -375,6 +417,7 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
         logits_to_keep: int = 0,
         output_exit_logits: bool = True,
         output_hidden_states: bool | None = None,
+        last_layer: int | None = None,
         **kwargs,
     ) -> MultiExitCausalLMOutputWithPast | tuple:
         r"""
@@ -394,6 +437,11 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
                 products: each exit's full-vocabulary logits cost one LM-head matmul) and returns `exit_logits=None`.
             output_hidden_states (`bool`, *optional*, defaults to `config.output_hidden_states`):
                 Also return the backbone's hidden states.
+            last_layer (`int`, *optional*):
+                An early exit's layer: run decoder layers `1..last_layer` only. `exit_logits` then holds the exits up
+                to it and `logits` is that exit's (the final layers, norm and logits are never computed). For
+                training the early exits of a frozen backbone whose final exit has nothing to learn; not with
+                `labels`, a cache, `output_hidden_states` or `output_exit_logits=False`.
 
         Returns:
             [`MultiExitCausalLMOutputWithPast`] (or a tuple when `return_dict=False`).
@@ -402,6 +450,10 @@ class MultiExitForCausalLM(MultiExitCausalLMPreTrainedModel):
             output_hidden_states if output_hidden_states is not None else self.config.output_hidden_states
         )
         kwargs[self._cache_argument] = past_key_values
+        if last_layer is not None:
+            return self._forward_up_to(last_layer, input_ids, attention_mask, position_ids, inputs_embeds, labels,
+                                       use_cache, past_key_values, logits_to_keep, output_exit_logits,
+                                       output_hidden_states, kwargs)
         outputs = self.backbone.model(
             input_ids=input_ids,
             attention_mask=attention_mask,

@@ -17,7 +17,7 @@ from ..import_utils import is_matplotlib_available
 from ..lm_head import lm_head_skipped
 from ..losses import LMHeadInputs, kd_loss, lm_kd_loss, shifted_logits, sparse_lm_kd_loss
 from ..metrics import lm_exit_token_statistics, make_exit_compute_metrics, make_lm_exit_compute_metrics
-from ..modeling import MultiExitForSequenceClassification
+from ..modeling import MultiExitCausalLMConfig, MultiExitForSequenceClassification
 from ..modeling.exit_laplace import EXIT_LAPLACE_PROBS, MultiExitLaplace, capture_exit_features
 from ..teacher import TEACHER_CACHE_INDEX_COLUMN, TEACHER_LOGITS_COLUMN
 from .base_trainer import is_causal_lm
@@ -143,7 +143,11 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
     al., 2024, https://huggingface.co/papers/2404.16710, with the final layer as teacher); `"teacher"` a causal-LM
     teacher with the same vocabulary, online or from its cached top-k logits per completion token
     (`args.cache_teacher_logits`, `args.lm_cache_top_k`, [`hf_kd.losses.sparse_lm_kd_loss`]). With `args.freeze_backbone=True`
-    only the exit adapters learn and the final exit is unchanged. At each evaluation the default `compute_metrics`
+    only the exit adapters learn and the final exit is unchanged; when, besides, the final exit weighs 0 and teaches
+    nothing (`distill_from` not `"final_exit"`), the training forward stops at the last early exit
+    (`MultiExitForCausalLM.forward(last_layer=...)`: the later layers never run, and the final exit's cross-entropy
+    is not logged in training). In training the shared LM head runs inside the loss (`args.lm_fused_head`). At each
+    evaluation the default `compute_metrics`
     ([`hf_kd.metrics.make_lm_exit_compute_metrics`]) logs the final exit's `perplexity`, `token_accuracy`,
     `token_ece`, `token_entropy`, and `exit_{i}_perplexity`, `exit_{i}_token_accuracy`, `exit_{i}_token_ece`,
     `exit_{i}_token_entropy` and `exit_{i}_top1_agreement` (with the final exit) for every exit. DEDIER and the
@@ -258,6 +262,12 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         self.exit_loss_weights = self._resolve_exit_loss_weights(args.exit_loss_weights, config)
         if args.freeze_backbone:
             self._freeze_backbone()
+        # A frozen causal LM whose final exit weighs 0 and teaches nothing: no training step reads the layers after
+        # its last early exit, so the training forward stops there (MultiExitForCausalLM.forward(last_layer=...)).
+        self._last_trained_layer = None
+        if (self._causal_lm and args.freeze_backbone and args.distill_from != "final_exit"
+                and self.exit_loss_weights[-1] == 0 and isinstance(config, MultiExitCausalLMConfig)):
+            self._last_trained_layer = config.exit_layers[-2]
         if args.distill_from == "teacher":
             self._init_teacher(teacher, processing_class, teacher_processing_class)
         self._dedier = None
@@ -610,8 +620,11 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
             raise ValueError("A causal-LM batch needs 'labels' (the input ids, -100 on tokens that do not count).")
         cache_index = inputs.pop(TEACHER_CACHE_INDEX_COLUMN, None)
         fused = not return_outputs and self._lm_fused_head(model, "student")
+        # Training a frozen backbone's early exits only: the forward stops at the last of them, and the final exit
+        # (weight 0, frozen) is left out of the loss and of the logged cross-entropies.
+        cut = {"last_layer": self._last_trained_layer} if self._last_trained_layer and not return_outputs else {}
         with lm_head_skipped(model) if fused else contextlib.nullcontext() as head:
-            exit_logits = self._exit_logits(model(**inputs))  # num_exits x (batch, seq, vocab), fused: hidden
+            exit_logits = self._exit_logits(model(**inputs, **cut))  # num_exits x (batch, seq, vocab), fused: hidden
         if fused:
             exit_logits = [LMHeadInputs(hidden, head.weight) for hidden in exit_logits]
         final = exit_logits[-1]
@@ -643,8 +656,8 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         else:
             soft_targets = [None] * num_exits
         loss, _, exit_cross_entropies = self.early_exit_lm_loss(
-            exit_logits, labels, self.exit_loss_weights, soft_targets, self.args.temperature, self.args.alpha,
-            num_items_in_batch, self.args.lm_cache_tail, self.args.lm_chunk_size,
+            exit_logits, labels, self.exit_loss_weights[:num_exits], soft_targets, self.args.temperature,
+            self.args.alpha, num_items_in_batch, self.args.lm_cache_tail, self.args.lm_chunk_size,
         )
         loss = self._scale_for_processes(loss, num_items_in_batch)
         mode = "train" if model.training else "eval"
