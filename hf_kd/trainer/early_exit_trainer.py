@@ -622,7 +622,7 @@ class EarlyExitTrainer(_TeacherMixin, _MultiExitTrainer):
         fused = not return_outputs and self._lm_fused_head(model, "student")
         # Training a frozen backbone's early exits only: the forward stops at the last of them, and the final exit
         # (weight 0, frozen) is left out of the loss and of the logged cross-entropies.
-        cut = {"last_layer": self._last_trained_layer} if self._last_trained_layer and not return_outputs else {}
+        cut = {"last_layer": self._last_trained_layer} if self._last_trained_layer and model.training else {}
         with lm_head_skipped(model) if fused else contextlib.nullcontext() as head:
             exit_logits = self._exit_logits(model(**inputs, **cut))  # num_exits x (batch, seq, vocab), fused: hidden
         if fused:
