@@ -598,7 +598,7 @@ def study_report(opts, cells: dict, seconds: float) -> None:
     digits = {"perplexity": 2, "text_perplexity": 2, "teacher_top1_agreement": 3, "top1_agreement": 3}
     done = ", ".join(f"{layers} layers seed {seed}" for layers, seed in cells)
     status = "" if settings["complete"] else f"PARTIAL: only {done} finished. "
-    lines = [f"{status}Mean ± sample std over seeds {', '.join(map(str, opts.seeds))}.", "",
+    lines = [f"{status}Mean ± sample std over seeds {', '.join(map(str, sorted({seed for _, seed in cells})))}.", "",
              "| student layers | configuration | " + " | ".join(h for _, h in METRICS)
              + " | last loss | median s/step | peak RSS (MB) |", "|---" * (len(METRICS) + 5) + "|"]
     for layers, s in summary.items():
