@@ -51,10 +51,35 @@ Run (writes docs/benchmarks/<--name>.json and <--name>_table.md, discussed in do
 
     OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 PYTHONPATH=. \\
         python scripts/benchmarks/cross_tokenizer_vs_gold.py
+
+Seed study (several `--seeds` and/or `--student_layers`; docs/benchmarks/cross_tokenizer_seeds.md). For each seed s
+and student size: the training rows are `steps * batch_size` rows drawn by a `random.Random(s)` permutation of the
+first `--pool` eligible training articles (the same rows and order for every trainer of that seed), TrainingArguments
+`seed=s`; the initial student depends on the size only (`--student_layers 30`: the full SmolLM2-135M-Instruct, no
+layer dropped). One more configuration, for the study:
+
+  hf_kd_ce         the student's cross-entropy on the completion alone: transformers.Trainer on hf_kd's rows
+                   (tokenize_lm_dataset, LMDataCollator; the prepare worker checks its batches equal GOLD's), the
+                   loss DistillTrainer computes with alpha=0 but without the teacher's forward (and without the
+                   teacher in memory), which DistillConfig cannot switch off
+
+The evaluate worker also reports the top-1 agreement with the Gemma teacher across the two vocabularies
+(`teacher_agreement`: on the held-out chat rows, over the aligned spans that are one token on each side, the share
+where both top-1 next tokens stand for the same bytes). The study writes, after every (seed, size) cell, the mean ±
+sample std over the seeds done of the held-out figures per size and configuration, and every run's figures, median
+step time and peak RSS; no loss profile. Without `--pool` (the default) the rows are the first ones in order, as in
+the single-seed run, which only accepts one seed.
+
+    OMP_NUM_THREADS=2 HF_HUB_OFFLINE=1 HF_DATASETS_OFFLINE=1 TRL_EXPERIMENTAL_SILENCE=1 PYTHONPATH=. \\
+        python scripts/benchmarks/cross_tokenizer_vs_gold.py --student_layers 26 30 --seeds 0 1 2 --pool 48 \\
+        --steps 6 --repeats 1 --configs hf_kd_ce hf_kd_uld hf_kd_hybrid trl_gold trl_gold_hybrid \\
+        --name cross_tokenizer_seeds --scratch /tmp/hf_kd_bench_cross_tokenizer_seeds
 """
 
 import json
 import os
+import random
+import shutil
 import statistics
 import time
 import traceback
@@ -66,8 +91,13 @@ from lm_vs_trl import PhaseTimer, rounds_summary, step_cells, timed_training
 
 ROOT = Path(__file__).resolve().parents[2]
 CONFIGS = ("trl_gold", "hf_kd_uld", "hf_kd_hybrid", "trl_gold_hybrid")
+EXTRA_CONFIGS = ("hf_kd_ce",)  # not in the default (single-seed, published) run
 PAIRS = {"hf_kd_uld": "trl_gold", "hf_kd_hybrid": "trl_gold_hybrid"}
-WORKERS = CONFIGS + ("prepare", "evaluate", "loss_profile")
+WORKERS = CONFIGS + EXTRA_CONFIGS + ("prepare", "evaluate", "loss_profile")
+# the held-out figures of the seed study: (key in the evaluate worker's result, column heading)
+METRICS = (("perplexity", "held-out ppl (chat)"), ("text_perplexity", "held-out ppl (text)"),
+           ("teacher_top1_agreement", "top-1 = Gemma teacher (1:1 spans)"),
+           ("top1_agreement", "top-1 = SmolLM2-135M"))
 
 
 def parse_args():
@@ -81,16 +111,25 @@ def parse_args():
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--alpha", type=float, default=0.5, help="weight of the distillation term (1 - alpha: CE)")
     parser.add_argument("--temperature", type=float, default=1.0)
-    parser.add_argument("--student_layers", type=int, default=26)
+    parser.add_argument("--student_layers", type=int, nargs="+", default=[26],
+                        help="layers of SmolLM2-135M-Instruct's 30 kept (30: the full model); several: one study")
+    parser.add_argument("--seeds", type=int, nargs="+", default=[0],
+                        help="TrainingArguments seed and, with --pool, the seeded choice of training rows")
+    parser.add_argument("--pool", type=int, default=0,
+                        help="draw each seed's steps * batch_size training rows from the first POOL eligible "
+                             "articles (random.Random(seed) permutation); 0: the first rows in order (one seed only)")
     parser.add_argument("--eval_rows", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS)
+    parser.add_argument("--configs", nargs="+", default=list(CONFIGS), choices=CONFIGS + EXTRA_CONFIGS)
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     parser.add_argument("--name", default="cross_tokenizer_vs_gold")
     parser.add_argument("--scratch", default="/tmp/hf_kd_bench_cross_tokenizer_vs_gold")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
-    return parser.parse_args()
+    opts = parser.parse_args()
+    if len(opts.seeds) > 1 and not opts.pool:
+        parser.error("several --seeds need --pool (without it every seed trains on the same rows in the same order)")
+    return opts
 
 
 def common_args(opts, config: str) -> dict:
@@ -100,7 +139,7 @@ def common_args(opts, config: str) -> dict:
         gradient_accumulation_steps=1, max_steps=opts.steps, learning_rate=opts.learning_rate,
         lr_scheduler_type="constant", warmup_steps=0, weight_decay=0.0, max_grad_norm=1.0,
         gradient_checkpointing=False, train_sampling_strategy="sequential", logging_steps=1, save_strategy="no",
-        eval_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=0, dataloader_num_workers=0,
+        eval_strategy="no", report_to="none", use_cpu=True, bf16=False, seed=opts.seeds[0], dataloader_num_workers=0,
         disable_tqdm=True,
     )
 
@@ -108,7 +147,18 @@ def common_args(opts, config: str) -> dict:
 def build_trainer(config: str, opts, student, teacher, student_tokenizer, teacher_tokenizer, train,
                   extended_uld: bool = False):
     """The trainer of `config` on the `messages` rows `train` (both libraries tokenise them themselves);
-    `extended_uld`: GOLD's span alignment (refused for this teacher, see the prepare worker)."""
+    `extended_uld`: GOLD's span alignment (refused for this teacher, see the prepare worker). `hf_kd_ce` is the
+    student's cross-entropy on the completion alone: a plain `transformers.Trainer` on hf_kd's rows
+    (`tokenize_lm_dataset`, `LMDataCollator`), the loss DistillTrainer computes with alpha=0, without the teacher's
+    forward that DistillTrainer would still run (DistillConfig has no teacher-free setting); `teacher` is unused."""
+    if config == "hf_kd_ce":
+        from transformers import Trainer, TrainingArguments
+
+        from hf_kd.lm_data import LMDataCollator, tokenize_lm_dataset
+
+        return Trainer(model=student, args=TrainingArguments(**common_args(opts, config)),
+                       train_dataset=tokenize_lm_dataset(train, student_tokenizer, max_length=opts.max_length),
+                       data_collator=LMDataCollator.for_tokenizer(student_tokenizer))
     if config.startswith("trl_gold"):
         from torch.utils.data import SequentialSampler
         from trl.experimental.gold import GOLDConfig, GOLDTrainer
@@ -140,27 +190,45 @@ def build_trainer(config: str, opts, student, teacher, student_tokenizer, teache
                           processing_class=student_tokenizer, teacher_processing_class=teacher_tokenizer)
 
 
-def load(opts):
+def train_rows(tokenizer, opts):
+    """The `messages` rows of one seed, in training order: without `--pool` the first `steps * batch_size`
+    eligible training articles in order (the published single-seed run); with it, that many drawn by a
+    `random.Random(seed)` permutation of the first `--pool` eligible articles, so every trainer of one seed sees the
+    same rows in the same order and the seeds differ in which rows and in their order."""
+    rows = opts.steps * opts.batch_size
+    if not opts.pool:
+        return article_messages(tokenizer, "train", rows, opts.max_length)
+    if opts.pool < rows:
+        raise ValueError(f"--pool {opts.pool} is smaller than the {rows} rows a run needs")
+    order = list(range(opts.pool))
+    random.Random(opts.seeds[0]).shuffle(order)
+    return article_messages(tokenizer, "train", opts.pool, opts.max_length).select(order[:rows])
+
+
+def load(opts, with_teacher: bool = True):
+    """Both tokenizers, the Gemma teacher (None without `with_teacher`: the CE-only run does not load it, so its
+    peak RSS is the student's alone) and this seed's training rows."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     torch.set_num_threads(opts.threads)
     smol, gemma = AutoTokenizer.from_pretrained(SMOLLM2), AutoTokenizer.from_pretrained(GEMMA3)
-    teacher = AutoModelForCausalLM.from_pretrained(GEMMA3, dtype=torch.float32).eval()
-    train = article_messages(smol, "train", opts.steps * opts.batch_size, opts.max_length)
-    return smol, gemma, teacher, train
+    teacher = AutoModelForCausalLM.from_pretrained(GEMMA3, dtype=torch.float32).eval() if with_teacher else None
+    return smol, gemma, teacher, train_rows(smol, opts)
 
 
 def train_worker(opts) -> dict:
+    """Train the student of `--worker` (a configuration) from the saved initial student, timed; save it."""
     import torch
     from transformers import AutoModelForCausalLM
 
     config, scratch = opts.worker, Path(opts.scratch)
-    smol, gemma, teacher, train = load(opts)
+    smol, gemma, teacher, train = load(opts, with_teacher=config != "hf_kd_ce")
     student = AutoModelForCausalLM.from_pretrained(scratch / "student_init", dtype=torch.float32)
     phases = PhaseTimer()
     phases.hook(student, "student_forward")
-    phases.hook(teacher, "teacher_forward")
+    if teacher is not None:
+        phases.hook(teacher, "teacher_forward")
     start = time.perf_counter()
     trainer = build_trainer(config, opts, student, teacher, smol, gemma, train)
     init_seconds = time.perf_counter() - start
@@ -195,19 +263,23 @@ def prepare_worker(opts) -> dict:
     smol, gemma, teacher, train = load(opts)
     full = AutoModelForCausalLM.from_pretrained(SMOLLM2, dtype=torch.float32).eval()
     torch.manual_seed(0)
-    make_student(full, opts.student_layers).save_pretrained(scratch / "student_init")
+    layers = opts.student_layers[0]
+    # all 30 layers: the full model itself (make_student would copy every layer; nothing to drop)
+    student = full if layers == full.config.num_hidden_layers else make_student(full, layers)
+    student.save_pretrained(scratch / "student_init")
     init = AutoModelForCausalLM.from_pretrained(scratch / "student_init", dtype=torch.float32)
-    batches = {}
-    for config in ("trl_gold", "hf_kd_uld"):
-        trainer = build_trainer(config, opts, init, teacher, smol, gemma, train)
-        batches[config] = list(trainer.get_train_dataloader())
+    checked = ["trl_gold", "hf_kd_uld"] + (["hf_kd_ce"] if "hf_kd_ce" in opts.configs else [])
+    batches = {config: list(build_trainer(config, opts, init, teacher, smol, gemma, train).get_train_dataloader())
+               for config in checked}
     gold, ours = batches["trl_gold"], batches["hf_kd_uld"]
-    if len(gold) < opts.steps or len(ours) < opts.steps:
-        raise RuntimeError(f"dataloaders give {len(gold)} (GOLD) and {len(ours)} (hf_kd) batches, {opts.steps} needed")
-    for step, (g, h) in enumerate(zip(gold, ours)):
-        for key in ("input_ids", "attention_mask", "labels"):
-            if not torch.equal(g[key], h[key]):
-                raise RuntimeError(f"step {step}: hf_kd's and GOLD's student {key} differ: not the same tokens")
+    for config, yielded in batches.items():
+        if len(yielded) < opts.steps:
+            raise RuntimeError(f"{config}'s dataloader gives {len(yielded)} batches, {opts.steps} needed")
+    for config in checked[1:]:
+        for step, (g, h) in enumerate(zip(gold, batches[config])):
+            for key in ("input_ids", "attention_mask", "labels"):
+                if not torch.equal(g[key], h[key]):
+                    raise RuntimeError(f"step {step}: {config}'s and GOLD's student {key} differ: not the same tokens")
     teacher_rows_equal, gold_spans, hf_kd_spans, rows, gold_pairs_same_text = 0, 0, 0, 0, 0
     gold_teacher_tokens, hf_kd_teacher_tokens = 0, 0
     for g, h in zip(gold, ours):
@@ -246,7 +318,8 @@ def prepare_worker(opts) -> dict:
     labels = torch.cat([b["labels"][:, 1:] for b in ours])
     return {
         "gold_extended_uld_error": extended_uld_error,
-        "train_rows": len(train), "same_student_batches": True,
+        "train_rows": len(train), "same_student_batches": True, "same_batches_checked": checked,
+        "first_train_headlines": [row[0]["content"].split("headline: ", 1)[-1][:60] for row in train["messages"][:3]],
         "completion_tokens_per_step": int((labels != -100).sum()) / opts.steps,
         "teacher_rows_equal": f"{teacher_rows_equal}/{rows}",
         "teacher_tokens_per_row": {"trl_gold": gold_teacher_tokens / rows, "hf_kd": hf_kd_teacher_tokens / rows},
@@ -255,7 +328,40 @@ def prepare_worker(opts) -> dict:
     }
 
 
+def teacher_agreement(models: dict, teacher, student_tokenizer, teacher_tokenizer, messages, max_length: int) -> dict:
+    """Top-1 agreement of each model of `models` with the Gemma `teacher` across the two vocabularies, on the
+    completions of the `messages` rows: over the aligned spans that are one student token and one teacher token
+    (`hf_kd.cross_tokenizer`'s alignment, the spans the cross-tokenizer losses read), the fraction where the
+    student's most likely next token (at the position before the span) and the teacher's stand for the same bytes
+    (`token_bytes`: `Ġthe` and `▁the` are both b" the"). A special token (no bytes) on either side counts as a
+    disagreement. Longer spans are left out: their next-token predictions are of different text pieces."""
+    import torch
+
+    from hf_kd.cross_tokenizer import token_bytes, tokenize_cross_tokenizer_dataset
+
+    rows = tokenize_cross_tokenizer_dataset(messages, student_tokenizer, teacher_tokenizer, max_length=max_length)
+    student_bytes, teacher_bytes = token_bytes(student_tokenizer), token_bytes(teacher_tokenizer)
+    same, spans = dict.fromkeys(models, 0), 0
+    with torch.no_grad():
+        for row in rows:
+            pairs = [(s - 1, t - 1) for s, s_end, t, t_end in zip(*(row[k] for k in (
+                "student_span_starts", "student_span_ends", "teacher_span_starts", "teacher_span_ends")))
+                if s_end - s == 1 and t_end - t == 1]  # position p predicts token p + 1
+            student_at, teacher_at = (torch.tensor(side) for side in zip(*pairs))
+            top = teacher(input_ids=torch.tensor([row["teacher_input_ids"]])).logits[0, teacher_at].argmax(-1)
+            wanted = [teacher_bytes.get(int(i)) for i in top]
+            spans += len(pairs)
+            for name, model in models.items():
+                top = model(input_ids=torch.tensor([row["input_ids"]])).logits[0, student_at].argmax(-1)
+                same[name] += sum(w is not None and student_bytes.get(int(i)) == w for i, w in zip(top, wanted))
+    return {name: {"teacher_top1_agreement": count / spans, "one_to_one_spans": spans} for name, count in same.items()}
+
+
 def evaluate_worker(opts) -> dict:
+    """Held-out figures of the initial and every trained student (and of the full SmolLM2-135M-Instruct as a
+    reference): chat perplexity and top-1 agreement with the full SmolLM2 (`lm_held_out`), plain-text perplexity
+    (`held_out_perplexity`), top-1 agreement with the Gemma teacher (`teacher_agreement`), on the same
+    `--eval_rows` validation chat rows."""
     import torch
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -263,9 +369,9 @@ def evaluate_worker(opts) -> dict:
 
     torch.set_num_threads(opts.threads)
     scratch = Path(opts.scratch)
-    tokenizer = AutoTokenizer.from_pretrained(SMOLLM2)
-    held_out = tokenize_lm_dataset(article_messages(tokenizer, "validation", opts.eval_rows, opts.max_length),
-                                   tokenizer, max_length=opts.max_length)
+    tokenizer, gemma = AutoTokenizer.from_pretrained(SMOLLM2), AutoTokenizer.from_pretrained(GEMMA3)
+    messages = article_messages(tokenizer, "validation", opts.eval_rows, opts.max_length)
+    held_out = tokenize_lm_dataset(messages, tokenizer, max_length=opts.max_length)
     names = ["student_init"] + [f"trained_{c}" for c in opts.configs if (scratch / f"trained_{c}").exists()]
     models = {name: AutoModelForCausalLM.from_pretrained(scratch / name, dtype=torch.float32).eval()
               for name in names}
@@ -273,7 +379,10 @@ def evaluate_worker(opts) -> dict:
     result = lm_held_out({**models, "smollm2_135m_full": reference}, reference, held_out, opts.batch_size)
     for name, model in models.items():
         result[name]["text_perplexity"] = held_out_perplexity(model, tokenizer, 8)
-    return result
+    teacher = AutoModelForCausalLM.from_pretrained(GEMMA3, dtype=torch.float32).eval()
+    agreement = teacher_agreement({**models, "smollm2_135m_full": reference}, teacher, tokenizer, gemma, messages,
+                                  opts.max_length)
+    return {name: {**figures, **agreement[name]} for name, figures in result.items()}
 
 
 def loss_profile_worker(opts) -> dict:
@@ -396,22 +505,17 @@ def report(opts, prepared, runs, failures, held_out, loss_profile) -> None:
     print("\n".join(lines))
 
 
-def main():
-    opts = parse_args()
-    if opts.worker:
-        worker = {"prepare": prepare_worker, "evaluate": evaluate_worker, "loss_profile": loss_profile_worker}.get(
-            opts.worker, train_worker)
-        print(json.dumps(worker(opts)))
-        return
-
+def run_cell(opts, layers: int, seed: int, scratch: Path, env: dict, start: float) -> dict:
+    """One student size and seed: the prepare worker, `--repeats` rounds of every configuration (each in its own
+    subprocess, the order reversed every other round), then the evaluate worker. Returns `prepared`, `runs` (per
+    configuration, a list of rounds), `failures` (configuration -> traceback) and `held_out`."""
     args = forwarded_args(opts, ["steps", "warmup", "batch_size", "max_length", "learning_rate", "alpha",
-                                 "temperature", "student_layers", "eval_rows", "threads", "scratch"])
-    args += ["--configs", *opts.configs]
-    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
-           "OMP_NUM_THREADS": str(opts.threads), "PYTHONPATH": str(ROOT)}
-    start = time.perf_counter()
+                                 "temperature", "eval_rows", "threads", "pool"])
+    args += ["--student_layers", str(layers), "--seeds", str(seed), "--scratch", str(scratch),
+             "--configs", *opts.configs]
+    tag = f"layers {layers} seed {seed}"
     prepared = launch_worker(__file__, "prepare", args, env)
-    print("prepared", prepared, f"({time.perf_counter() - start:.0f} s)", flush=True)
+    print(tag, "prepared", prepared, f"({time.perf_counter() - start:.0f} s)", flush=True)
     runs, failures = {config: [] for config in opts.configs}, {}
     for repeat in range(opts.repeats):
         order = opts.configs if repeat % 2 == 0 else opts.configs[::-1]
@@ -425,13 +529,129 @@ def main():
                 print(failures[config], flush=True)
                 continue
             runs[config].append(result)
-            print(f"repeat {repeat} {config:<15} {result['seconds_per_step']:.2f} s/step  peak "
+            print(f"{tag} repeat {repeat} {config:<15} {result['seconds_per_step']:.2f} s/step  peak "
                   f"{result['peak_rss_mb']:.0f} MB (+{result['train_peak_over_start_mb']:.0f})  losses "
                   f"{result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}  "
                   f"({time.perf_counter() - start:.0f} s)", flush=True)
     held_out = launch_worker(__file__, "evaluate", args, env)
-    loss_profile = launch_worker(__file__, "loss_profile", args, env)
-    report(opts, prepared, runs, failures, held_out, loss_profile)
+    print(tag, "held out", json.dumps(held_out), f"({time.perf_counter() - start:.0f} s)", flush=True)
+    return {"prepared": prepared, "runs": runs, "failures": failures, "held_out": held_out}
+
+
+def spread(values: list[float]) -> dict:
+    """Mean, sample standard deviation (0 for one value) and the values themselves."""
+    return {"mean": statistics.fmean(values), "std": statistics.stdev(values) if len(values) > 1 else 0.0,
+            "per_seed": values}
+
+
+def study_report(opts, cells: dict, seconds: float) -> None:
+    """The seed study's `<--name>.json` and `<--name>_table.md`: per student size and configuration, mean ± sample
+    std over the seeds of the held-out figures (`METRICS`), with every seed's figures, median step time, peak RSS
+    and first/last logged loss per run; the student before training (the same for every seed: the same weights and
+    held-out rows); the full SmolLM2-135M-Instruct as a reference. Written after every (seed, size) cell from the
+    cells done so far, so an interrupted study leaves its finished seeds, marked as partial."""
+    import torch
+    import transformers
+    import trl
+
+    summary, per_seed = {}, []
+    for layers in opts.student_layers:
+        by_config = {}
+        for config in ["student_init", *opts.configs]:
+            seeds = [(seed, cells[(layers, seed)]) for seed in opts.seeds if (layers, seed) in cells]
+            if not seeds:
+                break
+            key = config if config == "student_init" else f"trained_{config}"
+            done = [(seed, cell) for seed, cell in seeds if key in cell["held_out"]]
+            if not done:
+                continue
+            entry = {name: spread([cell["held_out"][key][name] for _, cell in done]) for name, _ in METRICS}
+            entry["seeds"] = [seed for seed, _ in done]
+            if config != "student_init":
+                rounds = [cell["runs"][config] for _, cell in done]
+                entry["seconds_per_step"] = spread([rounds_summary(r)["seconds_per_step"] for r in rounds])
+                entry["peak_rss_mb"] = [rounds_summary(r)["peak_rss_mb"] for r in rounds]
+                entry["train_peak_over_start_mb"] = [rounds_summary(r)["train_peak_over_start_mb"] for r in rounds]
+                entry["first_loss"] = [r[-1]["losses"][0] for r in rounds]
+                entry["last_loss"] = spread([r[-1]["losses"][-1] for r in rounds])
+            by_config[config] = entry
+            for index, (seed, cell) in enumerate(done):
+                per_seed.append((layers, config, seed, cell["held_out"][key], entry, index))
+        if by_config:
+            reference = next(cell for (size, _), cell in cells.items() if size == layers)
+            summary[str(layers)] = {"configs": by_config, "smollm2_135m_full": reference["held_out"]["smollm2_135m_full"]}
+    settings = {k: v for k, v in vars(opts).items() if k not in ("worker", "out", "scratch", "name")}
+    settings |= {"torch": torch.__version__, "transformers": transformers.__version__, "trl": trl.__version__,
+                 "cpu_count": os.cpu_count(), "total_seconds": seconds,
+                 "complete": len(cells) == len(opts.seeds) * len(opts.student_layers)}
+    failures = {f"{layers}/{seed}/{config}": error for (layers, seed), cell in cells.items()
+                for config, error in cell["failures"].items()}
+    result = {"settings": settings, "summary": summary, "failures": failures,
+              "cells": {f"layers{layers}_seed{seed}": cell for (layers, seed), cell in cells.items()}}
+    folder = Path(opts.out)
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / f"{opts.name}.json").write_text(json.dumps(result, indent=2) + "\n")
+
+    def mean_std(figure: dict, digits: int) -> str:
+        return f"{figure['mean']:.{digits}f} ± {figure['std']:.{digits}f}"
+
+    digits = {"perplexity": 2, "text_perplexity": 2, "teacher_top1_agreement": 3, "top1_agreement": 3}
+    done = ", ".join(f"{layers} layers seed {seed}" for layers, seed in cells)
+    status = "" if settings["complete"] else f"PARTIAL: only {done} finished. "
+    lines = [f"{status}Mean ± sample std over seeds {', '.join(map(str, sorted({seed for _, seed in cells})))}.", "",
+             "| student layers | configuration | " + " | ".join(h for _, h in METRICS)
+             + " | last loss | median s/step | peak RSS (MB) |", "|---" * (len(METRICS) + 5) + "|"]
+    for layers, s in summary.items():
+        for config, entry in s["configs"].items():
+            figures = " | ".join(mean_std(entry[name], digits[name]) for name, _ in METRICS)
+            if config == "student_init":
+                lines.append(f"| {layers} | (before training) | {figures} | - | - | - |")
+                continue
+            lines.append(f"| {layers} | {config} | {figures} | {mean_std(entry['last_loss'], 4)} | "
+                         f"{mean_std(entry['seconds_per_step'], 2)} | {max(entry['peak_rss_mb']):.0f} |")
+        ref = s["smollm2_135m_full"]
+        lines.append(f"| (reference) | full SmolLM2-135M, untrained | {ref['perplexity']:.2f} | - | "
+                     f"{ref['teacher_top1_agreement']:.3f} | {ref['top1_agreement']:.3f} | - | - | - |")
+    lines += ["", "Every seed:", "", "| student layers | configuration | seed | " + " | ".join(h for _, h in METRICS)
+              + " | first loss | last loss | median s/step | peak RSS (MB) |", "|---" * (len(METRICS) + 7) + "|"]
+    for layers, config, seed, figures, entry, index in per_seed:
+        values = " | ".join(f"{figures[name]:.{digits[name]}f}" for name, _ in METRICS)
+        run = ("| - | - | - | - |" if config == "student_init" else
+               f"| {entry['first_loss'][index]:.4f} | {entry['last_loss']['per_seed'][index]:.4f} | "
+               f"{entry['seconds_per_step']['per_seed'][index]:.2f} | {entry['peak_rss_mb'][index]:.0f} |")
+        lines.append(f"| {layers} | {config} | {seed} | {values} {run}")
+    for key, error in failures.items():
+        lines += ["", f"{key} failed: {error.strip().splitlines()[-1]}"]
+    (folder / f"{opts.name}_table.md").write_text("\n".join(lines) + "\n")
+    print("\n".join(lines))
+
+
+def main():
+    opts = parse_args()
+    if opts.worker:
+        worker = {"prepare": prepare_worker, "evaluate": evaluate_worker, "loss_profile": loss_profile_worker}.get(
+            opts.worker, train_worker)
+        print(json.dumps(worker(opts)))
+        return
+
+    env = {**os.environ, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TRL_EXPERIMENTAL_SILENCE": "1",
+           "OMP_NUM_THREADS": str(opts.threads), "PYTHONPATH": str(ROOT)}
+    start = time.perf_counter()
+    study = len(opts.student_layers) > 1 or len(opts.seeds) > 1
+    if not study:  # the single-seed side by side: its own table, and the ULD loss profile
+        layers, seed = opts.student_layers[0], opts.seeds[0]
+        cell = run_cell(opts, layers, seed, Path(opts.scratch), env, start)
+        args = forwarded_args(opts, ["batch_size", "max_length", "threads"])
+        loss_profile = launch_worker(__file__, "loss_profile", args, env)
+        report(opts, cell["prepared"], cell["runs"], cell["failures"], cell["held_out"], loss_profile)
+        return
+    cells = {}
+    for seed in opts.seeds:  # seeds outermost: a study cut short still has whole seeds of every student size
+        for layers in opts.student_layers:
+            scratch = Path(opts.scratch) / f"layers{layers}_seed{seed}"
+            cells[(layers, seed)] = run_cell(opts, layers, seed, scratch, env, start)
+            shutil.rmtree(scratch, ignore_errors=True)  # six students of 0.5 GB a cell: keep only the figures
+            study_report(opts, cells, time.perf_counter() - start)
 
 
 if __name__ == "__main__":
