@@ -125,6 +125,8 @@ def parse_args():
     parser.add_argument("--out", default=str(ROOT / "docs" / "benchmarks"))
     parser.add_argument("--name", default="cross_tokenizer_vs_gold")
     parser.add_argument("--scratch", default="/tmp/hf_kd_bench_cross_tokenizer_vs_gold")
+    parser.add_argument("--resume", action="store_true",
+                        help="seed study: keep the (seed, size) cells already in <--out>/<--name>.json, run the rest")
     parser.add_argument("--worker", choices=WORKERS, help=argparse.SUPPRESS)
     opts = parser.parse_args()
     if len(opts.seeds) > 1 and not opts.pool:
@@ -646,8 +648,14 @@ def main():
         report(opts, cell["prepared"], cell["runs"], cell["failures"], cell["held_out"], loss_profile)
         return
     cells = {}
+    if opts.resume:  # the cells of an interrupted study, as study_report wrote them ("layers26_seed0": cell)
+        saved = json.loads((Path(opts.out) / f"{opts.name}.json").read_text())["cells"]
+        cells = {tuple(int(part) for part in key.removeprefix("layers").split("_seed")): cell
+                 for key, cell in saved.items()}
     for seed in opts.seeds:  # seeds outermost: a study cut short still has whole seeds of every student size
         for layers in opts.student_layers:
+            if (layers, seed) in cells:
+                continue
             scratch = Path(opts.scratch) / f"layers{layers}_seed{seed}"
             cells[(layers, seed)] = run_cell(opts, layers, seed, scratch, env, start)
             shutil.rmtree(scratch, ignore_errors=True)  # six students of 0.5 GB a cell: keep only the figures
