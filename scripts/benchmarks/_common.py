@@ -139,11 +139,14 @@ def interleaved(configs, repeats: int, run) -> dict[str, list[dict]]:
 
 def alternating(configs, repeats: int, run, describe) -> dict[str, list[dict]]:
     """`run(config)` for every config, `repeats` rounds, the order reversed every other round (ABC, CBA, ...) so that
-    no config always runs first or last; prints `describe(result)` after each run."""
+    no config always runs first or last; prints `describe(result)` after each run. A `run` that returns `None` (a
+    failed run, recorded by the caller) adds nothing to that config's list."""
     runs = {config: [] for config in configs}
     for repeat in range(repeats):
         for config in configs if repeat % 2 == 0 else configs[::-1]:
             result = run(config)
+            if result is None:
+                continue
             runs[config].append(result)
             print(f"round {repeat} {config:<24} {describe(result)}", flush=True)
     return runs

@@ -85,7 +85,7 @@ import time
 import traceback
 from pathlib import Path
 
-from _common import SMOLLM2, article_messages, forwarded_args, launch_worker, lm_held_out
+from _common import SMOLLM2, alternating, article_messages, forwarded_args, launch_worker, lm_held_out
 from cross_tokenizer import GEMMA3, held_out_perplexity
 from lm_vs_trl import PhaseTimer, rounds_summary, step_cells, timed_training
 
@@ -518,23 +518,22 @@ def run_cell(opts, layers: int, seed: int, scratch: Path, env: dict, start: floa
     tag = f"layers {layers} seed {seed}"
     prepared = launch_worker(__file__, "prepare", args, env)
     print(tag, "prepared", prepared, f"({time.perf_counter() - start:.0f} s)", flush=True)
-    runs, failures = {config: [] for config in opts.configs}, {}
-    for repeat in range(opts.repeats):
-        order = opts.configs if repeat % 2 == 0 else opts.configs[::-1]
-        for config in order:
-            if config in failures:
-                continue
-            try:
-                result = launch_worker(__file__, config, args, env)
-            except RuntimeError:  # recorded, and the other configurations still run
-                failures[config] = traceback.format_exc()
-                print(failures[config], flush=True)
-                continue
-            runs[config].append(result)
-            print(f"{tag} repeat {repeat} {config:<15} {result['seconds_per_step']:.2f} s/step  peak "
-                  f"{result['peak_rss_mb']:.0f} MB (+{result['train_peak_over_start_mb']:.0f})  losses "
-                  f"{result['losses'][0]:.4f} -> {result['losses'][-1]:.4f}  "
-                  f"({time.perf_counter() - start:.0f} s)", flush=True)
+    failures = {}
+
+    def run(config):
+        if config in failures:
+            return None
+        try:
+            return launch_worker(__file__, config, args, env)
+        except RuntimeError:  # recorded, and the other configurations still run
+            failures[config] = traceback.format_exc()
+            print(failures[config], flush=True)
+            return None
+
+    runs = alternating(opts.configs, opts.repeats, run, lambda r: (
+        f"{tag}: {r['seconds_per_step']:.2f} s/step  peak {r['peak_rss_mb']:.0f} MB "
+        f"(+{r['train_peak_over_start_mb']:.0f})  losses {r['losses'][0]:.4f} -> {r['losses'][-1]:.4f}  "
+        f"({time.perf_counter() - start:.0f} s)"))
     held_out = launch_worker(__file__, "evaluate", args, env)
     print(tag, "held out", json.dumps(held_out), f"({time.perf_counter() - start:.0f} s)", flush=True)
     return {"prepared": prepared, "runs": runs, "failures": failures, "held_out": held_out}

@@ -182,6 +182,7 @@ def confident_section(args, tokenizer, chats: list[str]) -> dict:
             same = (generated[: reference.shape[1] - prompt_len] == reference[0, prompt_len : prompt_len + len(generated)])
             rows.append({
                 "prompt": i,
+                "greedy_seconds": seconds["greedy"], "confident_seconds": seconds["hf_kd confident"],
                 "greedy_tokens_per_s": new_tokens(reference, prompt_len, eos) / seconds["greedy"],
                 "confident_tokens_per_s": new_tokens(out.sequences, prompt_len, eos) / seconds["hf_kd confident"],
                 "identical_to_greedy": torch.equal(out.sequences, reference),
@@ -202,20 +203,17 @@ def curve_point(rows: list[dict]) -> dict:
     """One point of the confident-decoding curve from its prompts: tokens/s of both methods (summed tokens over
     summed seconds), layers per new token, the token disagreement with the full model and the perplexity of the
     generated text under the full model, for confident decoding and for greedy (the reference)."""
-    def pooled(key):
-        scores = [r[key] for r in rows]
+    def pooled(method):
+        """(tokens/s, disagreement with the full model, perplexity under it) of `method` over the prompts."""
+        scores = [r[f"{method}_full_model"] for r in rows]
         tokens = sum(s["tokens"] for s in scores)
-        return sum(s["disagreements"] for s in scores) / tokens, math.exp(sum(s["nll"] for s in scores) / tokens)
+        return (tokens / sum(r[f"{method}_seconds"] for r in rows), sum(s["disagreements"] for s in scores) / tokens,
+                math.exp(sum(s["nll"] for s in scores) / tokens))
 
-    seconds = {m: sum(r["confident_full_model" if m == "confident" else "greedy_full_model"]["tokens"]
-                      / r[f"{m}_tokens_per_s"] for r in rows) for m in ("confident", "greedy")}
-    confident_tokens = sum(r["confident_full_model"]["tokens"] for r in rows)
-    greedy_tokens = sum(r["greedy_full_model"]["tokens"] for r in rows)
-    disagreement, perplexity = pooled("confident_full_model")
-    _, greedy_perplexity = pooled("greedy_full_model")
+    confident_speed, disagreement, perplexity = pooled("confident")
+    greedy_speed, _, greedy_perplexity = pooled("greedy")
     return {
-        "confident_tokens_per_s": confident_tokens / seconds["confident"],
-        "greedy_tokens_per_s": greedy_tokens / seconds["greedy"],
+        "confident_tokens_per_s": confident_speed, "greedy_tokens_per_s": greedy_speed,
         "layers_per_token": sum(r["layers_run"] for r in rows) / sum(max(r["confident_full_model"]["tokens"] - 1, 1)
                                                                       for r in rows),
         "disagreement_with_full_model": disagreement, "perplexity_under_full_model": perplexity,

@@ -110,9 +110,10 @@ def train_worker(opts) -> dict:
     trainer, _ = trainer_for(opts, opts.worker)
 
     class Timer(TrainerCallback):
-        """Wall and process CPU seconds of every optimiser step, and its counted tokens."""
+        """Wall and process CPU seconds of every optimiser step."""
 
-        wall, cpu, tokens = [], [], []
+        def __init__(self):
+            self.wall, self.cpu = [], []
 
         def on_step_begin(self, args, state, control, **kwargs):
             self._start, self._cpu = time.perf_counter(), time.process_time()
